@@ -1,0 +1,1 @@
+"""Subcommands of the ``gigaseg`` CLI (see ``gigaseg.cli``)."""

@@ -1,0 +1,42 @@
+"""User-facing errors.
+
+Every error a user can cause (bad file, bad dataset, impossible budget) is a
+``GigasegError``. The CLI prints its message on one line and exits non-zero; it
+never shows a traceback for these. Messages name the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class GigasegError(Exception):
+    """Base class: an error whose message is meant for the user."""
+
+
+class ImageReadError(GigasegError):
+    """An image file is missing, unreadable, truncated or in an unsupported layout."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else os.fspath(path)
+        self.problem = problem
+        where = f"{self.path}: " if self.path is not None else ""
+        super().__init__(f"{where}{problem}")
+
+
+class DatasetError(GigasegError):
+    """A dataset folder or one of its files is malformed (missing masks, bad labels, ...)."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else os.fspath(path)
+        self.problem = problem
+        where = f"{self.path}: " if self.path is not None else ""
+        super().__init__(f"{where}{problem}")
+
+
+class BudgetError(GigasegError):
+    """A memory budget is too small for the requested work."""
+
+
+class ConfigError(GigasegError):
+    """An option or configuration value is invalid (unknown method, bad size, ...)."""

@@ -1,0 +1,1 @@
+"""Lazy readers and streaming writers for images far larger than RAM."""
