@@ -1,0 +1,156 @@
+"""The base class of every gigaseg segmentation network.
+
+A method class declares ``method_name`` (set by ``@register_method``), ``default_options``
+(every option it accepts, with its default) and, optionally, ``option_choices`` (allowed
+values). Its constructor takes ``encoder``, ``num_classes``, ``in_channels``, ``pretrained``
+and the options as keyword arguments, and calls ``super().__init__`` with all but
+``pretrained`` first.
+
+``config`` is a JSON-serialisable dict — ``method``, ``encoder``, ``num_classes``,
+``in_channels``, ``options`` — and ``create_model(**model.config)`` rebuilds the same
+architecture (with fresh weights: ``pretrained`` is not part of it, a checkpoint's
+state dict replaces the weights anyway).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["SegmentationModel"]
+
+
+class SegmentationModel(nn.Module):
+    """A segmentation network with a reproducible configuration.
+
+    Subclasses set ``default_options``; unknown options are a ``ConfigError`` naming
+    them. An option whose default is a bool, int, float or str must be given as one
+    (an int is accepted for a float); ``option_choices`` restricts values further.
+    """
+
+    method_name: ClassVar[str] = ""
+    default_options: ClassVar[dict[str, Any]] = {}
+    option_choices: ClassVar[dict[str, tuple]] = {}
+
+    def __init__(self, *, encoder: str = "resnet50", num_classes: int, in_channels: int = 3, **options: Any):
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(encoder, str) or not encoder:
+            raise ConfigError(f"encoder must be a model name, got {encoder!r}")
+        self.encoder_name = encoder
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.options: dict[str, Any] = self._resolve_options(options)
+        self.check_options()
+
+    # ---- configuration
+
+    @classmethod
+    def _resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        label = cls.method_name or cls.__name__
+        unknown = sorted(set(options) - set(cls.default_options))
+        if unknown:
+            known = ", ".join(sorted(cls.default_options)) or "none"
+            raise ConfigError(f"{label}: unknown option{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(repr(u) for u in unknown)}; its options are: {known}")
+        resolved = {**copy.deepcopy(cls.default_options), **options}
+        for name, value in resolved.items():
+            resolved[name] = _check_type(label, name, value, cls.default_options[name])
+            choices = cls.option_choices.get(name)
+            if choices is not None and resolved[name] not in choices:
+                raise ConfigError(f"{label}: option {name}={resolved[name]!r} is not one of "
+                                  f"{', '.join(repr(c) for c in choices)}")
+        try:
+            return json.loads(json.dumps(resolved))  # JSON-serialisable, and as it reads back
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{label}: options must be JSON values (numbers, strings, lists): {error}") from None
+
+    def check_options(self) -> None:
+        """Subclass hook: raise ConfigError for option values out of range (types are checked already)."""
+
+    def _require_positive(self, *names: str) -> None:
+        for name in names:
+            if not self.options[name] > 0:
+                raise ConfigError(f"{self.method_name or type(self).__name__}: option {name} must be > 0, "
+                                  f"got {self.options[name]!r}")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``create_model(**config)`` rebuilds this architecture (a fresh copy each time)."""
+        return {
+            "method": self.method_name,
+            "encoder": self.encoder_name,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "options": copy.deepcopy(self.options),
+        }
+
+    # ---- use
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes, H, W)`` at the input's size, in eval mode, under inference_mode.
+
+        Calls ``forward`` (which in eval mode must return logits at any resolution) and
+        upsamples bilinearly when needed. The module's train/eval mode is restored after.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                logits = self(x)
+                if not isinstance(logits, torch.Tensor):
+                    raise TypeError(f"{type(self).__name__}.forward returned {type(logits).__name__} in eval "
+                                    f"mode; override predict() for methods whose forward returns more than logits")
+                if logits.shape[-2:] != x.shape[-2:]:
+                    logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        finally:
+            self.train(was_training)
+        return logits
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count (only those with ``requires_grad`` when ``trainable_only``)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ---- the engine's hooks (each method provides them)
+
+    def training_stages(self) -> list:
+        """The method's training recipe: a list of ``gigaseg.train.recipe.Stage``."""
+        raise NotImplementedError(f"{self.method_name or type(self).__name__} has no training recipe yet")
+
+    def whole_image_predictor(self, normalization, device="cpu", max_memory=None, precision="32"):
+        """A ``gigaseg.inference.WholeImagePredictor`` that segments whole (huge) images."""
+        raise NotImplementedError(f"{self.method_name or type(self).__name__} has no whole-image predictor yet")
+
+    def extra_repr(self) -> str:
+        return f"method={self.method_name!r}, encoder={self.encoder_name!r}, num_classes={self.num_classes}"
+
+
+def _check_type(label: str, name: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default`` (bool, int, float, str); other defaults accept anything."""
+    def fail() -> ConfigError:
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
+        return ConfigError(f"{label}: option {name} must be {kind}, got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise fail()
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise fail()
+    return value

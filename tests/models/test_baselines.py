@@ -1,0 +1,100 @@
+"""The global-only and patch-only baselines' network (FPNSegmenter) on every decoder."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from gigaseg.errors import ConfigError
+from gigaseg.models.baselines import GlobalSegmenter, PatchSegmenter
+from gigaseg.models.registry import create_model
+
+from .base import ModelTester
+
+
+class TestGlobal(ModelTester):
+    method = "global"
+    options = {"input_size": 64}
+
+
+class TestPatch(ModelTester):
+    method = "patch"
+    options = {"patch_size": 64, "overlap": 16, "blend": "uniform"}
+
+
+class TestGlobalSmpUnet(ModelTester):
+    method = "global"
+    options = {"input_size": 64, "decoder": "smp_unet"}
+
+
+class TestPatchSmpFpn(ModelTester):
+    method = "patch"
+    options = {"patch_size": 64, "overlap": 0, "decoder": "smp_fpn"}
+
+
+def test_defaults_follow_glnet():
+    assert GlobalSegmenter.default_options["input_size"] == 508
+    assert PatchSegmenter.default_options["patch_size"] == 508
+    model = create_model("patch", encoder="test_resnet", num_classes=2)
+    assert model.options["blend"] == "gaussian" and model.options["decoder"] == "fpn"
+    assert model.options["loss"] == "focal"
+
+
+def test_fpn_decoder_logits_at_quarter_resolution_and_forward_at_input():
+    model = create_model("global", encoder="test_resnet", num_classes=4, input_size=100)
+    x = torch.randn(1, 3, 100, 100)
+    assert model.output_stride == 4
+    assert tuple(model.decode(x).shape) == (1, 4, 25, 25)
+    assert tuple(model(x).shape) == (1, 4, 100, 100)
+
+
+@pytest.mark.parametrize("decoder", ["smp_unet", "smp_fpn"])
+def test_smp_decoders_are_full_resolution(decoder):
+    model = create_model("global", encoder="test_resnet", num_classes=2, input_size=64, decoder=decoder)
+    x = torch.randn(1, 3, 64, 64)
+    assert model.output_stride == 1
+    assert tuple(model.decode(x).shape) == (1, 2, 64, 64)
+    # the encoder inside is a timm features_only model ("tu-" encoder): no download was needed
+    assert type(model.net.encoder).__name__ == "TimmUniversalEncoder"
+
+
+def test_smp_fpn_needs_sizes_divisible_by_its_stride():
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        create_model("global", encoder="test_resnet", num_classes=2, decoder="smp_fpn")  # input_size 508
+    create_model("global", encoder="test_resnet", num_classes=2, decoder="smp_unet")  # smp's U-Net resizes itself
+
+
+def test_smp_decoder_loads_local_encoder_weights(tmp_path):
+    torch.manual_seed(1)
+    reference = timm.create_model("test_resnet")
+    path = tmp_path / "test_resnet.pth"
+    torch.save(reference.state_dict(), path)
+    model = create_model("global", encoder="test_resnet", num_classes=2, input_size=64, decoder="smp_unet",
+                         pretrained=path)
+    assert torch.equal(model.net.encoder.model.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    fpn_model = create_model("global", encoder="test_resnet", num_classes=2, input_size=64, pretrained=path)
+    assert torch.equal(fpn_model.net.encoder.model.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    assert "pretrained" not in fpn_model.config
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"decoder": "deeplab"}, "decoder='deeplab' is not one of"),
+    ({"loss": "dice"}, "loss='dice'"),
+    ({"blend": "cosine"}, "blend='cosine'"),
+    ({"patch_size": 0}, "patch_size must be > 0"),
+    ({"patch_size": "508"}, "patch_size must be an integer"),
+    ({"overlap": 508}, r"overlap must be in \[0, patch_size=508\)"),
+    ({"lr": -1.0}, "lr must be > 0"),
+    ({"crops_per_image": 1.5}, "crops_per_image must be an integer"),
+])
+def test_patch_option_values_are_checked(options, message):
+    with pytest.raises(ConfigError, match=message):
+        create_model("patch", encoder="test_resnet", num_classes=2, **options)
+
+
+def test_global_options_are_its_own():
+    with pytest.raises(ConfigError, match="'patch_size'.*input_size"):
+        create_model("global", encoder="test_resnet", num_classes=2, patch_size=64)
+    model = create_model("global", encoder="test_resnet", num_classes=2, lr=1)  # an int where a float is meant
+    assert model.options["lr"] == 1.0 and isinstance(model.options["lr"], float)
