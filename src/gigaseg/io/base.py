@@ -60,6 +60,24 @@ class ImageSource(ABC):
                 return base[: -len(suffix)]
         return os.path.splitext(base)[0]
 
+    def resolve_window(self, window: Window | None) -> Window:
+        """``window`` checked against the image; ``None`` means the whole image.
+
+        Raises ``ValueError`` when the window reaches outside the image (clip it
+        first with ``Window.clip``). Empty windows are allowed.
+        """
+        if window is None:
+            return self.bounds
+        if not isinstance(window, Window):
+            window = Window(*window)
+        if not self.bounds.contains(window):
+            raise ValueError(
+                f"window {window} reaches outside the {self.height}x{self.width} image"
+                + (f" {self.path}" if self.path else "")
+                + "; clip it first"
+            )
+        return window
+
     @abstractmethod
     def read(
         self,

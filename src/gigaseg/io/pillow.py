@@ -1,0 +1,259 @@
+"""``PillowSource``: PNG, JPEG (and other Pillow formats), decoded whole on first read.
+
+Pillow cannot decode part of a PNG or JPEG, so the whole image is decoded the
+first time pixels are needed and kept. With ``max_memory`` the decoded size
+``H * W * C * itemsize`` is checked when the file is opened, and an image that
+would not fit is refused with advice to convert it to a tiled TIFF (which
+``TiffSource`` reads tile by tile).
+
+Modes: ``L`` (1 channel), ``LA`` (2), ``RGB`` (3), ``RGBA`` (4), ``P``
+(palette: the indices, 1 channel; the colours are ``.palette``), ``PA``
+(index + alpha), ``1`` (bilevel, as uint8 0/1), ``I;16*`` (uint16), ``I``
+(int32), ``F`` (float32). ``CMYK``/``YCbCr``/``LAB``/``HSV`` are converted to
+RGB. Pixels are returned as stored (no EXIF rotation); for animated formats
+only the first frame is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+
+import numpy as np
+
+from ..errors import ImageReadError
+from ..memory import format_size, parse_size
+from ..window import Window
+from . import resample as rs
+from .base import ImageSource, thumbnail_size
+
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif")
+
+#: Pillow mode -> (channels, numpy dtype) of the array gigaseg returns
+_MODES = {
+    "1": (1, np.uint8),
+    "L": (1, np.uint8),
+    "P": (1, np.uint8),
+    "LA": (2, np.uint8),
+    "La": (2, np.uint8),
+    "PA": (2, np.uint8),
+    "RGB": (3, np.uint8),
+    "RGBA": (4, np.uint8),
+    "RGBa": (4, np.uint8),
+    "RGBX": (4, np.uint8),
+    "I;16": (1, np.uint16),
+    "I;16L": (1, np.uint16),
+    "I;16B": (1, np.uint16),
+    "I;16N": (1, np.uint16),
+    "I": (1, np.int32),
+    "F": (1, np.float32),
+}
+_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV")
+
+_bomb_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_pixel_limit():
+    """Pillow's decompression-bomb guard off: gigaseg checks memory itself."""
+    from PIL import Image
+
+    with _bomb_lock:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+class PillowSource(ImageSource):
+    """An image Pillow decodes whole (PNG, JPEG, ...); see the module docstring."""
+
+    def __init__(self, path: str | os.PathLike, *, max_memory: int | str | None = None):
+        from PIL import Image, UnidentifiedImageError
+
+        self.path = os.fspath(path)
+        self._max_memory = None if max_memory is None else parse_size(max_memory)
+        self._array: np.ndarray | None = None
+        self._thumbs: dict[tuple[int, str], np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._image = None  # an open PIL image, only between header parsing and close
+        if not os.path.exists(self.path):
+            raise ImageReadError(self.path, "file not found")
+        if os.path.isdir(self.path):
+            raise ImageReadError(self.path, "is a directory, not an image file")
+        try:
+            with _no_pixel_limit():
+                image = Image.open(self.path)
+        except UnidentifiedImageError as exc:
+            raise ImageReadError(self.path, "not an image file gigaseg can read (PNG, JPEG or TIFF)") from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageReadError(self.path, f"cannot open image ({type(exc).__name__}: {exc})") from exc
+        self._image = image
+        self._format = image.format
+        mode = image.mode
+        if mode in _TO_RGB:
+            channels, dtype = 3, np.uint8
+        elif mode in _MODES:
+            channels, dtype = _MODES[mode]
+        else:
+            image.close()
+            raise ImageReadError(self.path, f"unsupported image mode {mode!r}")
+        self._mode = mode
+        self._width, self._height = image.size
+        self._channels = channels
+        self._dtype = np.dtype(dtype)
+        if self._max_memory is not None and self.decoded_bytes > self._max_memory:
+            image.close()
+            self._image = None
+            raise ImageReadError(
+                self.path,
+                f"{self._format or 'this'} image of {self._height}x{self._width}x{self._channels} "
+                f"{self._dtype} needs {format_size(self.decoded_bytes)} decoded, more than the memory "
+                f"budget of {format_size(self._max_memory)}; PNG and JPEG can only be decoded whole. "
+                f"Convert it to a tiled TIFF (e.g. `gdal_translate -co TILED=YES -co COMPRESS=DEFLATE "
+                f"in out.tif` or tifffile.imwrite(..., tile=(512, 512))), which is read tile by tile",
+            )
+        self._palette = self._read_palette(image)
+        # only the header is read here; the file is reopened to decode on first read
+        image.close()
+        self._image = None
+
+    @staticmethod
+    def _read_palette(image) -> np.ndarray | None:
+        if image.mode not in ("P", "PA"):
+            return None
+        values = image.getpalette()
+        if not values:
+            return None
+        return np.asarray(values, dtype=np.uint8)[: len(values) // 3 * 3].reshape(-1, 3)
+
+    # -- properties --------------------------------------------------------------------
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    @property
+    def channels(self) -> int:
+        return self._channels
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def mode(self) -> str:
+        """Pillow mode of the file (``"RGB"``, ``"P"``, ``"I;16"``, ...)."""
+        return self._mode
+
+    @property
+    def palette(self) -> np.ndarray | None:
+        """``(N, 3)`` uint8 colours of a palette (``P``) image, else None; pixels are indices into it."""
+        return None if self._palette is None else self._palette.copy()
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Memory the decoded image occupies (``H * W * C * itemsize``)."""
+        return self._height * self._width * self._channels * self._dtype.itemsize
+
+    @property
+    def is_decoded(self) -> bool:
+        return self._array is not None
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def _decode(self) -> np.ndarray:
+        if self._array is not None:
+            return self._array
+        with self._lock:
+            if self._array is not None:
+                return self._array
+            from PIL import Image
+
+            image = self._image
+            if image is None:
+                with _no_pixel_limit():
+                    try:
+                        image = Image.open(self.path)
+                    except Exception as exc:  # noqa: BLE001 - the file changed since opening
+                        raise ImageReadError(self.path, f"cannot open image ({type(exc).__name__}: {exc})") from exc
+            try:
+                with _no_pixel_limit():
+                    image.load()
+                if self._mode in _TO_RGB:
+                    image = image.convert("RGB")
+                array = np.asarray(image)
+            except MemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - truncated/corrupt data of any kind
+                raise ImageReadError(
+                    self.path, f"cannot decode image ({type(exc).__name__}: {exc}); the file may be truncated or corrupt"
+                ) from exc
+            finally:
+                image.close()
+                self._image = None
+            if array.dtype == np.bool_:
+                array = array.astype(np.uint8)
+            elif array.dtype != self._dtype:
+                array = array.astype(self._dtype)
+            if array.ndim == 2:
+                array = array[:, :, None]
+            if array.shape != self.shape:
+                raise ImageReadError(self.path, f"decoded shape {array.shape} differs from the header's {self.shape}")
+            self._array = array
+            return array
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read(
+        self,
+        window: Window | None = None,
+        out_size: tuple[int, int] | None = None,
+        resample: str = "area",
+    ) -> np.ndarray:
+        rs.check_resample(resample)
+        win = self.resolve_window(window)
+        if out_size is not None:
+            out_size = rs.check_out_size(out_size)
+        array = self._decode()
+        if out_size is None or out_size == win.shape:
+            return array[win.slices].copy()
+        if win.area == 0:
+            raise ValueError(f"cannot resample the empty window {win}")
+
+        def read_block(top, bottom, left, right):
+            return array[top:bottom, left:right]
+
+        py = rs.axis_plan(win.top, win.bottom, out_size[0], self.height, resample)
+        px = rs.axis_plan(win.left, win.right, out_size[1], self.width, resample)
+        return rs.resample_region(read_block, py, px, self.channels, self.dtype)
+
+    def thumbnail(self, max_side: int, resample: str = "area") -> np.ndarray:
+        rs.check_resample(resample)
+        key = (int(max_side), resample)
+        if key not in self._thumbs:
+            size = thumbnail_size(self.height, self.width, int(max_side))
+            self._thumbs[key] = self.read(None, size, resample)
+        return self._thumbs[key].copy()
+
+    def close(self) -> None:
+        if self._image is not None:
+            self._image.close()
+            self._image = None
+        self._array = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "max_memory": self._max_memory}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], max_memory=state["max_memory"])

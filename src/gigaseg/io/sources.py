@@ -1,0 +1,81 @@
+"""``open_image``: one entry point for every image gigaseg reads.
+
+A path is dispatched on the file's first bytes (its content), falling back on
+the suffix only to word the error for files that are not what they claim:
+
+* TIFF / BigTIFF (``.tif``, ``.tiff``, ``.btf``, ``.ome.tif(f)``, ...) -> ``TiffSource``
+* PNG, JPEG and other formats Pillow identifies -> ``PillowSource``
+
+A numpy array (``(H, W)`` or ``(H, W, C)``) becomes an ``ArraySource``; an
+``ImageSource`` is returned unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import ImageReadError
+from .array import ArraySource
+from .base import ImageSource
+from .pillow import PILLOW_SUFFIXES, PillowSource
+from .tiff import TIFF_SUFFIXES, TiffSource
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def sniff(path: str | os.PathLike) -> str | None:
+    """``"tiff"``, ``"png"``, ``"jpeg"`` or None (unknown) from a file's first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head[:4] in _TIFF_MAGIC:
+        return "tiff"
+    if head.startswith(_PNG_MAGIC):
+        return "png"
+    if head.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    return None
+
+
+def open_image(source, *, max_memory: int | str | None = None) -> ImageSource:
+    """Open ``source`` (a path, an array or an ``ImageSource``) for lazy, windowed reading.
+
+    ``max_memory`` (bytes, or e.g. ``"2GB"``) bounds what a reader may decode at
+    once: PNG/JPEG images larger than it are refused with ``ImageReadError``
+    (they can only be decoded whole), and TIFF thumbnails stream in bands of at
+    most 1/8 of it. Every problem with a file raises ``ImageReadError`` naming it.
+    """
+    if isinstance(source, ImageSource):
+        return source
+    if isinstance(source, np.ndarray):
+        return ArraySource(source)
+    if not isinstance(source, (str, bytes, os.PathLike)):
+        if hasattr(source, "__array__"):
+            return ArraySource(np.asarray(source))
+        raise TypeError(f"cannot open {type(source).__name__!r} as an image; pass a path or an array")
+    path = os.fsdecode(os.fspath(source))
+    if not os.path.exists(path):
+        raise ImageReadError(path, "file not found")
+    if os.path.isdir(path):
+        raise ImageReadError(path, "is a directory, not an image file")
+    try:
+        kind = sniff(path)
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
+    if kind == "tiff":
+        return TiffSource(path, max_memory=max_memory)
+    if kind in ("png", "jpeg"):
+        return PillowSource(path, max_memory=max_memory)
+    lower = path.lower()
+    if os.path.getsize(path) == 0:
+        raise ImageReadError(path, "file is empty")
+    if lower.endswith(TIFF_SUFFIXES):
+        raise ImageReadError(path, "not a TIFF file (its content does not start with a TIFF header)")
+    if lower.endswith(PILLOW_SUFFIXES):
+        what = "PNG" if lower.endswith(".png") else "JPEG"
+        raise ImageReadError(path, f"not a {what} file (its content does not start with a {what} signature)")
+    # other formats: let Pillow try (BMP, WebP, GIF, ...); it raises ImageReadError if it cannot
+    return PillowSource(path, max_memory=max_memory)

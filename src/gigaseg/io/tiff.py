@@ -1,0 +1,478 @@
+"""``TiffSource``: lazy, tile-decoding reader for (Big/OME/Geo)TIFF files.
+
+The first series of the file (``tifffile.TiffFile(path).series[0]``) is the
+image. Each of its pyramid levels (``series.levels``: SubIFDs, reduced pages in
+the main IFD chain, OME levels) is opened as a zarr 3 array over
+``series.aszarr(level=i)``, so a read decodes only the tiles or strips it
+touches. Uncompressed contiguous data (what ``tifffile.imwrite`` writes by
+default: a single strip) is memory-mapped instead, because its single "chunk"
+would otherwise be the whole image.
+
+Layouts: after dropping length-1 axes a level must have ``Y``, ``X`` and at most
+one more axis, which becomes the channel axis (``YXS`` RGB, ``SYX`` planar RGB,
+``CYX`` OME channels, ``QYX`` page stacks); reads return ``(h, w, C)``.
+
+Reads with ``out_size`` and thumbnails use the coarsest level that still has at
+least the requested resolution over the window, and stream it in row bands
+(see ``gigaseg.io.resample``), so a thumbnail of a 20000 x 20000 image never
+holds more than one band plus the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ImageReadError
+from ..memory import format_size, parse_size
+from ..window import Window
+from . import resample as rs
+from .base import ImageSource, thumbnail_size
+
+#: GeoTIFF / GDAL tags copied by ``geo_tags`` (code -> name)
+GEO_TAGS = {
+    33550: "ModelPixelScaleTag",
+    33922: "ModelTiepointTag",
+    34264: "ModelTransformationTag",
+    34735: "GeoKeyDirectoryTag",
+    34736: "GeoDoubleParamsTag",
+    34737: "GeoAsciiParamsTag",
+    42112: "GDAL_METADATA",
+    42113: "GDAL_NODATA",
+}
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff", ".ome.btf", ".svs")
+
+_log = logging.getLogger(__name__)
+
+#: threads decoding tiles of one read (tifffile alone would use 1 below 3 cores)
+_DECODE_THREADS = min(8, max(2, os.cpu_count() or 2))
+
+
+@dataclass
+class _Level:
+    """One pyramid level: its size, layout and lazy pixel access."""
+
+    index: int
+    height: int
+    width: int
+    axes: str  # full (unsqueezed) axes of the level
+    shape: tuple[int, ...]  # full (unsqueezed) shape
+    y_axis: int
+    x_axis: int
+    c_axis: int | None
+    chunk_height: int
+    series: object  # tifffile.TiffPageSeries
+    memmap: tuple[int, np.dtype] | None  # (offset, dtype) of contiguous uncompressed data
+    array: object | None = None  # zarr.Array, opened on first use
+    store: object | None = None
+    extents: tuple[np.ndarray, np.ndarray] | None = None  # (offsets, ends) of each page's chunks
+    truncated: bool | None = None  # some chunk lies past the end of the file
+
+    def selection(self, top: int, bottom: int, left: int, right: int) -> tuple:
+        sel: list = []
+        for axis, n in enumerate(self.shape):
+            if axis == self.y_axis:
+                sel.append(slice(top, bottom))
+            elif axis == self.x_axis:
+                sel.append(slice(left, right))
+            elif axis == self.c_axis:
+                sel.append(slice(None))
+            else:
+                sel.append(0)
+        return tuple(sel)
+
+    def to_yxc(self, data: np.ndarray) -> np.ndarray:
+        """Selected data (axes in file order, singletons gone) as ``(h, w, C)``."""
+        kept = [a for a in range(len(self.shape)) if a in (self.y_axis, self.x_axis, self.c_axis)]
+        order = [kept.index(self.y_axis), kept.index(self.x_axis)]
+        if self.c_axis is None:
+            return data.transpose(order)[:, :, None]
+        order.append(kept.index(self.c_axis))
+        return np.ascontiguousarray(data.transpose(order))
+
+
+def _chunk_shape(page) -> tuple[int, int]:
+    """``(height, width)`` of a page's tiles, or of its strips (full width)."""
+    if page.is_tiled:
+        return int(page.tilelength), int(page.tilewidth)
+    rows = page.rowsperstrip or page.imagelength
+    return int(min(rows, page.imagelength)), int(page.imagewidth)
+
+
+def _drain_zarr(timeout: float = 10.0) -> None:
+    """After a failed zarr read, let its other in-flight chunk reads finish quietly.
+
+    zarr gathers chunk reads concurrently; when one fails the others keep
+    running on zarr's I/O loop and later log "Task exception was never
+    retrieved" / "Task was destroyed but it is pending". Best effort only.
+    """
+    try:
+        import asyncio
+
+        from zarr.core.sync import _get_loop
+
+        async def settle():
+            current = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not current]
+            if tasks:
+                await asyncio.wait(tasks, timeout=timeout)
+            for task in tasks:
+                if task.done() and not task.cancelled():
+                    task.exception()  # mark as retrieved
+
+        asyncio.run_coroutine_threadsafe(settle(), _get_loop()).result(timeout + 1)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class TiffSource(ImageSource):
+    """A TIFF file read lazily, tile by tile (see the module docstring).
+
+    ``max_memory`` (bytes or a string like ``"2GB"``) caps the row bands used
+    for streamed resampling at 1/8 of it.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, max_memory: int | str | None = None):
+        self.path = os.fspath(path)
+        self._max_memory = None if max_memory is None else parse_size(max_memory)
+        self._thumbs: dict[tuple[int, str], np.ndarray] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+        self._open()
+
+    # -- opening -----------------------------------------------------------------
+
+    def _open(self) -> None:
+        import tifffile
+
+        if not os.path.exists(self.path):
+            raise ImageReadError(self.path, "file not found")
+        if os.path.isdir(self.path):
+            raise ImageReadError(self.path, "is a directory, not an image file")
+        self._pid = os.getpid()
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+        except tifffile.TiffFileError as exc:
+            raise ImageReadError(self.path, f"not a readable TIFF file ({exc})") from exc
+        except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError) as exc:
+            raise ImageReadError(self.path, f"cannot open TIFF file ({type(exc).__name__}: {exc})") from exc
+        try:
+            self._levels = self._inspect()
+        except ImageReadError:
+            self._tif.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file
+            self._tif.close()
+            raise ImageReadError(self.path, f"cannot read the TIFF structure ({type(exc).__name__}: {exc})") from exc
+        base = self._levels[0]
+        self._height, self._width = base.height, base.width
+        self._channels = 1 if base.c_axis is None else base.shape[base.c_axis]
+        self._dtype = np.dtype(self._tif.series[0].dtype)
+
+    def _inspect(self) -> list[_Level]:
+        if not self._tif.series:
+            raise ImageReadError(self.path, "the TIFF file contains no image")
+        series = self._tif.series[0]
+        if series.dtype is None:
+            raise ImageReadError(self.path, "unsupported TIFF sample format (no numpy dtype)")
+        dtype = np.dtype(series.dtype)
+        if dtype.kind not in "biuf":
+            raise ImageReadError(self.path, f"unsupported TIFF sample type {dtype} (need integer or float samples)")
+        levels = []
+        for index, level in enumerate(series.levels):
+            axes = level.get_axes(False)
+            shape = tuple(int(n) for n in level.get_shape(False))
+            if "Y" not in axes or "X" not in axes:
+                raise ImageReadError(self.path, f"unsupported layout: axes {axes!r} have no Y and X")
+            y_axis, x_axis = axes.index("Y"), axes.index("X")
+            extra = [a for a, n in enumerate(shape) if a not in (y_axis, x_axis) and n > 1]
+            if len(extra) > 1:
+                squeezed = "".join(axes[a] for a in range(len(axes)) if a in (y_axis, x_axis) or a in extra)
+                dims = "x".join(str(shape[a]) for a in range(len(axes)) if a in (y_axis, x_axis) or a in extra)
+                raise ImageReadError(
+                    self.path,
+                    f"unsupported layout: {len(extra) + 2} dimensions after squeezing "
+                    f"(axes {squeezed}, shape {dims}); gigaseg reads 2-D images with one channel axis",
+                )
+            c_axis = extra[0] if extra else None
+            if index == 0:
+                channels0 = 1 if c_axis is None else shape[c_axis]
+            elif (1 if c_axis is None else shape[c_axis]) != channels0:
+                _log.warning("%s: pyramid level %d has a different channel count; levels ignored", self.path, index)
+                break
+            if index > 0 and (shape[y_axis] > levels[0].height or shape[x_axis] > levels[0].width):
+                _log.warning("%s: pyramid level %d is larger than the image; levels ignored", self.path, index)
+                break
+            keyframe = level.keyframe
+            chunk_height = _chunk_shape(keyframe)[0]
+            memmap = None
+            if level.dataoffset is not None and keyframe.is_memmappable and keyframe.compression == 1:
+                memmap = (int(level.dataoffset), np.dtype(level.dtype).newbyteorder(self._tif.byteorder))
+                chunk_height = 1
+            levels.append(
+                _Level(index, shape[y_axis], shape[x_axis], axes, shape, y_axis, x_axis, c_axis, chunk_height, level, memmap)
+            )
+        return levels
+
+    # -- properties ----------------------------------------------------------------
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    @property
+    def channels(self) -> int:
+        return self._channels
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def levels(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of each pyramid level; ``levels[0]`` is full resolution."""
+        return [(lv.height, lv.width) for lv in self._levels]
+
+    @property
+    def chunk_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the tiles or strips of full resolution (the decode unit)."""
+        return _chunk_shape(self._levels[0].series.keyframe)
+
+    @property
+    def geo_tags(self) -> list[tuple[int, int, int, object]]:
+        page = self._tif.pages[0]
+        tags = []
+        for code in GEO_TAGS:
+            tag = page.tags.get(code)
+            if tag is None:
+                continue
+            value = tag.value
+            if isinstance(value, np.ndarray):
+                value = tuple(value.tolist())
+            tags.append((int(code), int(tag.dtype), int(tag.count), value))
+        return tags
+
+    # -- reading -------------------------------------------------------------------
+
+    def _band_bytes(self) -> int:
+        if self._max_memory is None:
+            return rs.BAND_BYTES
+        return max(1 << 20, min(rs.BAND_BYTES, self._max_memory // 8))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self.path}: the image source is closed")
+        if self._pid != os.getpid():
+            # a forked child (e.g. a DataLoader worker) shares the parent's file
+            # offset; interleaved seeks would corrupt reads, so reopen the file
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._open()
+
+    def _zarr(self, level: _Level):
+        if level.array is None:
+            import zarr
+
+            with self._lock:
+                if level.array is None:
+                    store = self._tif.series[0].aszarr(level=level.index, squeeze=False, maxworkers=_DECODE_THREADS)
+                    level.array = zarr.open_array(store, mode="r", zarr_format=2)
+                    level.store = store
+        return level.array
+
+    def _check_extents(self, level: _Level, top: int, bottom: int, left: int, right: int) -> None:
+        """Raise ``ImageReadError`` if a chunk the window needs lies past the end of a truncated file.
+
+        Checked before zarr starts decoding, so a truncated file fails with a
+        clear message (and without zarr's half-finished concurrent reads).
+        """
+        try:
+            if level.truncated is None:
+                offsets, ends = [], []
+                for page in level.series.pages:
+                    if page is None:
+                        continue
+                    off = np.asarray(page.dataoffsets, dtype=np.int64)
+                    cnt = np.asarray(page.databytecounts, dtype=np.int64)
+                    offsets.append(off)
+                    ends.append(np.where((off > 0) & (cnt > 0), off + cnt, 0))
+                level.extents = (offsets, ends)
+                size = os.path.getsize(self.path)
+                level.truncated = any(int(e.max(initial=0)) > size for e in ends)
+            if not level.truncated:
+                return
+            kf = level.series.keyframe
+            chunk_h, chunk_w = _chunk_shape(kf)
+            grids = []
+            for axis, count in zip(kf.axes, kf.chunked):
+                if axis == "Y":
+                    grids.append(np.arange(top // chunk_h, (bottom - 1) // chunk_h + 1))
+                elif axis == "X":
+                    grids.append(np.arange(left // chunk_w, (right - 1) // chunk_w + 1))
+                else:
+                    grids.append(np.arange(count))
+            flat = np.ravel_multi_index(np.ix_(*grids), kf.chunked).ravel()
+            size = os.path.getsize(self.path)
+            needed = max(int(ends[flat].max(initial=0)) for ends in level.extents[1] if len(ends) > flat.max())
+        except Exception:  # noqa: BLE001 - best effort; decoding will report problems anyway
+            return
+        if needed > size:
+            window = Window.from_bounds(top, left, bottom, right)
+            where = f"window {window}" + (f" of pyramid level {level.index}" if level.index else "")
+            raise ImageReadError(
+                self.path,
+                f"cannot read {where}: the file is truncated ({format_size(size)} on disk, "
+                f"the tiles of this window end at {format_size(needed)})",
+            )
+
+    def _read_level(self, level: _Level, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+        """Pixels ``[top:bottom, left:right]`` of ``level`` as ``(h, w, C)``, source dtype."""
+        if level.memmap is not None:
+            return level.to_yxc(self._read_memmap(level, top, bottom, left, right))
+        sel = level.selection(top, bottom, left, right)
+        self._check_extents(level, top, bottom, left, right)
+        try:
+            data = np.asarray(self._zarr(level)[sel])
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - decoding errors of any kind are a bad file
+            _drain_zarr()
+            window = Window.from_bounds(top, left, bottom, right)
+            where = f"window {window}" + (f" of pyramid level {level.index}" if level.index else "")
+            raise ImageReadError(
+                self.path,
+                f"cannot decode {where}: {type(exc).__name__}: {exc}{self._truncation_note(level)}",
+            ) from exc
+        return level.to_yxc(data)
+
+    def _read_memmap(self, level: _Level, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+        """Contiguous uncompressed data: map only the bytes the window needs, copy, unmap."""
+        offset, dtype = level.memmap
+        shape = list(level.shape)
+        y = level.y_axis
+        row_top, row_bottom = top, bottom
+        if int(np.prod(shape[:y])) == 1:
+            # rows are the outermost axis: map just rows top..bottom
+            offset += top * int(np.prod(shape[y + 1 :])) * dtype.itemsize
+            shape[y] = bottom - top
+            row_top, row_bottom = 0, bottom - top
+        end = offset + int(np.prod(shape)) * dtype.itemsize
+        size = os.path.getsize(self.path)
+        if end > size:
+            window = Window.from_bounds(top, left, bottom, right)
+            where = f"window {window}" + (f" of pyramid level {level.index}" if level.index else "")
+            raise ImageReadError(
+                self.path,
+                f"cannot read {where}: the file is truncated ({format_size(size)} on disk, "
+                f"the pixels of this window end at {format_size(end)})",
+            )
+        sel = level.selection(row_top, row_bottom, left, right)
+        try:
+            mm = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+            try:
+                data = np.array(mm[sel])
+            finally:
+                del mm
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ImageReadError(self.path, f"cannot read window {Window.from_bounds(top, left, bottom, right)}: {exc}") from exc
+        return data.astype(data.dtype.newbyteorder("="), copy=False)
+
+    def _truncation_note(self, level: _Level) -> str:
+        try:
+            size = os.path.getsize(self.path)
+            end = 0
+            for page in level.series.pages:
+                if page is None:
+                    continue
+                for offset, count in zip(page.dataoffsets, page.databytecounts):
+                    end = max(end, int(offset) + int(count))
+            if end > size:
+                return f" (the file is truncated: {format_size(size)} on disk, its pixel data needs {format_size(end)})"
+        except Exception:  # noqa: BLE001 - best-effort diagnosis only
+            pass
+        return " (the file may be truncated or corrupt)"
+
+    def read(
+        self,
+        window: Window | None = None,
+        out_size: tuple[int, int] | None = None,
+        resample: str = "area",
+    ) -> np.ndarray:
+        self._check_open()
+        rs.check_resample(resample)
+        win = self.resolve_window(window)
+        base = self._levels[0]
+        if out_size is None or tuple(rs.check_out_size(out_size)) == win.shape:
+            if win.area == 0:
+                return np.empty((win.height, win.width, self.channels), dtype=self.dtype)
+            return self._read_level(base, win.top, win.bottom, win.left, win.right)
+        out_size = rs.check_out_size(out_size)
+        if win.area == 0:
+            raise ValueError(f"cannot resample the empty window {win}")
+        index = rs.choose_level(self.levels, win, out_size)
+        level = self._levels[index]
+        box = rs.level_box(win, (self.height, self.width), (level.height, level.width))
+
+        def read_block(top, bottom, left, right):
+            return self._read_level(level, top, bottom, left, right)
+
+        return rs.resample_box(
+            read_block,
+            (level.height, level.width),
+            box,
+            out_size,
+            resample,
+            self.channels,
+            self.dtype,
+            band_bytes=self._band_bytes(),
+            row_align=level.chunk_height,
+        )
+
+    def thumbnail(self, max_side: int, resample: str = "area") -> np.ndarray:
+        rs.check_resample(resample)
+        key = (int(max_side), resample)
+        if key not in self._thumbs:
+            size = thumbnail_size(self.height, self.width, int(max_side))
+            self._thumbs[key] = self.read(None, size, resample)
+        return self._thumbs[key].copy()
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for level in getattr(self, "_levels", []):
+            if level.store is not None:
+                try:
+                    level.store.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            level.array = level.store = None
+        tif = getattr(self, "_tif", None)
+        if tif is not None:
+            tif.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self) -> dict:
+        # file handles do not pickle; a copy in another process reopens the file
+        return {"path": self.path, "max_memory": self._max_memory}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], max_memory=state["max_memory"])
