@@ -1,0 +1,589 @@
+"""Segmentation datasets: lazy image/mask pairs with class names, colours and a label encoding.
+
+A dataset is a list of pairs (name, image file, mask file or None) plus what the
+labels mean: ``classes``, ``palette``, the ``encoding`` that turns a mask file into
+class ids, ``ignore_index`` and the classes ``exclude_from_miou``. Indexing opens a
+pair lazily as a ``Sample`` (an ``ImageSource`` and a ``LabelSource``); nothing is
+decoded until a window is read, so a dataset of gigapixel scenes costs only file
+handles. Datasets hold only paths, so they pickle into DataLoader workers.
+
+Layouts: ``FolderPairs`` (images/ + masks/ matched by stem), ``GigasegDataset``
+(the same with gigaseg's dataset.yaml, as written by ``gigaseg synth``), and the
+published datasets in ``deepglobe``, ``inria`` and ``cityscapes``. ``load_dataset``
+recognises all of them from the folder.
+
+Construction checks from file headers (cheap) that every image has its mask and
+that their sizes match; ``validate(full=True)`` also decodes every mask band by band
+and reports unknown colours and out-of-range ids. Problems are ``DatasetError``\\ s
+naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import yaml
+from torch.utils.data import Dataset
+
+from ..errors import DatasetError, GigasegError
+from ..io.base import ImageSource
+from ..io.palette import as_palette, default_palette
+from ..io.resample import band_edges
+from ..io.sources import open_image
+from ..window import Window
+from .labels import IndexEncoding, LabelEncoding, LabelSource, PaletteEncoding
+
+#: file extensions read as images or masks (case-insensitive)
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+#: bytes of raw mask decoded at once by ``validate(full=True)``
+VALIDATE_BAND_BYTES = 64 * 2**20
+
+#: how many problems a DatasetError lists before summarising
+_LISTED = 5
+
+
+def stem(path: str | os.PathLike) -> str:
+    """File name without its extension (``a.ome.tif`` -> ``a``)."""
+    name = os.path.basename(path)
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def list_images(folder: Path, suffix: str = "") -> list[Path]:
+    """Image files in ``folder`` whose stem ends with ``suffix``, sorted; hidden files skipped."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and stem(p).endswith(suffix)
+    )
+
+
+def row_bands(source: ImageSource) -> Iterator[Window]:
+    """Full-width windows of ``source``, top to bottom, each about ``VALIDATE_BAND_BYTES`` decoded."""
+    row_bytes = source.width * source.channels * source.dtype.itemsize
+    for top, bottom in band_edges(0, source.height, VALIDATE_BAND_BYTES // max(1, row_bytes)):
+        yield Window(top, 0, bottom - top, source.width)
+
+
+def require_folder(folder: Path, what: str) -> Path:
+    if not folder.is_dir():
+        raise DatasetError(folder, f"{what} does not exist" if not folder.exists() else f"{what} is not a folder")
+    return folder
+
+
+def listing(names: Sequence[str], limit: int = _LISTED) -> str:
+    """``a, b, c`` (and ``... and N more`` past ``limit``)."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def index_files(files: Iterable[Path], folder: Path, suffix: str = "") -> dict[str, Path]:
+    """``{name: file}`` where name is the stem without ``suffix``; two files with one name is an error."""
+    found: dict[str, Path] = {}
+    for path in files:
+        name = stem(path)
+        name = name[: len(name) - len(suffix)]
+        if name in found:
+            raise DatasetError(folder, f"two files have the name {name!r}: {found[name].name} and {path.name}")
+        found[name] = path
+    return found
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Where one sample lives on disk."""
+
+    name: str
+    image: Path
+    mask: Path | None
+
+
+def match_pairs(
+    images: dict[str, Path],
+    masks: dict[str, Path],
+    image_folder: Path,
+    mask_folder: Path,
+) -> list[Pair]:
+    """Image and mask files paired by name; an image without mask or a mask without image is an error."""
+    no_mask = sorted(set(images) - set(masks))
+    if no_mask:
+        raise DatasetError(
+            mask_folder,
+            f"{len(no_mask)} image(s) have no mask here: {listing([images[n].name for n in no_mask])}",
+        )
+    no_image = sorted(set(masks) - set(images))
+    if no_image:
+        raise DatasetError(
+            image_folder,
+            f"{len(no_image)} mask(s) have no image here: {listing([masks[n].name for n in no_image])}",
+        )
+    return [Pair(name, images[name], masks[name]) for name in sorted(images)]
+
+
+@dataclass
+class Sample:
+    """One dataset item, opened lazily: nothing is decoded until a window is read."""
+
+    name: str
+    image: ImageSource
+    mask: LabelSource | None
+
+    def close(self) -> None:
+        self.image.close()
+        if self.mask is not None:
+            self.mask.close()
+
+    def __enter__(self) -> "Sample":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SegmentationDataset(Dataset):
+    """Base class: a list of ``Pair``\\ s plus the meaning of their labels.
+
+    ``dataset[i]`` is a ``Sample`` (lazy). Subclasses find the pairs and call
+    ``__init__`` with them.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        pairs: Sequence[Pair],
+        *,
+        classes: Sequence[str],
+        encoding: LabelEncoding,
+        palette=None,
+        exclude_from_miou: Iterable[int] = (),
+        max_memory: int | str | None = None,
+        check: bool = True,
+    ):
+        self.root = Path(root)
+        self.split = split
+        self.pairs = list(pairs)
+        self.classes = [str(c) for c in classes]
+        self.encoding = encoding
+        self.palette = default_palette(len(self.classes)) if palette is None else as_palette(palette)
+        self.exclude_from_miou = tuple(int(c) for c in exclude_from_miou)
+        self.max_memory = max_memory
+        if len(self.classes) != encoding.num_classes:
+            raise DatasetError(
+                self.root, f"{len(self.classes)} class names but the label encoding has {encoding.num_classes} classes"
+            )
+        if len(self.palette) != len(self.classes):
+            raise DatasetError(self.root, f"{len(self.palette)} palette colours for {len(self.classes)} classes")
+        if not self.pairs:
+            raise DatasetError(self.root, f"no images for split {split!r}")
+        if check:
+            self.validate()
+
+    # --- what the labels mean -------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def ignore_index(self) -> int:
+        return self.encoding.ignore_index
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every sample has a mask (False for test splits)."""
+        return all(p.mask is not None for p in self.pairs)
+
+    # --- the samples --------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Sample:
+        pair = self.pairs[index]
+        image = open_image(pair.image, max_memory=self.max_memory)
+        try:
+            mask = None if pair.mask is None else self._open_mask(pair.mask)
+        except BaseException:
+            image.close()
+            raise
+        return Sample(pair.name, image, mask)
+
+    def _open_mask(self, path: Path) -> LabelSource:
+        raw = open_image(path, max_memory=self.max_memory)
+        try:
+            return LabelSource(raw, self.encoding)
+        except BaseException:
+            raw.close()
+            raise
+
+    # --- checks ---------------------------------------------------------------------------
+    def validate(self, full: bool = False) -> None:
+        """Check every pair; raise one ``DatasetError`` listing the problems found.
+
+        Always: files open, the mask suits the encoding (channels) and image and mask
+        sizes agree (headers only). With ``full``, every mask is also decoded, a band
+        of rows at a time, so unknown colours and out-of-range ids are found.
+        """
+        problems: list[GigasegError] = []
+        for pair in self.pairs:
+            try:
+                self._check_pair(pair, full)
+            except GigasegError as error:
+                problems.append(error)
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            shown = "; ".join(str(p) for p in problems[:_LISTED])
+            more = f"; and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
+            raise DatasetError(self.root, f"{len(problems)} problems in split {self.split!r}: {shown}{more}")
+
+    def _check_pair(self, pair: Pair, full: bool) -> None:
+        with open_image(pair.image, max_memory=self.max_memory) as image:
+            if pair.mask is None:
+                return
+            with self._open_mask(pair.mask) as mask:
+                if mask.shape[:2] != image.shape[:2]:
+                    raise DatasetError(
+                        pair.mask,
+                        f"mask is {mask.height}x{mask.width} (HxW) but its image {pair.image} "
+                        f"is {image.height}x{image.width}",
+                    )
+                if full:
+                    for band in row_bands(mask.raw):
+                        mask.read(band)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({str(self.root)!r}, split={self.split!r}, "
+            f"{len(self)} samples, {self.num_classes} classes)"
+        )
+
+
+def read_pair(
+    sample: Sample, window: Window | None = None, out_size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image ``(h, w, C)`` and labels ``(h, w)`` uint8 of one window, aligned.
+
+    The image is resampled with area averaging, the labels with nearest neighbour.
+    Labels are None for a sample without mask.
+    """
+    window = sample.image.bounds if window is None else window
+    image = sample.image.read(window, out_size, resample="area")
+    labels = None if sample.mask is None else sample.mask.read(window, out_size, resample="nearest")[:, :, 0]
+    return image, labels
+
+
+# --- gigaseg's dataset.yaml -------------------------------------------------------------
+
+YAML_NAME = "dataset.yaml"
+
+
+@dataclass
+class DatasetConfig:
+    """A parsed dataset.yaml (see ``.notes/dataset_yaml.md`` for the schema)."""
+
+    path: Path
+    name: str
+    images: str
+    masks: str
+    classes: list[str]
+    palette: np.ndarray
+    encoding: LabelEncoding
+    exclude_from_miou: tuple[int, ...]
+    splits: dict[str, list[str]] | None
+
+
+def _colour(value: Any, what: str, path: Path) -> list[int]:
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)
+    ):
+        raise DatasetError(path, f"{what} must be an [R, G, B] triple of integers 0..255, got {value!r}")
+    return list(value)
+
+
+def read_dataset_yaml(path: str | os.PathLike) -> DatasetConfig:
+    """Parse and check a dataset.yaml; every problem is a DatasetError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as error:
+        raise DatasetError(path, f"cannot read: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise DatasetError(path, "is not valid YAML: " + " ".join(str(error).split())) from None
+    if not isinstance(data, dict):
+        raise DatasetError(path, "must be a YAML mapping (name:, classes:, palette:, ...)")
+
+    task = data.get("task", "segmentation")
+    if task != "segmentation":
+        raise DatasetError(path, f"task is {task!r}; only segmentation datasets (with masks) load here")
+    classes = data.get("classes")
+    if classes is None:
+        raise DatasetError(path, "missing 'classes' (the list of class names; index = class id)")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int)) for c in classes):
+        raise DatasetError(path, f"'classes' must be a non-empty list of names, got {classes!r}")
+    classes = [str(c) for c in classes]
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise DatasetError(path, f"class names appear twice in 'classes': {', '.join(twice)}")
+    n = len(classes)
+
+    kind = data.get("mask_encoding", "index")
+    if kind not in ("index", "rgb"):
+        raise DatasetError(path, f"mask_encoding must be 'index' or 'rgb', got {kind!r}")
+    palette = data.get("palette")
+    if palette is None:
+        if kind == "rgb":
+            raise DatasetError(path, "mask_encoding 'rgb' needs a 'palette' (one [R, G, B] per class)")
+        palette = default_palette(n)
+    else:
+        if not isinstance(palette, list):
+            raise DatasetError(path, f"'palette' must be a list of [R, G, B] triples, got {palette!r}")
+        if len(palette) != n:
+            raise DatasetError(path, f"'palette' has {len(palette)} colours but 'classes' has {n} names")
+        palette = np.array([_colour(c, f"palette entry {i}", path) for i, c in enumerate(palette)], np.uint8)
+
+    ignore_index = data.get("ignore_index", 255)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise DatasetError(path, f"'ignore_index' must be an integer, got {ignore_index!r}")
+    ignore_color = data.get("ignore_color")
+    if ignore_color is not None:
+        if kind != "rgb":
+            raise DatasetError(path, "'ignore_color' only applies to mask_encoding 'rgb'")
+        ignore_color = _colour(ignore_color, "'ignore_color'", path)
+    try:
+        if kind == "rgb":
+            encoding: LabelEncoding = PaletteEncoding(palette, ignore_color=ignore_color, ignore_index=ignore_index)
+        else:
+            encoding = IndexEncoding(n, ignore_index=ignore_index)
+    except ValueError as error:
+        raise DatasetError(path, str(error)) from None
+
+    exclude = data.get("exclude_from_miou") or []
+    if not isinstance(exclude, list) or not all(isinstance(c, int) and 0 <= c < n for c in exclude):
+        raise DatasetError(path, f"'exclude_from_miou' must list class ids 0..{n - 1}, got {exclude!r}")
+
+    splits = data.get("splits")
+    if splits is not None:
+        if not isinstance(splits, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) for k, v in splits.items()
+        ):
+            raise DatasetError(path, "'splits' must map split names to lists of image stems")
+        splits = {k: [str(s) for s in v] for k, v in splits.items()}
+
+    folders = {}
+    for key in ("images", "masks"):
+        value = data.get(key, key)
+        if not isinstance(value, str) or not value:
+            raise DatasetError(path, f"'{key}' must be a folder name, got {value!r}")
+        folders[key] = value
+
+    return DatasetConfig(
+        path=path,
+        name=str(data.get("name", path.parent.name)),
+        images=folders["images"],
+        masks=folders["masks"],
+        classes=classes,
+        palette=palette,
+        encoding=encoding,
+        exclude_from_miou=tuple(exclude),
+        splits=splits,
+    )
+
+
+def _infer_index_encoding(masks: Iterable[Path], root: Path) -> IndexEncoding:
+    """Class count of 1-channel id masks from the largest id present (a full, band-wise read)."""
+    highest = 0
+    for path in masks:
+        with open_image(path) as raw:
+            if raw.channels != 1:
+                raise DatasetError(
+                    path,
+                    f"mask has {raw.channels} channels: colour-coded masks need a {YAML_NAME} in {root} "
+                    "with 'classes', 'palette' and mask_encoding 'rgb'",
+                )
+            for band in row_bands(raw):
+                ids = raw.read(band)
+                ids = ids[ids != 255]
+                if ids.size:
+                    highest = max(highest, int(ids.max()))
+    try:
+        return IndexEncoding(highest + 1)
+    except ValueError as error:
+        raise DatasetError(root, f"cannot infer the classes from the masks: {error}") from None
+
+
+class FolderPairs(SegmentationDataset):
+    """``root/images/<stem>.<ext>`` paired with ``root/masks/<stem>.<ext>``.
+
+    What the labels mean comes from, in order: the ``classes`` / ``encoding`` given
+    here; else ``root/dataset.yaml`` (which may also rename the folders and define
+    splits); else it is inferred from 1-channel id masks (class ``i`` named
+    ``class_i``, a full read of every mask, with a warning).
+
+    ``split``: a name from ``splits``; ``"all"`` is every pair; without splits every
+    pair is ``"train"``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        *,
+        images: str = "images",
+        masks: str = "masks",
+        classes: Sequence[str] | None = None,
+        encoding: LabelEncoding | None = None,
+        palette=None,
+        exclude_from_miou: Iterable[int] = (),
+        splits: dict[str, list[str]] | None = None,
+        max_memory: int | str | None = None,
+        check: bool = True,
+    ):
+        root = require_folder(Path(root), "dataset folder")
+        split_source: Path = root
+        #: the parsed dataset.yaml, when the labels' meaning came from it
+        self.config: DatasetConfig | None = None
+        if encoding is None and classes is None and (root / YAML_NAME).is_file():
+            config = self.config = read_dataset_yaml(root / YAML_NAME)
+            images, masks, classes, encoding = config.images, config.masks, config.classes, config.encoding
+            palette, exclude_from_miou, splits, split_source = (
+                config.palette, config.exclude_from_miou, config.splits, config.path,
+            )
+        image_folder = require_folder(root / images, f"images folder '{images}'")
+        mask_folder = require_folder(root / masks, f"masks folder '{masks}'")
+        image_files = list_images(image_folder)
+        if not image_files:
+            raise DatasetError(image_folder, f"no images ({', '.join(IMAGE_EXTENSIONS)})")
+        found = match_pairs(
+            index_files(image_files, image_folder),
+            index_files(list_images(mask_folder), mask_folder),
+            image_folder,
+            mask_folder,
+        )
+
+        if split == "all" and not (splits and "all" in splits):
+            chosen = found
+        elif splits is None:
+            if split != "train":
+                raise DatasetError(
+                    split_source,
+                    f"no split {split!r}: no splits are defined, so every image is in 'train' (or 'all')",
+                )
+            chosen = found
+        else:
+            if split not in splits:
+                raise DatasetError(split_source, f"no split {split!r} (splits: {', '.join(splits)})")
+            by_name = {pair.name: pair for pair in found}
+            missing = [s for s in splits[split] if s not in by_name]
+            if missing:
+                raise DatasetError(
+                    split_source,
+                    f"split {split!r} lists {len(missing)} stem(s) with no image in {image_folder}: "
+                    f"{listing(missing)}",
+                )
+            chosen = [by_name[s] for s in splits[split]]
+        if not chosen:
+            raise DatasetError(split_source, f"no images for split {split!r}")
+
+        if encoding is None:
+            if classes is not None:
+                encoding = IndexEncoding(len(classes))
+            else:
+                encoding = _infer_index_encoding((pair.mask for pair in found), root)
+                warnings.warn(
+                    f"{root}: no {YAML_NAME}; inferred {encoding.num_classes} classes from the masks "
+                    f"(ids 0..{encoding.num_classes - 1}); write a {YAML_NAME} to name them",
+                    stacklevel=2,
+                )
+        if classes is None:
+            classes = [f"class_{i}" for i in range(encoding.num_classes)]
+        super().__init__(
+            root,
+            split,
+            chosen,
+            classes=classes,
+            encoding=encoding,
+            palette=palette,
+            exclude_from_miou=exclude_from_miou,
+            max_memory=max_memory,
+            check=check,
+        )
+
+
+class GigasegDataset(FolderPairs):
+    """gigaseg's own layout: a folder with ``dataset.yaml`` (as written by ``gigaseg synth``).
+
+    ``root`` may also be the dataset.yaml itself. Classes, palette, encoding,
+    folders and splits all come from the yaml.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        *,
+        max_memory: int | str | None = None,
+        check: bool = True,
+    ):
+        root = Path(root)
+        if root.is_file() and root.name == YAML_NAME:
+            root = root.parent
+        require_folder(root, "dataset folder")
+        if not (root / YAML_NAME).is_file():
+            raise DatasetError(root, f"no {YAML_NAME} here (gigaseg's dataset description)")
+        super().__init__(root, split, max_memory=max_memory, check=check)
+
+
+def load_dataset(path: str | os.PathLike, split: str = "train", **options) -> SegmentationDataset:
+    """Open the dataset at ``path``, recognising its layout.
+
+    In order: a ``dataset.yaml`` -> ``GigasegDataset``; ``images/`` + ``masks/`` ->
+    ``FolderPairs``; ``*_sat.jpg`` files (here, in a split folder, or in
+    ``<split>/Sat``) -> ``DeepGlobe``; ``train/gt`` -> ``Inria``; ``leftImg8bit`` ->
+    ``Cityscapes``.
+    ``options`` (``max_memory``, ``check``) go to the dataset's constructor.
+    """
+    from .cityscapes import Cityscapes
+    from .deepglobe import DeepGlobe, looks_like_deepglobe
+    from .inria import Inria
+
+    path = Path(path)
+    if path.is_file() and path.name == YAML_NAME:
+        path = path.parent
+    require_folder(path, "dataset folder")
+    if (path / YAML_NAME).is_file():
+        return GigasegDataset(path, split, **options)
+    if (path / "images").is_dir() and (path / "masks").is_dir():
+        return FolderPairs(path, split, **options)  # before DeepGlobe: images/ may hold *_sat files
+    if looks_like_deepglobe(path):
+        return DeepGlobe(path, split, **options)
+    if (path / "train" / "gt").is_dir():
+        return Inria(path, split, **options)
+    if (path / "leftImg8bit").is_dir():
+        return Cityscapes(path, split, **options)
+    raise DatasetError(
+        path,
+        "not a dataset layout gigaseg knows: "
+        f"{YAML_NAME} with images/ and masks/ (gigaseg synth); "
+        "DeepGlobe (<id>_sat.jpg + <id>_mask.png, optionally in <split>/ or <split>/Sat + <split>/Label); "
+        "Inria Aerial (train/images + train/gt, test/images); "
+        "Cityscapes (leftImg8bit/<split>/<city> + gtFine/<split>/<city>); "
+        "or images/ + masks/ matched by file stem",
+    )
