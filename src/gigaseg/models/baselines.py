@@ -110,13 +110,22 @@ def smp_model(decoder: str, encoder: str, num_classes: int, in_channels: int,
 class GlobalSegmenter(FPNSegmenter):
     """Global-only baseline: the whole image at ``input_size`` x ``input_size``."""
 
-    default_options = {"input_size": 508, "decoder": "fpn", "loss": "focal",
-                       "epochs": 120, "lr": 5e-5, "batch_size": 6}
+    default_options = {"input_size": 508, "decoder": "fpn", "loss": "focal"}
     option_choices = {"decoder": DECODERS, "loss": LOSSES}
     size_option = "input_size"
 
     def check_options(self) -> None:
-        self._require_positive("input_size", "epochs", "lr", "batch_size")
+        self._require_positive("input_size")
+
+    def training_stages(self) -> list:
+        from ..methods.baselines import global_stages
+
+        return global_stages(self)
+
+    def whole_image_predictor(self, normalization, device="cpu", max_memory=None, precision="32"):
+        from ..methods.baselines import GlobalPredictor
+
+        return GlobalPredictor(self, normalization, device=device, precision=precision)
 
 
 @register_method("patch")
@@ -124,12 +133,23 @@ class PatchSegmenter(FPNSegmenter):
     """Patch-only baseline: full-resolution ``patch_size`` windows, ``overlap`` px apart at prediction."""
 
     default_options = {"patch_size": 508, "overlap": 120, "blend": "gaussian", "decoder": "fpn", "loss": "focal",
-                       "epochs": 50, "lr": 2e-5, "batch_size": 6, "crops_per_image": 8}
+                       "crops_per_image": 8}
     option_choices = {"decoder": DECODERS, "loss": LOSSES, "blend": BLEND_MODES}
     size_option = "patch_size"
 
+    def training_stages(self) -> list:
+        from ..methods.baselines import patch_stages
+
+        return patch_stages(self)
+
+    def whole_image_predictor(self, normalization, device="cpu", max_memory=None, precision="32"):
+        from ..methods.baselines import PatchPredictor, inference_sub_batch
+
+        sub_batch = inference_sub_batch(self, self.options["patch_size"], device, max_memory)
+        return PatchPredictor(self, normalization, device=device, sub_batch=sub_batch, precision=precision)
+
     def check_options(self) -> None:
-        self._require_positive("patch_size", "epochs", "lr", "batch_size", "crops_per_image")
+        self._require_positive("patch_size", "crops_per_image")
         if not 0 <= self.options["overlap"] < self.options["patch_size"]:
             raise ConfigError(f"patch: option overlap must be in [0, patch_size={self.options['patch_size']}), "
                               f"got {self.options['overlap']}")

@@ -1,0 +1,35 @@
+"""Small helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ..errors import ConfigError
+
+
+def read_config(path: str | None) -> dict:
+    if path is None:
+        return {}
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        config = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping with encoder/options/settings")
+    return config
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """``["input_size=1024", "blend=uniform"]`` -> ``{"input_size": 1024, "blend": "uniform"}`` (YAML values)."""
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options

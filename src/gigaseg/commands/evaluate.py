@@ -1,0 +1,57 @@
+"""``gigaseg evaluate``: score a checkpoint on a dataset split with streaming metrics."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("evaluate", help="score a model on a dataset split",
+                                   description="Per-class IoU, mIoU, F1, accuracy and peak memory on a split.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    parser.add_argument("--data", required=True, help="dataset folder")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--max-memory", help="memory budget, e.g. 2GB")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args) -> int:
+    import json
+    import resource
+
+    from ..api import evaluate
+    from ..io.atomic import atomic_output
+    from ..memory import format_size
+
+    summary = evaluate(args.checkpoint, args.data, split=args.split, max_memory=args.max_memory, device=args.device)
+    summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(format_summary(summary))
+    print(f"peak memory (RSS): {format_size(summary['peak_rss_bytes'])}")
+    if args.json:
+        with atomic_output(args.json) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    """A rich table of per-class scores plus the headline numbers, as plain text."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def number(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    excluded = f" (excluding {', '.join(summary['excluded'])})" if summary.get("excluded") else ""
+    table = Table(title=f"mIoU {number(summary['miou'])}{excluded}, mean F1 {number(summary['mean_f1'])}, "
+                        f"pixel accuracy {number(summary['pixel_accuracy'])}")
+    for column in ("class", "IoU", "F1", "precision", "recall", "pixels"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in summary["per_class"].items():
+        table.add_row(name, *(number(row[k]) for k in ("iou", "f1", "precision", "recall")), str(row["support"]))
+    console = Console(width=100, record=True)
+    with console.capture() as capture:
+        console.print(table)
+    return capture.get()

@@ -1,0 +1,181 @@
+"""Drive a ``WholeImagePredictor`` over a whole image, block by block, into files.
+
+Memory: one row of blocks of labels (``block_size`` rows x image width, uint8),
+one block of probabilities, and whatever the predictor holds (its context and
+one block's work). Nothing scales with the image's area. Finished row bands go
+to ``MaskWriter``, which keeps them in a scratch area, so a killed run resumes
+where it stopped and its result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..io.base import ImageSource
+from ..io.writers import MaskWriter
+from ..window import Window
+from .interface import WholeImagePredictor
+from ..progress import progress_bar
+
+#: bands handed to the mask writer are multiples of its tile height
+WRITER_TILE = 512
+
+
+@dataclass
+class PredictionResult:
+    mask_path: Path | None
+    height: int
+    width: int
+    seconds: float
+    blocks_predicted: int
+    blocks_resumed: int
+    overlay_path: Path | None = None
+    probabilities_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.height * self.width / 1e6 / max(self.seconds, 1e-9)
+
+
+def block_grid(height: int, width: int, block_size: int) -> list[list[Window]]:
+    """Rows of blocks covering the image; block heights are multiples of the writer tile."""
+    block = max(WRITER_TILE, (block_size // WRITER_TILE) * WRITER_TILE)
+    rows = []
+    for top in range(0, height, block):
+        h = min(block, height - top)
+        rows.append([Window(top, left, h, min(block, width - left)) for left in range(0, width, block)])
+    return rows
+
+
+def predict_image(
+    predictor: WholeImagePredictor,
+    source: ImageSource,
+    out: str | os.PathLike | None,
+    *,
+    block_size: int = 2048,
+    palette: np.ndarray | None = None,
+    class_names: list[str] | None = None,
+    probabilities: bool = False,
+    overlay: bool = False,
+    resume: bool = True,
+    on_band: Callable[[Window, np.ndarray], None] | None = None,
+    progress: bool = True,
+) -> PredictionResult:
+    """Predict ``source`` into a label-mask TIFF at ``out`` (``None``: only call ``on_band``).
+
+    ``on_band(window, labels)`` receives each finished row band (e.g. to update a
+    streaming confusion matrix). With ``probabilities`` a float16 zarr array
+    ``(C, H, W)`` is written next to the mask as ``<stem>_probabilities.zarr``.
+    """
+    start = time.perf_counter()
+    out = Path(out) if out is not None else None
+    rows = block_grid(source.height, source.width, block_size)
+    writer = None
+    if out is not None:
+        writer = MaskWriter(
+            out, source.height, source.width, palette=palette, tile=WRITER_TILE,
+            geo_tags=source.geo_tags, class_names=class_names, resume=resume,
+        )
+    probs_store = _ProbabilityStore(out, predictor.num_classes, source, resume) if probabilities and out else None
+    context = predictor.prepare(source)
+    predicted = resumed = 0
+    total_blocks = sum(len(r) for r in rows)
+    with progress_bar(f"predict {source.name}", total_blocks, enabled=progress) as advance:
+        for row in rows:
+            band = Window(row[0].top, 0, row[0].height, source.width)
+            if writer is not None and not on_band and _band_done(writer, band) and (
+                probs_store is None or probs_store.is_done(band)
+            ):
+                resumed += len(row)
+                advance(len(row))
+                continue
+            labels = np.empty(band.shape, dtype=np.uint8)
+            for block in row:
+                probs = predictor.predict_block(source, context, block)
+                expected = (predictor.num_classes, block.height, block.width)
+                if probs.shape != expected:
+                    raise RuntimeError(f"{type(predictor).__name__} returned {probs.shape} for block {block}, expected {expected}")
+                labels[:, block.left:block.right] = probs.argmax(axis=0)
+                if probs_store is not None:
+                    probs_store.write(block, probs)
+                predicted += 1
+                advance(1)
+            if probs_store is not None:
+                probs_store.mark_done(band)
+            if writer is not None:
+                _write_band(writer, band, labels)
+            if on_band is not None:
+                on_band(band, labels)
+    result = PredictionResult(None, source.height, source.width, 0.0, predicted, resumed)
+    if writer is not None:
+        writer.close()
+        result.mask_path = out
+    if probs_store is not None:
+        result.probabilities_path = probs_store.finish()
+    if overlay and out is not None:
+        from ..io.overlay import write_overlay_png
+
+        result.overlay_path = out.with_name(f"{out.stem}_overlay.png")
+        write_overlay_png(result.overlay_path, source, out, palette)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _band_done(writer: MaskWriter, band: Window) -> bool:
+    return all(writer.is_done(top) for top in range(band.top, band.bottom, writer.band_height))
+
+
+def _write_band(writer: MaskWriter, band: Window, labels: np.ndarray) -> None:
+    for top in range(band.top, band.bottom, writer.band_height):
+        if not writer.is_done(top):
+            writer.write_band(top, labels[top - band.top: top - band.top + writer.band_height])
+
+
+class _ProbabilityStore:
+    """Per-class probabilities as a chunked float16 zarr array, built under a partial name."""
+
+    def __init__(self, mask_path: Path, num_classes: int, source: ImageSource, resume: bool):
+        import zarr
+
+        self.final = mask_path.with_name(f"{mask_path.stem}_probabilities.zarr")
+        self.partial = mask_path.with_name(f".{self.final.name}.partial")
+        self._done_dir = self.partial / ".gigaseg_done_bands"
+        if not resume and self.partial.exists():
+            shutil.rmtree(self.partial)
+        mode = "a" if self.partial.exists() else "w"
+        chunk = min(WRITER_TILE, max(source.height, 1)), min(WRITER_TILE, max(source.width, 1))
+        self.array = zarr.open_array(
+            str(self.partial), mode=mode, shape=(num_classes, source.height, source.width),
+            chunks=(num_classes, *chunk), dtype="float16",
+        )
+        self._done_dir.mkdir(parents=True, exist_ok=True)
+
+    def is_done(self, band: Window) -> bool:
+        return (self._done_dir / str(band.top)).exists()
+
+    def write(self, block: Window, probs: np.ndarray) -> None:
+        self.array[:, block.top:block.bottom, block.left:block.right] = probs.astype(np.float16)
+
+    def mark_done(self, band: Window) -> None:
+        (self._done_dir / str(band.top)).touch()
+
+    def finish(self) -> Path:
+        shutil.rmtree(self._done_dir)
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.partial, self.final)
+        return self.final
+
+
+def blocks_in(height: int, width: int, block_size: int) -> int:
+    block = max(WRITER_TILE, (block_size // WRITER_TILE) * WRITER_TILE)
+    return math.ceil(height / block) * math.ceil(width / block)

@@ -1,0 +1,1 @@
+"""How each method trains and predicts whole images (its networks live in gigaseg.models)."""

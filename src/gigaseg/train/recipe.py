@@ -1,0 +1,79 @@
+"""A method's training recipe: one or more stages, each saying what it trains and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class TrainSettings:
+    """Run-wide knobs from the command line or a config file (method-independent)."""
+
+    epochs: int | None = None            # override every stage's epochs
+    batch_size: int | None = None        # override every stage's batch size
+    lr: float | None = None              # override every stage's learning rate
+    max_memory: int | None = None        # bytes; sets sub-batch sizes
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    accumulate: int = 1                  # optimiser step every N batches
+    seed: int = 0
+    num_workers: int = 0
+    val_block_size: int = 2048
+    max_val_images: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class StepContext:
+    """What a stage's ``step`` gets: the wrapped model, how to backward, its sub-batch."""
+
+    fabric: object
+    model: nn.Module            # the raw module (use for submodules)
+    wrapped: nn.Module          # the Fabric-wrapped module (use for forward with DDP sync)
+    sub_batch: int
+    stage: "Stage"
+    settings: TrainSettings
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.fabric.backward(loss)
+
+
+@dataclass
+class Stage:
+    """One training stage.
+
+    ``make_data(dataset, normalization, settings)`` builds the stage's training
+    views; ``step(ctx, batch)`` runs forward and backward (possibly several
+    backwards over sub-batches) and returns detached losses to log; the loop
+    zeroes gradients before and steps the optimiser after.
+    ``trainable(model)`` lists the modules trained; every other parameter is frozen
+    and ``frozen_eval(model)`` lists modules kept in eval mode (frozen BN statistics).
+    """
+
+    name: str
+    epochs: int
+    lr: float
+    batch_size: int
+    make_data: Callable[..., Dataset]
+    step: Callable[[StepContext, dict], dict[str, float]]
+    trainable: Callable[[nn.Module], list[nn.Module]] = lambda model: [model]
+    frozen_eval: Callable[[nn.Module], list[nn.Module]] = lambda model: []
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "poly"               # poly (per iteration, power 0.9) | step | constant
+    poly_power: float = 0.9
+    milestones: tuple[int, ...] = ()     # epochs, for schedule == "step"
+    gamma: float = 0.1
+    sub_batch: int = 1                   # patches per backward, when the step splits its work
+    sample_inputs: Callable[[nn.Module], tuple] | None = None  # for memory estimates
+    before_stage: Callable[[nn.Module], None] | None = None    # e.g. copy weights between branches
+    options: dict = field(default_factory=dict)
