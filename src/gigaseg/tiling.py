@@ -22,12 +22,14 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .window import Window
+
+if TYPE_CHECKING:  # torch is imported where feature maps are handled, so the geometry
+    import torch   # stays usable by processes that must not pay torch's memory (synth)
 
 Box = tuple[float, float, float, float]
 
@@ -242,6 +244,8 @@ def box_on_grid(norm_box: Sequence[float], grid_h: int, grid_w: int) -> Window:
 
 
 def _box_list(norm_boxes: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> list[Box]:
+    import torch
+
     if isinstance(norm_boxes, torch.Tensor):
         norm_boxes = norm_boxes.detach().cpu().tolist()
     elif isinstance(norm_boxes, np.ndarray):
@@ -254,6 +258,8 @@ def _box_list(norm_boxes: Sequence[Sequence[float]] | np.ndarray | torch.Tensor)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    import torch.nn.functional as F
+
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -273,6 +279,8 @@ def crop_resize(
     same way), then resized bilinearly (``align_corners=False``). Returns ``(N, C, oh, ow)``;
     differentiable. Crops of equal size are resized in one call.
     """
+    import torch
+
     if features.dim() != 4:
         raise ValueError(f"features must be (B, C, H, W), got shape {tuple(features.shape)}")
     b, c, height, width = features.shape

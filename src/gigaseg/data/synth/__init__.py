@@ -1,0 +1,38 @@
+"""Synthetic benchmark data with known ground truth, streamed to disk at any size.
+
+- ``landcover``: aerial-style land-cover scenes whose fine classes (roads, streams) a
+  downsampled global view loses and whose two vegetation classes only context farther
+  than a patch tells apart (``gigaseg synth landcover``).
+- ``checks``: the self-checks proving both properties, computed band by band.
+"""
+
+from .checks import CheckReport, run_checks
+from .landcover import (
+    CLASSES,
+    CONTEXT_CLASSES,
+    CUE_CLASSES,
+    FINE_CLASSES,
+    IGNORE_INDEX,
+    PALETTE,
+    LandcoverConfig,
+    LandcoverScene,
+    check_mask,
+    check_scene,
+    write_landcover_dataset,
+)
+
+__all__ = [
+    "CLASSES",
+    "CONTEXT_CLASSES",
+    "CUE_CLASSES",
+    "FINE_CLASSES",
+    "IGNORE_INDEX",
+    "PALETTE",
+    "CheckReport",
+    "LandcoverConfig",
+    "LandcoverScene",
+    "check_mask",
+    "check_scene",
+    "run_checks",
+    "write_landcover_dataset",
+]
