@@ -16,20 +16,8 @@ import torch
 from .errors import ConfigError, GigasegError
 from .io.normalize import Normalization
 from .io.sources import open_image
+from .inference.stream import block_size_for
 from .memory import parse_size
-
-#: block side for streaming prediction by memory budget (labels + one block's probabilities and work)
-_BLOCK_FOR_BUDGET = ((1.5e9, 1024), (4e9, 2048))
-
-
-def block_size_for(max_memory: int | None) -> int:
-    if max_memory is None:
-        return 2048
-    for limit, block in _BLOCK_FOR_BUDGET:
-        if max_memory <= limit:
-            return block
-    return 4096
-
 
 def load_model(model_or_checkpoint) -> tuple[torch.nn.Module, dict]:
     """(model, data info) from a model, a checkpoint file or a run folder."""

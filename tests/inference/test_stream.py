@@ -43,8 +43,7 @@ def test_streamed_patch_prediction_equals_in_memory(patch_model, tmp_path):
     image = scene(1100, 900)
     source = open_image(image)
     predictor = PatchPredictor(patch_model, Normalization.for_image(3, np.uint8), sub_batch=8)
-    grid = predictor.prepare(source)
-    whole = predictor.predict_block(source, grid, source.bounds)  # everything as one block, in memory
+    whole = predictor.predict_block(source, predictor.prepare(source), source.bounds)  # one block, in memory
     streamed = predict_image(predictor, source, tmp_path / "mask.tif", block_size=512, progress=False)
     assert streamed.blocks_predicted == 3 * 2
     labels = tifffile.imread(tmp_path / "mask.tif")
@@ -93,3 +92,32 @@ def test_interrupted_prediction_resumes_to_identical_result(patch_model, tmp_pat
     assert resumed.blocks_resumed == 2 and resumed.blocks_predicted == 4  # first row kept, rows 2-3 redone
     np.testing.assert_array_equal(tifffile.imread(out), tifffile.imread(reference))
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # scratch area cleaned up
+
+
+def test_patches_shared_with_the_next_block_are_computed_once(patch_model):
+    from gigaseg.inference.patches import patches_touching, stitch_block
+
+    source = open_image(scene(512, 1536, seed=5))
+    predictor = PatchPredictor(patch_model, Normalization.for_image(3, np.uint8), sub_batch=8)
+    grid = predictor.prepare(source)["grid"]
+    blocks = [Window(0, left, 512, 512) for left in (0, 512, 1024)]
+    evaluated = []
+
+    def logits(batch, windows):
+        evaluated.extend(windows)
+        with torch.inference_mode():
+            return patch_model(batch)
+
+    def run(cache):
+        evaluated.clear()
+        out = [stitch_block(source, grid, b, logits, predictor.to_tensor, 4, (128, 128), 8, cache=cache) for b in blocks]
+        return np.concatenate(out, axis=2), list(evaluated)
+
+    with torch.inference_mode():
+        plain, plain_calls = run(None)
+        cached, cached_calls = run({})
+    touching = sum(len(patches_touching(grid, b)) for b in blocks)
+    assert len(plain_calls) == touching
+    assert len(cached_calls) == len(set(plain_calls)) == len(grid)  # every grid patch exactly once
+    np.testing.assert_allclose(plain, cached, rtol=0, atol=1e-6)  # same sums, other order
+    np.testing.assert_array_equal(plain.argmax(0), cached.argmax(0))

@@ -2,8 +2,10 @@
 
 The grid is defined on the WHOLE image, and a block only evaluates the grid's
 patches that touch it, so the stitched result inside any block equals the
-in-memory prediction of the whole image (no seams from blocking); patches that
-straddle two blocks are simply computed twice.
+in-memory prediction of the whole image (no seams from blocking). Patches that
+straddle into the next block of the same row are kept in a small cache (one
+column of patches); those straddling into the next row of blocks are computed
+again there, which keeps memory independent of the image width.
 """
 
 from __future__ import annotations
@@ -40,34 +42,52 @@ def stitch_block(
     patch_size: tuple[int, int],
     sub_batch: int,
     blend: str = "gaussian",
+    cache: dict | None = None,
 ) -> np.ndarray:
     """Blended class probabilities ``(C, h, w)`` of ``block``.
 
     ``patch_logits(batch, windows)`` maps a normalised batch ``(N, C, ph, pw)`` of the
     patches at ``windows`` to logits ``(N, K, ph, pw)`` at patch resolution.
     Patches smaller than ``patch_size`` (images smaller than a patch) are zero-padded.
+    ``cache`` (a dict the caller keeps per image, blocks visited in row-major order)
+    carries the probabilities of patches shared with the next block of the row.
     """
     windows = patches_touching(grid, block)
-    region = bounding_window(windows).clip(source.height, source.width)
-    pixels = to_tensor(source.read(region))  # (1, C, rh, rw), read once for all patches
+    cached = cache if cache is not None else {}
+    todo = [w for w in windows if w not in cached]
     ph, pw = patch_size
-    weights = torch.from_numpy(blend_weights(ph, pw, mode=blend)).to(pixels.device)
-    accum = torch.zeros((num_classes, block.height, block.width), device=pixels.device)
-    norm = torch.zeros((block.height, block.width), device=pixels.device)
-    for start in range(0, len(windows), sub_batch):
-        chunk = windows[start:start + sub_batch]
-        batch = torch.cat([_patch(pixels, w.relative_to(region), ph, pw) for w in chunk])
-        probs = torch.softmax(patch_logits(batch, chunk).float(), dim=1)
-        for window, prob in zip(chunk, probs):
-            inside = window.intersection(block)
-            if inside is None:
-                continue
-            src = inside.relative_to(window)
-            dst = inside.relative_to(block)
-            w = weights[src.slices]
-            accum[(slice(None), *dst.slices)] += prob[(slice(None), *src.slices)] * w
-            norm[dst.slices] += w
-    return (accum / norm.clamp_min(1e-12)).cpu().numpy().astype(np.float32)
+    weights = torch.from_numpy(blend_weights(ph, pw, mode=blend))
+    accum = torch.zeros((num_classes, block.height, block.width))
+    norm = torch.zeros((block.height, block.width))
+
+    def add(window: Window, prob: torch.Tensor) -> None:
+        inside = window.intersection(block)
+        src, dst = inside.relative_to(window), inside.relative_to(block)
+        w = weights[src.slices]
+        accum[(slice(None), *dst.slices)] += prob[(slice(None), *src.slices)] * w
+        norm[dst.slices] += w
+
+    for window in windows:
+        if window in cached:
+            add(window, cached[window])
+    keep = {}
+    if todo:
+        region = bounding_window(todo).clip(source.height, source.width)
+        pixels = to_tensor(source.read(region))  # (1, C, rh, rw), read once for the patches to compute
+        for start in range(0, len(todo), sub_batch):
+            chunk = todo[start:start + sub_batch]
+            batch = torch.cat([_patch(pixels, w.relative_to(region), ph, pw) for w in chunk])
+            probs = torch.softmax(patch_logits(batch, chunk).float(), dim=1).cpu()
+            for window, prob in zip(chunk, probs):
+                add(window, prob)
+                if window.right > block.right:
+                    keep[window] = prob
+    if cache is not None:
+        kept_before = {w: p for w, p in cache.items() if w.right > block.right}
+        cache.clear()
+        cache.update(kept_before)
+        cache.update(keep)
+    return (accum / norm.clamp_min(1e-12)).numpy().astype(np.float32)
 
 
 def _patch(pixels: torch.Tensor, window: Window, ph: int, pw: int) -> torch.Tensor:

@@ -27,6 +27,19 @@ from ..progress import progress_bar
 
 #: bands handed to the mask writer are multiples of its tile height
 WRITER_TILE = 512
+#: block side for streaming prediction by memory budget (bytes): smaller blocks hold less
+#: but recompute more of the patches that straddle block borders
+_BLOCK_FOR_BUDGET = ((1.5e9, 1024), (4e9, 2048))
+
+
+def block_size_for(max_memory: int | None) -> int:
+    """The block side the driver uses under ``max_memory`` (predictors plan their buffers with it)."""
+    if max_memory is None:
+        return 2048
+    for limit, block in _BLOCK_FOR_BUDGET:
+        if max_memory <= limit:
+            return block
+    return 4096
 
 
 @dataclass

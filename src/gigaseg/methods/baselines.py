@@ -90,21 +90,37 @@ class PatchPredictor(WholeImagePredictor):
         return max(1, self.patch_size - self.model.options["overlap"])
 
     def prepare(self, source):
-        return PatchGrid.sliding(source.height, source.width, self.patch_size, self.stride)
+        grid = PatchGrid.sliding(source.height, source.width, self.patch_size, self.stride)
+        return {"grid": grid, "cache": {}}
 
-    def predict_block(self, source, grid, window):
+    def predict_block(self, source, context, window):
         def logits(batch, _windows):
             with torch.inference_mode(), self.autocast():
                 return self.model(batch)
 
         with torch.inference_mode():
-            return stitch_block(source, grid, window, logits, self.to_tensor, self.num_classes,
-                                (self.patch_size, self.patch_size), self.sub_batch, self.model.options["blend"])
+            return stitch_block(source, context["grid"], window, logits, self.to_tensor, self.num_classes,
+                                (self.patch_size, self.patch_size), self.sub_batch, self.model.options["blend"],
+                                cache=context["cache"])
 
 
-def inference_sub_batch(model, patch: int, device, max_memory: int | None, default: int = 4) -> int:
-    """Patches per forward pass that fit ``max_memory`` (``default`` without a budget)."""
+def inference_sub_batch(model, patch: int, device, max_memory: int | None, default: int = 4,
+                        block_size: int | None = None) -> int:
+    """Patches per forward pass that fit ``max_memory`` (``default`` without a budget).
+
+    The budget also holds one block's working buffers (class probabilities, their
+    blending sums, the block's pixels with a patch of margin): see ``block_bytes``.
+    """
     sample = (torch.zeros(1, model.in_channels, patch, patch),)
-    estimate = inference_estimate(model, sample, runtime=runtime_bytes(device))
+    extra = block_bytes(block_size, patch, model.num_classes, model.in_channels) if block_size else 0
+    estimate = inference_estimate(model, sample, runtime=runtime_bytes(device), extra=extra)
     return plan_sub_batch(max_memory, estimate, f"{model.method_name} prediction with {patch}-px patches",
                           default=default, maximum=32)
+
+
+def block_bytes(block: int, patch: int, num_classes: int, channels: int) -> int:
+    """Working memory of one streamed block: probabilities (accumulated, normalised, argmax copy),
+    blending weights, and the block's float pixels with a patch of margin on each side."""
+    probs = 3 * num_classes * block * block * 4
+    pixels = channels * (block + 2 * patch) ** 2 * (4 + 1)  # float32 tensor + the decoded uint8 read
+    return probs + block * block * 4 + pixels

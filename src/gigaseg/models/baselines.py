@@ -143,9 +143,11 @@ class PatchSegmenter(FPNSegmenter):
         return patch_stages(self)
 
     def whole_image_predictor(self, normalization, device="cpu", max_memory=None, precision="32"):
+        from ..inference.stream import block_size_for
         from ..methods.baselines import PatchPredictor, inference_sub_batch
 
-        sub_batch = inference_sub_batch(self, self.options["patch_size"], device, max_memory)
+        sub_batch = inference_sub_batch(self, self.options["patch_size"], device, max_memory,
+                                        block_size=block_size_for(max_memory))
         return PatchPredictor(self, normalization, device=device, sub_batch=sub_batch, precision=precision)
 
     def check_options(self) -> None:
