@@ -1,0 +1,174 @@
+"""Methods side by side on one dataset: accuracy, peak memory and speed, one run, one machine.
+
+Each method is trained in a fresh child process (its peak RSS is the training
+figure), then evaluated on the validation split in another fresh child through
+the streaming predictor (its peak RSS and megapixels per second are the
+inference figures). Every method gets the same encoder and the same training
+budget (epochs, batch size, learning rate), so differences come from the method.
+Results: ``results.json``, ``results.md`` and ``results.png`` in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..io.atomic import atomic_output
+from ..memory import format_size
+from . import machine
+from .memory import measure_call
+
+
+@dataclass
+class MethodSpec:
+    """One entry of a comparison: a method with its options and training budget."""
+
+    method: str
+    label: str | None = None
+    options: dict = field(default_factory=dict)
+    stage: str = "all"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
+
+
+def train_job(spec: dict, data: str, run_dir: str, encoder: str, seed: int, max_memory: int | None) -> dict:
+    """Child-process job: train one method, return its history."""
+    import torch
+
+    from ..api import train
+    from ..train.recipe import TrainSettings
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    settings = TrainSettings(epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"], seed=seed,
+                             max_memory=max_memory, progress=False)
+    started = time.perf_counter()
+    result = train(spec["method"], data, run_dir, encoder=encoder, options=spec["options"], settings=settings,
+                   stage=spec["stage"])
+    return {"history": result["history"], "seconds": time.perf_counter() - started}
+
+
+def evaluate_job(run_dir: str, data: str, split: str, max_memory: int | None) -> dict:
+    """Child-process job: evaluate a checkpoint on ``split``, timing the streaming prediction."""
+    from ..api import evaluate
+    from ..data.datasets import load_dataset
+
+    dataset = load_dataset(data, split=split)
+    pixels = sum(s.image.height * s.image.width for s in (dataset[i] for i in range(len(dataset))))
+    started = time.perf_counter()
+    summary = evaluate(run_dir, dataset, max_memory=max_memory, progress=False)
+    seconds = time.perf_counter() - started
+    return {"summary": summary, "seconds": seconds, "megapixels_per_second": pixels / 1e6 / seconds}
+
+
+def class_groups(data: str) -> dict[str, list[str]]:
+    """Named groups of classes whose mean IoU is reported (the synthetic benchmark's failure modes)."""
+    from ..data.datasets import load_dataset
+    from ..data.synth import landcover
+
+    classes = list(load_dataset(data, split="train").classes)
+    if classes == list(landcover.CLASSES):
+        return {"fine": list(landcover.FINE_CLASSES), "context": list(landcover.CONTEXT_CLASSES)}
+    return {}
+
+
+def compare(specs: list[MethodSpec], data: str | Path, out: str | Path, *, encoder: str = "resnet18",
+            seed: int = 0, max_memory: int | None = None, split: str = "val", timeout: float | None = None) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = class_groups(str(data))
+    results = {"machine": machine.describe(), "data": str(data), "split": split, "encoder": encoder, "seed": seed,
+               "max_memory": max_memory, "class_groups": groups, "methods": []}
+    for spec in specs:
+        run_dir = out / "runs" / spec.name
+        trained = measure_call(train_job, (asdict(spec), str(data), str(run_dir), encoder, seed, max_memory),
+                               timeout=timeout)
+        scored = measure_call(evaluate_job, (str(run_dir), str(data), split, max_memory), timeout=timeout)
+        summary = scored.value["summary"]
+        per_class = {name: row["iou"] for name, row in summary["per_class"].items()}
+        entry = {
+            "name": spec.name, "spec": asdict(spec),
+            "miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"], "mean_f1": summary["mean_f1"],
+            "per_class_iou": per_class,
+            "group_iou": {g: _mean([per_class[c] for c in members]) for g, members in groups.items()},
+            "train_seconds": trained.value["seconds"], "train_peak_rss": trained.peak_rss,
+            "train_cuda_peak": trained.cuda_peak, "epochs_run": len(trained.value["history"]),
+            "predict_peak_rss": scored.peak_rss, "predict_cuda_peak": scored.cuda_peak,
+            "megapixels_per_second": scored.value["megapixels_per_second"],
+            "runtime_baseline_rss": scored.baseline_rss,
+        }
+        results["methods"].append(entry)
+        write_results(results, out)  # after every method, so a long run leaves partial results
+    return results
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _fmt(value, digits=3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    groups = list(results["class_groups"])
+    lines = ["# Methods compared", "", machine.markdown_header(results["machine"]),
+             f"Data: `{results['data']}` ({results['split']} split), encoder `{results['encoder']}`, seed {results['seed']}.",
+             "", "| method | mIoU | " + " | ".join(f"{g} IoU" for g in groups) +
+             " | train peak RSS | predict peak RSS | Mpx/s | train s |",
+             "|---" * (6 + len(groups)) + "|"]
+    for m in results["methods"]:
+        lines.append(f"| {m['name']} | {_fmt(m['miou'])} | " + " | ".join(_fmt(m["group_iou"][g]) for g in groups) +
+                     f" | {format_size(m['train_peak_rss'])} | {format_size(m['predict_peak_rss'])} | "
+                     f"{_fmt(m['megapixels_per_second'], 2)} | {m['train_seconds']:.0f} |")
+    if results["methods"]:
+        classes = list(results["methods"][0]["per_class_iou"])
+        lines += ["", "Per-class IoU:", "", "| method | " + " | ".join(classes) + " |", "|---" * (1 + len(classes)) + "|"]
+        for m in results["methods"]:
+            lines.append(f"| {m['name']} | " + " | ".join(_fmt(m["per_class_iou"][c]) for c in classes) + " |")
+    baseline = results["methods"][0].get("runtime_baseline_rss") if results["methods"] else None
+    if baseline:
+        lines += ["", f"Peak RSS includes the Python + torch runtime; a child that only imports torch peaks at "
+                      f"{format_size(baseline)}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    classes = list(methods[0]["per_class_iou"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(classes)), 4))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        values = [m["per_class_iou"][c] or 0.0 for c in classes]
+        ax.bar(np.arange(len(classes)) + i * width, values, width, label=f"{m['name']} (mIoU {_fmt(m['miou'])})")
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=30, ha="right")
+    ax.set_ylabel("IoU")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_results(results: dict, out: Path) -> None:
+    with atomic_output(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    with atomic_output(out / "results.md") as tmp:
+        tmp.write_text(markdown(results))
+    if results["methods"]:
+        plot(results, out / "results.png")
