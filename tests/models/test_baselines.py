@@ -98,3 +98,15 @@ def test_global_options_are_its_own():
         create_model("global", encoder="test_resnet", num_classes=2, patch_size=64)
     with pytest.raises(ConfigError, match="'lr'"):  # training hyperparameters belong to the recipe, not the model
         create_model("global", encoder="test_resnet", num_classes=2, lr=1e-4)
+
+
+def test_fpn_channels_sets_the_decoder_width():
+    paper = create_model("patch", encoder="test_resnet", num_classes=3, patch_size=64, overlap=16)
+    light = create_model("patch", encoder="test_resnet", num_classes=3, patch_size=64, overlap=16, fpn_channels=64)
+    fpn_params = lambda m: sum(p.numel() for p in m.net.fpn.parameters())
+    encoder_params = lambda m: sum(p.numel() for p in m.net.encoder.parameters())
+    assert encoder_params(paper) == encoder_params(light)
+    # every FPN conv scales with the width squared (laterals and the classifier linearly)
+    assert fpn_params(light) < fpn_params(paper) / 8
+    x = torch.rand(1, 3, 64, 64)
+    assert light(x).shape == (1, 3, 64, 64)

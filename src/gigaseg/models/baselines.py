@@ -49,7 +49,7 @@ _SMP_ARCHS = {"smp_unet": smp.Unet, "smp_fpn": smp.FPN}
 class FPNSegmenter(SegmentationModel):
     """A timm encoder with GLNet's FPN (or an smp U-Net / FPN); see the module docstring."""
 
-    default_options: dict[str, Any] = {"decoder": "fpn"}
+    default_options: dict[str, Any] = {"decoder": "fpn", "fpn_channels": 256}
     option_choices = {"decoder": DECODERS}
     #: the option holding the network's input side, checked against ``size_multiple``
     size_option: ClassVar[str | None] = None
@@ -59,8 +59,11 @@ class FPNSegmenter(SegmentationModel):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         decoder = self.options["decoder"]
         if decoder == "fpn":
+            # GLNet's FPN: 256 lateral / 128 smoothing channels; smaller widths make a light CPU decoder
+            width = self.options["fpn_channels"]
             self.net: nn.Module = FPNBranch(encoder, num_classes=num_classes, in_channels=in_channels,
-                                            pretrained=pretrained)
+                                            pretrained=pretrained, lateral_channels=width,
+                                            smooth_channels=max(1, width // 2))
             #: input pixels per logit pixel of ``decode``
             self.output_stride: int = self.net.output_stride
             #: input sides must be a multiple of this
@@ -110,12 +113,12 @@ def smp_model(decoder: str, encoder: str, num_classes: int, in_channels: int,
 class GlobalSegmenter(FPNSegmenter):
     """Global-only baseline: the whole image at ``input_size`` x ``input_size``."""
 
-    default_options = {"input_size": 508, "decoder": "fpn", "loss": "focal"}
+    default_options = {"input_size": 508, "decoder": "fpn", "fpn_channels": 256, "loss": "focal"}
     option_choices = {"decoder": DECODERS, "loss": LOSSES}
     size_option = "input_size"
 
     def check_options(self) -> None:
-        self._require_positive("input_size")
+        self._require_positive("input_size", "fpn_channels")
 
     def training_stages(self) -> list:
         from ..methods.baselines import global_stages
@@ -132,8 +135,8 @@ class GlobalSegmenter(FPNSegmenter):
 class PatchSegmenter(FPNSegmenter):
     """Patch-only baseline: full-resolution ``patch_size`` windows, ``overlap`` px apart at prediction."""
 
-    default_options = {"patch_size": 508, "overlap": 120, "blend": "gaussian", "decoder": "fpn", "loss": "focal",
-                       "crops_per_image": 8}
+    default_options = {"patch_size": 508, "overlap": 120, "blend": "gaussian", "decoder": "fpn", "fpn_channels": 256,
+                       "loss": "focal", "crops_per_image": 8}
     option_choices = {"decoder": DECODERS, "loss": LOSSES, "blend": BLEND_MODES}
     size_option = "patch_size"
 
@@ -151,7 +154,7 @@ class PatchSegmenter(FPNSegmenter):
         return PatchPredictor(self, normalization, device=device, sub_batch=sub_batch, precision=precision)
 
     def check_options(self) -> None:
-        self._require_positive("patch_size", "crops_per_image")
+        self._require_positive("patch_size", "crops_per_image", "fpn_channels")
         if not 0 <= self.options["overlap"] < self.options["patch_size"]:
             raise ConfigError(f"patch: option overlap must be in [0, patch_size={self.options['patch_size']}), "
                               f"got {self.options['overlap']}")
