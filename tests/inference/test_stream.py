@@ -24,7 +24,7 @@ def scene(height, width, seed=0):
 @pytest.fixture(scope="module")
 def patch_model():
     torch.manual_seed(0)
-    return create_model("patch", encoder="test_resnet", num_classes=4, patch_size=128, overlap=32).eval()
+    return create_model("patch", encoder="test_resnet", num_classes=4, patch_size=128, overlap=32, fpn_channels=32).eval()
 
 
 def test_block_grid_covers_image_in_writer_tiles():
@@ -40,12 +40,12 @@ def test_block_grid_covers_image_in_writer_tiles():
 
 
 def test_streamed_patch_prediction_equals_in_memory(patch_model, tmp_path):
-    image = scene(1100, 900)
+    image = scene(2048, 2048)
     source = open_image(image)
     predictor = PatchPredictor(patch_model, Normalization.for_image(3, np.uint8), sub_batch=8)
     whole = predictor.predict_block(source, predictor.prepare(source), source.bounds)  # one block, in memory
     streamed = predict_image(predictor, source, tmp_path / "mask.tif", block_size=512, progress=False)
-    assert streamed.blocks_predicted == 3 * 2
+    assert streamed.blocks_predicted == 4 * 4
     labels = tifffile.imread(tmp_path / "mask.tif")
     agree = (labels == whole.argmax(0)).mean()
     assert agree >= 0.999, agree

@@ -76,3 +76,30 @@ def test_unknown_stage_is_a_clear_error(tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match="global has no stage 'local'; its stages are global"):
         train("global", tiny_dataset, tmp_path / "run", encoder="test_resnet", options=OPTIONS, stage="local",
               settings=settings())
+
+
+def test_sub_batches_sum_to_the_whole_batch_gradient():
+    from types import SimpleNamespace
+
+    from gigaseg.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model("global", encoder="test_resnet", num_classes=3, input_size=32, loss="ce").eval()
+    batch = {"image": torch.rand(5, 3, 32, 32), "label": torch.randint(0, 3, (5, 32, 32))}
+    calls = []
+
+    def run(sub_batch):
+        model.zero_grad()
+        calls.clear()
+        ctx = SimpleNamespace(model=model, wrapped=model, sub_batch=sub_batch,
+                              backward=lambda loss: (calls.append(1), loss.backward()))
+        logged = baselines.supervised_step(ctx, batch)["loss"]
+        return logged, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole_loss, whole = run(5)
+    assert len(calls) == 1
+    split_loss, split = run(2)
+    assert len(calls) == 3  # 2 + 2 + 1 samples
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

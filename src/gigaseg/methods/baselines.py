@@ -30,12 +30,21 @@ def segmentation_loss(name: str, ignore_index: int = 255):
 
 
 def supervised_step(ctx: StepContext, batch: dict) -> dict[str, float]:
-    """Forward the stage's views, loss against labels at input resolution, one backward."""
+    """Forward the stage's views in sub-batches of ``ctx.sub_batch``, one backward each.
+
+    Each sub-batch's mean loss is weighted by its share of the batch, so the summed
+    gradients equal the whole batch's (BatchNorm aside, whose statistics are per sub-batch).
+    """
     loss_fn = segmentation_loss(ctx.model.options.get("loss", "focal"))
-    logits = ctx.wrapped(batch["image"])
-    loss = loss_fn(logits, batch["label"])
-    ctx.backward(loss)
-    return {"loss": loss.detach()}
+    images, labels = batch["image"], batch["label"]
+    total = images.shape[0]
+    logged = 0.0
+    for start in range(0, total, ctx.sub_batch):
+        part = slice(start, start + ctx.sub_batch)
+        loss = loss_fn(ctx.wrapped(images[part]), labels[part]) * (images[part].shape[0] / total)
+        ctx.backward(loss)
+        logged += float(loss.detach())
+    return {"loss": logged}
 
 
 def global_stages(model) -> list[Stage]:

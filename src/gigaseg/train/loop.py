@@ -103,7 +103,7 @@ class Trainer:
         lr = self.settings.lr if self.settings.lr is not None else stage.lr
         optimizer = _optimizer(stage, trainable, lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(stage, total_steps, steps_per_epoch))
-        sub_batch = self._sub_batch(stage)
+        sub_batch = self._sub_batch(stage, batch_size)
         wrapped, optimizer = fabric.setup(model, optimizer)
         best = -1.0
         if state is not None:
@@ -121,7 +121,8 @@ class Trainer:
                    "seconds": round(time.perf_counter() - started, 2), "peak_memory": _peak_memory(fabric.device),
                    **{f"train_{k}": v for k, v in losses.items()}, **{f"val_{k}": v for k, v in val.items()}}
             self.history.append(row)
-            miou = val.get("miou", float("nan"))
+            # the score that picks best.ckpt: mIoU, or accuracy for image classifiers
+            miou = val.get("miou", val.get("accuracy", float("nan")))
             improved = not math.isnan(miou) and miou > best
             best = max(best, miou) if not math.isnan(miou) else best
             train_state = {"stage_index": index, "stage": stage.name, "epoch": epoch, "optimizer": optimizer.state_dict(),
@@ -154,13 +155,15 @@ class Trainer:
         for module in stage.frozen_eval(self.model):
             module.eval()
 
-    def _sub_batch(self, stage: Stage) -> int:
+    def _sub_batch(self, stage: Stage, batch_size: int) -> int:
+        """Samples per backward: the stage's own choice, or as many as ``--max-memory`` allows."""
+        default = stage.sub_batch or batch_size
         if self.settings.max_memory is None or stage.sample_inputs is None:
-            return stage.sub_batch
+            return default
         estimate = training_estimate(self.model, stage.sample_inputs(self.model), stage.optimizer,
                                      runtime=runtime_bytes(self.fabric.device))
         return plan_sub_batch(self.settings.max_memory, estimate, f"training stage {stage.name!r}",
-                              default=stage.sub_batch, maximum=max(stage.sub_batch, 64))
+                              default=default, maximum=default if stage.sub_batch is None else 64)
 
     def _train_epoch(self, ctx: StepContext, data, batch_size, optimizer, scheduler, epoch, stage_index) -> dict:
         fabric = self.fabric
@@ -204,6 +207,8 @@ class Trainer:
         if self.val_data is None or len(self.val_data) == 0:
             return {}
         fabric = self.fabric
+        if getattr(self.model, "task", "segmentation") == "classification":
+            return self._validate_classification()
         matrix = ConfusionMatrix(self.model.num_classes, ignore_index=self.data["ignore_index"])
         predictor = self.model.whole_image_predictor(self.normalization, device=fabric.device,
                                                      max_memory=self.settings.max_memory)
@@ -215,6 +220,21 @@ class Trainer:
         matrix.all_reduce(fabric)  # each rank scored its share of the images
         exclude = self.data["exclude_from_miou"]
         return {"miou": float(matrix.miou(exclude=exclude)), "pixel_accuracy": float(matrix.pixel_accuracy())}
+
+    def _validate_classification(self) -> dict:
+        """Image classifiers: one predicted class per validation image; accuracy and balanced accuracy."""
+        fabric = self.fabric
+        matrix = ConfusionMatrix(self.model.num_classes, ignore_index=None)
+        classifier = self.model.image_classifier(self.normalization, device=fabric.device,
+                                                 max_memory=self.settings.max_memory)
+        count = len(self.val_data) if self.settings.max_val_images is None else min(len(self.val_data), self.settings.max_val_images)
+        self.model.eval()
+        for index in range(fabric.global_rank, count, fabric.world_size):
+            with self.val_data[index] as sample:
+                if sample.label is not None:
+                    matrix.update(np.array([int(classifier.predict(sample.image).argmax())]), np.array([sample.label]))
+        matrix.all_reduce(fabric)
+        return {"accuracy": float(matrix.pixel_accuracy()), "balanced_accuracy": float(matrix.balanced_accuracy())}
 
     # ---------------------------------------------------------------- files
     def _load_resume_state(self) -> dict:

@@ -73,7 +73,7 @@ class Stage:
     poly_power: float = 0.9
     milestones: tuple[int, ...] = ()     # epochs, for schedule == "step"
     gamma: float = 0.1
-    sub_batch: int = 1                   # patches per backward, when the step splits its work
+    sub_batch: int | None = None         # samples per backward; None: the whole batch (budgets may split it)
     sample_inputs: Callable[[nn.Module], tuple] | None = None  # for memory estimates
     before_stage: Callable[[nn.Module], None] | None = None    # e.g. copy weights between branches
     options: dict = field(default_factory=dict)
