@@ -120,4 +120,6 @@ def test_patches_shared_with_the_next_block_are_computed_once(patch_model):
     assert len(plain_calls) == touching
     assert len(cached_calls) == len(set(plain_calls)) == len(grid)  # every grid patch exactly once
     np.testing.assert_allclose(plain, cached, rtol=0, atol=1e-6)  # same sums, other order
-    np.testing.assert_array_equal(plain.argmax(0), cached.argmax(0))
+    top2 = np.sort(plain, axis=0)[-2:]
+    decided = top2[1] - top2[0] > 1e-5  # labels may differ only where two classes tie
+    np.testing.assert_array_equal(plain.argmax(0)[decided], cached.argmax(0)[decided])
