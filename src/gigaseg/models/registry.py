@@ -64,7 +64,7 @@ def available_methods() -> list[str]:
 
 def create_model(
     method: str,
-    encoder: str = "resnet50",
+    encoder: str | None = None,
     *,
     num_classes: int,
     in_channels: int = 3,
@@ -76,7 +76,8 @@ def create_model(
 
     Args:
         method: a registered name (``available_methods()``).
-        encoder: a timm model name (``"resnet50"``, ``"convnext_tiny"``, ...).
+        encoder: a timm model name (``"resnet50"``, ``"convnext_tiny"``, ...); ``None`` takes the
+            method's ``default_encoder`` (its paper's backbone; ``"resnet50"`` unless it says otherwise).
         num_classes: output classes.
         in_channels: input bands.
         pretrained: False, True (timm's weights from the hub) or a local weights file
@@ -94,5 +95,7 @@ def create_model(
     if both:
         raise ConfigError(f"option{'s' if len(both) > 1 else ''} {', '.join(both)} given both in options= and as keywords")
     merged.update(method_options)
+    if encoder is None:
+        encoder = getattr(METHODS[method], "default_encoder", "resnet50")
     return METHODS[method](encoder=encoder, num_classes=num_classes, in_channels=in_channels,
                            pretrained=pretrained, **merged)
