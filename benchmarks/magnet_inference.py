@@ -1,0 +1,506 @@
+"""MagNet and MagNet-Fast whole-image inference: peak memory, speed, and Fast's mIoU cost.
+
+Phases (``--phases``, default all; each writes ``<work>/<phase>.json``, ``report`` merges
+them into ``benchmarks/results/magnet_inference.json`` and ``.md``):
+
+``scenes``
+    Synthetic land-cover scenes (``gigaseg synth landcover``): 2448x2448 (DeepGlobe's
+    size) and 4499x6749 (height x width, about 30 Mpx), and a small labelled set of
+    512x512 scenes for the accuracy phase.
+``speed``
+    ``gigaseg.inference.stream.predict_image`` of the DeepGlobe presets (``deepglobe`` =
+    MagNet, ``deepglobe_fast`` = MagNet-Fast) with a ResNet-50 FPN backbone and 7 classes,
+    random weights (``refine=True``: speed and memory do not depend on the weights; the
+    refinement flag would otherwise make an untrained model predict with its backbone
+    only), each job in a fresh child through ``gigaseg.bench.memory.measure``: peak RSS of
+    the whole child process next to a child that only imports torch and one that only
+    builds the model, wall time, frames and patches processed; the CUDA peak allocated
+    when a GPU is present. The 2448 scene is one frame (whole-image mode) and is run in
+    full. On the 30-Mpx scene (block mode: one 2448-px frame per 2048-px driver block, 12
+    blocks) only the first ``--big-blocks`` blocks run MagNet (the others return a
+    constant); the same job with twice as many blocks shows that the peak does not depend
+    on the number of blocks, and full-scene times are extrapolated per block.
+``accuracy``
+    A briefly trained small MagNet (ResNet-18 FPN, scales 128/256/512, input 128, both
+    stages through ``gigaseg train``) evaluated on the validation scenes as the backbone
+    alone at the coarsest scale, MagNet and MagNet-Fast (same weights): mIoU over all 7
+    classes, per-class IoU, seconds per image.
+
+    python benchmarks/magnet_inference.py [--work DIR] [--phases scenes,speed,accuracy,report]
+                                          [--big-blocks 2] [--epochs 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PEAK_LIMIT = 2 * 10**9
+SMALL_OPTIONS = {"scales": [[128, 128], [256, 256], [512, 512]], "input_size": [128, 128], "median_kernel": 5,
+                 "crops_per_image": 8}
+SMALL_FAST = {"fast_patches": 3, "points": 0.9}
+
+
+# --------------------------------------------------------------------------- children (run in fresh processes)
+
+
+class _Subset:
+    """Runs the wrapped predictor on the first ``limit`` blocks; the rest get uniform probabilities."""
+
+    def __init__(self, predictor, limit: int | None):
+        self.predictor = predictor
+        self.limit = limit
+        self.computed = 0
+        self.seen = 0
+
+    @property
+    def num_classes(self) -> int:
+        return self.predictor.num_classes
+
+    def prepare(self, source):
+        return self.predictor.prepare(source)
+
+    def predict_block(self, source, context, window):
+        import numpy as np
+
+        self.seen += 1
+        if self.limit is not None and self.seen > self.limit:
+            return np.full((self.num_classes, window.height, window.width), 1.0 / self.num_classes, np.float32)
+        self.computed += 1
+        return self.predictor.predict_block(source, context, window)
+
+
+def child_model_only(preset: str) -> dict:
+    """Baseline: import gigaseg and build the ResNet-50 FPN MagNet, nothing else."""
+    import torch
+
+    from gigaseg.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model("magnet", encoder="resnet50", num_classes=7, preset=preset).eval()
+    return {"parameters": model.num_parameters()}
+
+
+def child_predict(image: str, preset: str, max_blocks: int | None) -> dict:
+    """Predict ``image`` with the ResNet-50 FPN MagNet of ``preset`` (random weights, refinement on)."""
+    import numpy as np
+    import torch
+
+    from gigaseg.inference.stream import predict_image
+    from gigaseg.io.normalize import Normalization
+    from gigaseg.io.sources import open_image
+    from gigaseg.models.registry import create_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = create_model("magnet", encoder="resnet50", num_classes=7, preset=preset).eval().to(device)
+    source = open_image(image)
+    predictor = model.whole_image_predictor(Normalization.for_image(3, np.uint8), device=device, refine=True)
+    predictor.keep_trace = True
+    subset = _Subset(predictor, max_blocks)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory(prefix="magnet-bench-") as tmp:
+        start = time.perf_counter()
+        result = predict_image(subset, source, Path(tmp) / "mask.tif", progress=False)
+        seconds = time.perf_counter() - start
+    traces = [frame["trace"] for frame in predictor.frames]
+    return {
+        "device": device,
+        "image": [source.height, source.width],
+        "mode": "whole" if model.whole_image(source.height, source.width) else "blocks",
+        "seconds": seconds,
+        "blocks": result.blocks_predicted,
+        "blocks_computed": subset.computed if max_blocks is not None else result.blocks_predicted,
+        "frames": len(traces),
+        "backbone_patches": sum(len(t["patches"]) for trace in traces for t in trace),
+        "refined_patches": sum(len(t["patches"]) for trace in traces for t in trace[1:]),
+        "points": [t["points"] for t in traces[0]] if traces else [],
+        "sub_batch": predictor.sub_batch,
+        "cuda_peak_allocated": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+    }
+
+
+def child_alternate(image: str, repeats: int) -> dict:
+    """MagNet and MagNet-Fast (same weights) alternately on ``image`` after a warm-up: seconds of each run."""
+    import numpy as np
+    import torch
+
+    from gigaseg.inference.stream import predict_image
+    from gigaseg.io.array import ArraySource
+    from gigaseg.io.normalize import Normalization
+    from gigaseg.io.sources import open_image
+    from gigaseg.models.magnet import PRESETS
+    from gigaseg.models.registry import create_model
+    from gigaseg.window import Window
+
+    torch.manual_seed(0)
+    magnet = create_model("magnet", encoder="resnet50", num_classes=7, preset="deepglobe").eval()
+    fast_options = {k: PRESETS["deepglobe_fast"][k] for k in ("points", "fast_patches", "median_kernel")}
+    fast = magnet.variant(**fast_options).eval()
+    norm = Normalization.for_image(3, np.uint8)
+    source = open_image(image)
+    warm = ArraySource(source.read(Window(0, 0, 1224, 1224)))
+    out: dict = {"fast_options": fast_options, "magnet": [], "fast": []}
+    for model in (fast, magnet):  # warm-up on a 1224-px crop (one frame, scales 306/612/1224)
+        predict_image(model.whole_image_predictor(norm, refine=True), warm, None, on_band=lambda *a: None,
+                      progress=False)
+    for _ in range(repeats):
+        for name, model in (("fast", fast), ("magnet", magnet)):
+            start = time.perf_counter()
+            predict_image(model.whole_image_predictor(norm, refine=True), source, None, on_band=lambda *a: None,
+                          progress=False)
+            out[name].append(time.perf_counter() - start)
+    return out
+
+
+# --------------------------------------------------------------------------- context
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": load,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def git_commit() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        changed = git("status", "--porcelain", "--", "src/gigaseg", "benchmarks").splitlines()
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed), "uncommitted_paths": len(changed)}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def _save(work: Path, name: str, data: dict) -> None:
+    (work / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _load(work: Path, name: str) -> dict | None:
+    path = work / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def scene_paths(work: Path) -> dict[str, Path]:
+    return {"2448x2448": work / "s2448" / "images" / "landcover_000.tif",
+            "4499x6749": work / "s6749" / "images" / "landcover_000.tif"}
+
+
+def phase_scenes(work: Path) -> dict:
+    python = sys.executable
+    jobs = [("s2448", "2448x2448", "1", "11"), ("s6749", "4499x6749", "1", "12"), ("small", "512x512", "16", "3")]
+    out = {}
+    for folder, size, count, seed in jobs:
+        if (work / folder / "dataset.yaml").exists():
+            continue
+        command = [python, "-m", "gigaseg", "synth", "landcover", str(work / folder), "--count", count, "--size",
+                   size, "--seed", seed, "--val-fraction", "0.25"]
+        print("generating:", " ".join(command[2:]), flush=True)
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        out[folder] = {"size": size, "count": int(count), "seed": int(seed), "seconds": time.perf_counter() - start}
+    return out
+
+
+def phase_speed(work: Path, big_blocks: int, full_magnet: bool) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import magnet_inference as bench  # importable by the children (measure pickles functions by reference)
+
+    from gigaseg.bench.memory import measure_call
+
+    scenes = scene_paths(work)
+    jobs = [
+        ("2448x2448", "deepglobe_fast", None), ("2448x2448", "deepglobe", None),
+        ("4499x6749", "deepglobe_fast", big_blocks), ("4499x6749", "deepglobe", big_blocks),
+        ("4499x6749", "deepglobe_fast", 2 * big_blocks),
+    ]
+    if full_magnet:
+        jobs.append(("4499x6749", "deepglobe", 2 * big_blocks))
+    previous = _load(work, "speed") or {"runs": []}
+    done = {(r["scene"], r["preset"], r["max_blocks"]) for r in previous["runs"]}
+    runs = previous["runs"]
+    if "model_only" not in previous:
+        report = measure_call(bench.child_model_only, ("deepglobe",))
+        previous["model_only"] = {"peak_rss": report.peak_rss, "baseline_rss": report.baseline_rss,
+                                  "parameters": report.value["parameters"]}
+        _save(work, "speed", {**previous, "runs": runs})
+    if "alternate" not in previous:
+        print("speed: 2448x2448 MagNet and MagNet-Fast alternately", flush=True)
+        report = measure_call(bench.child_alternate, (str(scenes["2448x2448"]), 2))
+        previous["alternate"] = {"scene": "2448x2448", "peak_rss": report.peak_rss, **report.value}
+        print(json.dumps(previous["alternate"]), flush=True)
+        _save(work, "speed", {**previous, "runs": runs})
+    for scene, preset, blocks in jobs:
+        if (scene, preset, blocks) in done:
+            continue
+        print(f"speed: {scene} {preset} blocks={blocks or 'all'}", flush=True)
+        report = measure_call(bench.child_predict, (str(scenes[scene]), preset, blocks))
+        run = {"scene": scene, "preset": preset, "max_blocks": blocks, **report.to_dict(), **report.value}
+        print(json.dumps(run), flush=True)
+        runs.append(run)
+        _save(work, "speed", {**previous, "runs": runs})
+    return {**previous, "runs": runs}
+
+
+def _evaluate(model, dataset, variant_refine: bool) -> dict:
+    import numpy as np
+
+    from gigaseg.io.normalize import Normalization
+    from gigaseg.metrics import ConfusionMatrix
+    from gigaseg.train.loop import evaluate_sample
+
+    matrix = ConfusionMatrix(model.num_classes, ignore_index=dataset.ignore_index)
+    seconds = []
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        predictor = model.whole_image_predictor(Normalization.for_image(3, np.uint8), refine=variant_refine)
+        start = time.perf_counter()
+        evaluate_sample(predictor, sample, matrix, 2048)
+        seconds.append(time.perf_counter() - start)
+    summary = matrix.summary(class_names=list(dataset.classes))
+    return {"miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"],
+            "per_class_iou": {k: v["iou"] for k, v in summary["per_class"].items()},
+            "seconds_per_image": seconds}
+
+
+def phase_accuracy(work: Path, epochs: int) -> dict:
+    import torch
+
+    from gigaseg.api import load_model
+    from gigaseg.data.datasets import load_dataset
+
+    data, run = work / "small", work / "small_run"
+    command = [sys.executable, "-m", "gigaseg", "train", "--method", "magnet", "--data", str(data), "--out", str(run),
+               "--encoder", "resnet18", "--epochs", str(epochs), "--batch-size", "4", "--lr", "0.01"]
+    for key, value in SMALL_OPTIONS.items():
+        command += ["--set", f"{key}={json.dumps(value).replace(' ', '')}"]
+    previous = _load(work, "accuracy") or {}
+    if "train" not in previous:
+        print("training:", " ".join(command[2:]), flush=True)
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        previous["train"] = {"command": "gigaseg " + " ".join(command[3:]).replace(str(work) + "/", "WORK/"),
+                             "seconds": time.perf_counter() - start,
+                             "metrics_csv": (run / "metrics.csv").read_text()}
+        _save(work, "accuracy", previous)
+    torch.manual_seed(0)
+    model, _ = load_model(run / "last.ckpt")
+    fast = model.variant(**SMALL_FAST).eval()
+    dataset = load_dataset(data, split="val")
+    results = previous.get("variants", {})
+    for name, (net, refine) in {"backbone_coarsest_scale": (model, False), "magnet": (model, True),
+                                "magnet_fast": (fast, True)}.items():
+        if name in results:
+            continue
+        print(f"accuracy: {name}", flush=True)
+        results[name] = _evaluate(net, dataset, refine)
+        previous["variants"] = results
+        _save(work, "accuracy", previous)
+    previous["val_images"] = len(dataset)
+    previous["options"] = {"magnet": model.options, "magnet_fast": fast.options}
+    _save(work, "accuracy", previous)
+    return previous
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _mb(value) -> str:
+    return "n/a" if value is None else f"{value / 1e6:,.0f} MB"
+
+
+def summarize(speed: dict | None, accuracy: dict | None) -> dict:
+    out: dict = {}
+    if speed:
+        runs = {(r["scene"], r["preset"], r["max_blocks"]): r for r in speed["runs"]}
+        ratios = {}
+        for scene in ("2448x2448", "4499x6749"):
+            for key in {(s, b) for (s, _, b) in runs if s == scene}:
+                magnet, fast = runs.get((scene, "deepglobe", key[1])), runs.get((scene, "deepglobe_fast", key[1]))
+                if magnet and fast:
+                    ratios[f"{scene} blocks={key[1] or 'all'}"] = magnet["seconds"] / fast["seconds"]
+        out["fast_speedup"] = ratios
+        alternate = speed.get("alternate")
+        if alternate and alternate["magnet"] and alternate["fast"]:
+            median = lambda xs: sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1:len(xs) // 2 + 1]) / 2  # noqa: E731
+            out["fast_speedup_alternating_2448"] = median(alternate["magnet"]) / median(alternate["fast"])
+        out["max_peak_rss"] = max(r["peak_rss"] for r in speed["runs"])
+        out["peak_within_2GB"] = out["max_peak_rss"] <= PEAK_LIMIT
+        extrapolated = {}
+        for (scene, preset, blocks), r in runs.items():
+            if blocks:
+                per_block = r["seconds"] / max(1, r["blocks_computed"])
+                extrapolated[f"{preset} ({scene})"] = per_block * r["blocks"]
+        out["extrapolated_full_scene_seconds"] = extrapolated
+    if accuracy and "variants" in accuracy:
+        v = accuracy["variants"]
+        if "magnet" in v and "magnet_fast" in v:
+            out["fast_miou_cost"] = v["magnet"]["miou"] - v["magnet_fast"]["miou"]
+            out["fast_speedup_small"] = sum(v["magnet"]["seconds_per_image"]) / sum(v["magnet_fast"]["seconds_per_image"])
+    return out
+
+
+def markdown(result: dict) -> str:
+    m, speed, acc, summary = result["machine"], result.get("speed"), result.get("accuracy"), result["summary"]
+    commit = (result["git"]["commit"] or "unknown") + (" (with uncommitted changes)" if result["git"]["dirty"] else "")
+    lines = [
+        "# MagNet / MagNet-Fast whole-image inference",
+        "",
+        f"Machine: {m['cpu']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores (shared with other "
+        f"jobs; load average at the end {m['load_average']}), torch {m['torch']} with {m['torch_threads']} threads. "
+        f"GPU: {m['gpu'] or 'none lent to this task, so no CUDA figures (the CUDA code path records max_memory_allocated)'}.  ",
+        f"Commit: `{commit}`. Date: {result['date']}.  ",
+        f"Command: `{result['command']}`.",
+        "",
+    ]
+    if speed:
+        model_only = speed.get("model_only", {})
+        lines += [
+            "## Peak memory and speed (ResNet-50 FPN backbone, 7 classes, DeepGlobe presets, CPU)",
+            "",
+            "Each row is one fresh child process (`gigaseg.bench.memory.measure`): peak RSS of the whole process. "
+            f"Baselines: a child that only imports torch {_mb(model_only.get('baseline_rss'))}; one that imports "
+            f"gigaseg and builds the model {_mb(model_only.get('peak_rss'))}. Weights are random (speed and memory "
+            "do not depend on them); `refine=True`.",
+            "",
+            "| scene | method | blocks run (of) | frames | backbone patches | refined patches | peak RSS | "
+            "<= 2 GB | wall time |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in speed["runs"]:
+            name = "MagNet-Fast" if r["preset"].endswith("fast") else "MagNet"
+            lines.append(
+                f"| {r['scene']} ({r['mode']}) | {name} | {r['blocks_computed']} ({r['blocks']}) | {r['frames']} | "
+                f"{r['backbone_patches']} | {r['refined_patches']} | {_mb(r['peak_rss'])} | "
+                f"{'yes' if r['peak_rss'] <= PEAK_LIMIT else 'NO'} | {r['seconds']:.0f} s |")
+        alternate = speed.get("alternate")
+        if alternate:
+            lines += ["", "Alternating runs in one process (after a warm-up), 2448x2448 scene, same weights: MagNet "
+                      + ", ".join(f"{t:.0f} s" for t in alternate["magnet"]) + "; MagNet-Fast "
+                      + ", ".join(f"{t:.0f} s" for t in alternate["fast"])
+                      + f"; ratio of medians {summary.get('fast_speedup_alternating_2448', float('nan')):.2f}x "
+                      f"(peak RSS of that process, both models loaded: {_mb(alternate['peak_rss'])})."]
+        lines += ["", "Speed-up of MagNet-Fast (MagNet time / MagNet-Fast time, same scene and blocks): " + ", ".join(
+            f"{k}: {v:.2f}x" for k, v in summary.get("fast_speedup", {}).items()) + ".  ",
+            "Full-scene times extrapolated per computed block: " + ", ".join(
+                f"{k}: {v / 60:.0f} min" for k, v in summary.get("extrapolated_full_scene_seconds", {}).items()) + ".",
+            ""]
+    if acc and "variants" in acc:
+        v = acc["variants"]
+        lines += [
+            "## mIoU cost of MagNet-Fast (briefly trained small model)",
+            "",
+            f"Model: ResNet-18 FPN MagNet, options {json.dumps(SMALL_OPTIONS)}, trained on the synthetic "
+            f"land-cover set (16 scenes of 512x512, {acc.get('val_images')} for validation) with "
+            f"`{acc['train']['command']}` ({acc['train']['seconds'] / 60:.0f} min). MagNet-Fast: the same weights "
+            f"with {json.dumps(SMALL_FAST)}. mIoU over all 7 classes on the validation scenes.",
+            "",
+            "| prediction | mIoU | pixel accuracy | seconds / image |",
+            "|---|---|---|---|",
+        ]
+        for name, label in (("backbone_coarsest_scale", "backbone alone, coarsest scale"), ("magnet", "MagNet"),
+                            ("magnet_fast", "MagNet-Fast")):
+            if name in v:
+                secs = v[name]["seconds_per_image"]
+                lines.append(f"| {label} | {v[name]['miou']:.4f} | {v[name]['pixel_accuracy']:.4f} | "
+                             f"{sum(secs) / len(secs):.1f} |")
+        classes = list(v["magnet"]["per_class_iou"])
+        lines += ["", "| per-class IoU | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+        for name in ("backbone_coarsest_scale", "magnet", "magnet_fast"):
+            if name in v:
+                lines.append(f"| {name} | " + " | ".join(
+                    "n/a" if v[name]["per_class_iou"][c] is None else f"{v[name]['per_class_iou'][c]:.3f}"
+                    for c in classes) + " |")
+        if "fast_miou_cost" in summary:
+            lines += ["", f"MagNet-Fast costs {summary['fast_miou_cost'] * 100:+.2f} mIoU points against MagNet "
+                      f"(positive = lower) and runs {summary['fast_speedup_small']:.2f}x faster on these scenes."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gigaseg-magnet-bench",
+                        help="folder for scenes, runs and partial results (kept; phases resume)")
+    parser.add_argument("--phases", default="scenes,speed,accuracy,report")
+    parser.add_argument("--big-blocks", type=int, default=2,
+                        help="blocks of the 30-Mpx scene that run MagNet (the same job runs again with twice as many)")
+    parser.add_argument("--full-magnet", action="store_true", help="also run MagNet on twice --big-blocks blocks")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per stage of the small model")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    phases = args.phases.split(",")
+    if "scenes" in phases:
+        _save(args.work, "scenes", {**(_load(args.work, "scenes") or {}), **phase_scenes(args.work)})
+    if "speed" in phases:
+        phase_speed(args.work, args.big_blocks, args.full_magnet)
+    if "accuracy" in phases:
+        phase_accuracy(args.work, args.epochs)
+    if "report" in phases:
+        speed, accuracy = _load(args.work, "speed"), _load(args.work, "accuracy")
+        result = {
+            "benchmark": "magnet_inference",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python benchmarks/magnet_inference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine(),
+            "git": git_commit(),
+            "scenes": _load(args.work, "scenes"),
+            "speed": speed,
+            "accuracy": accuracy,
+            "summary": summarize(speed, accuracy),
+            "notes": [
+                "No GPU was lent to this task: no CUDA peak figures (cuda_peak_allocated is null).",
+                "The CPU is shared with other jobs; speed ratios come from runs of the same invocation.",
+                "30-Mpx scene: only the first --big-blocks (and twice as many) of the 12 driver blocks run MagNet; "
+                "the others return a constant, so the driver, writer and predictor state of the whole scene are "
+                "still in the process.",
+            ],
+        }
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "magnet_inference.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.results / "magnet_inference.md").write_text(markdown(result))
+        print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
