@@ -76,19 +76,29 @@ def predict(
 
 def evaluate(model_or_checkpoint, data, *, split: str = "val", max_memory: str | int | None = None,
              device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Stream every image of ``data``'s split through the predictor; per-class IoU, mIoU, F1, accuracy."""
-    from .data.datasets import load_dataset
+    """Stream every image of ``data``'s split through the predictor; per-class IoU, mIoU, F1, accuracy.
+
+    Two-class segmentation also gets ``binary``: the positive class's (class 1) F1, IoU,
+    sensitivity, specificity, balanced accuracy and likelihood ratios LR+ / LR-
+    (``ConfusionMatrix.binary_metrics``; NaN as None, infinity as "inf"). Image classifiers
+    (classification datasets) are scored per image: ``accuracy``, ``balanced_accuracy``,
+    per-class F1 and the confusion matrix (``binary`` too for two classes).
+    """
+    from .data.classification import load_task_dataset
     from .inference.stream import predict_image
     from .metrics import ConfusionMatrix
     from .progress import progress_bar
 
     budget = parse_size(max_memory) if max_memory is not None else None
     model, info = load_model(model_or_checkpoint)
-    dataset = load_dataset(data, split=split) if not hasattr(data, "classes") else data
+    dataset = load_task_dataset(data, split=split) if not hasattr(data, "classes") else data
     if len(dataset) == 0:
         raise GigasegError(f"{data}: the {split!r} split has no images")
     normalization = Normalization.from_dict(info["normalization"]) if "normalization" in info else None
     model = model.to(device)
+    _check_task(model, dataset, data)
+    if getattr(model, "task", "segmentation") == "classification":
+        return _evaluate_classification(model, dataset, normalization, split, device, budget, progress)
     matrix = ConfusionMatrix(model.num_classes, ignore_index=dataset.ignore_index)
     with progress_bar(f"evaluate {split}", len(dataset), enabled=progress) as advance:
         for index in range(len(dataset)):
@@ -102,10 +112,59 @@ def evaluate(model_or_checkpoint, data, *, split: str = "val", max_memory: str |
             predict_image(predictor, sample.image, None, block_size=block_size_for(budget), on_band=update, progress=False)
             advance(1)
     exclude = getattr(dataset, "exclude_from_miou", ())
-    return matrix.summary(class_names=list(dataset.classes), exclude=exclude)
+    summary = matrix.summary(class_names=list(dataset.classes), exclude=exclude)
+    if model.num_classes == 2:
+        summary["binary"] = _json_binary(matrix.binary_metrics(positive=1))
+    return summary
 
 
-def train(method: str, data, out: str | os.PathLike, *, encoder: str = "resnet50", pretrained=False,
+def _json_binary(metrics: dict) -> dict:
+    """binary_metrics as strict JSON: NaN -> None, infinity -> "inf"."""
+    def clean(value):
+        if isinstance(value, float) and value != value:
+            return None
+        if isinstance(value, float) and value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return value
+
+    return {key: clean(value) for key, value in metrics.items()}
+
+
+def _check_task(model, dataset, data) -> None:
+    """A classifier needs a classification dataset and a segmenter a segmentation one."""
+    from .data.classification import ClassificationDataset
+
+    model_task = getattr(model, "task", "segmentation")
+    data_task = "classification" if isinstance(dataset, ClassificationDataset) else "segmentation"
+    if model_task != data_task:
+        raise ConfigError(f"{data}: is a {data_task} dataset but {model.method_name} is a {model_task} method")
+
+
+def _evaluate_classification(model, dataset, normalization, split, device, budget, progress) -> dict[str, Any]:
+    """Score an image classifier: one prediction per image of the split."""
+    from .metrics import ConfusionMatrix
+    from .progress import progress_bar
+
+    dataset.require_labels("evaluation")
+    matrix = ConfusionMatrix(model.num_classes, ignore_index=None)
+    predictions = {}
+    with progress_bar(f"evaluate {split}", len(dataset), enabled=progress) as advance:
+        for index in range(len(dataset)):
+            with dataset[index] as sample:
+                norm = normalization or Normalization.for_image(sample.image.channels, sample.image.dtype)
+                classifier = model.image_classifier(norm, device=device, max_memory=budget)
+                predicted = int(classifier.predict(sample.image).argmax())
+                matrix.update(np.array([predicted]), np.array([sample.label]))
+                predictions[sample.name] = predicted
+            advance(1)
+    summary = matrix.summary(class_names=list(dataset.classes))
+    summary.update({"task": "classification", "accuracy": summary["pixel_accuracy"], "predictions": predictions})
+    if model.num_classes == 2:
+        summary["binary"] = _json_binary(matrix.binary_metrics(positive=1))
+    return summary
+
+
+def train(method: str, data, out: str | os.PathLike, *, encoder: str | None = None, pretrained=False,
           options: dict | None = None, settings=None, stage: str = "all", resume: bool = False,
           init: str | os.PathLike | None = None, val_split: str = "val") -> dict:
     """Train ``method`` on the dataset at ``data``; checkpoints and metrics go to ``out``.
@@ -114,16 +173,16 @@ def train(method: str, data, out: str | os.PathLike, *, encoder: str = "resnet50
     order); ``init`` starts from another run's checkpoint (how GLNet's stages
     hand over); ``resume`` continues this run exactly from ``out/last.ckpt``.
     """
-    from .data.datasets import load_dataset
+    from .data.classification import load_task_dataset
     from .models.registry import create_model
     from .train.checkpoint import load_checkpoint
     from .train.loop import Trainer
     from .train.recipe import TrainSettings
 
     settings = settings or TrainSettings()
-    train_data = load_dataset(data, split="train")
+    train_data = load_task_dataset(data, split="train")
     try:
-        val_data = load_dataset(data, split=val_split)
+        val_data = load_task_dataset(data, split=val_split)
     except GigasegError:
         val_data = None  # no validation split: train without validation
     first = train_data[0].image
@@ -131,6 +190,7 @@ def train(method: str, data, out: str | os.PathLike, *, encoder: str = "resnet50
     torch.manual_seed(settings.seed)  # the same seed gives the same initial weights
     model = create_model(method, encoder=encoder, num_classes=len(train_data.classes), in_channels=first.channels,
                          pretrained=pretrained, **(options or {}))
+    _check_task(model, train_data, data)
     if init is not None and not resume:
         payload = load_checkpoint(init)
         if payload["model"]["config"] != dict(model.config):

@@ -45,9 +45,23 @@ def format_summary(summary: dict) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
     excluded = f" (excluding {', '.join(summary['excluded'])})" if summary.get("excluded") else ""
-    table = Table(title=f"mIoU {number(summary['miou'])}{excluded}, mean F1 {number(summary['mean_f1'])}, "
-                        f"pixel accuracy {number(summary['pixel_accuracy'])}")
-    for column in ("class", "IoU", "F1", "precision", "recall", "pixels"):
+    classification = summary.get("task") == "classification"
+    if classification:
+        title = (f"accuracy {number(summary['accuracy'])}, balanced accuracy "
+                 f"{number(summary['balanced_accuracy'])}, mean F1 {number(summary['mean_f1'])}")
+    else:
+        title = (f"mIoU {number(summary['miou'])}{excluded}, mean F1 {number(summary['mean_f1'])}, "
+                 f"pixel accuracy {number(summary['pixel_accuracy'])}")
+    binary = summary.get("binary")
+    if binary:
+        def ratio(value) -> str:
+            return value if isinstance(value, str) else number(value)
+
+        title += (f"\npositive class: F1 {number(binary['f1'])}, IoU {number(binary['iou'])}, balanced accuracy "
+                  f"{number(binary['balanced_accuracy'])}, LR+ {ratio(binary['lr_positive'])}, "
+                  f"LR- {ratio(binary['lr_negative'])}")
+    table = Table(title=title)
+    for column in ("class", "IoU", "F1", "precision", "recall", "images" if classification else "pixels"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, row in summary["per_class"].items():
         table.add_row(name, *(number(row[k]) for k in ("iou", "f1", "precision", "recall")), str(row["support"]))

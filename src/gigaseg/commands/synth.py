@@ -5,6 +5,9 @@ Kinds (one function pair each, so a new generator is one more entry in ``KINDS``
 - ``landcover``: aerial-style scenes (RGB tiled BigTIFF + uint8 masks + dataset.yaml)
   with fine classes a downsampled view loses and context classes a patch cannot tell
   apart; ``--report`` prints the self-checks that prove both.
+- ``ultramnist``: classification images (tiled TIFF + classification dataset.yaml) with
+  digits from a few pixels to most of the canvas among distracting shapes; the class is
+  the sum of the digits modulo 10.
 """
 
 from __future__ import annotations
@@ -107,5 +110,67 @@ def _run_landcover(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------
+# ultramnist
+
+
+def _add_ultramnist(kinds) -> None:
+    parser = kinds.add_parser(
+        "ultramnist",
+        help="classification: digits of very different sizes on a large canvas; class = sum mod 10",
+        description=(
+            "UltraMNIST-style classification images (images/*.tif, 1-channel uint8) plus a classification "
+            "dataset.yaml (labels, splits) and synth.json (every digit's value and box). Each image holds "
+            "--digits digits, from a few pixels to a large part of the canvas, among distracting shapes; "
+            "the class is the sum of the digits modulo 10. The same seed gives the same pixels."
+        ),
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (new, empty, or an earlier synth output)")
+    parser.add_argument("--count", type=int, default=100, help="number of images (default: 100)")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--val-fraction", type=float, default=0.2,
+                        help="share of images in the val split, the last ones (default: 0.2)")
+    parser.add_argument("--digits", default="3-5", help="digits per image, N or MIN-MAX, at least 2 (default: 3-5)")
+    parser.add_argument("--values", default="0-9",
+                        help="digit values drawn, e.g. 0-9 or 3,8 (default: 0-9)")
+    parser.add_argument("--min-digit", type=int, default=0,
+                        help="smallest digit height in pixels (default: 0 = max(8, size/64))")
+    parser.add_argument("--shapes", type=int, default=-1,
+                        help="distracting shapes per image (default: -1 = 6 + size/128)")
+    parser.set_defaults(run=_run_ultramnist)
+
+
+def _int_range(text: str, what: str) -> list[int]:
+    """``"3-5"`` -> [3, 4, 5]; ``"3,8"`` -> [3, 8]; ``"4"`` -> [4]."""
+    values: list[int] = []
+    try:
+        for part in str(text).split(","):
+            lo, _, hi = part.strip().partition("-")
+            values.extend(range(int(lo), int(hi if hi else lo) + 1))
+    except ValueError:
+        raise ConfigError(f"{what} must be N, MIN-MAX or a comma-separated list, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{what} is empty: {text!r}")
+    return values
+
+
+def _run_ultramnist(args) -> int:
+    from ..data.synth.ultramnist import UltraMnistConfig, write_ultramnist_dataset
+    from ..progress import progress_bar
+
+    digits = _int_range(args.digits, "--digits")
+    config = UltraMnistConfig(digits=(min(digits), max(digits)),
+                              values=tuple(sorted(set(_int_range(args.values, "--values")))),
+                              min_digit=args.min_digit, shapes=args.shapes)
+    with progress_bar(f"synth ultramnist {args.size}x{args.size}", args.count) as advance:
+        manifest = write_ultramnist_dataset(args.out_dir, count=args.count, size=args.size, seed=args.seed,
+                                            val_fraction=args.val_fraction, config=config, advance=advance)
+    splits = ", ".join(f"{len(v)} {k}" for k, v in manifest["splits"].items())
+    print(f"wrote {args.count} image(s) of {args.size}x{args.size} ({splits}) to {args.out_dir}: "
+          f"images/, dataset.yaml, synth.json", file=sys.stderr)
+    return 0
+
+
 #: ``add(kinds)`` per generator kind; each sets ``run`` on its parser
-KINDS = (_add_landcover,)
+KINDS = (_add_landcover, _add_ultramnist)

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="dataset folder")
     parser.add_argument("--out", required=True, help="run folder for checkpoints, metrics.csv and config.yaml")
     parser.add_argument("--config", help="YAML file with encoder, options (method options) and settings")
-    parser.add_argument("--encoder", help="timm encoder name (default resnet50)")
+    parser.add_argument("--encoder", help="timm encoder name (default: the method's paper backbone, mostly resnet50)")
     parser.add_argument("--pretrained", help="'imagenet' for timm's weights, or a local weights file")
     parser.add_argument("--stage", default="all", help="train one stage of a multi-stage method (default: all)")
     parser.add_argument("--init", help="start from this checkpoint or run folder (e.g. the previous stage's run)")
@@ -60,11 +60,13 @@ def run(args) -> int:
         if value is not None:
             setattr(settings, key, value)
     pretrained = {"imagenet": True, None: config.get("pretrained", False)}.get(args.pretrained, args.pretrained)
-    result = train(args.method, args.data, args.out, encoder=args.encoder or config.get("encoder", "resnet50"),
+    result = train(args.method, args.data, args.out, encoder=args.encoder or config.get("encoder"),
                    pretrained=pretrained, options=options, settings=settings, stage=args.stage,
                    resume=args.resume, init=args.init)
     last = result["history"][-1] if result["history"] else {}
     if last:
-        print(f"trained {args.method}: {len(result['history'])} epochs, last val mIoU "
-              f"{float(last.get('val_miou', float('nan'))):.4f}; checkpoints in {args.out}")
+        score = "accuracy" if "val_accuracy" in last else "mIoU"
+        value = last.get("val_accuracy", last.get("val_miou", float("nan")))
+        print(f"trained {args.method}: {len(result['history'])} epochs, last val {score} "
+              f"{float(value):.4f}; checkpoints in {args.out}")
     return 0

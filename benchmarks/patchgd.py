@@ -1,0 +1,480 @@
+"""PatchGD with a global patch: training memory at 4096x4096 and accuracy against its baselines.
+
+Every training and evaluation runs in a fresh child process through the CLI
+(``gigaseg train`` / ``gigaseg evaluate``) under ``gigaseg.bench.memory.measure_command``,
+so each peak RSS is exactly that process's (next to a child that only imports torch).
+No GPU is used: on CUDA the budget would count ``torch.cuda.max_memory_allocated``
+(the trainer's ``peak_memory`` column), here every figure is CPU RSS.
+
+Parts (``--parts``, default all; each updates its own entry of the results file):
+
+``memory``
+    Classification of 4096x4096 RGB synthetic images (UltraMNIST-style digits, turned to
+    RGB) with 256-px patches and a ResNet-50 theta1 (latent 256, as the paper), trained
+    with ``--max-memory 4GB``: the trainer picks k. Then the downsampled baseline (the
+    same ResNet-50 on the whole image resized) is trained at decreasing input sizes, from
+    the largest whose estimate fits twice the budget, until one fits 4 GB: the largest
+    input the baseline can use at the same memory. Sizes whose estimate exceeds what this
+    shared machine can hold are reported as estimates only, never run.
+
+``ultramnist``
+    ``gigaseg synth ultramnist`` at 512x512 (two digits: one large, 30-60% of the side, one
+    small, 8-24 px; values 6 and 9, so the class (sum mod 10: 2, 5 or 8) needs both digits
+    and 6 vs 9 needs detail a 4x downsample loses), then at one memory budget: PatchGD
+    with the global patch, PatchGD without it, and the downsampled baseline at the largest
+    input that fits the budget (measured). Same encoder, epochs, batch size and
+    learning rate for all.
+
+``landcover``
+    The fine-structure classes (road, stream) of ``gigaseg synth landcover`` as a binary
+    task: ``patchgd_segmenter`` with and without the global patch against the ``global``
+    baseline (smp U-Net on the downsampled image) at the same budget; F1, IoU, balanced
+    accuracy and likelihood ratios of the positive class from ``gigaseg evaluate``.
+
+    python benchmarks/patchgd.py [--parts memory,ultramnist,landcover] [--work DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+GB = 10**9
+PYTHON = sys.executable
+
+
+def gigaseg(*args) -> list[str]:
+    return [PYTHON, "-m", "gigaseg", *[str(a) for a in args]]
+
+
+def run_measured(argv, what: str, timeout: float = 3600) -> dict:
+    from gigaseg.bench.memory import measure_command
+
+    print(f"[patchgd bench] {what}: {' '.join(argv[2:])}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    report = measure_command(argv, timeout=timeout, capture_output=True, baseline=True, env=env)
+    out = report.to_dict()
+    if report.returncode != 0:
+        out["stderr_tail"] = (report.stderr or "")[-2000:]
+        print(f"[patchgd bench]   FAILED ({report.returncode}): {out['stderr_tail'][-600:]}", flush=True)
+    else:
+        print(f"[patchgd bench]   peak RSS {report.peak_rss / GB:.2f} GB, {report.wall_s:.0f} s", flush=True)
+    return out
+
+
+def history(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as handle:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def train_and_evaluate(name: str, method: str, data: Path, work: Path, *, encoder: str, options: dict,
+                       epochs: int, batch_size: int, lr: float, max_memory: str | None, seed: int = 0) -> dict:
+    run = work / "runs" / name
+    shutil.rmtree(run, ignore_errors=True)
+    argv = gigaseg("train", "--method", method, "--data", data, "--out", run, "--encoder", encoder,
+                   "--epochs", epochs, "--batch-size", batch_size, "--lr", lr, "--seed", seed)
+    for key, value in options.items():
+        argv += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    if max_memory:
+        argv += ["--max-memory", max_memory]
+    result = {"name": name, "method": method, "encoder": encoder, "options": options, "epochs": epochs,
+              "batch_size": batch_size, "lr": lr, "max_memory": max_memory}
+    result["train"] = run_measured(argv, f"train {name}")
+    if result["train"]["returncode"] != 0:
+        return result
+    result["history"] = history(run)
+    evaluation = work / "runs" / f"{name}.eval.json"
+    argv = gigaseg("evaluate", "--checkpoint", run, "--data", data, "--split", "val", "--json", evaluation)
+    if max_memory:
+        argv += ["--max-memory", max_memory]
+    result["evaluate"] = run_measured(argv, f"evaluate {name}")
+    if result["evaluate"]["returncode"] == 0:
+        summary = json.loads(evaluation.read_text())
+        summary.pop("matrix", None) if summary.get("num_classes", 0) > 20 else None
+        result["scores"] = summary
+    return result
+
+
+def probe_dataset(data: Path, out: Path, batch_size: int) -> Path:
+    """A copy of ``data`` (links) with one training batch and one validation image: one training
+    step of it reaches the training peak of the full run at the same batch size."""
+    import yaml
+
+    config = yaml.safe_load((data / "dataset.yaml").read_text())
+    train, val = config["splits"]["train"][:batch_size], config["splits"]["val"][:1]
+    shutil.rmtree(out, ignore_errors=True)
+    for folder in ("images", "masks"):
+        if not (data / folder).is_dir():
+            continue
+        (out / folder).mkdir(parents=True)
+        for path in (data / folder).iterdir():
+            if path.stem in train + val:
+                os.symlink(path.resolve(), out / folder / path.name)
+    config["splits"] = {"train": train, "val": val}
+    if "labels" in config:
+        config["labels"] = {k: v for k, v in config["labels"].items() if k in train + val}
+    (out / "dataset.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def largest_fitting(name: str, method: str, data: Path, work: Path, sizes, budget: str, options: dict,
+                    **common) -> tuple[int | None, list[dict]]:
+    """Probe training peaks (one step, fresh child) at ``sizes`` (descending); the first within ``budget``."""
+    probe = probe_dataset(data, work / f"{name}_probe_data", common["batch_size"])
+    probes = []
+    for size in sizes:
+        run = work / "runs" / f"{name}_probe_{size}"
+        shutil.rmtree(run, ignore_errors=True)
+        argv = gigaseg("train", "--method", method, "--data", probe, "--out", run, "--encoder", common["encoder"],
+                       "--epochs", 1, "--batch-size", common["batch_size"], "--lr", common["lr"])
+        for key, value in {**options, "input_size": size}.items():
+            argv += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+        report = run_measured(argv, f"probe {name} at {size}")
+        probes.append({"input_size": size, **report})
+        if report["returncode"] == 0 and report["peak_rss"] <= _bytes(budget):
+            return size, probes
+    return None, probes
+
+
+# --------------------------------------------------------------------------- memory part
+
+
+def rgb_ultramnist(out: Path, count: int, size: int, seed: int) -> Path:
+    """An UltraMNIST-style set with the grey images replicated to RGB (tiled TIFF, 256-px tiles)."""
+    import tifffile
+
+    from gigaseg.data.synth.ultramnist import write_ultramnist_dataset
+
+    write_ultramnist_dataset(out, count=count, size=size, seed=seed, val_fraction=1 / count)
+    for path in sorted((out / "images").glob("*.tif")):
+        grey = tifffile.imread(path)
+        tifffile.imwrite(path, np.repeat(grey[:, :, None], 3, axis=2), tile=(256, 256), compression="zlib",
+                         photometric="rgb")
+    return out
+
+
+def downsampled_estimate(size: int, encoder: str = "resnet50") -> int:
+    """Estimated peak (bytes) of training the downsampled baseline at ``size`` with batch 1 (Adam)."""
+    import torch
+
+    from gigaseg.models.registry import create_model
+    from gigaseg.train.budget import CPU_RUNTIME_BYTES, training_estimate
+
+    model = create_model("downsampled_classifier", encoder=encoder, num_classes=10, input_size=size)
+    estimate = training_estimate(model, (torch.zeros(2, 3, size, size),), "adam", runtime=CPU_RUNTIME_BYTES)
+    return int(estimate.fixed + estimate.per_sample / 2 + 3 * 3 * size * size * 4)
+
+
+def part_memory(work: Path, quick: bool) -> dict:
+    budget = "4GB"
+    data = rgb_ultramnist(work / "memory_data", count=3, size=4096, seed=7)
+    out = {"budget": budget, "image": "4096x4096 RGB (synthetic UltraMNIST-style digits)", "train_images": 2,
+           "val_images": 1, "patch_size": 256, "encoder": "resnet50", "latent_dim": 256}
+    out["patchgd"] = train_and_evaluate(
+        "memory_patchgd", "patchgd_classifier", data, work, encoder="resnet50",
+        options={"patch_size": 256, "latent_dim": 256, "inner_iterations": 2 if quick else 4},
+        epochs=1, batch_size=1, lr=1e-4, max_memory=budget)
+    # what the whole-image forward with gradients (no PatchGD) would need: 256 patches with gradients
+    from gigaseg.methods.patchgd import plan_patches
+    from gigaseg.models.registry import create_model
+
+    model = create_model("patchgd_classifier", encoder="resnet50", num_classes=10, patch_size=256)
+    plan = plan_patches(model, (3, 4096, 4096), 1, 10**15, device="cuda")
+    out["full_backprop_estimate_bytes"] = plan.fixed + plan.data + 257 * plan.per_patch
+    out["per_patch_estimate_bytes"] = plan.per_patch
+    # the downsampled baseline: the largest input that fits the same budget
+    sizes = [4096, 2048, 1536, 1024, 768, 512, 384, 256]
+    estimates = {s: downsampled_estimate(s) for s in sizes}
+    out["downsampled_estimates_bytes"] = estimates
+    runs = []
+    limit = 4 * GB
+    for size in sizes:
+        if estimates[size] > 2 * limit:
+            continue  # not run: this machine is shared and the estimate is far past the budget
+        run = train_and_evaluate(f"memory_downsampled_{size}", "downsampled_classifier", data, work,
+                                 encoder="resnet50", options={"input_size": size, "latent_dim": 256},
+                                 epochs=1, batch_size=1, lr=1e-4, max_memory=None)
+        runs.append(run)
+        if run["train"]["returncode"] == 0 and run["train"]["peak_rss"] <= limit:
+            break
+    out["downsampled"] = runs
+    fitting = [r for r in runs if r["train"]["returncode"] == 0 and r["train"]["peak_rss"] <= limit]
+    out["downsampled_largest_fitting_input"] = fitting[0]["options"]["input_size"] if fitting else None
+    return out
+
+
+# --------------------------------------------------------------------------- accuracy parts
+
+
+def part_ultramnist(work: Path, quick: bool, args) -> dict:
+    from gigaseg.data.synth.ultramnist import UltraMnistConfig, write_ultramnist_dataset
+
+    count = args.count or (120 if quick else 600)
+    data = work / "ultramnist_512"
+    config = UltraMnistConfig(digits=(2, 2), values=(6, 9))
+    manifest = data / "synth.json"
+    if not manifest.exists() or json.loads(manifest.read_text())["count"] != count:
+        write_ultramnist_dataset(data, count=count, size=512, seed=11, val_fraction=0.2, config=config)
+    budget = args.budget or "1.4GB"
+    common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 4), batch_size=8, lr=1e-3)
+    patchgd = {"patch_size": 128, "latent_dim": 64, "sampling_fraction": 0.25, "inner_iterations": 2}
+    out = {"data": {"size": 512, "count": count, "train": count - round(count * 0.2), "val": round(count * 0.2),
+                    "digits": 2, "values": [6, 9], "classes_used": ["2", "5", "8"], "seed": 11},
+           "budget": budget, **common}
+    out["patchgd_global"] = train_and_evaluate("um_patchgd_global", "patchgd_classifier", data, work,
+                                               options={**patchgd, "global_patch": True}, max_memory=budget, **common)
+    out["patchgd_no_global"] = train_and_evaluate("um_patchgd_no_global", "patchgd_classifier", data, work,
+                                                  options={**patchgd, "global_patch": False}, max_memory=budget,
+                                                  **common)
+    size, probes = largest_fitting("um_downsampled", "downsampled_classifier", data, work, (512, 384, 256, 192, 128),
+                                   budget, {"latent_dim": 64}, **common)
+    out["downsampled_probes"] = probes
+    out["downsampled"] = [] if size is None else [train_and_evaluate(
+        f"um_downsampled_{size}", "downsampled_classifier", data, work,
+        options={"input_size": size, "latent_dim": 64}, max_memory=None, **common)]
+    return out
+
+
+def binary_landcover(source: Path, out: Path, classes=("road", "stream")) -> Path:
+    """The land-cover set with masks reduced to 'fine structure' (road or stream) vs everything else."""
+    import tifffile
+    import yaml
+
+    config = yaml.safe_load((source / "dataset.yaml").read_text())
+    ids = [config["classes"].index(c) for c in classes]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for image in sorted((source / "images").glob("*.tif")):
+        target = out / "images" / image.name
+        if not target.exists():
+            os.link(image, target) if hasattr(os, "link") else shutil.copy(image, target)
+        mask = tifffile.imread(source / "masks" / image.name)
+        binary = np.where(mask == 255, 255, np.isin(mask, ids)).astype(np.uint8)
+        tifffile.imwrite(out / "masks" / image.name, binary, tile=(256, 256), compression="zlib")
+    (out / "dataset.yaml").write_text(yaml.safe_dump({
+        "name": "landcover-fine-structure", "task": "segmentation", "classes": ["other", "fine_structure"],
+        "palette": [[0, 0, 0], [255, 255, 255]], "ignore_index": 255, "splits": config["splits"]}))
+    return out
+
+
+def part_landcover(work: Path, quick: bool, args) -> dict:
+    from gigaseg.data.synth.landcover import write_landcover_dataset
+
+    count = args.count or (8 if quick else 40)
+    size = 512
+    source = work / f"landcover_{size}"
+    manifest = source / "synth.json"
+    if not manifest.exists() or json.loads(manifest.read_text()).get("count") != count \
+            or not json.loads(manifest.read_text()).get("complete"):
+        write_landcover_dataset(source, count=count, height=size, width=size, seed=3, val_fraction=0.25)
+    data = binary_landcover(source, work / "landcover_fine")
+    budget = args.budget or "1.8GB"
+    common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 6), batch_size=4, lr=1e-3)
+    framework = {"patch_size": 128, "sampling_fraction": 0.25, "inner_iterations": 2}
+    out = {"data": {"size": size, "count": count, "train": count - round(count * 0.25), "val": round(count * 0.25),
+                    "positive": "road or stream (2-3 px wide)", "seed": 3},
+           "budget": budget, **common}
+    out["patchgd_global"] = train_and_evaluate("lc_patchgd_global", "patchgd_segmenter", data, work,
+                                               options={**framework, "global_patch": True}, max_memory=budget,
+                                               **common)
+    out["patchgd_no_global"] = train_and_evaluate("lc_patchgd_no_global", "patchgd_segmenter", data, work,
+                                                  options={**framework, "global_patch": False}, max_memory=budget,
+                                                  **common)
+    baseline = {"decoder": "smp_unet", "loss": "ce"}
+    input_size, probes = largest_fitting("lc_global", "global", data, work, (512, 384, 256, 192, 128), budget,
+                                         baseline, **common)
+    out["downsampled_probes"] = probes
+    out["downsampled"] = [] if input_size is None else [train_and_evaluate(
+        f"lc_global_{input_size}", "global", data, work, options={"input_size": input_size, **baseline},
+        max_memory=None, **common)]
+    return out
+
+
+def _bytes(text: str) -> int:
+    from gigaseg.memory import parse_size
+
+    return parse_size(text)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def write_results(results: dict) -> None:
+    from gigaseg.bench import machine
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "patchgd.json").write_text(json.dumps(results, indent=2, default=_plain))
+    (RESULTS / "patchgd.md").write_text(markdown(results))
+
+
+def _plain(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return str(value)
+
+
+def _gb(value) -> str:
+    return "n/a" if value is None else f"{value / GB:.2f} GB"
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _row(run: dict, label: str, score_keys: list[str]) -> str:
+    train = run.get("train", {})
+    if train.get("returncode"):
+        return f"| {label} | `{json.dumps(run.get('options', {}))}` | failed: see the JSON's stderr_tail |"
+    last = (run.get("history") or [{}])[-1]
+    scores = run.get("scores", {})
+    binary = scores.get("binary") or {}
+    cells = [label, f"`{json.dumps(run.get('options', {}))}`", _gb(train.get("peak_rss")),
+             f"{train.get('wall_s', 0):.0f} s", str(int(last["train_k"])) if "train_k" in last else "-"]
+    for key in score_keys:
+        value = binary.get(key, scores.get(key))
+        cells.append(value if isinstance(value, str) else ("n/a" if value is None else f"{value:.4f}"))
+    return "| " + " | ".join(cells) + " |"
+
+
+def _probes(part: dict) -> str:
+    probes = part.get("downsampled_probes") or []
+    listed = ", ".join(f"{p['input_size']} px: {_gb(p.get('peak_rss')) if p.get('returncode') == 0 else 'failed'}"
+                       for p in probes)
+    return (f"Downsampled baseline input: the largest whose training peak (one step at batch {part['batch_size']}, "
+            f"fresh child) fits {part['budget']}; probed {listed}.\n")
+
+
+def markdown(results: dict) -> str:
+    from gigaseg.bench import machine
+
+    lines = ["# PatchGD with a global patch (issue 7)", "", machine.markdown_header(results["machine"]),
+             "No GPU was lent to this task: every memory figure is the peak RSS of a fresh CPU process "
+             "(`gigaseg.bench.memory.measure_command`), including the Python/torch runtime; the same figure for "
+             f"a process that only imports torch is {_gb(results.get('torch_baseline_rss'))}. On CUDA the "
+             "trainer's `peak_memory` column (torch.cuda.max_memory_allocated) is the figure to read.", ""]
+    memory = results.get("memory")
+    if memory:
+        p = memory["patchgd"]
+        last = (p.get("history") or [{}])[-1]
+        lines += ["## Memory: 4096x4096 classification with 256-px patches", "",
+                  f"{memory['image']}, {memory['train_images']} training + {memory['val_images']} validation "
+                  f"image(s), theta1 {memory['encoder']} (latent {memory['latent_dim']}), batch 1, "
+                  f"`--max-memory {memory['budget']}`.", "",
+                  "| run | input | peak RSS (train) | wall | k | peak RSS (evaluate) |", "|---|---|---|---|---|---|",
+                  f"| patchgd_classifier | 4096x4096, 256 patches of 256 px | {_gb(p['train'].get('peak_rss'))} | "
+                  f"{p['train'].get('wall_s', 0):.0f} s | {int(last.get('train_k', 0))} | "
+                  f"{_gb(p.get('evaluate', {}).get('peak_rss'))} |"]
+        for run in memory["downsampled"]:
+            size = run["options"]["input_size"]
+            lines.append(f"| downsampled_classifier | {size}x{size} | {_gb(run['train'].get('peak_rss'))} | "
+                         f"{run['train'].get('wall_s', 0):.0f} s | - | {_gb(run.get('evaluate', {}).get('peak_rss'))} |")
+        lines += ["", f"Largest downsampled input that trains within {memory['budget']}: "
+                      f"{memory['downsampled_largest_fitting_input']} px a side (the framework reads the full 4096).",
+                  f"Estimates (not run): the downsampled baseline at "
+                  + ", ".join(f"{s} px {_gb(b)}" for s, b in memory["downsampled_estimates_bytes"].items())
+                  + f"; back-propagating through all 256 patches at once: "
+                    f"{_gb(memory['full_backprop_estimate_bytes'])} "
+                    f"({_gb(memory['per_patch_estimate_bytes'])} of activations per patch).", ""]
+    um = results.get("ultramnist")
+    if um:
+        keys = ["accuracy", "balanced_accuracy"]
+        lines += ["## Synthetic UltraMNIST, 512x512", "",
+                  f"{um['data']['train']} training / {um['data']['val']} validation images; two digits (values "
+                  f"6 and 9; one 30-60% of the side, one 8-24 px) among distracting shapes; class = sum mod 10 "
+                  f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, {um['epochs']} epochs, batch "
+                  f"{um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).", "",
+                  "| method | options | peak RSS (train) | wall | k | accuracy | balanced accuracy |",
+                  "|---|---|---|---|---|---|---|",
+                  _row(um["patchgd_global"], "PatchGD + global patch", keys),
+                  _row(um["patchgd_no_global"], "PatchGD, no global patch", keys)]
+        lines += [_row(r, f"downsampled {r['options']['input_size']}", keys) for r in um["downsampled"]]
+        lines += ["", _probes(um)]
+    lc = results.get("landcover")
+    if lc:
+        keys = ["f1", "iou", "balanced_accuracy", "lr_positive", "lr_negative"]
+        lines += ["## Land-cover fine structure (roads + streams) as a binary task", "",
+                  f"{lc['data']['count']} synthetic land-cover scenes of {lc['data']['size']}x{lc['data']['size']} "
+                  f"({lc['data']['train']} train / {lc['data']['val']} val); positive class: {lc['data']['positive']}. Encoder {lc['encoder']}, "
+                  f"{lc['epochs']} epochs, batch {lc['batch_size']}, lr {lc['lr']}; budget {lc['budget']}. "
+                  "Scores of the positive class on the validation split.", "",
+                  "| method | options | peak RSS (train) | wall | k | F1 | IoU | balanced acc. | LR+ | LR- |",
+                  "|---|---|---|---|---|---|---|---|---|---|",
+                  _row(lc["patchgd_global"], "PatchGD + global patch", keys),
+                  _row(lc["patchgd_no_global"], "PatchGD, no global patch", keys)]
+        lines += [_row(r, f"global (smp U-Net) {r['options']['input_size']}", keys) for r in lc["downsampled"]]
+        lines += ["", _probes(lc)]
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="memory,ultramnist,landcover")
+    parser.add_argument("--work", help="working folder (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the working folder")
+    parser.add_argument("--quick", action="store_true", help="small data and few epochs (a smoke run)")
+    parser.add_argument("--encoder", default="test_resnet", help="theta1 encoder of the accuracy parts")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--count", type=int)
+    parser.add_argument("--budget")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from gigaseg.bench import machine
+    from gigaseg.bench.memory import baseline_rss
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gigaseg-patchgd-"))
+    work.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "patchgd.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["machine"] = machine.describe()
+    results["torch_baseline_rss"] = baseline_rss(True)
+    started = time.perf_counter()
+    try:
+        for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
+            if part == "memory":
+                results["memory"] = part_memory(work, args.quick)
+            elif part == "ultramnist":
+                results["ultramnist"] = part_ultramnist(work, args.quick, args)
+            elif part == "landcover":
+                results["landcover"] = part_landcover(work, args.quick, args)
+            else:
+                raise SystemExit(f"unknown part {part!r}")
+            seconds = round(time.perf_counter() - started, 1)
+            # merge into what is on disk now: another invocation may have written other parts meanwhile
+            current = json.loads(path.read_text()) if path.exists() else {}
+            current.update({"machine": results["machine"], "torch_baseline_rss": results["torch_baseline_rss"],
+                            part: results[part]})
+            current.setdefault("seconds", {})[part] = seconds
+            current.setdefault("commands", {})[part] = results["machine"]["command"]
+            results = current
+            write_results(results)
+    finally:
+        if not args.keep and not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Image classification datasets: one class label per (possibly huge) image.
+
+A classification dataset is a folder with a ``dataset.yaml`` whose ``task`` is
+``classification``::
+
+    name: ultramnist              # optional (default: the folder's name)
+    task: classification          # required for this loader
+    images: images                # folder of the image files (default: images)
+    classes: ["0", "1", "2"]      # class names; a class's index is its id
+    labels:                       # image stem -> class: an id (integer) or a name (string)
+      img_0000: 2
+      img_0001: "0"
+    splits:                       # optional: split name -> list of image stems
+      train: [img_0000]
+      val: [img_0001]
+
+Rules (each violation is a ``DatasetError`` naming the file):
+
+- ``classes`` is a non-empty list of distinct names;
+- ``labels`` maps stems to an integer id in ``0..len(classes)-1`` or a string that is one
+  of ``classes`` (so with numeric class names, ``7`` is the id 7 and ``"7"`` the class
+  named "7" -- the same thing when the names are "0".."9" in order);
+- every labelled stem has an image file (``.tif``, ``.tiff``, ``.png``, ``.jpg``, ``.jpeg``)
+  in ``images``; an image without a label entry is *unlabelled* (label ``None``, e.g. a
+  test split): it can be predicted but not trained on or scored;
+- without ``splits`` every image is in ``train``; ``"all"`` is every image.
+
+``dataset[i]`` is a :class:`ClassificationSample`: the name, a lazy ``ImageSource`` and
+the class id. Like the segmentation datasets it has ``classes``, ``palette``,
+``ignore_index`` and ``exclude_from_miou``, so the training engine can store the same data
+facts in checkpoints. :func:`load_task_dataset` opens either kind of dataset, deciding
+from ``dataset.yaml``'s ``task``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+from torch.utils.data import Dataset
+
+from ..errors import DatasetError, GigasegError
+from ..io.base import ImageSource
+from ..io.palette import default_palette
+from ..io.sources import open_image
+from .datasets import YAML_NAME, index_files, list_images, listing, require_folder
+
+__all__ = [
+    "ClassificationConfig",
+    "ClassificationDataset",
+    "ClassificationSample",
+    "classification_yaml",
+    "dataset_task",
+    "load_task_dataset",
+    "read_classification_yaml",
+]
+
+TASK = "classification"
+
+
+@dataclass
+class ClassificationSample:
+    """One image and its class id (``None`` when unlabelled); the image is opened lazily."""
+
+    name: str
+    image: ImageSource
+    label: int | None
+    #: classification samples have no mask (the engine's segmentation paths check this)
+    mask: None = None
+
+    def close(self) -> None:
+        self.image.close()
+
+    def __enter__(self) -> "ClassificationSample":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class ClassificationConfig:
+    """A parsed classification dataset.yaml."""
+
+    path: Path
+    name: str
+    images: str
+    classes: list[str]
+    labels: dict[str, int]
+    splits: dict[str, list[str]] | None
+
+
+def dataset_task(path: str | os.PathLike) -> str:
+    """``task`` of the dataset.yaml in folder ``path`` (or the yaml itself); "segmentation" without one."""
+    path = Path(path)
+    yaml_path = path if path.is_file() else path / YAML_NAME
+    if not yaml_path.is_file():
+        return "segmentation"
+    try:
+        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return "segmentation"  # the segmentation loader reports the problem in detail
+    return str(data.get("task", "segmentation")) if isinstance(data, dict) else "segmentation"
+
+
+def read_classification_yaml(path: str | os.PathLike) -> ClassificationConfig:
+    """Parse and check a classification dataset.yaml (schema in the module docstring)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise DatasetError(path, f"cannot read: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise DatasetError(path, "is not valid YAML: " + " ".join(str(error).split())) from None
+    if not isinstance(data, dict):
+        raise DatasetError(path, "must be a YAML mapping (task:, classes:, labels:, ...)")
+    task = data.get("task")
+    if task != TASK:
+        raise DatasetError(path, f"task is {task!r}; a classification dataset needs 'task: classification'")
+    classes = data.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int)) for c in classes):
+        raise DatasetError(path, f"'classes' must be a non-empty list of names, got {classes!r}")
+    classes = [str(c) for c in classes]
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise DatasetError(path, f"class names appear twice in 'classes': {', '.join(twice)}")
+    raw_labels = data.get("labels")
+    if not isinstance(raw_labels, dict) or not raw_labels:
+        raise DatasetError(path, "missing 'labels': a mapping from image stem to class (id or name)")
+    labels: dict[str, int] = {}
+    bad = []
+    for stem_name, value in raw_labels.items():
+        label = _class_id(value, classes)
+        if label is None:
+            bad.append(f"{stem_name}: {value!r}")
+        else:
+            labels[str(stem_name)] = label
+    if bad:
+        raise DatasetError(path, f"{len(bad)} label(s) are neither a class id 0..{len(classes) - 1} nor a class "
+                                 f"name: {listing(bad)}")
+    splits = data.get("splits")
+    if splits is not None:
+        if not isinstance(splits, dict) or not all(isinstance(k, str) and isinstance(v, list) for k, v in splits.items()):
+            raise DatasetError(path, "'splits' must map split names to lists of image stems")
+        splits = {k: [str(s) for s in v] for k, v in splits.items()}
+    images = data.get("images", "images")
+    if not isinstance(images, str) or not images:
+        raise DatasetError(path, f"'images' must be a folder name, got {images!r}")
+    return ClassificationConfig(path=path, name=str(data.get("name", path.parent.name)), images=images,
+                                classes=classes, labels=labels, splits=splits)
+
+
+def _class_id(value: Any, classes: list[str]) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value < len(classes) else None
+    if isinstance(value, str) and value in classes:
+        return classes.index(value)
+    return None
+
+
+def classification_yaml(classes: Sequence[str], labels: dict[str, int | str], *,
+                        splits: dict[str, list[str]] | None = None, name: str | None = None,
+                        images: str = "images", **extra: Any) -> dict:
+    """The dataset.yaml content (a dict for ``yaml.safe_dump``) of a classification dataset."""
+    content: dict[str, Any] = {}
+    if name is not None:
+        content["name"] = name
+    content.update({"task": TASK, "images": images, "classes": [str(c) for c in classes],
+                    "labels": {str(k): v for k, v in labels.items()}})
+    if splits is not None:
+        content["splits"] = {k: list(v) for k, v in splits.items()}
+    content.update(extra)
+    return content
+
+
+class ClassificationDataset(Dataset):
+    """A classification dataset folder (see the module docstring); ``dataset[i]`` is a lazy sample.
+
+    ``split``: a name from ``splits`` (``"all"``: every image; without splits every image is
+    ``"train"``). Construction checks that every labelled stem has an image and, with
+    ``check``, that every image of the split opens (headers only).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", *,
+                 max_memory: int | str | None = None, check: bool = True):
+        root = Path(root)
+        if root.is_file() and root.name == YAML_NAME:
+            root = root.parent
+        require_folder(root, "dataset folder")
+        if not (root / YAML_NAME).is_file():
+            raise DatasetError(root, f"no {YAML_NAME} here (a classification dataset needs one)")
+        config = self.config = read_classification_yaml(root / YAML_NAME)
+        self.root = root
+        self.split = split
+        self.max_memory = max_memory
+        self.classes = list(config.classes)
+        self.palette = default_palette(len(self.classes))
+        #: not used by classification; kept so checkpoints store the same data facts as segmentation
+        self.ignore_index = 255
+        self.exclude_from_miou: tuple[int, ...] = ()
+
+        image_folder = require_folder(root / config.images, f"images folder '{config.images}'")
+        files = index_files(list_images(image_folder), image_folder)
+        if not files:
+            raise DatasetError(image_folder, "no images (.tif, .tiff, .png, .jpg, .jpeg)")
+        missing = sorted(set(config.labels) - set(files))
+        if missing:
+            raise DatasetError(config.path, f"{len(missing)} labelled stem(s) have no image in {image_folder}: "
+                                            f"{listing(missing)}")
+        if split == "all" and not (config.splits and "all" in config.splits):
+            chosen = sorted(files)
+        elif config.splits is None:
+            if split != "train":
+                raise DatasetError(config.path, f"no split {split!r}: no splits are defined, so every image is in "
+                                                "'train' (or 'all')")
+            chosen = sorted(files)
+        else:
+            if split not in config.splits:
+                raise DatasetError(config.path, f"no split {split!r} (splits: {', '.join(config.splits)})")
+            chosen = config.splits[split]
+            absent = [s for s in chosen if s not in files]
+            if absent:
+                raise DatasetError(config.path, f"split {split!r} lists {len(absent)} stem(s) with no image in "
+                                                f"{image_folder}: {listing(absent)}")
+        if not chosen:
+            raise DatasetError(config.path, f"no images for split {split!r}")
+        self.names = list(chosen)
+        self.files = [files[s] for s in chosen]
+        self.labels: list[int | None] = [config.labels.get(s) for s in chosen]
+        if check:
+            self.validate()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every image of the split has a label."""
+        return all(label is not None for label in self.labels)
+
+    def require_labels(self, what: str = "training") -> None:
+        """DatasetError listing the unlabelled images, if any."""
+        unlabelled = [n for n, label in zip(self.names, self.labels) if label is None]
+        if unlabelled:
+            raise DatasetError(self.config.path, f"{what} needs a label for every image of split {self.split!r}; "
+                                                 f"{len(unlabelled)} have none in 'labels': {listing(unlabelled)}")
+
+    def class_counts(self) -> np.ndarray:
+        """Images per class id among the labelled images."""
+        return np.bincount([label for label in self.labels if label is not None], minlength=self.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> ClassificationSample:
+        return ClassificationSample(self.names[index], open_image(self.files[index], max_memory=self.max_memory),
+                                    self.labels[index])
+
+    def validate(self) -> None:
+        """Every image of the split opens (headers only); one DatasetError lists the failures."""
+        problems = []
+        for path in self.files:
+            try:
+                with open_image(path, max_memory=self.max_memory):
+                    pass
+            except GigasegError as error:
+                problems.append(str(error))
+        if problems:
+            raise DatasetError(self.root, f"{len(problems)} image(s) of split {self.split!r} cannot be read: "
+                                          f"{listing(problems)}")
+
+    def __repr__(self) -> str:
+        return f"ClassificationDataset({str(self.root)!r}, split={self.split!r}, {len(self)} images, " \
+               f"{self.num_classes} classes)"
+
+
+def load_task_dataset(path: str | os.PathLike, split: str = "train", **options):
+    """A ``ClassificationDataset`` when ``path``'s dataset.yaml says ``task: classification``,
+    else ``gigaseg.data.datasets.load_dataset(path, split, **options)``."""
+    if dataset_task(path) == TASK:
+        return ClassificationDataset(path, split, **options)
+    from .datasets import load_dataset
+
+    return load_dataset(path, split, **options)

@@ -1,0 +1,497 @@
+"""The patch-based global-context framework: PatchGD with a global patch (classification and
+segmentation), and the downsampled-image classifier it is compared with.
+
+Idea (PatchGD, and "Resource Efficient Perception for Vision Systems", arXiv 2405.07166):
+never hold a full-resolution activation map. ``theta1`` encodes each patch of the image
+on its own; the encodings are assembled into a grid ``Z``; the whole image downsampled
+to one patch (the *global patch*) is encoded by the same ``theta1`` for context; ``theta2``
+predicts from ``Z`` fused with the global encoding. Training refreshes only ``k`` sampled
+patches with gradients per inner iteration (see ``gigaseg.methods.patchgd``).
+
+``"patchgd_classifier"`` (:class:`PatchGDClassifier`)
+    theta1: a timm encoder (``Encoder``, last feature level) + global average pooling +
+    ``Linear(C, latent_dim)``: a patch -> a ``latent_dim`` vector. ``Z`` is
+    ``(B, latent_dim, m, n)`` for an image cut into ``m x n`` patches of ``patch_size``
+    (the last row/column zero-padded when the side is not a multiple). Fusion with the
+    global latent ``g``: ``"add"`` (``Z + g`` broadcast; better for classification in the
+    paper) or ``"concat"`` (``2 * latent_dim`` channels). theta2 (:class:`GridHead`):
+    ``head_layers`` blocks of 3x3 conv (stride 2 while the grid is at least 4 wide, so a
+    small grid is not reduced to nothing), BatchNorm, ReLU, dropout; global average
+    pooling; linear -> class logits.
+
+``"patchgd_segmenter"`` (:class:`PatchGDSegmenter`)
+    theta1: segmentation_models_pytorch's U-Net (``theta1="unet"``) or DeepLabV3 on the
+    timm encoder (``tu-<encoder>``) whose head outputs ``latent_channels`` (8) channels at
+    full patch resolution. ``Z`` is the patch outputs stitched to ``(B, 8, H, W)``. The
+    global patch's 8-channel output is upsampled bilinearly to ``H x W`` and concatenated
+    (16 channels). theta2: one 1x1 conv -> class logits. ``decoder_channels`` sets the U-Net
+    decoder's widths (``[]``: smp's default 256, 128, 64, 32, 16). For two classes theta2 has a
+    single output ``l`` (BCE + Dice) and the logits returned are ``(0, l)``, so softmax
+    gives ``(1 - sigmoid(l), sigmoid(l))``; otherwise one logit per class (CE + Dice).
+    Because theta2 is 1x1, a block of the image is predicted exactly from the patches
+    touching it plus the global patch.
+
+``"downsampled_classifier"`` (:class:`DownsampledClassifier`)
+    The same theta1 network on the whole image resized to ``input_size`` x
+    ``input_size``, then dropout + linear: the baseline that must shrink its input to fit
+    memory.
+
+``global_patch=False`` gives the framework without the global patch (the other baseline).
+
+Forward modes (all take normalised images ``x``, ``(B, C, H, W)``; ``global_view`` is the
+whole image resized to ``patch_size`` — computed with ``F.interpolate(mode="area")``
+when not given):
+
+- ``model(x)``: every patch encoded in one pass (with gradients in training: the
+  memory-hungry reference the training loop avoids); returns logits.
+- ``model(x, global_view, latents=Z, indices=idx)``: the training step's inner
+  iteration: the patches ``idx`` (``(B, k)`` row-major grid indices) are re-encoded with
+  gradients and written into (a copy of) ``Z``; the classifier returns
+  ``(logits, Z_updated)``, the segmenter ``logits``.
+- ``model.fill(x, sub_batch)``: ``Z`` for every patch, ``sub_batch`` patches per pass,
+  without gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .base import SegmentationModel
+from .encoders import Encoder, PretrainedSpec, check_encoder_name
+from .registry import register_method
+
+__all__ = ["DownsampledClassifier", "GridHead", "PatchEncoder", "PatchGDClassifier", "PatchGDSegmenter",
+           "even_chunks", "grid_shape", "patch_at", "patch_windows"]
+
+FUSIONS = ("add", "concat")
+THETA1_ARCHS = {"unet": smp.Unet, "deeplabv3": smp.DeepLabV3}
+SEG_LOSSES = ("auto", "bce_dice", "ce_dice")
+
+
+# ------------------------------------------------------------------------------- geometry
+
+
+def grid_shape(height: int, width: int, patch: int) -> tuple[int, int]:
+    """(rows, cols) of ``patch``-px patches covering ``height x width`` (the last ones padded)."""
+    return math.ceil(height / patch), math.ceil(width / patch)
+
+
+def patch_windows(indices: torch.Tensor | list[int], cols: int, patch: int) -> list[tuple[int, int]]:
+    """(top, left) pixel corners of row-major grid indices."""
+    return [(int(i) // cols * patch, int(i) % cols * patch) for i in indices]
+
+
+def patch_at(image: torch.Tensor, top: int, left: int, patch: int) -> torch.Tensor:
+    """The ``patch x patch`` crop of ``image`` (``(C, H, W)``) at (top, left), zero-padded past the border."""
+    crop = image[:, top:top + patch, left:left + patch]
+    pad_h, pad_w = patch - crop.shape[-2], patch - crop.shape[-1]
+    if pad_h or pad_w:
+        crop = F.pad(crop, (0, pad_w, 0, pad_h))
+    return crop
+
+
+def gather_patches(x: torch.Tensor, indices: torch.Tensor, cols: int, patch: int) -> torch.Tensor:
+    """``(B * k, C, patch, patch)``: patches ``indices[b]`` (``(B, k)``) of each image ``x[b]``."""
+    return torch.stack([patch_at(x[b], top, left, patch)
+                        for b in range(x.shape[0]) for top, left in patch_windows(indices[b], cols, patch)])
+
+
+def even_chunks(items: list, size: int) -> list[list]:
+    """``items`` in consecutive chunks of at most ``size``, as equal as possible (so no chunk of
+    one patch trails a full one: BatchNorm in training mode needs more than one value)."""
+    size = max(1, int(size))
+    if not items:
+        return []
+    count = max(1, math.ceil(len(items) / size))
+    step = math.ceil(len(items) / count)
+    return [items[i:i + step] for i in range(0, len(items), step)]
+
+
+def global_view_of(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """The whole image resized to ``patch x patch`` by area averaging."""
+    if tuple(x.shape[-2:]) == (patch, patch):
+        return x
+    return F.interpolate(x, size=(patch, patch), mode="area")
+
+
+class _FrameworkMixin:
+    """Shared option checks and patch bookkeeping of the two framework networks."""
+
+    options: dict
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.options["patch_size"])
+
+    def grid(self, x_or_shape) -> tuple[int, int]:
+        shape = x_or_shape.shape[-2:] if isinstance(x_or_shape, torch.Tensor) else x_or_shape
+        return grid_shape(int(shape[-2]), int(shape[-1]), self.patch_size)
+
+    def num_sampled(self, num_patches: int) -> int:
+        """k: patches re-encoded with gradients per inner iteration (before any memory cap)."""
+        return max(1, min(num_patches, int(round(self.options["sampling_fraction"] * num_patches))))
+
+    def _check_framework_options(self) -> None:
+        self._require_positive("patch_size", "inner_iterations")
+        if not 0 < self.options["sampling_fraction"] <= 1:
+            raise ConfigError(f"{self.method_name}: option sampling_fraction must be in (0, 1], "
+                              f"got {self.options['sampling_fraction']}")
+
+
+# ------------------------------------------------------------------------------- classification
+
+
+class PatchEncoder(nn.Module):
+    """theta1 for classification: timm encoder (last level) -> average pool -> ``Linear(C, latent_dim)``."""
+
+    def __init__(self, encoder: str, in_channels: int, latent_dim: int, pretrained: PretrainedSpec = False):
+        super().__init__()
+        self.encoder = Encoder(encoder, in_channels=in_channels, pretrained=pretrained)
+        self.fc = nn.Linear(self.encoder.out_channels[-1], latent_dim)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(patches)[-1]
+        return self.fc(features.mean(dim=(-2, -1)))
+
+
+class GridHead(nn.Module):
+    """theta2 for classification: 3x3 conv blocks over the latent grid, pooled, then linear."""
+
+    def __init__(self, in_channels: int, width: int, num_classes: int, layers: int = 2, dropout: float = 0.2):
+        super().__init__()
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        channels = in_channels
+        for _ in range(layers):
+            self.convs.append(nn.Conv2d(channels, width, 3, padding=1, bias=False))
+            self.norms.append(nn.BatchNorm2d(width))
+            channels = width
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for conv, norm in zip(self.convs, self.norms):
+            stride = 2 if min(z.shape[-2:]) >= 4 else 1
+            z = F.conv2d(z, conv.weight, None, stride=stride, padding=1)
+            z = self.dropout(F.relu(_batch_norm(norm, z)))
+        return self.fc(self.dropout(z.mean(dim=(-2, -1))))
+
+
+def _batch_norm(norm: nn.BatchNorm2d, z: torch.Tensor) -> torch.Tensor:
+    """BatchNorm, using the running statistics when a training batch has one value per channel."""
+    if norm.training and z.shape[0] * z.shape[-2] * z.shape[-1] == 1:
+        return F.batch_norm(z, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+    return norm(z)
+
+
+class _ImageClassifierModel(SegmentationModel):
+    """Base of the image classifiers: ``task = "classification"``, logits ``(B, num_classes)``."""
+
+    task = "classification"
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, num_classes)`` in eval mode without gradients (the mode is restored)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                return self(x)
+        finally:
+            self.train(was_training)
+
+    def whole_image_predictor(self, normalization, device="cpu", max_memory=None, precision="32"):
+        raise ConfigError(f"{self.method_name} is an image classifier: it gives one class per image, not a mask "
+                          "(use gigaseg.evaluate, or model.image_classifier(...).predict(image))")
+
+    def image_classifier(self, normalization, device="cpu", max_memory=None, precision="32"):
+        """An object whose ``predict(source)`` gives the class probabilities of a whole image."""
+        raise NotImplementedError
+
+
+@register_method("patchgd_classifier")
+class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
+    """PatchGD with a global patch for image classification (see the module docstring)."""
+
+    default_options = {"patch_size": 256, "latent_dim": 256, "global_patch": True, "fusion": "add",
+                       "sampling_fraction": 0.25, "inner_iterations": 4, "head_layers": 2, "dropout": 0.2}
+    option_choices = {"fusion": FUSIONS}
+
+    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
+                 pretrained: PretrainedSpec = False, **options: Any):
+        super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
+        latent = self.options["latent_dim"]
+        self.theta1 = PatchEncoder(encoder, in_channels, latent, pretrained)
+        fused = 2 * latent if self.options["global_patch"] and self.options["fusion"] == "concat" else latent
+        self.theta2 = GridHead(fused, latent, num_classes, self.options["head_layers"], self.options["dropout"])
+
+    def check_options(self) -> None:
+        self._check_framework_options()
+        self._require_positive("latent_dim", "head_layers")
+        if not 0 <= self.options["dropout"] < 1:
+            raise ConfigError(f"{self.method_name}: option dropout must be in [0, 1), got {self.options['dropout']}")
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.options["latent_dim"])
+
+    # ---- pieces
+    def fill(self, x: torch.Tensor, sub_batch: int = 16) -> torch.Tensor:
+        """``Z`` ``(B, latent_dim, m, n)``: every patch encoded, ``sub_batch`` per pass, without gradients."""
+        rows, cols = self.grid(x)
+        batch = x.shape[0]
+        z = x.new_empty((batch, self.latent_channels, rows * cols))
+        jobs = [(b, i) for b in range(batch) for i in range(rows * cols)]
+        with torch.no_grad():
+            for chunk in even_chunks(jobs, max(sub_batch, 2 if self.training else 1)):
+                patches = torch.stack([patch_at(x[b], i // cols * self.patch_size, i % cols * self.patch_size,
+                                                self.patch_size) for b, i in chunk])
+                encoded = self.theta1(patches).to(z.dtype)
+                for (b, i), vector in zip(chunk, encoded):
+                    z[b, :, i] = vector
+        return z.view(batch, self.latent_channels, rows, cols)
+
+    def fuse(self, z: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """Z fused with the global latent ``g`` ``(B, latent_dim)`` (None: no global patch)."""
+        if g is None:
+            return z
+        g = g[:, :, None, None].to(z.dtype)
+        if self.options["fusion"] == "add":
+            return z + g
+        return torch.cat([z, g.expand(-1, -1, *z.shape[-2:])], dim=1)
+
+    def classify(self, z: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        return self.theta2(self.fuse(z, g))
+
+    # ---- forward
+    def forward(self, x: torch.Tensor, global_view: torch.Tensor | None = None, *,
+                latents: torch.Tensor | None = None, indices: torch.Tensor | None = None):
+        use_global = self.options["global_patch"]
+        rows, cols = self.grid(x)
+        batch, p = x.shape[0], self.patch_size
+        if use_global and global_view is None:
+            global_view = global_view_of(x, p)
+        if latents is None:
+            everything = torch.arange(rows * cols, device=x.device).expand(batch, -1)
+            patches = gather_patches(x, everything, cols, p)
+            encoded = self.theta1(torch.cat([patches, global_view]) if use_global else patches)
+            z = encoded[:batch * rows * cols].view(batch, rows, cols, -1).permute(0, 3, 1, 2)
+            g = encoded[batch * rows * cols:] if use_global else None
+            return self.classify(z, g)
+        if indices is None:
+            raise ValueError("indices (B, k) are needed with latents")
+        k = indices.shape[1]
+        patches = gather_patches(x, indices, cols, p)
+        encoded = self.theta1(torch.cat([patches, global_view]) if use_global else patches)
+        fresh = encoded[:batch * k].view(batch, k, -1).transpose(1, 2).to(latents.dtype)  # (B, d, k)
+        g = encoded[batch * k:] if use_global else None
+        flat = latents.detach().flatten(2)
+        index = indices.to(flat.device)[:, None, :].expand(-1, flat.shape[1], -1)
+        z = flat.scatter(2, index, fresh).view_as(latents)
+        return self.classify(z, g), z
+
+    # ---- engine hooks
+    def training_stages(self) -> list:
+        from ..methods.patchgd import classifier_stages
+
+        return classifier_stages(self)
+
+    def image_classifier(self, normalization, device="cpu", max_memory=None, precision="32"):
+        from ..methods.patchgd import PatchGDImageClassifier
+
+        return PatchGDImageClassifier(self, normalization, device=device, max_memory=max_memory, precision=precision)
+
+
+@register_method("downsampled_classifier")
+class DownsampledClassifier(_ImageClassifierModel):
+    """Baseline: theta1 (encoder + pool + linear to ``latent_dim``) on the whole image at ``input_size``."""
+
+    default_options = {"input_size": 512, "latent_dim": 256, "dropout": 0.2}
+
+    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
+                 pretrained: PretrainedSpec = False, **options: Any):
+        super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
+        self.theta1 = PatchEncoder(encoder, in_channels, self.options["latent_dim"], pretrained)
+        self.dropout = nn.Dropout(self.options["dropout"])
+        self.fc = nn.Linear(self.options["latent_dim"], num_classes)
+
+    def check_options(self) -> None:
+        self._require_positive("input_size", "latent_dim")
+        if not 0 <= self.options["dropout"] < 1:
+            raise ConfigError(f"{self.method_name}: option dropout must be in [0, 1), got {self.options['dropout']}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` of ``x`` (resized to ``input_size`` first when it is not)."""
+        size = self.options["input_size"]
+        if tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="area")
+        return self.fc(self.dropout(F.relu(self.theta1(x))))
+
+    def training_stages(self) -> list:
+        from ..methods.patchgd import downsampled_stages
+
+        return downsampled_stages(self)
+
+    def image_classifier(self, normalization, device="cpu", max_memory=None, precision="32"):
+        from ..methods.patchgd import DownsampledImageClassifier
+
+        return DownsampledImageClassifier(self, normalization, device=device, precision=precision)
+
+
+# ------------------------------------------------------------------------------- segmentation
+
+
+def smp_theta1(arch: str, encoder: str, in_channels: int, channels: int, depth: int,
+               pretrained: PretrainedSpec, decoder_channels: list[int] | None = None) -> nn.Module:
+    """segmentation_models_pytorch's U-Net / DeepLabV3 on timm encoder ``encoder`` with a ``channels`` head.
+
+    Built with ``encoder_weights=None``; pretrained weights go through :class:`Encoder` (timm's
+    or a local file), as for the baselines' smp decoders.
+    """
+    check_encoder_name(encoder)
+    kwargs: dict[str, Any] = {"encoder_name": f"tu-{encoder}", "encoder_weights": None, "in_channels": in_channels,
+                              "classes": channels, "encoder_depth": depth}
+    if arch == "unet":
+        kwargs["decoder_channels"] = tuple(decoder_channels) if decoder_channels else (256, 128, 64, 32, 16)[:depth]
+    try:
+        net = THETA1_ARCHS[arch](**kwargs)
+    except (ValueError, KeyError, RuntimeError, TypeError, AssertionError) as error:
+        raise ConfigError(f"segmentation_models_pytorch cannot build {arch} on encoder {encoder!r} with depth "
+                          f"{depth} ({type(error).__name__}: {error})") from None
+    if pretrained not in (False, None):
+        features = net.encoder.model
+        source = Encoder(encoder, in_channels=in_channels, pretrained=pretrained,
+                         out_indices=features.feature_info.out_indices)
+        features.load_state_dict(source.model.state_dict())
+    return net
+
+
+@register_method("patchgd_segmenter")
+class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
+    """The framework for segmentation: U-Net/DeepLabV3 theta1 with an 8-channel head, 1x1 conv theta2."""
+
+    task = "segmentation"
+    default_options = {"patch_size": 128, "latent_channels": 8, "global_patch": True, "theta1": "unet",
+                       "encoder_depth": 5, "decoder_channels": [], "sampling_fraction": 0.25, "inner_iterations": 4,
+                       "loss": "auto"}
+    option_choices = {"theta1": tuple(THETA1_ARCHS), "loss": SEG_LOSSES}
+
+    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
+                 pretrained: PretrainedSpec = False, **options: Any):
+        super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
+        channels = self.options["latent_channels"]
+        self.theta1 = smp_theta1(self.options["theta1"], encoder, in_channels, channels,
+                                 self.options["encoder_depth"], pretrained, self.options["decoder_channels"])
+        divisible = getattr(self.theta1, "requires_divisible_input_shape", True)
+        stride = 2 ** self.options["encoder_depth"] if divisible else 1
+        if self.patch_size % stride:
+            raise ConfigError(f"patchgd_segmenter: patch_size must be a multiple of {stride} (2 ** encoder_depth) "
+                              f"for this theta1, got {self.patch_size}")
+        fused = 2 * channels if self.options["global_patch"] else channels
+        self.theta2 = nn.Conv2d(fused, 1 if self.binary else num_classes, 1)
+
+    def check_options(self) -> None:
+        self._check_framework_options()
+        self._require_positive("latent_channels")
+        if not 1 <= self.options["encoder_depth"] <= 5:
+            raise ConfigError(f"patchgd_segmenter: option encoder_depth must be 1..5, got {self.options['encoder_depth']}")
+        decoder = self.options["decoder_channels"]
+        if decoder and (not isinstance(decoder, list) or len(decoder) != self.options["encoder_depth"]
+                        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in decoder)):
+            raise ConfigError(f"patchgd_segmenter: option decoder_channels must be [] (smp's default) or "
+                              f"{self.options['encoder_depth']} positive integers (one per encoder_depth), "
+                              f"got {decoder!r}")
+        if self.options["loss"] == "bce_dice" and self.num_classes != 2:
+            raise ConfigError(f"patchgd_segmenter: loss 'bce_dice' is for two classes, got {self.num_classes}")
+
+    @property
+    def binary(self) -> bool:
+        """Two classes with a single logit (BCE + Dice); set by ``loss`` ("auto": two classes)."""
+        return self.num_classes == 2 and self.options["loss"] in ("auto", "bce_dice")
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.options["latent_channels"])
+
+    # ---- pieces
+    def encode(self, patches: torch.Tensor) -> torch.Tensor:
+        """theta1: ``(N, C, p, p)`` -> ``(N, latent_channels, p, p)``."""
+        return self.theta1(patches)
+
+    def fill(self, x: torch.Tensor, sub_batch: int = 16) -> torch.Tensor:
+        """``Z`` ``(B, latent_channels, m*p, n*p)``: every patch's output, stitched, without gradients."""
+        rows, cols = self.grid(x)
+        batch, p = x.shape[0], self.patch_size
+        z = x.new_empty((batch, self.latent_channels, rows * p, cols * p))
+        jobs = [(b, i) for b in range(batch) for i in range(rows * cols)]
+        with torch.no_grad():
+            for chunk in even_chunks(jobs, max(sub_batch, 2 if self.training else 1)):
+                corners = [(b, i // cols * p, i % cols * p) for b, i in chunk]
+                encoded = self.encode(torch.stack([patch_at(x[b], top, left, p) for b, top, left in corners]))
+                for (b, top, left), out in zip(corners, encoded.to(z.dtype)):
+                    z[b, :, top:top + p, left:left + p] = out
+        return z
+
+    def global_features(self, global_view: torch.Tensor) -> torch.Tensor:
+        """theta1's output on the global patch ``(B, latent_channels, p, p)``."""
+        return self.encode(global_view)
+
+    def head(self, z: torch.Tensor, g_up: torch.Tensor | None) -> torch.Tensor:
+        """theta2 on ``Z`` (cropped to the output size) and the upsampled global features -> logits."""
+        fused = z if g_up is None else torch.cat([z, g_up.to(z.dtype)], dim=1)
+        out = self.theta2(fused)
+        if self.binary:
+            return torch.cat([torch.zeros_like(out), out], dim=1)
+        return out
+
+    def forward(self, x: torch.Tensor, global_view: torch.Tensor | None = None, *,
+                latents: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> torch.Tensor:
+        use_global = self.options["global_patch"]
+        rows, cols = self.grid(x)
+        batch, p = x.shape[0], self.patch_size
+        height, width = x.shape[-2:]
+        if use_global and global_view is None:
+            global_view = global_view_of(x, p)
+        if latents is None:
+            indices = torch.arange(rows * cols, device=x.device).expand(batch, -1)
+            base = x.new_zeros((batch, self.latent_channels, rows * p, cols * p))
+        else:
+            if tuple(latents.shape[-2:]) != (rows * p, cols * p):
+                raise ValueError(f"latents must be {rows * p}x{cols * p} (the padded grid), got {tuple(latents.shape)}")
+            if indices is None:
+                raise ValueError("indices (B, k) are needed with latents")
+            base = latents.detach()
+        k = indices.shape[1]
+        patches = gather_patches(x, indices, cols, p)
+        encoded = self.encode(torch.cat([patches, global_view]) if use_global else patches)
+        fresh = encoded[:batch * k].to(base.dtype)
+        # Z (a copy of the filled one) with the recomputed patches written in; autograd records
+        # the slice copies, so the loss reaches theta1 through exactly these k patches
+        z = base.clone()
+        corners = [(b, top, left) for b in range(batch) for top, left in patch_windows(indices[b], cols, p)]
+        for (b, top, left), out in zip(corners, fresh):
+            z[b, :, top:top + p, left:left + p] = out
+        z = z[..., :height, :width]
+        g_up = None
+        if use_global:
+            g = encoded[batch * k:]
+            g_up = F.interpolate(g.float(), size=(height, width), mode="bilinear", align_corners=False)
+        return self.head(z, g_up)
+
+    # ---- engine hooks
+    def training_stages(self) -> list:
+        from ..methods.patchgd import segmenter_stages
+
+        return segmenter_stages(self)
+
+    def whole_image_predictor(self, normalization, device="cpu", max_memory=None, precision="32"):
+        from ..methods.patchgd import PatchGDSegmentationPredictor
+
+        return PatchGDSegmentationPredictor(self, normalization, device=device, max_memory=max_memory,
+                                            precision=precision)
