@@ -131,3 +131,16 @@ def test_choose_level_picks_coarsest_sufficient_level():
 
 def test_level_box_maps_window():
     assert level_box(Window(100, 200, 400, 800), (1000, 2000), (500, 1000)) == (50, 100, 250, 500)
+
+
+def test_area_enlarging_a_window_inside_the_image():
+    """Zero-weight taps past the window must not index outside the decoded block."""
+    from gigaseg.io.array import ArraySource
+    from gigaseg.window import Window
+
+    image = np.arange(96 * 96, dtype=np.uint16).reshape(96, 96, 1) % 251
+    out = ArraySource(image).read(Window(0, 0, 24, 24), out_size=(32, 32), resample="area")
+    assert out.shape == (32, 32, 1)
+    # enlarging by 4/3 with area weights: the first output pixel is the first source pixel
+    assert out[0, 0, 0] == image[0, 0, 0]
+    assert out.max() <= image[:24, :24].max() and out.min() >= image[:24, :24].min()

@@ -145,6 +145,9 @@ def axis_plan(start: float, stop: float, n_out: int, size: int, method: str) -> 
     used = weight != 0
     lo = int(idx[used].min()) if used.any() else int(idx.min())
     hi = int(idx[used].max()) + 1 if used.any() else int(idx.max()) + 1
+    # zero-weight taps may point past the window (enlarging a window inside the image):
+    # keep every index inside the decoded span [lo, hi)
+    idx = np.clip(idx, lo, hi - 1)
     return AxisPlan(method, n_out, lo, hi, idx, weight, edges)
 
 
