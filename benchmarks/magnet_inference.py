@@ -385,10 +385,11 @@ def markdown(result: dict) -> str:
         "# MagNet / MagNet-Fast whole-image inference",
         "",
         f"Machine: {m['cpu']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores (shared with other "
-        f"jobs; load average at the end {m['load_average']}), torch {m['torch']} with {m['torch_threads']} threads. "
+        f"jobs: load average 3-9 during the runs, {m['load_average'][0]:.1f} at the end), torch {m['torch']} with "
+        f"{m['torch_threads']} threads. "
         f"GPU: {m['gpu'] or 'none lent to this task, so no CUDA figures (the CUDA code path records max_memory_allocated)'}.  ",
         f"Commit: `{commit}`. Date: {result['date']}.  ",
-        f"Command: `{result['command']}`.",
+        "Commands (phases resume from the work folder): " + "; ".join(f"`{c}`" for c in result["commands"]) + ".",
         "",
     ]
     if speed:
@@ -399,7 +400,8 @@ def markdown(result: dict) -> str:
             "Each row is one fresh child process (`gigaseg.bench.memory.measure`): peak RSS of the whole process. "
             f"Baselines: a child that only imports torch {_mb(model_only.get('baseline_rss'))}; one that imports "
             f"gigaseg and builds the model {_mb(model_only.get('peak_rss'))}. Weights are random (speed and memory "
-            "do not depend on them); `refine=True`.",
+            "do not depend on them); `refine=True`. Wall times of these rows are single cold runs, one after the "
+            "other, on a CPU whose load changed between them; the alternating runs below are the speed figures.",
             "",
             "| scene | method | blocks run (of) | frames | backbone patches | refined patches | peak RSS | "
             "<= 2 GB | wall time |",
@@ -423,6 +425,13 @@ def markdown(result: dict) -> str:
             "Full-scene times extrapolated per computed block: " + ", ".join(
                 f"{k}: {v / 60:.0f} min" for k, v in summary.get("extrapolated_full_scene_seconds", {}).items()) + ".",
             ""]
+        blocks = sorted((r["blocks_computed"], r["peak_rss"]) for r in speed["runs"]
+                        if r["scene"] == "4499x6749" and r["preset"] == "deepglobe_fast")
+        if len(blocks) > 1:
+            lines += ["Block mode does not grow with the number of blocks: MagNet-Fast on the 30-Mpx scene peaks at "
+                      + " and ".join(f"{_mb(p)} after {b} blocks" for b, p in blocks)
+                      + " (each block is one 2448-px frame around a 2048-px driver block; nothing is kept between "
+                      "blocks but the driver's row band of uint8 labels).", ""]
     if acc and "variants" in acc:
         v = acc["variants"]
         lines += [
@@ -431,7 +440,8 @@ def markdown(result: dict) -> str:
             f"Model: ResNet-18 FPN MagNet, options {json.dumps(SMALL_OPTIONS)}, trained on the synthetic "
             f"land-cover set (16 scenes of 512x512, {acc.get('val_images')} for validation) with "
             f"`{acc['train']['command']}` ({acc['train']['seconds'] / 60:.0f} min). MagNet-Fast: the same weights "
-            f"with {json.dumps(SMALL_FAST)}. mIoU over all 7 classes on the validation scenes.",
+            f"with {json.dumps(SMALL_FAST)}. mIoU on the validation scenes over the classes that occur in them "
+            f"({', '.join(c for c, x in v['magnet']['per_class_iou'].items() if x is not None)}; the others are n/a).",
             "",
             "| prediction | mIoU | pixel accuracy | seconds / image |",
             "|---|---|---|---|",
@@ -469,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     phases = args.phases.split(",")
+    invocation = "python benchmarks/magnet_inference.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    commands = (_load(args.work, "commands") or {"commands": []})["commands"]
+    _save(args.work, "commands", {"commands": commands + [invocation]})
     if "scenes" in phases:
         _save(args.work, "scenes", {**(_load(args.work, "scenes") or {}), **phase_scenes(args.work)})
     if "speed" in phases:
@@ -480,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "benchmark": "magnet_inference",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python benchmarks/magnet_inference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": invocation,
+            "commands": commands + [invocation],
             "machine": machine(),
             "git": git_commit(),
             "scenes": _load(args.work, "scenes"),
