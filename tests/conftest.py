@@ -34,5 +34,11 @@ def write_tiny_dataset(root, count=4, size=96, seed=0):
 
 
 @pytest.fixture
+def make_tiny_dataset():
+    """The writer itself, for tests that need other sizes (tests/ is not a package, so it cannot be imported)."""
+    return write_tiny_dataset
+
+
+@pytest.fixture
 def tiny_dataset(tmp_path):
     return write_tiny_dataset(tmp_path / "data")

@@ -72,10 +72,8 @@ def test_views_augment_global_and_local_alike(tiny_dataset):
     assert torch.equal(views[0]["patches"], GLNetViews(dataset, UINT8, 48, 32, 8, seed=3)[0]["patches"])
 
 
-def test_small_images_are_padded_with_the_mean_and_ignored_labels(tmp_path):
-    from tests.conftest import write_tiny_dataset
-
-    dataset = load_dataset(write_tiny_dataset(tmp_path / "small", count=2, size=24), "train")
+def test_small_images_are_padded_with_the_mean_and_ignored_labels(tmp_path, make_tiny_dataset):
+    dataset = load_dataset(make_tiny_dataset(tmp_path / "small", count=2, size=24), "train")
     item = GLNetViews(dataset, UINT8, size_g=16, size_p=32, min_overlap=8, augment=False)[0]
     assert tuple(item["patches"].shape) == (1, 3, 32, 32)
     assert (item["patch_labels"][0, 24:] == 255).all() and (item["patch_labels"][0, :24, :24] != 255).all()
@@ -105,11 +103,9 @@ def prepared(model, stage_name, sub_batch=6):
 
 
 @pytest.fixture
-def small_dataset(tmp_path):
+def small_dataset(tmp_path, make_tiny_dataset):
     """Three 64 x 64 images: 9 patches of 32 px each (the FPN's fixed widths make patches the cost)."""
-    from tests.conftest import write_tiny_dataset
-
-    return write_tiny_dataset(tmp_path / "small", count=3, size=64)
+    return make_tiny_dataset(tmp_path / "small", count=3, size=64)
 
 
 def batch_of(dataset_dir, stage, model, count=1):

@@ -109,10 +109,8 @@ def test_refinement_pairs_coarse_frame_fine_crop_and_box(tiny_dataset):
     assert len(flips) >= 3
 
 
-def test_large_images_train_on_finest_scale_frames(tmp_path):
-    from tests.conftest import write_tiny_dataset
-
-    root = write_tiny_dataset(tmp_path / "big", count=2, size=200)
+def test_large_images_train_on_finest_scale_frames(tmp_path, make_tiny_dataset):
+    root = make_tiny_dataset(tmp_path / "big", count=2, size=200)
     dataset = load_dataset(root, "train")
     model = tiny_model()  # finest scale 96: a 200-px image is cut into 96-px frames
     pairs = RefinementPairs(dataset, NORM, model, crops_per_image=8, augment=False, seed=0)
