@@ -451,9 +451,12 @@ def stitch_logits(source, grid: PatchGrid, block: Window, patch_logits, to_tenso
     ``cache``, a dict kept per image with blocks visited in row-major order, carries the
     logits of patches shared with the next block of the row), but GLNet averages logits, not
     probabilities, with uniform weights, and pixels are read per sub-batch (one sub-batch's
-    bounding region), not per block. ``patch_logits(batch, windows)`` gives logits at patch
-    resolution ``(N, K, ph, pw)``. ``out``, a flat float32 CPU tensor of at least
-    ``K * h * w`` elements, holds the result (the returned array is a view of it).
+    bounding region), not per block. ``patch_logits(batch, windows)`` gives logits
+    ``(N, K, h, w)`` at any resolution (GLNet's: 1/4 of the patch); each is upsampled
+    bilinearly to the patch size when added, and cached at its own resolution. The overlap
+    count of a product grid is separable (rows covered x columns covered), so no count map
+    is stored. ``out``, a flat float32 CPU tensor of at least ``K * h * w`` elements, holds
+    the result (the returned array is a view of it).
     """
     windows = patches_touching(grid, block)
     cached = cache if cache is not None else {}
@@ -462,13 +465,13 @@ def stitch_logits(source, grid: PatchGrid, block: Window, patch_logits, to_tenso
     if out is None or out.numel() < size:
         out = torch.empty(size)
     accum = out[:size].view(num_classes, block.height, block.width).zero_()
-    count = torch.zeros((block.height, block.width))
+    ph, pw = grid.patch
 
-    def add(window: Window, patch: torch.Tensor) -> None:
+    def add(window: Window, logits: torch.Tensor) -> None:
         inside = window.intersection(block)
         src, dst = inside.relative_to(window), inside.relative_to(block)
-        accum[(slice(None), *dst.slices)] += patch[(slice(None), *src.slices)]
-        count[dst.slices] += 1
+        full = resize(logits[None], (ph, pw))[0]
+        accum[(slice(None), *dst.slices)] += full[(slice(None), *src.slices)]
 
     for window in windows:
         if window in cached:
@@ -489,7 +492,13 @@ def stitch_logits(source, grid: PatchGrid, block: Window, patch_logits, to_tenso
         cache.clear()
         cache.update(kept_before)
         cache.update(keep)
-    accum /= count.clamp_min(1)
+    rows, cols = torch.zeros(block.height), torch.zeros(block.width)
+    for top in {w.top for w in windows}:
+        rows[max(top, block.top) - block.top:min(top + ph, block.bottom) - block.top] += 1
+    for left in {w.left for w in windows}:
+        cols[max(left, block.left) - block.left:min(left + pw, block.right) - block.left] += 1
+    accum /= rows.clamp_min(1).view(1, -1, 1)
+    accum /= cols.clamp_min(1).view(1, 1, -1)
     accum -= accum.amax(dim=0, keepdim=True)  # softmax in place: one block-sized buffer
     accum.exp_()
     accum /= accum.sum(dim=0, keepdim=True)
@@ -570,14 +579,13 @@ class GLNetPredictor(WholeImagePredictor):
             return probs[0].cpu().numpy()
         model = self.model
         height, width = context.image_shape
-        size = context.grid.patch
 
         def logits(batch: torch.Tensor, windows: list[Window]) -> torch.Tensor:
             boxes = [normalized_box(w, height, width) for w in windows]
             with self.autocast():
                 out = model.patch_forward(batch, boxes, context.context, ensemble_from=context.ensemble_from,
                                           keep=frozenset())
-            return resize(out.ensemble.float(), size)
+            return out.ensemble.float()  # at 1/4 of the patch: stitch_logits upsamples each when adding it
 
         needed = self.num_classes * window.height * window.width
         if context.output is None or context.output.numel() < needed:
@@ -633,16 +641,16 @@ def patch_bytes(model, training: bool) -> int:
     if training:
         return int(0.62 * _encoder_bytes(model, True) + 30 * unit)
     size_p = model.options["size_p"]
-    return int(7 * unit + 0.1 * _encoder_bytes(model, False) + 2 * 4 * model.num_classes * size_p * size_p)
+    return int(7 * unit + 0.1 * _encoder_bytes(model, False) + 4 * model.num_classes * size_p * size_p)
 
 
 def glnet_block_bytes(block: int, size_p: int, num_classes: int, grid_step: int) -> int:
     """One streamed block's buffers while its patches run: logits sums (softmaxed in place into
-    the returned probabilities), overlap counts, and the cached logits of one column of patches
-    shared with the next block. (The driver's argmax of the probabilities comes after the
-    patches' memory is released.)"""
+    the returned probabilities) and the cached logits (at 1/4 of the patch) of one column of
+    patches shared with the next block. (The driver's argmax of the probabilities comes after
+    the patches' memory is released.)"""
     column = -(-block // max(grid_step, 1)) + 1
-    return 4 * num_classes * block * block + 4 * block * block + column * 4 * num_classes * size_p * size_p
+    return 4 * num_classes * block * block + column * 4 * num_classes * (size_p // 4 + 1) ** 2
 
 
 def inference_estimate(model, device="cpu", block_size: int = 2048) -> MemoryEstimate:
