@@ -104,8 +104,8 @@ def test_classifier_step_recomputes_exactly_k_patches_with_gradients(global_patc
     logged = model.training_stages()[0].step(context(model), batch)
     assert logged["k"] == 4
     assert sum(calls["no_grad"]) == 2 * 16  # the fill: every patch once, without gradients
-    per_iteration = 2 * (4 + (1 if global_patch else 0))  # k per image (+ the global patch)
-    assert calls["grad"] == [per_iteration] * 3  # one pass per inner iteration
+    # per inner iteration: k patches per image, then the global patches in their own pass
+    assert calls["grad"] == ([2 * 4, 2] if global_patch else [2 * 4]) * 3
     assert_theta1_learns(model)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.theta2.parameters())
     assert np.isfinite(float(logged["loss"]))
@@ -137,7 +137,7 @@ def test_segmenter_step_recomputes_exactly_k_patches_with_gradients():
     logged = model.training_stages()[0].step(context(model), batch)
     assert logged["k"] == 2
     assert sum(calls["no_grad"]) == 4
-    assert calls["grad"] == [3, 3]  # 2 sampled patches + the global patch, per inner iteration
+    assert calls["grad"] == [2, 1, 2, 1]  # per inner iteration: 2 sampled patches, then the global patch
     assert_theta1_learns(model)
     assert model.theta2.weight.grad.abs().sum() > 0
 
@@ -172,12 +172,18 @@ def test_max_memory_chooses_k_and_the_fill_sub_batch():
     roomy = patchgd.plan_patches(model, shape, 2, 10**12, device="cuda")
     assert roomy.k == 16 and roomy.fill_batch == patchgd.MAX_FILL_BATCH
     per_patch, base = roomy.per_patch, roomy.fixed + roomy.data
+
+    def budget(needed):  # 10% of a budget is left to the allocator
+        return int(needed / (1 - patchgd.ALLOCATOR_MARGIN)) + 1
+
     # room for 2 images x (5 patches + the global patch): k = 5
-    tight = patchgd.plan_patches(model, shape, 2, base + 2 * 6 * per_patch + per_patch // 2, device="cuda")
+    tight = patchgd.plan_patches(model, shape, 2, budget(base + 2 * 6 * per_patch + per_patch // 2), device="cuda")
     assert tight.k == 5
-    assert patchgd.plan_patches(model, shape, 2, base + 2 * 2 * per_patch, device="cuda").k == 1
+    assert patchgd.plan_patches(model, shape, 2, budget(base + 2 * 2 * per_patch), device="cuda").k == 1
     with pytest.raises(BudgetError, match="too small to train patchgd_classifier on 2 image"):
-        patchgd.plan_patches(model, shape, 2, base + per_patch, device="cuda")
+        patchgd.plan_patches(model, shape, 2, budget(base + 2 * 2 * per_patch) - 2, device="cuda")
+    with pytest.raises(BudgetError, match="the smallest that works is about"):
+        patchgd.plan_patches(model, shape, 2, base + 2 * 2 * per_patch, device="cuda")
 
 
 # ----------------------------------------------------------------------------- end to end

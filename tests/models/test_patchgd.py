@@ -149,6 +149,22 @@ def test_classifier_update_rewrites_only_the_sampled_patches_with_gradients():
     assert model.theta1.fc.weight.grad.abs().sum() > 0
 
 
+def test_global_patch_uses_running_statistics_and_leaves_them_alone():
+    model = classifier().train()
+    x = image()
+    norm = model.theta1.encoder.model.conv1[1]  # a BatchNorm of the stem
+    before = norm.running_mean.clone()
+    g = model.encode_global(global_view_of(x, 32))
+    torch.testing.assert_close(norm.running_mean, before)
+    assert norm.training and g.requires_grad
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(g.detach(), model.theta1(global_view_of(x, 32)))
+    model.train()
+    model.theta1(patch_at(x[0], 0, 0, 32)[None].expand(2, -1, -1, -1).contiguous())
+    assert not torch.equal(norm.running_mean, before)  # patches in training mode do update them
+
+
 def test_classifier_options_are_checked():
     with pytest.raises(ConfigError, match="fusion"):
         classifier(fusion="max")
@@ -245,11 +261,11 @@ def test_segmenter_update_gives_gradients_only_through_the_sampled_patches():
     z0 = model.fill(x, 12)
     indices = torch.tensor([[5]])  # row 1, column 1
     logits = model(x, latents=z0, indices=indices)
-    probe = {}
-    handle = model.theta1.register_forward_hook(lambda m, i, o: probe.update(batch=i[0].shape[0]))
+    batches = []
+    handle = model.theta1.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0]))
     model(x, latents=z0, indices=indices)
     handle.remove()
-    assert probe["batch"] == 2  # one sampled patch + the global patch
+    assert batches == [1, 1]  # the sampled patch, then the global patch
     logits[:, :, 32:64, 32:64].sum().backward()
     assert all(p.grad is not None for p in model.theta1.parameters())
     with torch.no_grad():

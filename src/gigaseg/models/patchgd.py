@@ -38,6 +38,11 @@ patches with gradients per inner iteration (see ``gigaseg.methods.patchgd``).
 
 ``global_patch=False`` gives the framework without the global patch (the other baseline).
 
+BatchNorm: patches are encoded in training mode (batch statistics, in the fill as in the
+inner iterations); the global patch is always encoded with theta1's running statistics
+(:func:`running_statistics`), so it neither shifts the patches' batch statistics nor
+differs between training and inference.
+
 Forward modes (all take normalised images ``x``, ``(B, C, H, W)``; ``global_view`` is the
 whole image resized to ``patch_size`` — computed with ``F.interpolate(mode="area")``
 when not given):
@@ -54,6 +59,7 @@ when not given):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -68,7 +74,7 @@ from .encoders import Encoder, PretrainedSpec, check_encoder_name
 from .registry import register_method
 
 __all__ = ["DownsampledClassifier", "GridHead", "PatchEncoder", "PatchGDClassifier", "PatchGDSegmenter",
-           "even_chunks", "grid_shape", "patch_at", "patch_windows"]
+           "even_chunks", "grid_shape", "patch_at", "patch_windows", "running_statistics"]
 
 FUSIONS = ("add", "concat")
 THETA1_ARCHS = {"unet": smp.Unet, "deeplabv3": smp.DeepLabV3}
@@ -101,6 +107,24 @@ def gather_patches(x: torch.Tensor, indices: torch.Tensor, cols: int, patch: int
     """``(B * k, C, patch, patch)``: patches ``indices[b]`` (``(B, k)``) of each image ``x[b]``."""
     return torch.stack([patch_at(x[b], top, left, patch)
                         for b in range(x.shape[0]) for top, left in patch_windows(indices[b], cols, patch)])
+
+
+@contextlib.contextmanager
+def running_statistics(module: nn.Module):
+    """Inside, ``module``'s BatchNorm layers normalise with (and leave alone) their running statistics.
+
+    The global patch is encoded this way, in training as at inference: a downsampled whole
+    image in the same BatchNorm batch as full-resolution patches would shift the patches'
+    batch statistics away from those of the no-grad fill, and pollute the running ones.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for norm in norms:
+        norm.eval()
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.train()
 
 
 def even_chunks(items: list, size: int) -> list[list]:
@@ -257,6 +281,11 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
                     z[b, :, i] = vector
         return z.view(batch, self.latent_channels, rows, cols)
 
+    def encode_global(self, global_view: torch.Tensor) -> torch.Tensor:
+        """theta1 on the global patch ``(B, C, p, p)`` -> ``(B, latent_dim)``, BatchNorm on running statistics."""
+        with running_statistics(self.theta1):
+            return self.theta1(global_view)
+
     def fuse(self, z: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         """Z fused with the global latent ``g`` ``(B, latent_dim)`` (None: no global patch)."""
         if g is None:
@@ -280,17 +309,14 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
         if latents is None:
             everything = torch.arange(rows * cols, device=x.device).expand(batch, -1)
             patches = gather_patches(x, everything, cols, p)
-            encoded = self.theta1(torch.cat([patches, global_view]) if use_global else patches)
-            z = encoded[:batch * rows * cols].view(batch, rows, cols, -1).permute(0, 3, 1, 2)
-            g = encoded[batch * rows * cols:] if use_global else None
-            return self.classify(z, g)
+            z = self.theta1(patches).view(batch, rows, cols, -1).permute(0, 3, 1, 2)
+            return self.classify(z, self.encode_global(global_view) if use_global else None)
         if indices is None:
             raise ValueError("indices (B, k) are needed with latents")
         k = indices.shape[1]
         patches = gather_patches(x, indices, cols, p)
-        encoded = self.theta1(torch.cat([patches, global_view]) if use_global else patches)
-        fresh = encoded[:batch * k].view(batch, k, -1).transpose(1, 2).to(latents.dtype)  # (B, d, k)
-        g = encoded[batch * k:] if use_global else None
+        fresh = self.theta1(patches).view(batch, k, -1).transpose(1, 2).to(latents.dtype)  # (B, d, k)
+        g = self.encode_global(global_view) if use_global else None
         flat = latents.detach().flatten(2)
         index = indices.to(flat.device)[:, None, :].expand(-1, flat.shape[1], -1)
         z = flat.scatter(2, index, fresh).view_as(latents)
@@ -439,8 +465,9 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
         return z
 
     def global_features(self, global_view: torch.Tensor) -> torch.Tensor:
-        """theta1's output on the global patch ``(B, latent_channels, p, p)``."""
-        return self.encode(global_view)
+        """theta1's output on the global patch ``(B, latent_channels, p, p)``, BatchNorm on running statistics."""
+        with running_statistics(self.theta1):
+            return self.encode(global_view)
 
     def head(self, z: torch.Tensor, g_up: torch.Tensor | None) -> torch.Tensor:
         """theta2 on ``Z`` (cropped to the output size) and the upsampled global features -> logits."""
@@ -469,8 +496,7 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
             base = latents.detach()
         k = indices.shape[1]
         patches = gather_patches(x, indices, cols, p)
-        encoded = self.encode(torch.cat([patches, global_view]) if use_global else patches)
-        fresh = encoded[:batch * k].to(base.dtype)
+        fresh = self.encode(patches).to(base.dtype)
         # Z (a copy of the filled one) with the recomputed patches written in; autograd records
         # the slice copies, so the loss reaches theta1 through exactly these k patches
         z = base.clone()
@@ -480,7 +506,7 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
         z = z[..., :height, :width]
         g_up = None
         if use_global:
-            g = encoded[batch * k:]
+            g = self.global_features(global_view)
             g_up = F.interpolate(g.float(), size=(height, width), mode="bilinear", align_corners=False)
         return self.head(z, g_up)
 
