@@ -77,3 +77,38 @@ def test_bad_memory_size(capsys, tmp_path, checkpoint):
     code, err = run_cli(capsys, "predict", tmp_path / "x.tif", "--checkpoint", checkpoint, "--out", tmp_path,
                         "--max-memory", "lots")
     assert_one_line_error(code, err, "cannot read memory size 'lots'")
+
+
+def test_predict_set_changes_inference_options_only(capsys, tmp_path, checkpoint):
+    image = tmp_path / "scene.tif"
+    tifffile.imwrite(image, np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "predict", image, "--checkpoint", checkpoint, "--out", out, "--set", "patch_size=32")
+    assert_one_line_error(code, err, "'patch_size' cannot change after training", "overlap, blend")
+    assert not out.exists()
+    code, err = run_cli(capsys, "predict", image, "--checkpoint", checkpoint, "--out", out, "--set", "overlap=many")
+    assert_one_line_error(code, err, "overlap")
+    code, _ = run_cli(capsys, "predict", image, "--checkpoint", checkpoint, "--out", out,
+                      "--set", "overlap=32", "--set", "blend=uniform")
+    assert code == 0 and tifffile.imread(out / "scene.tif").shape == (96, 96)
+
+
+def test_resuming_with_other_options_is_refused(capsys, tmp_path, checkpoint):
+    image = tmp_path / "scene.tif"
+    tifffile.imwrite(image, np.zeros((600, 96, 3), np.uint8))
+    out = tmp_path / "out"
+    # what a killed run leaves: the scratch area with one band, made with overlap=16 (the checkpoint's)
+    from gigaseg.api import predict
+
+    bands = []
+    with pytest.raises(KeyboardInterrupt):
+        def die(window, labels):
+            bands.append(window)
+            raise KeyboardInterrupt
+        predict(checkpoint, image, out / "scene.tif", on_band=die, progress=False)
+    assert bands and not (out / "scene.tif").exists() and (out / ".scene.tif.scratch").is_dir()
+    code, err = run_cli(capsys, "predict", image, "--checkpoint", checkpoint, "--out", out, "--set", "overlap=8")
+    assert_one_line_error(code, err, "scene.tif: cannot resume", "another model", "--restart")
+    code, _ = run_cli(capsys, "predict", image, "--checkpoint", checkpoint, "--out", out, "--set", "overlap=8",
+                      "--restart")
+    assert code == 0 and (out / "scene.tif").exists() and not (out / ".scene.tif.scratch").exists()

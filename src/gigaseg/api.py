@@ -43,6 +43,7 @@ def predict(
     info: dict | None = None,
     on_band=None,
     progress: bool = True,
+    options: dict | None = None,
 ):
     """Segment a whole image (path, array or ImageSource) into a tiled label-mask TIFF at ``out``.
 
@@ -50,13 +51,18 @@ def predict(
     run restarted with the same arguments resumes from the finished bands.
     ``info`` (class names, palette, normalisation) comes with a checkpoint; pass it
     when giving a model object. ``on_band(window, labels)`` sees each finished
-    row band (to score it against a reference mask, say).
+    row band (to score it against a reference mask, say). ``options`` changes the model's
+    inference options for this prediction (``model.inference_options``: e.g. MagNet's
+    ``fast_patches``, the patch baseline's ``overlap``).
     """
+    from .inference.fingerprint import prediction_fingerprint
     from .inference.stream import predict_image
     from .io.base import ImageSource
 
     budget = parse_size(max_memory) if max_memory is not None else None
     model, loaded_info = load_model(model_or_checkpoint)
+    if options:
+        model = model.with_inference_options(**options)
     info = info if info is not None else loaded_info
     source = image if isinstance(image, ImageSource) else open_image(image, max_memory=budget)
     if normalization is None:
@@ -69,9 +75,14 @@ def predict(
     palette = np.asarray(info["palette"], dtype=np.uint8) if info.get("palette") else None
     if out is not None and Path(out).suffix.lower() not in (".tif", ".tiff"):
         out = Path(out) / f"{source.name}.tif"
-    return predict_image(predictor, source, out, block_size=block_size_for(budget), palette=palette,
+    block_size = block_size_for(budget)
+    producer = None
+    if out is not None:
+        producer = prediction_fingerprint(model, normalization=normalization.to_dict(), block_size=block_size,
+                                          precision=precision)
+    return predict_image(predictor, source, out, block_size=block_size, palette=palette,
                          class_names=info.get("classes"), probabilities=probabilities, overlay=overlay,
-                         resume=resume, on_band=on_band, progress=progress)
+                         resume=resume, on_band=on_band, progress=progress, producer=producer)
 
 
 def evaluate(model_or_checkpoint, data, *, split: str = "val", max_memory: str | int | None = None,

@@ -123,3 +123,17 @@ def test_patches_shared_with_the_next_block_are_computed_once(patch_model):
     top2 = np.sort(plain, axis=0)[-2:]
     decided = top2[1] - top2[0] > 1e-5  # labels may differ only where two classes tie
     np.testing.assert_array_equal(plain.argmax(0)[decided], cached.argmax(0)[decided])
+
+
+def test_prediction_fingerprint_follows_weights_options_and_settings(patch_model):
+    from gigaseg.inference.fingerprint import prediction_fingerprint
+
+    base = prediction_fingerprint(patch_model, block_size=2048, precision="32")
+    assert base == prediction_fingerprint(patch_model, block_size=2048, precision="32")
+    assert base != prediction_fingerprint(patch_model, block_size=1024, precision="32")
+    assert base != prediction_fingerprint(patch_model.with_inference_options(overlap=8), block_size=2048,
+                                          precision="32")
+    changed = patch_model.with_options()
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-3
+    assert base != prediction_fingerprint(changed, block_size=2048, precision="32")

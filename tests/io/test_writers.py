@@ -337,6 +337,18 @@ def test_maskwriter_incompatible_resume_is_a_clear_error(tmp_path):
     writer.abort()
 
 
+def test_maskwriter_resumes_only_bands_of_the_same_producer(tmp_path):
+    with pytest.raises(RuntimeError):
+        with MaskWriter(tmp_path / "m.tif", 300, 200, tile=128, producer="model-a") as writer:
+            writer.write_band(0, np.ones((128, 200), np.uint8))
+            raise RuntimeError
+    with pytest.raises(GigasegError, match=r"m.tif: cannot resume.*made by another model.*--restart"):
+        MaskWriter(tmp_path / "m.tif", 300, 200, tile=128, resume=True, producer="model-b")
+    writer = MaskWriter(tmp_path / "m.tif", 300, 200, tile=128, resume=True, producer="model-a")
+    assert writer.done_bands == [0]
+    writer.abort()
+
+
 def test_maskwriter_missing_bands_are_listed(tmp_path):
     labels = labels_pattern(H, W)
     writer = mask_writer(tmp_path / "m.tif")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from gigaseg.errors import ConfigError
 from gigaseg.models import registry
@@ -107,3 +108,15 @@ def test_engine_hooks_say_what_is_missing(toy):
     model = create_model("toy", num_classes=2)
     with pytest.raises(NotImplementedError, match="toy has no training recipe"):
         model.training_stages()
+
+
+def test_inference_options_change_a_copy_with_the_same_weights():
+    model = create_model("patch", encoder="test_resnet", num_classes=3, patch_size=64, overlap=16)
+    assert model.with_inference_options(overlap=16) is model  # nothing changes
+    other = model.with_inference_options(overlap=8, blend="uniform")
+    assert other.options["overlap"] == 8 and model.options["overlap"] == 16
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    with pytest.raises(ConfigError, match="'patch_size' cannot change after training.*those that can: overlap, blend"):
+        model.with_inference_options(patch_size=32)
+    with pytest.raises(ConfigError, match="none"):
+        create_model("global", encoder="test_resnet", num_classes=3).with_inference_options(input_size=64)

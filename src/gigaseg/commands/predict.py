@@ -20,6 +20,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     parser.add_argument("--probabilities", action="store_true", help="also write <name>_probabilities.zarr")
     parser.add_argument("--restart", action="store_true", help="ignore finished bands of an interrupted run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="inference option of the method, e.g. --set fast_patches=3 --set points=0.9 "
+                             "(MagNet-Fast), --set overlap=64 (patch); repeatable")
     parser.set_defaults(run=run)
     return parser
 
@@ -27,11 +30,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..api import load_model, predict
-    from ..memory import format_size
     import resource
 
+    from ..api import load_model, predict
+    from ..memory import format_size
+    from .common import parse_options
+
     model, info = load_model(args.checkpoint)  # once, and a bad checkpoint fails before any output
+    model = model.with_inference_options(**parse_options(args.set))  # bad options fail before any output too
     for image in args.images:
         out = Path(args.out) / f"{Path(image).name.split('.')[0]}.tif"
         result = predict(model, image, out, info=info, max_memory=args.max_memory, device=args.device,

@@ -82,12 +82,15 @@ def predict_image(
     resume: bool = True,
     on_band: Callable[[Window, np.ndarray], None] | None = None,
     progress: bool = True,
+    producer: str | None = None,
 ) -> PredictionResult:
     """Predict ``source`` into a label-mask TIFF at ``out`` (``None``: only call ``on_band``).
 
     ``on_band(window, labels)`` receives each finished row band (e.g. to update a
     streaming confusion matrix). With ``probabilities`` a float16 zarr array
     ``(C, H, W)`` is written next to the mask as ``<stem>_probabilities.zarr``.
+    ``producer`` (see :func:`gigaseg.inference.fingerprint.prediction_fingerprint`) is kept
+    with the finished bands: resuming them with a different one is an error.
     """
     start = time.perf_counter()
     out = Path(out) if out is not None else None
@@ -96,7 +99,7 @@ def predict_image(
     if out is not None:
         writer = MaskWriter(
             out, source.height, source.width, palette=palette, tile=WRITER_TILE,
-            geo_tags=source.geo_tags, class_names=class_names, resume=resume,
+            geo_tags=source.geo_tags, class_names=class_names, resume=resume, producer=producer,
         )
     probs_store = _ProbabilityStore(out, predictor.num_classes, source, resume) if probabilities and out else None
     context = predictor.prepare(source)

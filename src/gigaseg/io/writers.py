@@ -359,6 +359,7 @@ class MaskWriter:
         class_names: Iterable[str] | None = None,
         resume: bool = False,
         progress: Progress | None = None,
+        producer: str | None = None,
     ):
         if height <= 0 or width <= 0:
             raise ValueError(f"cannot write a mask of size {height}x{width}")
@@ -372,6 +373,9 @@ class MaskWriter:
         self.compression = compression
         self.class_names = None if class_names is None else [str(n) for n in class_names]
         self.progress = progress
+        # what makes the bands (a fingerprint of model, options and settings): a resume by anything
+        # else would stitch two different predictions into one mask
+        self.producer = producer
         self.scratch_dir = self.path.with_name(f".{self.path.name}.scratch")
         self._raw_path = self.scratch_dir / "labels.raw"
         self._progress_path = self.scratch_dir / "progress.json"
@@ -388,7 +392,7 @@ class MaskWriter:
 
     def _meta(self) -> dict:
         return {"format": self._FORMAT, "version": 1, "height": self.height, "width": self.width,
-                "band_height": self.tile}
+                "band_height": self.tile, "producer": self.producer}
 
     def _start(self) -> None:
         shutil.rmtree(self.scratch_dir, ignore_errors=True)
@@ -405,6 +409,10 @@ class MaskWriter:
             raise GigasegError(f"{where}: unreadable progress.json ({error}); delete the folder or write afresh") from None
         expected = self._meta()
         found = {k: state.get(k) for k in expected}
+        if found["producer"] != expected["producer"] and {**found, "producer": None} == {**expected, "producer": None}:
+            raise GigasegError(
+                f"{where}: its finished bands were made by another model, other options or other settings; "
+                f"rerun with --restart (resume=False) to start afresh, or with what made them")
         if found != expected:
             raise GigasegError(
                 f"{where}: it holds a {found['height']}x{found['width']} mask in {found['band_height']}-row bands, "

@@ -6,6 +6,9 @@ values). Its constructor takes ``encoder``, ``num_classes``, ``in_channels``, ``
 and the options as keyword arguments, and calls ``super().__init__`` with all but
 ``pretrained`` first.
 
+``inference_options`` names the options that only change how a trained network is run
+(patch overlap, blending, MagNet's points...), which ``gigaseg predict --set`` may change.
+
 ``config`` is a JSON-serialisable dict — ``method``, ``encoder``, ``num_classes``,
 ``in_channels``, ``options`` — and ``create_model(**model.config)`` rebuilds the same
 architecture (with fresh weights: ``pretrained`` is not part of it, a checkpoint's
@@ -38,6 +41,8 @@ class SegmentationModel(nn.Module):
     method_name: ClassVar[str] = ""
     default_options: ClassVar[dict[str, Any]] = {}
     option_choices: ClassVar[dict[str, tuple]] = {}
+    #: options that may differ between training and prediction (they do not change the weights)
+    inference_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, encoder: str = "resnet50", num_classes: int, in_channels: int = 3, **options: Any):
         super().__init__()
@@ -93,6 +98,30 @@ class SegmentationModel(nn.Module):
             "in_channels": self.in_channels,
             "options": copy.deepcopy(self.options),
         }
+
+    def with_options(self, **options: Any) -> "SegmentationModel":
+        """A copy with other options and the same weights, device and train/eval mode."""
+        from .registry import create_model
+
+        config = self.config
+        config["options"].update(options)
+        other = create_model(**config)
+        other.load_state_dict(self.state_dict())
+        device = next(self.parameters()).device
+        return other.to(device).train(self.training)
+
+    def with_inference_options(self, **options: Any) -> "SegmentationModel":
+        """``with_options`` limited to ``inference_options``; ``self`` when nothing changes."""
+        label = self.method_name or type(self).__name__
+        other = sorted(set(options) - set(self.inference_options))
+        if other:
+            allowed = ", ".join(self.inference_options) or "none"
+            raise ConfigError(f"{label}: option{'s' if len(other) > 1 else ''} {', '.join(repr(o) for o in other)} "
+                              f"cannot change after training (they shape the network or its training); "
+                              f"those that can: {allowed}")
+        if all(self.options.get(k) == v for k, v in options.items()):
+            return self
+        return self.with_options(**options)
 
     # ---- use
 

@@ -138,6 +138,7 @@ class PatchSegmenter(FPNSegmenter):
     default_options = {"patch_size": 508, "overlap": 120, "blend": "gaussian", "decoder": "fpn", "fpn_channels": 256,
                        "loss": "focal", "crops_per_image": 8}
     option_choices = {"decoder": DECODERS, "loss": LOSSES, "blend": BLEND_MODES}
+    inference_options = ("overlap", "blend")
     size_option = "patch_size"
 
     def training_stages(self) -> list:

@@ -317,6 +317,7 @@ class GLNet(SegmentationModel):
     default_options: dict[str, Any] = {"size_g": 508, "size_p": 508, "min_overlap": 50, "fmreg": 0.15,
                                        "focal_gamma": 3.0, "global_context": "image"}
     option_choices = {"global_context": ("image",)}
+    inference_options = ("min_overlap",)
 
     def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
                  pretrained: PretrainedSpec = False, **options: Any):

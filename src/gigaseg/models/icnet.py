@@ -179,6 +179,7 @@ class ICNet(SegmentationModel):
         "tile_size": [1024, 2048], "tile_overlap": 128, "blend": "gaussian",
     }
     option_choices = {"blend": ("gaussian", "uniform")}
+    inference_options = ("tile_size", "tile_overlap", "blend")
     #: input pixels per pixel of ``decode``'s logits
     output_stride: ClassVar[int] = 4
 

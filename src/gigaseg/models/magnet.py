@@ -397,6 +397,7 @@ class MagNet(SegmentationModel):
         "crops_per_image": 1,
     }
     option_choices = {"preset": tuple(PRESETS), "decoder": DECODERS}
+    inference_options = ("points", "fast_patches", "median_kernel")
 
     def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
                  pretrained: PretrainedSpec = False, **options: Any):
@@ -460,14 +461,7 @@ class MagNet(SegmentationModel):
 
     def variant(self, **options: Any) -> "MagNet":
         """A copy with other options and the same weights (e.g. ``fast_patches=3, points=0.9``)."""
-        config = self.config
-        config["options"].update(options)
-        from .registry import create_model
-
-        other = create_model(**config)
-        other.load_state_dict(self.state_dict())
-        device = next(self.parameters()).device
-        return other.to(device).train(self.training)
+        return self.with_options(**options)
 
     def mark_refinement_trained(self, trained: bool = True) -> None:
         """Set the flag that switches whole-image predictions from the backbone alone to MagNet."""

@@ -185,6 +185,7 @@ class PSPNet(SegmentationModel):
         "tile_size": [1024, 2048], "tile_overlap": 128, "blend": "gaussian",
     }
     option_choices = {"blend": ("gaussian", "uniform")}
+    inference_options = ("tile_size", "tile_overlap", "blend")
 
     def __init__(self, encoder: str = "pspnet_resnet50", *, num_classes: int, in_channels: int = 3,
                  pretrained: PretrainedSpec = False, **options: Any):
