@@ -21,12 +21,8 @@ Writes ``benchmarks/results/icnet_speed.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,36 +63,12 @@ def imports_only() -> dict:
 
 
 def machine() -> dict:
+    """``gigaseg.bench.machine.describe()`` plus the torch threads the timings ran with."""
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    from gigaseg.bench.machine import describe
 
-
-def git_commit() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        changed = git("status", "--porcelain", "--", "src/gigaseg", "benchmarks").splitlines()
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed), "uncommitted_paths": len(changed)}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+    return {**describe(), "torch_threads": torch.get_num_threads()}
 
 
 # --------------------------------------------------------------------------- timing
@@ -214,15 +186,14 @@ def _gb(n: float | None) -> str:
 
 
 def markdown(result: dict) -> str:
+    from gigaseg.bench.machine import markdown_header
+
     m, s, mem, g = result["machine"], result["cpu_speed"], result["memory"], result["gpu"]
     lines = [
         "# ICNet versus PSPNet-50 at 1024x2048, batch 1",
         "",
-        f"Machine: {m['cpu']}, {m['usable_cores']} usable cores (shared with other users); torch {m['torch']}; "
-        f"GPU: {m['gpu'] or 'none'}; commit {str(result['git']['commit'])[:7]}"
-        f"{'-dirty' if result['git'].get('dirty') else ''}; {result['date']}",
-        "",
-        f"Command: `{result['command']}`",
+        markdown_header(m),
+        f"{m['usable_cores']} usable cores, shared with other users.",
         "",
         f"Networks: ICNet (`icnet_resnet50_half`, {s['parameters']['icnet']:,} parameters) and PSPNet-50 "
         f"(`pspnet_resnet50`, {s['parameters']['pspnet']:,}), {result['classes']} classes, random weights, eval mode, "
@@ -291,10 +262,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     result = {
         "benchmark": "icnet_speed",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/icnet_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(),
-        "git": git_commit(),
+        "machine": machine(),  # with the commit, the command line and the date
         "classes": args.classes,
     }
     result["cpu_speed"] = cpu_speed(args.classes, args.rounds, args.compile)

@@ -33,10 +33,8 @@ them into ``benchmarks/results/magnet_inference.json`` and ``.md``):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -168,43 +166,16 @@ def child_alternate(image: str, repeats: int) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """``gigaseg.bench.machine.describe()`` plus the torch threads and the load of the shared CPU."""
     import torch
+
+    from gigaseg.bench.machine import describe
 
     try:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": load,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-def git_commit() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        changed = git("status", "--porcelain", "--", "src/gigaseg", "benchmarks").splitlines()
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed), "uncommitted_paths": len(changed)}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+    return {**describe(), "torch_threads": torch.get_num_threads(), "load_average": load}
 
 
 def _save(work: Path, name: str, data: dict) -> None:
@@ -379,16 +350,19 @@ def summarize(speed: dict | None, accuracy: dict | None) -> dict:
 
 
 def markdown(result: dict) -> str:
+    from gigaseg.bench.machine import markdown_header
+
     m, speed, acc, summary = result["machine"], result.get("speed"), result.get("accuracy"), result["summary"]
-    commit = (result["git"]["commit"] or "unknown") + (" (with uncommitted changes)" if result["git"]["dirty"] else "")
+    load = f"{m['load_average'][0]:.1f}" if m["load_average"] else "unknown"
     lines = [
         "# MagNet / MagNet-Fast whole-image inference",
         "",
-        f"Machine: {m['cpu']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores (shared with other "
-        f"jobs: load average 3-9 during the runs, {m['load_average'][0]:.1f} at the end), torch {m['torch']} with "
-        f"{m['torch_threads']} threads. "
-        f"GPU: {m['gpu'] or 'none lent to this task, so no CUDA figures (the CUDA code path records max_memory_allocated)'}.  ",
-        f"Commit: `{commit}`. Date: {result['date']}.  ",
+        markdown_header(m),
+        f"{m['usable_cores']} usable of {m['cores']} logical cores (shared with other jobs: load average 3-9 during "
+        f"the runs, {load} at the end), torch with {m['torch_threads']} threads."
+        + ("" if m["gpu"] else " No GPU was lent to this task, so no CUDA figures (the CUDA code path records "
+                               "max_memory_allocated)."),
+        "",
         "Commands (phases resume from the work folder): " + "; ".join(f"`{c}`" for c in result["commands"]) + ".",
         "",
     ]
@@ -492,11 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         speed, accuracy = _load(args.work, "speed"), _load(args.work, "accuracy")
         result = {
             "benchmark": "magnet_inference",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": invocation,
             "commands": commands + [invocation],
-            "machine": machine(),
-            "git": git_commit(),
+            "machine": machine(),  # with the commit, this command line and the date
             "scenes": _load(args.work, "scenes"),
             "speed": speed,
             "accuracy": accuracy,

@@ -22,12 +22,8 @@ folder that is removed afterwards unless ``--keep``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,50 +76,14 @@ CHILDREN = {"check": child_check, "read": child_read}
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory = int(line.split()[1]) * 1024
-                break
-    except OSError:
-        pass
+    """``gigaseg.bench.machine.describe()`` plus the versions of the libraries the streaming code uses."""
     import numpy
     import scipy
     import tifffile
 
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_bytes": memory,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-        "tifffile": tifffile.__version__,
-    }
+    from gigaseg.bench.machine import describe
 
-
-def git_commit() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        # changed or not yet committed files of the package or the benchmarks (untracked included)
-        changed = git("status", "--porcelain", "--", "src/gigaseg", "benchmarks").splitlines()
-        return {"commit": commit, "dirty": bool(changed), "uncommitted_paths": len(changed)}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+    return {**describe(), "numpy": numpy.__version__, "scipy": scipy.__version__, "tifffile": tifffile.__version__}
 
 
 def _last_json(text: str | None) -> dict:
@@ -162,10 +122,7 @@ def run(size: str, work: Path, keep: bool) -> dict:
     manifest = json.loads((out / "synth.json").read_text())
     result = {
         "benchmark": "synth_streaming",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/synth_streaming.py --size " + size,
-        "machine": machine(),
-        "git": git_commit(),
+        "machine": machine(),  # with the commit, the command line and the date
         "generate": {
             "command": " ".join(["gigaseg", *command[3:5], "big", *command[6:]]),
             "work_dir": str(work),
@@ -207,20 +164,18 @@ def run(size: str, work: Path, keep: bool) -> dict:
 
 
 def markdown(result: dict) -> str:
+    from gigaseg.bench.machine import markdown_header
+
     m, g, c, r, b = (result[k] for k in ("machine", "generate", "checks", "read", "baselines"))
-    commit = result["git"]["commit"] or "unknown"
-    if result["git"]["dirty"]:
-        commit += " (with uncommitted changes)"
     size = "x".join(str(v) for v in c.get("size", [])) or "?"
     fine, context = c.get("fine_iou", {}), c.get("context", {}).get(c.get("context_class", ""), {})
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         "# Synthetic land-cover scene: streaming generation and reading",
         "",
-        f"Machine: {m['cpu']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores, "
-        f"{_mb(m['memory_bytes'])} RAM; Python {m['python']}, numpy {m['numpy']}, tifffile {m['tifffile']}.  ",
-        f"Commit: `{commit}`. Date: {result['date']}.  ",
-        f"Command: `{result['command']}`; each row ran in a fresh child process.",
+        markdown_header(m),
+        f"{m['usable_cores']} usable of {m['cores']} logical cores, {_mb(m['memory_bytes'])} RAM; "
+        f"Python {m['python']}, numpy {m['numpy']}, tifffile {m['tifffile']}. Each row ran in a fresh child process.",
         "",
         "| step | peak RSS | bound | wall time |",
         "|---|---|---|---|",

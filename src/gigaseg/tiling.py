@@ -19,7 +19,7 @@ Geometry shared by every method; no IO. Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -270,6 +270,8 @@ def crop_resize(
     norm_boxes: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
     out_size: int | Sequence[int],
     batch_index: Sequence[int] | None = None,
+    *,
+    to_cells: Callable[[Box, int, int], Window] | None = None,
 ) -> torch.Tensor:
     """Crop each box's region from a global feature map and resize it to ``out_size``.
 
@@ -278,6 +280,9 @@ def crop_resize(
     The region is :func:`box_on_grid` on ``H x W``, clipped to the map (GLNet slices the
     same way), then resized bilinearly (``align_corners=False``). Returns ``(N, C, oh, ow)``;
     differentiable. Crops of equal size are resized in one call.
+
+    ``to_cells(box, H, W)`` replaces the clipped ``box_on_grid`` rule, for callers that
+    place boxes on the map otherwise (``models.glnet.crop_global`` keeps them inside).
     """
     import torch
 
@@ -297,7 +302,10 @@ def crop_resize(
 
     groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
     for i, (box, bi) in enumerate(zip(boxes, batch_index)):
-        cells = box_on_grid(box, height, width).clip(height, width)
+        if to_cells is None:
+            cells = box_on_grid(box, height, width).clip(height, width)
+        else:
+            cells = to_cells(box, height, width)
         if cells.area == 0:
             raise ValueError(f"box {box} lies outside the {height}x{width} feature map")
         rows, cols = cells.slices

@@ -20,6 +20,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int | None:
+    """Cores this process may run on (fewer than ``os.cpu_count()`` under a CPU mask or container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def memory_bytes() -> int | None:
+    """Physical memory of the machine (Linux ``/proc/meminfo``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def gpu_name() -> str | None:
     try:
         import torch
@@ -51,7 +68,10 @@ def describe() -> dict:
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "memory_bytes": memory_bytes(),
         "gpu": gpu_name(),
+        "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch_version,
         "commit": git_commit(),

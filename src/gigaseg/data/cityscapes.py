@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
-from .datasets import Pair, SegmentationDataset, index_files, list_images, match_pairs, require_folder
+from .datasets import (
+    SegmentationDataset,
+    check_split,
+    index_files,
+    list_images,
+    match_pairs,
+    require_folder,
+    unlabelled_pairs,
+)
 from .labels import LookupEncoding
 
 CLASSES = (
@@ -70,14 +78,13 @@ class Cityscapes(SegmentationDataset):
         check: bool = True,
     ):
         root = require_folder(Path(root), "Cityscapes folder")
-        if split not in SPLITS:
-            raise DatasetError(root, f"Cityscapes has no split {split!r} (splits: {', '.join(SPLITS)})")
+        check_split(root, "Cityscapes", split, SPLITS)
         image_folder = require_folder(root / "leftImg8bit" / split, "Cityscapes image folder")
         images = index_files(_files(image_folder, IMAGE_SUFFIX), image_folder, IMAGE_SUFFIX)
         if not images:
             raise DatasetError(image_folder, f"no images (<city>/*{IMAGE_SUFFIX}.png) for split {split!r}")
         if split == "test":
-            pairs = [Pair(name, path, None) for name, path in sorted(images.items())]
+            pairs = unlabelled_pairs(images)
         else:
             mask_folder = require_folder(root / "gtFine" / split, "Cityscapes annotation folder")
             masks = index_files(_files(mask_folder, MASK_SUFFIX), mask_folder, MASK_SUFFIX)

@@ -47,7 +47,19 @@ from ..errors import DatasetError, GigasegError
 from ..io.base import ImageSource
 from ..io.palette import default_palette
 from ..io.sources import open_image
-from .datasets import YAML_NAME, index_files, list_images, listing, require_folder
+from .datasets import (
+    YAML_NAME,
+    index_files,
+    listing,
+    load_yaml_mapping,
+    require_folder,
+    require_images,
+    select_split,
+    yaml_classes,
+    yaml_dataset_folder,
+    yaml_folder,
+    yaml_splits,
+)
 
 __all__ = [
     "ClassificationConfig",
@@ -110,24 +122,11 @@ def dataset_task(path: str | os.PathLike) -> str:
 def read_classification_yaml(path: str | os.PathLike) -> ClassificationConfig:
     """Parse and check a classification dataset.yaml (schema in the module docstring)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise DatasetError(path, f"cannot read: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        raise DatasetError(path, "is not valid YAML: " + " ".join(str(error).split())) from None
-    if not isinstance(data, dict):
-        raise DatasetError(path, "must be a YAML mapping (task:, classes:, labels:, ...)")
+    data = load_yaml_mapping(path, "task:, classes:, labels:")
     task = data.get("task")
     if task != TASK:
         raise DatasetError(path, f"task is {task!r}; a classification dataset needs 'task: classification'")
-    classes = data.get("classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int)) for c in classes):
-        raise DatasetError(path, f"'classes' must be a non-empty list of names, got {classes!r}")
-    classes = [str(c) for c in classes]
-    twice = sorted({c for c in classes if classes.count(c) > 1})
-    if twice:
-        raise DatasetError(path, f"class names appear twice in 'classes': {', '.join(twice)}")
+    classes = yaml_classes(data, path)
     raw_labels = data.get("labels")
     if not isinstance(raw_labels, dict) or not raw_labels:
         raise DatasetError(path, "missing 'labels': a mapping from image stem to class (id or name)")
@@ -142,14 +141,8 @@ def read_classification_yaml(path: str | os.PathLike) -> ClassificationConfig:
     if bad:
         raise DatasetError(path, f"{len(bad)} label(s) are neither a class id 0..{len(classes) - 1} nor a class "
                                  f"name: {listing(bad)}")
-    splits = data.get("splits")
-    if splits is not None:
-        if not isinstance(splits, dict) or not all(isinstance(k, str) and isinstance(v, list) for k, v in splits.items()):
-            raise DatasetError(path, "'splits' must map split names to lists of image stems")
-        splits = {k: [str(s) for s in v] for k, v in splits.items()}
-    images = data.get("images", "images")
-    if not isinstance(images, str) or not images:
-        raise DatasetError(path, f"'images' must be a folder name, got {images!r}")
+    splits = yaml_splits(data, path)
+    images = yaml_folder(data, "images", path)
     return ClassificationConfig(path=path, name=str(data.get("name", path.parent.name)), images=images,
                                 classes=classes, labels=labels, splits=splits)
 
@@ -189,12 +182,7 @@ class ClassificationDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str = "train", *,
                  max_memory: int | str | None = None, check: bool = True):
-        root = Path(root)
-        if root.is_file() and root.name == YAML_NAME:
-            root = root.parent
-        require_folder(root, "dataset folder")
-        if not (root / YAML_NAME).is_file():
-            raise DatasetError(root, f"no {YAML_NAME} here (a classification dataset needs one)")
+        root = yaml_dataset_folder(root, "a classification dataset needs one")
         config = self.config = read_classification_yaml(root / YAML_NAME)
         self.root = root
         self.split = split
@@ -206,30 +194,12 @@ class ClassificationDataset(Dataset):
         self.exclude_from_miou: tuple[int, ...] = ()
 
         image_folder = require_folder(root / config.images, f"images folder '{config.images}'")
-        files = index_files(list_images(image_folder), image_folder)
-        if not files:
-            raise DatasetError(image_folder, "no images (.tif, .tiff, .png, .jpg, .jpeg)")
+        files = index_files(require_images(image_folder), image_folder)
         missing = sorted(set(config.labels) - set(files))
         if missing:
             raise DatasetError(config.path, f"{len(missing)} labelled stem(s) have no image in {image_folder}: "
                                             f"{listing(missing)}")
-        if split == "all" and not (config.splits and "all" in config.splits):
-            chosen = sorted(files)
-        elif config.splits is None:
-            if split != "train":
-                raise DatasetError(config.path, f"no split {split!r}: no splits are defined, so every image is in "
-                                                "'train' (or 'all')")
-            chosen = sorted(files)
-        else:
-            if split not in config.splits:
-                raise DatasetError(config.path, f"no split {split!r} (splits: {', '.join(config.splits)})")
-            chosen = config.splits[split]
-            absent = [s for s in chosen if s not in files]
-            if absent:
-                raise DatasetError(config.path, f"split {split!r} lists {len(absent)} stem(s) with no image in "
-                                                f"{image_folder}: {listing(absent)}")
-        if not chosen:
-            raise DatasetError(config.path, f"no images for split {split!r}")
+        chosen = select_split(split, config.splits, sorted(files), config.path, image_folder)
         self.names = list(chosen)
         self.files = [files[s] for s in chosen]
         self.labels: list[int | None] = [config.labels.get(s) for s in chosen]

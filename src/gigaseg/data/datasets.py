@@ -69,6 +69,14 @@ def list_images(folder: Path, suffix: str = "") -> list[Path]:
     )
 
 
+def require_images(folder: Path) -> list[Path]:
+    """``list_images(folder)``; a folder without images is a DatasetError."""
+    files = list_images(folder)
+    if not files:
+        raise DatasetError(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
 def row_bands(source: ImageSource) -> Iterator[Window]:
     """Full-width windows of ``source``, top to bottom, each about ``VALIDATE_BAND_BYTES`` decoded."""
     row_bytes = source.width * source.channels * source.dtype.itemsize
@@ -129,6 +137,54 @@ def match_pairs(
             f"{len(no_image)} mask(s) have no image here: {listing([masks[n].name for n in no_image])}",
         )
     return [Pair(name, images[name], masks[name]) for name in sorted(images)]
+
+
+def unlabelled_pairs(images: dict[str, Path]) -> list[Pair]:
+    """Image files without masks (a test split), as pairs in name order."""
+    return [Pair(name, images[name], None) for name in sorted(images)]
+
+
+def check_split(root: Path, dataset: str, split: str, splits: Sequence[str]) -> None:
+    """DatasetError unless ``split`` is one of the fixed ``splits`` of a published dataset."""
+    if split not in splits:
+        raise DatasetError(root, f"{dataset} has no split {split!r} (splits: {', '.join(splits)})")
+
+
+def select_split(
+    split: str,
+    splits: dict[str, list[str]] | None,
+    names: Sequence[str],
+    source: Path,
+    image_folder: Path,
+) -> list[str]:
+    """The image names of ``split``, from the ``splits`` a dataset.yaml (``source``) defines.
+
+    ``"all"`` is every name (unless ``splits`` defines its own ``"all"``); without
+    ``splits`` every name is in ``"train"``. An unknown split, a split listing a
+    name with no image in ``image_folder`` and an empty split are errors naming ``source``.
+    """
+    if split == "all" and not (splits and "all" in splits):
+        chosen = list(names)
+    elif splits is None:
+        if split != "train":
+            raise DatasetError(
+                source, f"no split {split!r}: no splits are defined, so every image is in 'train' (or 'all')"
+            )
+        chosen = list(names)
+    else:
+        if split not in splits:
+            raise DatasetError(source, f"no split {split!r} (splits: {', '.join(splits)})")
+        chosen = splits[split]
+        available = set(names)
+        missing = [name for name in chosen if name not in available]
+        if missing:
+            raise DatasetError(
+                source,
+                f"split {split!r} lists {len(missing)} stem(s) with no image in {image_folder}: {listing(missing)}",
+            )
+    if not chosen:
+        raise DatasetError(source, f"no images for split {split!r}")
+    return chosen
 
 
 @dataclass
@@ -317,18 +373,67 @@ def _colour(value: Any, what: str, path: Path) -> list[int]:
     return list(value)
 
 
-def read_dataset_yaml(path: str | os.PathLike) -> DatasetConfig:
-    """Parse and check a dataset.yaml; every problem is a DatasetError naming the file."""
-    path = Path(path)
+def yaml_dataset_folder(root: str | os.PathLike, why: str) -> Path:
+    """The folder holding a dataset.yaml: ``root`` itself, or the folder of ``root`` when it is the yaml.
+
+    A folder without dataset.yaml is a DatasetError saying ``why`` it needs one.
+    """
+    root = Path(root)
+    if root.is_file() and root.name == YAML_NAME:
+        root = root.parent
+    require_folder(root, "dataset folder")
+    if not (root / YAML_NAME).is_file():
+        raise DatasetError(root, f"no {YAML_NAME} here ({why})")
+    return root
+
+
+def load_yaml_mapping(path: Path, keys: str) -> dict:
+    """The mapping in the yaml file ``path``; ``keys`` hints at what it should hold (``"name:, classes:"``)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise DatasetError(path, f"cannot read: {error.strerror or error}") from None
     except yaml.YAMLError as error:
         raise DatasetError(path, "is not valid YAML: " + " ".join(str(error).split())) from None
     if not isinstance(data, dict):
-        raise DatasetError(path, "must be a YAML mapping (name:, classes:, palette:, ...)")
+        raise DatasetError(path, f"must be a YAML mapping ({keys}, ...)")
+    return data
+
+
+def yaml_classes(data: dict, path: Path) -> list[str]:
+    """The ``classes`` of a dataset.yaml: a non-empty list of distinct names (ids are their indices)."""
+    classes = data.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int)) for c in classes):
+        raise DatasetError(path, f"'classes' must be a non-empty list of names, got {classes!r}")
+    classes = [str(c) for c in classes]
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise DatasetError(path, f"class names appear twice in 'classes': {', '.join(twice)}")
+    return classes
+
+
+def yaml_splits(data: dict, path: Path) -> dict[str, list[str]] | None:
+    """The optional ``splits`` of a dataset.yaml: split name -> image stems."""
+    splits = data.get("splits")
+    if splits is None:
+        return None
+    if not isinstance(splits, dict) or not all(isinstance(k, str) and isinstance(v, list) for k, v in splits.items()):
+        raise DatasetError(path, "'splits' must map split names to lists of image stems")
+    return {k: [str(s) for s in v] for k, v in splits.items()}
+
+
+def yaml_folder(data: dict, key: str, path: Path) -> str:
+    """A folder name of a dataset.yaml (``images``, ``masks``), defaulting to ``key`` itself."""
+    value = data.get(key, key)
+    if not isinstance(value, str) or not value:
+        raise DatasetError(path, f"'{key}' must be a folder name, got {value!r}")
+    return value
+
+
+def read_dataset_yaml(path: str | os.PathLike) -> DatasetConfig:
+    """Parse and check a dataset.yaml; every problem is a DatasetError naming the file."""
+    path = Path(path)
+    data = load_yaml_mapping(path, "name:, classes:, palette:")
 
     task = data.get("task", "segmentation")
     if task != "segmentation":
@@ -336,12 +441,7 @@ def read_dataset_yaml(path: str | os.PathLike) -> DatasetConfig:
     classes = data.get("classes")
     if classes is None:
         raise DatasetError(path, "missing 'classes' (the list of class names; index = class id)")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int)) for c in classes):
-        raise DatasetError(path, f"'classes' must be a non-empty list of names, got {classes!r}")
-    classes = [str(c) for c in classes]
-    twice = sorted({c for c in classes if classes.count(c) > 1})
-    if twice:
-        raise DatasetError(path, f"class names appear twice in 'classes': {', '.join(twice)}")
+    classes = yaml_classes(data, path)
     n = len(classes)
 
     kind = data.get("mask_encoding", "index")
@@ -379,26 +479,15 @@ def read_dataset_yaml(path: str | os.PathLike) -> DatasetConfig:
     if not isinstance(exclude, list) or not all(isinstance(c, int) and 0 <= c < n for c in exclude):
         raise DatasetError(path, f"'exclude_from_miou' must list class ids 0..{n - 1}, got {exclude!r}")
 
-    splits = data.get("splits")
-    if splits is not None:
-        if not isinstance(splits, dict) or not all(
-            isinstance(k, str) and isinstance(v, list) for k, v in splits.items()
-        ):
-            raise DatasetError(path, "'splits' must map split names to lists of image stems")
-        splits = {k: [str(s) for s in v] for k, v in splits.items()}
-
-    folders = {}
-    for key in ("images", "masks"):
-        value = data.get(key, key)
-        if not isinstance(value, str) or not value:
-            raise DatasetError(path, f"'{key}' must be a folder name, got {value!r}")
-        folders[key] = value
+    splits = yaml_splits(data, path)
+    images = yaml_folder(data, "images", path)
+    masks = yaml_folder(data, "masks", path)
 
     return DatasetConfig(
         path=path,
         name=str(data.get("name", path.parent.name)),
-        images=folders["images"],
-        masks=folders["masks"],
+        images=images,
+        masks=masks,
         classes=classes,
         palette=palette,
         encoding=encoding,
@@ -468,39 +557,15 @@ class FolderPairs(SegmentationDataset):
             )
         image_folder = require_folder(root / images, f"images folder '{images}'")
         mask_folder = require_folder(root / masks, f"masks folder '{masks}'")
-        image_files = list_images(image_folder)
-        if not image_files:
-            raise DatasetError(image_folder, f"no images ({', '.join(IMAGE_EXTENSIONS)})")
         found = match_pairs(
-            index_files(image_files, image_folder),
+            index_files(require_images(image_folder), image_folder),
             index_files(list_images(mask_folder), mask_folder),
             image_folder,
             mask_folder,
         )
 
-        if split == "all" and not (splits and "all" in splits):
-            chosen = found
-        elif splits is None:
-            if split != "train":
-                raise DatasetError(
-                    split_source,
-                    f"no split {split!r}: no splits are defined, so every image is in 'train' (or 'all')",
-                )
-            chosen = found
-        else:
-            if split not in splits:
-                raise DatasetError(split_source, f"no split {split!r} (splits: {', '.join(splits)})")
-            by_name = {pair.name: pair for pair in found}
-            missing = [s for s in splits[split] if s not in by_name]
-            if missing:
-                raise DatasetError(
-                    split_source,
-                    f"split {split!r} lists {len(missing)} stem(s) with no image in {image_folder}: "
-                    f"{listing(missing)}",
-                )
-            chosen = [by_name[s] for s in splits[split]]
-        if not chosen:
-            raise DatasetError(split_source, f"no images for split {split!r}")
+        by_name = {pair.name: pair for pair in found}
+        chosen = [by_name[name] for name in select_split(split, splits, list(by_name), split_source, image_folder)]
 
         if encoding is None:
             if classes is not None:
@@ -542,12 +607,7 @@ class GigasegDataset(FolderPairs):
         max_memory: int | str | None = None,
         check: bool = True,
     ):
-        root = Path(root)
-        if root.is_file() and root.name == YAML_NAME:
-            root = root.parent
-        require_folder(root, "dataset folder")
-        if not (root / YAML_NAME).is_file():
-            raise DatasetError(root, f"no {YAML_NAME} here (gigaseg's dataset description)")
+        root = yaml_dataset_folder(root, "gigaseg's dataset description")
         super().__init__(root, split, max_memory=max_memory, check=check)
 
 

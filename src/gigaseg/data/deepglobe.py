@@ -24,12 +24,12 @@ from pathlib import Path
 from ..errors import DatasetError
 from .datasets import (
     IMAGE_EXTENSIONS,
-    Pair,
     SegmentationDataset,
     index_files,
     list_images,
     match_pairs,
     require_folder,
+    unlabelled_pairs,
 )
 from .labels import PaletteEncoding
 
@@ -126,7 +126,7 @@ class DeepGlobe(SegmentationDataset):
         if masks:
             pairs = match_pairs(images, masks, image_folder, mask_folder)
         else:
-            pairs = [Pair(name, images[name], None) for name in sorted(images)]
+            pairs = unlabelled_pairs(images)
         super().__init__(
             root,
             split,

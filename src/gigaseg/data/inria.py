@@ -22,13 +22,14 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from .datasets import (
-    IMAGE_EXTENSIONS,
-    Pair,
     SegmentationDataset,
+    check_split,
     index_files,
     list_images,
     match_pairs,
     require_folder,
+    require_images,
+    unlabelled_pairs,
 )
 from .labels import BinaryEncoding
 
@@ -59,18 +60,14 @@ class Inria(SegmentationDataset):
         check: bool = True,
     ):
         root = require_folder(Path(root), "Inria folder")
-        if split not in SPLITS:
-            raise DatasetError(root, f"Inria has no split {split!r} (splits: {', '.join(SPLITS)})")
+        check_split(root, "Inria", split, SPLITS)
         if split == "test":
             folder = require_folder(root / "test" / "images", "Inria test images folder")
         else:
             folder = require_folder(root / "train" / "images", "Inria training images folder")
-        files = list_images(folder)
-        if not files:
-            raise DatasetError(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)})")
-        images = index_files(files, folder)
+        images = index_files(require_images(folder), folder)
         if split == "test":
-            pairs = [Pair(name, path, None) for name, path in sorted(images.items())]
+            pairs = unlabelled_pairs(images)
         else:
             gt_folder = require_folder(root / "train" / "gt", "Inria ground-truth folder")
             found = match_pairs(images, index_files(list_images(gt_folder), gt_folder), folder, gt_folder)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..window import Window
-from . import resample as rs
-from .base import ImageSource, thumbnail_size
+from .base import InMemorySource
 
 
-class ArraySource(ImageSource):
+class ArraySource(InMemorySource):
     """Wraps an in-memory image array without copying it."""
 
     path = None
@@ -31,7 +29,6 @@ class ArraySource(ImageSource):
             raise ValueError(f"image array is empty: shape {array.shape}")
         self._array = array
         self._name = name
-        self._thumbs: dict[tuple[int, str], np.ndarray] = {}
 
     @property
     def array(self) -> np.ndarray:
@@ -58,33 +55,5 @@ class ArraySource(ImageSource):
     def dtype(self) -> np.dtype:
         return self._array.dtype
 
-    def read(
-        self,
-        window: Window | None = None,
-        out_size: tuple[int, int] | None = None,
-        resample: str = "area",
-    ) -> np.ndarray:
-        rs.check_resample(resample)
-        win = self.resolve_window(window)
-        if out_size is not None:
-            out_size = rs.check_out_size(out_size)
-        if out_size is None or out_size == win.shape:
-            return self._array[win.slices].copy()
-        if win.area == 0:
-            raise ValueError(f"cannot resample the empty window {win}")
-        array = self._array
-
-        def read_block(top, bottom, left, right):
-            return array[top:bottom, left:right]
-
-        py = rs.axis_plan(win.top, win.bottom, out_size[0], self.height, resample)
-        px = rs.axis_plan(win.left, win.right, out_size[1], self.width, resample)
-        return rs.resample_region(read_block, py, px, self.channels, self.dtype)
-
-    def thumbnail(self, max_side: int, resample: str = "area") -> np.ndarray:
-        rs.check_resample(resample)
-        key = (int(max_side), resample)
-        if key not in self._thumbs:
-            size = thumbnail_size(self.height, self.width, int(max_side))
-            self._thumbs[key] = self.read(None, size, resample)
-        return self._thumbs[key].copy()
+    def _pixels(self) -> np.ndarray:
+        return self._array

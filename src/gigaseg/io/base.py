@@ -14,9 +14,12 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from ..errors import ImageReadError
+from ..memory import parse_size
 from ..window import Window
+from .resample import RESAMPLING, axis_plan, check_out_size, check_resample, resample_region
 
-RESAMPLING = ("area", "bilinear", "nearest")
+__all__ = ["RESAMPLING", "FileSource", "ImageSource", "InMemorySource", "check_image_file", "thumbnail_size"]
 
 
 class ImageSource(ABC):
@@ -78,7 +81,6 @@ class ImageSource(ABC):
             )
         return window
 
-    @abstractmethod
     def read(
         self,
         window: Window | None = None,
@@ -92,10 +94,37 @@ class ImageSource(ABC):
         for images), ``"bilinear"`` or ``"nearest"`` (for label masks). Windows
         reaching outside the image are an error; clip them first.
         """
+        # the checks live here so every reader rejects the same arguments with the same words
+        check_resample(resample)
+        win = self.resolve_window(window)
+        if out_size is not None:
+            out_size = check_out_size(out_size)
+        if out_size is None or out_size == win.shape:
+            return self._read_window(win)
+        if win.area == 0:
+            raise ValueError(f"cannot resample the empty window {win}")
+        return self._read_resampled(win, out_size, resample)
 
-    @abstractmethod
+    def _read_window(self, win: Window) -> np.ndarray:
+        """Pixels of the checked window ``win`` at full resolution, as a new array the caller owns."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _read_window or override read")
+
+    def _read_resampled(self, win: Window, out_size: tuple[int, int], resample: str) -> np.ndarray:
+        """The checked, non-empty window ``win`` resampled to ``out_size`` (a checked pair)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _read_resampled or override read")
+
     def thumbnail(self, max_side: int, resample: str = "area") -> np.ndarray:
-        """The whole image with its longer side scaled to ``max_side`` (the global view)."""
+        """The whole image with its longer side scaled to ``max_side`` (the global view).
+
+        Cached per ``(max_side, resample)``; each call returns a copy the caller may modify.
+        """
+        check_resample(resample)
+        key = (int(max_side), resample)
+        thumbs = self.__dict__.setdefault("_thumbs", {})
+        if key not in thumbs:
+            size = thumbnail_size(self.height, self.width, int(max_side))
+            thumbs[key] = self.read(None, size, resample)
+        return thumbs[key].copy()
 
     @property
     def geo_tags(self) -> list[tuple[int, int, int, object]]:
@@ -124,3 +153,72 @@ def thumbnail_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     """Size of a thumbnail whose longer side is ``max_side`` (aspect kept, at least 1 px)."""
     scale = max_side / max(height, width)
     return (max(1, round(height * scale)), max(1, round(width * scale)))
+
+
+def check_image_file(path: str) -> None:
+    """Raise ``ImageReadError`` unless ``path`` names an existing file (not a directory)."""
+    if not os.path.exists(path):
+        raise ImageReadError(path, "file not found")
+    if os.path.isdir(path):
+        raise ImageReadError(path, "is a directory, not an image file")
+
+
+class InMemorySource(ImageSource):
+    """A source whose whole ``(H, W, C)`` array is in memory (or decoded into it on demand).
+
+    Subclasses only provide ``_pixels``; windows are sliced from it and
+    resampled without copying the source.
+    """
+
+    @abstractmethod
+    def _pixels(self) -> np.ndarray:
+        """The whole image as ``(H, W, C)`` in the source dtype (may be a view; never modified)."""
+
+    def _read_window(self, win: Window) -> np.ndarray:
+        return self._pixels()[win.slices].copy()
+
+    def _read_resampled(self, win: Window, out_size: tuple[int, int], resample: str) -> np.ndarray:
+        array = self._pixels()
+
+        def read_block(top, bottom, left, right):
+            return array[top:bottom, left:right]
+
+        py = axis_plan(win.top, win.bottom, out_size[0], self.height, resample)
+        px = axis_plan(win.left, win.right, out_size[1], self.width, resample)
+        return resample_region(read_block, py, px, self.channels, self.dtype)
+
+
+class FileSource(ImageSource):
+    """A source reading a file whose header gave its size, channels and dtype.
+
+    Subclasses set ``_height``, ``_width``, ``_channels`` and ``_dtype`` when they
+    open the file. Open file handles do not pickle, so a copy sent to another
+    process (a DataLoader worker) pickles as ``(path, max_memory)`` and reopens
+    the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, max_memory: int | str | None = None):
+        self.path = os.fspath(path)
+        self._max_memory = None if max_memory is None else parse_size(max_memory)
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    @property
+    def channels(self) -> int:
+        return self._channels
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "max_memory": self._max_memory}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], max_memory=state["max_memory"])

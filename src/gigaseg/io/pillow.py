@@ -24,10 +24,8 @@ import warnings
 import numpy as np
 
 from ..errors import ImageReadError
-from ..memory import format_size, parse_size
-from ..window import Window
-from . import resample as rs
-from .base import ImageSource, thumbnail_size
+from ..memory import format_size
+from .base import FileSource, InMemorySource, check_image_file
 
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif")
 
@@ -71,22 +69,17 @@ def _no_pixel_limit():
             Image.MAX_IMAGE_PIXELS = saved
 
 
-class PillowSource(ImageSource):
+class PillowSource(FileSource, InMemorySource):
     """An image Pillow decodes whole (PNG, JPEG, ...); see the module docstring."""
 
     def __init__(self, path: str | os.PathLike, *, max_memory: int | str | None = None):
         from PIL import Image, UnidentifiedImageError
 
-        self.path = os.fspath(path)
-        self._max_memory = None if max_memory is None else parse_size(max_memory)
+        super().__init__(path, max_memory=max_memory)
         self._array: np.ndarray | None = None
-        self._thumbs: dict[tuple[int, str], np.ndarray] = {}
         self._lock = threading.Lock()
         self._image = None  # an open PIL image, only between header parsing and close
-        if not os.path.exists(self.path):
-            raise ImageReadError(self.path, "file not found")
-        if os.path.isdir(self.path):
-            raise ImageReadError(self.path, "is a directory, not an image file")
+        check_image_file(self.path)
         try:
             with _no_pixel_limit():
                 image = Image.open(self.path)
@@ -136,22 +129,6 @@ class PillowSource(ImageSource):
     # -- properties --------------------------------------------------------------------
 
     @property
-    def height(self) -> int:
-        return self._height
-
-    @property
-    def width(self) -> int:
-        return self._width
-
-    @property
-    def channels(self) -> int:
-        return self._channels
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
     def mode(self) -> str:
         """Pillow mode of the file (``"RGB"``, ``"P"``, ``"I;16"``, ...)."""
         return self._mode
@@ -172,7 +149,8 @@ class PillowSource(ImageSource):
 
     # -- decoding -------------------------------------------------------------------------
 
-    def _decode(self) -> np.ndarray:
+    def _pixels(self) -> np.ndarray:
+        """The whole image, decoded on first use and kept (reads slice and resample it)."""
         if self._array is not None:
             return self._array
         with self._lock:
@@ -213,47 +191,8 @@ class PillowSource(ImageSource):
             self._array = array
             return array
 
-    # -- reading ----------------------------------------------------------------------------
-
-    def read(
-        self,
-        window: Window | None = None,
-        out_size: tuple[int, int] | None = None,
-        resample: str = "area",
-    ) -> np.ndarray:
-        rs.check_resample(resample)
-        win = self.resolve_window(window)
-        if out_size is not None:
-            out_size = rs.check_out_size(out_size)
-        array = self._decode()
-        if out_size is None or out_size == win.shape:
-            return array[win.slices].copy()
-        if win.area == 0:
-            raise ValueError(f"cannot resample the empty window {win}")
-
-        def read_block(top, bottom, left, right):
-            return array[top:bottom, left:right]
-
-        py = rs.axis_plan(win.top, win.bottom, out_size[0], self.height, resample)
-        px = rs.axis_plan(win.left, win.right, out_size[1], self.width, resample)
-        return rs.resample_region(read_block, py, px, self.channels, self.dtype)
-
-    def thumbnail(self, max_side: int, resample: str = "area") -> np.ndarray:
-        rs.check_resample(resample)
-        key = (int(max_side), resample)
-        if key not in self._thumbs:
-            size = thumbnail_size(self.height, self.width, int(max_side))
-            self._thumbs[key] = self.read(None, size, resample)
-        return self._thumbs[key].copy()
-
     def close(self) -> None:
         if self._image is not None:
             self._image.close()
             self._image = None
         self._array = None
-
-    def __getstate__(self) -> dict:
-        return {"path": self.path, "max_memory": self._max_memory}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], max_memory=state["max_memory"])

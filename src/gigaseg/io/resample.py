@@ -39,7 +39,9 @@ from typing import Callable
 import numpy as np
 
 from ..window import Window
-from .base import RESAMPLING
+
+#: the ``resample`` methods every ``ImageSource.read`` accepts (described above)
+RESAMPLING = ("area", "bilinear", "nearest")
 
 #: default size of a decoded band of source rows during streamed resampling
 BAND_BYTES = 64 * 2**20

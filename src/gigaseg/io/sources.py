@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ImageReadError
 from .array import ArraySource
-from .base import ImageSource
+from .base import ImageSource, check_image_file
 from .pillow import PILLOW_SUFFIXES, PillowSource
 from .tiff import TIFF_SUFFIXES, TiffSource
 
@@ -57,10 +57,7 @@ def open_image(source, *, max_memory: int | str | None = None) -> ImageSource:
             return ArraySource(np.asarray(source))
         raise TypeError(f"cannot open {type(source).__name__!r} as an image; pass a path or an array")
     path = os.fsdecode(os.fspath(source))
-    if not os.path.exists(path):
-        raise ImageReadError(path, "file not found")
-    if os.path.isdir(path):
-        raise ImageReadError(path, "is a directory, not an image file")
+    check_image_file(path)
     try:
         kind = sniff(path)
     except OSError as exc:

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ImageReadError
-from ..memory import format_size, parse_size
+from ..memory import format_size
 from ..window import Window
 from . import resample as rs
-from .base import ImageSource, thumbnail_size
+from .base import FileSource, check_image_file
 
 #: GeoTIFF / GDAL tags copied by ``geo_tags`` (code -> name)
 GEO_TAGS = {
@@ -86,6 +86,11 @@ class _Level:
                 sel.append(0)
         return tuple(sel)
 
+    def describe_window(self, top: int, bottom: int, left: int, right: int) -> str:
+        """``window (...)`` plus the pyramid level when it is not full resolution, for error messages."""
+        window = Window.from_bounds(top, left, bottom, right)
+        return f"window {window}" + (f" of pyramid level {self.index}" if self.index else "")
+
     def to_yxc(self, data: np.ndarray) -> np.ndarray:
         """Selected data (axes in file order, singletons gone) as ``(h, w, C)``."""
         kept = [a for a in range(len(self.shape)) if a in (self.y_axis, self.x_axis, self.c_axis)]
@@ -130,7 +135,7 @@ def _drain_zarr(timeout: float = 10.0) -> None:
         pass
 
 
-class TiffSource(ImageSource):
+class TiffSource(FileSource):
     """A TIFF file read lazily, tile by tile (see the module docstring).
 
     ``max_memory`` (bytes or a string like ``"2GB"``) caps the row bands used
@@ -138,9 +143,7 @@ class TiffSource(ImageSource):
     """
 
     def __init__(self, path: str | os.PathLike, *, max_memory: int | str | None = None):
-        self.path = os.fspath(path)
-        self._max_memory = None if max_memory is None else parse_size(max_memory)
-        self._thumbs: dict[tuple[int, str], np.ndarray] = {}
+        super().__init__(path, max_memory=max_memory)
         self._lock = threading.RLock()
         self._closed = False
         self._open()
@@ -150,10 +153,7 @@ class TiffSource(ImageSource):
     def _open(self) -> None:
         import tifffile
 
-        if not os.path.exists(self.path):
-            raise ImageReadError(self.path, "file not found")
-        if os.path.isdir(self.path):
-            raise ImageReadError(self.path, "is a directory, not an image file")
+        check_image_file(self.path)
         self._pid = os.getpid()
         try:
             self._tif = tifffile.TiffFile(self.path)
@@ -220,22 +220,6 @@ class TiffSource(ImageSource):
         return levels
 
     # -- properties ----------------------------------------------------------------
-
-    @property
-    def height(self) -> int:
-        return self._height
-
-    @property
-    def width(self) -> int:
-        return self._width
-
-    @property
-    def channels(self) -> int:
-        return self._channels
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
 
     @property
     def levels(self) -> list[tuple[int, int]]:
@@ -326,13 +310,17 @@ class TiffSource(ImageSource):
         except Exception:  # noqa: BLE001 - best effort; decoding will report problems anyway
             return
         if needed > size:
-            window = Window.from_bounds(top, left, bottom, right)
-            where = f"window {window}" + (f" of pyramid level {level.index}" if level.index else "")
-            raise ImageReadError(
-                self.path,
-                f"cannot read {where}: the file is truncated ({format_size(size)} on disk, "
-                f"the tiles of this window end at {format_size(needed)})",
-            )
+            raise self._truncated(level, (top, bottom, left, right), size, needed, "tiles")
+
+    def _truncated(
+        self, level: _Level, box: tuple[int, int, int, int], size: int, end: int, what: str
+    ) -> ImageReadError:
+        """The error for a window whose ``what`` (tiles, pixels) end at byte ``end`` of a ``size``-byte file."""
+        return ImageReadError(
+            self.path,
+            f"cannot read {level.describe_window(*box)}: the file is truncated ({format_size(size)} on disk, "
+            f"the {what} of this window end at {format_size(end)})",
+        )
 
     def _read_level(self, level: _Level, top: int, bottom: int, left: int, right: int) -> np.ndarray:
         """Pixels ``[top:bottom, left:right]`` of ``level`` as ``(h, w, C)``, source dtype."""
@@ -346,8 +334,7 @@ class TiffSource(ImageSource):
             raise
         except Exception as exc:  # noqa: BLE001 - decoding errors of any kind are a bad file
             _drain_zarr()
-            window = Window.from_bounds(top, left, bottom, right)
-            where = f"window {window}" + (f" of pyramid level {level.index}" if level.index else "")
+            where = level.describe_window(top, bottom, left, right)
             raise ImageReadError(
                 self.path,
                 f"cannot decode {where}: {type(exc).__name__}: {exc}{self._truncation_note(level)}",
@@ -368,13 +355,7 @@ class TiffSource(ImageSource):
         end = offset + int(np.prod(shape)) * dtype.itemsize
         size = os.path.getsize(self.path)
         if end > size:
-            window = Window.from_bounds(top, left, bottom, right)
-            where = f"window {window}" + (f" of pyramid level {level.index}" if level.index else "")
-            raise ImageReadError(
-                self.path,
-                f"cannot read {where}: the file is truncated ({format_size(size)} on disk, "
-                f"the pixels of this window end at {format_size(end)})",
-            )
+            raise self._truncated(level, (top, bottom, left, right), size, end, "pixels")
         sel = level.selection(row_top, row_bottom, left, right)
         try:
             mm = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
@@ -403,23 +384,14 @@ class TiffSource(ImageSource):
             pass
         return " (the file may be truncated or corrupt)"
 
-    def read(
-        self,
-        window: Window | None = None,
-        out_size: tuple[int, int] | None = None,
-        resample: str = "area",
-    ) -> np.ndarray:
+    def _read_window(self, win: Window) -> np.ndarray:
         self._check_open()
-        rs.check_resample(resample)
-        win = self.resolve_window(window)
-        base = self._levels[0]
-        if out_size is None or tuple(rs.check_out_size(out_size)) == win.shape:
-            if win.area == 0:
-                return np.empty((win.height, win.width, self.channels), dtype=self.dtype)
-            return self._read_level(base, win.top, win.bottom, win.left, win.right)
-        out_size = rs.check_out_size(out_size)
         if win.area == 0:
-            raise ValueError(f"cannot resample the empty window {win}")
+            return np.empty((win.height, win.width, self.channels), dtype=self.dtype)
+        return self._read_level(self._levels[0], win.top, win.bottom, win.left, win.right)
+
+    def _read_resampled(self, win: Window, out_size: tuple[int, int], resample: str) -> np.ndarray:
+        self._check_open()
         index = rs.choose_level(self.levels, win, out_size)
         level = self._levels[index]
         box = rs.level_box(win, (self.height, self.width), (level.height, level.width))
@@ -438,14 +410,6 @@ class TiffSource(ImageSource):
             band_bytes=self._band_bytes(),
             row_align=level.chunk_height,
         )
-
-    def thumbnail(self, max_side: int, resample: str = "area") -> np.ndarray:
-        rs.check_resample(resample)
-        key = (int(max_side), resample)
-        if key not in self._thumbs:
-            size = thumbnail_size(self.height, self.width, int(max_side))
-            self._thumbs[key] = self.read(None, size, resample)
-        return self._thumbs[key].copy()
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -469,10 +433,3 @@ class TiffSource(ImageSource):
             self.close()
         except Exception:
             pass
-
-    def __getstate__(self) -> dict:
-        # file handles do not pickle; a copy in another process reopens the file
-        return {"path": self.path, "max_memory": self._max_memory}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], max_memory=state["max_memory"])

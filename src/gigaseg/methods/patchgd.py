@@ -221,10 +221,16 @@ def _sync_only_last(ctx: StepContext, last: bool):
 # ------------------------------------------------------------------------------- steps
 
 
-def classifier_step(ctx: StepContext, batch: dict, cache: dict | None = None) -> dict:
-    """PatchGD's inner-iteration loop for one mini-batch (see the module docstring)."""
+def _inner_iterations(ctx: StepContext, batch: dict, cache: dict | None, iterate) -> dict:
+    """The inner-iteration loop both PatchGD steps share (see the module docstring).
+
+    Plans ``k``, fills Z once, then per iteration samples ``k`` patches and calls
+    ``iterate(x, global_view, z, indices)``, which returns the loss and the latents the
+    next iteration starts from. Each loss is back-propagated at once, divided by the
+    backward passes per optimiser step (``inner_iterations x settings.accumulate``).
+    """
     model = ctx.model
-    x, y = batch["image"], batch["label"]
+    x = batch["image"]
     global_view = batch.get("global") if model.options["global_patch"] else None
     plan = _plan_for(ctx, x, cache if cache is not None else {})
     rows, cols = model.grid(x)
@@ -235,12 +241,21 @@ def classifier_step(ctx: StepContext, batch: dict, cache: dict | None = None) ->
     for iteration in range(iterations):
         indices = _sample_indices(x.shape[0], rows * cols, plan.k, x.device)
         with _sync_only_last(ctx, iteration == iterations - 1):
-            logits, z_new = ctx.wrapped(x, global_view, latents=z, indices=indices)
-            loss = F.cross_entropy(logits.float(), y)
+            loss, z = iterate(x, global_view, z, indices)
             ctx.backward(loss * scale)
-        z = z_new.detach()
         total += loss.detach().cpu()
     return {"loss": total / iterations, "k": float(plan.k)}
+
+
+def classifier_step(ctx: StepContext, batch: dict, cache: dict | None = None) -> dict:
+    """PatchGD's inner-iteration loop for one mini-batch (see the module docstring)."""
+
+    def iterate(x, global_view, z, indices):
+        logits, z_new = ctx.wrapped(x, global_view, latents=z, indices=indices)
+        # the updated latents carry over to the next iteration, without their graph
+        return F.cross_entropy(logits.float(), batch["label"]), z_new.detach()
+
+    return _inner_iterations(ctx, batch, cache, iterate)
 
 
 def segmentation_loss(model, logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -263,23 +278,12 @@ def segmentation_loss(model, logits: torch.Tensor, label: torch.Tensor, ignore_i
 
 def segmenter_step(ctx: StepContext, batch: dict, cache: dict | None = None) -> dict:
     """The segmentation framework's inner iterations: Z0 filled once, k patches replaced in a copy each time."""
-    model = ctx.model
-    x, label = batch["image"], batch["label"]
-    global_view = batch.get("global") if model.options["global_patch"] else None
-    plan = _plan_for(ctx, x, cache if cache is not None else {})
-    rows, cols = model.grid(x)
-    iterations = model.options["inner_iterations"]
-    scale = 1.0 / (iterations * max(1, ctx.settings.accumulate))
-    z0 = model.fill(x, plan.fill_batch)
-    total = torch.zeros(())
-    for iteration in range(iterations):
-        indices = _sample_indices(x.shape[0], rows * cols, plan.k, x.device)
-        with _sync_only_last(ctx, iteration == iterations - 1):
-            logits = ctx.wrapped(x, global_view, latents=z0, indices=indices)
-            loss = segmentation_loss(model, logits, label)
-            ctx.backward(loss * scale)
-        total += loss.detach().cpu()
-    return {"loss": total / iterations, "k": float(plan.k)}
+
+    def iterate(x, global_view, z0, indices):
+        logits = ctx.wrapped(x, global_view, latents=z0, indices=indices)
+        return segmentation_loss(ctx.model, logits, batch["label"]), z0  # every iteration starts from Z0
+
+    return _inner_iterations(ctx, batch, cache, iterate)
 
 
 def downsampled_step(ctx: StepContext, batch: dict) -> dict:

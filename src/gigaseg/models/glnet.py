@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..tiling import PasteAverager, PatchGrid, box_on_grid
+from ..tiling import PasteAverager, PatchGrid, box_on_grid, crop_resize
 from ..window import Window
 from .base import SegmentationModel
 from .encoders import Encoder, PretrainedSpec
@@ -116,29 +116,7 @@ def crop_global(features: torch.Tensor, boxes, out_size: Sequence[int], batch_in
     size are resized in one call. ``batch_index[i]`` picks box ``i``'s map (default: map 0
     for a single map, map ``i`` otherwise). Differentiable.
     """
-    if isinstance(boxes, torch.Tensor):
-        boxes = boxes.detach().cpu().tolist()
-    boxes = [tuple(float(v) for v in box) for box in boxes]
-    b, _, height, width = features.shape
-    if batch_index is None:
-        if b not in (1, len(boxes)):
-            raise ValueError(f"{len(boxes)} boxes for {b} feature maps: pass batch_index or a single map")
-        batch_index = [0] * len(boxes) if b == 1 else list(range(len(boxes)))
-    size = tuple(int(v) for v in out_size)
-    groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-    for i, (box, bi) in enumerate(zip(boxes, batch_index, strict=True)):
-        cells = _cells_inside(box, height, width)
-        rows, cols = cells.slices
-        groups.setdefault(cells.shape, []).append((i, features[bi, :, rows, cols]))
-    order: list[int] = []
-    parts = []
-    for members in groups.values():
-        order.extend(i for i, _ in members)
-        parts.append(resize(torch.stack([crop for _, crop in members]), size))
-    out = torch.cat(parts)
-    if order != sorted(order):
-        out = out[torch.as_tensor(sorted(range(len(order)), key=order.__getitem__), device=out.device)]
-    return out
+    return crop_resize(features, boxes, tuple(out_size), batch_index, to_cells=_cells_inside)
 
 
 def _crop_like(features, boxes, size, dtype, batch_index) -> torch.Tensor:

@@ -45,7 +45,8 @@ from scipy import ndimage
 
 from ...errors import ConfigError
 from ...window import Window
-from . import checks
+from . import checks, output
+from .output import MANIFEST, write_text
 from .textures import SmoothField, hash32, pixel_noise, sample, unit_hash
 
 CLASSES = (
@@ -81,7 +82,6 @@ CUE_CLASSES = (WATER,)
 CONTEXT_CLASS = "vegetation_near_water"
 
 GENERATOR = "gigaseg synth landcover"
-MANIFEST = "synth.json"
 FORMAT_VERSION = 1
 
 #: pixels of one render chunk (bounds the float32 intermediates of the image renderer)
@@ -675,48 +675,8 @@ def split_names(names: list[str], val_fraction: float) -> dict[str, list[str]]:
 
 
 def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
-    """Make ``out_dir`` ready for a synthetic dataset.
-
-    It may be missing, empty, or an earlier ``gigaseg synth`` output (it has a
-    ``synth.json`` manifest), whose listed files are removed first so that no stale
-    scene survives. Any other non-empty folder is refused.
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        manifest = _read_manifest(out)
-        if manifest is None:
-            raise ConfigError(
-                f"{out} is not empty and is not an earlier `gigaseg synth` output (no {MANIFEST}); "
-                "refusing to write into it: choose a new or empty folder"
-            )
-        for rel in manifest.get("files", []):
-            target = (out / rel).resolve()
-            if out.resolve() in target.parents and target.is_file():
-                target.unlink()
-        for rel in ("dataset.yaml", MANIFEST):
-            (out / rel).unlink(missing_ok=True)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _read_manifest(out: Path) -> dict | None:
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or not str(manifest.get("generator", "")).startswith("gigaseg synth"):
-        return None
-    return manifest
-
-
-def _write_text(path: Path, text: str) -> None:
-    from ...io.atomic import atomic_output
-
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
+    """``output.prepare_output_dir`` with the ``images/`` and ``masks/`` a landcover dataset fills."""
+    return output.prepare_output_dir(out_dir, ("images", "masks"))
 
 
 def dataset_yaml(names: list[str], val_fraction: float) -> dict:
@@ -805,7 +765,7 @@ def write_landcover_dataset(
         "scenes": [],
     }
     # the manifest goes first: an interrupted run leaves a folder that can be overwritten
-    _write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     levels = pyramid_levels(height, width, tile)
     reports = []
     for index, name in enumerate(names):
@@ -832,9 +792,9 @@ def write_landcover_dataset(
         manifest["checks_overall"] = checks.combine(reports).as_dict()
     import yaml
 
-    _write_text(out / "dataset.yaml", yaml.safe_dump(yaml_content, sort_keys=False, default_flow_style=None))
+    write_text(out / "dataset.yaml", yaml.safe_dump(yaml_content, sort_keys=False, default_flow_style=None))
     manifest["complete"] = True
-    _write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 

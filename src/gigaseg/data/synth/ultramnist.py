@@ -33,15 +33,14 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ...errors import ConfigError
+from .output import MANIFEST, prepare_output_dir, write_text
 
 GENERATOR = "gigaseg synth ultramnist"
-MANIFEST = "synth.json"
 FORMAT_VERSION = 1
 CLASSES = tuple(str(d) for d in range(10))
 #: ink height / font size of Pillow's default font's digits (measured; only sets the font size)
@@ -291,7 +290,7 @@ def write_ultramnist_dataset(
     names = image_names(count)
     n_val = 0 if val_fraction == 0 or count == 1 else max(1, int(round(count * val_fraction)))
     splits = {"train": names[:count - n_val], "val": names[count - n_val:]}
-    out = prepare_output_dir(out_dir)
+    out = prepare_output_dir(out_dir, ("images",))
     images = out / "images"
     manifest = {
         "generator": GENERATOR, "format_version": FORMAT_VERSION, "complete": False, "seed": int(seed),
@@ -300,7 +299,7 @@ def write_ultramnist_dataset(
         "classes": list(CLASSES), "splits": splits, "files": [f"images/{name}.tif" for name in names],
         "images": [],
     }
-    _write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     labels = {}
     tile = min(256, -(-size // 16) * 16)
     for index, name in enumerate(names):
@@ -314,37 +313,7 @@ def write_ultramnist_dataset(
         if advance is not None:
             advance(1)
     content = classification_yaml(CLASSES, labels, splits=splits, name="ultramnist-synthetic")
-    _write_text(out / "dataset.yaml", yaml.safe_dump(content, sort_keys=False, default_flow_style=None))
+    write_text(out / "dataset.yaml", yaml.safe_dump(content, sort_keys=False, default_flow_style=None))
     manifest["complete"] = True
-    _write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
-
-
-def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` ready for writing: missing, empty, or an earlier ``gigaseg synth`` output
-    (with ``synth.json``), whose listed files are removed first. Anything else is refused."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            manifest = json.loads((out / MANIFEST).read_text())
-        except (OSError, ValueError):
-            manifest = None
-        if not isinstance(manifest, dict) or not str(manifest.get("generator", "")).startswith("gigaseg synth"):
-            raise ConfigError(f"{out} is not empty and is not an earlier `gigaseg synth` output (no {MANIFEST}); "
-                              "refusing to write into it: choose a new or empty folder")
-        for rel in manifest.get("files", []):
-            target = (out / rel).resolve()
-            if out.resolve() in target.parents and target.is_file():
-                target.unlink()
-        for rel in ("dataset.yaml", MANIFEST):
-            (out / rel).unlink(missing_ok=True)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
