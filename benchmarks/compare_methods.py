@@ -10,7 +10,7 @@ one, 256-px local patches and 512-px global views on 1536-px scenes, a few epoch
 stage at learning rate 1e-3. Read the figures as a smoke test of the thesis, not as a
 reproduction of the papers' numbers.
 
-    python benchmarks/compare_methods.py [--methods global,patch,glnet,magnet,icnet] [--epochs 3]
+    python benchmarks/compare_methods.py [--methods global,patch,glnet,magnet,icnet] [--epochs 4]
 """
 
 from __future__ import annotations
@@ -29,17 +29,24 @@ RESULTS = Path(__file__).parent / "results"
 OPTIONS = {
     "global": {"input_size": 512, "fpn_channels": 64},
     "patch": {"patch_size": 256, "overlap": 64, "fpn_channels": 64, "crops_per_image": 8},
+    # GLNet's FPN keeps the paper's fixed widths; local patches as the patch baseline's, so the
+    # difference is the global branch and the feature-map sharing
+    "glnet": {"size_g": 512, "size_p": 256, "min_overlap": 50},
+    # the DeepGlobe preset's shape (coarsest scale ~ the input, 2x steps) scaled to 1536-px scenes
+    "magnet": {"scales": [[384, 384], [768, 768], [1536, 1536]], "input_size": [384, 384], "points": 0.75,
+               "median_kernel": 11, "crops_per_image": 8},
+    "icnet": {"crop_size": 768, "crops_per_image": 4, "tile_size": [1536, 1536], "tile_overlap": 128},
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="global,patch")
+    parser.add_argument("--methods", default="global,patch,glnet,magnet,icnet")
     parser.add_argument("--data", default="/tmp/gigaseg-compare-data")
     parser.add_argument("--work", default="/tmp/gigaseg-compare")
     parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--size", type=int, default=1536)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4, help="per training stage")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--encoder", default="resnet18")

@@ -85,8 +85,19 @@ def _number(value):
         return value
 
 
+#: earlier results by run name (``--reuse``): a run with the same settings is not repeated
+REUSE: dict[str, dict] = {}
+
+
 def train_and_evaluate(name: str, method: str, data: Path, work: Path, *, encoder: str, options: dict,
                        epochs: int, batch_size: int, lr: float, max_memory: str | None, seed: int = 0) -> dict:
+    earlier = REUSE.get(name)
+    settings = {"method": method, "encoder": encoder, "options": options, "epochs": epochs,
+                "batch_size": batch_size, "lr": lr, "max_memory": max_memory}
+    if earlier and earlier.get("train", {}).get("returncode") == 0 and "scores" in earlier \
+            and all(earlier.get(k) == v for k, v in settings.items()):
+        print(f"[patchgd bench] {name}: reusing the earlier result (same settings)", flush=True)
+        return earlier
     run = work / "runs" / name
     shutil.rmtree(run, ignore_errors=True)
     argv = gigaseg("train", "--method", method, "--data", data, "--out", run, "--encoder", encoder,
@@ -279,15 +290,15 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     from gigaseg.data.synth.landcover import write_landcover_dataset
 
     count = args.count or (8 if quick else 40)
-    size = 512
+    size = args.size or (512 if quick else 1024)
     source = work / f"landcover_{size}"
     manifest = source / "synth.json"
     if not manifest.exists() or json.loads(manifest.read_text()).get("count") != count \
             or not json.loads(manifest.read_text()).get("complete"):
         write_landcover_dataset(source, count=count, height=size, width=size, seed=3, val_fraction=0.25)
-    data = binary_landcover(source, work / "landcover_fine")
-    budget = args.budget or "1.8GB"
-    common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 6), batch_size=4, lr=1e-3)
+    data = binary_landcover(source, work / f"landcover_fine_{size}")
+    budget = args.budget or "1.6GB"
+    common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 12), batch_size=2, lr=1e-3)
     framework = {"patch_size": 128, "sampling_fraction": 0.25, "inner_iterations": 2}
     out = {"data": {"size": size, "count": count, "train": count - round(count * 0.25), "val": round(count * 0.25),
                     "positive": "road or stream (2-3 px wide)", "seed": 3},
@@ -299,7 +310,8 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
                                                   options={**framework, "global_patch": False}, max_memory=budget,
                                                   **common)
     baseline = {"decoder": "smp_unet", "loss": "ce"}
-    input_size, probes = largest_fitting("lc_global", "global", data, work, (512, 384, 256, 192, 128), budget,
+    input_size, probes = largest_fitting("lc_global", "global", data, work,
+                                         [s for s in (1024, 768, 512, 384, 256, 192, 128) if s <= size], budget,
                                          baseline, **common)
     out["downsampled_probes"] = probes
     out["downsampled"] = [] if input_size is None else [train_and_evaluate(
@@ -438,6 +450,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--count", type=int)
     parser.add_argument("--budget")
+    parser.add_argument("--size", type=int, help="side of the land-cover scenes (default 1024)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep earlier results (from the results file) of runs whose settings are unchanged")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from gigaseg.bench import machine
@@ -447,6 +462,18 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "patchgd.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    if args.reuse:
+        def collect(value):
+            if isinstance(value, dict):
+                if "name" in value and "train" in value:
+                    REUSE[value["name"]] = value
+                for item in value.values():
+                    collect(item)
+            elif isinstance(value, list):
+                for item in value:
+                    collect(item)
+
+        collect({k: v for k, v in results.items() if k in ("memory", "ultramnist", "landcover")})
     results["machine"] = machine.describe()
     results["torch_baseline_rss"] = baseline_rss(True)
     started = time.perf_counter()
