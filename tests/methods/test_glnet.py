@@ -253,6 +253,25 @@ def test_prediction_budget_sets_the_sub_batch_and_refuses_too_small_budgets():
         inference_sub_batch(model, "cpu", 5 * 10**8)
 
 
+def test_tight_budgets_use_smaller_blocks_and_stage3_counts_its_merged_maps(monkeypatch):
+    import gigaseg.methods.glnet as glnet_methods
+
+    monkeypatch.setattr(glnet_methods, "runtime_bytes", lambda device: 1_200_000_000)  # as a loaded process
+    model = create_model("glnet", encoder="resnet50", num_classes=7)
+    model.set_stage(2)
+    stage2 = glnet_methods.inference_estimate(model)
+    assert glnet_methods.inference_plan(model, "cpu", None) == (2, None)
+    assert glnet_methods.inference_plan(model, "cpu", 2 * 10**9)[1] == 1024  # room for few patches
+    sub_batch, block = glnet_methods.inference_plan(model, "cpu", 16 * 10**9)
+    assert block == 4096 and sub_batch > 2
+    model.set_stage(3)
+    stage3 = glnet_methods.inference_estimate(model)
+    merged = glnet_methods.context_bytes(model)  # size_p == size_g: one patch's shared maps
+    assert stage3.per_sample == stage2.per_sample + merged
+    predictor = model.whole_image_predictor(Normalization.for_image(3, np.uint8), max_memory=2 * 10**9)
+    assert (predictor.sub_batch, predictor.block_size) == glnet_methods.inference_plan(model, "cpu", 2 * 10**9)
+
+
 # --------------------------------------------------------------------------- end to end
 
 

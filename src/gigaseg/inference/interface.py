@@ -39,6 +39,8 @@ class WholeImagePredictor(ABC):
     #: how far (in full-resolution pixels) a block's prediction depends on pixels outside it;
     #: the driver uses it only to report seams, the predictor reads its own halo.
     halo: int = 0
+    #: the block side this predictor planned its memory for (None: the driver's choice by budget)
+    block_size: int | None = None
 
     def prepare(self, source: ImageSource) -> Any:
         """Per-image context computed once (default: none)."""

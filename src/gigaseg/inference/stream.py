@@ -94,6 +94,7 @@ def predict_image(
     """
     start = time.perf_counter()
     out = Path(out) if out is not None else None
+    block_size = predictor.block_size or block_size
     rows = block_grid(source.height, source.width, block_size)
     writer = None
     if out is not None:

@@ -667,16 +667,43 @@ def inference_estimate(model, device="cpu", block_size: int = 2048) -> MemoryEst
     context = context_bytes(model)
     blocks = context + glnet_block_bytes(block_size, size_p, model.num_classes, step)
     fixed = process + max(blocks, 2 * context if model.stage == 3 else 0)
-    return MemoryEstimate(fixed=fixed, per_sample=patch_bytes(model, training=False))
+    per_patch = patch_bytes(model, training=False)
+    if model.stage == 3:
+        # stage 3's prepare runs every patch once and keeps its maps at all sharing points
+        # until they are pasted into the global-resolution averages
+        per_patch += int(context * (size_p / model.options["size_g"]) ** 2)
+    return MemoryEstimate(fixed=fixed, per_sample=per_patch)
+
+
+#: below this many patches per pass a block's buffers are worth shrinking
+SMALL_SUB_BATCH = 2
+SMALL_BLOCK = 1024
+
+
+def inference_plan(model, device="cpu", max_memory: int | None = None, default: int = 2) -> tuple[int, int | None]:
+    """(patches per forward pass, block side) that fit ``max_memory``.
+
+    Without a budget: ``default`` patches and the driver's block. With one, when the driver's
+    block leaves room for at most ``SMALL_SUB_BATCH`` patches, 1024-px blocks are used: a
+    2048-px block's logit sums alone hold 117 MB for 7 classes (measured: stage 3 at
+    6749x4499 peaked 2.09 GB with 2048-px blocks and 2 patches under a 2 GB budget).
+    Smaller blocks recompute some patches that straddle block rows.
+    """
+    if max_memory is None:
+        return default, None
+    what = f"glnet prediction with {model.options['size_p']}-px patches"
+    block = block_size_for(max_memory)
+    sub_batch = plan_sub_batch(max_memory, inference_estimate(model, device, block), what, default=default, maximum=32)
+    if sub_batch <= SMALL_SUB_BATCH and block > SMALL_BLOCK:
+        block = SMALL_BLOCK
+        sub_batch = plan_sub_batch(max_memory, inference_estimate(model, device, block), what, default=default,
+                                   maximum=SMALL_SUB_BATCH)
+    return sub_batch, block
 
 
 def inference_sub_batch(model, device="cpu", max_memory: int | None = None, default: int = 2) -> int:
     """Patches per forward pass that fit ``max_memory`` (``default`` without a budget)."""
-    if max_memory is None:
-        return default
-    estimate = inference_estimate(model, device, block_size_for(max_memory))
-    return plan_sub_batch(max_memory, estimate, f"glnet prediction with {model.options['size_p']}-px patches",
-                          default=default, maximum=32)
+    return inference_plan(model, device, max_memory, default)[0]
 
 
 def item_bytes(views: GLNetViews) -> int:

@@ -390,10 +390,12 @@ class GLNet(SegmentationModel):
         return glnet_stages(self)
 
     def whole_image_predictor(self, normalization, device="cpu", max_memory=None, precision="32"):
-        from ..methods.glnet import GLNetPredictor, inference_sub_batch
+        from ..methods.glnet import GLNetPredictor, inference_plan
 
-        sub_batch = inference_sub_batch(self, device, max_memory)
-        return GLNetPredictor(self, normalization, device=device, sub_batch=sub_batch, precision=precision)
+        sub_batch, block_size = inference_plan(self, device, max_memory)
+        predictor = GLNetPredictor(self, normalization, device=device, sub_batch=sub_batch, precision=precision)
+        predictor.block_size = block_size
+        return predictor
 
     # ------------------------------------------------------------------ the parts
 
