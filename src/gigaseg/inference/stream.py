@@ -22,6 +22,7 @@ import numpy as np
 from ..io.base import ImageSource
 from ..io.writers import MaskWriter
 from ..window import Window
+from .heap import bound_heap_growth, release_free_memory
 from .interface import WholeImagePredictor
 from ..progress import progress_bar
 
@@ -93,6 +94,7 @@ def predict_image(
     with the finished bands: resuming them with a different one is an error.
     """
     start = time.perf_counter()
+    bound_heap_growth()  # see gigaseg.inference.heap: peak RSS would otherwise creep with image size
     out = Path(out) if out is not None else None
     block_size = predictor.block_size or block_size
     rows = block_grid(source.height, source.width, block_size)
@@ -124,6 +126,8 @@ def predict_image(
                 labels[:, block.left:block.right] = probs.argmax(axis=0)
                 if probs_store is not None:
                     probs_store.write(block, probs)
+                del probs
+                release_free_memory()
                 predicted += 1
                 advance(1)
             if probs_store is not None:

@@ -88,6 +88,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError
 from ..inference.interface import WholeImagePredictor
 from ..inference.patches import bounding_window, patches_touching
+from ..inference.heap import release_free_memory
 from ..inference.stream import block_size_for
 from ..inference.upsample import upsample_window
 from ..io.normalize import Normalization
@@ -503,21 +504,6 @@ def stitch_logits(source, grid: PatchGrid, block: Window, patch_logits, to_tenso
     accum.exp_()
     accum /= accum.sum(dim=0, keepdim=True)
     return accum.numpy()
-
-
-def release_free_memory() -> None:
-    """Give the C heap's free memory back to the system (glibc's ``malloc_trim``; elsewhere a no-op).
-
-    Loading a checkpoint and the global passes leave freed memory in the heap that later,
-    larger (mmap-served) allocations cannot reuse; on Linux it stays resident (about 100 MB
-    after loading a ResNet-50 GLNet checkpoint) unless released.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class GLNetPredictor(WholeImagePredictor):

@@ -1,0 +1,47 @@
+"""Keep a long prediction's resident memory near what it really holds (glibc's allocator).
+
+glibc serves allocations under its mmap threshold from the heap, and raises that threshold
+(up to 32 MB) each time a larger mmap-served block is freed. A streamed prediction frees
+and reallocates block-sized buffers (tens of MB) and patch tensors (a few MB) thousands of
+times, so after the first blocks most of them come from a heap that fragments and keeps
+freed pages resident: the process's peak RSS crept from 1.61 GB (2048^2) to 2.32 GB
+(20000^2) under a 2 GB budget. Fixing the threshold at 1 MiB (large buffers always mmap-served
+and unmapped when freed) and trimming the heap after each block kept a 2048x20000 run at
+1.79 GB instead of 2.10 GB. Elsewhere (macOS, musl, Windows) these are no-ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+__all__ = ["MMAP_THRESHOLD", "bound_heap_growth", "release_free_memory"]
+
+#: allocations at least this large are served by mmap and returned to the system when freed
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist only in glibc
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def bound_heap_growth() -> bool:
+    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` for this process (once); True if set."""
+    libc = _glibc()
+    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere a no-op)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
