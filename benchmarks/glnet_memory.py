@@ -109,13 +109,15 @@ class SubsetPredictor:
         self.inner, self.compute, self.log = inner, compute, log
         self.num_classes = inner.num_classes
         self.halo = inner.halo
+        self.block_size = inner.block_size
         self.done = 0
 
     def prepare(self, source):
         start = time.perf_counter()
         context = self.inner.prepare(source)
         self.log.append({"what": "prepare", "seconds": round(time.perf_counter() - start, 1), "peak_rss": _rss(),
-                         "context_bytes": context.nbytes(), "sub_batch": self.inner.sub_batch})
+                         "context_bytes": context.nbytes(), "sub_batch": self.inner.sub_batch,
+                         "block_size": self.inner.block_size})
         self.band = None
         return context
 

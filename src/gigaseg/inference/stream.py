@@ -96,7 +96,7 @@ def predict_image(
     start = time.perf_counter()
     bound_heap_growth()  # see gigaseg.inference.heap: peak RSS would otherwise creep with image size
     out = Path(out) if out is not None else None
-    block_size = predictor.block_size or block_size
+    block_size = getattr(predictor, "block_size", None) or block_size  # duck-typed predictors too
     rows = block_grid(source.height, source.width, block_size)
     writer = None
     if out is not None:
