@@ -9,7 +9,7 @@ child process (``gigaseg.bench.memory.measure``) next to a child that only impor
    ``gigaseg predict --max-memory 2GB`` runs it (checkpoint load, streaming driver, tiled mask
    writer). A full run computes ~190 patches of 508 px through ResNet-50 + GLNet's FPN twice
    per patch (local branch, ensemble) at ~10 s per patch on 2 shared cores, so by default
-   only ``--blocks`` of the driver's 2048-px blocks are computed (the middle row band, from
+   only ``--blocks`` of the blocks (the side the predictor planned: 1024 or 2048 px) are computed (the middle row band, from
    the left); the others return uniform probabilities at no cost. ``prepare`` (global
    features; for stage 3 the local branch over ALL 150 patches and the local -> global merge)
    always runs in full. The peak does not depend on how many blocks run: a block allocates
