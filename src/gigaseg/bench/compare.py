@@ -124,17 +124,25 @@ def markdown(results: dict) -> str:
     lines = ["# Methods compared", "", machine.markdown_header(results["machine"]),
              f"Data: `{results['data']}` ({results['split']} split), encoder `{results['encoder']}`, seed {results['seed']}.",
              "", "| method | mIoU | " + " | ".join(f"{g} IoU" for g in groups) +
-             " | train peak RSS | predict peak RSS | Mpx/s | train s |",
-             "|---" * (6 + len(groups)) + "|"]
+             " | train peak RSS | predict peak RSS | Mpx/s | train s | epochs per stage |",
+             "|---" * (7 + len(groups)) + "|"]
     for m in results["methods"]:
+        epochs = m["spec"].get("epochs")
         lines.append(f"| {m['name']} | {_fmt(m['miou'])} | " + " | ".join(_fmt(m["group_iou"][g]) for g in groups) +
                      f" | {format_size(m['train_peak_rss'])} | {format_size(m['predict_peak_rss'])} | "
-                     f"{_fmt(m['megapixels_per_second'], 2)} | {m['train_seconds']:.0f} |")
+                     f"{_fmt(m['megapixels_per_second'], 2)} | {m['train_seconds']:.0f} | "
+                     f"{'stage defaults' if epochs is None else epochs} |")
     if results["methods"]:
         classes = list(results["methods"][0]["per_class_iou"])
         lines += ["", "Per-class IoU:", "", "| method | " + " | ".join(classes) + " |", "|---" * (1 + len(classes)) + "|"]
         for m in results["methods"]:
             lines.append(f"| {m['name']} | " + " | ".join(_fmt(m["per_class_iou"][c]) for c in classes) + " |")
+    if results["methods"]:
+        lines += ["", "Options:", ""] + [f"- {m['name']}: `{json.dumps(m['spec']['options'])}`, batch "
+                                         f"{m['spec'].get('batch_size')}, lr {m['spec'].get('lr')}"
+                                         for m in results["methods"]]
+    for note in results.get("notes", []):
+        lines += ["", note]
     baseline = results["methods"][0].get("runtime_baseline_rss") if results["methods"] else None
     if baseline:
         lines += ["", f"Peak RSS includes the Python + torch runtime; a child that only imports torch peaks at "

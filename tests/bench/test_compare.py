@@ -1,0 +1,26 @@
+"""``gigaseg bench``: methods trained and scored side by side, results as JSON, Markdown and a plot."""
+
+import json
+
+from gigaseg.cli import main
+
+
+def test_bench_trains_scores_and_reports_each_method(tmp_path, tiny_dataset, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--methods", "global,patch", "--data", str(tiny_dataset), "--out", str(out),
+                 "--encoder", "test_resnet", "--epochs", "1", "--batch-size", "2",
+                 "--set", "global.input_size=64", "--set", "patch.patch_size=64", "--set", "patch.overlap=16",
+                 "--set", "patch.crops_per_image=2"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in results["methods"]] == ["global", "patch"]
+    for method in results["methods"]:
+        assert 0.0 <= method["miou"] <= 1.0
+        assert set(method["per_class_iou"]) == {"red", "green", "blue"}
+        assert method["epochs_run"] == 1 and method["spec"]["epochs"] == 1
+        assert method["train_peak_rss"] > 100 * 2**20 and method["megapixels_per_second"] > 0
+    assert results["methods"][1]["spec"]["options"] == {"patch_size": 64, "overlap": 16, "crops_per_image": 2}
+    table = (out / "results.md").read_text()
+    assert "| global |" in table and "| patch |" in table and "epochs per stage" in table
+    assert '- patch: `{"patch_size": 64, "overlap": 16, "crops_per_image": 2}`' in table
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
