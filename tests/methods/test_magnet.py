@@ -335,6 +335,10 @@ def test_cityscapes_layout_through_the_cli(tmp_path, capsys):
     assert main(["predict", str(image), "--checkpoint", str(tmp_path / "rf"), "--out", str(tmp_path / "out")]) == 0
     mask = tifffile.imread(tmp_path / "out" / "aachen_000000_000019_leftImg8bit.tif")
     assert mask.shape == (CITY_H, CITY_W)
+    # the same weights as MagNet-Fast, chosen at prediction time
+    assert main(["predict", str(image), "--checkpoint", str(tmp_path / "rf"), "--out", str(tmp_path / "fast"),
+                 "--set", "fast_patches=1", "--set", "points=0.9"]) == 0
+    assert tifffile.imread(tmp_path / "fast" / "aachen_000000_000019_leftImg8bit.tif").shape == (CITY_H, CITY_W)
     capsys.readouterr()
 
 
