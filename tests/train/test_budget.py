@@ -38,4 +38,4 @@ def test_inference_estimate_scales_with_the_batch_and_counts_parameters():
     one = inference_estimate(model, (torch.zeros(1, 1, 256, 256),), runtime=100, extra=10)
     four = inference_estimate(model, (torch.zeros(4, 1, 256, 256),))
     assert one.fixed == 110 + sum(p.numel() * 4 for p in model.parameters())
-    assert four.per_sample == 4 * one.per_sample
+    assert abs(four.per_sample - 4 * one.per_sample) <= 4  # int() of a scaled figure
