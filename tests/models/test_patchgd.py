@@ -165,6 +165,19 @@ def test_global_patch_uses_running_statistics_and_leaves_them_alone():
     assert not torch.equal(norm.running_mean, before)  # patches in training mode do update them
 
 
+def test_global_patch_with_its_own_batch_statistics():
+    model = classifier(global_norm="batch").train()
+    x = image()
+    norm = model.theta1.encoder.model.conv1[1]
+    before = norm.running_mean.clone()
+    view = global_view_of(x, 32).expand(2, -1, -1, -1).contiguous()
+    g = model.encode_global(view)
+    assert not torch.equal(norm.running_mean, before)  # a training-mode forward of its own
+    torch.testing.assert_close(g, model.theta1(view))
+    with pytest.raises(ConfigError, match="global_norm"):
+        classifier(global_norm="group")
+
+
 def test_classifier_options_are_checked():
     with pytest.raises(ConfigError, match="fusion"):
         classifier(fusion="max")

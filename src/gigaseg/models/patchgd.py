@@ -39,9 +39,10 @@ patches with gradients per inner iteration (see ``gigaseg.methods.patchgd``).
 ``global_patch=False`` gives the framework without the global patch (the other baseline).
 
 BatchNorm: patches are encoded in training mode (batch statistics, in the fill as in the
-inner iterations); the global patch is always encoded with theta1's running statistics
-(:func:`running_statistics`), so it neither shifts the patches' batch statistics nor
-differs between training and inference.
+inner iterations). The global patch gets a forward of its own, so it never shifts the
+patches' batch statistics; with ``global_norm="running"`` (the default) theta1 normalises it
+with its running statistics (:func:`running_statistics`), as at inference; with ``"batch"``
+with the global patches' own batch statistics (which also update the running ones).
 
 Forward modes (all take normalised images ``x``, ``(B, C, H, W)``; ``global_view`` is the
 whole image resized to ``patch_size`` — computed with ``F.interpolate(mode="area")``
@@ -77,6 +78,9 @@ __all__ = ["DownsampledClassifier", "GridHead", "PatchEncoder", "PatchGDClassifi
            "even_chunks", "grid_shape", "patch_at", "patch_windows", "running_statistics"]
 
 FUSIONS = ("add", "concat")
+#: BatchNorm statistics theta1 uses on the global patch in training: its running statistics
+#: ("running"), or the global patches' own batch (``"batch"``, a forward of their own)
+GLOBAL_NORMS = ("running", "batch")
 THETA1_ARCHS = {"unet": smp.Unet, "deeplabv3": smp.DeepLabV3}
 SEG_LOSSES = ("auto", "bce_dice", "ce_dice")
 
@@ -125,6 +129,13 @@ def running_statistics(module: nn.Module):
     finally:
         for norm in norms:
             norm.train()
+
+
+def global_normalisation(model: nn.Module):
+    """How theta1 normalises the global patch: the model's ``global_norm`` option."""
+    if model.options["global_norm"] == "batch":
+        return contextlib.nullcontext()
+    return running_statistics(model.theta1)
 
 
 def even_chunks(items: list, size: int) -> list[list]:
@@ -244,8 +255,9 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
     """PatchGD with a global patch for image classification (see the module docstring)."""
 
     default_options = {"patch_size": 256, "latent_dim": 256, "global_patch": True, "fusion": "add",
-                       "sampling_fraction": 0.25, "inner_iterations": 4, "head_layers": 2, "dropout": 0.2}
-    option_choices = {"fusion": FUSIONS}
+                       "sampling_fraction": 0.25, "inner_iterations": 4, "head_layers": 2, "dropout": 0.2,
+                       "global_norm": "running"}
+    option_choices = {"fusion": FUSIONS, "global_norm": GLOBAL_NORMS}
 
     def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
                  pretrained: PretrainedSpec = False, **options: Any):
@@ -283,7 +295,7 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
 
     def encode_global(self, global_view: torch.Tensor) -> torch.Tensor:
         """theta1 on the global patch ``(B, C, p, p)`` -> ``(B, latent_dim)``, BatchNorm on running statistics."""
-        with running_statistics(self.theta1):
+        with global_normalisation(self):
             return self.theta1(global_view)
 
     def fuse(self, z: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
@@ -405,8 +417,8 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
     task = "segmentation"
     default_options = {"patch_size": 128, "latent_channels": 8, "global_patch": True, "theta1": "unet",
                        "encoder_depth": 5, "decoder_channels": [], "sampling_fraction": 0.25, "inner_iterations": 4,
-                       "loss": "auto"}
-    option_choices = {"theta1": tuple(THETA1_ARCHS), "loss": SEG_LOSSES}
+                       "loss": "auto", "global_norm": "running"}
+    option_choices = {"theta1": tuple(THETA1_ARCHS), "loss": SEG_LOSSES, "global_norm": GLOBAL_NORMS}
 
     def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
                  pretrained: PretrainedSpec = False, **options: Any):
@@ -466,7 +478,7 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
 
     def global_features(self, global_view: torch.Tensor) -> torch.Tensor:
         """theta1's output on the global patch ``(B, latent_channels, p, p)``, BatchNorm on running statistics."""
-        with running_statistics(self.theta1):
+        with global_normalisation(self):
             return self.encode(global_view)
 
     def head(self, z: torch.Tensor, g_up: torch.Tensor | None) -> torch.Tensor:
