@@ -43,6 +43,10 @@ inner iterations). The global patch gets a forward of its own, so it never shift
 patches' batch statistics; with ``global_norm="running"`` (the default) theta1 normalises it
 with its running statistics (:func:`running_statistics`), as at inference; with ``"batch"``
 with the global patches' own batch statistics (which also update the running ones).
+Measured on the land-cover fine-structure task (1024^2, k=2, 3 epochs): with running
+statistics the training loss rose every epoch (1.16, 1.36, 1.54), with batch statistics it
+fell (1.67, 1.49, 1.29). "batch" is not the default yet because one image whose deepest map
+is 1x1 (patches of 32 px) gives BatchNorm a single value per channel, which it refuses.
 
 Forward modes (all take normalised images ``x``, ``(B, C, H, W)``; ``global_view`` is the
 whole image resized to ``patch_size`` — computed with ``F.interpolate(mode="area")``
