@@ -149,8 +149,8 @@ def test_classifier_update_rewrites_only_the_sampled_patches_with_gradients():
     assert model.theta1.fc.weight.grad.abs().sum() > 0
 
 
-def test_global_patch_uses_running_statistics_and_leaves_them_alone():
-    model = classifier().train()
+def test_global_patch_can_use_running_statistics_and_leave_them_alone():
+    model = classifier(global_norm="running").train()
     x = image()
     norm = model.theta1.encoder.model.conv1[1]  # a BatchNorm of the stem
     before = norm.running_mean.clone()
@@ -165,11 +165,15 @@ def test_global_patch_uses_running_statistics_and_leaves_them_alone():
     assert not torch.equal(norm.running_mean, before)  # patches in training mode do update them
 
 
-def test_global_patch_with_its_own_batch_statistics():
-    model = classifier(global_norm="batch").train()
+def test_global_patch_with_its_own_batch_statistics_by_default():
+    model = classifier().train()
+    assert model.options["global_norm"] == "batch"
     x = image()
     norm = model.theta1.encoder.model.conv1[1]
     before = norm.running_mean.clone()
+    single = model.encode_global(global_view_of(x[:1], 32))  # one patch: running statistics, left alone
+    torch.testing.assert_close(norm.running_mean, before)
+    assert single.requires_grad
     view = global_view_of(x, 32).expand(2, -1, -1, -1).contiguous()
     g = model.encode_global(view)
     assert not torch.equal(norm.running_mean, before)  # a training-mode forward of its own

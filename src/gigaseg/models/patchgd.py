@@ -40,13 +40,14 @@ patches with gradients per inner iteration (see ``gigaseg.methods.patchgd``).
 
 BatchNorm: patches are encoded in training mode (batch statistics, in the fill as in the
 inner iterations). The global patch gets a forward of its own, so it never shifts the
-patches' batch statistics; with ``global_norm="running"`` (the default) theta1 normalises it
-with its running statistics (:func:`running_statistics`), as at inference; with ``"batch"``
-with the global patches' own batch statistics (which also update the running ones).
-Measured on the land-cover fine-structure task (1024^2, k=2, 3 epochs): with running
-statistics the training loss rose every epoch (1.16, 1.36, 1.54), with batch statistics it
-fell (1.67, 1.49, 1.29). "batch" is not the default yet because one image whose deepest map
-is 1x1 (patches of 32 px) gives BatchNorm a single value per channel, which it refuses.
+patches' batch statistics. With ``global_norm="batch"`` (the default) theta1 normalises it
+with the global patches' own batch statistics (which also update the running ones); a
+single global patch (batch 1, where a small patch's deepest map would give BatchNorm one
+value per channel) uses the running statistics. With ``"running"`` it always uses the
+running statistics (:func:`running_statistics`), as at inference. Measured on the
+land-cover fine-structure task (1024^2, k=2, 3 epochs): with running statistics the
+training loss rose every epoch (1.16, 1.36, 1.54), with batch statistics it fell (1.67,
+1.49, 1.29): gradients through normalisation statistics that lag the weights.
 
 Forward modes (all take normalised images ``x``, ``(B, C, H, W)``; ``global_view`` is the
 whole image resized to ``patch_size`` — computed with ``F.interpolate(mode="area")``
@@ -135,9 +136,10 @@ def running_statistics(module: nn.Module):
             norm.train()
 
 
-def global_normalisation(model: nn.Module):
-    """How theta1 normalises the global patch: the model's ``global_norm`` option."""
-    if model.options["global_norm"] == "batch":
+def global_normalisation(model: nn.Module, batch: int):
+    """How theta1 normalises ``batch`` global patches: the model's ``global_norm`` option
+    (batch statistics need more than one patch)."""
+    if model.options["global_norm"] == "batch" and batch > 1:
         return contextlib.nullcontext()
     return running_statistics(model.theta1)
 
@@ -260,7 +262,7 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
 
     default_options = {"patch_size": 256, "latent_dim": 256, "global_patch": True, "fusion": "add",
                        "sampling_fraction": 0.25, "inner_iterations": 4, "head_layers": 2, "dropout": 0.2,
-                       "global_norm": "running"}
+                       "global_norm": "batch"}
     option_choices = {"fusion": FUSIONS, "global_norm": GLOBAL_NORMS}
 
     def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
@@ -299,7 +301,7 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
 
     def encode_global(self, global_view: torch.Tensor) -> torch.Tensor:
         """theta1 on the global patch ``(B, C, p, p)`` -> ``(B, latent_dim)``, BatchNorm on running statistics."""
-        with global_normalisation(self):
+        with global_normalisation(self, global_view.shape[0]):
             return self.theta1(global_view)
 
     def fuse(self, z: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
@@ -421,7 +423,7 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
     task = "segmentation"
     default_options = {"patch_size": 128, "latent_channels": 8, "global_patch": True, "theta1": "unet",
                        "encoder_depth": 5, "decoder_channels": [], "sampling_fraction": 0.25, "inner_iterations": 4,
-                       "loss": "auto", "global_norm": "running"}
+                       "loss": "auto", "global_norm": "batch"}
     option_choices = {"theta1": tuple(THETA1_ARCHS), "loss": SEG_LOSSES, "global_norm": GLOBAL_NORMS}
 
     def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
@@ -482,7 +484,7 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
 
     def global_features(self, global_view: torch.Tensor) -> torch.Tensor:
         """theta1's output on the global patch ``(B, latent_channels, p, p)``, BatchNorm on running statistics."""
-        with global_normalisation(self):
+        with global_normalisation(self, global_view.shape[0]):
             return self.encode(global_view)
 
     def head(self, z: torch.Tensor, g_up: torch.Tensor | None) -> torch.Tensor:
