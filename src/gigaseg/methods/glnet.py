@@ -83,7 +83,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from ..inference.interface import WholeImagePredictor
@@ -100,7 +99,7 @@ from ..models.losses import FocalLoss
 from ..tiling import PatchGrid, normalized_box
 from ..train.budget import MemoryEstimate, leaf_output_bytes, parameter_bytes, plan_sub_batch, runtime_bytes
 from ..train.recipe import Stage, StepContext
-from ..train.views import GlobalViews, rng_for
+from ..train.views import GlobalViews, SeededViews, rng_for
 from ..window import Window
 
 __all__ = ["GLNetViews", "GLNetPredictor", "GLNetContext", "glnet_stages", "inference_estimate",
@@ -134,7 +133,7 @@ def _pad_value(normalization: Normalization, dtype: np.dtype) -> np.ndarray:
     return value.astype(dtype)
 
 
-class GLNetViews(Dataset):
+class GLNetViews(SeededViews):
     """One item per image: its global view and every patch of GLNet's grid, augmented alike.
 
     Item keys: ``global`` (normalised float32 ``(C, size_g, size_g)``), ``global_label``
@@ -152,23 +151,14 @@ class GLNetViews(Dataset):
 
     def __init__(self, dataset, normalization: Normalization, size_g: int, size_p: int, min_overlap: int,
                  augment: bool = True, seed: int = 0):
-        self.dataset = dataset
-        self.normalization = normalization
+        super().__init__(dataset, normalization, seed)
         self.size_g = int(size_g)
         self.size_p = int(size_p)
         self.min_overlap = int(min_overlap)
         self.augment = augment
-        self.seed = seed
-        self.epoch = 0
         a = [1.0 / (normalization.scale * s) for s in normalization.std]
         b = [m / s for m, s in zip(normalization.mean, normalization.std)]
         self._norm = torch.tensor([a, b], dtype=torch.float32)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
         rng = rng_for(self.seed, self.epoch, index)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from ..export import optimize_for_inference
@@ -35,7 +34,7 @@ from ..inference.patches import stitch_block
 from ..tiling import PatchGrid
 from ..train.budget import inference_estimate, plan_sub_batch, runtime_bytes
 from ..train.recipe import Stage, StepContext
-from ..train.views import rng_for
+from ..train.views import SeededViews, rng_for
 from ..window import Window
 
 __all__ = ["cascade_label_guidance_loss", "downsample_labels", "ScaledCrops", "icnet_stages", "pspnet_stages",
@@ -125,7 +124,7 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
 # --------------------------------------------------------------------------- training views
 
 
-class ScaledCrops(Dataset):
+class ScaledCrops(SeededViews):
     """Random scaling in ``[scale_min, scale_max]``, a random ``crop`` x ``crop`` crop, and mirroring.
 
     The crop is taken from the scaled image (read at that scale: ``area`` when shrinking,
@@ -137,21 +136,11 @@ class ScaledCrops(Dataset):
 
     def __init__(self, dataset, normalization, crop: int, scale_range=(0.5, 2.0), crops_per_image: int = 1,
                  mirror: bool = True, seed: int = 0, ignore_index: int | None = None):
-        self.dataset = dataset
-        self.normalization = normalization
+        super().__init__(dataset, normalization, seed, crops_per_image)
         self.crop = int(crop)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
-        self.crops_per_image = int(crops_per_image)
         self.mirror = mirror
-        self.seed = seed
-        self.epoch = 0
         self.ignore_index = int(getattr(dataset, "ignore_index", 255) if ignore_index is None else ignore_index)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset) * self.crops_per_image
 
     def __getitem__(self, index: int) -> dict:
         rng = rng_for(self.seed, self.epoch, index)

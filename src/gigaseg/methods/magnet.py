@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from ..inference.interface import WholeImagePredictor
@@ -71,7 +70,7 @@ from ..models.magnet import REFINE_BAND, REFINE_HALO
 from ..tiling import crop_resize
 from ..train.budget import MemoryEstimate, inference_estimate, plan_sub_batch, runtime_bytes
 from ..train.recipe import Stage, StepContext
-from ..train.views import rng_for
+from ..train.views import SeededViews, rng_for
 from ..window import Window
 
 __all__ = [
@@ -112,24 +111,14 @@ def read_resized(source, window: Window, size: tuple[int, int]) -> np.ndarray:
     return source.read(window, out_size=size, resample="area" if shrinking else "bilinear")
 
 
-class _MagNetViews(Dataset):
+class _MagNetViews(SeededViews):
     """Shared plumbing: per-(seed, epoch, index) randomness, frames, normalisation."""
 
     def __init__(self, dataset, normalization, model, crops_per_image: int = 1, augment: bool = True, seed: int = 0):
-        self.dataset = dataset
-        self.normalization = normalization
+        super().__init__(dataset, normalization, seed, crops_per_image)
         self.model = model
-        self.crops_per_image = int(crops_per_image)
         self.augment = augment
-        self.seed = seed
-        self.epoch = 0
         self.input_size = tuple(model.input_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset) * self.crops_per_image
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.normalization.apply(np.ascontiguousarray(image)))

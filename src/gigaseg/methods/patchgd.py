@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from ..errors import BudgetError, DatasetError
 from ..inference.interface import WholeImagePredictor
@@ -50,7 +49,7 @@ from ..models.patchgd import patch_at
 from ..train.budget import (OPTIMIZER_STATES, inference_estimate, parameter_bytes, plan_sub_batch, runtime_bytes,
                             training_estimate)
 from ..train.recipe import Stage, StepContext
-from ..train.views import augment_pair, rng_for
+from ..train.views import SeededViews, augment_pair, rng_for
 from ..window import Window
 
 __all__ = ["DownsampledImageClassifier", "PatchGDImageClassifier", "PatchGDSegmentationPredictor", "PatchPlan",
@@ -67,7 +66,7 @@ MAX_FILL_BATCH = 64
 # ------------------------------------------------------------------------------- views
 
 
-class WholeImageViews(Dataset):
+class WholeImageViews(SeededViews):
     """Whole images (full resolution, or resized to ``size``) with their label and global patch.
 
     Items: ``image`` (normalised ``(C, H, W)``), ``label`` (class id for classification
@@ -79,22 +78,13 @@ class WholeImageViews(Dataset):
 
     def __init__(self, dataset, normalization, *, size: tuple[int, int] | None = None,
                  global_size: int | None = None, augment: bool = False, seed: int = 0):
-        self.dataset = dataset
-        self.normalization = normalization
+        super().__init__(dataset, normalization, seed)
         self.size = tuple(size) if size is not None else None
         self.global_size = global_size
         self.augment = augment
-        self.seed = seed
-        self.epoch = 0
         labels = getattr(dataset, "require_labels", None)
         if labels is not None:
             labels("training")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
         rng = rng_for(self.seed, self.epoch, index)

@@ -33,16 +33,31 @@ def augment_pair(image: np.ndarray, label: np.ndarray, rng: np.random.Generator)
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
-class _Views(Dataset):
-    def __init__(self, dataset: SegmentationDataset, normalization: Normalization, augment: bool, seed: int):
+class SeededViews(Dataset):
+    """The base of every method's training views: ``crops_per_image`` items per sample,
+    with the dataset and normalisation they come from, and the epoch the trainer sets so
+    that ``rng_for(seed, epoch, index)`` draws new (and, on resume, the same) views."""
+
+    def __init__(self, dataset: SegmentationDataset, normalization: Normalization, seed: int = 0,
+                 crops_per_image: int = 1):
         self.dataset = dataset
         self.normalization = normalization
-        self.augment = augment
         self.seed = seed
+        self.crops_per_image = int(crops_per_image)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.crops_per_image
+
+
+class _Views(SeededViews):
+    def __init__(self, dataset: SegmentationDataset, normalization: Normalization, augment: bool, seed: int,
+                 crops_per_image: int = 1):
+        super().__init__(dataset, normalization, seed, crops_per_image)
+        self.augment = augment
 
     def _pack(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator, **extra) -> dict:
         if self.augment:
@@ -62,9 +77,6 @@ class GlobalViews(_Views):
         super().__init__(dataset, normalization, augment, seed)
         self.size = tuple(size)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {} if cache else None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def view(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is not None and index in self._cache:
@@ -90,13 +102,9 @@ class RandomCrops(_Views):
     """
 
     def __init__(self, dataset, normalization, crop, out_size=None, crops_per_image=1, augment=True, seed=0):
-        super().__init__(dataset, normalization, augment, seed)
+        super().__init__(dataset, normalization, augment, seed, crops_per_image)
         self.crops = [tuple(c) if isinstance(c, (tuple, list)) else (c, c) for c in (crop if isinstance(crop, list) else [crop])]
         self.out_size = tuple(out_size) if out_size is not None else None
-        self.crops_per_image = crops_per_image
-
-    def __len__(self) -> int:
-        return len(self.dataset) * self.crops_per_image
 
     def __getitem__(self, index: int) -> dict:
         rng = rng_for(self.seed, self.epoch, index)
