@@ -16,7 +16,7 @@ import torch
 from .errors import ConfigError, GigasegError
 from .io.normalize import Normalization
 from .io.sources import open_image
-from .inference.stream import block_size_for
+from .inference.stream import block_size_for, effective_block_size
 from .memory import parse_size
 
 def load_model(model_or_checkpoint) -> tuple[torch.nn.Module, dict]:
@@ -75,7 +75,7 @@ def predict(
     palette = np.asarray(info["palette"], dtype=np.uint8) if info.get("palette") else None
     if out is not None and Path(out).suffix.lower() not in (".tif", ".tiff"):
         out = Path(out) / f"{source.name}.tif"
-    block_size = getattr(predictor, "block_size", None) or block_size_for(budget)
+    block_size = effective_block_size(predictor, block_size_for(budget))
     producer = None
     if out is not None:
         producer = prediction_fingerprint(model, normalization=normalization.to_dict(), block_size=block_size,

@@ -60,6 +60,12 @@ class PredictionResult:
         return self.height * self.width / 1e6 / max(self.seconds, 1e-9)
 
 
+def effective_block_size(predictor, requested: int) -> int:
+    """The block side a prediction runs with: the one ``predictor`` planned its memory for
+    (``WholeImagePredictor.block_size``; duck-typed predictors may have none), else ``requested``."""
+    return getattr(predictor, "block_size", None) or requested
+
+
 def block_grid(height: int, width: int, block_size: int) -> list[list[Window]]:
     """Rows of blocks covering the image; block heights are multiples of the writer tile."""
     block = max(WRITER_TILE, (block_size // WRITER_TILE) * WRITER_TILE)
@@ -96,7 +102,7 @@ def predict_image(
     start = time.perf_counter()
     bound_heap_growth()  # see gigaseg.inference.heap: peak RSS would otherwise creep with image size
     out = Path(out) if out is not None else None
-    block_size = getattr(predictor, "block_size", None) or block_size  # duck-typed predictors too
+    block_size = effective_block_size(predictor, block_size)
     rows = block_grid(source.height, source.width, block_size)
     writer = None
     if out is not None:

@@ -409,15 +409,15 @@ class MaskWriter:
             raise GigasegError(f"{where}: unreadable progress.json ({error}); delete the folder or write afresh") from None
         expected = self._meta()
         found = {k: state.get(k) for k in expected}
-        if found["producer"] != expected["producer"] and {**found, "producer": None} == {**expected, "producer": None}:
-            raise GigasegError(
-                f"{where}: its finished bands were made by another model, other options or other settings; "
-                f"rerun with --restart (resume=False) to start afresh, or with what made them")
-        if found != expected:
+        if any(found[k] != expected[k] for k in expected if k != "producer"):
             raise GigasegError(
                 f"{where}: it holds a {found['height']}x{found['width']} mask in {found['band_height']}-row bands, "
                 f"not {self.height}x{self.width} in {self.tile}-row bands; delete the folder or write afresh"
             )
+        if found["producer"] != self.producer:
+            raise GigasegError(
+                f"{where}: its finished bands were made by another model, other options or other settings; "
+                f"rerun with --restart (resume=False) to start afresh, or with what made them")
         if not self._raw_path.exists():
             raise GigasegError(f"{where}: {self._raw_path.name} is missing; delete the folder or write afresh")
         size = self._raw_path.stat().st_size
