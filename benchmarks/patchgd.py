@@ -376,6 +376,17 @@ def _probes(part: dict) -> str:
             f"fresh child) fits {part['budget']}; probed {listed}.\n")
 
 
+def _comparison(part: dict, keys: list[str], headers: list[str], baseline: str) -> list[str]:
+    """An accuracy part's table (PatchGD with and without the global patch, then the downsampled
+    baseline) and its probes line."""
+    columns = ["method", "options", "peak RSS (train)", "wall", "k", *headers]
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|",
+            _row(part["patchgd_global"], "PatchGD + global patch", keys),
+            _row(part["patchgd_no_global"], "PatchGD, no global patch", keys),
+            *[_row(r, f"{baseline} {r['options']['input_size']}", keys) for r in part["downsampled"]],
+            "", _probes(part)]
+
+
 def markdown(results: dict) -> str:
     from gigaseg.bench import machine
 
@@ -415,12 +426,7 @@ def markdown(results: dict) -> str:
                   f"6 and 9; one 30-60% of the side, one 8-24 px) among distracting shapes; class = sum mod 10 "
                   f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, {um['epochs']} epochs, batch "
                   f"{um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).", "",
-                  "| method | options | peak RSS (train) | wall | k | accuracy | balanced accuracy |",
-                  "|---|---|---|---|---|---|---|",
-                  _row(um["patchgd_global"], "PatchGD + global patch", keys),
-                  _row(um["patchgd_no_global"], "PatchGD, no global patch", keys)]
-        lines += [_row(r, f"downsampled {r['options']['input_size']}", keys) for r in um["downsampled"]]
-        lines += ["", _probes(um)]
+                  *_comparison(um, keys, ["accuracy", "balanced accuracy"], "downsampled")]
     lc = results.get("landcover")
     if lc:
         keys = ["f1", "iou", "balanced_accuracy", "lr_positive", "lr_negative"]
@@ -429,12 +435,7 @@ def markdown(results: dict) -> str:
                   f"({lc['data']['train']} train / {lc['data']['val']} val); positive class: {lc['data']['positive']}. Encoder {lc['encoder']}, "
                   f"{lc['epochs']} epochs, batch {lc['batch_size']}, lr {lc['lr']}; budget {lc['budget']}. "
                   "Scores of the positive class on the validation split.", "",
-                  "| method | options | peak RSS (train) | wall | k | F1 | IoU | balanced acc. | LR+ | LR- |",
-                  "|---|---|---|---|---|---|---|---|---|---|",
-                  _row(lc["patchgd_global"], "PatchGD + global patch", keys),
-                  _row(lc["patchgd_no_global"], "PatchGD, no global patch", keys)]
-        lines += [_row(r, f"global (smp U-Net) {r['options']['input_size']}", keys) for r in lc["downsampled"]]
-        lines += ["", _probes(lc)]
+                  *_comparison(lc, keys, ["F1", "IoU", "balanced acc.", "LR+", "LR-"], "global (smp U-Net)")]
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     return "\n".join(lines)
