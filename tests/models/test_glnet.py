@@ -67,6 +67,22 @@ def test_channel_counts_come_from_the_encoders_feature_info(encoder):
     assert tuple(model(x).shape) == (1, 3, 80, 72)
 
 
+def test_fpn_channels_narrow_every_fpn_and_the_ensemble_head():
+    model = tiny(fpn_channels=32, num_classes=3)
+    for fpn in (model.global_branch.fpn, model.local_branch.fpn, model.global_ext, model.global_fixed.fpn):
+        assert {c.out_channels for c in fpn.lateral_convs} == {32}
+        assert {c.out_channels for c in fpn.smooth2_convs} == {16}
+    assert model.local_branch.fpn.lateral_convs[0].in_channels == 2 * Encoder("test_resnet").out_channels[0]
+    assert model.ensemble.in_channels == 2 * 4 * 16  # concat(ps3 local, ps3 global), ps3 = 4 x smoothing
+    assert model.context_shapes()["ps3"][0][0] == 64
+    model.set_stage(3)
+    x = torch.randn(1, 3, 80, 72)
+    assert tuple(model(x).shape) == (1, 3, 80, 72)
+    assert model.num_parameters() < tiny().num_parameters()
+    with pytest.raises(ConfigError, match="fpn_channels must be > 0"):
+        tiny(fpn_channels=0)
+
+
 def test_options_are_checked():
     with pytest.raises(ConfigError, match=r"min_overlap must be in \[0, size_p=32\)"):
         tiny(min_overlap=32)

@@ -290,23 +290,28 @@ class GLNet(SegmentationModel):
         focal_gamma: gamma of the focal loss (3).
         global_context: ``"image"`` (the only policy implemented): the global view is the whole
             image at ``size_g``, whatever the image size (see the module docstring).
+        fpn_channels: lateral width of every FPN (256 in the paper; the smoothing width is half).
+            Narrower FPNs are for CPU-scale comparisons with the baselines' ``fpn_channels``:
+            at 64 the FPN convolutions, which dominate GLNet's cost per patch, are ~16x cheaper.
     """
 
     default_options: dict[str, Any] = {"size_g": 508, "size_p": 508, "min_overlap": 50, "fmreg": 0.15,
-                                       "focal_gamma": 3.0, "global_context": "image"}
+                                       "focal_gamma": 3.0, "global_context": "image", "fpn_channels": 256}
     option_choices = {"global_context": ("image",)}
     inference_options = ("min_overlap",)
 
     def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
                  pretrained: PretrainedSpec = False, **options: Any):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
-        kw = {"num_classes": num_classes, "in_channels": in_channels}
+        width = self.options["fpn_channels"]
+        widths = {"lateral_channels": width, "smooth_channels": max(1, width // 2)}
+        kw = {"num_classes": num_classes, "in_channels": in_channels, **widths}
         self.global_branch = FPNBranch(encoder, pretrained=pretrained, **kw)
         self.local_branch = FPNBranch(encoder, pretrained=pretrained, shared_inputs=True, **kw)
         channels = self.global_branch.encoder.out_channels
-        self.global_ext = FPN(channels, num_classes, shared_inputs=True)
+        self.global_ext = FPN(channels, num_classes, shared_inputs=True, **widths)
         self.global_ext.classifier = None  # stage 3 classifies with the stage-1 classifier
-        merged = self.global_branch.fpn.classifier.in_channels  # ps3 channels (512)
+        merged = self.global_branch.fpn.classifier.in_channels  # ps3 channels (512 at the paper's widths)
         self.ensemble = _conv(2 * merged, num_classes, 3)
         with torch.device("meta"):  # its tensors are the global branch's until stage 3 starts
             self.global_fixed = FPNBranch(encoder, pretrained=False, **kw)
@@ -315,7 +320,7 @@ class GLNet(SegmentationModel):
         self._register_load_state_dict_pre_hook(_tie_or_untie_on_load, with_module=True)
 
     def check_options(self) -> None:
-        self._require_positive("size_g", "size_p")
+        self._require_positive("size_g", "size_p", "fpn_channels")
         if not 0 <= self.options["min_overlap"] < self.options["size_p"]:
             raise ConfigError(f"glnet: option min_overlap must be in [0, size_p={self.options['size_p']}), "
                               f"got {self.options['min_overlap']}")
