@@ -9,7 +9,6 @@ where it stopped and its result equals an uninterrupted run.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -203,6 +202,3 @@ class _ProbabilityStore:
         return self.final
 
 
-def blocks_in(height: int, width: int, block_size: int) -> int:
-    block = max(WRITER_TILE, (block_size // WRITER_TILE) * WRITER_TILE)
-    return math.ceil(height / block) * math.ceil(width / block)
