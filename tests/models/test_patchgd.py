@@ -9,8 +9,8 @@ import torch
 from gigaseg.errors import ConfigError
 from gigaseg.io.array import ArraySource
 from gigaseg.io.normalize import Normalization
-from gigaseg.models.patchgd import (PatchGDClassifier, PatchGDSegmenter, even_chunks, global_view_of, grid_shape,
-                                   patch_at)
+from gigaseg.models.patchgd import (GLOBAL_GRADIENTS, PatchGDClassifier, PatchGDSegmenter, even_chunks, global_view_of,
+                                   grid_shape, patch_at)
 from gigaseg.models.registry import create_model
 from gigaseg.window import Window
 
@@ -287,6 +287,30 @@ def test_segmenter_update_gives_gradients_only_through_the_sampled_patches():
     assert all(p.grad is not None for p in model.theta1.parameters())
     with torch.no_grad():
         torch.testing.assert_close(logits.detach(), model(x), rtol=1e-4, atol=1e-5)  # same Z either way (eval)
+
+
+def test_global_gradient_scales_only_what_reaches_theta1_through_the_global_patch():
+    x = image(batch=1)
+    indices = torch.tensor([[1, 5, 6]])  # k = 3 of 12 patches: "balanced" scales the global path by 1/4
+
+    def gradients(mode):
+        model = segmenter(global_gradient=mode).eval()
+        z0 = model.fill(x, 12)
+        model(x, latents=z0, indices=indices).square().mean().backward()
+        return ({n: p.grad.clone() for n, p in model.theta1.named_parameters()},
+                {n: p.grad.clone() for n, p in model.theta2.named_parameters()})
+
+    (full, head_full), (balanced, head_balanced), (none, head_none) = (gradients(m) for m in GLOBAL_GRADIENTS)
+    for name in full:  # theta1's gradient is local + factor x global, linear in the factor
+        torch.testing.assert_close(balanced[name], none[name] + 0.25 * (full[name] - none[name]),
+                                   rtol=1e-4, atol=1e-7)
+    assert any((full[n] - none[n]).abs().max() > 1e-6 for n in full)  # the global path does reach theta1
+    for name in head_full:  # theta2 learns from the global features the same way in every mode
+        torch.testing.assert_close(head_balanced[name], head_full[name])
+        torch.testing.assert_close(head_none[name], head_full[name])
+    assert segmenter().global_gradient_factor(3, 12) == 1.0
+    with pytest.raises(ConfigError, match="global_gradient='half' is not one of"):
+        segmenter(global_gradient="half")
 
 
 @pytest.mark.parametrize("options", [{}, {"global_patch": False}])
