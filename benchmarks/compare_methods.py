@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from gigaseg.bench.compare import MethodSpec, compare, markdown, write_results
+from gigaseg.bench.compare import MethodSpec, compare, markdown, score_variants, write_results
 from gigaseg.data.synth.landcover import write_landcover_dataset
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,6 +41,13 @@ OPTIONS = {
     "icnet": {"crop_size": 768, "crops_per_image": 4, "tile_size": [1536, 1536], "tile_overlap": 128},
 }
 
+#: rows scored from a method's trained weights with other inference options
+VARIANTS = {
+    # MagNet's own baseline (issue 5: MagNet must beat its backbone run at the coarsest scale alone)
+    # and MagNet-Fast (the 3 most uncertain patches per scale, 90% of their pixels)
+    "magnet": {"backbone, coarsest scale": {"refine": "never"}, "fast": {"fast_patches": 3, "points": 0.9}},
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,13 +62,23 @@ def main() -> None:
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--append", action="store_true",
                         help="keep the other methods of the committed results (same data, machine and settings)")
+    parser.add_argument("--variants-only", action="store_true",
+                        help="train nothing: score the VARIANTS of --methods from their runs in --work and add "
+                             "them to the committed results")
     args = parser.parse_args()
     data = Path(args.data)
     if not (data / "dataset.yaml").exists():
         write_landcover_dataset(data, count=args.scenes, height=args.size, width=args.size, seed=0, val_fraction=0.25)
     specs = [MethodSpec(method=m, options=OPTIONS.get(m, {}), epochs=args.epochs, lr=args.lr,
-                        batch_size=args.batch_size) for m in args.methods.split(",")]
+                        batch_size=args.batch_size, variants=VARIANTS.get(m, {})) for m in args.methods.split(",")]
     work = Path(args.work)
+    if args.variants_only:
+        results = json.loads((RESULTS / "compare_methods.json").read_text())
+        for spec in specs:
+            score_variants(spec, results, work, data, split=results["split"], max_memory=results["max_memory"])
+        write_results(results, RESULTS, stem="compare_methods")
+        print(markdown(results))
+        return
     results = compare(specs, data, work, encoder=args.encoder)
     if args.append and (RESULTS / "compare_methods.json").exists():
         earlier = json.loads((RESULTS / "compare_methods.json").read_text())

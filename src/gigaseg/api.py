@@ -86,14 +86,15 @@ def predict(
 
 
 def evaluate(model_or_checkpoint, data, *, split: str = "val", max_memory: str | int | None = None,
-             device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+             device: str = "cpu", progress: bool = True, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stream every image of ``data``'s split through the predictor; per-class IoU, mIoU, F1, accuracy.
 
     Two-class segmentation also gets ``binary``: the positive class's (class 1) F1, IoU,
     sensitivity, specificity, balanced accuracy and likelihood ratios LR+ / LR-
     (``ConfusionMatrix.binary_metrics``; NaN as None, infinity as "inf"). Image classifiers
     (classification datasets) are scored per image: ``accuracy``, ``balanced_accuracy``,
-    per-class F1 and the confusion matrix (``binary`` too for two classes).
+    per-class F1 and the confusion matrix (``binary`` too for two classes). ``options``
+    changes inference options as in :func:`predict` (e.g. MagNet's ``refine="never"``).
     """
     from .data.classification import load_task_dataset
     from .inference.stream import predict_image
@@ -102,6 +103,8 @@ def evaluate(model_or_checkpoint, data, *, split: str = "val", max_memory: str |
 
     budget = parse_size(max_memory) if max_memory is not None else None
     model, info = load_model(model_or_checkpoint)
+    if options:
+        model = model.with_inference_options(**options)
     dataset = load_task_dataset(data, split=split) if not hasattr(data, "classes") else data
     if len(dataset) == 0:
         raise GigasegError(f"{data}: the {split!r} split has no images")

@@ -24,3 +24,23 @@ def test_bench_trains_scores_and_reports_each_method(tmp_path, tiny_dataset, cap
     assert "| global |" in table and "| patch |" in table and "epochs per stage" in table
     assert '- patch: `{"patch_size": 64, "overlap": 16, "crops_per_image": 2}`' in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variants_are_scored_from_the_same_weights(tmp_path, tiny_dataset):
+    from gigaseg.bench.compare import MethodSpec, compare, score_variants
+
+    spec = MethodSpec(method="patch", options={"patch_size": 64, "overlap": 16, "crops_per_image": 2}, epochs=1,
+                      batch_size=2, lr=1e-3, variants={"uniform blend": {"blend": "uniform"}})
+    out = tmp_path / "bench"
+    results = compare([spec], tiny_dataset, out, encoder="test_resnet")
+    trained, variant = results["methods"]
+    assert variant["name"] == "patch (uniform blend)" and variant["variant_of"] == "patch"
+    assert variant["inference_options"] == {"blend": "uniform"} and "inference_options" not in trained
+    assert variant["train_peak_rss"] == trained["train_peak_rss"] and variant["epochs_run"] == 1
+    assert 0.0 <= variant["miou"] <= 1.0
+    table = (out / "results.md").read_text()
+    assert '- patch (uniform blend): the weights of patch, predicted with `{"blend": "uniform"}`' in table
+    # scoring again replaces the row instead of adding one
+    score_variants(spec, results, out, tiny_dataset)
+    assert [m["name"] for m in results["methods"]] == ["patch", "patch (uniform blend)"]
+    assert json.loads((out / "results.json").read_text())["methods"][1]["miou"] == results["methods"][1]["miou"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import tifffile
 import torch
 from PIL import Image
 
-from gigaseg.api import predict, train
+from gigaseg.api import evaluate, predict, train
 from gigaseg.cli import main
 from gigaseg.data.datasets import load_dataset
 from gigaseg.inference.stream import predict_image
@@ -339,6 +340,16 @@ def test_cityscapes_layout_through_the_cli(tmp_path, capsys):
     assert main(["predict", str(image), "--checkpoint", str(tmp_path / "rf"), "--out", str(tmp_path / "fast"),
                  "--set", "fast_patches=1", "--set", "points=0.9"]) == 0
     assert tifffile.imread(tmp_path / "fast" / "aachen_000000_000019_leftImg8bit.tif").shape == (CITY_H, CITY_W)
+    # MagNet's own baseline from the same checkpoint: the backbone alone at the coarsest scale
+    scores = {}
+    for mode in ("never", "always"):
+        out = tmp_path / f"{mode}.json"
+        assert main(["evaluate", "--checkpoint", str(tmp_path / "rf"), "--data", str(data), "--split", "val",
+                     "--set", f"refine={mode}", "--json", str(out)]) == 0
+        scores[mode] = json.loads(out.read_text())
+    expected = evaluate(tmp_path / "rf", data, split="val", options={"refine": "never"}, progress=False)
+    assert scores["never"]["per_class"] == json.loads(json.dumps(expected["per_class"]))
+    assert scores["never"]["per_class"] != scores["always"]["per_class"]
     capsys.readouterr()
 
 

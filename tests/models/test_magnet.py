@@ -350,6 +350,14 @@ def test_coarse_only_until_the_refinement_is_trained():
         full = model.infer(x)
     assert not torch.allclose(full, coarse)
     torch.testing.assert_close(full.sum(1), torch.ones(1, 64, 64))
+    # the refine option overrides the flag either way (same weights: an inference option)
+    with torch.inference_mode():
+        assert torch.equal(model.with_inference_options(refine="never").infer(x), coarse)
+        untrained = tiny()
+        assert not untrained.refines and untrained.with_inference_options(refine="always").refines
+        assert torch.equal(untrained.with_inference_options(refine="always").infer(x), untrained.infer(x, refine=True))
+    with pytest.raises(ConfigError, match="refine='off' is not one of"):
+        tiny(refine="off")
 
 
 def reference_two_scales(model, x):

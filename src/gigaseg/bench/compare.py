@@ -34,6 +34,9 @@ class MethodSpec:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    #: extra rows scored from the same trained weights: label -> inference options
+    #: (e.g. MagNet's backbone alone, ``{"refine": "never"}``)
+    variants: dict[str, dict] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -56,15 +59,16 @@ def train_job(spec: dict, data: str, run_dir: str, encoder: str, seed: int, max_
     return {"history": result["history"], "seconds": time.perf_counter() - started}
 
 
-def evaluate_job(run_dir: str, data: str, split: str, max_memory: int | None) -> dict:
-    """Child-process job: evaluate a checkpoint on ``split``, timing the streaming prediction."""
+def evaluate_job(run_dir: str, data: str, split: str, max_memory: int | None, options: dict | None = None) -> dict:
+    """Child-process job: evaluate a checkpoint on ``split`` (with inference ``options``), timing the
+    streaming prediction."""
     from ..api import evaluate
     from ..data.datasets import load_dataset
 
     dataset = load_dataset(data, split=split)
     pixels = sum(s.image.height * s.image.width for s in (dataset[i] for i in range(len(dataset))))
     started = time.perf_counter()
-    summary = evaluate(run_dir, dataset, max_memory=max_memory, progress=False)
+    summary = evaluate(run_dir, dataset, max_memory=max_memory, progress=False, options=options)
     seconds = time.perf_counter() - started
     return {"summary": summary, "seconds": seconds, "megapixels_per_second": pixels / 1e6 / seconds}
 
@@ -91,23 +95,50 @@ def compare(specs: list[MethodSpec], data: str | Path, out: str | Path, *, encod
         run_dir = out / "runs" / spec.name
         trained = measure_call(train_job, (asdict(spec), str(data), str(run_dir), encoder, seed, max_memory),
                                timeout=timeout)
-        scored = measure_call(evaluate_job, (str(run_dir), str(data), split, max_memory), timeout=timeout)
-        summary = scored.value["summary"]
-        per_class = {name: row["iou"] for name, row in summary["per_class"].items()}
-        entry = {
-            "name": spec.name, "spec": asdict(spec),
-            "miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"], "mean_f1": summary["mean_f1"],
-            "per_class_iou": per_class,
-            "group_iou": {g: _mean([per_class[c] for c in members]) for g, members in groups.items()},
-            "train_seconds": trained.value["seconds"], "train_peak_rss": trained.peak_rss,
-            "train_cuda_peak": trained.cuda_peak, "epochs_run": len(trained.value["history"]),
-            "predict_peak_rss": scored.peak_rss, "predict_cuda_peak": scored.cuda_peak,
-            "megapixels_per_second": scored.value["megapixels_per_second"],
-            "runtime_baseline_rss": scored.baseline_rss,
-        }
-        results["methods"].append(entry)
+        training = {"train_seconds": trained.value["seconds"], "train_peak_rss": trained.peak_rss,
+                    "train_cuda_peak": trained.cuda_peak, "epochs_run": len(trained.value["history"])}
+        entry = score(spec, None, run_dir, data, split, max_memory, groups, timeout)
+        results["methods"].append({**entry, **training})
         write_results(results, out)  # after every method, so a long run leaves partial results
+        score_variants(spec, results, out, data, split=split, max_memory=max_memory, timeout=timeout)
     return results
+
+
+def score(spec: MethodSpec, variant: str | None, run_dir: Path, data, split: str, max_memory: int | None,
+          groups: dict[str, list[str]], timeout: float | None = None) -> dict:
+    """One row: ``run_dir``'s checkpoint scored on ``split`` in a fresh child (with a variant's options)."""
+    options = spec.variants[variant] if variant else None
+    scored = measure_call(evaluate_job, (str(run_dir), str(data), split, max_memory, options), timeout=timeout)
+    summary = scored.value["summary"]
+    per_class = {name: row["iou"] for name, row in summary["per_class"].items()}
+    return {
+        "name": f"{spec.name} ({variant})" if variant else spec.name, "spec": asdict(spec),
+        **({"variant_of": spec.name, "inference_options": options} if variant else {}),
+        "miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"], "mean_f1": summary["mean_f1"],
+        "per_class_iou": per_class,
+        "group_iou": {g: _mean([per_class[c] for c in members]) for g, members in groups.items()},
+        "predict_peak_rss": scored.peak_rss, "predict_cuda_peak": scored.cuda_peak,
+        "megapixels_per_second": scored.value["megapixels_per_second"],
+        "runtime_baseline_rss": scored.baseline_rss,
+    }
+
+
+def score_variants(spec: MethodSpec, results: dict, out: Path, data, *, split: str = "val",
+                   max_memory: int | None = None, timeout: float | None = None) -> None:
+    """Add (or replace) the rows of ``spec.variants``, scored from the weights of its trained row
+    (which must be in ``results``; its run folder under ``out/runs``). Their training figures are
+    the trained row's: the weights are the same."""
+    trained = next(m for m in results["methods"] if m["name"] == spec.name)
+    training = {k: trained[k] for k in ("train_seconds", "train_peak_rss", "train_cuda_peak", "epochs_run")}
+    for variant in spec.variants:
+        entry = {**score(spec, variant, out / "runs" / spec.name, data, split, max_memory,
+                         results["class_groups"], timeout), **training}
+        rows = [m for m in results["methods"] if m["name"] != entry["name"]]
+        at = next(i for i, m in enumerate(rows) if m["name"] == spec.name) + 1
+        while at < len(rows) and rows[at].get("variant_of") == spec.name:
+            at += 1
+        results["methods"] = rows[:at] + [entry] + rows[at:]
+        write_results(results, out)
 
 
 def _mean(values: list) -> float | None:
@@ -138,9 +169,7 @@ def markdown(results: dict) -> str:
         for m in results["methods"]:
             lines.append(f"| {m['name']} | " + " | ".join(_fmt(m["per_class_iou"][c]) for c in classes) + " |")
     if results["methods"]:
-        lines += ["", "Options:", ""] + [f"- {m['name']}: `{json.dumps(m['spec']['options'])}`, batch "
-                                         f"{m['spec'].get('batch_size')}, lr {m['spec'].get('lr')}"
-                                         for m in results["methods"]]
+        lines += ["", "Options:", ""] + [_options_line(m) for m in results["methods"]]
     for note in results.get("notes", []):
         lines += ["", note]
     baseline = results["methods"][0].get("runtime_baseline_rss") if results["methods"] else None
@@ -148,6 +177,14 @@ def markdown(results: dict) -> str:
         lines += ["", f"Peak RSS includes the Python + torch runtime; a child that only imports torch peaks at "
                       f"{format_size(baseline)}."]
     return "\n".join(lines) + "\n"
+
+
+def _options_line(m: dict) -> str:
+    if m.get("variant_of"):
+        return (f"- {m['name']}: the weights of {m['variant_of']}, predicted with "
+                f"`{json.dumps(m['inference_options'])}`")
+    return (f"- {m['name']}: `{json.dumps(m['spec']['options'])}`, batch {m['spec'].get('batch_size')}, "
+            f"lr {m['spec'].get('lr')}")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -173,10 +210,11 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(results: dict, out: Path) -> None:
-    with atomic_output(out / "results.json") as tmp:
+def write_results(results: dict, out: Path, stem: str = "results") -> None:
+    """``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` in ``out``."""
+    with atomic_output(out / f"{stem}.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))
-    with atomic_output(out / "results.md") as tmp:
+    with atomic_output(out / f"{stem}.md") as tmp:
         tmp.write_text(markdown(results))
     if results["methods"]:
-        plot(results, out / "results.png")
+        plot(results, out / f"{stem}.png")

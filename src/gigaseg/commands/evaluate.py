@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_inference_set
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("evaluate", help="score a model on a dataset split",
@@ -14,6 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-memory", help="memory budget, e.g. 2GB")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    add_inference_set(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -25,8 +28,10 @@ def run(args) -> int:
     from ..api import evaluate
     from ..io.atomic import atomic_output
     from ..memory import format_size
+    from .common import parse_options
 
-    summary = evaluate(args.checkpoint, args.data, split=args.split, max_memory=args.max_memory, device=args.device)
+    summary = evaluate(args.checkpoint, args.data, split=args.split, max_memory=args.max_memory, device=args.device,
+                       options=parse_options(args.set))
     summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(format_summary(summary))
     print(f"peak memory (RSS): {format_size(summary['peak_rss_bytes'])}")

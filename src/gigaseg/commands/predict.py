@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_inference_set
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -20,9 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     parser.add_argument("--probabilities", action="store_true", help="also write <name>_probabilities.zarr")
     parser.add_argument("--restart", action="store_true", help="ignore finished bands of an interrupted run")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="inference option of the method, e.g. --set fast_patches=3 --set points=0.9 "
-                             "(MagNet-Fast), --set overlap=64 (patch); repeatable")
+    add_inference_set(parser)
     parser.set_defaults(run=run)
     return parser
 

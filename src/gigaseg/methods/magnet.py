@@ -342,14 +342,15 @@ def inference_sub_batch(model, device, max_memory: int | None, default: int | No
 class MagNetPredictor(WholeImagePredictor):
     """MagNet over a whole image of any size; see the module docstring for the two modes.
 
-    ``refine`` None follows the model's ``refinement_trained`` flag (the backbone alone at
-    the coarsest scale until the refinement stage has run); True / False force it.
+    ``refine`` None follows the model's ``refines`` (its ``refine`` option and
+    ``refinement_trained`` flag: the backbone alone at the coarsest scale until the
+    refinement stage has run); True / False force it.
     """
 
     def __init__(self, model, normalization, device="cpu", sub_batch: int = 4, precision: str = "32",
                  refine: bool | None = None):
         super().__init__(model, normalization, device=device, sub_batch=sub_batch, precision=precision)
-        self.refine = bool(model.refinement_trained) if refine is None else bool(refine)
+        self.refine = model.refines if refine is None else bool(refine)
         self.halo = max(model.scales[-1])
         #: one dict per frame predicted: its window and the per-scale trace (for tests and benchmarks)
         self.frames: list[dict] = []

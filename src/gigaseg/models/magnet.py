@@ -51,8 +51,10 @@ Frames and image sizes (:meth:`MagNet.frame_size`):
 
 Until the refinement module has been trained (the buffer ``refinement_trained``, set when
 the refinement stage starts and saved in checkpoints), predictions are the backbone's at
-the coarsest scale alone (MagNet's stage 0), e.g. during validation of the backbone stage;
-``refine=True`` forces the full method.
+the coarsest scale alone (MagNet's stage 0), e.g. during validation of the backbone stage.
+The inference option ``refine`` overrides this: ``"never"`` gives the backbone at the
+coarsest scale from any checkpoint (``gigaseg evaluate --set refine=never``: the baseline
+MagNet must beat), ``"always"`` the full method.
 """
 
 from __future__ import annotations
@@ -377,6 +379,9 @@ def _pair(value: Any, name: str) -> list[int]:
 #: reads the patches at frame windows, resized to the input size: ``(N, C_in, ih, iw)`` normalised
 PatchReader = Callable[[list[Window]], torch.Tensor]
 
+#: values of the ``refine`` option (see the module docstring)
+REFINE_MODES = ("auto", "never", "always")
+
 
 @register_method("magnet")
 class MagNet(SegmentationModel):
@@ -395,9 +400,10 @@ class MagNet(SegmentationModel):
         **copy.deepcopy(_DEEPGLOBE),
         "decoder": "fpn",
         "crops_per_image": 1,
+        "refine": "auto",
     }
-    option_choices = {"preset": tuple(PRESETS), "decoder": DECODERS}
-    inference_options = ("points", "fast_patches", "median_kernel")
+    option_choices = {"preset": tuple(PRESETS), "decoder": DECODERS, "refine": REFINE_MODES}
+    inference_options = ("points", "fast_patches", "median_kernel", "refine")
 
     def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
                  pretrained: PretrainedSpec = False, **options: Any):
@@ -462,6 +468,14 @@ class MagNet(SegmentationModel):
     def variant(self, **options: Any) -> "MagNet":
         """A copy with other options and the same weights (e.g. ``fast_patches=3, points=0.9``)."""
         return self.with_options(**options)
+
+    @property
+    def refines(self) -> bool:
+        """Whether predictions refine past the coarsest scale: option ``refine`` ("never": the
+        backbone alone at the coarsest scale, MagNet's own baseline; "always"; "auto": once the
+        refinement stage has run)."""
+        mode = self.options["refine"]
+        return mode == "always" or (mode == "auto" and bool(self.refinement_trained))
 
     def mark_refinement_trained(self, trained: bool = True) -> None:
         """Set the flag that switches whole-image predictions from the backbone alone to MagNet."""
@@ -553,12 +567,12 @@ class MagNet(SegmentationModel):
         """MagNet's prediction of one frame: probabilities ``(1, C, h, w)`` (float32) at the frame's size.
 
         ``read_patches(windows)`` returns the normalised pixels of frame windows resized to
-        ``input_size``. ``refine`` None follows ``refinement_trained``; False stops after the
+        ``input_size``. ``refine`` None follows :attr:`refines`; False stops after the
         coarsest scale. ``trace``, if a list, receives one dict per scale (patches refined,
         points replaced) for tests and benchmarks.
         """
         if refine is None:
-            refine = bool(self.refinement_trained)
+            refine = self.refines
         geometry = self.frame_geometry(frame)
         sub_batch = max(1, int(sub_batch))
         current = self.backbone_probs(read_patches(geometry.windows(0)), autocast)
