@@ -53,8 +53,8 @@ Gradient through the global patch (segmenter, ``global_gradient``): the loss cov
 pixel and every pixel depends on the global patch, while only the ``k`` recomputed patches
 (a ``k / patches`` share of the pixels) pass gradient to theta1 through ``Z``. With
 ``"full"`` (the paper's graph) theta1 therefore learns mostly from the downsampled image
-(at 1024^2 with 128-px patches and k = 3, about 20x more than from the full-resolution
-patches); ``"balanced"`` scales the global path's gradient by ``k / patches``; ``"none"``
+(``patches / k`` times more than from the full-resolution patches: 64x at 1024^2 with
+128-px patches and k = 1); ``"balanced"`` scales the global path's gradient by ``k / patches``; ``"none"``
 detaches it. theta2 learns from the global features the same way in all three.
 
 Forward modes (all take normalised images ``x``, ``(B, C, H, W)``; ``global_view`` is the
