@@ -92,6 +92,7 @@ LANDCOVER_K = 1
 #: the framework's runs of an accuracy part, in table order
 FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch"),
                   ("patchgd_global_balanced", "PatchGD + global patch, balanced gradient"),
+                  ("patchgd_global_none", "PatchGD + global patch, no gradient through it"),
                   ("patchgd_no_global", "PatchGD, no global patch")]
 
 #: earlier results by run name (``--reuse``): a run with the same settings is not repeated
@@ -318,9 +319,10 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     out["patchgd_global"] = train_and_evaluate("lc_patchgd_global", "patchgd_segmenter", data, work,
                                                options={**framework, "global_patch": True}, max_memory=budget,
                                                **common)
-    out["patchgd_global_balanced"] = train_and_evaluate(
-        "lc_patchgd_global_balanced", "patchgd_segmenter", data, work,
-        options={**framework, "global_patch": True, "global_gradient": "balanced"}, max_memory=budget, **common)
+    for gradient in ("balanced", "none"):
+        out[f"patchgd_global_{gradient}"] = train_and_evaluate(
+            f"lc_patchgd_global_{gradient}", "patchgd_segmenter", data, work,
+            options={**framework, "global_patch": True, "global_gradient": gradient}, max_memory=budget, **common)
     out["patchgd_no_global"] = train_and_evaluate("lc_patchgd_no_global", "patchgd_segmenter", data, work,
                                                   options={**framework, "global_patch": False}, max_memory=budget,
                                                   **common)

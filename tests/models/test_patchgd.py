@@ -289,14 +289,16 @@ def test_segmenter_update_gives_gradients_only_through_the_sampled_patches():
         torch.testing.assert_close(logits.detach(), model(x), rtol=1e-4, atol=1e-5)  # same Z either way (eval)
 
 
-def test_global_gradient_scales_only_what_reaches_theta1_through_the_global_patch():
+@pytest.mark.parametrize("build", ["segmenter", "classifier"])
+def test_global_gradient_scales_only_what_reaches_theta1_through_the_global_patch(build):
     x = image(batch=1)
     indices = torch.tensor([[1, 5, 6]])  # k = 3 of 12 patches: "balanced" scales the global path by 1/4
 
     def gradients(mode):
-        model = segmenter(global_gradient=mode).eval()
+        model = {"segmenter": segmenter, "classifier": classifier}[build](global_gradient=mode).eval()
         z0 = model.fill(x, 12)
-        model(x, latents=z0, indices=indices).square().mean().backward()
+        out = model(x, latents=z0, indices=indices)
+        (out[0] if isinstance(out, tuple) else out).square().mean().backward()
         return ({n: p.grad.clone() for n, p in model.theta1.named_parameters()},
                 {n: p.grad.clone() for n, p in model.theta2.named_parameters()})
 
@@ -310,7 +312,7 @@ def test_global_gradient_scales_only_what_reaches_theta1_through_the_global_patc
         torch.testing.assert_close(head_none[name], head_full[name])
     assert segmenter().global_gradient_factor(3, 12) == 1.0
     with pytest.raises(ConfigError, match="global_gradient='half' is not one of"):
-        segmenter(global_gradient="half")
+        classifier(global_gradient="half")
 
 
 @pytest.mark.parametrize("options", [{}, {"global_patch": False}])

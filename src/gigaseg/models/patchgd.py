@@ -49,13 +49,14 @@ land-cover fine-structure task (1024^2, k=2, 3 epochs): with running statistics 
 training loss rose every epoch (1.16, 1.36, 1.54), with batch statistics it fell (1.67,
 1.49, 1.29): gradients through normalisation statistics that lag the weights.
 
-Gradient through the global patch (segmenter, ``global_gradient``): the loss covers every
-pixel and every pixel depends on the global patch, while only the ``k`` recomputed patches
-(a ``k / patches`` share of the pixels) pass gradient to theta1 through ``Z``. With
+Gradient through the global patch (``global_gradient``): the loss depends on the global
+patch at every pixel (segmenter) or grid cell (classifier), while only the ``k`` recomputed
+patches (a ``k / patches`` share) pass gradient to theta1 through ``Z``. With
 ``"full"`` (the paper's graph) theta1 therefore learns mostly from the downsampled image
 (``patches / k`` times more than from the full-resolution patches: 64x at 1024^2 with
-128-px patches and k = 1); ``"balanced"`` scales the global path's gradient by ``k / patches``; ``"none"``
-detaches it. theta2 learns from the global features the same way in all three.
+128-px patches and k = 1); ``"balanced"`` scales the global path's gradient by
+``k / patches``; ``"none"`` detaches it. theta2 learns from the global features the same way
+in all three.
 
 Forward modes (all take normalised images ``x``, ``(B, C, H, W)``; ``global_view`` is the
 whole image resized to ``patch_size`` — computed with ``F.interpolate(mode="area")``
@@ -94,7 +95,7 @@ FUSIONS = ("add", "concat")
 #: BatchNorm statistics theta1 uses on the global patch in training: its running statistics
 #: ("running"), or the global patches' own batch (``"batch"``, a forward of their own)
 GLOBAL_NORMS = ("running", "batch")
-#: how much of the loss's gradient reaches theta1 through the global patch (segmenter)
+#: how much of the loss's gradient reaches theta1 through the global patch
 GLOBAL_GRADIENTS = ("full", "balanced", "none")
 
 
@@ -211,6 +212,18 @@ class _FrameworkMixin:
         """k: patches re-encoded with gradients per inner iteration (before any memory cap)."""
         return max(1, min(num_patches, int(round(self.options["sampling_fraction"] * num_patches))))
 
+    def global_gradient_factor(self, k: int, num_patches: int) -> float:
+        """The factor on the gradient theta1 gets through the global patch (``global_gradient``).
+
+        The loss depends on the global patch everywhere, but on theta1 through Z only at the
+        ``k`` recomputed patches (a ``k / num_patches`` share).
+        ``"full"`` keeps that imbalance (the paper's graph); ``"balanced"`` scales the
+        global path by ``k / num_patches`` so it weighs as much as the ``k`` patches together;
+        ``"none"`` detaches it (theta2 still learns to use the global features).
+        """
+        mode = self.options["global_gradient"]
+        return {"full": 1.0, "balanced": k / max(1, num_patches), "none": 0.0}[mode]
+
     def _check_framework_options(self) -> None:
         self._require_positive("patch_size", "inner_iterations")
         if not 0 < self.options["sampling_fraction"] <= 1:
@@ -294,8 +307,8 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
 
     default_options = {"patch_size": 256, "latent_dim": 256, "global_patch": True, "fusion": "add",
                        "sampling_fraction": 0.25, "inner_iterations": 4, "head_layers": 2, "dropout": 0.2,
-                       "global_norm": "batch"}
-    option_choices = {"fusion": FUSIONS, "global_norm": GLOBAL_NORMS}
+                       "global_norm": "batch", "global_gradient": "full"}
+    option_choices = {"fusion": FUSIONS, "global_norm": GLOBAL_NORMS, "global_gradient": GLOBAL_GRADIENTS}
 
     def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
                  pretrained: PretrainedSpec = False, **options: Any):
@@ -367,6 +380,8 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
         patches = gather_patches(x, indices, cols, p)
         fresh = self.theta1(patches).view(batch, k, -1).transpose(1, 2).to(latents.dtype)  # (B, d, k)
         g = self.encode_global(global_view) if use_global else None
+        if g is not None:
+            g = scale_gradient(g, self.global_gradient_factor(k, rows * cols))
         flat = latents.detach().flatten(2)
         index = indices.to(flat.device)[:, None, :].expand(-1, flat.shape[1], -1)
         z = flat.scatter(2, index, fresh).view_as(latents)
@@ -562,18 +577,6 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
                 g = scale_gradient(g, self.global_gradient_factor(k, rows * cols))
             g_up = F.interpolate(g.float(), size=(height, width), mode="bilinear", align_corners=False)
         return self.head(z, g_up)
-
-    def global_gradient_factor(self, k: int, num_patches: int) -> float:
-        """The factor on the gradient theta1 gets through the global patch (``global_gradient``).
-
-        The loss covers every pixel, and every pixel reaches the global patch, but only the
-        ``k`` recomputed patches' share (``k / num_patches``) of it reaches theta1 through Z.
-        ``"full"`` keeps that imbalance (the paper's graph); ``"balanced"`` scales the
-        global path by ``k / num_patches`` so it weighs as much as the ``k`` patches together;
-        ``"none"`` detaches it (theta2 still learns to use the global features).
-        """
-        mode = self.options["global_gradient"]
-        return {"full": 1.0, "balanced": k / max(1, num_patches), "none": 0.0}[mode]
 
     # ---- engine hooks
     def training_stages(self) -> list:
