@@ -40,7 +40,10 @@ def test_variants_are_scored_from_the_same_weights(tmp_path, tiny_dataset):
     assert 0.0 <= variant["miou"] <= 1.0
     table = (out / "results.md").read_text()
     assert '- patch (uniform blend): the weights of patch, predicted with `{"blend": "uniform"}`' in table
-    # scoring again replaces the row instead of adding one
-    score_variants(spec, results, out, tiny_dataset)
+    # scoring again replaces the row instead of adding one, and keeps the trained row's budget
+    # whatever spec the later invocation was given
+    later = MethodSpec(method="patch", options=spec.options, epochs=4, variants=spec.variants)
+    score_variants(later, results, out, tiny_dataset)
     assert [m["name"] for m in results["methods"]] == ["patch", "patch (uniform blend)"]
+    assert results["methods"][1]["spec"]["epochs"] == 1 and results["methods"][1]["spec"]["batch_size"] == 2
     assert json.loads((out / "results.json").read_text())["methods"][1]["miou"] == results["methods"][1]["miou"]

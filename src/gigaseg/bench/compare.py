@@ -129,7 +129,9 @@ def score_variants(spec: MethodSpec, results: dict, out: Path, data, *, split: s
     (which must be in ``results``; its run folder under ``out/runs``). Their training figures are
     the trained row's: the weights are the same."""
     trained = next(m for m in results["methods"] if m["name"] == spec.name)
+    # the training figures and budget are the trained row's (spec may come from another invocation)
     training = {k: trained[k] for k in ("train_seconds", "train_peak_rss", "train_cuda_peak", "epochs_run")}
+    training["spec"] = {**trained["spec"], "variants": spec.variants}
     for variant in spec.variants:
         entry = {**score(spec, variant, out / "runs" / spec.name, data, split, max_memory,
                          results["class_groups"], timeout), **training}
