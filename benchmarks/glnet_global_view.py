@@ -55,6 +55,7 @@ def markdown(results: dict) -> str:
                      f"{b['peak_rss'] / 1e9:.2f} GB | {b['megapixels_per_second']:.2f} |")
     lines += ["", f"Cost of the whole-image global view at {large['size']}² (GLNet's change minus the patch "
                   f"baseline's): {results['policy_cost_miou']:+.3f} mIoU.", ""]
+    lines += [f"- {note}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
     classes = list(results["scores"]["glnet"]["large"]["per_class_iou"])
     lines += ["Per-class IoU:", "", "| method, scenes | " + " | ".join(classes) + " |", "|---" * (1 + len(classes)) + "|"]
     for method in METHODS:
@@ -100,6 +101,9 @@ def main() -> None:
         print(method, {k: round(v["miou"], 4) for k, v in results["scores"][method].items()}, flush=True)
     change = {m: results["scores"][m]["large"]["miou"] - results["scores"][m]["small"]["miou"] for m in METHODS}
     results["policy_cost_miou"] = change["glnet"] - change["patch"]
+    earlier = RESULTS / "glnet_global_view.json"
+    if earlier.exists():  # notes are written by hand after a run
+        results["notes"] = json.loads(earlier.read_text()).get("notes", [])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "glnet_global_view.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "glnet_global_view.md").write_text(markdown(results))

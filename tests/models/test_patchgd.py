@@ -310,7 +310,8 @@ def test_global_gradient_scales_only_what_reaches_theta1_through_the_global_patc
     for name in head_full:  # theta2 learns from the global features the same way in every mode
         torch.testing.assert_close(head_balanced[name], head_full[name])
         torch.testing.assert_close(head_none[name], head_full[name])
-    assert segmenter().global_gradient_factor(3, 12) == 1.0
+    # defaults: the segmenter balances (measured: the paper's graph collapsed it), the classifier keeps it
+    assert segmenter().global_gradient_factor(3, 12) == 0.25 and classifier().global_gradient_factor(3, 12) == 1.0
     with pytest.raises(ConfigError, match="global_gradient='half' is not one of"):
         classifier(global_gradient="half")
 
