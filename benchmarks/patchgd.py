@@ -93,6 +93,7 @@ LANDCOVER_K = 1
 FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradient)"),
                   ("patchgd_global_balanced", "PatchGD + global patch, balanced gradient"),
                   ("patchgd_global_none", "PatchGD + global patch, no gradient through it"),
+                  ("patchgd_global_balanced_running", "PatchGD + global patch, balanced, running BatchNorm statistics"),
                   ("patchgd_no_global", "PatchGD, no global patch")]
 
 #: earlier results by run name (``--reuse``): a run with the same settings is not repeated
@@ -316,12 +317,16 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     out = {"data": {"size": size, "count": count, "train": count - round(count * 0.25), "val": round(count * 0.25),
                     "positive": "road or stream (2-3 px wide)", "seed": 3},
            "budget": budget, **common}
-    # the global patch with the paper's gradient graph ("full"), then balanced and detached
-    for gradient, key in (("full", "patchgd_global"), ("balanced", "patchgd_global_balanced"),
-                          ("none", "patchgd_global_none")):
+    # the global patch with the paper's gradient graph ("full"), then balanced and detached; and
+    # balanced with the global patch normalised as at inference (running statistics)
+    for gradient, norm, key in (("full", "batch", "patchgd_global"), ("balanced", "batch", "patchgd_global_balanced"),
+                                ("none", "batch", "patchgd_global_none"),
+                                ("balanced", "running", "patchgd_global_balanced_running")):
+        extra = {"global_norm": norm} if norm != "batch" else {}
         out[key] = train_and_evaluate(
             f"lc_{key}", "patchgd_segmenter", data, work,
-            options={**framework, "global_patch": True, "global_gradient": gradient}, max_memory=budget, **common)
+            options={**framework, "global_patch": True, "global_gradient": gradient, **extra}, max_memory=budget,
+            **common)
     out["patchgd_no_global"] = train_and_evaluate("lc_patchgd_no_global", "patchgd_segmenter", data, work,
                                                   options={**framework, "global_patch": False}, max_memory=budget,
                                                   **common)
