@@ -156,15 +156,17 @@ def markdown(results: dict) -> str:
     groups = list(results["class_groups"])
     lines = ["# Methods compared", "", machine.markdown_header(results["machine"]),
              f"Data: `{results['data']}` ({results['split']} split), encoder `{results['encoder']}`, seed {results['seed']}.",
-             "", "| method | mIoU | " + " | ".join(f"{g} IoU" for g in groups) +
-             " | train peak RSS | predict peak RSS | Mpx/s | train s | epochs per stage |",
-             "|---" * (7 + len(groups)) + "|"]
+             ""]
+    columns = ["method", "mIoU", *(f"{g} IoU" for g in groups), "train peak RSS", "predict peak RSS", "Mpx/s",
+               "train s", "epochs per stage"]
+    lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for m in results["methods"]:
         epochs = m["spec"].get("epochs")
-        lines.append(f"| {m['name']} | {_fmt(m['miou'])} | " + " | ".join(_fmt(m["group_iou"][g]) for g in groups) +
-                     f" | {format_size(m['train_peak_rss'])} | {format_size(m['predict_peak_rss'])} | "
-                     f"{_fmt(m['megapixels_per_second'], 2)} | {m['train_seconds']:.0f} | "
-                     f"{'stage defaults' if epochs is None else epochs} |")
+        cells = [m["name"], _fmt(m["miou"]), *(_fmt(m["group_iou"][g]) for g in groups),
+                 format_size(m["train_peak_rss"]), format_size(m["predict_peak_rss"]),
+                 _fmt(m["megapixels_per_second"], 2), f"{m['train_seconds']:.0f}",
+                 "stage defaults" if epochs is None else str(epochs)]
+        lines.append("| " + " | ".join(cells) + " |")
     if results["methods"]:
         classes = list(results["methods"][0]["per_class_iou"])
         lines += ["", "Per-class IoU:", "", "| method | " + " | ".join(classes) + " |", "|---" * (1 + len(classes)) + "|"]
