@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from gigaseg.bench.compare import MethodSpec, compare, markdown
+from gigaseg.bench.compare import MethodSpec, compare, markdown, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,8 +58,7 @@ def main() -> None:
     earlier = RESULTS / "compare_fine_structure.json"
     if earlier.exists():  # notes are written by hand after a run
         results["notes"] = json.loads(earlier.read_text()).get("notes", [])
-    (work / "results.json").write_text(json.dumps(results, indent=2))
-    (work / "results.md").write_text(markdown(results))
+    write_results(results, work)
     for suffix in ("json", "md", "png"):
         shutil.copy(work / f"results.{suffix}", RESULTS / f"compare_fine_structure.{suffix}")
     print(markdown(results))

@@ -351,8 +351,6 @@ def _bytes(text: str) -> int:
 
 
 def write_results(results: dict) -> None:
-    from gigaseg.bench import machine
-
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "patchgd.json").write_text(json.dumps(results, indent=2, default=_plain))
     (RESULTS / "patchgd.md").write_text(markdown(results))
@@ -434,7 +432,7 @@ def markdown(results: dict) -> str:
                          f"{run['train'].get('wall_s', 0):.0f} s | - | {_gb(run.get('evaluate', {}).get('peak_rss'))} |")
         lines += ["", f"Largest downsampled input that trains within {memory['budget']}: "
                       f"{memory['downsampled_largest_fitting_input']} px a side (the framework reads the full 4096).",
-                  f"Estimates (not run): the downsampled baseline at "
+                  "Estimates (not run): the downsampled baseline at "
                   + ", ".join(f"{s} px {_gb(b)}" for s, b in memory["downsampled_estimates_bytes"].items())
                   + f"; back-propagating through all 256 patches at once: "
                     f"{_gb(memory['full_backprop_estimate_bytes'])} "

@@ -200,5 +200,3 @@ class _ProbabilityStore:
             shutil.rmtree(self.final)
         os.replace(self.partial, self.final)
         return self.final
-
-

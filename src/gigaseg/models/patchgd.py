@@ -101,6 +101,9 @@ GLOBAL_NORMS = ("running", "batch")
 #: how much of the loss's gradient reaches theta1 through the global patch
 GLOBAL_GRADIENTS = ("full", "balanced", "none")
 
+THETA1_ARCHS = {"unet": smp.Unet, "deeplabv3": smp.DeepLabV3}
+SEG_LOSSES = ("auto", "bce_dice", "ce_dice")
+
 
 class _ScaleGradient(torch.autograd.Function):
     """Identity forward; the backward multiplies the gradient by ``factor``."""
@@ -122,8 +125,6 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     if factor == 0.0:
         return x.detach()
     return _ScaleGradient.apply(x, factor)
-THETA1_ARCHS = {"unet": smp.Unet, "deeplabv3": smp.DeepLabV3}
-SEG_LOSSES = ("auto", "bce_dice", "ce_dice")
 
 
 # ------------------------------------------------------------------------------- geometry
@@ -348,7 +349,7 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
         return z.view(batch, self.latent_channels, rows, cols)
 
     def encode_global(self, global_view: torch.Tensor) -> torch.Tensor:
-        """theta1 on the global patch ``(B, C, p, p)`` -> ``(B, latent_dim)``, BatchNorm on running statistics."""
+        """theta1 on the global patch ``(B, C, p, p)`` -> ``(B, latent_dim)``, BatchNorm per ``global_norm``."""
         with global_normalisation(self, global_view.shape[0]):
             return self.theta1(global_view)
 
@@ -534,7 +535,7 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
         return z
 
     def global_features(self, global_view: torch.Tensor) -> torch.Tensor:
-        """theta1's output on the global patch ``(B, latent_channels, p, p)``, BatchNorm on running statistics."""
+        """theta1's output on the global patch ``(B, latent_channels, p, p)``, BatchNorm per ``global_norm``."""
         with global_normalisation(self, global_view.shape[0]):
             return self.encode(global_view)
 
