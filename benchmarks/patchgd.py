@@ -249,30 +249,47 @@ def part_memory(work: Path, quick: bool) -> dict:
 def part_ultramnist(work: Path, quick: bool, args) -> dict:
     from gigaseg.data.synth.ultramnist import UltraMnistConfig, write_ultramnist_dataset
 
-    count = args.count or (120 if quick else 600)
+    count = args.count or (120 if quick else 1500)
     data = work / "ultramnist_512"
     config = UltraMnistConfig(digits=(2, 2), values=(6, 9))
     manifest = data / "synth.json"
     if not manifest.exists() or json.loads(manifest.read_text())["count"] != count:
         write_ultramnist_dataset(data, count=count, size=512, seed=11, val_fraction=0.2, config=config)
     budget = args.budget or "1.4GB"
-    common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 4), batch_size=8, lr=1e-3)
-    patchgd = {"patch_size": 128, "latent_dim": 64, "sampling_fraction": 0.25, "inner_iterations": 2}
+    common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 10), batch_size=8, lr=1e-3)
+    patch_size = 128
+    patchgd = {"patch_size": patch_size, "latent_dim": 64, "sampling_fraction": 0.25, "inner_iterations": 2}
     out = {"data": {"size": 512, "count": count, "train": count - round(count * 0.2), "val": round(count * 0.2),
                     "digits": 2, "values": [6, 9], "classes_used": ["2", "5", "8"], "seed": 11},
            "budget": budget, **common}
-    out["patchgd_global"] = train_and_evaluate("um_patchgd_global", "patchgd_classifier", data, work,
-                                               options={**patchgd, "global_patch": True}, max_memory=budget, **common)
-    out["patchgd_no_global"] = train_and_evaluate("um_patchgd_no_global", "patchgd_classifier", data, work,
-                                                  options={**patchgd, "global_patch": False}, max_memory=budget,
-                                                  **common)
+    framework = in_parallel(args.jobs, [
+        lambda: train_and_evaluate("um_patchgd_global", "patchgd_classifier", data, work,
+                                   options={**patchgd, "global_patch": True}, max_memory=budget, **common),
+        lambda: train_and_evaluate("um_patchgd_no_global", "patchgd_classifier", data, work,
+                                   options={**patchgd, "global_patch": False}, max_memory=budget, **common)])
+    out["patchgd_global"], out["patchgd_no_global"] = framework
     size, probes = largest_fitting("um_downsampled", "downsampled_classifier", data, work, (512, 384, 256, 192, 128),
                                    budget, {"latent_dim": 64}, **common)
     out["downsampled_probes"] = probes
-    out["downsampled"] = [] if size is None else [train_and_evaluate(
-        f"um_downsampled_{size}", "downsampled_classifier", data, work,
-        options={"input_size": size, "latent_dim": 64}, max_memory=None, **common)]
+    # the largest input that fits, and the global patch's own size (the same view of the image that
+    # the framework's global patch gets; also where this small encoder sees the large digit whole)
+    sizes = [] if size is None else sorted({size, patch_size}, reverse=True)
+    out["downsampled"] = in_parallel(args.jobs, [
+        (lambda s=s: train_and_evaluate(f"um_downsampled_{s}", "downsampled_classifier", data, work,
+                                        options={"input_size": s, "latent_dim": 64}, max_memory=None, **common))
+        for s in sizes])
     return out
+
+
+def in_parallel(jobs: int, calls: list) -> list:
+    """Results of ``calls`` (each starts its own child processes), ``jobs`` at a time, in order.
+    Each child's peak RSS is its own; wall times include the contention of the others."""
+    if jobs <= 1:
+        return [call() for call in calls]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(lambda call: call(), calls))
 
 
 def binary_landcover(source: Path, out: Path, classes=("road", "stream")) -> Path:
@@ -471,6 +488,8 @@ def main() -> int:
     parser.add_argument("--count", type=int)
     parser.add_argument("--budget")
     parser.add_argument("--size", type=int, help="side of the land-cover scenes (default 1024)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="independent runs of a part trained at once (each its own process)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep earlier results (from the results file) of runs whose settings are unchanged")
     args = parser.parse_args()
