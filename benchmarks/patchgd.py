@@ -86,8 +86,10 @@ def _number(value):
         return value
 
 
-#: patches recomputed with gradients per inner iteration in the land-cover part (every variant)
-LANDCOVER_K = 1
+#: the land-cover part's runs with the global patch: (results key, global_gradient, global_norm)
+LANDCOVER_VARIANTS = [("patchgd_global", "full", "batch"), ("patchgd_global_balanced", "balanced", "batch"),
+                      ("patchgd_global_none", "none", "batch"),
+                      ("patchgd_global_balanced_running", "balanced", "running")]
 
 #: the framework's runs of an accuracy part, in table order
 FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradient)"),
@@ -328,34 +330,40 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     budget = args.budget or "1.6GB"
     common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 12), batch_size=2, lr=1e-3)
     # the same k (recomputed patches per inner iteration) with and without the global patch, so the
-    # comparison isolates the global patch: under 2GB the trainer plans k=1 with it (k=2 without)
+    # comparison isolates the global patch: at 1024 px under 2GB the trainer plans k=1 with it (k=2 without)
     patches = math.ceil(size / 128) ** 2
-    framework = {"patch_size": 128, "sampling_fraction": LANDCOVER_K / patches, "inner_iterations": 2}
+    framework = {"patch_size": 128, "sampling_fraction": args.landcover_k / patches, "inner_iterations": 2}
     out = {"data": {"size": size, "count": count, "train": count - round(count * 0.25), "val": round(count * 0.25),
                     "positive": "road or stream (2-3 px wide)", "seed": 3},
            "budget": budget, **common}
+    tag = "lc" if size == 1024 else f"lc{size}"
     # the global patch with the paper's gradient graph ("full"), then balanced and detached; and
     # balanced with the global patch normalised as at inference (running statistics)
-    for gradient, norm, key in (("full", "batch", "patchgd_global"), ("balanced", "batch", "patchgd_global_balanced"),
-                                ("none", "batch", "patchgd_global_none"),
-                                ("balanced", "running", "patchgd_global_balanced_running")):
-        extra = {"global_norm": norm} if norm != "batch" else {}
-        out[key] = train_and_evaluate(
-            f"lc_{key}", "patchgd_segmenter", data, work,
-            options={**framework, "global_patch": True, "global_gradient": gradient, **extra}, max_memory=budget,
-            **common)
-    out["patchgd_no_global"] = train_and_evaluate("lc_patchgd_no_global", "patchgd_segmenter", data, work,
-                                                  options={**framework, "global_patch": False}, max_memory=budget,
-                                                  **common)
+    variants = [(key, gradient, norm) for key, gradient, norm in LANDCOVER_VARIANTS if key in args.landcover_variants]
+    calls = [(lambda key=key, gradient=gradient, norm=norm: train_and_evaluate(
+        f"{tag}_{key}", "patchgd_segmenter", data, work,
+        options={**framework, "global_patch": True, "global_gradient": gradient,
+                 **({"global_norm": norm} if norm != "batch" else {})}, max_memory=budget, **common))
+        for key, gradient, norm in variants]
+    calls.append(lambda: train_and_evaluate(f"{tag}_patchgd_no_global", "patchgd_segmenter", data, work,
+                                            options={**framework, "global_patch": False}, max_memory=budget,
+                                            **common))
+    *framework_runs, out["patchgd_no_global"] = in_parallel(args.jobs, calls)
+    out.update({key: run for (key, _, _), run in zip(variants, framework_runs)})
     baseline = {"decoder": "smp_unet", "loss": "ce"}
-    input_size, probes = largest_fitting("lc_global", "global", data, work,
-                                         [s for s in (1024, 768, 512, 384, 256, 192, 128) if s <= size], budget,
+    input_size, probes = largest_fitting(f"{tag}_global", "global", data, work,
+                                         [s for s in (1024, 768, 512, 384, 256, 192, 128) if s < size], budget,
                                          baseline, **common)
     out["downsampled_probes"] = probes
     out["downsampled"] = [] if input_size is None else [train_and_evaluate(
-        f"lc_global_{input_size}", "global", data, work, options={"input_size": input_size, **baseline},
+        f"{tag}_global_{input_size}", "global", data, work, options={"input_size": input_size, **baseline},
         max_memory=None, **common)]
     return out
+
+
+def landcover_key(size: int) -> str:
+    """The results entry of the land-cover part at scenes of ``size`` px (1024: the original entry)."""
+    return "landcover" if size == 1024 else f"landcover_{size}"
 
 
 def _bytes(text: str) -> int:
@@ -463,10 +471,11 @@ def markdown(results: dict) -> str:
                   f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, {um['epochs']} epochs, batch "
                   f"{um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).", "",
                   *_comparison(um, keys, ["accuracy", "balanced accuracy"], "downsampled")]
-    lc = results.get("landcover")
-    if lc:
+    for key in sorted((k for k in results if k.startswith("landcover")), key=lambda k: -results[k]["data"]["size"]):
+        lc = results[key]
         keys = ["f1", "iou", "balanced_accuracy", "lr_positive", "lr_negative"]
-        lines += ["## Land-cover fine structure (roads + streams) as a binary task", "",
+        lines += [f"## Land-cover fine structure (roads + streams) as a binary task, {lc['data']['size']} px scenes",
+                  "",
                   f"{lc['data']['count']} synthetic land-cover scenes of {lc['data']['size']}x{lc['data']['size']} "
                   f"({lc['data']['train']} train / {lc['data']['val']} val); positive class: {lc['data']['positive']}. Encoder {lc['encoder']}, "
                   f"{lc['epochs']} epochs, batch {lc['batch_size']}, lr {lc['lr']}; budget {lc['budget']}. "
@@ -488,6 +497,11 @@ def main() -> int:
     parser.add_argument("--count", type=int)
     parser.add_argument("--budget")
     parser.add_argument("--size", type=int, help="side of the land-cover scenes (default 1024)")
+    parser.add_argument("--landcover-k", type=int, default=1,
+                        help="patches recomputed with gradients per inner iteration, every land-cover variant")
+    parser.add_argument("--landcover-variants", type=lambda text: text.split(","),
+                        default=[key for key, _, _ in LANDCOVER_VARIANTS],
+                        help="which global-patch runs of the land-cover part (comma-separated results keys)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="independent runs of a part trained at once (each its own process)")
     parser.add_argument("--reuse", action="store_true",
@@ -512,7 +526,7 @@ def main() -> int:
                 for item in value:
                     collect(item)
 
-        collect({k: v for k, v in results.items() if k in ("memory", "ultramnist", "landcover")})
+        collect({k: v for k, v in results.items() if k in ("memory", "ultramnist") or k.startswith("landcover")})
     results["machine"] = machine.describe()
     results["torch_baseline_rss"] = baseline_rss(True)
     started = time.perf_counter()
@@ -523,7 +537,8 @@ def main() -> int:
             elif part == "ultramnist":
                 results["ultramnist"] = part_ultramnist(work, args.quick, args)
             elif part == "landcover":
-                results["landcover"] = part_landcover(work, args.quick, args)
+                part = landcover_key(args.size or (512 if args.quick else 1024))
+                results[part] = part_landcover(work, args.quick, args)
             else:
                 raise SystemExit(f"unknown part {part!r}")
             seconds = round(time.perf_counter() - started, 1)
