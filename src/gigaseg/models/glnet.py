@@ -289,17 +289,23 @@ class GLNet(SegmentationModel):
         min_overlap: GLNet's patch grid overlaps neighbouring patches by at least this (50 px).
         fmreg: weight of the stage-2 feature-map regulariser (0.15).
         focal_gamma: gamma of the focal loss (3).
-        global_context: ``"image"`` (the only policy implemented): the global view is the whole
-            image at ``size_g``, whatever the image size (see the module docstring).
+        global_context: how prediction gives patches their global view. ``"image"``: the whole
+            image at ``size_g``, whatever the image size (see the module docstring). ``"tile"``:
+            the thumbnail of a ``context_tile``-px tile around each block, so images far larger
+            than the training scenes are seen at the training scale
+            (``gigaseg.methods.glnet_tiles``). An inference option: ``--set global_context=tile``.
+        context_tile: side of the tiles of the ``"tile"`` policy: the training scenes' side
+            (2448 px in the paper's DeepGlobe).
         fpn_channels: lateral width of every FPN (256 in the paper; the smoothing width is half).
             Narrower FPNs are for CPU-scale comparisons with the baselines' ``fpn_channels``:
             at 64 the FPN convolutions, which dominate GLNet's cost per patch, are ~16x cheaper.
     """
 
     default_options: dict[str, Any] = {"size_g": 508, "size_p": 508, "min_overlap": 50, "fmreg": 0.15,
-                                       "focal_gamma": 3.0, "global_context": "image", "fpn_channels": 256}
-    option_choices = {"global_context": ("image",)}
-    inference_options = ("min_overlap",)
+                                       "focal_gamma": 3.0, "global_context": "image", "fpn_channels": 256,
+                                       "context_tile": 2448}
+    option_choices = {"global_context": ("image", "tile")}
+    inference_options = ("min_overlap", "global_context", "context_tile")
 
     def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
                  pretrained: PretrainedSpec = False, **options: Any):
@@ -325,6 +331,9 @@ class GLNet(SegmentationModel):
         if not 0 <= self.options["min_overlap"] < self.options["size_p"]:
             raise ConfigError(f"glnet: option min_overlap must be in [0, size_p={self.options['size_p']}), "
                               f"got {self.options['min_overlap']}")
+        if self.options["context_tile"] <= self.options["size_p"]:
+            raise ConfigError(f"glnet: option context_tile must be larger than size_p={self.options['size_p']} "
+                              f"(a tile holds whole patches), got {self.options['context_tile']}")
         if self.options["fmreg"] < 0 or self.options["focal_gamma"] < 0:
             raise ConfigError("glnet: options fmreg and focal_gamma must be >= 0")
 
@@ -396,9 +405,14 @@ class GLNet(SegmentationModel):
         return glnet_stages(self)
 
     def whole_image_predictor(self, normalization, device="cpu", max_memory=None, precision="32"):
+        from ..inference.stream import block_size_for
         from ..methods.glnet import GLNetPredictor, inference_plan
+        from ..methods.glnet_tiles import GLNetTilePredictor
 
         sub_batch, block_size = inference_plan(self, device, max_memory)
+        if self.options["global_context"] == "tile":
+            return GLNetTilePredictor(self, normalization, device=device, sub_batch=sub_batch, precision=precision,
+                                      block_limit=block_size or block_size_for(max_memory))
         predictor = GLNetPredictor(self, normalization, device=device, sub_batch=sub_batch, precision=precision)
         predictor.block_size = block_size
         return predictor
