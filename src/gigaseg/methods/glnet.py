@@ -59,26 +59,23 @@ Measured (benchmarks/results/glnet_memory.md): ``gigaseg predict --max-memory 2G
 6749 x 4499 scene with ResNet-50 branches peaks below 2 GB for stage-2 and stage-3 models
 on CPU, fp32; stage-2 training on 2448 px scenes with ``--max-memory 4GB`` stays below 4 GB.
 
-Huge images (``global_context="image"``, the only policy implemented): the global view is
-the whole image at ``size_g`` whatever its size. Memory stays bounded (the global maps have
-a fixed size: 119 MB for ResNet-50 at 508 px), but for a 20000 x 20000 image a 508 px view
-is a 40x downsample, against 4.8x for the 2448 px scenes GLNet trains on, and each 508 px
-patch covers about 3 x 3 cells of the global c2 map (26 x 26 for a 2448 px scene): the
-global branch sees a scale it never trained on, and the local branch gets little context.
-Proposed, not implemented: ``global_context="block"``, which treats the image as overlapping
-training-scene-sized tiles (GLNet's grid of 2448 px tiles overlapping by at least one patch)
-and gives every patch of the whole-image grid the global features of the tile it lies most
-centrally in (the tile's own thumbnail at ``size_g``, boxes relative to the tile), caching
-the contexts of the tiles the current block touches (at most 4 x 119 MB; stage 3 also runs
-each tile's local -> global merge, the local pass over the tile's patches). It keeps the
-training scale at the cost of context farther than a tile.
+Huge images, ``global_context="image"`` (the default, as the paper): the global view is the
+whole image at ``size_g`` whatever its size. Memory stays bounded (the global maps have a
+fixed size: 119 MB for ResNet-50 at 508 px), but for a 20000 x 20000 image a 508 px view is a
+40x downsample, against 4.8x for the 2448 px scenes GLNet trains on, and each 508 px patch
+covers about 3 x 3 cells of the global c2 map (26 x 26 for a 2448 px scene): the global branch
+sees a scale it never trained on, and the local branch gets little context.
+``global_context="tile"`` (``gigaseg.methods.glnet_tiles``) keeps the training scale: each
+block is predicted by GLNet on the ``context_tile``-px tile around it (set it to the training
+scenes' side), at the cost of context farther than a tile and of the tiles' overlap.
 
-What the whole-image view costs (benchmarks/results/glnet_global_view.md): a GLNet trained on
-1536 px synthetic scenes (512 px global view, a 3x downsample) scores 0.447 mIoU on 1536 px
-scenes and 0.305 on 6144 px scenes of the same generator (a 12x downsample), where the patch
-baseline goes from 0.404 to 0.433: 0.17 mIoU lost to the policy, at a bounded 1.34 GB peak.
-Until the tile policy exists, predict images within about 2x of the training scenes' side,
-or train on scenes as large as the images to predict.
+Measured (benchmarks/results/glnet_global_view.md): a GLNet trained on 1536 px synthetic scenes
+(512 px global view, a 3x downsample) scores 0.447 mIoU on 1536 px scenes. On 6144 px scenes
+of the same generator (a 12x downsample) it scores 0.305 with the whole-image view and 0.421
+with 1536 px tiles, where the patch baseline goes from 0.404 to 0.433: the whole-image view
+loses 0.171 mIoU against the baseline, the tiles 0.055, at 1.34 and 1.13 GB peaks; the tiles
+run at 0.12 Mpx/s against 0.19. For images well beyond the training scenes' side, predict with
+``--set global_context=tile --set context_tile=<training side>``.
 """
 
 from __future__ import annotations
