@@ -268,8 +268,12 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
         lambda: train_and_evaluate("um_patchgd_global", "patchgd_classifier", data, work,
                                    options={**patchgd, "global_patch": True}, max_memory=budget, **common),
         lambda: train_and_evaluate("um_patchgd_no_global", "patchgd_classifier", data, work,
-                                   options={**patchgd, "global_patch": False}, max_memory=budget, **common)])
-    out["patchgd_global"], out["patchgd_no_global"] = framework
+                                   options={**patchgd, "global_patch": False}, max_memory=budget, **common),
+        # the segmenter's default: theta1's gradient through the global patch scaled by k / patches
+        lambda: train_and_evaluate("um_patchgd_global_balanced", "patchgd_classifier", data, work,
+                                   options={**patchgd, "global_patch": True, "global_gradient": "balanced"},
+                                   max_memory=budget, **common)])
+    out["patchgd_global"], out["patchgd_no_global"], out["patchgd_global_balanced"] = framework
     size, probes = largest_fitting("um_downsampled", "downsampled_classifier", data, work, (512, 384, 256, 192, 128),
                                    budget, {"latent_dim": 64}, **common)
     out["downsampled_probes"] = probes
