@@ -438,7 +438,10 @@ def _comparison(part: dict, keys: list[str], headers: list[str], baseline: str) 
 def markdown(results: dict) -> str:
     from gigaseg.bench import machine
 
+    commands = results.get("commands", {})
     lines = ["# PatchGD with a global patch (issue 7)", "", machine.markdown_header(results["machine"]),
+             *([f"Commands by part (the header names the latest run): "
+                + "; ".join(f"{part}: `{command}`" for part, command in commands.items()), ""] if commands else []),
              "No GPU was lent to this task: every memory figure is the peak RSS of a fresh CPU process "
              "(`gigaseg.bench.memory.measure_command`), including the Python/torch runtime; the same figure for "
              f"a process that only imports torch is {_gb(results.get('torch_baseline_rss'))}. On CUDA the "
