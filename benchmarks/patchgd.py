@@ -264,16 +264,12 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
     out = {"data": {"size": 512, "count": count, "train": count - round(count * 0.2), "val": round(count * 0.2),
                     "digits": 2, "values": [6, 9], "classes_used": ["2", "5", "8"], "seed": 11},
            "budget": budget, **common}
-    framework = in_parallel(args.jobs, [
-        lambda: train_and_evaluate("um_patchgd_global", "patchgd_classifier", data, work,
-                                   options={**patchgd, "global_patch": True}, max_memory=budget, **common),
-        lambda: train_and_evaluate("um_patchgd_no_global", "patchgd_classifier", data, work,
-                                   options={**patchgd, "global_patch": False}, max_memory=budget, **common),
+    out.update(framework_runs(args.jobs, "um", "patchgd_classifier", data, work, [
+        ("patchgd_global", {**patchgd, "global_patch": True}),
+        ("patchgd_no_global", {**patchgd, "global_patch": False}),
         # the segmenter's default: theta1's gradient through the global patch scaled by k / patches
-        lambda: train_and_evaluate("um_patchgd_global_balanced", "patchgd_classifier", data, work,
-                                   options={**patchgd, "global_patch": True, "global_gradient": "balanced"},
-                                   max_memory=budget, **common)])
-    out["patchgd_global"], out["patchgd_no_global"], out["patchgd_global_balanced"] = framework
+        ("patchgd_global_balanced", {**patchgd, "global_patch": True, "global_gradient": "balanced"})],
+        budget=budget, common=common))
     size, probes = largest_fitting("um_downsampled", "downsampled_classifier", data, work, (512, 384, 256, 192, 128),
                                    budget, {"latent_dim": 64}, **common)
     out["downsampled_probes"] = probes
@@ -285,6 +281,15 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
                                         options={"input_size": s, "latent_dim": 64}, max_memory=None, **common))
         for s in sizes])
     return out
+
+
+def framework_runs(jobs: int, prefix: str, method: str, data: Path, work: Path, runs: list[tuple[str, dict]], *,
+                   budget: str, common: dict) -> dict:
+    """Each ``(results key, options)`` of ``runs`` trained under ``budget`` and scored (run
+    ``<prefix>_<key>``), ``jobs`` at a time: the results by key."""
+    scored = in_parallel(jobs, [(lambda key=key, options=options: train_and_evaluate(
+        f"{prefix}_{key}", method, data, work, options=options, max_memory=budget, **common)) for key, options in runs])
+    return dict(zip((key for key, _ in runs), scored))
 
 
 def in_parallel(jobs: int, calls: list) -> list:
@@ -343,17 +348,11 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     tag = "lc" if size == 1024 else f"lc{size}"
     # the global patch with the paper's gradient graph ("full"), then balanced and detached; and
     # balanced with the global patch normalised as at inference (running statistics)
-    variants = [(key, gradient, norm) for key, gradient, norm in LANDCOVER_VARIANTS if key in args.landcover_variants]
-    calls = [(lambda key=key, gradient=gradient, norm=norm: train_and_evaluate(
-        f"{tag}_{key}", "patchgd_segmenter", data, work,
-        options={**framework, "global_patch": True, "global_gradient": gradient,
-                 **({"global_norm": norm} if norm != "batch" else {})}, max_memory=budget, **common))
-        for key, gradient, norm in variants]
-    calls.append(lambda: train_and_evaluate(f"{tag}_patchgd_no_global", "patchgd_segmenter", data, work,
-                                            options={**framework, "global_patch": False}, max_memory=budget,
-                                            **common))
-    *framework_runs, out["patchgd_no_global"] = in_parallel(args.jobs, calls)
-    out.update({key: run for (key, _, _), run in zip(variants, framework_runs)})
+    runs = [(key, {**framework, "global_patch": True, "global_gradient": gradient,
+                   **({"global_norm": norm} if norm != "batch" else {})})
+            for key, gradient, norm in LANDCOVER_VARIANTS if key in args.landcover_variants]
+    runs.append(("patchgd_no_global", {**framework, "global_patch": False}))
+    out.update(framework_runs(args.jobs, tag, "patchgd_segmenter", data, work, runs, budget=budget, common=common))
     baseline = {"decoder": "smp_unet", "loss": "ce"}
     input_size, probes = largest_fitting(f"{tag}_global", "global", data, work,
                                          [s for s in (1024, 768, 512, 384, 256, 192, 128) if s < size], budget,

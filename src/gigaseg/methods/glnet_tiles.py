@@ -23,7 +23,7 @@ policy), and context farther than a tile is not seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -83,7 +83,7 @@ class TileState:
     current: ContextTile | None = None
     context: object = None
     crop: CroppedSource | None = None
-    contexts_computed: int = field(default=0)
+    contexts_computed: int = 0
 
 
 class GLNetTilePredictor(GLNetPredictor):
