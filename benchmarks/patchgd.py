@@ -103,10 +103,13 @@ REUSE: dict[str, dict] = {}
 
 
 def train_and_evaluate(name: str, method: str, data: Path, work: Path, *, encoder: str, options: dict,
-                       epochs: int, batch_size: int, lr: float, max_memory: str | None, seed: int = 0) -> dict:
+                       epochs: int, batch_size: int, lr: float, max_memory: str | None, seed: int = 0,
+                       init: Path | None = None) -> dict:
+    """Train run ``name`` (from ``init``'s weights when given) and score its best checkpoint on the val split."""
     earlier = REUSE.get(name)
     settings = {"method": method, "encoder": encoder, "options": options, "epochs": epochs,
-                "batch_size": batch_size, "lr": lr, "max_memory": max_memory}
+                "batch_size": batch_size, "lr": lr, "max_memory": max_memory,
+                "init": None if init is None else str(init)}
     if earlier and earlier.get("train", {}).get("returncode") == 0 and "scores" in earlier \
             and all(earlier.get(k) == v for k, v in settings.items()):
         print(f"[patchgd bench] {name}: reusing the earlier result (same settings)", flush=True)
@@ -119,8 +122,9 @@ def train_and_evaluate(name: str, method: str, data: Path, work: Path, *, encode
         argv += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     if max_memory:
         argv += ["--max-memory", max_memory]
-    result = {"name": name, "method": method, "encoder": encoder, "options": options, "epochs": epochs,
-              "batch_size": batch_size, "lr": lr, "max_memory": max_memory}
+    if init is not None:
+        argv += ["--init", init]
+    result = {"name": name, **settings}
     result["train"] = run_measured(argv, f"train {name}")
     if result["train"]["returncode"] != 0:
         return result
@@ -280,7 +284,31 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
         (lambda s=s: train_and_evaluate(f"um_downsampled_{s}", "downsampled_classifier", data, work,
                                         options={"input_size": s, "latent_dim": 64}, max_memory=None, **common))
         for s in sizes])
+    if args.continue_epochs:
+        out["continued"] = continued_runs(args, "um", data, work, out, [
+            ("patchgd_global_balanced", "patchgd_classifier", budget),
+            ("patchgd_no_global", "patchgd_classifier", budget),
+            *[(f"downsampled_{s}", "downsampled_classifier", None) for s in sizes]], common)
     return out
+
+
+def continued_runs(args, prefix: str, data: Path, work: Path, part: dict, runs: list[tuple[str, str, str | None]],
+                   common: dict) -> dict:
+    """Each ``(results key, method, budget)`` of ``runs`` trained ``--continue-epochs`` more epochs
+    from its run's last checkpoint (weights only: a fresh schedule from the part's learning rate,
+    so each continuation is a warm restart), with the same options; ``jobs`` at a time."""
+    epochs = args.continue_epochs
+
+    def options_of(key: str) -> dict:
+        if key.startswith("downsampled_"):
+            return next(r for r in part["downsampled"] if f"downsampled_{r['options']['input_size']}" == key)["options"]
+        return part[key]["options"]
+
+    calls = [(lambda key=key, method=method, budget=budget: train_and_evaluate(
+        f"{prefix}_{key}_plus{epochs}", method, data, work, options=options_of(key), max_memory=budget,
+        init=work / "runs" / f"{prefix}_{key}" / "last.ckpt", **{**common, "epochs": epochs}))
+        for key, method, budget in runs]
+    return dict(zip((key for key, _, _ in runs), in_parallel(args.jobs, calls)))
 
 
 def framework_runs(jobs: int, prefix: str, method: str, data: Path, work: Path, runs: list[tuple[str, dict]], *,
@@ -510,6 +538,9 @@ def main() -> int:
                         help="which global-patch runs of the land-cover part (comma-separated results keys)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="independent runs of a part trained at once (each its own process)")
+    parser.add_argument("--continue-epochs", type=int, default=0,
+                        help="UltraMNIST: then train each run (but the paper's-gradient one) this many more epochs "
+                             "from its last checkpoint, a warm restart of the schedule")
     parser.add_argument("--reuse", action="store_true",
                         help="keep earlier results (from the results file) of runs whose settings are unchanged")
     args = parser.parse_args()
