@@ -123,7 +123,7 @@ def train_and_evaluate(name: str, method: str, data: Path, work: Path, *, encode
     if max_memory:
         argv += ["--max-memory", max_memory]
     if init is not None:
-        argv += ["--init", init]
+        argv += ["--init", str(init)]
     result = {"name": name, **settings}
     result["train"] = run_measured(argv, f"train {name}")
     if result["train"]["returncode"] != 0:
