@@ -307,6 +307,7 @@ def test_cli_trains_all_stages_and_predicts_on_deepglobe(tmp_path, capsys):
     assert train_cli(data, tmp_path / "run", "--stage", "all") == 0
     payload = load_checkpoint(tmp_path / "run" / "last.ckpt")
     assert int(payload["model"]["state_dict"]["trained_stage"]) == 3
+    assert int(payload["model"]["state_dict"]["scene_side"]) == 96  # the "tile" policy's default tile
     assert payload["data"]["classes"][0] == "unknown" and len(payload["data"]["classes"]) == 7
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["global", "global2local", "local2global"]
@@ -340,3 +341,20 @@ def test_cli_stages_hand_over_with_init(tmp_path, capsys):
     changed = [k for k in s1 if k.startswith("global_branch.encoder") and k.endswith("weight")
                and not torch.equal(s3[k], s1[k])]
     assert changed  # stage 3 retrained the global branch
+
+
+def test_the_recorded_scene_side_is_the_median_longer_side_and_closes_every_sample():
+    class Sample:
+        closed = 0
+
+        def __init__(self, height, width):
+            self.image = type("Image", (), {"height": height, "width": width})()
+
+        def close(self):
+            Sample.closed += 1
+
+    sizes = [(1536, 1024), (2448, 2448), (900, 3000), (1024, 1024), (2000, 100)]
+    dataset = [Sample(h, w) for h, w in sizes]
+    # longer sides 1536, 2448, 3000, 1024, 2000: the median is 2000
+    assert method.median_longer_side(dataset) == 2000 and Sample.closed == 5
+    assert method.median_longer_side([]) == 0

@@ -132,5 +132,41 @@ def test_predict_with_the_tile_policy_writes_the_whole_mask(tmp_path):
 
 
 def test_tiles_must_hold_whole_patches():
-    with pytest.raises(ConfigError, match="context_tile must be larger than size_p=128"):
+    with pytest.raises(ConfigError, match="context_tile must be larger than size_p=128 .*or 0"):
         tiny(2, global_context="tile", context_tile=128)
+
+
+def test_the_tile_side_defaults_to_the_recorded_training_scenes_then_the_paper():
+    model = tiny(2, global_context="tile")
+    assert model.options["context_tile"] == 0
+    assert GLNetTilePredictor(model, FLOAT).context_tile == 2448  # nothing recorded: the paper's scenes
+    model.scene_side.fill_(700)
+    assert GLNetTilePredictor(model, FLOAT).context_tile == 700
+    assert GLNetTilePredictor(model.with_inference_options(context_tile=900), FLOAT).context_tile == 900
+    model.scene_side.fill_(100)  # scenes smaller than a patch still give tiles that hold one
+    assert GLNetTilePredictor(model, FLOAT).context_tile == 129
+
+
+def test_checkpoints_from_before_the_scene_side_load_with_it_unknown():
+    model = tiny(2)
+    model.scene_side.fill_(1536)
+    state = model.state_dict()
+    del state["scene_side"]
+    fresh = tiny(1)
+    fresh.load_state_dict(state)  # strict: the pre-hook supplies the missing buffer
+    assert int(fresh.scene_side) == 0 and fresh.stage == 2
+
+
+def test_predict_with_the_recorded_scene_side_is_predict_with_that_tile(tmp_path):
+    import tifffile
+
+    image = (scene(1100, 700, seed=4) * 255).astype(np.uint8)
+    model = tiny(2)
+    info = {"classes": ["a", "b", "c"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+            "normalization": Normalization.for_image(3, np.uint8).to_dict()}
+    explicit = predict(model, image, tmp_path / "explicit.tif", info=info, progress=False,
+                       options={"global_context": "tile", "context_tile": 700})
+    model.scene_side.fill_(700)
+    recorded = predict(model, image, tmp_path / "recorded.tif", info=info, progress=False,
+                       options={"global_context": "tile"})
+    assert np.array_equal(tifffile.imread(explicit.mask_path), tifffile.imread(recorded.mask_path))

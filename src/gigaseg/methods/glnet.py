@@ -66,8 +66,9 @@ fixed size: 119 MB for ResNet-50 at 508 px), but for a 20000 x 20000 image a 508
 covers about 3 x 3 cells of the global c2 map (26 x 26 for a 2448 px scene): the global branch
 sees a scale it never trained on, and the local branch gets little context.
 ``global_context="tile"`` (``gigaseg.methods.glnet_tiles``) keeps the training scale: each
-block is predicted by GLNet on the ``context_tile``-px tile around it (set it to the training
-scenes' side), at the cost of context farther than a tile and of the tiles' overlap.
+block is predicted by GLNet on the ``context_tile``-px tile around it (by default the training
+scenes' side, recorded in the weights by training), at the cost of context farther than a tile
+and of the tiles' overlap.
 
 Measured (benchmarks/results/glnet_global_view.md): a GLNet trained on 1536 px synthetic scenes
 (512 px global view, a 3x downsample) scores 0.447 mIoU on 1536 px scenes. On 6144 px scenes
@@ -75,7 +76,8 @@ of the same generator (a 12x downsample) it scores 0.305 with the whole-image vi
 with 1536 px tiles, where the patch baseline goes from 0.404 to 0.433: the whole-image view
 loses 0.171 mIoU against the baseline, the tiles 0.055, at 1.34 and 1.13 GB peaks; the tiles
 run at 0.12 Mpx/s against 0.19. For images well beyond the training scenes' side, predict with
-``--set global_context=tile --set context_tile=<training side>``.
+``--set global_context=tile`` (the tile is the training scenes' side unless
+``--set context_tile=...`` says otherwise; checkpoints from before it was recorded use 2448).
 """
 
 from __future__ import annotations
@@ -198,6 +200,19 @@ class GLNetViews(SeededViews):
             "norm": self._norm.clone(),
             "index": index,
         }
+
+
+def median_longer_side(dataset) -> int:
+    """The median of the training images' longer sides: the scene side the model learns its
+    global view at, recorded in the weights (``GLNet.scene_side``) for the "tile" policy."""
+    sides = []
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        try:
+            sides.append(max(sample.image.height, sample.image.width))
+        finally:
+            sample.close()
+    return int(np.median(sides)) if sides else 0
 
 
 def _same_sized(dataset, batch_size: int) -> None:
@@ -355,13 +370,18 @@ def glnet_stages(model) -> list[Stage]:
     size_g, size_p, overlap = model.options["size_g"], model.options["size_p"], model.options["min_overlap"]
     channels = model.in_channels
 
+    def record_scene_side(data) -> None:
+        model.scene_side.fill_(median_longer_side(data))
+
     def global_views(data, norm, settings):
+        record_scene_side(data)
         return GlobalViews(data, norm, (size_g, size_g), seed=settings.seed)
 
     def patch_views(stage: Stage):
         def make(data, norm, settings):
             batch_size = settings.batch_size or stage.batch_size
             _same_sized(data, batch_size)
+            record_scene_side(data)
             views = GLNetViews(data, norm, size_g, size_p, overlap, seed=settings.seed)
             stage.options["sub_batch"] = training_sub_batch(model, stage.name, views, batch_size, settings)
             return views

@@ -96,7 +96,7 @@ class GLNetTilePredictor(GLNetPredictor):
     def __init__(self, model, normalization, device="cpu", sub_batch: int = 4, precision: str = "32",
                  block_limit: int | None = None):
         super().__init__(model, normalization, device=device, sub_batch=sub_batch, precision=precision)
-        self.context_tile = int(model.options["context_tile"])
+        self.context_tile = model.context_side
         self.core = core_size(self.context_tile, model.options["size_p"], block_limit)
         self.block_size = self.core
         # a block's prediction depends on its whole tile

@@ -48,7 +48,10 @@ downsample to 508 px); for a 20000 x 20000 image a 508 px global view is a 40x d
 the global branch sees a scale it never saw in training and every 508 px patch covers only
 about 3 x 3 cells of the global c2 map. The memory stays bounded either way (the global
 features are of fixed size). ``global_context="tile"`` gives each block the global view of the
-``context_tile``-px tile around it instead (``gigaseg.methods.glnet_tiles``). Measured on scenes
+``context_tile``-px tile around it instead (``gigaseg.methods.glnet_tiles``); by default the
+tile is the side of the scenes the model was trained on, which training records in the
+buffer ``scene_side`` (saved in checkpoints; 0 in older ones, which fall back to the paper's
+2448 px). Measured on scenes
 4x the training side (benchmarks/results/glnet_global_view.md): the whole-image view costs
 0.171 mIoU against the patch baseline, the tiles 0.055.
 """
@@ -73,6 +76,9 @@ from .fpn import FPN, SHARING_POINTS, FPNBranch, FPNFeatures, resize
 from .registry import register_method
 
 __all__ = ["GLNet", "STAGES", "PatchOutput", "LocalToGlobal", "conv_cat", "crop_global", "fpn_pass", "stage_number"]
+
+#: the tile side of the "tile" policy when neither the option nor the weights give one: the paper's scenes
+PAPER_SCENE_SIDE = 2448
 
 #: the three training stages, in order (stage numbers 1, 2, 3)
 STAGES = ("global", "global2local", "local2global")
@@ -294,8 +300,8 @@ class GLNet(SegmentationModel):
             the thumbnail of a ``context_tile``-px tile around each block, so images far larger
             than the training scenes are seen at the training scale
             (``gigaseg.methods.glnet_tiles``). An inference option: ``--set global_context=tile``.
-        context_tile: side of the tiles of the ``"tile"`` policy: the training scenes' side
-            (2448 px in the paper's DeepGlobe).
+        context_tile: side of the tiles of the ``"tile"`` policy; 0 (the default): the side of
+            the scenes this model was trained on (:attr:`context_side`).
         fpn_channels: lateral width of every FPN (256 in the paper; the smoothing width is half).
             Narrower FPNs are for CPU-scale comparisons with the baselines' ``fpn_channels``:
             at 64 the FPN convolutions, which dominate GLNet's cost per patch, are ~16x cheaper.
@@ -303,7 +309,7 @@ class GLNet(SegmentationModel):
 
     default_options: dict[str, Any] = {"size_g": 508, "size_p": 508, "min_overlap": 50, "fmreg": 0.15,
                                        "focal_gamma": 3.0, "global_context": "image", "fpn_channels": 256,
-                                       "context_tile": 2448}
+                                       "context_tile": 0}
     option_choices = {"global_context": ("image", "tile")}
     inference_options = ("min_overlap", "global_context", "context_tile")
 
@@ -324,6 +330,8 @@ class GLNet(SegmentationModel):
             self.global_fixed = FPNBranch(encoder, pretrained=False, **kw)
         self._tie_fixed()
         self.register_buffer("trained_stage", torch.tensor(0, dtype=torch.long))
+        # the median longer side of the training images (0: unknown), for the "tile" policy
+        self.register_buffer("scene_side", torch.tensor(0, dtype=torch.long))
         self._register_load_state_dict_pre_hook(_tie_or_untie_on_load, with_module=True)
 
     def check_options(self) -> None:
@@ -331,9 +339,10 @@ class GLNet(SegmentationModel):
         if not 0 <= self.options["min_overlap"] < self.options["size_p"]:
             raise ConfigError(f"glnet: option min_overlap must be in [0, size_p={self.options['size_p']}), "
                               f"got {self.options['min_overlap']}")
-        if self.options["context_tile"] <= self.options["size_p"]:
+        tile = self.options["context_tile"]
+        if tile != 0 and tile <= self.options["size_p"]:
             raise ConfigError(f"glnet: option context_tile must be larger than size_p={self.options['size_p']} "
-                              f"(a tile holds whole patches), got {self.options['context_tile']}")
+                              f"(a tile holds whole patches), or 0 for the training scenes' side; got {tile}")
         if self.options["fmreg"] < 0 or self.options["focal_gamma"] < 0:
             raise ConfigError("glnet: options fmreg and focal_gamma must be >= 0")
 
@@ -347,6 +356,13 @@ class GLNet(SegmentationModel):
     def set_stage(self, stage: int | str) -> None:
         """Record the stage the weights belong to (``before_stage`` does it when a stage starts)."""
         self.trained_stage.fill_(stage_number(stage))
+
+    @property
+    def context_side(self) -> int:
+        """The tile side of the ``"tile"`` policy: the ``context_tile`` option, else the recorded
+        training scenes' side, else the paper's 2448 px; never smaller than a patch and a pixel."""
+        side = int(self.options["context_tile"]) or int(self.scene_side) or PAPER_SCENE_SIDE
+        return max(side, int(self.options["size_p"]) + 1)
 
     # The frozen stage-1 copy. Until stage 3 starts it equals the global branch, so its
     # parameters and buffers ARE the global branch's (tied: no memory, checkpoints store them
@@ -562,7 +578,9 @@ class GLNet(SegmentationModel):
 
 
 def _tie_or_untie_on_load(module: "GLNet", state_dict, prefix, *_args) -> None:
-    """Load pre-hook: tie ``global_fixed`` to the global branch when the incoming copies are equal."""
+    """Load pre-hook: tie ``global_fixed`` to the global branch when the incoming copies are equal;
+    checkpoints from before ``scene_side`` was recorded load with it unknown (0)."""
+    state_dict.setdefault(f"{prefix}scene_side", torch.tensor(0, dtype=torch.long))
     pairs = []
     for key in module.global_branch.state_dict():
         a, b = state_dict.get(f"{prefix}global_branch.{key}"), state_dict.get(f"{prefix}global_fixed.{key}")
