@@ -207,9 +207,10 @@ def train(method: str, data, out: str | os.PathLike, *, encoder: str | None = No
     _check_task(model, train_data, data)
     if init is not None and not resume:
         payload = load_checkpoint(init)
-        if payload["model"]["config"] != dict(model.config):
-            raise ConfigError(f"{payload['path']}: was trained as {payload['model']['config']}, "
-                              f"which differs from this run's {dict(model.config)}")
+        # inference options (GLNet's context_tile, say) do not shape the weights: this run keeps its own
+        trained, wanted = model.architecture(payload["model"]["config"]), model.architecture()
+        if trained != wanted:
+            raise ConfigError(f"{payload['path']}: was trained as {trained}, which differs from this run's {wanted}")
         model.load_state_dict(payload["model"]["state_dict"])
     stages = model.training_stages()
     if stage != "all":

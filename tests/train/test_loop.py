@@ -103,3 +103,17 @@ def test_sub_batches_sum_to_the_whole_batch_gradient():
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_init_needs_the_same_architecture_but_not_the_same_inference_options(tiny_dataset, tmp_path):
+    patch = {"patch_size": 64, "overlap": 16}
+    train("patch", tiny_dataset, tmp_path / "first", encoder="test_resnet", options=patch, settings=settings(epochs=1))
+    # overlap and blend only change how the trained network predicts: the weights start this run
+    train("patch", tiny_dataset, tmp_path / "second", encoder="test_resnet", options={**patch, "overlap": 32},
+          settings=settings(epochs=1), init=tmp_path / "first" / "last.ckpt")
+    saved = torch.load(tmp_path / "second" / "last.ckpt", weights_only=True)["model"]["config"]["options"]
+    assert saved["overlap"] == 32
+    with pytest.raises(ConfigError, match=r"first.last\.ckpt: was trained as .*'patch_size': 64.*differs from "
+                                          r"this run's .*'patch_size': 32"):
+        train("patch", tiny_dataset, tmp_path / "third", encoder="test_resnet", options={"patch_size": 32, "overlap": 8},
+              settings=settings(epochs=1), init=tmp_path / "first" / "last.ckpt")

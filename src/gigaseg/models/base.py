@@ -99,6 +99,14 @@ class SegmentationModel(nn.Module):
             "options": copy.deepcopy(self.options),
         }
 
+    def architecture(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``config`` (default: this model's) without the inference options: what a checkpoint
+        must match for its weights to start this run (``train(init=...)``)."""
+        config = copy.deepcopy(self.config if config is None else config)
+        for name in self.inference_options:
+            config.get("options", {}).pop(name, None)
+        return config
+
     def with_options(self, **options: Any) -> "SegmentationModel":
         """A copy with other options and the same weights, device and train/eval mode."""
         from .registry import create_model
