@@ -100,6 +100,8 @@ FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradie
 
 #: earlier results by run name (``--reuse``): a run with the same settings is not repeated
 REUSE: dict[str, dict] = {}
+#: settings that results from before they were recorded ran with
+SETTING_DEFAULTS = {"init": None, "seed": 0}
 
 
 def train_and_evaluate(name: str, method: str, data: Path, work: Path, *, encoder: str, options: dict,
@@ -109,9 +111,9 @@ def train_and_evaluate(name: str, method: str, data: Path, work: Path, *, encode
     earlier = REUSE.get(name)
     settings = {"method": method, "encoder": encoder, "options": options, "epochs": epochs,
                 "batch_size": batch_size, "lr": lr, "max_memory": max_memory,
-                "init": None if init is None else str(init)}
+                "init": None if init is None else str(init), "seed": seed}
     if earlier and earlier.get("train", {}).get("returncode") == 0 and "scores" in earlier \
-            and all(earlier.get(k) == v for k, v in settings.items()):
+            and all(earlier.get(k, SETTING_DEFAULTS.get(k)) == v for k, v in settings.items()):
         print(f"[patchgd bench] {name}: reusing the earlier result (same settings)", flush=True)
         return earlier
     run = work / "runs" / name
@@ -312,11 +314,13 @@ def continued_runs(args, prefix: str, data: Path, work: Path, part: dict, runs: 
 
 
 def framework_runs(jobs: int, prefix: str, method: str, data: Path, work: Path, runs: list[tuple[str, dict]], *,
-                   budget: str, common: dict) -> dict:
+                   budget: str, common: dict, seed: int = 0) -> dict:
     """Each ``(results key, options)`` of ``runs`` trained under ``budget`` and scored (run
-    ``<prefix>_<key>``), ``jobs`` at a time: the results by key."""
+    ``<prefix>_<key>``, with ``_seed<seed>`` but for seed 0), ``jobs`` at a time: the results by key."""
+    suffix = f"_seed{seed}" if seed else ""
     scored = in_parallel(jobs, [(lambda key=key, options=options: train_and_evaluate(
-        f"{prefix}_{key}", method, data, work, options=options, max_memory=budget, **common)) for key, options in runs])
+        f"{prefix}_{key}{suffix}", method, data, work, options=options, max_memory=budget, seed=seed, **common))
+        for key, options in runs])
     return dict(zip((key for key, _ in runs), scored))
 
 
@@ -381,6 +385,13 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
             for key, gradient, norm in LANDCOVER_VARIANTS if key in args.landcover_variants]
     runs.append(("patchgd_no_global", {**framework, "global_patch": False}))
     out.update(framework_runs(args.jobs, tag, "patchgd_segmenter", data, work, runs, budget=budget, common=common))
+    if args.landcover_seeds:
+        # the same runs from other seeds (initial weights, sampled patches, batch order): how much of a
+        # difference between them is the seed's
+        out["seeds"] = {0: {key: out[key] for key, _ in runs}}
+        for seed in args.landcover_seeds:
+            out["seeds"][seed] = framework_runs(args.jobs, tag, "patchgd_segmenter", data, work, runs,
+                                                budget=budget, common=common, seed=seed)
     baseline = {"decoder": "smp_unet", "loss": "ce"}
     input_size, probes = largest_fitting(f"{tag}_global", "global", data, work,
                                          [s for s in (1024, 768, 512, 384, 256, 192, 128) if s < size], budget,
@@ -462,6 +473,42 @@ def _comparison(part: dict, keys: list[str], headers: list[str], baseline: str) 
             "", _probes(part)]
 
 
+def _continued_table(part: dict, keys: list[str], headers: list[str]) -> list[str]:
+    """The runs trained further from their last checkpoints (``--continue-epochs``)."""
+    continued = part.get("continued")
+    if not continued:
+        return []
+    labels = dict(FRAMEWORK_RUNS)
+    extra = next(iter(continued.values()))["epochs"]
+    columns = ["method", "options", "peak RSS (train)", "wall", "k", *headers]
+    rows = [_row(run, labels.get(key, f"downsampled {key.rsplit('_', 1)[-1]}"), keys) for key, run in continued.items()]
+    return [f"Then {extra} more epochs from each run's last checkpoint ({part['epochs'] + extra} in all; a warm "
+            "restart: the weights only, a fresh schedule from the same learning rate), scored the same way:", "",
+            "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows, ""]
+
+
+def _seeds_table(part: dict) -> list[str]:
+    """F1 of each framework run per training seed, with the mean and sample standard deviation."""
+    seeds = part.get("seeds")
+    if not seeds:
+        return []
+    order = sorted(seeds, key=int)
+    lines = ["F1 by training seed (the same data, budget, k and schedule; the seed sets the initial weights, "
+             "the sampled patches and the batch order):", "",
+             "| method | " + " | ".join(f"seed {s}" for s in order) + " | mean | sd |",
+             "|---" * (len(order) + 3) + "|"]
+    for key, label in FRAMEWORK_RUNS:
+        if key not in seeds[order[0]]:
+            continue
+        f1 = [(seeds[s].get(key, {}).get("scores", {}).get("binary") or {}).get("f1") for s in order]
+        known = [v for v in f1 if v is not None]
+        mean = f"{np.mean(known):.4f}" if known else "n/a"
+        sd = f"{np.std(known, ddof=1):.4f}" if len(known) > 1 else "n/a"
+        lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in f1)
+                     + f" | {mean} | {sd} |")
+    return lines + [""]
+
+
 def markdown(results: dict) -> str:
     from gigaseg.bench import machine
 
@@ -504,7 +551,8 @@ def markdown(results: dict) -> str:
                   f"6 and 9; one 30-60% of the side, one 8-24 px) among distracting shapes; class = sum mod 10 "
                   f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, {um['epochs']} epochs, batch "
                   f"{um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).", "",
-                  *_comparison(um, keys, ["accuracy", "balanced accuracy"], "downsampled")]
+                  *_comparison(um, keys, ["accuracy", "balanced accuracy"], "downsampled"),
+                  *_continued_table(um, keys, ["accuracy", "balanced accuracy"])]
     for key in sorted((k for k in results if k.startswith("landcover")), key=lambda k: -results[k]["data"]["size"]):
         lc = results[key]
         keys = ["f1", "iou", "balanced_accuracy", "lr_positive", "lr_negative"]
@@ -514,7 +562,8 @@ def markdown(results: dict) -> str:
                   f"({lc['data']['train']} train / {lc['data']['val']} val); positive class: {lc['data']['positive']}. Encoder {lc['encoder']}, "
                   f"{lc['epochs']} epochs, batch {lc['batch_size']}, lr {lc['lr']}; budget {lc['budget']}. "
                   "Scores of the positive class on the validation split.", "",
-                  *_comparison(lc, keys, ["F1", "IoU", "balanced acc.", "LR+", "LR-"], "global (smp U-Net)")]
+                  *_comparison(lc, keys, ["F1", "IoU", "balanced acc.", "LR+", "LR-"], "global (smp U-Net)"),
+                  *_seeds_table(lc)]
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     return "\n".join(lines)
@@ -536,6 +585,8 @@ def main() -> int:
     parser.add_argument("--landcover-variants", type=lambda text: text.split(","),
                         default=[key for key, _, _ in LANDCOVER_VARIANTS],
                         help="which global-patch runs of the land-cover part (comma-separated results keys)")
+    parser.add_argument("--landcover-seeds", type=lambda text: [int(s) for s in text.split(",")], default=[],
+                        help="also train the land-cover framework runs from these seeds (comma-separated)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="independent runs of a part trained at once (each its own process)")
     parser.add_argument("--continue-epochs", type=int, default=0,
