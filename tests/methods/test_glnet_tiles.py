@@ -18,6 +18,9 @@ from gigaseg.models.registry import create_model
 from gigaseg.window import Window
 
 FLOAT = Normalization.for_image(3, np.float32)
+#: what a checkpoint would carry, for predict() on a model object and a uint8 image
+INFO = {"classes": ["a", "b", "c"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+        "normalization": Normalization.for_image(3, np.uint8).to_dict()}
 
 
 def tiny(stage, **options):
@@ -121,11 +124,9 @@ def test_predict_with_the_tile_policy_writes_the_whole_mask(tmp_path):
 
     image = (scene(1100, 700, seed=3) * 255).astype(np.uint8)
     model = tiny(2)
-    info = {"classes": ["a", "b", "c"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
-            "normalization": Normalization.for_image(3, np.uint8).to_dict()}
-    tiled = predict(model, image, tmp_path / "tiled.tif", info=info, progress=False,
+    tiled = predict(model, image, tmp_path / "tiled.tif", info=INFO, progress=False,
                     options={"global_context": "tile", "context_tile": 700})
-    plain = predict(model, image, tmp_path / "image.tif", info=info, progress=False)
+    plain = predict(model, image, tmp_path / "image.tif", info=INFO, progress=False)
     a, b = tifffile.imread(tiled.mask_path), tifffile.imread(plain.mask_path)
     assert a.shape == b.shape == (1100, 700)
     assert 0 < (a != b).mean() < 1  # the policies differ, but not everywhere
@@ -162,11 +163,9 @@ def test_predict_with_the_recorded_scene_side_is_predict_with_that_tile(tmp_path
 
     image = (scene(1100, 700, seed=4) * 255).astype(np.uint8)
     model = tiny(2)
-    info = {"classes": ["a", "b", "c"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
-            "normalization": Normalization.for_image(3, np.uint8).to_dict()}
-    explicit = predict(model, image, tmp_path / "explicit.tif", info=info, progress=False,
+    explicit = predict(model, image, tmp_path / "explicit.tif", info=INFO, progress=False,
                        options={"global_context": "tile", "context_tile": 700})
     model.scene_side.fill_(700)
-    recorded = predict(model, image, tmp_path / "recorded.tif", info=info, progress=False,
+    recorded = predict(model, image, tmp_path / "recorded.tif", info=INFO, progress=False,
                        options={"global_context": "tile"})
     assert np.array_equal(tifffile.imread(explicit.mask_path), tifffile.imread(recorded.mask_path))
