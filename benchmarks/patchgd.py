@@ -27,7 +27,8 @@ Parts (``--parts``, default all; each updates its own entry of the results file)
 
 ``landcover``
     The fine-structure classes (road, stream) of ``gigaseg synth landcover`` as a binary
-    task: ``patchgd_segmenter`` with and without the global patch against the ``global``
+    task (``--landcover-task context``: vegetation far from water instead, a control whose
+    label only context decides): ``patchgd_segmenter`` with and without the global patch against the ``global``
     baseline (smp U-Net on the downsampled image) at the same budget; F1, IoU, balanced
     accuracy and likelihood ratios of the positive class from ``gigaseg evaluate``.
 
@@ -335,8 +336,22 @@ def in_parallel(jobs: int, calls: list) -> list:
         return list(pool.map(lambda call: call(), calls))
 
 
-def binary_landcover(source: Path, out: Path, classes=("road", "stream")) -> Path:
-    """The land-cover set with masks reduced to 'fine structure' (road or stream) vs everything else."""
+#: the land-cover part's positive classes: the fine structure (the issue's task), and a control whose
+#: label depends on context alone (vegetation farther than 700 px from water looks like the rest; at
+#: 1024 px scenes both kinds are in every scene, at 512 px no vegetation is that far from water)
+LANDCOVER_TASKS = {
+    "fine": {"classes": ("road", "stream"), "name": "fine_structure", "positive": "road or stream (2-3 px wide)",
+             "title": "fine structure (roads + streams)"},
+    "context": {"classes": ("vegetation_far_from_water",), "name": "vegetation_far_from_water",
+                "positive": "vegetation farther than 700 px from water (textured like the vegetation near "
+                            "water: only the distance to water tells them apart)",
+                "title": "context control (vegetation far from water)"},
+}
+
+
+def binary_landcover(source: Path, out: Path, classes=("road", "stream"), name: str = "fine_structure") -> Path:
+    """The land-cover set with masks reduced to ``classes`` (default: the fine structure, road or
+    stream) vs everything else."""
     import tifffile
     import yaml
 
@@ -352,7 +367,7 @@ def binary_landcover(source: Path, out: Path, classes=("road", "stream")) -> Pat
         binary = np.where(mask == 255, 255, np.isin(mask, ids)).astype(np.uint8)
         tifffile.imwrite(out / "masks" / image.name, binary, tile=(256, 256), compression="zlib")
     (out / "dataset.yaml").write_text(yaml.safe_dump({
-        "name": "landcover-fine-structure", "task": "segmentation", "classes": ["other", "fine_structure"],
+        "name": f"landcover-{name}", "task": "segmentation", "classes": ["other", name],
         "palette": [[0, 0, 0], [255, 255, 255]], "ignore_index": 255, "splits": config["splits"]}))
     return out
 
@@ -367,7 +382,9 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     if not manifest.exists() or json.loads(manifest.read_text()).get("count") != count \
             or not json.loads(manifest.read_text()).get("complete"):
         write_landcover_dataset(source, count=count, height=size, width=size, seed=3, val_fraction=0.25)
-    data = binary_landcover(source, work / f"landcover_fine_{size}")
+    task = LANDCOVER_TASKS[args.landcover_task]
+    folder = f"landcover_fine_{size}" if args.landcover_task == "fine" else f"landcover_{args.landcover_task}_{size}"
+    data = binary_landcover(source, work / folder, task["classes"], task["name"])
     budget = args.budget or "1.6GB"
     common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 12), batch_size=2, lr=1e-3)
     # the same k (recomputed patches per inner iteration) with and without the global patch, so the
@@ -375,9 +392,10 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     patches = math.ceil(size / 128) ** 2
     framework = {"patch_size": 128, "sampling_fraction": args.landcover_k / patches, "inner_iterations": 2}
     out = {"data": {"size": size, "count": count, "train": count - round(count * 0.25), "val": round(count * 0.25),
-                    "positive": "road or stream (2-3 px wide)", "seed": 3},
+                    "positive": task["positive"], "seed": 3},
+           "task": args.landcover_task,
            "budget": budget, **common}
-    tag = "lc" if size == 1024 else f"lc{size}"
+    tag = ("lc" if size == 1024 else f"lc{size}") + ("" if args.landcover_task == "fine" else f"_{args.landcover_task}")
     # the global patch with the paper's gradient graph ("full"), then balanced and detached; and
     # balanced with the global patch normalised as at inference (running statistics)
     runs = [(key, {**framework, "global_patch": True, "global_gradient": gradient,
@@ -403,9 +421,11 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     return out
 
 
-def landcover_key(size: int) -> str:
-    """The results entry of the land-cover part at scenes of ``size`` px (1024: the original entry)."""
-    return "landcover" if size == 1024 else f"landcover_{size}"
+def landcover_key(size: int, task: str = "fine") -> str:
+    """The results entry of the land-cover part at scenes of ``size`` px (1024 px, fine structure:
+    the original entry)."""
+    key = "landcover" if size == 1024 else f"landcover_{size}"
+    return key if task == "fine" else f"{key}_{task}"
 
 
 def _bytes(text: str) -> int:
@@ -556,7 +576,8 @@ def markdown(results: dict) -> str:
     for key in sorted((k for k in results if k.startswith("landcover")), key=lambda k: -results[k]["data"]["size"]):
         lc = results[key]
         keys = ["f1", "iou", "balanced_accuracy", "lr_positive", "lr_negative"]
-        lines += [f"## Land-cover fine structure (roads + streams) as a binary task, {lc['data']['size']} px scenes",
+        title = LANDCOVER_TASKS[lc.get("task", "fine")]["title"]
+        lines += [f"## Land-cover {title} as a binary task, {lc['data']['size']} px scenes",
                   "",
                   f"{lc['data']['count']} synthetic land-cover scenes of {lc['data']['size']}x{lc['data']['size']} "
                   f"({lc['data']['train']} train / {lc['data']['val']} val); positive class: {lc['data']['positive']}. Encoder {lc['encoder']}, "
@@ -585,6 +606,8 @@ def main() -> int:
     parser.add_argument("--landcover-variants", type=lambda text: text.split(","),
                         default=[key for key, _, _ in LANDCOVER_VARIANTS],
                         help="which global-patch runs of the land-cover part (comma-separated results keys)")
+    parser.add_argument("--landcover-task", choices=sorted(LANDCOVER_TASKS), default="fine",
+                        help="the land-cover part's positive class: the fine structure, or the context control")
     parser.add_argument("--landcover-seeds", type=lambda text: [int(s) for s in text.split(",")], default=[],
                         help="also train the land-cover framework runs from these seeds (comma-separated)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -625,7 +648,7 @@ def main() -> int:
             elif part == "ultramnist":
                 results["ultramnist"] = part_ultramnist(work, args.quick, args)
             elif part == "landcover":
-                part = landcover_key(args.size or (512 if args.quick else 1024))
+                part = landcover_key(args.size or (512 if args.quick else 1024), args.landcover_task)
                 results[part] = part_landcover(work, args.quick, args)
             else:
                 raise SystemExit(f"unknown part {part!r}")
