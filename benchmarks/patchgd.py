@@ -60,6 +60,13 @@ def gigaseg(*args) -> list[str]:
     return [PYTHON, "-m", "gigaseg", *[str(a) for a in args]]
 
 
+#: seconds a training child may run before it is killed (a guard against hangs, not a budget: the
+#: UltraMNIST continuations take over an hour each when several share the 2 cores)
+TRAIN_TIMEOUT = 12 * 3600
+#: ``--resume-runs``: a failed or killed run continues from its last.ckpt instead of starting over
+RESUME_RUNS = False
+
+
 def run_measured(argv, what: str, timeout: float = 3600) -> dict:
     from gigaseg.bench.memory import measure_command
 
@@ -118,17 +125,23 @@ def train_and_evaluate(name: str, method: str, data: Path, work: Path, *, encode
         print(f"[patchgd bench] {name}: reusing the earlier result (same settings)", flush=True)
         return earlier
     run = work / "runs" / name
-    shutil.rmtree(run, ignore_errors=True)
+    resume = RESUME_RUNS and (run / "last.ckpt").exists()
+    if not resume:
+        shutil.rmtree(run, ignore_errors=True)
     argv = gigaseg("train", "--method", method, "--data", data, "--out", run, "--encoder", encoder,
                    "--epochs", epochs, "--batch-size", batch_size, "--lr", lr, "--seed", seed)
     for key, value in options.items():
         argv += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     if max_memory:
         argv += ["--max-memory", max_memory]
-    if init is not None:
+    if resume:
+        argv += ["--resume"]  # the peak and wall are then the resumed part's
+    elif init is not None:
         argv += ["--init", str(init)]
     result = {"name": name, **settings}
-    result["train"] = run_measured(argv, f"train {name}")
+    result["train"] = run_measured(argv, f"train {name}", timeout=TRAIN_TIMEOUT)
+    if resume:
+        result["train"]["resumed"] = True
     if result["train"]["returncode"] != 0:
         return result
     result["history"] = history(run)
@@ -615,9 +628,14 @@ def main() -> int:
     parser.add_argument("--continue-epochs", type=int, default=0,
                         help="UltraMNIST: then train each run (but the paper's-gradient one) this many more epochs "
                              "from its last checkpoint, a warm restart of the schedule")
+    parser.add_argument("--resume-runs", action="store_true",
+                        help="runs that did not finish continue from their last checkpoint (with --reuse: "
+                             "only those are trained)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep earlier results (from the results file) of runs whose settings are unchanged")
     args = parser.parse_args()
+    global RESUME_RUNS
+    RESUME_RUNS = args.resume_runs
     sys.path.insert(0, str(ROOT / "src"))
     from gigaseg.bench import machine
     from gigaseg.bench.memory import baseline_rss
