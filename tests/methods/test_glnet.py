@@ -356,5 +356,14 @@ def test_the_recorded_scene_side_is_the_median_longer_side_and_closes_every_samp
     sizes = [(1536, 1024), (2448, 2448), (900, 3000), (1024, 1024), (2000, 100)]
     dataset = [Sample(h, w) for h, w in sizes]
     # longer sides 1536, 2448, 3000, 1024, 2000: the median is 2000
-    assert method.median_longer_side(dataset) == 2000 and Sample.closed == 5
+    assert method.median_longer_side(method.image_sizes(dataset)) == 2000 and Sample.closed == 5
     assert method.median_longer_side([]) == 0
+
+
+def test_batches_of_whole_images_need_one_size_naming_the_first_that_differs():
+    from gigaseg.errors import ConfigError
+
+    sizes = [(96, 96, "a.tif"), (96, 96, "b.tif"), (64, 96, "c.tif")]
+    method._same_sized(sizes, 1)  # one image per batch: any sizes
+    with pytest.raises(ConfigError, match=r"a\.tif is 96x96 but c\.tif is 64x96; train with --batch-size 1"):
+        method._same_sized(sizes, 2)

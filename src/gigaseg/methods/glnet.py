@@ -202,32 +202,35 @@ class GLNetViews(SeededViews):
         }
 
 
-def median_longer_side(dataset) -> int:
-    """The median of the training images' longer sides: the scene side the model learns its
-    global view at, recorded in the weights (``GLNet.scene_side``) for the "tile" policy."""
-    sides = []
+def image_sizes(dataset) -> list[tuple[int, int, str]]:
+    """``(height, width, name)`` of every image of ``dataset``, read once when a stage builds its data."""
+    sizes = []
     for index in range(len(dataset)):
         sample = dataset[index]
         try:
-            sides.append(max(sample.image.height, sample.image.width))
+            image = sample.image
+            sizes.append((image.height, image.width, getattr(image, "path", None) or f"image {index}"))
         finally:
             sample.close()
-    return int(np.median(sides)) if sides else 0
+    return sizes
 
 
-def _same_sized(dataset, batch_size: int) -> None:
+def median_longer_side(sizes: list[tuple[int, int, str]]) -> int:
+    """The median of the training images' longer sides: the scene side the model learns its
+    global view at, recorded in the weights (``GLNet.scene_side``) for the "tile" policy."""
+    return int(np.median([max(h, w) for h, w, _ in sizes])) if sizes else 0
+
+
+def _same_sized(sizes: list[tuple[int, int, str]], batch_size: int) -> None:
     """Batches stack whole images with all their patches: sizes must agree when batch_size > 1."""
     if batch_size <= 1:
         return
-    sizes: dict[tuple[int, int], str] = {}
-    for index in range(len(dataset)):
-        image = dataset[index].image
-        sizes.setdefault((image.height, image.width), getattr(image, "path", None) or f"image {index}")
-        if len(sizes) > 1:
-            (a, first), (b, other) = list(sizes.items())[:2]
+    first = sizes[0] if sizes else None
+    for other in sizes[1:]:
+        if other[:2] != first[:2]:
             raise ConfigError(f"glnet batches whole images with all their patches, so its training images must "
-                              f"all have one size: {first} is {a[0]}x{a[1]} but {other} is {b[0]}x{b[1]}; "
-                              f"train with --batch-size 1 (or tile the images to one size)")
+                              f"all have one size: {first[2]} is {first[0]}x{first[1]} but {other[2]} is "
+                              f"{other[0]}x{other[1]}; train with --batch-size 1 (or tile the images to one size)")
 
 
 # --------------------------------------------------------------------------- steps
@@ -370,18 +373,16 @@ def glnet_stages(model) -> list[Stage]:
     size_g, size_p, overlap = model.options["size_g"], model.options["size_p"], model.options["min_overlap"]
     channels = model.in_channels
 
-    def record_scene_side(data) -> None:
-        model.scene_side.fill_(median_longer_side(data))
-
     def global_views(data, norm, settings):
-        record_scene_side(data)
+        model.scene_side.fill_(median_longer_side(image_sizes(data)))
         return GlobalViews(data, norm, (size_g, size_g), seed=settings.seed)
 
     def patch_views(stage: Stage):
         def make(data, norm, settings):
             batch_size = settings.batch_size or stage.batch_size
-            _same_sized(data, batch_size)
-            record_scene_side(data)
+            sizes = image_sizes(data)
+            _same_sized(sizes, batch_size)
+            model.scene_side.fill_(median_longer_side(sizes))
             views = GLNetViews(data, norm, size_g, size_p, overlap, seed=settings.seed)
             stage.options["sub_batch"] = training_sub_batch(model, stage.name, views, batch_size, settings)
             return views
