@@ -301,30 +301,25 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
                                         options={"input_size": s, "latent_dim": 64}, max_memory=None, **common))
         for s in sizes])
     if args.continue_epochs:
-        out["continued"] = continued_runs(args, "um", data, work, out, [
-            ("patchgd_global_balanced", "patchgd_classifier", budget),
-            ("patchgd_no_global", "patchgd_classifier", budget),
-            *[(f"downsampled_{s}", "downsampled_classifier", None) for s in sizes]], common)
+        out["continued"] = continued_runs(args, "um", data, work, [
+            (key, "patchgd_classifier", out[key]["options"], budget)
+            for key in ("patchgd_global_balanced", "patchgd_no_global")] + [
+            (f"downsampled_{run['options']['input_size']}", "downsampled_classifier", run["options"], None)
+            for run in out["downsampled"]], common)
     return out
 
 
-def continued_runs(args, prefix: str, data: Path, work: Path, part: dict, runs: list[tuple[str, str, str | None]],
+def continued_runs(args, prefix: str, data: Path, work: Path, runs: list[tuple[str, str, dict, str | None]],
                    common: dict) -> dict:
-    """Each ``(results key, method, budget)`` of ``runs`` trained ``--continue-epochs`` more epochs
-    from its run's last checkpoint (weights only: a fresh schedule from the part's learning rate,
-    so each continuation is a warm restart), with the same options; ``jobs`` at a time."""
+    """Each ``(results key, method, options, budget)`` of ``runs`` trained ``--continue-epochs``
+    more epochs from its run's last checkpoint (weights only: a fresh schedule from the part's
+    learning rate, so each continuation is a warm restart); ``jobs`` at a time."""
     epochs = args.continue_epochs
-
-    def options_of(key: str) -> dict:
-        if key.startswith("downsampled_"):
-            return next(r for r in part["downsampled"] if f"downsampled_{r['options']['input_size']}" == key)["options"]
-        return part[key]["options"]
-
-    calls = [(lambda key=key, method=method, budget=budget: train_and_evaluate(
-        f"{prefix}_{key}_plus{epochs}", method, data, work, options=options_of(key), max_memory=budget,
+    calls = [(lambda key=key, method=method, options=options, budget=budget: train_and_evaluate(
+        f"{prefix}_{key}_plus{epochs}", method, data, work, options=options, max_memory=budget,
         init=work / "runs" / f"{prefix}_{key}" / "last.ckpt", **{**common, "epochs": epochs}))
-        for key, method, budget in runs]
-    return dict(zip((key for key, _, _ in runs), in_parallel(args.jobs, calls)))
+        for key, method, options, budget in runs]
+    return dict(zip((key for key, *_ in runs), in_parallel(args.jobs, calls)))
 
 
 def framework_runs(jobs: int, prefix: str, method: str, data: Path, work: Path, runs: list[tuple[str, dict]], *,
@@ -547,7 +542,7 @@ def markdown(results: dict) -> str:
 
     commands = results.get("commands", {})
     lines = ["# PatchGD with a global patch (issue 7)", "", machine.markdown_header(results["machine"]),
-             *([f"Commands by part (the header names the latest run): "
+             *(["Commands by part (the header names the latest run): "
                 + "; ".join(f"{part}: `{command}`" for part, command in commands.items()), ""] if commands else []),
              "No GPU was lent to this task: every memory figure is the peak RSS of a fresh CPU process "
              "(`gigaseg.bench.memory.measure_command`), including the Python/torch runtime; the same figure for "
