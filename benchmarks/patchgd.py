@@ -109,17 +109,18 @@ FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradie
 #: earlier results by run name (``--reuse``): a run with the same settings is not repeated
 REUSE: dict[str, dict] = {}
 #: settings that results from before they were recorded ran with
-SETTING_DEFAULTS = {"init": None, "seed": 0}
+SETTING_DEFAULTS = {"init": None, "seed": 0, "pretrained": None}
 
 
 def train_and_evaluate(name: str, method: str, data: Path, work: Path, *, encoder: str, options: dict,
                        epochs: int, batch_size: int, lr: float, max_memory: str | None, seed: int = 0,
-                       init: Path | None = None) -> dict:
-    """Train run ``name`` (from ``init``'s weights when given) and score its best checkpoint on the val split."""
+                       init: Path | None = None, pretrained: str | None = None) -> dict:
+    """Train run ``name`` (from ``init``'s weights when given, else theta1 from the ``pretrained``
+    weights file when given) and score its best checkpoint on the val split."""
     earlier = REUSE.get(name)
     settings = {"method": method, "encoder": encoder, "options": options, "epochs": epochs,
                 "batch_size": batch_size, "lr": lr, "max_memory": max_memory,
-                "init": None if init is None else str(init), "seed": seed}
+                "init": None if init is None else str(init), "seed": seed, "pretrained": pretrained}
     if earlier and earlier.get("train", {}).get("returncode") == 0 and "scores" in earlier \
             and all(earlier.get(k, SETTING_DEFAULTS.get(k)) == v for k, v in settings.items()):
         print(f"[patchgd bench] {name}: reusing the earlier result (same settings)", flush=True)
@@ -138,6 +139,8 @@ def train_and_evaluate(name: str, method: str, data: Path, work: Path, *, encode
         argv += ["--resume"]  # the peak and wall are then the resumed part's
     elif init is not None:
         argv += ["--init", str(init)]
+    elif pretrained:
+        argv += ["--pretrained", pretrained]
     result = {"name": name, **settings}
     result["train"] = run_measured(argv, f"train {name}", timeout=TRAIN_TIMEOUT)
     if resume:
@@ -279,29 +282,37 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
         write_ultramnist_dataset(data, count=count, size=512, seed=11, val_fraction=0.2, config=config)
     budget = args.budget or "1.4GB"
     common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 10), batch_size=8, lr=1e-3)
+    # with --pretrained every run's theta1 starts from the same weights file (runs um_pre_*)
+    prefix = "um"
+    if args.pretrained:
+        common["pretrained"] = str(Path(args.pretrained).resolve())
+        prefix = "um_pre"
     patch_size = 128
     patchgd = {"patch_size": patch_size, "latent_dim": 64, "sampling_fraction": 0.25, "inner_iterations": 2}
     out = {"data": {"size": 512, "count": count, "train": count - round(count * 0.2), "val": round(count * 0.2),
                     "digits": 2, "values": [6, 9], "classes_used": ["2", "5", "8"], "seed": 11},
            "budget": budget, **common}
-    out.update(framework_runs(args.jobs, "um", "patchgd_classifier", data, work, [
+    if args.pretrained:
+        report = Path(args.pretrained).with_suffix(".json")
+        out["pretraining"] = json.loads(report.read_text()) if report.exists() else None
+    out.update(framework_runs(args.jobs, prefix, "patchgd_classifier", data, work, [
         ("patchgd_global", {**patchgd, "global_patch": True}),
         ("patchgd_no_global", {**patchgd, "global_patch": False}),
         # the segmenter's default: theta1's gradient through the global patch scaled by k / patches
         ("patchgd_global_balanced", {**patchgd, "global_patch": True, "global_gradient": "balanced"})],
         budget=budget, common=common))
-    size, probes = largest_fitting("um_downsampled", "downsampled_classifier", data, work, (512, 384, 256, 192, 128),
-                                   budget, {"latent_dim": 64}, **common)
+    size, probes = largest_fitting(f"{prefix}_downsampled", "downsampled_classifier", data, work,
+                                   (512, 384, 256, 192, 128), budget, {"latent_dim": 64}, **common)
     out["downsampled_probes"] = probes
     # the largest input that fits, and the global patch's own size (the same view of the image that
     # the framework's global patch gets; also where this small encoder sees the large digit whole)
     sizes = [] if size is None else sorted({size, patch_size}, reverse=True)
     out["downsampled"] = in_parallel(args.jobs, [
-        (lambda s=s: train_and_evaluate(f"um_downsampled_{s}", "downsampled_classifier", data, work,
+        (lambda s=s: train_and_evaluate(f"{prefix}_downsampled_{s}", "downsampled_classifier", data, work,
                                         options={"input_size": s, "latent_dim": 64}, max_memory=None, **common))
         for s in sizes])
     if args.continue_epochs:
-        out["continued"] = continued_runs(args, "um", data, work, [
+        out["continued"] = continued_runs(args, prefix, data, work, [
             (key, "patchgd_classifier", out[key]["options"], budget)
             for key in ("patchgd_global_balanced", "patchgd_no_global")] + [
             (f"downsampled_{run['options']['input_size']}", "downsampled_classifier", run["options"], None)
@@ -571,14 +582,25 @@ def markdown(results: dict) -> str:
                   + f"; back-propagating through all 256 patches at once: "
                     f"{_gb(memory['full_backprop_estimate_bytes'])} "
                     f"({_gb(memory['per_patch_estimate_bytes'])} of activations per patch).", ""]
-    um = results.get("ultramnist")
-    if um:
+    for key in ("ultramnist", "ultramnist_pretrained"):
+        um = results.get(key)
+        if not um:
+            continue
         keys = ["accuracy", "balanced_accuracy"]
-        lines += ["## Synthetic UltraMNIST, 512x512", "",
+        start = "from random weights"
+        if um.get("pretrained"):
+            pre = um.get("pretraining") or {}
+            start = (f"from `{Path(um['pretrained']).name}` (benchmarks/pretrain_digits.py: a {um['encoder']} "
+                     f"classifier trained {pre.get('steps', '?')} steps on scikit-learn's handwritten digits at "
+                     f"{pre.get('heights', ['?', '?'])[0]:.0f}-{pre.get('heights', ['?', '?'])[1]:.0f} px on "
+                     f"128-px canvases; accuracy on other writers' digits {_pct(pre.get('val_accuracy'))}, by "
+                     "height " + ", ".join(f"{h} {_pct(v)}" for h, v in pre.get("val_accuracy_by_height", {}).items())
+                     + "), the same file for every run")
+        lines += [f"## Synthetic UltraMNIST, 512x512, theta1 {start.split(' (')[0]}", "",
                   f"{um['data']['train']} training / {um['data']['val']} validation images; two digits (values "
                   f"6 and 9; one 30-60% of the side, one 8-24 px) among distracting shapes; class = sum mod 10 "
-                  f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, {um['epochs']} epochs, batch "
-                  f"{um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).", "",
+                  f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, starting {start}; {um['epochs']} epochs, "
+                  f"batch {um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).", "",
                   *_comparison(um, keys, ["accuracy", "balanced accuracy"], "downsampled"),
                   *_continued_table(um, keys, ["accuracy", "balanced accuracy"])]
     for key in sorted((k for k in results if k.startswith("landcover")), key=lambda k: -results[k]["data"]["size"]):
@@ -605,6 +627,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     parser.add_argument("--quick", action="store_true", help="small data and few epochs (a smoke run)")
     parser.add_argument("--encoder", default="test_resnet", help="theta1 encoder of the accuracy parts")
+    parser.add_argument("--pretrained", help="UltraMNIST: theta1's starting weights, a local weights file of "
+                                             "--encoder (benchmarks/pretrain_digits.py makes one); results go "
+                                             "to the ultramnist_pretrained part")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--count", type=int)
     parser.add_argument("--budget")
@@ -650,7 +675,7 @@ def main() -> int:
                 for item in value:
                     collect(item)
 
-        collect({k: v for k, v in results.items() if k in ("memory", "ultramnist") or k.startswith("landcover")})
+        collect({k: v for k, v in results.items() if k == "memory" or k.startswith(("ultramnist", "landcover"))})
     results["machine"] = machine.describe()
     results["torch_baseline_rss"] = baseline_rss(True)
     started = time.perf_counter()
@@ -659,7 +684,8 @@ def main() -> int:
             if part == "memory":
                 results["memory"] = part_memory(work, args.quick)
             elif part == "ultramnist":
-                results["ultramnist"] = part_ultramnist(work, args.quick, args)
+                part = "ultramnist_pretrained" if args.pretrained else "ultramnist"
+                results[part] = part_ultramnist(work, args.quick, args)
             elif part == "landcover":
                 part = landcover_key(args.size or (512 if args.quick else 1024), args.landcover_task)
                 results[part] = part_landcover(work, args.quick, args)
