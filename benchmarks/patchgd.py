@@ -23,7 +23,9 @@ Parts (``--parts``, default all; each updates its own entry of the results file)
     and 6 vs 9 needs detail a 4x downsample loses), then at one memory budget: PatchGD
     with the global patch, PatchGD without it, and the downsampled baseline at the largest
     input that fits the budget (measured). Same encoder, epochs, batch size and
-    learning rate for all.
+    learning rate for all. With ``--pretrained FILE`` every run's theta1 starts from that
+    weights file (the paper starts from ImageNet weights; ``benchmarks/pretrain_digits.py``
+    makes a local stand-in) and the results go to the ``ultramnist_pretrained`` part.
 
 ``landcover``
     The fine-structure classes (road, stream) of ``gigaseg synth landcover`` as a binary
