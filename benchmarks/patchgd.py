@@ -589,19 +589,20 @@ def markdown(results: dict) -> str:
         if not um:
             continue
         keys = ["accuracy", "balanced_accuracy"]
-        start = "from random weights"
+        origin, detail = "from random weights", ""
         if um.get("pretrained"):
-            pre = um.get("pretraining") or {}
-            start = (f"from `{Path(um['pretrained']).name}` (benchmarks/pretrain_digits.py: a {um['encoder']} "
-                     f"classifier trained {pre.get('steps', '?')} steps on scikit-learn's handwritten digits at "
-                     f"{pre.get('heights', ['?', '?'])[0]:.0f}-{pre.get('heights', ['?', '?'])[1]:.0f} px on "
-                     f"128-px canvases; accuracy on other writers' digits {_pct(pre.get('val_accuracy'))}, by "
-                     "height " + ", ".join(f"{h} {_pct(v)}" for h, v in pre.get("val_accuracy_by_height", {}).items())
-                     + "), the same file for every run")
-        lines += [f"## Synthetic UltraMNIST, 512x512, theta1 {start.split(' (')[0]}", "",
+            origin = f"from `{Path(um['pretrained']).name}`"
+            pre = um.get("pretraining")
+            detail = " (the same file for every run)" if not pre else (
+                f" (benchmarks/pretrain_digits.py: a {um['encoder']} classifier trained {pre['steps']} steps on "
+                f"scikit-learn's handwritten digits at {pre['heights'][0]:.0f}-{pre['heights'][1]:.0f} px on "
+                f"128-px canvases; accuracy on other writers' digits {_pct(pre['val_accuracy'])}, by height "
+                + ", ".join(f"{h} {_pct(v)}" for h, v in pre["val_accuracy_by_height"].items())
+                + "; the same file for every run)")
+        lines += [f"## Synthetic UltraMNIST, 512x512, theta1 {origin}", "",
                   f"{um['data']['train']} training / {um['data']['val']} validation images; two digits (values "
                   f"6 and 9; one 30-60% of the side, one 8-24 px) among distracting shapes; class = sum mod 10 "
-                  f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, starting {start}; {um['epochs']} epochs, "
+                  f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, starting {origin}{detail}; {um['epochs']} epochs, "
                   f"batch {um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).", "",
                   *_comparison(um, keys, ["accuracy", "balanced accuracy"], "downsampled"),
                   *_continued_table(um, keys, ["accuracy", "balanced accuracy"])]

@@ -37,8 +37,6 @@ from torch import nn
 CANVAS = 128
 HEIGHTS = (6.0, 110.0)
 TRAIN_IMAGES = 1440
-#: the normalisation of the canvases (measured on 2000 of them), as gigaseg normalises a dataset
-MEAN, STD = None, None
 
 
 def glyphs() -> tuple[np.ndarray, np.ndarray]:
@@ -79,15 +77,14 @@ def canvas(rng: np.random.Generator, glyph: np.ndarray) -> tuple[np.ndarray, int
     return np.asarray(image), height
 
 
-def batch(rng, images, labels, indices, size):
-    picks = rng.choice(indices, size=size)
-    pixels = np.stack([canvas(rng, images[i])[0] for i in picks]).astype(np.float32) / 255
-    x = torch.from_numpy((pixels - MEAN) / STD)[:, None].expand(-1, 3, -1, -1).contiguous()
-    return x, torch.from_numpy(labels[picks])
+def network_input(canvases, mean: float, std: float) -> torch.Tensor:
+    """uint8 canvases ``(N, H, W)`` normalised by the canvases' mean and std (as gigaseg normalises
+    a dataset by its statistics), grey repeated to the 3 channels of an ImageNet-style state dict."""
+    pixels = np.stack(canvases).astype(np.float32) / 255
+    return torch.from_numpy((pixels - mean) / std)[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
 def main() -> int:
-    global MEAN, STD
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="weights file to write (.pth)")
     parser.add_argument("--encoder", default="test_resnet")
@@ -101,7 +98,7 @@ def main() -> int:
     images, labels = glyphs()
     train, val = np.arange(TRAIN_IMAGES), np.arange(TRAIN_IMAGES, len(images))
     sample = np.stack([canvas(rng, images[i])[0] for i in rng.choice(train, 2000)]).astype(np.float32) / 255
-    MEAN, STD = float(sample.mean()), float(sample.std())
+    mean, std = float(sample.mean()), float(sample.std())
 
     model = timm.create_model(args.encoder, pretrained=False, num_classes=10, in_chans=3)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -110,8 +107,9 @@ def main() -> int:
     start, losses = time.perf_counter(), []
     model.train()
     for step in range(1, args.steps + 1):
-        x, y = batch(rng, images, labels, train, args.batch_size)
-        loss = loss_fn(model(x), y)
+        picks = rng.choice(train, size=args.batch_size)
+        x = network_input([canvas(rng, images[i])[0] for i in picks], mean, std)
+        loss = loss_fn(model(x), torch.from_numpy(labels[picks]))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -129,8 +127,7 @@ def main() -> int:
     with torch.no_grad():
         for _ in range(20):
             pixels, heights = zip(*(canvas(val_rng, images[i]) for i in val))
-            x = torch.from_numpy((np.stack(pixels).astype(np.float32) / 255 - MEAN) / STD)[:, None]
-            right = (model(x.expand(-1, 3, -1, -1)).argmax(1).numpy() == labels[val])
+            right = model(network_input(pixels, mean, std)).argmax(1).numpy() == labels[val]
             where = np.digitize(heights, bins) - 1
             np.add.at(hits, where, right)
             np.add.at(counts, where, 1)
