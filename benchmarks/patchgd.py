@@ -101,11 +101,25 @@ LANDCOVER_VARIANTS = [("patchgd_global", "full", "batch"), ("patchgd_global_bala
                       ("patchgd_global_none", "none", "batch"),
                       ("patchgd_global_balanced_running", "balanced", "running")]
 
+#: the UltraMNIST part's runs of the framework: results key -> options over the part's common ones
+ULTRAMNIST_VARIANTS = {
+    "patchgd_global": {"global_patch": True},
+    "patchgd_no_global": {"global_patch": False},
+    # the segmenter's default: theta1's gradient through the global patch scaled by k / patches
+    "patchgd_global_balanced": {"global_patch": True, "global_gradient": "balanced"},
+    # the global latent in channels of its own, so theta2 weighs it apart from the patch latents
+    "patchgd_global_concat": {"global_patch": True, "fusion": "concat"},
+    "patchgd_global_concat_balanced": {"global_patch": True, "fusion": "concat", "global_gradient": "balanced"},
+}
+ULTRAMNIST_DEFAULT_VARIANTS = ["patchgd_global", "patchgd_no_global", "patchgd_global_balanced"]
+
 #: the framework's runs of an accuracy part, in table order
 FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradient)"),
                   ("patchgd_global_balanced", "PatchGD + global patch, balanced gradient"),
                   ("patchgd_global_none", "PatchGD + global patch, no gradient through it"),
                   ("patchgd_global_balanced_running", "PatchGD + global patch, balanced, running BatchNorm statistics"),
+                  ("patchgd_global_concat", "PatchGD + global patch concatenated to Z (the paper's gradient)"),
+                  ("patchgd_global_concat_balanced", "PatchGD + global patch concatenated to Z, balanced gradient"),
                   ("patchgd_no_global", "PatchGD, no global patch")]
 
 #: earlier results by run name (``--reuse``): a run with the same settings is not repeated
@@ -298,10 +312,7 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
         report = Path(args.pretrained).with_suffix(".json")
         out["pretraining"] = json.loads(report.read_text()) if report.exists() else None
     out.update(framework_runs(args.jobs, prefix, "patchgd_classifier", data, work, [
-        ("patchgd_global", {**patchgd, "global_patch": True}),
-        ("patchgd_no_global", {**patchgd, "global_patch": False}),
-        # the segmenter's default: theta1's gradient through the global patch scaled by k / patches
-        ("patchgd_global_balanced", {**patchgd, "global_patch": True, "global_gradient": "balanced"})],
+        (key, {**patchgd, **ULTRAMNIST_VARIANTS[key]}) for key in args.ultramnist_variants],
         budget=budget, common=common))
     size, probes = largest_fitting(f"{prefix}_downsampled", "downsampled_classifier", data, work,
                                    (512, 384, 256, 192, 128), budget, {"latent_dim": 64}, **common)
@@ -623,6 +634,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def ultramnist_variants(text: str) -> list[str]:
+    keys = [key.strip() for key in text.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in ULTRAMNIST_VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown UltraMNIST run {', '.join(unknown)}; "
+                                         f"known: {', '.join(ULTRAMNIST_VARIANTS)}")
+    return keys
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="memory,ultramnist,landcover")
@@ -642,6 +662,10 @@ def main() -> int:
     parser.add_argument("--landcover-variants", type=lambda text: text.split(","),
                         default=[key for key, _, _ in LANDCOVER_VARIANTS],
                         help="which global-patch runs of the land-cover part (comma-separated results keys)")
+    parser.add_argument("--ultramnist-variants", type=ultramnist_variants,
+                        default=ULTRAMNIST_DEFAULT_VARIANTS,
+                        help="which framework runs of the UltraMNIST part (comma-separated results keys: "
+                             f"{', '.join(ULTRAMNIST_VARIANTS)})")
     parser.add_argument("--landcover-task", choices=sorted(LANDCOVER_TASKS), default="fine",
                         help="the land-cover part's positive class: the fine structure, or the context control")
     parser.add_argument("--landcover-seeds", type=lambda text: [int(s) for s in text.split(",")], default=[],
