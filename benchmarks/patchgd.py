@@ -26,6 +26,11 @@ Parts (``--parts``, default all; each updates its own entry of the results file)
     learning rate for all. With ``--pretrained FILE`` every run's theta1 starts from that
     weights file (the paper starts from ImageNet weights; ``benchmarks/pretrain_digits.py``
     makes a local stand-in) and the results go to the ``ultramnist_pretrained`` part.
+    ``--ultramnist-size`` draws a larger canvas (part ``ultramnist_<side>[_pretrained]``) and
+    ``--ultramnist-min-digit`` the small digit's size, e.g. 8-24 px digits on 1024 px, where
+    the downsample that fits the budget shrinks them below what an encoder can read.
+    ``--ultramnist-variants`` picks the framework runs (``ULTRAMNIST_VARIANTS``: also the
+    global latent concatenated to Z instead of added).
 
 ``landcover``
     The fine-structure classes (road, stream) of ``gigaseg synth landcover`` as a binary
@@ -291,22 +296,25 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
     from gigaseg.data.synth.ultramnist import UltraMnistConfig, write_ultramnist_dataset
 
     count = args.count or (120 if quick else 1500)
-    data = work / "ultramnist_512"
-    config = UltraMnistConfig(digits=(2, 2), values=(6, 9))
+    side = args.ultramnist_size
+    data = work / f"ultramnist_{side}"
+    config = UltraMnistConfig(digits=(2, 2), values=(6, 9), min_digit=args.ultramnist_min_digit)
+    small = (config.smallest(side), 3 * config.smallest(side))  # the small digit's ink heights (log-uniform)
     manifest = data / "synth.json"
     if not manifest.exists() or json.loads(manifest.read_text())["count"] != count:
-        write_ultramnist_dataset(data, count=count, size=512, seed=11, val_fraction=0.2, config=config)
+        write_ultramnist_dataset(data, count=count, size=side, seed=11, val_fraction=0.2, config=config)
     budget = args.budget or "1.4GB"
     common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 10), batch_size=8, lr=1e-3)
     # with --pretrained every run's theta1 starts from the same weights file (runs um_pre_*)
-    prefix = "um"
+    prefix = "um" if side == 512 else f"um{side}"
     if args.pretrained:
         common["pretrained"] = str(Path(args.pretrained).resolve())
-        prefix = "um_pre"
+        prefix += "_pre"
     patch_size = 128
     patchgd = {"patch_size": patch_size, "latent_dim": 64, "sampling_fraction": 0.25, "inner_iterations": 2}
-    out = {"data": {"size": 512, "count": count, "train": count - round(count * 0.2), "val": round(count * 0.2),
-                    "digits": 2, "values": [6, 9], "classes_used": ["2", "5", "8"], "seed": 11},
+    out = {"data": {"size": side, "count": count, "train": count - round(count * 0.2), "val": round(count * 0.2),
+                    "digits": 2, "values": [6, 9], "classes_used": ["2", "5", "8"], "seed": 11,
+                    "small_digit": list(small)},
            "budget": budget, **common}
     if args.pretrained:
         report = Path(args.pretrained).with_suffix(".json")
@@ -315,7 +323,8 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
         (key, {**patchgd, **ULTRAMNIST_VARIANTS[key]}) for key in args.ultramnist_variants],
         budget=budget, common=common))
     size, probes = largest_fitting(f"{prefix}_downsampled", "downsampled_classifier", data, work,
-                                   (512, 384, 256, 192, 128), budget, {"latent_dim": 64}, **common)
+                                   [s for s in (1024, 768, 512, 384, 256, 192, 128) if s <= side], budget,
+                                   {"latent_dim": 64}, **common)
     out["downsampled_probes"] = probes
     # the largest input that fits, and the global patch's own size (the same view of the image that
     # the framework's global patch gets; also where this small encoder sees the large digit whole)
@@ -595,10 +604,10 @@ def markdown(results: dict) -> str:
                   + f"; back-propagating through all 256 patches at once: "
                     f"{_gb(memory['full_backprop_estimate_bytes'])} "
                     f"({_gb(memory['per_patch_estimate_bytes'])} of activations per patch).", ""]
-    for key in ("ultramnist", "ultramnist_pretrained"):
-        um = results.get(key)
-        if not um:
-            continue
+    for key in sorted((k for k in results if k.startswith("ultramnist")), key=ultramnist_order):
+        um = results[key]
+        side = um["data"]["size"]
+        small = um["data"].get("small_digit", [8, 24])
         keys = ["accuracy", "balanced_accuracy"]
         origin, detail = "from random weights", ""
         if um.get("pretrained"):
@@ -610,9 +619,9 @@ def markdown(results: dict) -> str:
                 f"128-px canvases; accuracy on other writers' digits {_pct(pre['val_accuracy'])}, by height "
                 + ", ".join(f"{h} {_pct(v)}" for h, v in pre["val_accuracy_by_height"].items())
                 + "; the same file for every run)")
-        lines += [f"## Synthetic UltraMNIST, 512x512, theta1 {origin}", "",
+        lines += [f"## Synthetic UltraMNIST, {side}x{side}, theta1 {origin}", "",
                   f"{um['data']['train']} training / {um['data']['val']} validation images; two digits (values "
-                  f"6 and 9; one 30-60% of the side, one 8-24 px) among distracting shapes; class = sum mod 10 "
+                  f"6 and 9; one 30-60% of the side, one {small[0]}-{small[1]} px) among distracting shapes; class = sum mod 10 "
                   f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, starting {origin}{detail}; {um['epochs']} epochs, "
                   f"batch {um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).", "",
                   *_comparison(um, keys, ["accuracy", "balanced accuracy"], "downsampled"),
@@ -632,6 +641,17 @@ def markdown(results: dict) -> str:
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     return "\n".join(lines)
+
+
+def ultramnist_key(side: int, pretrained: bool) -> str:
+    """The results key of an UltraMNIST part: ``ultramnist[_<side> but for 512][_pretrained]``."""
+    return "ultramnist" + ("" if side == 512 else f"_{side}") + ("_pretrained" if pretrained else "")
+
+
+def ultramnist_order(key: str) -> tuple[int, bool]:
+    """Report order of the UltraMNIST parts: by canvas side, random weights before pretrained."""
+    side = key.removeprefix("ultramnist").removesuffix("_pretrained").strip("_")
+    return int(side or 512), key.endswith("_pretrained")
 
 
 def ultramnist_variants(text: str) -> list[str]:
@@ -662,6 +682,11 @@ def main() -> int:
     parser.add_argument("--landcover-variants", type=lambda text: text.split(","),
                         default=[key for key, _, _ in LANDCOVER_VARIANTS],
                         help="which global-patch runs of the land-cover part (comma-separated results keys)")
+    parser.add_argument("--ultramnist-size", type=int, default=512,
+                        help="UltraMNIST canvas side; other than 512 the part is ultramnist_<side>[_pretrained]")
+    parser.add_argument("--ultramnist-min-digit", type=int, default=0,
+                        help="UltraMNIST: the small digit's smallest ink height in px (it is drawn 1-3 times that; "
+                             "0: the generator's automatic max(8, side // 64))")
     parser.add_argument("--ultramnist-variants", type=ultramnist_variants,
                         default=ULTRAMNIST_DEFAULT_VARIANTS,
                         help="which framework runs of the UltraMNIST part (comma-separated results keys: "
@@ -711,7 +736,7 @@ def main() -> int:
             if part == "memory":
                 results["memory"] = part_memory(work, args.quick)
             elif part == "ultramnist":
-                part = "ultramnist_pretrained" if args.pretrained else "ultramnist"
+                part = ultramnist_key(args.ultramnist_size, bool(args.pretrained))
                 results[part] = part_ultramnist(work, args.quick, args)
             elif part == "landcover":
                 part = landcover_key(args.size or (512 if args.quick else 1024), args.landcover_task)
