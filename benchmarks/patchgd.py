@@ -115,6 +115,8 @@ ULTRAMNIST_VARIANTS = {
     # the global latent in channels of its own, so theta2 weighs it apart from the patch latents
     "patchgd_global_concat": {"global_patch": True, "fusion": "concat"},
     "patchgd_global_concat_balanced": {"global_patch": True, "fusion": "concat", "global_gradient": "balanced"},
+    # the global patches keep BatchNorm running statistics of their own for inference
+    "patchgd_global_separate": {"global_patch": True, "global_norm": "separate"},
 }
 ULTRAMNIST_DEFAULT_VARIANTS = ["patchgd_global", "patchgd_no_global", "patchgd_global_balanced"]
 
@@ -125,6 +127,7 @@ FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradie
                   ("patchgd_global_balanced_running", "PatchGD + global patch, balanced, running BatchNorm statistics"),
                   ("patchgd_global_concat", "PatchGD + global patch concatenated to Z (the paper's gradient)"),
                   ("patchgd_global_concat_balanced", "PatchGD + global patch concatenated to Z, balanced gradient"),
+                  ("patchgd_global_separate", "PatchGD + global patch with BatchNorm statistics of its own"),
                   ("patchgd_no_global", "PatchGD, no global patch")]
 
 #: earlier results by run name (``--reuse``): a run with the same settings is not repeated

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,8 @@ import torch
 from gigaseg.errors import ConfigError
 from gigaseg.io.array import ArraySource
 from gigaseg.io.normalize import Normalization
-from gigaseg.models.patchgd import (GLOBAL_GRADIENTS, PatchGDClassifier, PatchGDSegmenter, even_chunks, global_view_of,
-                                   grid_shape, patch_at)
+from gigaseg.models.patchgd import (GLOBAL_GRADIENTS, PatchGDClassifier, PatchGDSegmenter, batch_norms, even_chunks,
+                                   global_view_of, grid_shape, patch_at)
 from gigaseg.models.registry import create_model
 from gigaseg.window import Window
 
@@ -338,3 +340,44 @@ def test_segmenter_defaults():
     assert PatchGDSegmenter.default_options["latent_channels"] == 8
     assert PatchGDSegmenter.default_options["theta1"] == "unet"
     assert segmenter(num_classes=2).binary and not segmenter(num_classes=3).binary
+
+
+@pytest.mark.parametrize("build", [classifier, segmenter])
+def test_global_patch_with_running_statistics_of_its_own(build):
+    model = build(global_norm="separate").train()
+    x = image()
+    norms = batch_norms(model.theta1)
+    stem, own = norms[0], model.global_statistics
+    assert torch.equal(own.mean_0, stem.running_mean) and own.mean_0 is not stem.running_mean
+    local_before, global_before = stem.running_mean.clone(), own.mean_0.clone()
+    view = global_view_of(x, 32)
+    reference = copy.deepcopy(model)
+    g = model.encode_global(view) if build is classifier else model.global_features(view)
+    torch.testing.assert_close(stem.running_mean, local_before)  # the patches' statistics are left alone
+    assert not torch.equal(own.mean_0, global_before)  # the global patches' own ones moved
+    torch.testing.assert_close(g, reference.theta1(view))  # batch statistics, as with "batch"
+    model.theta1(patch_at(x[0], 0, 0, 32)[None].expand(2, -1, -1, -1).contiguous())
+    assert not torch.equal(stem.running_mean, local_before)
+    after_global = own.mean_0.clone()
+    model.theta1(patch_at(x[0], 0, 0, 32)[None].expand(2, -1, -1, -1).contiguous())
+    torch.testing.assert_close(own.mean_0, after_global)  # patches do not touch the global ones
+
+    # inference: the global patch is normalised by its own statistics, the patches by theirs
+    model.eval()
+    expected = copy.deepcopy(model)
+    for i, norm in enumerate(batch_norms(expected.theta1)):
+        norm.running_mean.copy_(getattr(own, f"mean_{i}"))
+        norm.running_var.copy_(getattr(own, f"var_{i}"))
+    with torch.no_grad():
+        g = model.encode_global(view) if build is classifier else model.global_features(view)
+        torch.testing.assert_close(g, expected.theta1(view))
+        patch = patch_at(x[0], 0, 0, 32)[None]
+        assert not torch.allclose(model.theta1(patch), expected.theta1(patch))
+
+    # the statistics travel with the checkpoint's state dict
+    assert {f"global_statistics.mean_{i}" for i in range(len(norms))} <= set(model.state_dict())
+    restored = build(global_norm="separate").eval()
+    restored.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))
+    assert not hasattr(build(global_norm="separate", global_patch=False), "global_statistics")
