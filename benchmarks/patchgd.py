@@ -302,7 +302,6 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
     side = args.ultramnist_size
     data = work / f"ultramnist_{side}"
     config = UltraMnistConfig(digits=(2, 2), values=(6, 9), min_digit=args.ultramnist_min_digit)
-    small = (config.smallest(side), 3 * config.smallest(side))  # the small digit's ink heights (log-uniform)
     manifest = data / "synth.json"
     if not manifest.exists() or json.loads(manifest.read_text())["count"] != count:
         write_ultramnist_dataset(data, count=count, size=side, seed=11, val_fraction=0.2, config=config)
@@ -317,7 +316,7 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
     patchgd = {"patch_size": patch_size, "latent_dim": 64, "sampling_fraction": 0.25, "inner_iterations": 2}
     out = {"data": {"size": side, "count": count, "train": count - round(count * 0.2), "val": round(count * 0.2),
                     "digits": 2, "values": [6, 9], "classes_used": ["2", "5", "8"], "seed": 11,
-                    "small_digit": list(small)},
+                    "small_digit": list(config.small_digit_heights(side))},
            "budget": budget, **common}
     if args.pretrained:
         report = Path(args.pretrained).with_suffix(".json")
@@ -607,7 +606,8 @@ def markdown(results: dict) -> str:
                   + f"; back-propagating through all 256 patches at once: "
                     f"{_gb(memory['full_backprop_estimate_bytes'])} "
                     f"({_gb(memory['per_patch_estimate_bytes'])} of activations per patch).", ""]
-    for key in sorted((k for k in results if k.startswith("ultramnist")), key=ultramnist_order):
+    for key in sorted((k for k in results if k.startswith("ultramnist")),
+                      key=lambda k: (results[k]["data"]["size"], bool(results[k].get("pretrained")))):
         um = results[key]
         side = um["data"]["size"]
         small = um["data"].get("small_digit", [8, 24])
@@ -649,12 +649,6 @@ def markdown(results: dict) -> str:
 def ultramnist_key(side: int, pretrained: bool) -> str:
     """The results key of an UltraMNIST part: ``ultramnist[_<side> but for 512][_pretrained]``."""
     return "ultramnist" + ("" if side == 512 else f"_{side}") + ("_pretrained" if pretrained else "")
-
-
-def ultramnist_order(key: str) -> tuple[int, bool]:
-    """Report order of the UltraMNIST parts: by canvas side, random weights before pretrained."""
-    side = key.removeprefix("ultramnist").removesuffix("_pretrained").strip("_")
-    return int(side or 512), key.endswith("_pretrained")
 
 
 def ultramnist_variants(text: str) -> list[str]:

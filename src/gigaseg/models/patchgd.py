@@ -160,6 +160,10 @@ def gather_patches(x: torch.Tensor, indices: torch.Tensor, cols: int, patch: int
                         for b in range(x.shape[0]) for top, left in patch_windows(indices[b], cols, patch)])
 
 
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextlib.contextmanager
 def running_statistics(module: nn.Module):
     """Inside, ``module``'s BatchNorm layers normalise with (and leave alone) their running statistics.
@@ -168,7 +172,7 @@ def running_statistics(module: nn.Module):
     image in the same BatchNorm batch as full-resolution patches would shift the patches'
     batch statistics away from those of the no-grad fill, and pollute the running ones.
     """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    norms = [m for m in batch_norms(module) if m.training]
     for norm in norms:
         norm.eval()
     try:
@@ -176,10 +180,6 @@ def running_statistics(module: nn.Module):
     finally:
         for norm in norms:
             norm.train()
-
-
-def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 class GlobalStatistics(nn.Module):

@@ -79,6 +79,14 @@ class UltraMnistConfig:
     def smallest(self, side: int) -> int:
         return self.min_digit if self.min_digit > 0 else max(8, side // 64)
 
+    def largest(self, side: int) -> int:
+        return max(self.smallest(side), int(self.large[1] * side))
+
+    def small_digit_heights(self, side: int) -> tuple[int, int]:
+        """The ink heights the small (second) digit is drawn between, log-uniformly."""
+        smallest = self.smallest(side)
+        return smallest, min(3 * smallest, self.largest(side))
+
     def shape_count(self, side: int) -> int:
         return self.shapes if self.shapes >= 0 else 6 + side // 128
 
@@ -168,10 +176,10 @@ def _place(rng: np.random.Generator, side: int, h: int, w: int, boxes, margin: i
 
 
 def _digit_heights(rng: np.random.Generator, count: int, side: int, config: UltraMnistConfig) -> list[int]:
-    smallest = config.smallest(side)
-    largest = max(smallest, int(config.large[1] * side))
+    smallest, largest = config.smallest(side), config.largest(side)
+    low, high = config.small_digit_heights(side)
     heights = [int(rng.uniform(max(smallest, config.large[0] * side), largest)),
-               int(round(math.exp(rng.uniform(math.log(smallest), math.log(min(3 * smallest, largest))))))]
+               int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))]
     for _ in range(count - 2):
         heights.append(int(round(math.exp(rng.uniform(math.log(smallest), math.log(largest))))))
     return heights
@@ -236,7 +244,7 @@ def generate_image(side: int, seed: int = 0, index: int = 0, config: UltraMnistC
         digits[i] = Digit(values[i], top, left, h, w, ink, angle, intensity)
     # shapes: boxes that avoid every digit box (they may cross one another)
     drawn = 0
-    smallest, largest = config.smallest(side), max(config.smallest(side), int(config.large[1] * side))
+    smallest, largest = config.smallest(side), config.largest(side)
     for _ in range(config.shape_count(side)):
         h = int(round(math.exp(rng.uniform(math.log(smallest), math.log(largest)))))
         w = int(np.clip(h * math.exp(rng.uniform(-0.7, 0.7)), 3, side))
