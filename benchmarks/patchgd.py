@@ -117,6 +117,10 @@ ULTRAMNIST_VARIANTS = {
     "patchgd_global_concat_balanced": {"global_patch": True, "fusion": "concat", "global_gradient": "balanced"},
     # the global patches keep BatchNorm running statistics of their own for inference
     "patchgd_global_separate": {"global_patch": True, "global_norm": "separate"},
+    # ... and half of the training forwards without the global latent, so theta2 must read Z too
+    "patchgd_global_dropout": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.5},
+    "patchgd_global_dropout_balanced": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.5,
+                                        "global_gradient": "balanced"},
 }
 ULTRAMNIST_DEFAULT_VARIANTS = ["patchgd_global", "patchgd_no_global", "patchgd_global_balanced"]
 
@@ -128,6 +132,9 @@ FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradie
                   ("patchgd_global_concat", "PatchGD + global patch concatenated to Z (the paper's gradient)"),
                   ("patchgd_global_concat_balanced", "PatchGD + global patch concatenated to Z, balanced gradient"),
                   ("patchgd_global_separate", "PatchGD + global patch with BatchNorm statistics of its own"),
+                  ("patchgd_global_dropout", "PatchGD + global patch, own statistics, global dropout 0.5"),
+                  ("patchgd_global_dropout_balanced",
+                   "PatchGD + global patch, own statistics, global dropout 0.5, balanced gradient"),
                   ("patchgd_no_global", "PatchGD, no global patch")]
 
 #: earlier results by run name (``--reuse``): a run with the same settings is not repeated

@@ -381,3 +381,47 @@ def test_global_patch_with_running_statistics_of_its_own(build):
     with torch.no_grad():
         torch.testing.assert_close(restored(x), model(x))
     assert not hasattr(build(global_norm="separate", global_patch=False), "global_statistics")
+
+
+def test_global_dropout_zeroes_whole_images_global_features_in_training_only():
+    model = classifier(global_dropout=0.3).train()
+    g = torch.randn(4000, 16, requires_grad=True)
+    torch.manual_seed(1)
+    dropped = model.drop_global(g)
+    zeroed = (dropped == 0).all(dim=1)
+    assert torch.equal(dropped[~zeroed], g[~zeroed])  # kept features are not rescaled
+    assert 0.27 < zeroed.float().mean().item() < 0.33
+    dropped.sum().backward()
+    assert torch.equal(g.grad[:, 0], (~zeroed).float())  # no gradient through a dropped image
+    assert model.eval().drop_global(g) is g
+    assert classifier().train().drop_global(g) is g  # the default: off
+
+
+@pytest.mark.parametrize("build", [classifier, segmenter])
+def test_the_training_forward_passes_dropped_global_features_to_theta2(build):
+    model = build(global_dropout=0.5).train()
+    x = image(batch=8, height=64, width=64)
+    seen = []
+    if build is classifier:
+        classify = model.classify
+        model.classify = lambda z, g: seen.append(g) or classify(z, g)
+    else:
+        head = model.head
+        model.head = lambda z, g_up: seen.append(g_up) or head(z, g_up)
+    latents = model.fill(x)
+    torch.manual_seed(3)
+    model(x, latents=latents, indices=torch.zeros((8, 1), dtype=torch.long))
+    zeroed = seen[-1].flatten(1).eq(0).all(dim=1)
+    assert 0 < zeroed.sum() < 8  # some images lost their global features, not all
+    assert not seen[-1][~zeroed].flatten(1).eq(0).all(dim=1).any()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert not seen[-1].flatten(1).eq(0).all(dim=1).any()  # inference always has them
+
+
+@pytest.mark.parametrize("build", [classifier, segmenter])
+def test_global_dropout_must_be_a_probability_below_one(build):
+    for rate in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="global_dropout must be in"):
+            build(global_dropout=rate)

@@ -65,6 +65,12 @@ benchmarks/results/patchgd.md): with ``"full"`` the segmenter collapsed to all-n
 (F1 0.0004); ``"balanced"`` F1 0.485, ``"none"`` 0.483. So the segmenter defaults to
 ``"balanced"``; the classifier keeps the paper's ``"full"`` (not measured otherwise yet).
 
+Global dropout (``global_dropout``, default 0): in training, each image's global features are
+zeroed with this probability (per forward, so per inner iteration), without rescaling the
+kept ones. theta2 then has to predict from Z alone part of the time: on a small training set
+the global latent alone can identify the training images, and theta2 learned to lean on it
+instead of the patches (UltraMNIST 512 in benchmarks/results/patchgd.md).
+
 Forward modes (all take normalised images ``x``, ``(B, C, H, W)``; ``global_view`` is the
 whole image resized to ``patch_size`` — computed with ``F.interpolate(mode="area")``
 when not given):
@@ -275,6 +281,17 @@ class _FrameworkMixin:
         mode = self.options["global_gradient"]
         return {"full": 1.0, "balanced": k / max(1, num_patches), "none": 0.0}[mode]
 
+    def drop_global(self, g: torch.Tensor) -> torch.Tensor:
+        """``g`` with each image's global features zeroed with probability ``global_dropout`` in
+        training (unchanged in eval): theta2 must also predict from Z alone, so it cannot lean
+        on the global latent only (which, on a small training set, identifies the images).
+        No rescaling: kept features are what inference sees."""
+        rate = self.options["global_dropout"]
+        if not self.training or rate == 0:
+            return g
+        keep = torch.rand(g.shape[0], device=g.device) >= rate
+        return g * keep.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+
     def _add_global_statistics(self) -> None:
         """With ``global_norm="separate"`` (and the global patch), theta1's statistics for the global patch."""
         if self.options["global_patch"] and self.options["global_norm"] == "separate":
@@ -285,6 +302,9 @@ class _FrameworkMixin:
         if not 0 < self.options["sampling_fraction"] <= 1:
             raise ConfigError(f"{self.method_name}: option sampling_fraction must be in (0, 1], "
                               f"got {self.options['sampling_fraction']}")
+        if not 0 <= self.options["global_dropout"] < 1:
+            raise ConfigError(f"{self.method_name}: option global_dropout must be in [0, 1), "
+                              f"got {self.options['global_dropout']}")
 
 
 # ------------------------------------------------------------------------------- classification
@@ -363,7 +383,7 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
 
     default_options = {"patch_size": 256, "latent_dim": 256, "global_patch": True, "fusion": "add",
                        "sampling_fraction": 0.25, "inner_iterations": 4, "head_layers": 2, "dropout": 0.2,
-                       "global_norm": "batch", "global_gradient": "full"}
+                       "global_norm": "batch", "global_gradient": "full", "global_dropout": 0.0}
     option_choices = {"fusion": FUSIONS, "global_norm": GLOBAL_NORMS, "global_gradient": GLOBAL_GRADIENTS}
 
     def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
@@ -430,7 +450,7 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
             everything = torch.arange(rows * cols, device=x.device).expand(batch, -1)
             patches = gather_patches(x, everything, cols, p)
             z = self.theta1(patches).view(batch, rows, cols, -1).permute(0, 3, 1, 2)
-            return self.classify(z, self.encode_global(global_view) if use_global else None)
+            return self.classify(z, self.drop_global(self.encode_global(global_view)) if use_global else None)
         if indices is None:
             raise ValueError("indices (B, k) are needed with latents")
         k = indices.shape[1]
@@ -438,7 +458,7 @@ class PatchGDClassifier(_FrameworkMixin, _ImageClassifierModel):
         fresh = self.theta1(patches).view(batch, k, -1).transpose(1, 2).to(latents.dtype)  # (B, d, k)
         g = self.encode_global(global_view) if use_global else None
         if g is not None:
-            g = scale_gradient(g, self.global_gradient_factor(k, rows * cols))
+            g = self.drop_global(scale_gradient(g, self.global_gradient_factor(k, rows * cols)))
         flat = latents.detach().flatten(2)
         index = indices.to(flat.device)[:, None, :].expand(-1, flat.shape[1], -1)
         z = flat.scatter(2, index, fresh).view_as(latents)
@@ -527,7 +547,8 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
     task = "segmentation"
     default_options = {"patch_size": 128, "latent_channels": 8, "global_patch": True, "theta1": "unet",
                        "encoder_depth": 5, "decoder_channels": [], "sampling_fraction": 0.25, "inner_iterations": 4,
-                       "loss": "auto", "global_norm": "batch", "global_gradient": "balanced"}
+                       "loss": "auto", "global_norm": "batch", "global_gradient": "balanced",
+                       "global_dropout": 0.0}
     option_choices = {"theta1": tuple(THETA1_ARCHS), "loss": SEG_LOSSES, "global_norm": GLOBAL_NORMS,
                       "global_gradient": GLOBAL_GRADIENTS}
 
@@ -633,6 +654,7 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
             g = self.global_features(global_view)
             if latents is not None:
                 g = scale_gradient(g, self.global_gradient_factor(k, rows * cols))
+            g = self.drop_global(g)
             g_up = F.interpolate(g.float(), size=(height, width), mode="bilinear", align_corners=False)
         return self.head(z, g_up)
 
