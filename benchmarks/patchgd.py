@@ -101,10 +101,19 @@ def _number(value):
         return value
 
 
-#: the land-cover part's runs with the global patch: (results key, global_gradient, global_norm)
-LANDCOVER_VARIANTS = [("patchgd_global", "full", "batch"), ("patchgd_global_balanced", "balanced", "batch"),
-                      ("patchgd_global_none", "none", "batch"),
-                      ("patchgd_global_balanced_running", "balanced", "running")]
+#: the land-cover part's runs with the global patch: results key -> options over the part's common ones
+LANDCOVER_VARIANTS = {
+    # the paper's gradient graph, then theta1's gradient through the global patch balanced and detached
+    "patchgd_global": {"global_patch": True, "global_gradient": "full"},
+    "patchgd_global_balanced": {"global_patch": True, "global_gradient": "balanced"},
+    "patchgd_global_none": {"global_patch": True, "global_gradient": "none"},
+    # balanced with the global patch normalised as at inference (running statistics)
+    "patchgd_global_balanced_running": {"global_patch": True, "global_gradient": "balanced", "global_norm": "running"},
+    # balanced, half of the training forwards without the global features
+    "patchgd_global_balanced_dropout": {"global_patch": True, "global_gradient": "balanced", "global_dropout": 0.5},
+}
+LANDCOVER_DEFAULT_VARIANTS = ["patchgd_global", "patchgd_global_balanced", "patchgd_global_none",
+                              "patchgd_global_balanced_running"]
 
 #: the UltraMNIST part's runs of the framework: results key -> options over the part's common ones
 ULTRAMNIST_VARIANTS = {
@@ -135,6 +144,7 @@ FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradie
                   ("patchgd_global_dropout", "PatchGD + global patch, own statistics, global dropout 0.5"),
                   ("patchgd_global_dropout_balanced",
                    "PatchGD + global patch, own statistics, global dropout 0.5, balanced gradient"),
+                  ("patchgd_global_balanced_dropout", "PatchGD + global patch, balanced gradient, global dropout 0.5"),
                   ("patchgd_no_global", "PatchGD, no global patch")]
 
 #: earlier results by run name (``--reuse``): a run with the same settings is not repeated
@@ -446,11 +456,7 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
            "task": args.landcover_task,
            "budget": budget, **common}
     tag = ("lc" if size == 1024 else f"lc{size}") + ("" if args.landcover_task == "fine" else f"_{args.landcover_task}")
-    # the global patch with the paper's gradient graph ("full"), then balanced and detached; and
-    # balanced with the global patch normalised as at inference (running statistics)
-    runs = [(key, {**framework, "global_patch": True, "global_gradient": gradient,
-                   **({"global_norm": norm} if norm != "batch" else {})})
-            for key, gradient, norm in LANDCOVER_VARIANTS if key in args.landcover_variants]
+    runs = [(key, {**framework, **LANDCOVER_VARIANTS[key]}) for key in args.landcover_variants]
     runs.append(("patchgd_no_global", {**framework, "global_patch": False}))
     out.update(framework_runs(args.jobs, tag, "patchgd_segmenter", data, work, runs, budget=budget, common=common))
     if args.landcover_seeds:
@@ -658,13 +664,17 @@ def ultramnist_key(side: int, pretrained: bool) -> str:
     return "ultramnist" + ("" if side == 512 else f"_{side}") + ("_pretrained" if pretrained else "")
 
 
-def ultramnist_variants(text: str) -> list[str]:
-    keys = [key.strip() for key in text.split(",") if key.strip()]
-    unknown = [key for key in keys if key not in ULTRAMNIST_VARIANTS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown UltraMNIST run {', '.join(unknown)}; "
-                                         f"known: {', '.join(ULTRAMNIST_VARIANTS)}")
-    return keys
+def variant_list(part: str, known: dict):
+    """An argparse type: comma-separated run keys of ``known`` (a part's variants)."""
+
+    def parse(text: str) -> list[str]:
+        keys = [key.strip() for key in text.split(",") if key.strip()]
+        unknown = [key for key in keys if key not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {part} run {', '.join(unknown)}; known: {', '.join(known)}")
+        return keys
+
+    return parse
 
 
 def main() -> int:
@@ -683,15 +693,15 @@ def main() -> int:
     parser.add_argument("--size", type=int, help="side of the land-cover scenes (default 1024)")
     parser.add_argument("--landcover-k", type=int, default=1,
                         help="patches recomputed with gradients per inner iteration, every land-cover variant")
-    parser.add_argument("--landcover-variants", type=lambda text: text.split(","),
-                        default=[key for key, _, _ in LANDCOVER_VARIANTS],
+    parser.add_argument("--landcover-variants", type=variant_list("land-cover", LANDCOVER_VARIANTS),
+                        default=LANDCOVER_DEFAULT_VARIANTS,
                         help="which global-patch runs of the land-cover part (comma-separated results keys)")
     parser.add_argument("--ultramnist-size", type=int, default=512,
                         help="UltraMNIST canvas side; other than 512 the part is ultramnist_<side>[_pretrained]")
     parser.add_argument("--ultramnist-min-digit", type=int, default=0,
                         help="UltraMNIST: the small digit's smallest ink height in px (it is drawn 1-3 times that; "
                              "0: the generator's automatic max(8, side // 64))")
-    parser.add_argument("--ultramnist-variants", type=ultramnist_variants,
+    parser.add_argument("--ultramnist-variants", type=variant_list("UltraMNIST", ULTRAMNIST_VARIANTS),
                         default=ULTRAMNIST_DEFAULT_VARIANTS,
                         help="which framework runs of the UltraMNIST part (comma-separated results keys: "
                              f"{', '.join(ULTRAMNIST_VARIANTS)})")
