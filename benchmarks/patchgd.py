@@ -309,6 +309,20 @@ def part_memory(work: Path, quick: bool) -> dict:
     return out
 
 
+def add_seed_runs(out: dict, seeds: list[int], jobs: int, tag: str, method: str, data: Path, work: Path,
+                  runs: list, budget: str, common: dict, only: list[str] | None = None) -> None:
+    """``out["seeds"]``: the framework ``runs`` (those named in ``only`` when given) again from each of
+    ``seeds`` (initial weights, sampled patches, batch order), next to seed 0's: how much of a
+    difference between runs is the seed's."""
+    if not seeds:
+        return
+    runs = [(key, options) for key, options in runs if only is None or key in only]
+    out["seeds"] = {0: {key: out[key] for key, _ in runs}}
+    for seed in seeds:
+        out["seeds"][seed] = framework_runs(jobs, tag, method, data, work, runs, budget=budget, common=common,
+                                            seed=seed)
+
+
 # --------------------------------------------------------------------------- accuracy parts
 
 
@@ -338,9 +352,10 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
     if args.pretrained:
         report = Path(args.pretrained).with_suffix(".json")
         out["pretraining"] = json.loads(report.read_text()) if report.exists() else None
-    out.update(framework_runs(args.jobs, prefix, "patchgd_classifier", data, work, [
-        (key, {**patchgd, **ULTRAMNIST_VARIANTS[key]}) for key in args.ultramnist_variants],
-        budget=budget, common=common))
+    runs = [(key, {**patchgd, **ULTRAMNIST_VARIANTS[key]}) for key in args.ultramnist_variants]
+    out.update(framework_runs(args.jobs, prefix, "patchgd_classifier", data, work, runs, budget=budget, common=common))
+    add_seed_runs(out, args.seeds, args.jobs, prefix, "patchgd_classifier", data, work, runs, budget, common,
+                  args.seed_runs)
     size, probes = largest_fitting(f"{prefix}_downsampled", "downsampled_classifier", data, work,
                                    [s for s in (1024, 768, 512, 384, 256, 192, 128) if s <= side], budget,
                                    {"latent_dim": 64}, **common)
@@ -459,13 +474,8 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     runs = [(key, {**framework, **LANDCOVER_VARIANTS[key]}) for key in args.landcover_variants]
     runs.append(("patchgd_no_global", {**framework, "global_patch": False}))
     out.update(framework_runs(args.jobs, tag, "patchgd_segmenter", data, work, runs, budget=budget, common=common))
-    if args.landcover_seeds:
-        # the same runs from other seeds (initial weights, sampled patches, batch order): how much of a
-        # difference between them is the seed's
-        out["seeds"] = {0: {key: out[key] for key, _ in runs}}
-        for seed in args.landcover_seeds:
-            out["seeds"][seed] = framework_runs(args.jobs, tag, "patchgd_segmenter", data, work, runs,
-                                                budget=budget, common=common, seed=seed)
+    add_seed_runs(out, args.seeds, args.jobs, tag, "patchgd_segmenter", data, work, runs, budget, common,
+                  args.seed_runs)
     baseline = {"decoder": "smp_unet", "loss": "ce"}
     input_size, probes = largest_fitting(f"{tag}_global", "global", data, work,
                                          [s for s in (1024, 768, 512, 384, 256, 192, 128) if s < size], budget,
@@ -563,26 +573,33 @@ def _continued_table(part: dict, keys: list[str], headers: list[str]) -> list[st
             "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows, ""]
 
 
-def _seeds_table(part: dict) -> list[str]:
-    """F1 of each framework run per training seed, with the mean and sample standard deviation."""
+def _seeds_table(part: dict, metric: str = "f1") -> list[str]:
+    """``metric`` (``"f1"`` of the positive class, or ``"accuracy"``) of each framework run per
+    training seed, with the mean and sample standard deviation."""
     seeds = part.get("seeds")
     if not seeds:
         return []
     order = sorted(seeds, key=int)
-    lines = ["F1 by training seed (the same data, budget, k and schedule; the seed sets the initial weights, "
+    name = {"f1": "F1", "accuracy": "Accuracy"}[metric]
+    lines = [f"{name} by training seed (the same data, budget, k and schedule; the seed sets the initial weights, "
              "the sampled patches and the batch order):", "",
              "| method | " + " | ".join(f"seed {s}" for s in order) + " | mean | sd |",
              "|---" * (len(order) + 3) + "|"]
     for key, label in FRAMEWORK_RUNS:
         if key not in seeds[order[0]]:
             continue
-        f1 = [(seeds[s].get(key, {}).get("scores", {}).get("binary") or {}).get("f1") for s in order]
+        f1 = [_seed_score(seeds[s].get(key, {}), metric) for s in order]
         known = [v for v in f1 if v is not None]
         mean = f"{np.mean(known):.4f}" if known else "n/a"
         sd = f"{np.std(known, ddof=1):.4f}" if len(known) > 1 else "n/a"
         lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in f1)
                      + f" | {mean} | {sd} |")
     return lines + [""]
+
+
+def _seed_score(run: dict, metric: str) -> float | None:
+    scores = run.get("scores", {})
+    return (scores.get("binary") or {}).get("f1") if metric == "f1" else scores.get(metric)
 
 
 def markdown(results: dict) -> str:
@@ -641,7 +658,8 @@ def markdown(results: dict) -> str:
                   f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, starting {origin}{detail}; {um['epochs']} epochs, "
                   f"batch {um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).", "",
                   *_comparison(um, keys, ["accuracy", "balanced accuracy"], "downsampled"),
-                  *_continued_table(um, keys, ["accuracy", "balanced accuracy"])]
+                  *_continued_table(um, keys, ["accuracy", "balanced accuracy"]),
+                  *_seeds_table(um, "accuracy")]
     for key in sorted((k for k in results if k.startswith("landcover")), key=lambda k: -results[k]["data"]["size"]):
         lc = results[key]
         keys = ["f1", "iou", "balanced_accuracy", "lr_positive", "lr_negative"]
@@ -707,8 +725,11 @@ def main() -> int:
                              f"{', '.join(ULTRAMNIST_VARIANTS)})")
     parser.add_argument("--landcover-task", choices=sorted(LANDCOVER_TASKS), default="fine",
                         help="the land-cover part's positive class: the fine structure, or the context control")
-    parser.add_argument("--landcover-seeds", type=lambda text: [int(s) for s in text.split(",")], default=[],
-                        help="also train the land-cover framework runs from these seeds (comma-separated)")
+    parser.add_argument("--seeds", "--landcover-seeds", type=lambda text: [int(s) for s in text.split(",")],
+                        default=[], help="also train the accuracy parts' framework runs from these seeds "
+                                         "(comma-separated; 0 is the main run)")
+    parser.add_argument("--seed-runs", type=variant_list("framework", dict(FRAMEWORK_RUNS)), default=None,
+                        help="only these framework runs get --seeds (comma-separated results keys; default: all)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="independent runs of a part trained at once (each its own process)")
     parser.add_argument("--continue-epochs", type=int, default=0,
