@@ -130,6 +130,8 @@ ULTRAMNIST_VARIANTS = {
     "patchgd_global_dropout": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.5},
     "patchgd_global_dropout_balanced": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.5,
                                         "global_gradient": "balanced"},
+    "patchgd_global_dropout75_balanced": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.75,
+                                          "global_gradient": "balanced"},
 }
 ULTRAMNIST_DEFAULT_VARIANTS = ["patchgd_global", "patchgd_no_global", "patchgd_global_balanced"]
 
@@ -144,6 +146,8 @@ FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradie
                   ("patchgd_global_dropout", "PatchGD + global patch, own statistics, global dropout 0.5"),
                   ("patchgd_global_dropout_balanced",
                    "PatchGD + global patch, own statistics, global dropout 0.5, balanced gradient"),
+                  ("patchgd_global_dropout75_balanced",
+                   "PatchGD + global patch, own statistics, global dropout 0.75, balanced gradient"),
                   ("patchgd_global_balanced_dropout", "PatchGD + global patch, balanced gradient, global dropout 0.5"),
                   ("patchgd_no_global", "PatchGD, no global patch")]
 
