@@ -30,7 +30,9 @@ Parts (``--parts``, default all; each updates its own entry of the results file)
     ``--ultramnist-min-digit`` the small digit's size, e.g. 8-24 px digits on 1024 px, where
     the downsample that fits the budget shrinks them below what an encoder can read.
     ``--ultramnist-variants`` picks the framework runs (``ULTRAMNIST_VARIANTS``: also the
-    global latent concatenated to Z instead of added).
+    global latent concatenated to Z instead of added, its own BatchNorm statistics, global
+    dropout). ``--seeds`` (either accuracy part) trains the framework runs (``--seed-runs``:
+    only these) again from other seeds.
 
 ``landcover``
     The fine-structure classes (road, stream) of ``gigaseg synth landcover`` as a binary
@@ -592,11 +594,11 @@ def _seeds_table(part: dict, metric: str = "f1") -> list[str]:
     for key, label in FRAMEWORK_RUNS:
         if key not in seeds[order[0]]:
             continue
-        f1 = [_seed_score(seeds[s].get(key, {}), metric) for s in order]
-        known = [v for v in f1 if v is not None]
+        values = [_seed_score(seeds[s].get(key, {}), metric) for s in order]
+        known = [v for v in values if v is not None]
         mean = f"{np.mean(known):.4f}" if known else "n/a"
         sd = f"{np.std(known, ddof=1):.4f}" if len(known) > 1 else "n/a"
-        lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in f1)
+        lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in values)
                      + f" | {mean} | {sd} |")
     return lines + [""]
 
