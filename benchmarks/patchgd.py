@@ -134,6 +134,10 @@ ULTRAMNIST_VARIANTS = {
                                         "global_gradient": "balanced"},
     "patchgd_global_dropout75_balanced": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.75,
                                           "global_gradient": "balanced"},
+    # theta1 learns from the patches only: the global latent cannot be shaped to tell training images apart
+    "patchgd_global_separate_none": {"global_patch": True, "global_norm": "separate", "global_gradient": "none"},
+    "patchgd_global_dropout_none": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.5,
+                                    "global_gradient": "none"},
 }
 ULTRAMNIST_DEFAULT_VARIANTS = ["patchgd_global", "patchgd_no_global", "patchgd_global_balanced"]
 
@@ -151,6 +155,9 @@ FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradie
                   ("patchgd_global_dropout75_balanced",
                    "PatchGD + global patch, own statistics, global dropout 0.75, balanced gradient"),
                   ("patchgd_global_balanced_dropout", "PatchGD + global patch, balanced gradient, global dropout 0.5"),
+                  ("patchgd_global_separate_none", "PatchGD + global patch, own statistics, no gradient through it"),
+                  ("patchgd_global_dropout_none",
+                   "PatchGD + global patch, own statistics, global dropout 0.5, no gradient through it"),
                   ("patchgd_no_global", "PatchGD, no global patch")]
 
 #: earlier results by run name (``--reuse``): a run with the same settings is not repeated
