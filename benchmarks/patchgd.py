@@ -138,6 +138,8 @@ ULTRAMNIST_VARIANTS = {
     "patchgd_global_separate_none": {"global_patch": True, "global_norm": "separate", "global_gradient": "none"},
     "patchgd_global_dropout_none": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.5,
                                     "global_gradient": "none"},
+    "patchgd_global_concat_separate_none": {"global_patch": True, "fusion": "concat", "global_norm": "separate",
+                                            "global_gradient": "none"},
 }
 ULTRAMNIST_DEFAULT_VARIANTS = ["patchgd_global", "patchgd_no_global", "patchgd_global_balanced"]
 
@@ -156,6 +158,8 @@ FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradie
                    "PatchGD + global patch, own statistics, global dropout 0.75, balanced gradient"),
                   ("patchgd_global_balanced_dropout", "PatchGD + global patch, balanced gradient, global dropout 0.5"),
                   ("patchgd_global_separate_none", "PatchGD + global patch, own statistics, no gradient through it"),
+                  ("patchgd_global_concat_separate_none",
+                   "PatchGD + global patch concatenated to Z, own statistics, no gradient through it"),
                   ("patchgd_global_dropout_none",
                    "PatchGD + global patch, own statistics, global dropout 0.5, no gradient through it"),
                   ("patchgd_no_global", "PatchGD, no global patch")]
