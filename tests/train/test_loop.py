@@ -66,6 +66,30 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path, monkeypatch):
     assert [int(r["epoch"]) for r in rows] == [0, 1]
 
 
+def _drop_saved_option(checkpoint, name):
+    payload = torch.load(checkpoint, weights_only=True)
+    del payload["model"]["config"]["options"][name]
+    torch.save(payload, checkpoint)
+
+
+def test_resume_accepts_a_checkpoint_from_before_an_option_existed(tiny_dataset, tmp_path):
+    # a run started by an older gigaseg lacks options added since; left at their defaults they match
+    run = tmp_path / "run"
+    train("global", tiny_dataset, run, encoder="test_resnet", options=OPTIONS, settings=settings(epochs=1))
+    _drop_saved_option(run / "last.ckpt", "loss")
+    train("global", tiny_dataset, run, encoder="test_resnet", options=OPTIONS, settings=settings(), resume=True)
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [0, 1]
+
+
+def test_resume_with_another_value_of_an_option_is_a_clear_error(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    train("global", tiny_dataset, run, encoder="test_resnet", options=OPTIONS, settings=settings(epochs=1))
+    _drop_saved_option(run / "last.ckpt", "loss")  # the saved run used the default loss, focal
+    with pytest.raises(ConfigError, match=r"last.ckpt: was trained with .*'loss': 'focal'.*not .*'loss': 'ce'"):
+        train("global", tiny_dataset, run, encoder="test_resnet", options={**OPTIONS, "loss": "ce"},
+              settings=settings(), resume=True)
+
+
 def test_budget_too_small_names_the_smallest_that_works(tiny_dataset, tmp_path):
     with pytest.raises(BudgetError, match=r"too small for training stage 'patch': the smallest that works is about"):
         train("patch", tiny_dataset, tmp_path / "run", encoder="test_resnet", options={"patch_size": 64, "overlap": 16},

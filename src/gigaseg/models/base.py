@@ -99,10 +99,22 @@ class SegmentationModel(nn.Module):
             "options": copy.deepcopy(self.options),
         }
 
+    def canonical_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` (a checkpoint's) with its options completed by this method's defaults, so a
+        checkpoint written before an option existed matches a model that leaves it at its default.
+        Another method's config, or options this method does not know, come back unchanged."""
+        config = copy.deepcopy(config)
+        if config.get("method") == self.method_name and isinstance(config.get("options"), dict):
+            try:
+                config["options"] = self._resolve_options(config["options"])
+            except ConfigError:
+                pass  # the caller's comparison reports the difference
+        return config
+
     def architecture(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         """``config`` (default: this model's) without the inference options: what a checkpoint
         must match for its weights to start this run (``train(init=...)``)."""
-        config = copy.deepcopy(self.config if config is None else config)
+        config = self.config if config is None else self.canonical_config(config)
         for name in self.inference_options:
             config.get("options", {}).pop(name, None)
         return config

@@ -241,7 +241,7 @@ class Trainer:
         payload = load_checkpoint(self.out_dir / "last.ckpt")
         if payload.get("train") is None:
             raise ConfigError(f"{self.out_dir / 'last.ckpt'}: has no training state to resume from")
-        config = payload["model"]["config"]
+        config = self.model.canonical_config(payload["model"]["config"])
         if config != dict(self.model.config):
             raise ConfigError(f"{self.out_dir / 'last.ckpt'}: was trained with {config}, not {dict(self.model.config)}")
         self.model.load_state_dict(payload["model"]["state_dict"])
