@@ -113,6 +113,8 @@ LANDCOVER_VARIANTS = {
     "patchgd_global_balanced_running": {"global_patch": True, "global_gradient": "balanced", "global_norm": "running"},
     # balanced, half of the training forwards without the global features
     "patchgd_global_balanced_dropout": {"global_patch": True, "global_gradient": "balanced", "global_dropout": 0.5},
+    # detached, the global patch with BatchNorm statistics of its own (the setting that helps on UltraMNIST)
+    "patchgd_global_separate_none": {"global_patch": True, "global_gradient": "none", "global_norm": "separate"},
 }
 LANDCOVER_DEFAULT_VARIANTS = ["patchgd_global", "patchgd_global_balanced", "patchgd_global_none",
                               "patchgd_global_balanced_running"]
