@@ -361,7 +361,7 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
     prefix = "um" if side == 512 else f"um{side}"
     if args.pretrained:
         common["pretrained"] = str(Path(args.pretrained).resolve())
-        prefix += "_pre"
+        prefix += "_pre" + (f"_{args.pretrained_tag}" if args.pretrained_tag else "")
     patch_size = 128
     patchgd = {"patch_size": patch_size, "latent_dim": 64, "sampling_fraction": 0.25, "inner_iterations": 2}
     out = {"data": {"size": side, "count": count, "train": count - round(count * 0.2), "val": round(count * 0.2),
@@ -621,6 +621,23 @@ def _seed_score(run: dict, metric: str) -> float | None:
     return (scores.get("binary") or {}).get("f1") if metric == "f1" else scores.get(metric)
 
 
+def _pretraining(pre: dict, encoder: str) -> str:
+    """How benchmarks/pretrain_digits.py made a weights file, from its report."""
+    fonts = pre.get("train_fonts") or []
+    source = "scikit-learn's handwritten digits" + (
+        f" and, for half of the canvases, the digits of {len(fonts)} of matplotlib's bundled fonts (DejaVu Sans and "
+        "Sans Mono, STIX, Computer Modern)" if fonts else "")
+    text = (f"benchmarks/pretrain_digits.py: a {encoder} classifier trained {pre['steps']} steps on {source} at "
+            f"{pre['heights'][0]:.0f}-{pre['heights'][1]:.0f} px on 128-px canvases; accuracy on other writers' "
+            f"digits {_pct(pre['val_accuracy'])}, by height "
+            + ", ".join(f"{h} {_pct(v)}" for h, v in pre["val_accuracy_by_height"].items()))
+    if "val_fonts_accuracy" in pre:
+        text += (f"; on the fonts it never saw (DejaVu Serif) {_pct(pre['val_fonts_accuracy'])}; on the font the "
+                 f"generator draws with (Pillow's Aileron, never trained on) {_pct(pre['generator_font_accuracy'])}, "
+                 "by height " + ", ".join(f"{h} {_pct(v)}" for h, v in pre["generator_font_accuracy_by_height"].items()))
+    return text + "; the same file for every run"
+
+
 def markdown(results: dict) -> str:
     from gigaseg.bench import machine
 
@@ -656,7 +673,7 @@ def markdown(results: dict) -> str:
                     f"{_gb(memory['full_backprop_estimate_bytes'])} "
                     f"({_gb(memory['per_patch_estimate_bytes'])} of activations per patch).", ""]
     for key in sorted((k for k in results if k.startswith("ultramnist")),
-                      key=lambda k: (results[k]["data"]["size"], bool(results[k].get("pretrained")))):
+                      key=lambda k: (results[k]["data"]["size"], bool(results[k].get("pretrained")), k)):
         um = results[key]
         side = um["data"]["size"]
         small = um["data"].get("small_digit", [8, 24])
@@ -665,12 +682,7 @@ def markdown(results: dict) -> str:
         if um.get("pretrained"):
             origin = f"from `{Path(um['pretrained']).name}`"
             pre = um.get("pretraining")
-            detail = " (the same file for every run)" if not pre else (
-                f" (benchmarks/pretrain_digits.py: a {um['encoder']} classifier trained {pre['steps']} steps on "
-                f"scikit-learn's handwritten digits at {pre['heights'][0]:.0f}-{pre['heights'][1]:.0f} px on "
-                f"128-px canvases; accuracy on other writers' digits {_pct(pre['val_accuracy'])}, by height "
-                + ", ".join(f"{h} {_pct(v)}" for h, v in pre["val_accuracy_by_height"].items())
-                + "; the same file for every run)")
+            detail = " (the same file for every run)" if not pre else f" ({_pretraining(pre, um['encoder'])})"
         lines += [f"## Synthetic UltraMNIST, {side}x{side}, theta1 {origin}", "",
                   f"{um['data']['train']} training / {um['data']['val']} validation images; two digits (values "
                   f"6 and 9; one 30-60% of the side, one {small[0]}-{small[1]} px) among distracting shapes; class = sum mod 10 "
@@ -696,9 +708,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def ultramnist_key(side: int, pretrained: bool) -> str:
-    """The results key of an UltraMNIST part: ``ultramnist[_<side> but for 512][_pretrained]``."""
-    return "ultramnist" + ("" if side == 512 else f"_{side}") + ("_pretrained" if pretrained else "")
+def ultramnist_key(side: int, pretrained: bool, tag: str = "") -> str:
+    """The results key of an UltraMNIST part: ``ultramnist[_<side> but for 512][_pretrained[_<tag>]]``."""
+    key = "ultramnist" + ("" if side == 512 else f"_{side}")
+    return key + ("_pretrained" + (f"_{tag}" if tag else "") if pretrained else "")
 
 
 def variant_list(part: str, known: dict):
@@ -724,6 +737,10 @@ def main() -> int:
     parser.add_argument("--pretrained", help="UltraMNIST: theta1's starting weights, a local weights file of "
                                              "--encoder (benchmarks/pretrain_digits.py makes one); results go "
                                              "to the ultramnist_pretrained part")
+    parser.add_argument("--pretrained-tag", default="",
+                        help="UltraMNIST with --pretrained: a name for the weights file, so its results are a part of "
+                             "their own (ultramnist[_<side>]_pretrained_<tag>, runs um[<side>]_pre_<tag>_*) beside "
+                             "those of other files")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--count", type=int)
     parser.add_argument("--budget")
@@ -790,7 +807,7 @@ def main() -> int:
             if part == "memory":
                 results["memory"] = part_memory(work, args.quick)
             elif part == "ultramnist":
-                part = ultramnist_key(args.ultramnist_size, bool(args.pretrained))
+                part = ultramnist_key(args.ultramnist_size, bool(args.pretrained), args.pretrained_tag)
                 results[part] = part_ultramnist(work, args.quick, args)
             elif part == "landcover":
                 part = landcover_key(args.size or (512 if args.quick else 1024), args.landcover_task)
