@@ -381,7 +381,9 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
     out["downsampled_probes"] = probes
     # the largest input that fits, and the global patch's own size (the same view of the image that
     # the framework's global patch gets; also where this small encoder sees the large digit whole)
-    sizes = [] if size is None else sorted({size, patch_size}, reverse=True)
+    # (--downsampled-extra: more sizes, for the accuracy each input buys at its measured peak)
+    sizes = [] if size is None else sorted({size, patch_size, *[s for s in args.downsampled_extra if s <= side]},
+                                           reverse=True)
     out["downsampled"] = in_parallel(args.jobs, [
         (lambda s=s: train_and_evaluate(f"{prefix}_downsampled_{s}", "downsampled_classifier", data, work,
                                         options={"input_size": s, "latent_dim": 64}, max_memory=None, **common))
@@ -578,6 +580,32 @@ def _comparison(part: dict, keys: list[str], headers: list[str], baseline: str) 
             "", _probes(part)]
 
 
+def _equal_memory(part: dict, metric: str, label: str) -> list[str]:
+    """For each framework run, the largest downsampled input whose measured training peak is within
+    the framework run's own: the two at the same memory."""
+    downsampled = [r for r in part.get("downsampled", []) if r.get("train", {}).get("returncode") == 0
+                   and "scores" in r]
+    lines = []
+    for key, name in FRAMEWORK_RUNS:
+        run = part.get(key)
+        if not run or "scores" not in run or not downsampled:
+            continue
+        peak = run["train"]["peak_rss"]
+        within = [r for r in downsampled if r["train"]["peak_rss"] <= peak]
+        if within:
+            best = max(within, key=lambda r: r["options"]["input_size"])
+            lines.append(f"- {name}: {label} {run['scores'][metric]:.4f} at {_gb(peak)}; the largest downsampled "
+                         f"input that trained within it: {best['options']['input_size']} px "
+                         f"({_gb(best['train']['peak_rss'])}), {label} {best['scores'][metric]:.4f}.")
+        else:
+            lines.append(f"- {name}: {label} {run['scores'][metric]:.4f} at {_gb(peak)}; no downsampled input "
+                         "that was trained fits within it.")
+    if not lines:
+        return []
+    return ["At the same memory (each framework run against the downsampled runs whose measured training peak is "
+            "at most its own):", "", *lines, ""]
+
+
 def _continued_table(part: dict, keys: list[str], headers: list[str]) -> list[str]:
     """The runs trained further from their last checkpoints (``--continue-epochs``)."""
     continued = part.get("continued")
@@ -689,6 +717,7 @@ def markdown(results: dict) -> str:
                   f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, starting {origin}{detail}; {um['epochs']} epochs, "
                   f"batch {um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).", "",
                   *_comparison(um, keys, ["accuracy", "balanced accuracy"], "downsampled"),
+                  *_equal_memory(um, "accuracy", "accuracy"),
                   *_continued_table(um, keys, ["accuracy", "balanced accuracy"]),
                   *_seeds_table(um, "accuracy")]
     for key in sorted((k for k in results if k.startswith("landcover")), key=lambda k: -results[k]["data"]["size"]):
@@ -759,6 +788,9 @@ def main() -> int:
                         default=ULTRAMNIST_DEFAULT_VARIANTS,
                         help="which framework runs of the UltraMNIST part (comma-separated results keys: "
                              f"{', '.join(ULTRAMNIST_VARIANTS)})")
+    parser.add_argument("--downsampled-extra", type=lambda text: [int(s) for s in text.split(",")], default=[],
+                        help="UltraMNIST: also train the downsampled baseline at these input sizes (comma-separated), "
+                             "beside the largest that fits the budget and the patch size")
     parser.add_argument("--landcover-task", choices=sorted(LANDCOVER_TASKS), default="fine",
                         help="the land-cover part's positive class: the fine structure, or the context control")
     parser.add_argument("--seeds", "--landcover-seeds", type=lambda text: [int(s) for s in text.split(",")],
