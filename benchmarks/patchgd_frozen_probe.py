@@ -76,6 +76,7 @@ def encode_views(data: Path, manifest: dict, weights: str, encoder_name: str, pa
     import tifffile
 
     from gigaseg.io.normalize import Normalization
+    from gigaseg.models.patchgd import gather_patches, global_view_of
     from gigaseg.models.registry import create_model
 
     model = create_model("patchgd_classifier", encoder=encoder_name, num_classes=3, in_channels=1,
@@ -92,11 +93,11 @@ def encode_views(data: Path, manifest: dict, weights: str, encoder_name: str, pa
         for i, m in enumerate(manifest["images"]):
             pixels = tifffile.imread(data / "images" / f"{m['name']}.tif")
             x = torch.from_numpy(grey.apply(pixels))[None]  # (1, 1, H, W)
-            side = x.shape[-1] // patch
-            patches = x.unfold(2, patch, patch).unfold(3, patch, patch).reshape(1, side * side, patch, patch)
-            grids.append(pooled(patches.permute(1, 0, 2, 3)).view(side, side, -1).permute(2, 0, 1))
-            globals_.append(pooled(F.interpolate(x, size=(patch, patch), mode="area"))[0])
-            downs.append(pooled(F.interpolate(x, size=(downsampled, downsampled), mode="area"))[0])
+            side = x.shape[-1] // patch  # the framework's own patches and global patch, row-major
+            patches = gather_patches(x, torch.arange(side * side)[None], side, patch)
+            grids.append(pooled(patches).view(side, side, -1).permute(2, 0, 1))
+            globals_.append(pooled(global_view_of(x, patch))[0])
+            downs.append(pooled(global_view_of(x, downsampled))[0])
             if i % 500 == 0:
                 print(f"[frozen probe] patch {patch}: encoded {i} images in {time.time() - start:.0f} s", flush=True)
     return {"grid": torch.stack(grids), "global": torch.stack(globals_), "downsampled": torch.stack(downs),

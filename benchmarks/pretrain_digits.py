@@ -65,15 +65,15 @@ VAL_FONTS = ("DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf"
 
 
 def font_glyphs(fonts) -> tuple[list[np.ndarray], np.ndarray]:
-    """Digits 0-9 of each font (a matplotlib font file name, or a Pillow font object) as uint8
-    images cropped to their ink (white on black), and their labels."""
+    """Digits 0-9 of each of matplotlib's bundled fonts (file names) as uint8 images cropped to
+    their ink (white on black), and their labels."""
     import matplotlib
     from PIL import ImageFont
 
     folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     out, labels = [], []
     for font in fonts:
-        face = ImageFont.truetype(str(folder / font), 96) if isinstance(font, str) else font
+        face = ImageFont.truetype(str(folder / font), 96)
         for digit in range(10):
             image = Image.new("L", (160, 160), 0)
             ImageDraw.Draw(image).text((20, 10), str(digit), fill=255, font=face)
@@ -203,11 +203,12 @@ def main() -> int:
     # validation: other writers' digits (20 canvases each), fonts never trained on, and the font
     # gigaseg synth ultramnist draws with (Pillow's default; never trained on, reported only)
     model.eval()
-    from PIL import ImageFont
+    from gigaseg.data.synth.ultramnist import render_digit
 
     handwritten = accuracy_by_height(model, lambda r, i: canvas(r, images[val[i]]), labels[val], 20)
     held_out, held_out_labels = font_glyphs(VAL_FONTS)
-    generator, generator_labels = font_glyphs([ImageFont.load_default(size=96)])
+    # the generator's own glyphs (ink 69 px: its font at size 96, as the training fonts are drawn)
+    generator, generator_labels = [render_digit(d, 69) for d in range(10)], np.arange(10)
     fonts = accuracy_by_height(model, lambda r, i: font_canvas(r, held_out, i), held_out_labels, 100)
     generator_font = accuracy_by_height(model, lambda r, i: font_canvas(r, generator, i), generator_labels, 300)
     args.out.parent.mkdir(parents=True, exist_ok=True)
