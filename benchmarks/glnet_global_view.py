@@ -1,12 +1,12 @@
 """What GLNet's global-view policy costs on images much larger than its training scenes (issue 4).
 
-With the ``"image"`` policy (the default, ``gigaseg.models.glnet``) GLNet's global branch
+With the ``"image"`` policy (the default, ``gigaseg.methods.glnet.model``) GLNet's global branch
 sees the whole image resized to ``size_g``: on a scene 4x larger per side than the training
 scenes the global view is a 4x coarser downsample than in training. The patch baseline sees
 nothing but full-resolution patches, so its accuracy does not depend on the image size: the
 difference between the two methods' change in mIoU from training-size scenes to large scenes
 is what the policy costs. The same GLNet checkpoint is also scored with the ``"tile"`` policy
-(``gigaseg.methods.glnet_tiles``; ``context_tile`` = the training scenes' side), whose global
+(``gigaseg.methods.glnet.tiles``; ``context_tile`` = the training scenes' side), whose global
 view keeps the training scale.
 
 Takes the GLNet and patch runs of ``benchmarks/compare_methods.py`` (same data, encoder and

@@ -76,10 +76,10 @@ def write_data(work: Path) -> dict:
 def make_checkpoints(work: Path, data: Path) -> dict:
     import torch
 
-    from gigaseg.data.datasets import load_dataset
+    from gigaseg.data.loader import load_dataset
     from gigaseg.io.normalize import Normalization
-    from gigaseg.models.registry import create_model
-    from gigaseg.train.checkpoint import data_info, save_checkpoint
+    from gigaseg.methods.registry import create_model
+    from gigaseg.training.checkpoint import data_info, save_checkpoint
 
     dataset = load_dataset(data, "train")
     paths = {stage: work / f"glnet_resnet50_stage{stage}.ckpt" for stage in (1, 2, 3)}
@@ -143,7 +143,7 @@ class SubsetPredictor:
 
 
 def child_predict(checkpoint: str, image: str, out: str, max_memory: str, blocks: int) -> dict:
-    import gigaseg.models.glnet as glnet
+    import gigaseg.methods.glnet.model as glnet
 
     log: list = []
     original = glnet.GLNet.whole_image_predictor
@@ -159,7 +159,7 @@ def child_predict(checkpoint: str, image: str, out: str, max_memory: str, blocks
 
 
 def child_train(data: str, init: str, out: str, max_memory: str, batch_size: int, sub_batches: int) -> dict:
-    import gigaseg.methods.glnet as method
+    import gigaseg.methods.glnet.recipe as method
 
     log: list = []
     real = method.global2local_step
@@ -177,7 +177,7 @@ def child_train(data: str, init: str, out: str, max_memory: str, batch_size: int
 
     method.global2local_step = truncated
     from gigaseg.api import train
-    from gigaseg.train.recipe import TrainSettings
+    from gigaseg.training.recipe import TrainSettings
     from gigaseg.memory import parse_size
 
     settings = TrainSettings(epochs=1, batch_size=batch_size, max_memory=parse_size(max_memory), progress=False)
@@ -187,7 +187,7 @@ def child_train(data: str, init: str, out: str, max_memory: str, batch_size: int
 
 def child_imports() -> dict:
     import gigaseg.api  # noqa: F401
-    import gigaseg.models.glnet  # noqa: F401
+    import gigaseg.methods.glnet.model  # noqa: F401
     import timm  # noqa: F401
 
     return {}

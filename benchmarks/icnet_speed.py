@@ -40,7 +40,7 @@ def forward_once(method: str, classes: int, threads: int, height: int = SIZE[0],
     """Build ``method`` and run one eval forward of a (1, 3, height, width) frame (for peak RSS)."""
     import torch
 
-    from gigaseg.models.registry import create_model
+    from gigaseg.methods.registry import create_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -54,7 +54,7 @@ def forward_once(method: str, classes: int, threads: int, height: int = SIZE[0],
 
 def imports_only() -> dict:
     """The measured children's common start-up: torch, gigaseg and every method module (timm, smp)."""
-    from gigaseg.models.registry import available_methods
+    from gigaseg.methods.registry import available_methods
 
     return {"methods": available_methods()}
 
@@ -90,7 +90,7 @@ def cpu_speed(classes: int, rounds: int, compile_icnet: bool) -> dict:
     import torch
 
     from gigaseg.export import fold_batchnorm, optimize_for_inference
-    from gigaseg.models.registry import create_model
+    from gigaseg.methods.registry import create_model
 
     torch.manual_seed(0)
     icnet = create_model("icnet", encoder=NETWORKS["icnet"], num_classes=classes).eval()
@@ -133,7 +133,7 @@ def gpu_speed(classes: int, warmup: int = 10, repeats: int = 50) -> dict:
     import torch
 
     from gigaseg.export import optimize_for_inference
-    from gigaseg.models.registry import create_model
+    from gigaseg.methods.registry import create_model
 
     if not torch.cuda.is_available():
         return {"available": False, "note": "no GPU was available to this run: GPU figures not measured"}

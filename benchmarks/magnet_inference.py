@@ -82,7 +82,7 @@ def child_model_only(preset: str) -> dict:
     """Baseline: import gigaseg and build the ResNet-50 FPN MagNet, nothing else."""
     import torch
 
-    from gigaseg.models.registry import create_model
+    from gigaseg.methods.registry import create_model
 
     torch.manual_seed(0)
     model = create_model("magnet", encoder="resnet50", num_classes=7, preset=preset).eval()
@@ -97,7 +97,7 @@ def child_predict(image: str, preset: str, max_blocks: int | None) -> dict:
     from gigaseg.inference.stream import predict_image
     from gigaseg.io.normalize import Normalization
     from gigaseg.io.sources import open_image
-    from gigaseg.models.registry import create_model
+    from gigaseg.methods.registry import create_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -138,9 +138,9 @@ def child_alternate(image: str, repeats: int) -> dict:
     from gigaseg.io.array import ArraySource
     from gigaseg.io.normalize import Normalization
     from gigaseg.io.sources import open_image
-    from gigaseg.models.magnet import PRESETS
-    from gigaseg.models.registry import create_model
-    from gigaseg.window import Window
+    from gigaseg.methods.magnet.model import PRESETS
+    from gigaseg.methods.registry import create_model
+    from gigaseg.geometry import Window
 
     torch.manual_seed(0)
     magnet = create_model("magnet", encoder="resnet50", num_classes=7, preset="deepglobe").eval()
@@ -256,7 +256,7 @@ def _evaluate(model, dataset, variant_refine: bool) -> dict:
 
     from gigaseg.io.normalize import Normalization
     from gigaseg.metrics import ConfusionMatrix
-    from gigaseg.train.loop import evaluate_sample
+    from gigaseg.training.loop import evaluate_sample
 
     matrix = ConfusionMatrix(model.num_classes, ignore_index=dataset.ignore_index)
     seconds = []
@@ -276,7 +276,7 @@ def phase_accuracy(work: Path, epochs: int) -> dict:
     import torch
 
     from gigaseg.api import load_model
-    from gigaseg.data.datasets import load_dataset
+    from gigaseg.data.loader import load_dataset
 
     data, run = work / "small", work / "small_run"
     command = [sys.executable, "-m", "gigaseg", "train", "--method", "magnet", "--data", str(data), "--out", str(run),

@@ -282,8 +282,8 @@ def downsampled_estimate(size: int, encoder: str = "resnet50") -> int:
     """Estimated peak (bytes) of training the downsampled baseline at ``size`` with batch 1 (Adam)."""
     import torch
 
-    from gigaseg.models.registry import create_model
-    from gigaseg.train.budget import CPU_RUNTIME_BYTES, training_estimate
+    from gigaseg.methods.registry import create_model
+    from gigaseg.budget import CPU_RUNTIME_BYTES, training_estimate
 
     model = create_model("downsampled_classifier", encoder=encoder, num_classes=10, input_size=size)
     estimate = training_estimate(model, (torch.zeros(2, 3, size, size),), "adam", runtime=CPU_RUNTIME_BYTES)
@@ -300,8 +300,8 @@ def part_memory(work: Path, quick: bool) -> dict:
         options={"patch_size": 256, "latent_dim": 256, "inner_iterations": 2 if quick else 4},
         epochs=1, batch_size=1, lr=1e-4, max_memory=budget)
     # what the whole-image forward with gradients (no PatchGD) would need: 256 patches with gradients
-    from gigaseg.methods.patchgd import plan_patches
-    from gigaseg.models.registry import create_model
+    from gigaseg.methods.patchgd.recipe import plan_patches
+    from gigaseg.methods.registry import create_model
 
     model = create_model("patchgd_classifier", encoder="resnet50", num_classes=10, patch_size=256)
     plan = plan_patches(model, (3, 4096, 4096), 1, 10**15, device="cuda")

@@ -10,7 +10,7 @@ holds the information the label needs? For each image it encodes
 - ``downsampled``: the whole image resized to ``--downsampled`` px (the downsampled baseline's
   input at the benchmark's memory budget),
 
-then trains a small head (theta2's :class:`gigaseg.models.patchgd.GridHead`) on each view,
+then trains a small head (theta2's :class:`gigaseg.methods.patchgd.model.GridHead`) on each view,
 and on the grid with the global patch concatenated to every cell, to predict the large
 digit, the small digit and the label (their sum mod 10). A view whose head cannot learn a
 target does not carry it to theta2; a global patch that adds nothing to the grid's score
@@ -76,8 +76,8 @@ def encode_views(data: Path, manifest: dict, weights: str, encoder_name: str, pa
     import tifffile
 
     from gigaseg.io.normalize import Normalization
-    from gigaseg.models.patchgd import gather_patches, global_view_of
-    from gigaseg.models.registry import create_model
+    from gigaseg.methods.patchgd.model import gather_patches, global_view_of
+    from gigaseg.methods.registry import create_model
 
     model = create_model("patchgd_classifier", encoder=encoder_name, num_classes=3, in_channels=1,
                          pretrained=weights, patch_size=patch).eval()
@@ -117,7 +117,7 @@ def head_input(features: dict, view: str, index: torch.Tensor) -> torch.Tensor:
 
 def train_head(features: dict, view: str, target: np.ndarray, train: torch.Tensor, val: torch.Tensor,
                epochs: int, seed: int) -> dict:
-    from gigaseg.models.patchgd import GridHead
+    from gigaseg.methods.patchgd.model import GridHead
 
     torch.manual_seed(seed)
     y = torch.from_numpy(target)

@@ -52,8 +52,8 @@ def make_checkpoint(path: Path, options: dict) -> None:
     import torch
 
     from gigaseg.io.normalize import Normalization
-    from gigaseg.models.registry import create_model
-    from gigaseg.train.checkpoint import save_checkpoint
+    from gigaseg.methods.registry import create_model
+    from gigaseg.training.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = create_model("patch", encoder="resnet18", num_classes=7, **options)

@@ -5,7 +5,7 @@ random weights test_resnet does not learn to read the small digit within a CPU b
 (benchmarks/results/patchgd.md). This script makes a local weights file instead, the way a
 user without network access would: a timm classifier trained on other digit sources, saved
 as a plain timm classification state dict that ``--pretrained FILE`` loads like ImageNet
-weights (``gigaseg.models.encoders.load_weights_file``).
+weights (``gigaseg.nn.encoders.load_weights_file``).
 
 The digits are scikit-learn's bundled handwritten ones (1797 8x8 images by 43 writers) and,
 with ``--fonts``, for half of the canvases the digits of matplotlib's bundled fonts

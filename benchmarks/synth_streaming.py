@@ -48,7 +48,7 @@ def child_check(mask: str) -> dict:
 
 def child_read(image: str) -> dict:
     import gigaseg
-    from gigaseg.window import Window
+    from gigaseg.geometry import Window
 
     out = {}
     start = time.perf_counter()

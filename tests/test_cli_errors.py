@@ -5,9 +5,9 @@ import pytest
 import tifffile
 
 from gigaseg.cli import main
-from gigaseg.models.registry import create_model
+from gigaseg.methods.registry import create_model
 from gigaseg.io.normalize import Normalization
-from gigaseg.train.checkpoint import save_checkpoint
+from gigaseg.training.checkpoint import save_checkpoint
 
 
 @pytest.fixture

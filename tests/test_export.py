@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from gigaseg.errors import ConfigError
-from gigaseg.export import (export_onnx, find_conv_bn_pairs, fold_batchnorm, onnx_max_difference,
-                            optimize_for_inference, run_onnx, to_channels_last)
-from gigaseg.models.registry import create_model
+from gigaseg.export import export_onnx, find_conv_bn_pairs, fold_batchnorm, onnx_max_difference, optimize_for_inference, run_onnx, to_channels_last
+from gigaseg.methods.registry import create_model
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -8,19 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gigaseg.tiling import (
-    PasteAverager,
-    PatchGrid,
-    blend_weights,
-    box_on_grid,
-    ceil_starts,
-    crop_resize,
-    glnet_starts,
-    normalized_box,
-    paste_average,
-    sliding_starts,
-)
-from gigaseg.window import Window
+from gigaseg.geometry import PasteAverager, PatchGrid, blend_weights, box_on_grid, ceil_starts, crop_resize, glnet_starts, normalized_box, paste_average, sliding_starts
+from gigaseg.geometry import Window
 
 lengths = st.integers(1, 5000)
 patches = st.integers(1, 700)

@@ -16,15 +16,18 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "open_image": "gigaseg.io.sources",
-    "create_model": "gigaseg.models.registry",
-    "available_methods": "gigaseg.models.registry",
+    "Normalization": "gigaseg.io.normalize",
+    "create_model": "gigaseg.methods.registry",
+    "available_methods": "gigaseg.methods.registry",
+    "build_predictor": "gigaseg.methods.registry",
     "train": "gigaseg.api",
     "predict": "gigaseg.api",
     "evaluate": "gigaseg.api",
     "load_model": "gigaseg.api",
-    "load_dataset": "gigaseg.data.datasets",
+    "load_dataset": "gigaseg.data.loader",
+    "TrainSettings": "gigaseg.training.recipe",
     "ConfusionMatrix": "gigaseg.metrics",
-    "Window": "gigaseg.window",
+    "Window": "gigaseg.geometry",
     "GigasegError": "gigaseg.errors",
 }
 

@@ -6,6 +6,7 @@ the same behaviour (and the same errors) as the command line.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -14,18 +15,37 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, GigasegError
+from .inference.planner import block_size_for
+from .inference.stream import effective_block_size
 from .io.normalize import Normalization
 from .io.sources import open_image
-from .inference.stream import block_size_for, effective_block_size
 from .memory import parse_size
 
-def load_model(model_or_checkpoint) -> tuple[torch.nn.Module, dict]:
-    """(model, data info) from a model, a checkpoint file or a run folder."""
-    from .train.checkpoint import model_from_checkpoint
+
+def load_model(model_or_checkpoint) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A network and its dataset facts from a model, a checkpoint file or a run folder.
+
+    Args:
+        model_or_checkpoint: a network (returned as it is, with no facts), a checkpoint
+            payload dict, a ``.ckpt`` file, or a run folder (its best, else last, checkpoint).
+
+    Returns:
+        ``(model, info)``: the network rebuilt from the checkpoint's configuration with its
+        weights, in eval mode; ``info`` holds the class names, palette, ignore index and
+        normalisation it was trained with.
+
+    Raises:
+        ConfigError: the file is missing or not a gigaseg checkpoint, or names an unknown method.
+    """
+    from .methods.registry import create_model
+    from .training.checkpoint import load_checkpoint
 
     if isinstance(model_or_checkpoint, torch.nn.Module):
         return model_or_checkpoint, {}
-    return model_from_checkpoint(model_or_checkpoint)
+    payload = model_or_checkpoint if isinstance(model_or_checkpoint, dict) else load_checkpoint(model_or_checkpoint)
+    model = create_model(**dict(payload["model"]["config"]))
+    model.load_state_dict(payload["model"]["state_dict"])
+    return model.eval(), payload["data"]
 
 
 def predict(
@@ -55,9 +75,11 @@ def predict(
     inference options for this prediction (``model.inference_options``: e.g. MagNet's
     ``fast_patches``, the patch baseline's ``overlap``).
     """
+    from .inference.contract import SegmentationPredictor
     from .inference.fingerprint import prediction_fingerprint
     from .inference.stream import predict_image
     from .io.base import ImageSource
+    from .methods.registry import build_predictor
 
     budget = parse_size(max_memory) if max_memory is not None else None
     model, loaded_info = load_model(model_or_checkpoint)
@@ -71,7 +93,10 @@ def predict(
     if source.channels != model.in_channels:
         raise ConfigError(f"{source.path or 'image'}: has {source.channels} channels, the model expects {model.in_channels}")
     model = model.to(device)
-    predictor = model.whole_image_predictor(normalization, device=device, max_memory=budget, precision=precision)
+    predictor = build_predictor(model, normalization, device=device, max_memory=budget, precision=precision)
+    if not isinstance(predictor, SegmentationPredictor):
+        raise ConfigError(f"{model.method_name} is a {model.task} method: it gives one class per image, not a "
+                          f"mask (use gigaseg evaluate, or gigaseg.build_predictor(...).predict(image))")
     palette = np.asarray(info["palette"], dtype=np.uint8) if info.get("palette") else None
     if out is not None and Path(out).suffix.lower() not in (".tif", ".tiff"):
         out = Path(out) / f"{source.name}.tif"
@@ -96,8 +121,9 @@ def evaluate(model_or_checkpoint, data, *, split: str = "val", max_memory: str |
     per-class F1 and the confusion matrix (``binary`` too for two classes). ``options``
     changes inference options as in :func:`predict` (e.g. MagNet's ``refine="never"``).
     """
-    from .data.classification import load_task_dataset
+    from .data.loader import load_dataset
     from .inference.stream import predict_image
+    from .methods.registry import build_predictor
     from .metrics import ConfusionMatrix
     from .progress import progress_bar
 
@@ -105,20 +131,20 @@ def evaluate(model_or_checkpoint, data, *, split: str = "val", max_memory: str |
     model, info = load_model(model_or_checkpoint)
     if options:
         model = model.with_inference_options(**options)
-    dataset = load_task_dataset(data, split=split) if not hasattr(data, "classes") else data
+    dataset = load_dataset(data, split=split) if not hasattr(data, "classes") else data
     if len(dataset) == 0:
         raise GigasegError(f"{data}: the {split!r} split has no images")
     normalization = Normalization.from_dict(info["normalization"]) if "normalization" in info else None
     model = model.to(device)
     _check_task(model, dataset, data)
-    if getattr(model, "task", "segmentation") == "classification":
+    if model.task == "classification":
         return _evaluate_classification(model, dataset, normalization, split, device, budget, progress)
     matrix = ConfusionMatrix(model.num_classes, ignore_index=dataset.ignore_index)
     with progress_bar(f"evaluate {split}", len(dataset), enabled=progress) as advance:
         for index in range(len(dataset)):
             sample = dataset[index]
             norm = normalization or Normalization.for_image(sample.image.channels, sample.image.dtype)
-            predictor = model.whole_image_predictor(norm, device=device, max_memory=budget)
+            predictor = build_predictor(model, norm, device=device, max_memory=budget)
 
             def update(window, labels, sample=sample):
                 matrix.update(labels, sample.mask.read(window)[..., 0])
@@ -148,14 +174,14 @@ def _check_task(model, dataset, data) -> None:
     """A classifier needs a classification dataset and a segmenter a segmentation one."""
     from .data.classification import ClassificationDataset
 
-    model_task = getattr(model, "task", "segmentation")
     data_task = "classification" if isinstance(dataset, ClassificationDataset) else "segmentation"
-    if model_task != data_task:
-        raise ConfigError(f"{data}: is a {data_task} dataset but {model.method_name} is a {model_task} method")
+    if model.task != data_task:
+        raise ConfigError(f"{data}: is a {data_task} dataset but {model.method_name} is a {model.task} method")
 
 
 def _evaluate_classification(model, dataset, normalization, split, device, budget, progress) -> dict[str, Any]:
     """Score an image classifier: one prediction per image of the split."""
+    from .methods.registry import build_predictor
     from .metrics import ConfusionMatrix
     from .progress import progress_bar
 
@@ -166,7 +192,7 @@ def _evaluate_classification(model, dataset, normalization, split, device, budge
         for index in range(len(dataset)):
             with dataset[index] as sample:
                 norm = normalization or Normalization.for_image(sample.image.channels, sample.image.dtype)
-                classifier = model.image_classifier(norm, device=device, max_memory=budget)
+                classifier = build_predictor(model, norm, device=device, max_memory=budget)
                 predicted = int(classifier.predict(sample.image).argmax())
                 matrix.update(np.array([predicted]), np.array([sample.label]))
                 predictions[sample.name] = predicted
@@ -187,16 +213,16 @@ def train(method: str, data, out: str | os.PathLike, *, encoder: str | None = No
     order); ``init`` starts from another run's checkpoint (how GLNet's stages
     hand over); ``resume`` continues this run exactly from ``out/last.ckpt``.
     """
-    from .data.classification import load_task_dataset
-    from .models.registry import create_model
-    from .train.checkpoint import load_checkpoint
-    from .train.loop import Trainer
-    from .train.recipe import TrainSettings
+    from .data.loader import load_dataset
+    from .methods.registry import build_predictor, create_model, training_stages
+    from .training.checkpoint import load_checkpoint
+    from .training.loop import Trainer
+    from .training.recipe import TrainSettings
 
     settings = settings or TrainSettings()
-    train_data = load_task_dataset(data, split="train")
+    train_data = load_dataset(data, split="train")
     try:
-        val_data = load_task_dataset(data, split=val_split)
+        val_data = load_dataset(data, split=val_split)
     except GigasegError:
         val_data = None  # no validation split: train without validation
     first = train_data[0].image
@@ -212,12 +238,13 @@ def train(method: str, data, out: str | os.PathLike, *, encoder: str | None = No
         if trained != wanted:
             raise ConfigError(f"{payload['path']}: was trained as {trained}, which differs from this run's {wanted}")
         model.load_state_dict(payload["model"]["state_dict"])
-    stages = model.training_stages()
+    stages = training_stages(model)
     if stage != "all":
         names = [s.name for s in stages]
         if stage not in names:
             raise ConfigError(f"{method} has no stage {stage!r}; its stages are {', '.join(names)} (or 'all')")
         stages = [s for s in stages if s.name == stage]
     run_config = {"data": str(data), "stage": stage, "init": None if init is None else str(init)}
-    trainer = Trainer(model, stages, train_data, val_data, out, settings, normalization, run_config)
+    trainer = Trainer(model, stages, train_data, val_data, out, settings, normalization,
+                      functools.partial(build_predictor, model), run_config)
     return trainer.fit(resume=resume)

@@ -8,40 +8,42 @@ no torch import) and ``run(args) -> int``. Errors the user caused
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from . import __version__
+from .commands import bench, demo, evaluate, predict, synth, train
 from .errors import GigasegError
 
-#: subcommand name -> module under gigaseg.commands, in the order ``--help`` lists them
-COMMANDS = ("demo", "synth", "train", "predict", "evaluate", "bench")
-
-
-def _available_commands() -> list:
-    modules = []
-    for name in COMMANDS:
-        try:
-            modules.append(importlib.import_module(f"gigaseg.commands.{name}"))
-        except ModuleNotFoundError as error:
-            if error.name != f"gigaseg.commands.{name}":
-                raise  # a real missing dependency, not a command that does not exist yet
-    return modules
+#: the subcommands' modules, in the order ``--help`` lists them
+COMMANDS = (demo, synth, train, predict, evaluate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gigaseg`` argument parser with every subcommand.
+
+    Returns:
+        The parser; each subcommand's parsed arguments carry its ``run`` function as ``args.run``.
+    """
     parser = argparse.ArgumentParser(
         prog="gigaseg",
         description="Memory-efficient segmentation of ultra-high-resolution images.",
     )
     parser.add_argument("--version", action="version", version=f"gigaseg {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _available_commands():
+    for module in COMMANDS:
         module.add_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``gigaseg`` command.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: the subcommand's, 2 for an error the user caused, 130 when interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from gigaseg.data.cityscapes import CLASSES, PALETTE, Cityscapes, label_id_to_train_id
-from gigaseg.data.datasets import load_dataset
+from gigaseg.data.loader import load_dataset
 from gigaseg.errors import DatasetError
 
 H, W = 32, 64

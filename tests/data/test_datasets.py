@@ -11,26 +11,14 @@ import tifffile
 import yaml
 from PIL import Image
 
-from gigaseg.data import datasets
-from gigaseg.data.datasets import (
-    FolderPairs,
-    GigasegDataset,
-    Sample,
-    SegmentationDataset,
-    load_dataset,
-    read_pair,
-)
-from gigaseg.data.labels import (
-    BinaryEncoding,
-    IndexEncoding,
-    LabelEncoding,
-    LabelSource,
-    LookupEncoding,
-    PaletteEncoding,
-)
+from gigaseg.data import base as datasets
+from gigaseg.data.folder import FolderPairs, GigasegDataset
+from gigaseg.data.base import Sample, SegmentationDataset, read_pair
+from gigaseg.data.loader import load_dataset
+from gigaseg.data.labels import BinaryEncoding, IndexEncoding, LabelEncoding, LabelSource, LookupEncoding, PaletteEncoding
 from gigaseg.errors import DatasetError
 from gigaseg.io.sources import open_image
-from gigaseg.window import Window
+from gigaseg.geometry import Window
 
 H, W = 48, 64
 CLASSES = ["background", "road", "water"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gigaseg.data.datasets import load_dataset
+from gigaseg.data.loader import load_dataset
 from gigaseg.data.deepglobe import CLASSES, PALETTE, DeepGlobe
 from gigaseg.errors import DatasetError
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from gigaseg.data.datasets import load_dataset
+from gigaseg.data.loader import load_dataset
 from gigaseg.data.inria import Inria, is_validation
 from gigaseg.errors import DatasetError
 

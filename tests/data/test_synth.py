@@ -11,26 +11,9 @@ import yaml
 from scipy import ndimage
 
 from gigaseg.data.synth import checks
-from gigaseg.data.synth.landcover import (
-    CLASSES,
-    CONTEXT_CLASSES,
-    CUE_CLASSES,
-    PALETTE,
-    ROAD,
-    STREAM,
-    VEG_FAR,
-    VEG_NEAR,
-    WATER,
-    LandcoverConfig,
-    LandcoverScene,
-    check_mask,
-    check_scene,
-    prepare_output_dir,
-    split_names,
-    write_landcover_dataset,
-)
+from gigaseg.data.synth.landcover import CLASSES, CONTEXT_CLASSES, CUE_CLASSES, PALETTE, ROAD, STREAM, VEG_FAR, VEG_NEAR, WATER, LandcoverConfig, LandcoverScene, check_mask, check_scene, prepare_output_dir, split_names, write_landcover_dataset
 from gigaseg.errors import ConfigError
-from gigaseg.window import Window
+from gigaseg.geometry import Window
 
 
 @pytest.fixture(scope="module")

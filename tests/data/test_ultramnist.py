@@ -10,10 +10,10 @@ import tifffile
 import yaml
 
 from gigaseg.cli import main
-from gigaseg.data.classification import ClassificationDataset, dataset_task, load_task_dataset
-from gigaseg.data.datasets import GigasegDataset
-from gigaseg.data.synth.ultramnist import (UltraMnistConfig, generate_image, label_of, render_digit, scaled,
-                                           write_ultramnist_dataset)
+from gigaseg.data.classification import ClassificationDataset
+from gigaseg.data.loader import dataset_task, load_dataset
+from gigaseg.data.folder import GigasegDataset
+from gigaseg.data.synth.ultramnist import UltraMnistConfig, generate_image, label_of, render_digit, scaled, write_ultramnist_dataset
 from gigaseg.errors import ConfigError, DatasetError
 
 
@@ -81,7 +81,7 @@ def test_written_dataset_loads_as_classification(tmp_path):
     assert content["task"] == "classification" and content["classes"] == [str(d) for d in range(10)]
     assert content["splits"] == {"train": ["img_0000", "img_0001", "img_0002"], "val": ["img_0003", "img_0004"]}
     assert dataset_task(root) == "classification"
-    train = load_task_dataset(root, "train")
+    train = load_dataset(root, "train")
     assert isinstance(train, ClassificationDataset) and len(train) == 3 and train.num_classes == 10
     on_disk = json.loads((root / "synth.json").read_text())
     assert on_disk["complete"] and on_disk == json.loads(json.dumps(manifest))

@@ -8,9 +8,9 @@ import torch
 from gigaseg.inference.stream import block_grid, predict_image
 from gigaseg.io.normalize import Normalization
 from gigaseg.io.sources import open_image
-from gigaseg.methods.baselines import GlobalPredictor, PatchPredictor
-from gigaseg.models.registry import create_model
-from gigaseg.window import Window
+from gigaseg.methods.baselines.predictor import GlobalPredictor, PatchPredictor
+from gigaseg.methods.registry import create_model
+from gigaseg.geometry import Window
 
 
 def scene(height, width, seed=0):
@@ -95,7 +95,7 @@ def test_interrupted_prediction_resumes_to_identical_result(patch_model, tmp_pat
 
 
 def test_patches_shared_with_the_next_block_are_computed_once(patch_model):
-    from gigaseg.inference.patches import patches_touching, stitch_block
+    from gigaseg.inference.stitch import patches_touching, stitch_block
 
     source = open_image(scene(512, 1536, seed=5))
     predictor = PatchPredictor(patch_model, Normalization.for_image(3, np.uint8), sub_batch=8)
@@ -110,7 +110,8 @@ def test_patches_shared_with_the_next_block_are_computed_once(patch_model):
 
     def run(cache):
         evaluated.clear()
-        out = [stitch_block(source, grid, b, logits, predictor.to_tensor, 4, (128, 128), 8, cache=cache) for b in blocks]
+        out = [stitch_block(source, grid, b, logits, predictor.to_tensor, 4, 8, blend="gaussian", cache=cache)
+               for b in blocks]
         return np.concatenate(out, axis=2), list(evaluated)
 
     with torch.inference_mode():

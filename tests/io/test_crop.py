@@ -8,7 +8,7 @@ import tifffile
 
 from gigaseg.io.crop import CroppedSource
 from gigaseg.io.sources import open_image
-from gigaseg.window import Window
+from gigaseg.geometry import Window
 
 
 @pytest.fixture

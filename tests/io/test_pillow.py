@@ -7,7 +7,7 @@ from PIL import Image
 from gigaseg.errors import ImageReadError
 from gigaseg.io.pillow import PillowSource
 from gigaseg.io.sources import open_image
-from gigaseg.window import Window
+from gigaseg.geometry import Window
 
 RNG = np.random.default_rng(0)
 

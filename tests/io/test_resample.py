@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from gigaseg.io.resample import axis_plan, band_edges, choose_level, level_box, resample_box, resize
-from gigaseg.window import Window
+from gigaseg.io.resample import axis_plan, band_edges, choose_level, level_box, resample_box
+from gigaseg.io.resample import resize
+from gigaseg.geometry import Window
 
 
 def area_matrix(n_in, start, stop, n_out):
@@ -136,7 +137,7 @@ def test_level_box_maps_window():
 def test_area_enlarging_a_window_inside_the_image():
     """Zero-weight taps past the window must not index outside the decoded block."""
     from gigaseg.io.array import ArraySource
-    from gigaseg.window import Window
+    from gigaseg.geometry import Window
 
     image = np.arange(96 * 96, dtype=np.uint16).reshape(96, 96, 1) % 251
     out = ArraySource(image).read(Window(0, 0, 24, 24), out_size=(32, 32), resample="area")

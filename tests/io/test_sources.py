@@ -12,7 +12,7 @@ from gigaseg.io.array import ArraySource
 from gigaseg.io.pillow import PillowSource
 from gigaseg.io.sources import open_image
 from gigaseg.io.tiff import TiffSource
-from gigaseg.window import Window
+from gigaseg.geometry import Window
 
 
 @pytest.mark.parametrize("name", ["a.tif", "a.tiff", "a.TIF", "a.btf", "a.ome.tif", "a.ome.tiff"])

@@ -13,7 +13,7 @@ from gigaseg.errors import ImageReadError
 from gigaseg.io.resample import resize
 from gigaseg.io.sources import open_image
 from gigaseg.io.tiff import TiffSource
-from gigaseg.window import Window
+from gigaseg.geometry import Window
 
 def windows(h, w):
     """A corner pixel, an interior window, one touching the far corner, and the whole image."""

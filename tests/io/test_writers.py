@@ -13,7 +13,7 @@ import tifffile
 
 from gigaseg.errors import GigasegError
 from gigaseg.io.writers import MaskWriter, downsample2, pyramid_shapes, write_tiled_tiff
-from gigaseg.window import Window
+from gigaseg.geometry import Window
 
 GEO_TAGS = [
     (33550, 12, 3, (0.5, 0.5, 0.0)),  # ModelPixelScaleTag

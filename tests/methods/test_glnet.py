@@ -10,19 +10,21 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from gigaseg.cli import main as cli
-from gigaseg.data.datasets import load_dataset
+from gigaseg.data.loader import load_dataset
 from gigaseg.data.deepglobe import PALETTE
 from gigaseg.errors import BudgetError
 from gigaseg.io.normalize import Normalization
 from gigaseg.io.sources import open_image
-from gigaseg.methods import glnet as method
-from gigaseg.methods.glnet import GLNetPredictor, GLNetViews, inference_sub_batch
-from gigaseg.models.glnet import LocalToGlobal
-from gigaseg.models.losses import FocalLoss
-from gigaseg.models.registry import create_model
-from gigaseg.train.checkpoint import load_checkpoint
-from gigaseg.train.recipe import StepContext, TrainSettings
-from gigaseg.window import Window
+from gigaseg.methods.glnet import recipe as method
+from gigaseg.methods.glnet.predictor import GLNetPredictor
+from gigaseg.methods.glnet.predictor import inference_plan
+from gigaseg.methods.glnet.recipe import GLNetViews
+from gigaseg.methods.glnet.model import LocalToGlobal
+from gigaseg.nn.losses import FocalLoss
+from gigaseg.methods.registry import build_predictor, create_model, training_stages
+from gigaseg.training.checkpoint import load_checkpoint
+from gigaseg.training.recipe import StepContext, TrainSettings
+from gigaseg.geometry import Window
 
 TINY = {"size_g": 64, "size_p": 32, "min_overlap": 8}
 UINT8 = Normalization.for_image(3, np.uint8)
@@ -91,7 +93,7 @@ class Fabric:
 
 def prepared(model, stage_name, sub_batch=6):
     """What the training loop does before a stage: before_stage, freezing, train/eval modes."""
-    stage = {s.name: s for s in model.training_stages()}[stage_name]
+    stage = {s.name: s for s in training_stages(model)}[stage_name]
     stage.before_stage(model)
     model.requires_grad_(False)
     for module in stage.trainable(model):
@@ -188,8 +190,8 @@ def test_before_stage_hands_over_as_the_paper():
     from gigaseg.errors import ConfigError
 
     model = tiny(stage=0)
-    stages = {s.name: s for s in model.training_stages()}
-    assert [(s.name, s.epochs, s.lr, s.batch_size, s.sub_batch) for s in model.training_stages()] == [
+    stages = {s.name: s for s in training_stages(model)}
+    assert [(s.name, s.epochs, s.lr, s.batch_size, s.sub_batch) for s in training_stages(model)] == [
         ("global", 120, 5e-5, 6, 6), ("global2local", 50, 2e-5, 6, 6), ("local2global", 120, 5e-5, 6, 6)]
     with pytest.raises(ConfigError, match="stage 'global2local' continues a 'global' run.*--init"):
         stages["global2local"].before_stage(model)
@@ -246,30 +248,33 @@ def test_prepared_context_has_global_resolution_whatever_the_image_size(stage, s
 def test_prediction_budget_sets_the_sub_batch_and_refuses_too_small_budgets():
     model = create_model("glnet", encoder="resnet50", num_classes=7)
     model.set_stage(2)
-    assert inference_sub_batch(model, "cpu", None) == 2
-    small, large = inference_sub_batch(model, "cpu", 3 * 10**9), inference_sub_batch(model, "cpu", 8 * 10**9)
+    assert inference_plan(model, "cpu", None).sub_batch == 2
+    small = inference_plan(model, "cpu", 3 * 10**9).sub_batch
+    large = inference_plan(model, "cpu", 8 * 10**9).sub_batch
     assert 1 <= small < large
     with pytest.raises(BudgetError, match="too small for glnet prediction with 508-px patches"):
-        inference_sub_batch(model, "cpu", 5 * 10**8)
+        inference_plan(model, "cpu", 5 * 10**8)
 
 
 def test_tight_budgets_use_smaller_blocks_and_stage3_counts_its_merged_maps(monkeypatch):
-    import gigaseg.methods.glnet as glnet_methods
+    import gigaseg.methods.glnet.predictor as glnet_methods
+    from gigaseg.inference.planner import InferencePlan
 
     monkeypatch.setattr(glnet_methods, "runtime_bytes", lambda device: 1_200_000_000)  # as a loaded process
     model = create_model("glnet", encoder="resnet50", num_classes=7)
     model.set_stage(2)
     stage2 = glnet_methods.inference_estimate(model)
-    assert glnet_methods.inference_plan(model, "cpu", None) == (2, None)
-    assert glnet_methods.inference_plan(model, "cpu", 2 * 10**9)[1] == 1024  # room for few patches
-    sub_batch, block = glnet_methods.inference_plan(model, "cpu", 16 * 10**9)
-    assert block == 4096 and sub_batch > 2
+    assert glnet_methods.inference_plan(model, "cpu", None) == InferencePlan(2, None)
+    assert glnet_methods.inference_plan(model, "cpu", 2 * 10**9).block_size == 1024  # room for few patches
+    plan = glnet_methods.inference_plan(model, "cpu", 16 * 10**9)
+    assert plan.block_size == 4096 and plan.sub_batch > 2
     model.set_stage(3)
     stage3 = glnet_methods.inference_estimate(model)
     merged = glnet_methods.context_bytes(model)  # size_p == size_g: one patch's shared maps
     assert stage3.per_sample == stage2.per_sample + merged
-    predictor = model.whole_image_predictor(Normalization.for_image(3, np.uint8), max_memory=2 * 10**9)
-    assert (predictor.sub_batch, predictor.block_size) == glnet_methods.inference_plan(model, "cpu", 2 * 10**9)
+    predictor = build_predictor(model, Normalization.for_image(3, np.uint8), max_memory=2 * 10**9)
+    assert InferencePlan(predictor.sub_batch, predictor.block_size) == glnet_methods.inference_plan(
+        model, "cpu", 2 * 10**9)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -12,10 +12,10 @@ from gigaseg.inference.stream import WRITER_TILE
 from gigaseg.io.crop import CroppedSource
 from gigaseg.io.normalize import Normalization
 from gigaseg.io.sources import open_image
-from gigaseg.methods.glnet import GLNetPredictor
-from gigaseg.methods.glnet_tiles import GLNetTilePredictor, axis_tiles, context_tiles, core_size
-from gigaseg.models.registry import create_model
-from gigaseg.window import Window
+from gigaseg.methods.glnet.predictor import GLNetPredictor
+from gigaseg.methods.glnet.predictor import GLNetTilePredictor, axis_tiles, context_tiles, core_size
+from gigaseg.methods.registry import build_predictor, create_model
+from gigaseg.geometry import Window
 
 FLOAT = Normalization.for_image(3, np.float32)
 #: what a checkpoint would carry, for predict() on a model object and a uint8 image
@@ -75,7 +75,7 @@ def test_a_tile_as_large_as_the_image_is_the_image_policy(stage):
     source = open_image(image)
     model = tiny(stage)
     reference = GLNetPredictor(model, FLOAT, sub_batch=4)
-    tiled = tiny(stage, global_context="tile", context_tile=1024).whole_image_predictor(FLOAT)
+    tiled = build_predictor(tiny(stage, global_context="tile", context_tile=1024), FLOAT)
     assert isinstance(tiled, GLNetTilePredictor) and tiled.block_size == 512
     whole = reference.predict_block(source, reference.prepare(source), source.bounds)
     state = tiled.prepare(source)
@@ -90,7 +90,7 @@ def test_each_core_is_glnet_on_its_tile(stage):
     image = scene(1100, 700, seed=1)
     source = open_image(image)
     model = tiny(stage, global_context="tile", context_tile=700)
-    predictor = model.whole_image_predictor(FLOAT)
+    predictor = build_predictor(model, FLOAT)
     assert predictor.block_size == 512
     state = predictor.prepare(source)
     assert len(state.tiles) == 3 * 2
@@ -107,7 +107,7 @@ def test_each_core_is_glnet_on_its_tile(stage):
 def test_a_block_across_cores_is_assembled_from_each_tile():
     image = scene(1100, 700, seed=2)
     source = open_image(image)
-    predictor = tiny(2, global_context="tile", context_tile=700).whole_image_predictor(FLOAT)
+    predictor = build_predictor(tiny(2, global_context="tile", context_tile=700), FLOAT)
     state = predictor.prepare(source)
     block = Window(300, 200, 500, 400)  # crosses the cores' borders at 512 on both axes
     got = predictor.predict_block(source, state, block)

@@ -14,15 +14,15 @@ from PIL import Image
 from gigaseg.api import predict, train
 from gigaseg.cli import main as cli_main
 from gigaseg.data.cityscapes import LABEL_IDS
-from gigaseg.data.datasets import load_dataset
+from gigaseg.data.loader import load_dataset
 from gigaseg.io.normalize import Normalization
 from gigaseg.io.sources import open_image
-from gigaseg.methods.icnet import (ScaledCrops, TilePredictor, cascade_label_guidance_loss, downsample_labels,
-                                   icnet_stages, pspnet_stages)
-from gigaseg.models.icnet import CascadeOutputs
-from gigaseg.models.registry import create_model
-from gigaseg.train.recipe import TrainSettings
-from gigaseg.window import Window
+from gigaseg.methods.icnet.recipe import ScaledCrops, cascade_label_guidance_loss, downsample_labels, icnet_stages, pspnet_stages
+from gigaseg.methods.icnet.predictor import TilePredictor, tile_predictor
+from gigaseg.methods.icnet.model import CascadeOutputs
+from gigaseg.methods.registry import create_model
+from gigaseg.training.recipe import TrainSettings
+from gigaseg.geometry import Window
 
 TINY = {"width": 0.25, "crop_size": 64, "tile_size": [64, 128], "tile_overlap": 16}
 
@@ -121,7 +121,7 @@ def test_scaled_crops(tiny_dataset):
 
 def test_predictor_tiles_large_images_and_runs_frames_whole():
     model = create_model("icnet", encoder="icnet_resnet50_half", num_classes=3, **TINY)
-    predictor = TilePredictor.for_model(model, Normalization.for_image(3, np.uint8))
+    predictor = tile_predictor(model, Normalization.for_image(3, np.uint8))
     frame = predictor.grid(60, 100)
     assert len(frame) == 1 and frame.patch == (60, 100)  # a frame smaller than the tile: one pass at its size
     big = predictor.grid(300, 500)
@@ -141,7 +141,7 @@ def test_folded_predictor_matches_model_and_blocks_have_no_seams():
     image = np.random.default_rng(0).integers(0, 255, (150, 260, 3), dtype=np.uint8)
     source = open_image(image)
     norm = Normalization.for_image(3, np.uint8)
-    predictor = TilePredictor.for_model(model, norm)
+    predictor = tile_predictor(model, norm)
     x = predictor.to_tensor(image[:64, :128])
     torch.testing.assert_close(predictor.logits(x), model.predict(x), rtol=1e-4, atol=1e-4)
     grid = predictor.prepare(source)
@@ -150,7 +150,7 @@ def test_folded_predictor_matches_model_and_blocks_have_no_seams():
     right = predictor.predict_block(source, grid, Window(0, 100, 150, 160))
     np.testing.assert_allclose(np.concatenate([left, right], axis=2), whole, atol=1e-5)
     np.testing.assert_allclose(whole.sum(axis=0), 1.0, atol=1e-4)
-    bf16 = TilePredictor.for_model(model, norm, precision="bf16-mixed")
+    bf16 = tile_predictor(model, norm, precision="bf16-mixed")
     assert np.mean(bf16.predict_block(source, grid, Window(0, 0, 64, 128)).argmax(0)
                    == whole[:, :64, :128].argmax(0)) > 0.9
 

@@ -12,22 +12,16 @@ from PIL import Image
 
 from gigaseg.api import evaluate, predict, train
 from gigaseg.cli import main
-from gigaseg.data.datasets import load_dataset
+from gigaseg.data.loader import load_dataset
 from gigaseg.inference.stream import predict_image
 from gigaseg.io.normalize import Normalization
 from gigaseg.io.sources import open_image
-from gigaseg.methods.magnet import (
-    BackboneCrops,
-    MagNetPredictor,
-    RefinementPairs,
-    block_cells,
-    frame_around,
-    magnet_stages,
-    read_resized,
-)
-from gigaseg.models.registry import create_model
-from gigaseg.train.recipe import TrainSettings
-from gigaseg.window import Window
+from gigaseg.methods.magnet.recipe import BackboneCrops, RefinementPairs, magnet_stages
+from gigaseg.methods.magnet.predictor import MagNetPredictor, block_cells, frame_around
+from gigaseg.io.base import read_resized
+from gigaseg.methods.registry import build_predictor, create_model
+from gigaseg.training.recipe import TrainSettings
+from gigaseg.geometry import Window
 
 NORM = Normalization.for_image(3, np.uint8)
 
@@ -156,7 +150,7 @@ def test_whole_image_mode_blocks_are_crops_of_one_prediction(tmp_path):
     model = tiny_model(scales=[[128, 128], [256, 256], [512, 512]]).eval()
     model.mark_refinement_trained()
     source = open_image(scene(600, 560))  # <= 1.25 x 512: one frame
-    predictor = model.whole_image_predictor(NORM)
+    predictor = build_predictor(model, NORM)
     context = predictor.prepare(source)
     assert context["mode"] == "whole" and context["probs"].dtype == torch.float16
     assert tuple(context["probs"].shape) == (3, 600, 560)
@@ -170,7 +164,7 @@ def test_block_mode_predicts_cells_from_finest_scale_frames(tmp_path):
     model = tiny_model().eval()
     model.mark_refinement_trained()
     source = open_image(scene(200, 170))  # > 1.25 x 96: block-wise
-    predictor = model.whole_image_predictor(NORM)
+    predictor = build_predictor(model, NORM)
     assert isinstance(predictor, MagNetPredictor) and predictor.refine and predictor.sub_batch == 1
     predictor.keep_trace = True
     context = predictor.prepare(source)
@@ -205,7 +199,7 @@ def test_block_mode_predicts_cells_from_finest_scale_frames(tmp_path):
 def test_fast_predictor_refines_fewer_patches():
     model = tiny_model(fast_patches=2, points=0.9).eval()
     model.mark_refinement_trained()
-    predictor = model.whole_image_predictor(NORM)
+    predictor = build_predictor(model, NORM)
     predictor.keep_trace = True
     source = open_image(scene(96, 96))
     predictor.prepare(source)
@@ -216,11 +210,11 @@ def test_fast_predictor_refines_fewer_patches():
 
 def test_backbone_only_until_refinement_trained():
     model = tiny_model().eval()
-    predictor = model.whole_image_predictor(NORM)
+    predictor = build_predictor(model, NORM)
     predictor.keep_trace = True
     predictor.prepare(open_image(scene(96, 96)))
     assert not predictor.refine and [t["scale"] for t in predictor.frames[0]["trace"]] == [0]
-    assert model.whole_image_predictor(NORM, refine=True).refine
+    assert build_predictor(model, NORM, refine=True).refine
 
 
 # --------------------------------------------------------------------------- end to end

@@ -18,12 +18,13 @@ from gigaseg.api import evaluate, train
 from gigaseg.cli import main
 from gigaseg.data.synth.ultramnist import write_ultramnist_dataset
 from gigaseg.errors import BudgetError, ConfigError
-from gigaseg.inference.interface import WholeImagePredictor
-from gigaseg.methods import patchgd
-from gigaseg.models.base import SegmentationModel
-from gigaseg.models.patchgd import global_view_of
-from gigaseg.models.registry import create_model
-from gigaseg.train.recipe import StepContext, TrainSettings
+from gigaseg.inference.contract import SegmentationPredictor
+from gigaseg.methods import registry
+from gigaseg.methods.patchgd import recipe as patchgd
+from gigaseg.nn.base import SegmentationModel
+from gigaseg.methods.patchgd.model import global_view_of
+from gigaseg.methods.registry import create_model, training_stages
+from gigaseg.training.recipe import StepContext, TrainSettings
 
 
 class StubFabric:
@@ -37,7 +38,7 @@ class StubFabric:
 
 
 def context(model, **settings):
-    stage = model.training_stages()[0]
+    stage = training_stages(model)[0]
     return StepContext(fabric=StubFabric(), model=model, wrapped=model, sub_batch=stage.sub_batch, stage=stage,
                        settings=TrainSettings(**settings))
 
@@ -101,7 +102,7 @@ def test_classifier_step_recomputes_exactly_k_patches_with_gradients(global_patc
     model = classifier(global_patch=global_patch)
     calls = record_theta1(model)
     batch = make_batch(model)  # 2 images of 128x128: 16 patches each, k = 0.25 * 16 = 4
-    logged = model.training_stages()[0].step(context(model), batch)
+    logged = training_stages(model)[0].step(context(model), batch)
     assert logged["k"] == 4
     assert sum(calls["no_grad"]) == 2 * 16  # the fill: every patch once, without gradients
     # per inner iteration: k patches per image, then the global patches in their own pass
@@ -118,7 +119,7 @@ def test_classifier_step_loss_is_divided_by_the_accumulation(monkeypatch):
     draws = iter(fixed)
     monkeypatch.setattr(patchgd, "_sample_indices", lambda *args: next(draws))
     batch = make_batch(model)
-    model.training_stages()[0].step(context(model, accumulate=3), batch)
+    training_stages(model)[0].step(context(model, accumulate=3), batch)
 
     # by hand: fill, then per iteration refresh the drawn patches in the running Z, CE / (2 x 3)
     z = reference.fill(batch["image"], 16)
@@ -134,7 +135,7 @@ def test_segmenter_step_recomputes_exactly_k_patches_with_gradients():
     model = segmenter()
     calls = record_theta1(model)
     batch = make_batch(model, batch=1, size=64, segmentation=True)  # 4 patches, k = 2
-    logged = model.training_stages()[0].step(context(model), batch)
+    logged = training_stages(model)[0].step(context(model), batch)
     assert logged["k"] == 2
     assert sum(calls["no_grad"]) == 4
     assert calls["grad"] == [2, 1, 2, 1]  # per inner iteration: 2 sampled patches, then the global patch
@@ -260,17 +261,23 @@ def test_train_and_evaluate_the_segmenter(tiny_dataset, tmp_path):
 class ThresholdModel(SegmentationModel):
     """A stand-in segmenter whose prediction is known: class 1 where channel 0 is above 127."""
 
-    def __init__(self):
-        super().__init__(encoder="none", num_classes=2, in_channels=1)
+    def __init__(self, encoder="none", *, num_classes=2, in_channels=1, pretrained=False):
+        super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels)
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def whole_image_predictor(self, normalization, device="cpu", max_memory=None, precision="32"):
-        class Threshold(WholeImagePredictor):
-            def predict_block(self, source, context, window):
-                positive = (source.read(window)[..., 0] > 127).astype(np.float32)
-                return np.stack([1 - positive, positive])
 
-        return Threshold(self, normalization)
+class Threshold(SegmentationPredictor):
+    def predict_block(self, source, context, window):
+        positive = (source.read(window)[..., 0] > 127).astype(np.float32)
+        return np.stack([1 - positive, positive])
+
+
+@pytest.fixture
+def threshold_method(monkeypatch):
+    """ThresholdModel registered as method "threshold" for this test only."""
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+    registry.register("threshold", model=ThresholdModel, recipe=lambda model: [],
+                      predictor=lambda model, normalization, **settings: Threshold(model, normalization))
 
 
 def binary_dataset(root):
@@ -288,7 +295,7 @@ def binary_dataset(root):
     return root
 
 
-def test_binary_metrics_through_evaluation(tmp_path):
+def test_binary_metrics_through_evaluation(tmp_path, threshold_method):
     summary = evaluate(ThresholdModel(), binary_dataset(tmp_path / "d"), progress=False)
     binary = summary["binary"]
     tp, fp, fn, tn = 8, 4, 2, 50
@@ -311,7 +318,7 @@ def test_binary_metrics_through_evaluation(tmp_path):
     json.dumps(summary, allow_nan=False)  # strict JSON
 
 
-def test_binary_likelihood_ratio_without_false_positives_is_inf(tmp_path):
+def test_binary_likelihood_ratio_without_false_positives_is_inf(tmp_path, threshold_method):
     root = binary_dataset(tmp_path / "d")
     perfect = np.zeros((8, 8), np.uint8)
     perfect.flat[:10] = 200

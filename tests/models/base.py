@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from gigaseg.errors import ConfigError
-from gigaseg.models.base import SegmentationModel
-from gigaseg.models.registry import METHODS, create_model
+from gigaseg.nn.base import SegmentationModel
+from gigaseg.methods.registry import METHODS, create_model
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -82,7 +82,7 @@ class ModelTester:
     def test_registered(self):
         model = self.build()
         assert self.method in METHODS
-        assert type(model) is METHODS[self.method]
+        assert type(model) is METHODS[self.method].model
         assert model.method_name == self.method
         assert model.config["method"] == self.method
 

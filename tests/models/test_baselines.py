@@ -7,8 +7,8 @@ import timm
 import torch
 
 from gigaseg.errors import ConfigError
-from gigaseg.models.baselines import GlobalSegmenter, PatchSegmenter
-from gigaseg.models.registry import create_model
+from gigaseg.methods.baselines.model import GlobalSegmenter, PatchSegmenter
+from gigaseg.methods.registry import create_model
 
 from .base import ModelTester
 

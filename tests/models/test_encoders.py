@@ -8,7 +8,7 @@ import timm
 import torch
 
 from gigaseg.errors import ConfigError
-from gigaseg.models.encoders import Encoder, default_out_indices
+from gigaseg.nn.encoders import Encoder, default_out_indices
 
 
 def test_resnet_levels_are_c2_to_c5():

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gigaseg.errors import ConfigError
-from gigaseg.models.fpn import FPN, SHARING_POINTS, FPNBranch, FPNFeatures
-from gigaseg.models.registry import create_model
+from gigaseg.nn.fpn import FPN, SHARING_POINTS, FPNBranch, FPNFeatures
+from gigaseg.methods.registry import create_model
 
 from .base import conv_parameters, count_parameters
 

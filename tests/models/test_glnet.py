@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from gigaseg.errors import ConfigError
-from gigaseg.models.encoders import Encoder
-from gigaseg.models.glnet import STAGES, GLNet, LocalToGlobal, crop_global, stage_number
-from gigaseg.models.registry import create_model
-from gigaseg.tiling import PatchGrid, crop_resize
+from gigaseg.nn.encoders import Encoder
+from gigaseg.methods.glnet.model import STAGES, GLNet, LocalToGlobal, crop_global, stage_number
+from gigaseg.methods.registry import create_model
+from gigaseg.geometry import PatchGrid, crop_resize
 
 from .base import ModelTester, conv_parameters
 

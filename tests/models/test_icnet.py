@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gigaseg.errors import ConfigError
-from gigaseg.models.icnet import CascadeFeatureFusion, CascadeOutputs, ICNet, PyramidPoolingSum
-from gigaseg.models.pspnet import PSPNet, adaptive_avg_pool
-from gigaseg.models.registry import create_model
+from gigaseg.methods.icnet.model import CascadeFeatureFusion, CascadeOutputs, ICNet, PyramidPoolingSum
+from gigaseg.methods.icnet.pspnet import PSPNet, adaptive_avg_pool
+from gigaseg.methods.registry import create_model
 
 from .base import ModelTester, conv_parameters
 
@@ -234,7 +234,7 @@ def test_auxiliary_heads_run_only_in_training():
 
 
 def test_auxiliary_heads_learn_from_the_cascade_loss():
-    from gigaseg.methods.icnet import cascade_label_guidance_loss
+    from gigaseg.methods.icnet.recipe import cascade_label_guidance_loss
 
     model = tiny_icnet().train()
     out = model(torch.randn(2, 3, 64, 128))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gigaseg.models.losses import FocalLoss, dice_loss, ohem_cross_entropy
+from gigaseg.nn.losses import FocalLoss, dice_loss, ohem_cross_entropy
 
 
 def logits_for(probabilities):

@@ -6,23 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gigaseg.models.magnet as magnet_module
+import gigaseg.methods.magnet.model as magnet_module
 from gigaseg.errors import ConfigError
-from gigaseg.models.magnet import (
-    PRESETS,
-    RefinementModule,
-    certainty,
-    error_score,
-    median_blur,
-    num_points,
-    patch_boxes,
-    select_patches,
-    select_points,
-    uncertainty,
-)
-from gigaseg.models.registry import create_model
-from gigaseg.tiling import box_on_grid, crop_resize
-from gigaseg.window import Window
+from gigaseg.methods.magnet.model import PRESETS, RefinementModule, certainty, error_score, median_blur, num_points, patch_boxes, select_patches, select_points, uncertainty
+from gigaseg.methods.registry import create_model
+from gigaseg.geometry import box_on_grid, crop_resize
+from gigaseg.geometry import Window
 
 from .base import ModelTester, conv_parameters, count_parameters
 

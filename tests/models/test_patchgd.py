@@ -11,10 +11,11 @@ import torch
 from gigaseg.errors import ConfigError
 from gigaseg.io.array import ArraySource
 from gigaseg.io.normalize import Normalization
-from gigaseg.models.patchgd import (GLOBAL_GRADIENTS, PatchGDClassifier, PatchGDSegmenter, batch_norms, even_chunks,
-                                   global_view_of, grid_shape, patch_at)
-from gigaseg.models.registry import create_model
-from gigaseg.window import Window
+from gigaseg.methods.patchgd.model import GLOBAL_GRADIENTS, PatchGDClassifier, PatchGDSegmenter, batch_norms, even_chunks, global_view_of, grid_shape, patch_at
+import gigaseg
+from gigaseg.inference.contract import ClassificationPredictor
+from gigaseg.methods.registry import build_predictor, create_model
+from gigaseg.geometry import Window
 
 from .base import ModelTester
 
@@ -197,9 +198,13 @@ def test_classifier_options_are_checked():
     assert PatchGDClassifier.default_options["fusion"] == "add"
 
 
-def test_classifier_is_not_a_segmenter():
-    with pytest.raises(ConfigError, match="image classifier"):
-        classifier().whole_image_predictor(Normalization.for_image(3, np.uint8))
+def test_classifier_is_not_a_segmenter(tmp_path):
+    model = classifier()
+    assert isinstance(build_predictor(model, Normalization.for_image(3, np.uint8)), ClassificationPredictor)
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ConfigError, match="is a classification method: it gives one class per image, not a mask"):
+        gigaseg.predict(model, pixels, out=tmp_path / "mask.tif", info={})
+    assert not (tmp_path / "mask.tif").exists()
 
 
 def test_image_classifier_reads_band_by_band_like_the_in_memory_forward():
@@ -207,7 +212,7 @@ def test_image_classifier_reads_band_by_band_like_the_in_memory_forward():
     pixels = np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)
     norm = Normalization.for_image(3, np.uint8)
     source = ArraySource(pixels)
-    probs = model.image_classifier(norm).predict(source)
+    probs = build_predictor(model, norm).predict(source)
     x = torch.from_numpy(norm.apply(pixels))[None]
     thumb = torch.from_numpy(norm.apply(source.read(out_size=(32, 32), resample="area")))[None]
     expected = torch.softmax(model(x, thumb), dim=1)[0].detach().numpy()
@@ -324,7 +329,7 @@ def test_segmentation_predictor_blocks_equal_the_whole_image_forward(options):
     pixels = np.random.default_rng(1).integers(0, 255, (90, 110, 3), dtype=np.uint8)
     norm = Normalization.for_image(3, np.uint8)
     source = ArraySource(pixels)
-    predictor = model.whole_image_predictor(norm)
+    predictor = build_predictor(model, norm)
     context = predictor.prepare(source)
     x = torch.from_numpy(norm.apply(pixels))[None]
     thumb = torch.from_numpy(norm.apply(source.read(out_size=(32, 32), resample="area")))[None]

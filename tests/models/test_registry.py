@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from gigaseg.errors import ConfigError
-from gigaseg.models import registry
-from gigaseg.models.base import SegmentationModel
-from gigaseg.models.registry import METHODS, available_methods, create_model, register_method
+from gigaseg.methods import registry
+from gigaseg.methods.registry import (METHODS, available_methods, build_predictor, create_model, method_spec, register,
+                                      training_stages)
+from gigaseg.nn.base import GigasegModel, SegmentationModel
 
 
 def test_baselines_are_available():
@@ -29,7 +31,7 @@ def test_options_as_dict_or_keywords_and_config_round_trip():
     b = create_model(**json.loads(json.dumps(a.config)))
     assert a.config == b.config == {
         "method": "patch", "encoder": "test_resnet", "num_classes": 3, "in_channels": 3,
-        "options": {**METHODS["patch"].default_options, "patch_size": 64, "overlap": 8},
+        "options": {**METHODS["patch"].model.default_options, "patch_size": 64, "overlap": 8},
     }
     with pytest.raises(ConfigError, match="overlap given both"):
         create_model("patch", encoder="test_resnet", num_classes=3, options={"overlap": 8}, overlap=8)
@@ -58,14 +60,23 @@ class _Toy(SegmentationModel):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
 
 
+def _toy_stages(model):
+    return ["the toy's stage"]
+
+
+def _toy_predictor(model, normalization, *, device="cpu", max_memory=None, precision="32", **options):
+    return ("a toy predictor", normalization, device, max_memory, precision, options)
+
+
 @pytest.fixture
 def toy(monkeypatch):
     monkeypatch.setattr(registry, "METHODS", dict(METHODS))  # registrations vanish after the test
-    return register_method("toy")(_Toy)
+    register("toy", model=_Toy, recipe=_toy_stages, predictor=_toy_predictor)
+    return _Toy
 
 
-def test_register_method_sets_the_name_and_create_model_finds_it(toy):
-    assert registry.METHODS["toy"] is toy and toy.method_name == "toy"
+def test_register_sets_the_name_and_create_model_finds_it(toy):
+    assert registry.METHODS["toy"].model is toy and toy.method_name == "toy"
     model = create_model("toy", num_classes=2, width=8, sizes=(3, 4))
     assert model.options == {"width": 8, "mode": "a", "scale": 1.0, "flag": False, "sizes": [3, 4]}
     assert "toy" in available_methods()
@@ -90,24 +101,45 @@ def test_a_name_cannot_be_taken_twice(toy):
         pass
 
     with pytest.raises(ValueError, match="'toy' is already registered"):
-        register_method("toy")(Other)
-    assert register_method("toy")(_Toy) is _Toy  # re-registering the same class (a re-import) is fine
-    with pytest.raises(TypeError, match="SegmentationModel subclass"):
-        register_method("thing")(dict)
+        register("toy", model=Other, recipe=_toy_stages, predictor=_toy_predictor)
+    # re-registering the same class (a re-import) is fine
+    assert register("toy", model=_Toy, recipe=_toy_stages, predictor=_toy_predictor).model is _Toy
+    with pytest.raises(TypeError, match="GigasegModel subclass"):
+        register("thing", model=dict, recipe=_toy_stages, predictor=_toy_predictor)
+
+    class Taskless(GigasegModel):
+        pass
+
+    with pytest.raises(TypeError, match="has no task"):
+        register("taskless", model=Taskless, recipe=_toy_stages, predictor=_toy_predictor)
 
 
-def test_method_modules_not_written_yet_are_skipped(monkeypatch):
-    monkeypatch.setattr(registry, "METHOD_MODULES", ["gigaseg.models.baselines", "gigaseg.models.not_written_yet"])
-    assert {"global", "patch"} <= set(available_methods())
-    monkeypatch.setattr(registry, "METHOD_MODULES", ["gigaseg.models.baselines", "no_such_package.module"])
-    with pytest.raises(ModuleNotFoundError):  # a missing dependency is not hidden
-        available_methods()
-
-
-def test_engine_hooks_say_what_is_missing(toy):
+def test_recipe_and_predictor_come_from_the_registration(toy):
     model = create_model("toy", num_classes=2)
-    with pytest.raises(NotImplementedError, match="toy has no training recipe"):
-        model.training_stages()
+    assert training_stages(model) == ["the toy's stage"]
+    assert build_predictor(model, "norm", max_memory=5, refine=True) == (
+        "a toy predictor", "norm", "cpu", 5, "32", {"refine": True})
+    assert method_spec(model) is method_spec("toy") is registry.METHODS["toy"]
+
+
+def test_every_method_registers_a_recipe_and_a_predictor_of_its_task():
+    from gigaseg.inference.contract import ClassificationPredictor, SegmentationPredictor
+    from gigaseg.io.normalize import Normalization
+
+    tiny = {"global": {"input_size": 64}, "patch": {"patch_size": 64, "overlap": 8}, "glnet": {"size_g": 64, "size_p": 32, "min_overlap": 8},
+            "magnet": {"scales": [[16, 16], [32, 32], [64, 64]], "input_size": [32, 32]},
+            "icnet": {"width": 0.25}, "pspnet": {"width": 0.125},
+            "patchgd_classifier": {"patch_size": 32, "latent_dim": 16},
+            "downsampled_classifier": {"input_size": 48, "latent_dim": 16}, "patchgd_segmenter": {"patch_size": 32}}
+    assert sorted(tiny) == available_methods()
+    contracts = {"segmentation": SegmentationPredictor, "classification": ClassificationPredictor}
+    for name, options in tiny.items():
+        model = create_model(name, encoder="test_resnet", num_classes=2, **options)
+        assert model.method_name == name
+        stages = training_stages(model)
+        assert stages and all(stage.epochs > 0 for stage in stages)
+        predictor = build_predictor(model, Normalization.for_image(3, np.uint8))
+        assert isinstance(predictor, contracts[model.task]), name
 
 
 def test_inference_options_change_a_copy_with_the_same_weights():

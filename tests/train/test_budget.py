@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from gigaseg.train.budget import inference_estimate, leaf_output_bytes, peak_live_bytes
+from gigaseg.budget import inference_estimate, leaf_output_bytes, peak_live_bytes
 
 MB = 2**20
 

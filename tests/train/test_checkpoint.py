@@ -6,8 +6,9 @@ import torch
 
 from gigaseg.errors import ConfigError
 from gigaseg.io.normalize import Normalization
-from gigaseg.models.registry import create_model
-from gigaseg.train.checkpoint import load_checkpoint, model_from_checkpoint, restore_rng, rng_state, save_checkpoint
+from gigaseg.methods.registry import create_model
+from gigaseg.training.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from gigaseg.api import load_model
 
 
 def test_round_trip_rebuilds_identical_model(tmp_path):
@@ -17,7 +18,7 @@ def test_round_trip_rebuilds_identical_model(tmp_path):
     path = save_checkpoint(tmp_path / "m.ckpt", model, data, train_state={"epoch": 3, "rng": rng_state()})
     raw = torch.load(path, weights_only=True)  # the format promise: no pickled objects
     assert raw["model"]["config"]["method"] == "patch" and raw["train"]["epoch"] == 3
-    rebuilt, info = model_from_checkpoint(path)
+    rebuilt, info = load_model(path)
     assert info["classes"] == list("abcde") and info["exclude_from_miou"] == [0]
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():

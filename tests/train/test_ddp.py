@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from gigaseg.train.checkpoint import load_checkpoint
+from gigaseg.training.checkpoint import load_checkpoint
 
 
 def test_two_process_ddp_run_writes_the_same_checkpoint_format(tiny_dataset, tmp_path):

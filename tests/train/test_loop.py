@@ -7,8 +7,8 @@ import torch
 
 from gigaseg.api import train
 from gigaseg.errors import BudgetError, ConfigError
-from gigaseg.methods import baselines
-from gigaseg.train.recipe import TrainSettings
+from gigaseg.methods.baselines import recipe as baselines
+from gigaseg.training.recipe import TrainSettings
 
 
 def settings(**kw):
@@ -105,7 +105,7 @@ def test_unknown_stage_is_a_clear_error(tiny_dataset, tmp_path):
 def test_sub_batches_sum_to_the_whole_batch_gradient():
     from types import SimpleNamespace
 
-    from gigaseg.models.registry import create_model
+    from gigaseg.methods.registry import create_model
 
     torch.manual_seed(0)
     model = create_model("global", encoder="test_resnet", num_classes=3, input_size=32, loss="ce").eval()

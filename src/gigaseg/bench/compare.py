@@ -48,7 +48,7 @@ def train_job(spec: dict, data: str, run_dir: str, encoder: str, seed: int, max_
     import torch
 
     from ..api import train
-    from ..train.recipe import TrainSettings
+    from ..training.recipe import TrainSettings
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = TrainSettings(epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"], seed=seed,
@@ -63,7 +63,7 @@ def evaluate_job(run_dir: str, data: str, split: str, max_memory: int | None, op
     """Child-process job: evaluate a checkpoint on ``split`` (with inference ``options``), timing the
     streaming prediction."""
     from ..api import evaluate
-    from ..data.datasets import load_dataset
+    from ..data.loader import load_dataset
 
     dataset = load_dataset(data, split=split)
     pixels = sum(s.image.height * s.image.width for s in (dataset[i] for i in range(len(dataset))))
@@ -75,7 +75,7 @@ def evaluate_job(run_dir: str, data: str, split: str, max_memory: int | None, op
 
 def class_groups(data: str) -> dict[str, list[str]]:
     """Named groups of classes whose mean IoU is reported (the synthetic benchmark's failure modes)."""
-    from ..data.datasets import load_dataset
+    from ..data.loader import load_dataset
     from ..data.synth import landcover
 
     classes = list(load_dataset(data, split="train").classes)

@@ -32,11 +32,11 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..api import predict, train
-    from ..data.datasets import load_dataset
+    from ..data.loader import load_dataset
     from ..data.synth.landcover import write_landcover_dataset
     from ..memory import format_size
     from ..metrics import ConfusionMatrix
-    from ..train.recipe import TrainSettings
+    from ..training.recipe import TrainSettings
 
     out = Path(args.out)
     started = time.perf_counter()

@@ -28,9 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     import resource
+    from pathlib import Path
 
     from ..api import load_model, predict
     from ..memory import format_size

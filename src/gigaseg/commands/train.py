@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..api import train
     from ..memory import parse_size
-    from ..train.recipe import TrainSettings
+    from ..training.recipe import TrainSettings
     from .common import parse_options, read_config
 
     config = read_config(args.config)

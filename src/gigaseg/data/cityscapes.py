@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
-from .datasets import (
+from .base import (
     SegmentationDataset,
     check_split,
     index_files,
@@ -27,7 +27,7 @@ from .datasets import (
     require_folder,
     unlabelled_pairs,
 )
-from .labels import LookupEncoding
+from .labels import IGNORE_INDEX, LookupEncoding
 
 CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -42,7 +42,6 @@ PALETTE = (
 )
 #: label id of each train id 0..18 (the official cityscapesScripts table)
 LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
-IGNORE_INDEX = 255
 SPLITS = ("train", "val", "test")
 
 IMAGE_SUFFIX = "_leftImg8bit"

@@ -28,7 +28,7 @@ Rules (each violation is a ``DatasetError`` naming the file):
 ``dataset[i]`` is a :class:`ClassificationSample`: the name, a lazy ``ImageSource`` and
 the class id. Like the segmentation datasets it has ``classes``, ``palette``,
 ``ignore_index`` and ``exclude_from_miou``, so the training engine can store the same data
-facts in checkpoints. :func:`load_task_dataset` opens either kind of dataset, deciding
+facts in checkpoints. :func:`gigaseg.data.loader.load_dataset` opens either kind of dataset, deciding
 from ``dataset.yaml``'s ``task``.
 """
 
@@ -40,14 +40,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError, GigasegError
 from ..io.base import ImageSource
 from ..io.palette import default_palette
 from ..io.sources import open_image
-from .datasets import (
+from .base import (
     YAML_NAME,
     index_files,
     listing,
@@ -66,8 +65,6 @@ __all__ = [
     "ClassificationDataset",
     "ClassificationSample",
     "classification_yaml",
-    "dataset_task",
-    "load_task_dataset",
     "read_classification_yaml",
 ]
 
@@ -104,19 +101,6 @@ class ClassificationConfig:
     classes: list[str]
     labels: dict[str, int]
     splits: dict[str, list[str]] | None
-
-
-def dataset_task(path: str | os.PathLike) -> str:
-    """``task`` of the dataset.yaml in folder ``path`` (or the yaml itself); "segmentation" without one."""
-    path = Path(path)
-    yaml_path = path if path.is_file() else path / YAML_NAME
-    if not yaml_path.is_file():
-        return "segmentation"
-    try:
-        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return "segmentation"  # the segmentation loader reports the problem in detail
-    return str(data.get("task", "segmentation")) if isinstance(data, dict) else "segmentation"
 
 
 def read_classification_yaml(path: str | os.PathLike) -> ClassificationConfig:
@@ -249,13 +233,3 @@ class ClassificationDataset(Dataset):
     def __repr__(self) -> str:
         return f"ClassificationDataset({str(self.root)!r}, split={self.split!r}, {len(self)} images, " \
                f"{self.num_classes} classes)"
-
-
-def load_task_dataset(path: str | os.PathLike, split: str = "train", **options):
-    """A ``ClassificationDataset`` when ``path``'s dataset.yaml says ``task: classification``,
-    else ``gigaseg.data.datasets.load_dataset(path, split, **options)``."""
-    if dataset_task(path) == TASK:
-        return ClassificationDataset(path, split, **options)
-    from .datasets import load_dataset
-
-    return load_dataset(path, split, **options)

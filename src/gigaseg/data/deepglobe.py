@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from ..errors import DatasetError
-from .datasets import (
+from .base import (
     IMAGE_EXTENSIONS,
     SegmentationDataset,
     index_files,

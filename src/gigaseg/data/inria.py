@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from ..errors import DatasetError
-from .datasets import (
+from .base import (
     SegmentationDataset,
     check_split,
     index_files,

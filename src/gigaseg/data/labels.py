@@ -30,9 +30,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import DatasetError
+from ..geometry import Window
 from ..io.base import ImageSource
 from ..io.palette import as_palette, rgb_to_index
-from ..window import Window
+
+#: the label value that marks pixels no loss or metric counts (never a class id)
+IGNORE_INDEX = 255
 
 
 def _describe_window(window: Window) -> str:
@@ -147,7 +150,7 @@ class IndexEncoding(LabelEncoding):
 
     kind = "index"
 
-    def __init__(self, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         self._check_ignore(int(num_classes), int(ignore_index))
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
@@ -188,7 +191,7 @@ class PaletteEncoding(LabelEncoding):
         self,
         palette,
         ignore_color: tuple[int, int, int] | list[int] | None = None,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         threshold: int | None = None,
     ):
         self.palette = as_palette(palette)
@@ -262,7 +265,7 @@ class LookupEncoding(LabelEncoding):
 
     kind = "lookup"
 
-    def __init__(self, lut, ignore_index: int = 255, num_classes: int | None = None):
+    def __init__(self, lut, ignore_index: int = IGNORE_INDEX, num_classes: int | None = None):
         table = np.asarray(lut)
         if table.shape != (256,):
             raise ValueError(f"a lookup table has 256 entries (one per uint8 value), got shape {table.shape}")
@@ -302,7 +305,7 @@ class BinaryEncoding(LabelEncoding):
     kind = "binary"
     num_classes = 2
 
-    def __init__(self, threshold: int = 128, ignore_index: int = 255):
+    def __init__(self, threshold: int = 128, ignore_index: int = IGNORE_INDEX):
         if threshold < 1:
             raise ValueError(f"threshold must be >= 1, got {threshold}")
         self._check_ignore(2, int(ignore_index))

@@ -1,10 +1,21 @@
-"""Whole-image prediction that streams: bounded memory whatever the image size.
+"""Whole-image prediction with bounded memory whatever the image size.
 
-``WholeImagePredictor`` is the one thing a method provides; ``predict_image``
-drives it block by block and hands finished row bands to the mask writer.
+``contract`` holds the predictor contract of each task (segmentation, classification,
+detection); ``stream.predict_image`` drives a segmentation predictor block by block and hands
+finished row bands to the mask writer; ``stitch`` merges overlapping patches; ``planner``
+turns a memory budget into sub-batch and block sizes; ``heap`` bounds the allocator;
+``fingerprint`` identifies what produced a mask, so a resumed prediction never mixes two.
 """
 
-from .interface import WholeImagePredictor
+from .contract import ClassificationPredictor, DetectionPredictor, Detections, Predictor, SegmentationPredictor
 from .stream import PredictionResult, predict_image
 
-__all__ = ["WholeImagePredictor", "PredictionResult", "predict_image"]
+__all__ = [
+    "ClassificationPredictor",
+    "DetectionPredictor",
+    "Detections",
+    "PredictionResult",
+    "Predictor",
+    "SegmentationPredictor",
+    "predict_image",
+]

@@ -1,4 +1,4 @@
-"""Drive a ``WholeImagePredictor`` over a whole image, block by block, into files.
+"""Drive a ``SegmentationPredictor`` over a whole image, block by block, into files.
 
 Memory: one row of blocks of labels (``block_size`` rows x image width, uint8),
 one block of probabilities, and whatever the predictor holds (its context and
@@ -18,30 +18,15 @@ from typing import Callable
 
 import numpy as np
 
+from ..geometry import Window
 from ..io.base import ImageSource
 from ..io.writers import MaskWriter
-from ..window import Window
-from .heap import bound_heap_growth, release_free_memory
-from .interface import WholeImagePredictor
 from ..progress import progress_bar
+from .contract import SegmentationPredictor
+from .heap import bound_heap_growth, release_free_memory
 
 #: bands handed to the mask writer are multiples of its tile height
 WRITER_TILE = 512
-#: block side for streaming prediction by memory budget (bytes): smaller blocks hold less
-#: but recompute more of the patches that straddle block borders
-_BLOCK_FOR_BUDGET = ((1.5e9, 1024), (4e9, 2048))
-
-
-def block_size_for(max_memory: int | None) -> int:
-    """The block side the driver uses under ``max_memory`` (predictors plan their buffers with it)."""
-    if max_memory is None:
-        return 2048
-    for limit, block in _BLOCK_FOR_BUDGET:
-        if max_memory <= limit:
-            return block
-    return 4096
-
-
 @dataclass
 class PredictionResult:
     mask_path: Path | None
@@ -61,7 +46,7 @@ class PredictionResult:
 
 def effective_block_size(predictor, requested: int) -> int:
     """The block side a prediction runs with: the one ``predictor`` planned its memory for
-    (``WholeImagePredictor.block_size``; duck-typed predictors may have none), else ``requested``."""
+    (``SegmentationPredictor.block_size``; duck-typed predictors may have none), else ``requested``."""
     return getattr(predictor, "block_size", None) or requested
 
 
@@ -76,7 +61,7 @@ def block_grid(height: int, width: int, block_size: int) -> list[list[Window]]:
 
 
 def predict_image(
-    predictor: WholeImagePredictor,
+    predictor: SegmentationPredictor,
     source: ImageSource,
     out: str | os.PathLike | None,
     *,

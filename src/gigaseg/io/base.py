@@ -15,11 +15,11 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from ..errors import ImageReadError
+from ..geometry import Window
 from ..memory import parse_size
-from ..window import Window
 from .resample import RESAMPLING, axis_plan, check_out_size, check_resample, resample_region
 
-__all__ = ["RESAMPLING", "FileSource", "ImageSource", "InMemorySource", "check_image_file", "thumbnail_size"]
+__all__ = ["RESAMPLING", "FileSource", "ImageSource", "InMemorySource", "check_image_file", "read_resized", "thumbnail_size"]
 
 
 class ImageSource(ABC):
@@ -147,6 +147,24 @@ class ImageSource(ABC):
     def __repr__(self) -> str:
         where = self.path if self.path is not None else "<array>"
         return f"{type(self).__name__}({where!r}, {self.height}x{self.width}x{self.channels}, {self.dtype})"
+
+
+def read_resized(source: ImageSource, window: Window, size: tuple[int, int]) -> np.ndarray:
+    """The pixels of ``window`` resized to ``size``: area averaging when shrinking, bilinear when enlarging.
+
+    Args:
+        source: the image.
+        window: the region to read.
+        size: the output ``(height, width)``.
+
+    Returns:
+        ``(height, width, channels)`` in the source's dtype.
+    """
+    size = tuple(size)
+    if size == window.shape:
+        return source.read(window)
+    shrinking = size[0] <= window.height and size[1] <= window.width
+    return source.read(window, out_size=size, resample="area" if shrinking else "bilinear")
 
 
 def thumbnail_size(height: int, width: int, max_side: int) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..window import Window
+from ..geometry import Window
 from .base import ImageSource
 
 __all__ = ["CroppedSource"]

@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..window import Window
+from ..geometry import Window
 
 #: the ``resample`` methods every ``ImageSource.read`` accepts (described above)
 RESAMPLING = ("area", "bilinear", "nearest")

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ImageReadError
+from ..geometry import Window
 from ..memory import format_size
-from ..window import Window
 from . import resample as rs
 from .base import FileSource, check_image_file
 

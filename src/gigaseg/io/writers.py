@@ -31,7 +31,7 @@ import numpy as np
 import tifffile
 
 from ..errors import GigasegError
-from ..window import Window
+from ..geometry import Window
 from .atomic import atomic_output
 
 #: render(window) -> (window.height, window.width[, channels]) array

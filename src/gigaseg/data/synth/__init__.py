@@ -6,13 +6,13 @@
 - ``checks``: the self-checks proving both properties, computed band by band.
 """
 
+from ..labels import IGNORE_INDEX
 from .checks import CheckReport, run_checks
 from .landcover import (
     CLASSES,
     CONTEXT_CLASSES,
     CUE_CLASSES,
     FINE_CLASSES,
-    IGNORE_INDEX,
     PALETTE,
     LandcoverConfig,
     LandcoverScene,

@@ -27,8 +27,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ...tiling import glnet_starts
-from ...window import Window
+from ...geometry import Window, glnet_starts
 
 #: the fine-structure IoU after 4x nearest down/up-sampling must not exceed this
 FINE_MAX_IOU = 0.5

@@ -44,7 +44,8 @@ import numpy as np
 from scipy import ndimage
 
 from ...errors import ConfigError
-from ...window import Window
+from ...geometry import Window
+from ..labels import IGNORE_INDEX
 from . import checks, output
 from .output import MANIFEST, write_text
 from .textures import SmoothField, hash32, pixel_noise, sample, unit_hash
@@ -71,7 +72,6 @@ PALETTE = np.array(
     ],
     dtype=np.uint8,
 )
-IGNORE_INDEX = 255
 #: classes a 4x downsampled (global) view destroys
 FINE_CLASSES = {"road": ROAD, "stream": STREAM}
 #: classes that look the same locally and differ only by distance to the cue

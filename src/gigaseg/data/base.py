@@ -1,0 +1,401 @@
+"""What every dataset format shares: lazy samples, the segmentation dataset base class, file matching.
+
+A segmentation dataset is a list of pairs (name, image file, mask file or None) plus what
+the labels mean: ``classes``, ``palette``, the ``encoding`` that turns a mask file into class
+ids, ``ignore_index`` and the classes ``exclude_from_miou``. Indexing opens a pair lazily as a
+``Sample`` (an ``ImageSource`` and a ``LabelSource``); nothing is decoded until a window is
+read, so a dataset of gigapixel scenes costs only file handles. Datasets hold only paths, so
+they pickle into DataLoader workers.
+
+Construction checks from file headers (cheap) that every image has its mask and that their
+sizes match; ``validate(full=True)`` also decodes every mask band by band and reports unknown
+colours and out-of-range ids. Problems are ``DatasetError``\\ s naming the file.
+
+The formats (``folder``, ``deepglobe``, ``inria``, ``cityscapes``, ``classification``) import
+this module; it imports none of them. ``gigaseg.data.loader.load_dataset`` recognises them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import yaml
+from torch.utils.data import Dataset
+
+from ..errors import DatasetError, GigasegError
+from ..geometry import Window
+from ..io.base import ImageSource
+from ..io.palette import as_palette, default_palette
+from ..io.resample import band_edges
+from ..io.sources import open_image
+from .labels import LabelEncoding, LabelSource
+
+#: file extensions read as images or masks (case-insensitive)
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+#: bytes of raw mask decoded at once by ``validate(full=True)``
+VALIDATE_BAND_BYTES = 64 * 2**20
+
+#: how many problems a DatasetError lists before summarising
+_LISTED = 5
+
+
+def stem(path: str | os.PathLike) -> str:
+    """File name without its extension (``a.ome.tif`` -> ``a``)."""
+    name = os.path.basename(path)
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def list_images(folder: Path, suffix: str = "") -> list[Path]:
+    """Image files in ``folder`` whose stem ends with ``suffix``, sorted; hidden files skipped."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and stem(p).endswith(suffix)
+    )
+
+
+def require_images(folder: Path) -> list[Path]:
+    """``list_images(folder)``; a folder without images is a DatasetError."""
+    files = list_images(folder)
+    if not files:
+        raise DatasetError(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def row_bands(source: ImageSource) -> Iterator[Window]:
+    """Full-width windows of ``source``, top to bottom, each about ``VALIDATE_BAND_BYTES`` decoded."""
+    row_bytes = source.width * source.channels * source.dtype.itemsize
+    for top, bottom in band_edges(0, source.height, VALIDATE_BAND_BYTES // max(1, row_bytes)):
+        yield Window(top, 0, bottom - top, source.width)
+
+
+def require_folder(folder: Path, what: str) -> Path:
+    if not folder.is_dir():
+        raise DatasetError(folder, f"{what} does not exist" if not folder.exists() else f"{what} is not a folder")
+    return folder
+
+
+def listing(names: Sequence[str], limit: int = _LISTED) -> str:
+    """``a, b, c`` (and ``... and N more`` past ``limit``)."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def index_files(files: Iterable[Path], folder: Path, suffix: str = "") -> dict[str, Path]:
+    """``{name: file}`` where name is the stem without ``suffix``; two files with one name is an error."""
+    found: dict[str, Path] = {}
+    for path in files:
+        name = stem(path)
+        name = name[: len(name) - len(suffix)]
+        if name in found:
+            raise DatasetError(folder, f"two files have the name {name!r}: {found[name].name} and {path.name}")
+        found[name] = path
+    return found
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Where one sample lives on disk."""
+
+    name: str
+    image: Path
+    mask: Path | None
+
+
+def match_pairs(
+    images: dict[str, Path],
+    masks: dict[str, Path],
+    image_folder: Path,
+    mask_folder: Path,
+) -> list[Pair]:
+    """Image and mask files paired by name; an image without mask or a mask without image is an error."""
+    no_mask = sorted(set(images) - set(masks))
+    if no_mask:
+        raise DatasetError(
+            mask_folder,
+            f"{len(no_mask)} image(s) have no mask here: {listing([images[n].name for n in no_mask])}",
+        )
+    no_image = sorted(set(masks) - set(images))
+    if no_image:
+        raise DatasetError(
+            image_folder,
+            f"{len(no_image)} mask(s) have no image here: {listing([masks[n].name for n in no_image])}",
+        )
+    return [Pair(name, images[name], masks[name]) for name in sorted(images)]
+
+
+def unlabelled_pairs(images: dict[str, Path]) -> list[Pair]:
+    """Image files without masks (a test split), as pairs in name order."""
+    return [Pair(name, images[name], None) for name in sorted(images)]
+
+
+def check_split(root: Path, dataset: str, split: str, splits: Sequence[str]) -> None:
+    """DatasetError unless ``split`` is one of the fixed ``splits`` of a published dataset."""
+    if split not in splits:
+        raise DatasetError(root, f"{dataset} has no split {split!r} (splits: {', '.join(splits)})")
+
+
+def select_split(
+    split: str,
+    splits: dict[str, list[str]] | None,
+    names: Sequence[str],
+    source: Path,
+    image_folder: Path,
+) -> list[str]:
+    """The image names of ``split``, from the ``splits`` a dataset.yaml (``source``) defines.
+
+    ``"all"`` is every name (unless ``splits`` defines its own ``"all"``); without
+    ``splits`` every name is in ``"train"``. An unknown split, a split listing a
+    name with no image in ``image_folder`` and an empty split are errors naming ``source``.
+    """
+    if split == "all" and not (splits and "all" in splits):
+        chosen = list(names)
+    elif splits is None:
+        if split != "train":
+            raise DatasetError(
+                source, f"no split {split!r}: no splits are defined, so every image is in 'train' (or 'all')"
+            )
+        chosen = list(names)
+    else:
+        if split not in splits:
+            raise DatasetError(source, f"no split {split!r} (splits: {', '.join(splits)})")
+        chosen = splits[split]
+        available = set(names)
+        missing = [name for name in chosen if name not in available]
+        if missing:
+            raise DatasetError(
+                source,
+                f"split {split!r} lists {len(missing)} stem(s) with no image in {image_folder}: {listing(missing)}",
+            )
+    if not chosen:
+        raise DatasetError(source, f"no images for split {split!r}")
+    return chosen
+
+
+@dataclass
+class Sample:
+    """One dataset item, opened lazily: nothing is decoded until a window is read."""
+
+    name: str
+    image: ImageSource
+    mask: LabelSource | None
+
+    def close(self) -> None:
+        self.image.close()
+        if self.mask is not None:
+            self.mask.close()
+
+    def __enter__(self) -> "Sample":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SegmentationDataset(Dataset):
+    """Base class: a list of ``Pair``\\ s plus the meaning of their labels.
+
+    ``dataset[i]`` is a ``Sample`` (lazy). Subclasses find the pairs and call
+    ``__init__`` with them.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        pairs: Sequence[Pair],
+        *,
+        classes: Sequence[str],
+        encoding: LabelEncoding,
+        palette=None,
+        exclude_from_miou: Iterable[int] = (),
+        max_memory: int | str | None = None,
+        check: bool = True,
+    ):
+        self.root = Path(root)
+        self.split = split
+        self.pairs = list(pairs)
+        self.classes = [str(c) for c in classes]
+        self.encoding = encoding
+        self.palette = default_palette(len(self.classes)) if palette is None else as_palette(palette)
+        self.exclude_from_miou = tuple(int(c) for c in exclude_from_miou)
+        self.max_memory = max_memory
+        if len(self.classes) != encoding.num_classes:
+            raise DatasetError(
+                self.root, f"{len(self.classes)} class names but the label encoding has {encoding.num_classes} classes"
+            )
+        if len(self.palette) != len(self.classes):
+            raise DatasetError(self.root, f"{len(self.palette)} palette colours for {len(self.classes)} classes")
+        if not self.pairs:
+            raise DatasetError(self.root, f"no images for split {split!r}")
+        if check:
+            self.validate()
+
+    # --- what the labels mean -------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def ignore_index(self) -> int:
+        return self.encoding.ignore_index
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every sample has a mask (False for test splits)."""
+        return all(p.mask is not None for p in self.pairs)
+
+    # --- the samples --------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Sample:
+        pair = self.pairs[index]
+        image = open_image(pair.image, max_memory=self.max_memory)
+        try:
+            mask = None if pair.mask is None else self._open_mask(pair.mask)
+        except BaseException:
+            image.close()
+            raise
+        return Sample(pair.name, image, mask)
+
+    def _open_mask(self, path: Path) -> LabelSource:
+        raw = open_image(path, max_memory=self.max_memory)
+        try:
+            return LabelSource(raw, self.encoding)
+        except BaseException:
+            raw.close()
+            raise
+
+    # --- checks ---------------------------------------------------------------------------
+    def validate(self, full: bool = False) -> None:
+        """Check every pair; raise one ``DatasetError`` listing the problems found.
+
+        Always: files open, the mask suits the encoding (channels) and image and mask
+        sizes agree (headers only). With ``full``, every mask is also decoded, a band
+        of rows at a time, so unknown colours and out-of-range ids are found.
+        """
+        problems: list[GigasegError] = []
+        for pair in self.pairs:
+            try:
+                self._check_pair(pair, full)
+            except GigasegError as error:
+                problems.append(error)
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            shown = "; ".join(str(p) for p in problems[:_LISTED])
+            more = f"; and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
+            raise DatasetError(self.root, f"{len(problems)} problems in split {self.split!r}: {shown}{more}")
+
+    def _check_pair(self, pair: Pair, full: bool) -> None:
+        with open_image(pair.image, max_memory=self.max_memory) as image:
+            if pair.mask is None:
+                return
+            with self._open_mask(pair.mask) as mask:
+                if mask.shape[:2] != image.shape[:2]:
+                    raise DatasetError(
+                        pair.mask,
+                        f"mask is {mask.height}x{mask.width} (HxW) but its image {pair.image} "
+                        f"is {image.height}x{image.width}",
+                    )
+                if full:
+                    for band in row_bands(mask.raw):
+                        mask.read(band)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({str(self.root)!r}, split={self.split!r}, "
+            f"{len(self)} samples, {self.num_classes} classes)"
+        )
+
+
+def read_pair(
+    sample: Sample, window: Window | None = None, out_size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image ``(h, w, C)`` and labels ``(h, w)`` uint8 of one window, aligned.
+
+    The image is resampled with area averaging, the labels with nearest neighbour.
+    Labels are None for a sample without mask.
+    """
+    window = sample.image.bounds if window is None else window
+    image = sample.image.read(window, out_size, resample="area")
+    labels = None if sample.mask is None else sample.mask.read(window, out_size, resample="nearest")[:, :, 0]
+    return image, labels
+
+
+# --- gigaseg's dataset.yaml -------------------------------------------------------------
+
+YAML_NAME = "dataset.yaml"
+
+
+def yaml_dataset_folder(root: str | os.PathLike, why: str) -> Path:
+    """The folder holding a dataset.yaml: ``root`` itself, or the folder of ``root`` when it is the yaml.
+
+    A folder without dataset.yaml is a DatasetError saying ``why`` it needs one.
+    """
+    root = Path(root)
+    if root.is_file() and root.name == YAML_NAME:
+        root = root.parent
+    require_folder(root, "dataset folder")
+    if not (root / YAML_NAME).is_file():
+        raise DatasetError(root, f"no {YAML_NAME} here ({why})")
+    return root
+
+
+def load_yaml_mapping(path: Path, keys: str) -> dict:
+    """The mapping in the yaml file ``path``; ``keys`` hints at what it should hold (``"name:, classes:"``)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise DatasetError(path, f"cannot read: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise DatasetError(path, "is not valid YAML: " + " ".join(str(error).split())) from None
+    if not isinstance(data, dict):
+        raise DatasetError(path, f"must be a YAML mapping ({keys}, ...)")
+    return data
+
+
+def yaml_classes(data: dict, path: Path) -> list[str]:
+    """The ``classes`` of a dataset.yaml: a non-empty list of distinct names (ids are their indices)."""
+    classes = data.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int)) for c in classes):
+        raise DatasetError(path, f"'classes' must be a non-empty list of names, got {classes!r}")
+    classes = [str(c) for c in classes]
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise DatasetError(path, f"class names appear twice in 'classes': {', '.join(twice)}")
+    return classes
+
+
+def yaml_splits(data: dict, path: Path) -> dict[str, list[str]] | None:
+    """The optional ``splits`` of a dataset.yaml: split name -> image stems."""
+    splits = data.get("splits")
+    if splits is None:
+        return None
+    if not isinstance(splits, dict) or not all(isinstance(k, str) and isinstance(v, list) for k, v in splits.items()):
+        raise DatasetError(path, "'splits' must map split names to lists of image stems")
+    return {k: [str(s) for s in v] for k, v in splits.items()}
+
+
+def yaml_folder(data: dict, key: str, path: Path) -> str:
+    """A folder name of a dataset.yaml (``images``, ``masks``), defaulting to ``key`` itself."""
+    value = data.get(key, key)
+    if not isinstance(value, str) or not value:
+        raise DatasetError(path, f"'{key}' must be a folder name, got {value!r}")
+    return value

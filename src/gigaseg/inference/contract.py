@@ -1,0 +1,175 @@
+"""The contracts between the prediction drivers and a method's whole-image logic, one per task.
+
+- :class:`SegmentationPredictor`: class probabilities of any block of a (huge) image; the
+  streaming driver (``gigaseg.inference.stream.predict_image``) tiles the image into blocks
+  and writes the labels band by band.
+- :class:`ClassificationPredictor`: class probabilities of one whole image.
+- :class:`DetectionPredictor`: the objects in one whole image, as :class:`Detections`.
+
+Each method's ``predictor`` factory (see ``gigaseg.methods.registry``) returns the contract
+of its network's task. Nothing here keeps per-image state between images.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..geometry import Window
+from ..io.base import ImageSource
+from ..io.normalize import Normalization
+
+__all__ = ["ClassificationPredictor", "DetectionPredictor", "Detections", "Predictor", "SegmentationPredictor"]
+
+
+class Predictor(ABC):
+    """What every task's predictor shares: the network in eval mode, normalisation, device, precision.
+
+    Args:
+        model: the network (switched to eval mode).
+        normalization: how source pixels are normalised for the network.
+        device: where the network runs.
+        sub_batch: patches (or tiles) per forward pass, at least 1.
+        precision: "32", "bf16-mixed" ("bf16") or "16-mixed" ("16").
+    """
+
+    def __init__(self, model: torch.nn.Module, normalization: Normalization, device: str | torch.device = "cpu",
+                 sub_batch: int = 4, precision: str = "32"):
+        self.model = model.eval()
+        self.normalization = normalization
+        self.device = torch.device(device)
+        self.sub_batch = max(1, int(sub_batch))
+        self.precision = precision
+
+    @property
+    def num_classes(self) -> int:
+        """The network's class count."""
+        return int(self.model.num_classes)
+
+    def to_tensor(self, array_hwc: np.ndarray) -> torch.Tensor:
+        """Source pixels as the network's input.
+
+        Args:
+            array_hwc: pixels ``(H, W, C)`` as read from an ``ImageSource``.
+
+        Returns:
+            The normalised float tensor ``(1, C, H, W)`` on the device.
+        """
+        return torch.from_numpy(self.normalization.apply(array_hwc)).unsqueeze(0).to(self.device)
+
+    def autocast(self):
+        """The mixed-precision context of ``precision``.
+
+        Returns:
+            ``torch.autocast`` for "bf16-mixed" / "16-mixed", a disabled one for "32".
+        """
+        if self.precision in ("bf16-mixed", "bf16"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.precision in ("16-mixed", "16"):
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return torch.autocast(self.device.type, enabled=False)
+
+
+class SegmentationPredictor(Predictor):
+    """Predicts class probabilities of any window of a (huge) image.
+
+    The driver calls ``prepare`` once per image (global context: a thumbnail's features,
+    say) and then ``predict_block`` for blocks that tile the image. A predictor reads what
+    it needs from the source itself (a block plus a halo, a pyramid level), so it decides
+    its own context; the driver only bounds the block size. Whatever ``prepare`` computes
+    is returned and passed back in.
+    """
+
+    #: how far (in full-resolution pixels) a block's prediction depends on pixels outside it;
+    #: the driver uses it only to report seams, the predictor reads its own halo.
+    halo: int = 0
+    #: the block side this predictor planned its memory for (None: the driver's choice by budget)
+    block_size: int | None = None
+
+    def prepare(self, source: ImageSource) -> Any:
+        """Per-image context, computed once before the blocks.
+
+        Args:
+            source: the image.
+
+        Returns:
+            Anything ``predict_block`` needs for every block of this image (default: None).
+        """
+        return None
+
+    @abstractmethod
+    def predict_block(self, source: ImageSource, context: Any, window: Window) -> np.ndarray:
+        """Class probabilities of one block.
+
+        Args:
+            source: the image.
+            context: what ``prepare`` returned for this image.
+            window: the block, inside the image.
+
+        Returns:
+            float32 ``(num_classes, window.height, window.width)``.
+        """
+
+
+class ClassificationPredictor(Predictor):
+    """Predicts the class probabilities of a whole (possibly huge) image."""
+
+    @abstractmethod
+    def predict(self, source: ImageSource) -> np.ndarray:
+        """Class probabilities of ``source``.
+
+        Args:
+            source: the image.
+
+        Returns:
+            float32 ``(num_classes,)`` summing to 1.
+        """
+
+
+@dataclass(frozen=True)
+class Detections:
+    """The objects found in one image, in its full-resolution pixel coordinates.
+
+    Attributes:
+        boxes: float32 ``(N, 4)``, ``(x0, y0, x1, y1)`` with ``x0 <= x1`` and ``y0 <= y1``.
+        scores: float32 ``(N,)``, the confidence of each box.
+        labels: int64 ``(N,)``, the class of each box.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if not len(boxes) == len(scores) == len(labels):
+            raise ValueError(f"{len(boxes)} boxes, {len(scores)} scores and {len(labels)} labels: one each per object")
+        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+            raise ValueError("a box must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
+        object.__setattr__(self, "boxes", boxes)
+        object.__setattr__(self, "scores", scores)
+        object.__setattr__(self, "labels", labels)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+class DetectionPredictor(Predictor):
+    """Finds the objects of a whole (possibly huge) image."""
+
+    @abstractmethod
+    def predict(self, source: ImageSource) -> Detections:
+        """The objects of ``source``.
+
+        Args:
+            source: the image.
+
+        Returns:
+            Its ``Detections``.
+        """

@@ -1,0 +1,50 @@
+"""The two naive baselines' networks: FPNSegmenters (``gigaseg.nn.segmenters``) with their options.
+
+- ``"global"``: the whole image downsampled to ``input_size`` x ``input_size`` (GLNet's
+  global-only baseline). Defaults follow GLNet's global stage: 120 epochs, lr 5e-5, batch 6.
+- ``"patch"``: full-resolution ``patch_size`` windows; at prediction neighbouring windows
+  overlap by ``overlap`` pixels (stride ``patch_size - overlap``; 120 is GLNet's overlap on a
+  2448 px DeepGlobe side) and are stitched with ``blend`` weights ("gaussian" or "uniform",
+  see ``gigaseg.geometry.blend_weights``). Training uses ``crops_per_image`` random crops per
+  image and epoch. Defaults follow GLNet's local stage: 50 epochs, lr 2e-5, batch 6.
+
+Both take ``loss`` ("focal": GLNet's focal loss with gamma 3, or "ce") and ``decoder``
+(see ``gigaseg.nn.segmenters``).
+"""
+
+from __future__ import annotations
+
+from ...errors import ConfigError
+from ...nn.segmenters import DECODERS, FPNSegmenter
+
+__all__ = ["BLEND_MODES", "LOSSES", "GlobalSegmenter", "PatchSegmenter"]
+
+LOSSES = ("focal", "ce")
+BLEND_MODES = ("gaussian", "uniform")
+
+
+class GlobalSegmenter(FPNSegmenter):
+    """Global-only baseline: the whole image at ``input_size`` x ``input_size``."""
+
+    default_options = {"input_size": 508, "decoder": "fpn", "fpn_channels": 256, "loss": "focal"}
+    option_choices = {"decoder": DECODERS, "loss": LOSSES}
+    size_option = "input_size"
+
+    def check_options(self) -> None:
+        self._require_positive("input_size", "fpn_channels")
+
+
+class PatchSegmenter(FPNSegmenter):
+    """Patch-only baseline: full-resolution ``patch_size`` windows, ``overlap`` px apart at prediction."""
+
+    default_options = {"patch_size": 508, "overlap": 120, "blend": "gaussian", "decoder": "fpn", "fpn_channels": 256,
+                       "loss": "focal", "crops_per_image": 8}
+    option_choices = {"decoder": DECODERS, "loss": LOSSES, "blend": BLEND_MODES}
+    inference_options = ("overlap", "blend")
+    size_option = "patch_size"
+
+    def check_options(self) -> None:
+        self._require_positive("patch_size", "crops_per_image", "fpn_channels")
+        if not 0 <= self.options["overlap"] < self.options["patch_size"]:
+            raise ConfigError(f"patch: option overlap must be in [0, patch_size={self.options['patch_size']}), "
+                              f"got {self.options['overlap']}")

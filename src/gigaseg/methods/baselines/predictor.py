@@ -1,0 +1,121 @@
+"""Whole-image prediction of the two naive baselines.
+
+``global``: the thumbnail segmented once; every block is an exact crop of its bilinear
+upsampling. ``patch``: full-resolution sliding windows over the whole image, blended with
+``blend`` weights where they overlap (``gigaseg.inference.stitch``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...budget import MemoryEstimate, inference_estimate, runtime_bytes
+from ...geometry import PatchGrid, upsample_window
+from ...inference.contract import SegmentationPredictor
+from ...inference.planner import plan_inference
+from ...inference.stitch import stitch_block
+from ...io.normalize import Normalization
+from .model import GlobalSegmenter, PatchSegmenter
+
+__all__ = ["GlobalPredictor", "PatchPredictor", "block_bytes", "global_predictor", "patch_predictor"]
+
+
+class GlobalPredictor(SegmentationPredictor):
+    """Segment the thumbnail once; every block is an exact crop of its bilinear upsampling."""
+
+    def prepare(self, source):
+        size = self.model.options["input_size"]
+        view = source.read(out_size=(size, size), resample="area")
+        with torch.inference_mode(), self.autocast():
+            logits = self.model(self.to_tensor(view))
+        return torch.softmax(logits.float(), dim=1)
+
+    def predict_block(self, source, context, window):
+        with torch.inference_mode():
+            probs = upsample_window(context, (source.height, source.width), window)
+        return probs[0].cpu().numpy()
+
+
+class PatchPredictor(SegmentationPredictor):
+    """Sliding windows over the whole image, blended with the ``blend`` weights, predicted per block."""
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.options["patch_size"]
+
+    @property
+    def stride(self) -> int:
+        return max(1, self.patch_size - self.model.options["overlap"])
+
+    def prepare(self, source):
+        grid = PatchGrid.sliding(source.height, source.width, self.patch_size, self.stride)
+        return {"grid": grid, "cache": {}}
+
+    def predict_block(self, source, context, window):
+        def logits(batch, _windows):
+            with torch.inference_mode(), self.autocast():
+                return self.model(batch)
+
+        with torch.inference_mode():
+            return stitch_block(source, context["grid"], window, logits, self.to_tensor, self.num_classes,
+                                self.sub_batch, blend=self.model.options["blend"], cache=context["cache"])
+
+
+def block_bytes(block: int, patch: int, num_classes: int, channels: int) -> int:
+    """Working memory of one streamed block: probabilities (accumulated, normalised, argmax copy),
+    blending weights, and the block's float pixels with a patch of margin on each side."""
+    probs = 3 * num_classes * block * block * 4
+    pixels = channels * (block + 2 * patch) ** 2 * (4 + 1)  # float32 tensor + the decoded uint8 read
+    return probs + block * block * 4 + pixels
+
+
+def global_predictor(model: GlobalSegmenter, normalization: Normalization, *, device="cpu",
+                     max_memory: int | None = None, precision: str = "32") -> GlobalPredictor:
+    """The ``global`` method's predictor (its memory does not depend on a budget).
+
+    Args:
+        model: a ``global`` network.
+        normalization: how the images' pixels are normalised.
+        device: where the network runs.
+        max_memory: unused: one thumbnail and one block are all it holds.
+        precision: "32", "bf16-mixed" or "16-mixed".
+
+    Returns:
+        A ``GlobalPredictor``.
+    """
+    return GlobalPredictor(model, normalization, device=device, precision=precision)
+
+
+def patch_predictor(model: PatchSegmenter, normalization: Normalization, *, device="cpu",
+                    max_memory: int | None = None, precision: str = "32", default_sub_batch: int = 4) -> PatchPredictor:
+    """The ``patch`` method's predictor, with patches per forward pass planned from ``max_memory``.
+
+    The budget holds the process, the patches' activations and one block's working buffers
+    (:func:`block_bytes`).
+
+    Args:
+        model: a ``patch`` network.
+        normalization: how the images' pixels are normalised.
+        device: where the network runs.
+        max_memory: the budget in bytes (None: ``default_sub_batch`` patches).
+        precision: "32", "bf16-mixed" or "16-mixed".
+        default_sub_batch: patches per forward pass without a budget.
+
+    Returns:
+        A ``PatchPredictor``.
+
+    Raises:
+        BudgetError: not even one patch fits ``max_memory``.
+    """
+    patch = model.options["patch_size"]
+    sample = (torch.zeros(1, model.in_channels, patch, patch),)
+
+    def estimate(block: int) -> MemoryEstimate:
+        extra = block_bytes(block, patch, model.num_classes, model.in_channels)
+        return inference_estimate(model, sample, runtime=runtime_bytes(device), extra=extra)
+
+    plan = plan_inference(max_memory, estimate, f"{model.method_name} prediction with {patch}-px patches",
+                          default=default_sub_batch)
+    predictor = PatchPredictor(model, normalization, device=device, sub_batch=plan.sub_batch, precision=precision)
+    predictor.block_size = plan.block_size
+    return predictor

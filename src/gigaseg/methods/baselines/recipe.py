@@ -1,0 +1,60 @@
+"""The training recipes of the two naive baselines: GLNet's global-only and patch-only schedules."""
+
+from __future__ import annotations
+
+import torch
+
+from ...data.labels import IGNORE_INDEX
+from ...nn.losses import FocalLoss
+from ...training.recipe import Stage, StepContext
+from ...training.views import GlobalViews, RandomCrops
+
+
+def segmentation_loss(name: str, ignore_index: int = IGNORE_INDEX):
+    if name == "focal":
+        return FocalLoss(gamma=3, ignore_index=ignore_index)
+    if name == "ce":
+        return torch.nn.CrossEntropyLoss(ignore_index=ignore_index)
+    raise ValueError(f"unknown loss {name!r}; use 'focal' or 'ce'")
+
+
+def supervised_step(ctx: StepContext, batch: dict) -> dict[str, float]:
+    """Forward the stage's views in sub-batches of ``ctx.sub_batch``, one backward each.
+
+    Each sub-batch's mean loss is weighted by its share of the batch, so the summed
+    gradients equal the whole batch's (BatchNorm aside, whose statistics are per sub-batch).
+    """
+    loss_fn = segmentation_loss(ctx.model.options.get("loss", "focal"))
+    images, labels = batch["image"], batch["label"]
+    total = images.shape[0]
+    logged = 0.0
+    for start in range(0, total, ctx.sub_batch):
+        part = slice(start, start + ctx.sub_batch)
+        loss = loss_fn(ctx.wrapped(images[part]), labels[part]) * (images[part].shape[0] / total)
+        ctx.backward(loss)
+        logged += float(loss.detach())
+    return {"loss": logged}
+
+
+def global_stages(model) -> list[Stage]:
+    """GLNet's global-branch schedule (Adam 5e-5, 120 epochs, batch 6) on whole-image views."""
+    size = model.options["input_size"]
+    return [Stage(
+        name="global", epochs=120, lr=5e-5, batch_size=6, weight_decay=5e-4,
+        make_data=lambda data, norm, settings: GlobalViews(data, norm, (size, size), seed=settings.seed),
+        step=supervised_step,
+        sample_inputs=lambda m: (torch.zeros(1, m.in_channels, size, size),),
+    )]
+
+
+def patch_stages(model) -> list[Stage]:
+    """GLNet's local-branch schedule (Adam 2e-5, 50 epochs, batch 6) on full-resolution random crops."""
+    patch = model.options["patch_size"]
+    return [Stage(
+        name="patch", epochs=50, lr=2e-5, batch_size=6, weight_decay=5e-4,
+        make_data=lambda data, norm, settings: RandomCrops(data, norm, crop=patch,
+                                                           crops_per_image=model.options["crops_per_image"],
+                                                           seed=settings.seed),
+        step=supervised_step,
+        sample_inputs=lambda m: (torch.zeros(1, m.in_channels, patch, patch),),
+    )]

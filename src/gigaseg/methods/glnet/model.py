@@ -1,0 +1,461 @@
+"""GLNet: collaborative global-local networks (Chen et al., CVPR 2019), on any timm encoder.
+
+The network (facts: design/methods.md, section 1):
+
+- **global branch** (``global_branch``): encoder + GLNet's FPN (``gigaseg.nn.fpn``) on the
+  whole image resized to ``size_g`` x ``size_g``; logits at 1/4 of ``size_g``.
+- **local branch** (``local_branch``): encoder + an FPN whose every stage takes
+  ``concat(local, global crop)`` at the four sharing points (c2..c5, the top-down sums, ps1,
+  ps2; ``FPN(shared_inputs=True)``). The global crop of a patch is the rectangle it covers
+  on the global map (:func:`crop_global`, ``tiling.crop_resize`` kept inside the map), resized
+  to the local map's size.
+- **local -> global** (stage 3): ``global_ext`` holds the duplicate "_ext" layers with doubled
+  inputs. The frozen local branch runs over every patch; at each sharing point its maps are
+  pasted onto the global grid and averaged over overlaps (``LocalToGlobal``, built on
+  ``tiling.PasteAverager``); the global branch then runs its encoder and the ``_ext`` FPN
+  layers on ``concat(global, merged local)``, with the stage-1 classifier (as in the
+  authors' code, the classifier is shared by both global paths).
+- **ensemble**: a 3x3 conv over ``concat(ps3_local, crop of ps3_global)`` (1024 -> classes).
+- **feature-map regulariser** (stage 2): ``fmreg * MSE(ps3_local, crop of ps3_global)``,
+  ``fmreg = 0.15``. Losses are focal with ``focal_gamma = 3``.
+- **global_fixed**: stage 3 retrains the global branch, while the local branch keeps being fed
+  by the stage-1 global branch it was trained with. That frozen copy is part of the model
+  (so one checkpoint predicts on its own): encoder + plain FPN, 28.07 M parameters with
+  ResNet-50 branches and 7 classes. Until stage 3 starts it shares the global branch's
+  tensors (no memory, stored once in checkpoints); from stage 3 on it is a separate copy.
+  The paper's count (both branches, both FPNs with their sharing layers, ensemble head:
+  79.2 M) does not include it; :meth:`GLNet.parameter_breakdown` lists both.
+
+Stages (``STAGES``): 1 ``global``, 2 ``global2local``, 3 ``local2global``. The stage a model
+was trained in lives in the buffer ``trained_stage`` (saved in checkpoints; 0 = untrained,
+which predicts like stage 1), so a checkpoint predicts the way its stage defines: stage 1 the
+global branch alone; stages 2 and 3 the ensemble over GLNet's patch grid.
+
+Nothing here keeps per-image state: every call takes what it needs (the global features,
+the merged local maps) as arguments and returns what it computed. ``forward`` dispatches on
+``task`` so training steps go through the (Fabric/DDP-)wrapped module:
+
+- ``forward(x)``: whole images ``(B, C, H, W)`` (normalised) -> logits at ``(H, W)``, computed
+  in memory the way the streaming predictor (``gigaseg.methods.glnet.predictor``) computes them;
+- ``forward(x, "global", merged=None, fixed=False)`` -> :class:`FPNFeatures` of the global
+  branch (``merged``: the stage-3 local->global maps; ``fixed``: the frozen stage-1 copy);
+- ``forward(patches, "local", boxes=..., context=..., ensemble=True)`` -> :class:`PatchOutput`;
+- ``forward(local_ps3, "ensemble", global_ps3=..., boxes=...)`` -> ensemble logits.
+
+Huge images: with ``global_context="image"`` (the default, as the paper) the global view is
+the whole image resized to ``size_g``. GLNet was trained with 2448 px scenes (a 4.8x
+downsample to 508 px); for a 20000 x 20000 image a 508 px global view is a 40x downsample, so
+the global branch sees a scale it never saw in training and every 508 px patch covers only
+about 3 x 3 cells of the global c2 map. The memory stays bounded either way (the global
+features are of fixed size). ``global_context="tile"`` gives each block the global view of the
+``context_tile``-px tile around it instead (``gigaseg.methods.glnet.predictor.GLNetTilePredictor``); by default the
+tile is the side of the scenes the model was trained on, which training records in the
+buffer ``scene_side`` (saved in checkpoints; 0 in older ones, which fall back to the paper's
+2448 px). Measured on scenes
+4x the training side (benchmarks/results/glnet_global_view.md): the whole-image view costs
+0.171 mIoU against the patch baseline, the tiles 0.055.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import ConfigError
+from ...geometry import PasteAverager, PatchGrid, Window, box_on_grid, crop_resize, resize
+from ...nn.base import SegmentationModel
+from ...nn.encoders import Encoder, PretrainedSpec
+from ...nn.fpn import ALL_MAPS, FPN, SHARING_POINTS, FPNBranch, FPNFeatures, conv_cat, fpn_pass, init_conv
+
+__all__ = ["GLNet", "STAGES", "PatchOutput", "LocalToGlobal", "crop_global", "stage_number"]
+
+#: the tile side of the "tile" policy when neither the option nor the weights give one: the paper's scenes
+PAPER_SCENE_SIDE = 2448
+
+#: the three training stages, in order (stage numbers 1, 2, 3)
+STAGES = ("global", "global2local", "local2global")
+
+#: the maps of one FPN pass that other branches share
+_SHARED = SHARING_POINTS  # ("c", "p", "ps1", "ps2")
+
+
+def stage_number(stage: int | str) -> int:
+    """1, 2 or 3 for a stage number or name (``"global"``, ``"global2local"``, ``"local2global"``)."""
+    if isinstance(stage, str):
+        if stage not in STAGES:
+            raise ConfigError(f"glnet has no stage {stage!r}; its stages are {', '.join(STAGES)}")
+        return STAGES.index(stage) + 1
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
+        raise ConfigError(f"a GLNet stage is 0 (untrained), 1, 2, 3 or a stage name, got {stage!r}")
+    return stage
+
+
+def _cells_inside(box, height: int, width: int) -> Window:
+    """``tiling.box_on_grid`` of ``box``, shifted back inside the map where rounding pushed it out.
+
+    Patches near the far border of a large image can round to cells starting at the map's
+    edge on coarse maps (a 508 px patch of a 20000 px image is 0.4 cells of the 16-cell c5
+    map); GLNet's slicing would then crop nothing. Shifting keeps the cell count and the
+    patch's side of the map.
+    """
+    cells = box_on_grid(box, height, width)
+    top = max(0, min(cells.top, height - cells.height))
+    left = max(0, min(cells.left, width - cells.width))
+    return Window(top, left, cells.height, cells.width).clip(height, width)
+
+
+def crop_global(features: torch.Tensor, boxes, out_size: Sequence[int], batch_index=None) -> torch.Tensor:
+    """GLNet's global -> local crop: ``tiling.crop_resize`` with cells kept inside the map.
+
+    Each box's cells on the ``(H, W)`` map (``box_on_grid``, shifted inside when rounding
+    pushed them past the border) are resized bilinearly to ``out_size``; crops of equal
+    size are resized in one call. ``batch_index[i]`` picks box ``i``'s map (default: map 0
+    for a single map, map ``i`` otherwise). Differentiable.
+    """
+    return crop_resize(features, boxes, tuple(out_size), batch_index, to_cells=_cells_inside)
+
+
+def _crop_like(features, boxes, size, dtype, batch_index) -> torch.Tensor:
+    return crop_global(features, boxes, size, batch_index).to(dtype)
+
+
+@dataclass
+class PatchOutput:
+    """What the local branch returns for a sub-batch of patches."""
+
+    local: FPNFeatures              # the local branch's maps (``logits``: local logits at 1/4)
+    ensemble: torch.Tensor | None   # ensemble logits (same size as the local logits)
+    global_ps3: torch.Tensor | None  # the crop of the global ps3 each patch was ensembled with
+
+
+class LocalToGlobal:
+    """GLNet's local -> global merge for one image: paste-averages of the local maps.
+
+    ``sizes[point]`` are the global branch's map sizes at that point (levels 2..5); every
+    local map is resized to its patch's footprint on that grid, summed there and divided by
+    the overlap count (``tiling.PasteAverager``). Use :meth:`add` for each sub-batch (or as
+    the ``visit`` of a local pass) and :meth:`result` for the ``merged`` argument of the
+    global branch. Holds one global-resolution map per point and level: bounded memory.
+    """
+
+    def __init__(self, sizes: dict[str, list[tuple[int, int]]]):
+        self.averagers = {point: [PasteAverager(size) for size in sizes[point]] for point in _SHARED}
+
+    @classmethod
+    def like(cls, features: FPNFeatures) -> "LocalToGlobal":
+        """A merger onto the grids of ``features`` (the global branch's maps of this image)."""
+        return cls({point: [tuple(m.shape[-2:]) for m in getattr(features, point)] for point in _SHARED})
+
+    def add_point(self, point: str, maps: Sequence[torch.Tensor], boxes) -> None:
+        for averager, patch_maps in zip(self.averagers[point], maps, strict=True):
+            averager.add(patch_maps.detach(), boxes)
+
+    def add(self, local: FPNFeatures, boxes) -> None:
+        for point in _SHARED:
+            self.add_point(point, getattr(local, point), boxes)
+
+    def result(self) -> dict[str, list[torch.Tensor]]:
+        return {point: [a.result() for a in averagers] for point, averagers in self.averagers.items()}
+
+
+class GLNet(SegmentationModel):
+    """GLNet's two branches, the ``_ext`` layers, the ensemble head and the frozen stage-1 copy.
+
+    Options:
+        size_g: side of the global view (the whole image resized), 508 in the paper.
+        size_p: side of the full-resolution local patches, 508 in the paper.
+        min_overlap: GLNet's patch grid overlaps neighbouring patches by at least this (50 px).
+        fmreg: weight of the stage-2 feature-map regulariser (0.15).
+        focal_gamma: gamma of the focal loss (3).
+        global_context: how prediction gives patches their global view. ``"image"``: the whole
+            image at ``size_g``, whatever the image size (see the module docstring). ``"tile"``:
+            the thumbnail of a ``context_tile``-px tile around each block, so images far larger
+            than the training scenes are seen at the training scale
+            (``gigaseg.methods.glnet.predictor.GLNetTilePredictor``). An inference option: ``--set global_context=tile``.
+        context_tile: side of the tiles of the ``"tile"`` policy; 0 (the default): the side of
+            the scenes this model was trained on (:attr:`context_side`).
+        fpn_channels: lateral width of every FPN (256 in the paper; the smoothing width is half).
+            Narrower FPNs are for CPU-scale comparisons with the baselines' ``fpn_channels``:
+            at 64 the FPN convolutions, which dominate GLNet's cost per patch, are ~16x cheaper.
+    """
+
+    default_options: dict[str, Any] = {"size_g": 508, "size_p": 508, "min_overlap": 50, "fmreg": 0.15,
+                                       "focal_gamma": 3.0, "global_context": "image", "fpn_channels": 256,
+                                       "context_tile": 0}
+    option_choices = {"global_context": ("image", "tile")}
+    inference_options = ("min_overlap", "global_context", "context_tile")
+
+    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
+                 pretrained: PretrainedSpec = False, **options: Any):
+        super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
+        width = self.options["fpn_channels"]
+        widths = {"lateral_channels": width, "smooth_channels": max(1, width // 2)}
+        kw = {"num_classes": num_classes, "in_channels": in_channels, **widths}
+        self.global_branch = FPNBranch(encoder, pretrained=pretrained, **kw)
+        self.local_branch = FPNBranch(encoder, pretrained=pretrained, shared_inputs=True, **kw)
+        channels = self.global_branch.encoder.out_channels
+        self.global_ext = FPN(channels, num_classes, shared_inputs=True, **widths)
+        self.global_ext.classifier = None  # stage 3 classifies with the stage-1 classifier
+        merged = self.global_branch.fpn.classifier.in_channels  # ps3 channels (512 at the paper's widths)
+        self.ensemble = init_conv(2 * merged, num_classes, 3)
+        with torch.device("meta"):  # its tensors are the global branch's until stage 3 starts
+            self.global_fixed = FPNBranch(encoder, pretrained=False, **kw)
+        self._tie_fixed()
+        self.register_buffer("trained_stage", torch.tensor(0, dtype=torch.long))
+        # the median longer side of the training images (0: unknown), for the "tile" policy
+        self.register_buffer("scene_side", torch.tensor(0, dtype=torch.long))
+        self._register_load_state_dict_pre_hook(_tie_or_untie_on_load, with_module=True)
+
+    def check_options(self) -> None:
+        self._require_positive("size_g", "size_p", "fpn_channels")
+        if not 0 <= self.options["min_overlap"] < self.options["size_p"]:
+            raise ConfigError(f"glnet: option min_overlap must be in [0, size_p={self.options['size_p']}), "
+                              f"got {self.options['min_overlap']}")
+        tile = self.options["context_tile"]
+        if tile != 0 and tile <= self.options["size_p"]:
+            raise ConfigError(f"glnet: option context_tile must be larger than size_p={self.options['size_p']} "
+                              f"(a tile holds whole patches), or 0 for the training scenes' side; got {tile}")
+        if self.options["fmreg"] < 0 or self.options["focal_gamma"] < 0:
+            raise ConfigError("glnet: options fmreg and focal_gamma must be >= 0")
+
+    # ------------------------------------------------------------------ stages
+
+    @property
+    def stage(self) -> int:
+        """The stage this model predicts as: 1, 2 or 3 (an untrained model predicts as stage 1)."""
+        return max(1, int(self.trained_stage))
+
+    def set_stage(self, stage: int | str) -> None:
+        """Record the stage the weights belong to (``before_stage`` does it when a stage starts)."""
+        self.trained_stage.fill_(stage_number(stage))
+
+    @property
+    def context_side(self) -> int:
+        """The tile side of the ``"tile"`` policy: the ``context_tile`` option, else the recorded
+        training scenes' side, else the paper's 2448 px; never smaller than a patch and a pixel."""
+        side = int(self.options["context_tile"]) or int(self.scene_side) or PAPER_SCENE_SIDE
+        return max(side, int(self.options["size_p"]) + 1)
+
+    # The frozen stage-1 copy. Until stage 3 starts it equals the global branch, so its
+    # parameters and buffers ARE the global branch's (tied: no memory, checkpoints store them
+    # once, and it follows the global branch through stages 1 and 2). Stage 3's before_stage
+    # snapshots it (:meth:`copy_global_to_fixed`); loading a state dict ties or unties it by
+    # whether the dict's two copies are equal.
+
+    @property
+    def fixed_is_tied(self) -> bool:
+        """True while ``global_fixed`` shares the global branch's tensors."""
+        mine = dict(self.global_branch.named_parameters())
+        return all(p is mine[name] for name, p in self.global_fixed.named_parameters())
+
+    def _tie_fixed(self) -> None:
+        for (name, module), source in zip(self.global_fixed.named_modules(), self.global_branch.modules()):
+            for key in list(module._parameters):
+                module._parameters[key] = source._parameters[key]
+            for key in list(module._buffers):
+                module._buffers[key] = source._buffers[key]
+
+    def _untie_fixed(self) -> None:
+        for module in self.global_fixed.modules():
+            for key, value in list(module._parameters.items()):
+                if value is not None:
+                    module._parameters[key] = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+            for key, value in list(module._buffers.items()):
+                if value is not None:
+                    module._buffers[key] = value.detach().clone()
+
+    def copy_global_to_fixed(self) -> None:
+        """``global_fixed`` := a separate copy of the global branch now (the weights stage 3 keeps frozen)."""
+        self._tie_fixed()
+        self._untie_fixed()
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameters per part; ``"paper"`` is what the paper counts (all but ``global_fixed``).
+
+        The ``global_branch`` figure includes its plain FPN's classifier, which the ``_ext``
+        layers share.
+        """
+        parts = {name: sum(p.numel() for p in getattr(self, name).parameters())
+                 for name in ("global_branch", "global_ext", "local_branch", "ensemble", "global_fixed")}
+        parts["paper"] = sum(v for k, v in parts.items() if k != "global_fixed")
+        parts["total"] = parts["paper"] + parts["global_fixed"]
+        return parts
+
+    def grid(self, height: int, width: int) -> PatchGrid:
+        """GLNet's patch grid over a ``height x width`` image (``size_p`` patches, ``min_overlap``)."""
+        return PatchGrid.glnet(height, width, self.options["size_p"], self.options["min_overlap"])
+
+    # ------------------------------------------------------------------ the parts
+
+    def global_features(self, x: torch.Tensor, merged: dict[str, list[torch.Tensor]] | None = None,
+                        fixed: bool = False, keep=ALL_MAPS) -> FPNFeatures:
+        """The global branch on global views ``x``; with ``merged`` through the ``_ext`` layers.
+
+        ``fixed=True`` runs the frozen stage-1 copy (always under no_grad, plain FPN).
+        """
+        if fixed:
+            if merged is not None:
+                raise ValueError("the frozen stage-1 global copy has no _ext layers")
+            with torch.no_grad():
+                return fpn_pass(self.global_fixed.fpn, self.global_fixed.encoder(x), keep=keep)
+        c = self.global_branch.encoder(x)
+        if merged is None:
+            return fpn_pass(self.global_branch.fpn, c, keep=keep)
+
+        def share(point: str, own: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [resize(m.to(o.dtype), o.shape[-2:]) for m, o in zip(merged[point], own, strict=True)]
+
+        return fpn_pass(self.global_ext, c, share, classifier=self.global_branch.fpn.classifier, keep=keep)
+
+    def local_features(self, patches: torch.Tensor, boxes, context: FPNFeatures, batch_index=None,
+                       keep=ALL_MAPS, visit: Callable[[str, list[torch.Tensor]], None] | None = None) -> FPNFeatures:
+        """The local branch on ``patches`` fed with crops of the global ``context`` at every sharing point.
+
+        ``boxes`` are the patches' normalised boxes (``tiling.normalized_box``); crop ``i`` is
+        cut from context map ``batch_index[i]`` (see ``tiling.crop_resize``). ``visit(point,
+        own_maps)`` sees the local maps at each sharing point (the local -> global merge).
+        """
+        c = self.local_branch.encoder(patches)
+
+        def share(point: str, own: list[torch.Tensor]) -> list:
+            if visit is not None:
+                visit(point, own)
+            maps = getattr(context, point)
+            if len(maps) != len(own):
+                raise ValueError(f"the context has {len(maps)} maps at {point!r}, the local branch {len(own)}")
+            # each crop is made when its level is computed (one crop alive at a time without autograd)
+            return [functools.partial(_crop_like, g, boxes, o.shape[-2:], o.dtype, batch_index)
+                    for g, o in zip(maps, own)]
+
+        return fpn_pass(self.local_branch.fpn, c, share, keep=keep)
+
+    def ensemble_logits(self, local_ps3: torch.Tensor, global_ps3: torch.Tensor, boxes,
+                        batch_index=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ensemble logits, the global ps3 crop) for patches with local maps ``local_ps3``."""
+        crop = crop_global(global_ps3, boxes, local_ps3.shape[-2:], batch_index).to(local_ps3.dtype)
+        return conv_cat(self.ensemble, [local_ps3, crop]), crop
+
+    def patch_forward(self, patches: torch.Tensor, boxes, context: FPNFeatures, ensemble_from: torch.Tensor | None = None,
+                      batch_index=None, ensemble: bool = True, keep=ALL_MAPS) -> PatchOutput:
+        """Local branch + ensemble for a sub-batch; the ensemble crops ``ensemble_from`` (default ``context.ps3``)."""
+        keep = set(keep) | ({"ps3"} if ensemble else set())
+        local = self.local_features(patches, boxes, context, batch_index, keep=keep)
+        if not ensemble:
+            return PatchOutput(local, None, None)
+        source = ensemble_from if ensemble_from is not None else context.ps3
+        logits, crop = self.ensemble_logits(local.ps3, source, boxes, batch_index)
+        return PatchOutput(local, logits, crop)
+
+    def forward(self, x: torch.Tensor, task: str = "image", **kwargs: Any):
+        """See the module docstring: ``task`` is image, global, local or ensemble."""
+        if task == "image":
+            return self.segment(x, **kwargs)
+        if task == "global":
+            return self.global_features(x, **kwargs)
+        if task == "local":
+            return self.patch_forward(x, **kwargs)
+        if task == "ensemble":
+            return self.ensemble_logits(x, **kwargs)[0]
+        raise ValueError(f"unknown GLNet task {task!r}")
+
+    # ------------------------------------------------------------------ whole images in memory
+
+    def global_view(self, x: torch.Tensor) -> torch.Tensor:
+        """Whole images resized to ``size_g`` x ``size_g`` (area when shrinking, bilinear otherwise)."""
+        size = (self.options["size_g"],) * 2
+        if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
+            return F.interpolate(x, size=size, mode="area")
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K, H, W)`` of whole (normalised) images, the way the streaming predictor computes them.
+
+        Stage 1: the global logits upsampled. Stages 2 and 3: the ensemble logits of every
+        patch of GLNet's grid, upsampled to the patch size and averaged where patches overlap.
+        Everything is held in memory: for small images, tests and reference; whole-image
+        prediction of large images goes through its predictor (``gigaseg.methods.glnet.predictor``).
+        """
+        stage = self.stage
+        height, width = x.shape[-2:]
+        out = []
+        for b in range(x.shape[0]):
+            image = x[b:b + 1]
+            view = self.global_view(image)
+            if stage == 1:
+                out.append(resize(self.global_features(view).logits, (height, width)))
+                continue
+            grid = self.grid(height, width)
+            boxes = grid.normalized_boxes()
+            pad_h, pad_w = grid.padded_shape[0] - height, grid.padded_shape[1] - width
+            padded = F.pad(image, (0, pad_w, 0, pad_h)) if pad_h or pad_w else image
+            patches = torch.cat([padded[:, :, w.top:w.bottom, w.left:w.right] for w in grid.windows])
+            if stage == 2:
+                context = self.global_features(view)
+                result = self.patch_forward(patches, boxes, context)
+            else:
+                context = self.global_features(view, fixed=True)
+                merger = LocalToGlobal.like(context)
+                local = self.local_features(patches, boxes, context)
+                merger.add(local, boxes)
+                glob = self.global_features(view, merger.result())
+                result = self.patch_forward(patches, boxes, context, ensemble_from=glob.ps3)
+            logits = resize(result.ensemble, grid.patch)
+            total = logits.new_zeros((1, self.num_classes, *grid.padded_shape))
+            count = logits.new_zeros((1, 1, *grid.padded_shape))
+            for window, patch_logits in zip(grid.windows, logits):
+                total[(0, slice(None), *window.slices)] += patch_logits
+                count[(0, slice(None), *window.slices)] += 1
+            out.append((total / count.clamp(min=1))[:, :, :height, :width])
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ shapes
+
+    def context_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """Shapes ``(C, h, w)`` of one global view's maps at each sharing point and ps3 (meta pass)."""
+        size = self.options["size_g"]
+        meta = torch.empty((1, self.in_channels, size, size), device="meta")
+        encoder = self.global_branch.encoder
+        shapes: dict[str, list[tuple[int, ...]]] = {}
+        with torch.no_grad():
+            c = _meta_call(encoder, meta)
+        shapes["c"] = [tuple(m.shape[1:]) for m in c]
+        lateral = self.global_branch.fpn.lateral_convs[0].out_channels
+        smooth = self.global_branch.fpn.smooth2_convs[0].out_channels
+        sizes = [s[1:] for s in shapes["c"]]
+        shapes["p"] = [(lateral, *s) for s in sizes]
+        shapes["ps1"] = [(lateral, *s) for s in sizes]
+        shapes["ps2"] = [(smooth, *s) for s in sizes]
+        shapes["ps3"] = [(4 * smooth, *sizes[0])]
+        return shapes
+
+
+def _tie_or_untie_on_load(module: "GLNet", state_dict, prefix, *_args) -> None:
+    """Load pre-hook: tie ``global_fixed`` to the global branch when the incoming copies are equal;
+    checkpoints from before ``scene_side`` was recorded load with it unknown (0)."""
+    state_dict.setdefault(f"{prefix}scene_side", torch.tensor(0, dtype=torch.long))
+    pairs = []
+    for key in module.global_branch.state_dict():
+        a, b = state_dict.get(f"{prefix}global_branch.{key}"), state_dict.get(f"{prefix}global_fixed.{key}")
+        if a is None or b is None:
+            return  # an incomplete dict: leave the tie as it is, load_state_dict reports the keys
+        pairs.append((a, b))
+    equal = all(a is b or (a.shape == b.shape and torch.equal(a, b)) for a, b in pairs)
+    if equal and not module.fixed_is_tied:
+        module._tie_fixed()
+    elif not equal and module.fixed_is_tied:
+        module._untie_fixed()
+
+
+def _meta_call(module: nn.Module, x: torch.Tensor):
+    """``module(x)`` for a meta-device ``x`` (a meta copy of ``module`` when it holds real weights)."""
+    first = next(module.parameters(), None)
+    if first is not None and first.device.type != "meta":
+        with torch.device("meta"):
+            module = Encoder(module.name, in_channels=module.in_channels, out_indices=module.out_indices)
+    return module(x)

@@ -1,0 +1,188 @@
+"""ICNet's (and its PSPNet-50 reference's) training recipe: views, the cascade label guidance loss, the stages.
+
+Training (the paper's reference recipe): SGD, lr 0.01 with the poly schedule (power 0.9),
+momentum 0.9, weight decay 1e-4, batch 16, random scaling in [0.5, 2] and mirroring,
+``crop_size`` crops (768; the paper used crops of about 720-960), padded with the ignore
+label where the scaled image is smaller. 160 epochs is about the paper's 30K iterations
+at batch 16 on Cityscapes' 2975 training images. ``crops_per_image`` crops are drawn per
+image and epoch (1 as on Cityscapes; more for a few very large images).
+
+Loss (cascade label guidance, :func:`cascade_label_guidance_loss`):
+``0.16 CE(1/16) + 0.4 CE(1/8) + 1.0 CE(1/4)`` with the labels downsampled to each
+output's size by NEAREST (a label is never interpolated) and the dataset's ignore index
+masked. PSPNet's loss is ``CE(main) + 0.4 CE(aux)`` on logits upsampled to the labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...data.labels import IGNORE_INDEX
+from ...geometry import Window
+from ...training.recipe import Stage, StepContext
+from ...training.views import SeededViews, rng_for
+
+__all__ = ["ScaledCrops", "cascade_label_guidance_loss", "downsample_labels", "icnet_stages", "pspnet_stages"]
+
+#: the paper's SGD recipe, shared by ICNet and its PSPNet reference
+RECIPE = dict(epochs=160, lr=0.01, batch_size=16, optimizer="sgd", momentum=0.9, weight_decay=1e-4,
+              schedule="poly", poly_power=0.9)
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
+    """Labels ``(B, H, W)`` at ``size`` by NEAREST: output pixel ``i`` takes source pixel ``floor(i * H / h)``.
+
+    The same rule as ``F.interpolate(mode="nearest")``, done by indexing so integer labels
+    (and the ignore index) are copied, never interpolated.
+    """
+    h, w = int(size[0]), int(size[1])
+    H, W = labels.shape[-2:]
+    if (h, w) == (H, W):
+        return labels
+    rows = torch.div(torch.arange(h, device=labels.device) * H, h, rounding_mode="floor")
+    cols = torch.div(torch.arange(w, device=labels.device) * W, w, rounding_mode="floor")
+    return labels[..., rows[:, None], cols[None, :]]
+
+
+def cascade_label_guidance_loss(outputs, labels: torch.Tensor, weights=(0.16, 0.4, 1.0),
+                                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``sum_i weights[i] * CE(outputs[i], nearest(labels, outputs[i]'s size))``.
+
+    ``outputs`` are the logits at 1/16, 1/8 and 1/4 (``CascadeOutputs``), ``weights`` the
+    matching weights. Returns the total and the detached terms ``loss_16``, ``loss_8``,
+    ``loss_4``. A term whose labels are all ``ignore_index`` contributes 0.
+    """
+    if len(outputs) != len(weights):
+        raise ValueError(f"{len(outputs)} outputs but {len(weights)} loss weights")
+    names = ("loss_16", "loss_8", "loss_4") if len(outputs) == 3 else [f"loss_{i}" for i in range(len(outputs))]
+    total = outputs[0].new_zeros((), dtype=torch.float32)
+    parts = {}
+    for name, logits, weight in zip(names, outputs, weights):
+        target = downsample_labels(labels, logits.shape[-2:])
+        loss = _cross_entropy(logits, target, ignore_index)
+        parts[name] = loss.detach()
+        total = total + float(weight) * loss
+    return total, parts
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    if not bool((target != ignore_index).any()):
+        return logits.sum() * 0.0  # keeps the graph; CE's mean over no pixels would be NaN
+    return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index)
+
+
+# --------------------------------------------------------------------------- training views
+
+
+class ScaledCrops(SeededViews):
+    """Random scaling in ``[scale_min, scale_max]``, a random ``crop`` x ``crop`` crop, and mirroring.
+
+    The crop is taken from the scaled image (read at that scale: ``area`` when shrinking,
+    ``bilinear`` when enlarging, labels ``nearest``); where the scaled image is smaller than
+    the crop, the image is padded with 0 (the normalised mean) and the label with
+    ``ignore_index``. ``crops_per_image`` items per image; randomness from
+    ``(seed, epoch, index)`` as in ``gigaseg.training.views``.
+    """
+
+    def __init__(self, dataset, normalization, crop: int, scale_range=(0.5, 2.0), crops_per_image: int = 1,
+                 mirror: bool = True, seed: int = 0, ignore_index: int | None = None):
+        super().__init__(dataset, normalization, seed, crops_per_image)
+        self.crop = int(crop)
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.mirror = mirror
+        self.ignore_index = int(getattr(dataset, "ignore_index", IGNORE_INDEX) if ignore_index is None else ignore_index)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = rng_for(self.seed, self.epoch, index)
+        sample = self.dataset[index // self.crops_per_image]
+        height, width = sample.image.height, sample.image.width
+        scale = float(rng.uniform(*self.scale_range))
+        src_h = min(height, max(1, round(self.crop / scale)))
+        src_w = min(width, max(1, round(self.crop / scale)))
+        top = int(rng.integers(height - src_h + 1))
+        left = int(rng.integers(width - src_w + 1))
+        window = Window(top, left, src_h, src_w)
+        out = (min(self.crop, max(1, round(src_h * scale))), min(self.crop, max(1, round(src_w * scale))))
+        resize = None if out == (src_h, src_w) else out
+        image = sample.image.read(window, out_size=resize, resample="area" if scale <= 1 else "bilinear")
+        label = sample.mask.read(window, out_size=resize, resample="nearest")[..., 0]
+        if self.mirror and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        pixels = torch.from_numpy(self.normalization.apply(np.ascontiguousarray(image)))
+        target = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+        pad_h, pad_w = self.crop - pixels.shape[-2], self.crop - pixels.shape[-1]
+        if pad_h or pad_w:
+            pixels = F.pad(pixels, (0, pad_w, 0, pad_h), value=0.0)
+            target = F.pad(target, (0, pad_w, 0, pad_h), value=self.ignore_index)
+        return {"image": pixels, "label": target, "index": index, "scale": scale}
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def _sub_batches(ctx: StepContext, batch: dict):
+    """``(images, labels, fraction)`` chunks of at most ``ctx.sub_batch`` samples."""
+    images, labels = batch["image"], batch["label"]
+    n = images.shape[0]
+    step = max(1, int(ctx.sub_batch))
+    for start in range(0, n, step):
+        yield images[start:start + step], labels[start:start + step], min(step, n - start) / n
+
+
+def icnet_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
+    """Cascade label guidance over sub-batches (loss scaled by each chunk's share of the batch)."""
+    weights = ctx.model.options["loss_weights"]
+    ignore = ctx.stage.options.get("ignore_index", IGNORE_INDEX)
+    logged: dict[str, torch.Tensor] = {}
+    for images, labels, fraction in _sub_batches(ctx, batch):
+        loss, parts = cascade_label_guidance_loss(ctx.wrapped(images), labels, weights, ignore)
+        ctx.backward(loss * fraction)
+        for key, value in {"loss": loss.detach(), **parts}.items():
+            logged[key] = logged.get(key, 0.0) + value * fraction
+    return logged
+
+
+def pspnet_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
+    """PSPNet: CE(main) + aux_weight * CE(aux), logits upsampled bilinearly to the labels."""
+    ignore = ctx.stage.options.get("ignore_index", IGNORE_INDEX)
+    aux_weight = ctx.model.options["aux_weight"]
+    logged: dict[str, torch.Tensor] = {}
+    for images, labels, fraction in _sub_batches(ctx, batch):
+        main, aux = ctx.wrapped(images)
+        size = labels.shape[-2:]
+        main_loss = _cross_entropy(F.interpolate(main, size=size, mode="bilinear", align_corners=False), labels, ignore)
+        aux_loss = _cross_entropy(F.interpolate(aux, size=size, mode="bilinear", align_corners=False), labels, ignore)
+        loss = main_loss + aux_weight * aux_loss
+        ctx.backward(loss * fraction)
+        for key, value in {"loss": loss.detach(), "loss_main": main_loss.detach(), "loss_aux": aux_loss.detach()}.items():
+            logged[key] = logged.get(key, 0.0) + value * fraction
+    return logged
+
+
+def _stage(model, name: str, step) -> Stage:
+    crop = model.options["crop_size"]
+    stage = Stage(name=name, make_data=None, step=step, sub_batch=RECIPE["batch_size"],
+                  sample_inputs=lambda m: (torch.zeros(1, m.in_channels, crop, crop),), **RECIPE)
+
+    def make_data(dataset, normalization, settings):
+        stage.options["ignore_index"] = int(dataset.ignore_index)
+        return ScaledCrops(dataset, normalization, crop, (model.options["scale_min"], model.options["scale_max"]),
+                           crops_per_image=model.options.get("crops_per_image", 1), seed=settings.seed)
+
+    stage.make_data = make_data
+    return stage
+
+
+def icnet_stages(model) -> list[Stage]:
+    """One stage, ``"icnet"``: the whole network with the cascade label guidance loss."""
+    return [_stage(model, "icnet", icnet_step)]
+
+
+def pspnet_stages(model) -> list[Stage]:
+    """One stage, ``"pspnet"``: main + 0.4 auxiliary loss, the same SGD recipe and views as ICNet."""
+    return [_stage(model, "pspnet", pspnet_step)]

@@ -1,0 +1,215 @@
+"""PatchGD's whole-image predictors.
+
+:class:`PatchGDImageClassifier` fills ``Z`` reading one row band of patches
+at a time from the (lazy) image, so memory does not grow with the image beyond ``Z``;
+:class:`PatchGDSegmentationPredictor` predicts any block from the whole-image grid's
+patches touching it plus the global patch (exact, since theta2 is 1x1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ...budget import inference_estimate, runtime_bytes
+from ...geometry import Window, upsample_window
+from ...inference.contract import ClassificationPredictor, SegmentationPredictor
+from ...inference.planner import InferencePlan, plan_inference
+from ...io.normalize import Normalization
+from .model import (
+    DEFAULT_FILL_BATCH,
+    MAX_FILL_BATCH,
+    DownsampledClassifier,
+    PatchGDClassifier,
+    PatchGDSegmenter,
+    patch_at,
+)
+
+__all__ = ["DownsampledImageClassifier", "PatchGDImageClassifier", "PatchGDSegmentationPredictor",
+           "downsampled_classifier_predictor", "inference_plan", "patchgd_classifier_predictor",
+           "patchgd_segmenter_predictor", "segmentation_block_bytes"]
+
+
+def inference_plan(model: PatchGDClassifier | PatchGDSegmenter, device="cpu", max_memory: int | None = None,
+                   block_bytes: Callable[[int], int] | None = None) -> InferencePlan:
+    """Patches per no-grad theta1 pass that fit ``max_memory``.
+
+    Args:
+        model: a PatchGD classifier or segmenter.
+        device: where it runs.
+        max_memory: the budget in bytes; None gives ``DEFAULT_FILL_BATCH`` patches.
+        block_bytes: ``block_bytes(block_side)``, the working memory of one streamed block
+            (segmentation), held next to the patches.
+
+    Returns:
+        The ``InferencePlan``.
+
+    Raises:
+        BudgetError: not even one patch fits.
+    """
+    p = model.patch_size
+    sample = (torch.zeros(1, model.in_channels, p, p),)
+
+    def estimate(block: int):
+        extra = block_bytes(block) if block_bytes is not None else 0
+        return inference_estimate(model.theta1, sample, runtime=runtime_bytes(device), extra=extra)
+
+    return plan_inference(max_memory, estimate, f"{model.method_name} prediction with {p}-px patches",
+                          default=DEFAULT_FILL_BATCH, maximum=MAX_FILL_BATCH)
+
+
+def segmentation_block_bytes(model, block: int) -> int:
+    """Working memory of one streamed block: its pixels and Z with a patch of margin, the
+    upsampled global features, the fused map, logits and probabilities (float32)."""
+    p, c = model.patch_size, model.latent_channels
+    margin = (block + 2 * p) ** 2
+    return margin * (model.in_channels * 5 + c * 4) + block * block * 4 * (3 * c + 4 * model.num_classes)
+
+
+class PatchGDImageClassifier(ClassificationPredictor):
+    """Fill Z without gradients, one row band of patches at a time, add the global patch, classify."""
+
+    def latents(self, source) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Z ``(1, d, m, n)``, g ``(1, d)`` or None) of a whole image, read band by band."""
+        model, p = self.model, self.model.patch_size
+        rows, cols = model.grid((source.height, source.width))
+        z = torch.empty((1, model.latent_channels, rows, cols), device=self.device)
+        with torch.inference_mode(), self.autocast():
+            for r in range(rows):
+                band = Window(r * p, 0, min(p, source.height - r * p), source.width)
+                pixels = self.to_tensor(source.read(band))[0]
+                for start in range(0, cols, self.sub_batch):
+                    chunk = range(start, min(cols, start + self.sub_batch))
+                    patches = torch.stack([patch_at(pixels, 0, c * p, p) for c in chunk])
+                    z[0, :, r, chunk.start:chunk.stop] = model.theta1(patches).float().T
+            g = None
+            if model.options["global_patch"]:
+                thumb = source.read(out_size=(p, p), resample="area")
+                g = model.encode_global(self.to_tensor(thumb)).float()
+        return z, g
+
+    def predict(self, source) -> np.ndarray:
+        z, g = self.latents(source)
+        with torch.inference_mode():
+            logits = self.model.classify(z, g)
+        return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+
+
+class DownsampledImageClassifier(ClassificationPredictor):
+    """The whole image read at ``input_size`` x ``input_size`` (area averaging), classified."""
+
+    def predict(self, source) -> np.ndarray:
+        size = self.model.options["input_size"]
+        view = source.read(out_size=(size, size), resample="area")
+        with torch.inference_mode(), self.autocast():
+            logits = self.model(self.to_tensor(view))
+        return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+
+
+class PatchGDSegmentationPredictor(SegmentationPredictor):
+    """Blocks of the image from the whole-image patch grid's patches that touch them plus the global patch."""
+
+    def __init__(self, model: PatchGDSegmenter, normalization: Normalization, device="cpu",
+                 max_memory: int | None = None, precision: str = "32"):
+        super().__init__(model, normalization, device=device,
+                         sub_batch=inference_plan(model, device, max_memory).sub_batch, precision=precision)
+        self.max_memory = max_memory
+        self.halo = model.patch_size
+
+    def prepare(self, source):
+        model, p = self.model, self.model.patch_size
+        if self.max_memory is not None:
+            # the budget also holds one block's buffers; a block is at most the image
+            side = max(source.height, source.width)
+            self.sub_batch = inference_plan(model, self.device, self.max_memory,
+                                            lambda block: segmentation_block_bytes(model, min(block, side))).sub_batch
+        if not model.options["global_patch"]:
+            return None
+        thumb = source.read(out_size=(p, p), resample="area")
+        with torch.inference_mode(), self.autocast():
+            return model.global_features(self.to_tensor(thumb)).float()
+
+    def predict_block(self, source, context, window: Window) -> np.ndarray:
+        model, p = self.model, self.model.patch_size
+        r0, r1 = window.top // p, (window.bottom - 1) // p + 1
+        c0, c1 = window.left // p, (window.right - 1) // p + 1
+        region = Window(r0 * p, c0 * p, (r1 - r0) * p, (c1 - c0) * p)
+        readable = region.clip(source.height, source.width)
+        with torch.inference_mode():
+            pixels = self.to_tensor(source.read(readable))[0]
+            z = torch.zeros((1, model.latent_channels, region.height, region.width), device=self.device)
+            corners = [(r * p - region.top, c * p - region.left) for r in range(r0, r1) for c in range(c0, c1)]
+            for start in range(0, len(corners), self.sub_batch):
+                chunk = corners[start:start + self.sub_batch]
+                with self.autocast():
+                    out = model.encode(torch.stack([patch_at(pixels, top, left, p) for top, left in chunk])).float()
+                for (top, left), patch_out in zip(chunk, out):
+                    z[0, :, top:top + p, left:left + p] = patch_out
+            inside = window.relative_to(region)
+            z = z[:, :, inside.top:inside.bottom, inside.left:inside.right]
+            g_up = None if context is None else upsample_window(context, (source.height, source.width), window)
+            logits = model.head(z, g_up)
+            return torch.softmax(logits.float(), dim=1)[0].cpu().numpy().astype(np.float32)
+
+
+def patchgd_classifier_predictor(model: PatchGDClassifier, normalization: Normalization, *, device="cpu",
+                                 max_memory: int | None = None, precision: str = "32") -> PatchGDImageClassifier:
+    """The PatchGD classifier's predictor, with patches per no-grad pass planned from ``max_memory``.
+
+    Args:
+        model: a ``patchgd_classifier`` network.
+        normalization: how the images' pixels are normalised.
+        device: where it runs.
+        max_memory: the budget in bytes, or None.
+        precision: "32", "bf16-mixed" or "16-mixed".
+
+    Returns:
+        A ``PatchGDImageClassifier``.
+
+    Raises:
+        BudgetError: not even one patch fits ``max_memory``.
+    """
+    return PatchGDImageClassifier(model, normalization, device=device,
+                                  sub_batch=inference_plan(model, device, max_memory).sub_batch, precision=precision)
+
+
+def downsampled_classifier_predictor(model: DownsampledClassifier, normalization: Normalization, *, device="cpu",
+                                     max_memory: int | None = None,
+                                     precision: str = "32") -> DownsampledImageClassifier:
+    """The downsampled baseline's predictor (one ``input_size`` view per image; no budget to plan).
+
+    Args:
+        model: a ``downsampled_classifier`` network.
+        normalization: how the images' pixels are normalised.
+        device: where it runs.
+        max_memory: unused.
+        precision: "32", "bf16-mixed" or "16-mixed".
+
+    Returns:
+        A ``DownsampledImageClassifier``.
+    """
+    return DownsampledImageClassifier(model, normalization, device=device, sub_batch=DEFAULT_FILL_BATCH,
+                                      precision=precision)
+
+
+def patchgd_segmenter_predictor(model: PatchGDSegmenter, normalization: Normalization, *, device="cpu",
+                                max_memory: int | None = None, precision: str = "32") -> PatchGDSegmentationPredictor:
+    """The PatchGD segmenter's predictor; its sub-batch is planned per image from ``max_memory``.
+
+    Args:
+        model: a ``patchgd_segmenter`` network.
+        normalization: how the images' pixels are normalised.
+        device: where it runs.
+        max_memory: the budget in bytes, or None.
+        precision: "32", "bf16-mixed" or "16-mixed".
+
+    Returns:
+        A ``PatchGDSegmentationPredictor``.
+
+    Raises:
+        BudgetError: not even one patch fits ``max_memory``.
+    """
+    return PatchGDSegmentationPredictor(model, normalization, device=device, max_memory=max_memory,
+                                        precision=precision)

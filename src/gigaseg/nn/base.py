@@ -1,0 +1,233 @@
+"""The base classes of every gigaseg network: options, a reproducible configuration, one task.
+
+``GigasegModel`` holds what every method's network shares: the encoder name, class and
+band counts, and the method's options, checked against ``default_options`` (every option
+the method accepts, with its default) and ``option_choices`` (allowed values). A method's
+constructor takes ``encoder``, ``num_classes``, ``in_channels``, ``pretrained`` and the
+options as keyword arguments, and calls ``super().__init__`` with all but ``pretrained``.
+``inference_options`` names the options that only change how a trained network is run,
+which ``gigaseg predict --set`` may change.
+
+``config`` is a JSON-serialisable dict (``method``, ``encoder``, ``num_classes``,
+``in_channels``, ``options``); ``create_model(**model.config)`` rebuilds the same
+architecture with fresh weights.
+
+The task subclasses say what a network's ``predict`` returns: ``SegmentationModel``
+class logits per pixel, ``ClassificationModel`` class logits per image. The method's name
+(``method_name``) is set when ``gigaseg.methods.registry.register`` registers the class.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["ClassificationModel", "GigasegModel", "SegmentationModel"]
+
+
+class GigasegModel(nn.Module):
+    """A network with checked options and a configuration that rebuilds it.
+
+    Unknown options are a ``ConfigError`` naming them. An option whose default is a bool,
+    int, float or str must be given as one (an int is accepted for a float);
+    ``option_choices`` restricts values further.
+
+    Args:
+        encoder: the timm name of the encoder (a non-empty string).
+        num_classes: output classes (a positive integer).
+        in_channels: input bands (a positive integer).
+        **options: the method's options; those not given take ``default_options``.
+
+    Raises:
+        ConfigError: an unknown option, a value of the wrong type or out of range.
+    """
+
+    #: what the network predicts: "segmentation", "classification" (or "detection")
+    task: ClassVar[str] = ""
+    method_name: ClassVar[str] = ""
+    default_options: ClassVar[dict[str, Any]] = {}
+    option_choices: ClassVar[dict[str, tuple]] = {}
+    #: options that may differ between training and prediction (they do not change the weights)
+    inference_options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, encoder: str = "resnet50", num_classes: int, in_channels: int = 3, **options: Any):
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(encoder, str) or not encoder:
+            raise ConfigError(f"encoder must be a model name, got {encoder!r}")
+        self.encoder_name = encoder
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.options: dict[str, Any] = self._resolve_options(options)
+        self.check_options()
+
+    # ---- configuration
+
+    @classmethod
+    def _resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        label = cls.method_name or cls.__name__
+        unknown = sorted(set(options) - set(cls.default_options))
+        if unknown:
+            known = ", ".join(sorted(cls.default_options)) or "none"
+            raise ConfigError(f"{label}: unknown option{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(repr(u) for u in unknown)}; its options are: {known}")
+        resolved = {**copy.deepcopy(cls.default_options), **options}
+        for name, value in resolved.items():
+            resolved[name] = _check_type(label, name, value, cls.default_options[name])
+            choices = cls.option_choices.get(name)
+            if choices is not None and resolved[name] not in choices:
+                raise ConfigError(f"{label}: option {name}={resolved[name]!r} is not one of "
+                                  f"{', '.join(repr(c) for c in choices)}")
+        try:
+            return json.loads(json.dumps(resolved))  # JSON-serialisable, and as it reads back
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{label}: options must be JSON values (numbers, strings, lists): {error}") from None
+
+    def check_options(self) -> None:
+        """Subclass hook: raise ConfigError for option values out of range (types are checked already)."""
+
+    def _require_positive(self, *names: str) -> None:
+        for name in names:
+            if not self.options[name] > 0:
+                raise ConfigError(f"{self.method_name or type(self).__name__}: option {name} must be > 0, "
+                                  f"got {self.options[name]!r}")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``create_model(**config)`` rebuilds this architecture (a fresh copy each time)."""
+        return {
+            "method": self.method_name,
+            "encoder": self.encoder_name,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "options": copy.deepcopy(self.options),
+        }
+
+    def canonical_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` (a checkpoint's) with its options completed by this method's defaults, so a
+        checkpoint written before an option existed matches a model that leaves it at its default.
+        Another method's config, or options this method does not know, come back unchanged."""
+        config = copy.deepcopy(config)
+        if config.get("method") == self.method_name and isinstance(config.get("options"), dict):
+            try:
+                config["options"] = self._resolve_options(config["options"])
+            except ConfigError:
+                pass  # the caller's comparison reports the difference
+        return config
+
+    def architecture(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``config`` (default: this model's) without the inference options: what a checkpoint
+        must match for its weights to start this run (``train(init=...)``)."""
+        config = self.config if config is None else self.canonical_config(config)
+        for name in self.inference_options:
+            config.get("options", {}).pop(name, None)
+        return config
+
+    def with_options(self, **options: Any) -> "GigasegModel":
+        """A copy with other options and the same weights, device and train/eval mode."""
+        other = type(self)(encoder=self.encoder_name, num_classes=self.num_classes, in_channels=self.in_channels,
+                           **{**self.options, **options})
+        other.load_state_dict(self.state_dict())
+        device = next(self.parameters()).device
+        return other.to(device).train(self.training)
+
+    def with_inference_options(self, **options: Any) -> "GigasegModel":
+        """``with_options`` limited to ``inference_options``; ``self`` when nothing changes."""
+        label = self.method_name or type(self).__name__
+        other = sorted(set(options) - set(self.inference_options))
+        if other:
+            allowed = ", ".join(self.inference_options) or "none"
+            raise ConfigError(f"{label}: option{'s' if len(other) > 1 else ''} {', '.join(repr(o) for o in other)} "
+                              f"cannot change after training (they shape the network or its training); "
+                              f"those that can: {allowed}")
+        if all(self.options.get(k) == v for k, v in options.items()):
+            return self
+        return self.with_options(**options)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count (only those with ``requires_grad`` when ``trainable_only``)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method_name!r}, encoder={self.encoder_name!r}, num_classes={self.num_classes}"
+
+
+class SegmentationModel(GigasegModel):
+    """A network that labels every pixel: ``predict`` returns class logits at the input's size."""
+
+    task: ClassVar[str] = "segmentation"
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes, H, W)`` at the input's size, in eval mode, under inference_mode.
+
+        Calls ``forward`` (which in eval mode must return logits at any resolution) and
+        upsamples bilinearly when needed. The module's train/eval mode is restored after.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                logits = self(x)
+                if not isinstance(logits, torch.Tensor):
+                    raise TypeError(f"{type(self).__name__}.forward returned {type(logits).__name__} in eval "
+                                    f"mode; override predict() for methods whose forward returns more than logits")
+                if logits.shape[-2:] != x.shape[-2:]:
+                    logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        finally:
+            self.train(was_training)
+        return logits
+
+
+class ClassificationModel(GigasegModel):
+    """A network that labels whole images: ``forward`` and ``predict`` return logits ``(B, num_classes)``."""
+
+    task: ClassVar[str] = "classification"
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, num_classes)`` of images ``x``, in eval mode under inference_mode.
+
+        Args:
+            x: normalised images ``(B, C, H, W)``.
+
+        Returns:
+            The logits; the module's train/eval mode is restored afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                return self(x)
+        finally:
+            self.train(was_training)
+
+
+
+def _check_type(label: str, name: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default`` (bool, int, float, str); other defaults accept anything."""
+    def fail() -> ConfigError:
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
+        return ConfigError(f"{label}: option {name} must be {kind}, got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise fail()
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise fail()
+    return value

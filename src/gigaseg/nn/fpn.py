@@ -1,0 +1,284 @@
+"""GLNet's feature pyramid network: the neck and head of one GLNet branch.
+
+Shared by GLNet (both branches), MagNet's DeepGlobe backbone and the baselines. As in
+GLNet (methods.md, section 1), for four encoder maps c2..c5:
+
+- no BatchNorm and no ReLU anywhere;
+- laterals: 1x1 conv of each c_i to ``lateral_channels`` (256);
+- top-down: p5 = lateral(c5); p_i = up(p_{i+1}) + lateral(c_i), upsampled bilinearly to the
+  lateral map's exact size (so odd sizes such as 127 -> 64 -> 32 -> 16 work);
+- smoothing in two steps per level: "ps1" 3x3 256 -> 256, then "ps2" 3x3 256 -> 128;
+- head: the four 128-channel maps upsampled to p2's size and concatenated ("ps3", 512
+  channels), then a 3x3 conv 512 -> num_classes: logits at c2's resolution (1/4 of the input
+  for a ResNet);
+- every conv initialised N(0, 0.01) with zero bias.
+
+Feature sharing (GLNet's local branch and the global branch's "_ext" layers): with
+``shared_inputs=True`` every stage consumes ``concat(own maps, shared maps)``, so its input
+channels double at the four sharing points — ``"c"`` (before the laterals), ``"p"`` (the
+top-down sums, before ps1), ``"ps1"`` (before ps2) and ``"ps2"`` (before the final
+concatenation, which then has 1024 channels and passes an extra 3x3 1024 -> 512 conv before
+the classifier). ``forward(c, share=fn)`` calls ``fn(point, own_maps)`` at each point; it
+returns the four maps to concatenate (typically crops of the other branch's maps, resized to
+the own maps' sizes). The stages are also public methods (``laterals``, ``top_down``,
+``smooth1``, ``smooth2``, ``merge``, ``classify``) for compositions that need more control,
+and ``return_features=True`` returns every intermediate as an :class:`FPNFeatures`.
+
+Upsampling is ``F.interpolate(..., mode="bilinear", align_corners=False)`` throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..geometry import resize
+from .encoders import Encoder, PretrainedSpec
+
+__all__ = ["FPN", "FPNBranch", "FPNFeatures", "SHARING_POINTS", "Share"]
+
+#: the four points where GLNet shares feature maps between branches, in forward order
+SHARING_POINTS = ("c", "p", "ps1", "ps2")
+
+#: ``share(point, own_maps) -> maps to concatenate`` (same count and sizes as ``own_maps``;
+#: an item may be a zero-argument callable that makes the map when it is used)
+Share = Callable[[str, list[torch.Tensor]], Sequence[torch.Tensor]]
+
+#: every map an FPN pass can keep (``fpn_pass``'s ``keep``)
+ALL_MAPS = frozenset((*SHARING_POINTS, "ps3", "logits"))
+
+
+@dataclass
+class FPNFeatures:
+    """Every intermediate of one FPN pass, levels ordered fine to coarse (2, 3, 4, 5).
+
+    ``c``, ``p``, ``ps1``, ``ps2`` are this branch's own maps (before any shared maps are
+    concatenated), i.e. exactly what another branch would crop and share.
+    """
+
+    c: list[torch.Tensor]       # encoder maps c2..c5
+    p: list[torch.Tensor]       # top-down sums, lateral_channels each
+    ps1: list[torch.Tensor]     # after the first smoothing, lateral_channels each
+    ps2: list[torch.Tensor]     # after the second smoothing, smooth_channels each
+    ps3: torch.Tensor           # merged at p2's size, 4 * smooth_channels
+    logits: torch.Tensor        # num_classes at p2's size
+
+
+def init_conv(cin: int, cout: int, kernel: int) -> nn.Conv2d:
+    """A ``kernel`` x ``kernel`` convolution (same padding) initialised N(0, 0.01) with zero bias, as GLNet's."""
+    conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
+    nn.init.normal_(conv.weight, 0.0, 0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def conv_cat(conv: nn.Conv2d, parts: list, size: Sequence[int] | None = None) -> torch.Tensor:
+    """``conv(torch.cat([resize(x, size) for x in parts], 1))``; parts may be zero-argument callables.
+
+    Without autograd it is computed as a sum of convolutions over the weight's input-channel
+    slices, making (callables) and resizing one part at a time and dropping each from
+    ``parts`` once used, so the concatenation (1024 channels at 1/4 of the patch for GLNet's
+    merge and ensemble convs) never exists: the same numbers (up to float summation order)
+    at a lower peak. With autograd it is the plain concatenation.
+    """
+    def get(i: int) -> torch.Tensor:
+        x = parts[i]
+        return x() if callable(x) else x
+
+    if size is None:
+        size = get(0).shape[-2:]
+    if len(parts) == 1:
+        return conv(resize(get(0), size))
+    if torch.is_grad_enabled():
+        return conv(torch.cat([resize(get(i), size) for i in range(len(parts))], dim=1))
+    out = None
+    start = 0
+    for i in range(len(parts)):
+        x = resize(get(i), size)
+        parts[i] = None  # the caller's list no longer holds it
+        n = x.shape[1]
+        y = F.conv2d(x, conv.weight[:, start:start + n], None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        del x
+        out = y if out is None else out.add_(y)
+        del y
+        start += n
+    if start != conv.in_channels:
+        raise ValueError(f"parts have {start} channels, the convolution takes {conv.in_channels}")
+    return out if conv.bias is None else out.add_(conv.bias.view(1, -1, 1, 1).to(out.dtype))
+
+
+def fpn_pass(fpn: FPN, c: list[torch.Tensor], share: Share | None = None,
+             classifier: nn.Module | None = None, keep: frozenset[str] | set[str] = ALL_MAPS) -> FPNFeatures:
+    """One FPN pass over encoder maps ``c`` (GLNet's order of stages), keeping only ``keep``.
+
+    The same computation as ``FPN.forward(c, share)`` (laterals, top-down sums, two
+    smoothings, merge, classifier), with ``share(point, own)`` returning the maps to
+    concatenate at each sharing point (``fpn`` must have ``shared_inputs``); ``share`` also
+    sees this branch's own maps there (the local -> global merge reads them that way).
+    ``classifier`` replaces ``fpn.classifier`` (the global ``_ext`` layers use the stage-1
+    classifier). Maps not in ``keep`` are released as soon as the pass no longer needs them
+    and, without autograd, concatenations are never built (:func:`conv_cat`); both lower the
+    inference peak. Without ``"ps3"`` and ``"logits"`` in ``keep`` the pass stops after ps2
+    (the merge conv is its costliest layer). Dropped list fields of the result are empty
+    lists, dropped ``ps3``/``logits`` are None.
+    """
+    if (share is not None) != fpn.shared_inputs:
+        raise ValueError("share= is needed exactly for an FPN built with shared_inputs=True")
+
+    def shared(point: str, own: list[torch.Tensor]) -> list[list]:
+        if share is None:
+            return [[x] for x in own]
+        other = share(point, own)  # a sequence; items may be callables (made when used)
+        if len(other) != len(own):
+            raise ValueError(f"share({point!r}) returned {len(other)} maps for {len(own)}")
+        return [[a, other[i]] for i, a in enumerate(own)]
+
+    def convs(modules, parts) -> list[torch.Tensor]:
+        outs = []
+        for i, conv in enumerate(modules):
+            outs.append(conv_cat(conv, parts[i]))
+            parts[i] = None  # release this level's inputs before the next level
+        return outs
+
+    out: dict[str, Any] = {}
+    parts = shared("c", c)
+    out["c"] = c if "c" in keep else []
+    del c
+    laterals = convs(fpn.lateral_convs, parts)
+    del parts
+    p = fpn.top_down(laterals)
+    del laterals
+    parts = shared("p", p)
+    out["p"] = p if "p" in keep else []
+    del p
+    ps1 = convs(fpn.smooth1_convs, parts)
+    del parts
+    parts = shared("ps1", ps1)
+    out["ps1"] = ps1 if "ps1" in keep else []
+    del ps1
+    ps2 = convs(fpn.smooth2_convs, parts)
+    del parts
+    if "ps3" not in keep and "logits" not in keep:  # stop before the (costly) merge conv
+        if share is not None:
+            share("ps2", ps2)  # the caller may watch the ps2 maps (local -> global merge)
+        return FPNFeatures(c=out["c"], p=out["p"], ps1=out["ps1"], ps2=ps2 if "ps2" in keep else [],
+                           ps3=None, logits=None)
+    size = ps2[0].shape[-2:]
+    if fpn.merge_conv is None:
+        ps3 = fpn.merge(ps2)  # the plain FPN's ps3 is the concatenation itself
+        out["ps2"] = ps2 if "ps2" in keep else []
+        del ps2
+    else:
+        parts = shared("ps2", ps2)
+        out["ps2"] = ps2 if "ps2" in keep else []
+        del ps2
+        flat = [x for level in parts for x in level]
+        del parts
+        ps3 = conv_cat(fpn.merge_conv, flat, size)
+        del flat
+    logits = (classifier if classifier is not None else fpn.classifier)(ps3) if "logits" in keep else None
+    return FPNFeatures(c=out["c"], p=out["p"], ps1=out["ps1"], ps2=out["ps2"],
+                       ps3=ps3 if "ps3" in keep else None, logits=logits)
+
+
+class FPN(nn.Module):
+    """GLNet's FPN over four encoder maps; see the module docstring.
+
+    Args:
+        in_channels: channels of c2..c5 (a ResNet-50: ``[256, 512, 1024, 2048]``).
+        num_classes: output logits.
+        lateral_channels: width of the laterals and ps1 (256 in GLNet).
+        smooth_channels: width of ps2 (128 in GLNet); ps3 has four times this.
+        shared_inputs: every stage takes ``concat(own, shared)`` (GLNet feature sharing).
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, lateral_channels: int = 256,
+                 smooth_channels: int = 128, shared_inputs: bool = False):
+        super().__init__()
+        in_channels = [int(c) for c in in_channels]
+        if len(in_channels) != 4:
+            raise ConfigError(f"the FPN needs four encoder levels (c2..c5), got {len(in_channels)}: {in_channels}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.shared_inputs = shared_inputs
+        k = 2 if shared_inputs else 1
+        merged = 4 * smooth_channels
+        self.lateral_convs = nn.ModuleList(init_conv(k * c, lateral_channels, 1) for c in in_channels)
+        self.smooth1_convs = nn.ModuleList(init_conv(k * lateral_channels, lateral_channels, 3) for _ in in_channels)
+        self.smooth2_convs = nn.ModuleList(init_conv(k * lateral_channels, smooth_channels, 3) for _ in in_channels)
+        self.merge_conv = init_conv(k * merged, merged, 3) if shared_inputs else None
+        self.classifier = init_conv(merged, num_classes, 3)
+
+    # ---- stages (lists are ordered fine to coarse: level 2, 3, 4, 5)
+
+    def laterals(self, c: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [conv(x) for conv, x in zip(self.lateral_convs, c, strict=True)]
+
+    def top_down(self, laterals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """p5 = lateral5; p_i = up(p_{i+1} to lateral_i's size) + lateral_i."""
+        p = [laterals[-1]]
+        for lateral in reversed(laterals[:-1]):
+            p.append(resize(p[-1], lateral.shape[-2:]) + lateral)
+        return p[::-1]
+
+    def smooth1(self, p: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [conv(x) for conv, x in zip(self.smooth1_convs, p, strict=True)]
+
+    def smooth2(self, ps1: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [conv(x) for conv, x in zip(self.smooth2_convs, ps1, strict=True)]
+
+    def merge(self, ps2: Sequence[torch.Tensor]) -> torch.Tensor:
+        """ps3: the maps upsampled to the finest level's size and concatenated (+ merge conv when shared)."""
+        size = ps2[0].shape[-2:]
+        ps3 = torch.cat([resize(x, size) for x in ps2], dim=1)
+        return self.merge_conv(ps3) if self.merge_conv is not None else ps3
+
+    def classify(self, ps3: torch.Tensor) -> torch.Tensor:
+        return self.classifier(ps3)
+
+    # ---- the whole pass
+
+    def forward(self, c: Sequence[torch.Tensor], share: Share | None = None,
+                return_features: bool = False) -> torch.Tensor | FPNFeatures:
+        """Logits at c2's size (or every intermediate with ``return_features``)."""
+        c = list(c)
+        if len(c) != 4:
+            raise ValueError(f"the FPN takes four feature maps (c2..c5), got {len(c)}")
+        if self.shared_inputs and share is None:
+            raise ValueError("this FPN was built with shared_inputs=True: pass share=")
+        if share is not None and not self.shared_inputs:
+            raise ValueError("share= needs an FPN built with shared_inputs=True")
+
+        features = fpn_pass(self, c, share)
+        return features if return_features else features.logits
+
+
+class FPNBranch(nn.Module):
+    """Encoder + FPN: one GLNet branch (ResNet-50 + FPN by default), logits at 1/4.
+
+    ``forward(x, share=None, return_features=False)`` passes ``share`` and
+    ``return_features`` on to :meth:`FPN.forward`.
+    """
+
+    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
+                 pretrained: PretrainedSpec = False, shared_inputs: bool = False,
+                 lateral_channels: int = 256, smooth_channels: int = 128):
+        super().__init__()
+        self.encoder = Encoder(encoder, in_channels=in_channels, pretrained=pretrained)
+        self.fpn = FPN(self.encoder.out_channels, num_classes, lateral_channels=lateral_channels,
+                       smooth_channels=smooth_channels, shared_inputs=shared_inputs)
+
+    @property
+    def output_stride(self) -> int:
+        """Input pixels per logit pixel (the finest encoder level's reduction: 4 for a ResNet)."""
+        return self.encoder.reductions[0]
+
+    def forward(self, x: torch.Tensor, share: Share | None = None,
+                return_features: bool = False) -> torch.Tensor | FPNFeatures:
+        return self.fpn(self.encoder(x), share=share, return_features=return_features)

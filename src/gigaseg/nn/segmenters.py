@@ -1,0 +1,132 @@
+"""Encoder-decoder segmentation networks that several methods build on.
+
+:class:`FPNSegmenter` is a timm encoder with a segmentation decoder, chosen by its
+``decoder`` option:
+
+- ``"fpn"`` (default): GLNet's FPN (``gigaseg.nn.fpn``), logits at 1/4 of the input;
+- ``"smp_unet"`` / ``"smp_fpn"``: segmentation_models_pytorch's U-Net / FPN on the same timm
+  encoder (``encoder_name="tu-<timm name>"``), logits at full resolution. smp's FPN needs
+  sides divisible by the encoder's output stride (32), so the network's input side must be
+  a multiple of it (e.g. 512).
+
+``forward(x)`` returns logits at the input's resolution (bilinear from the decoder's
+resolution); ``decode(x)`` returns them at the decoder's own resolution (1/``output_stride``),
+for losses computed there. The ``global`` and ``patch`` baselines are FPNSegmenters, and so is
+MagNet's backbone.
+
+:func:`smp_network` builds any segmentation_models_pytorch architecture on a timm encoder,
+with pretrained weights loaded through :class:`~gigaseg.nn.encoders.Encoder` (timm's or a
+local file), never downloaded by smp.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..geometry import resize
+from .base import SegmentationModel
+from .encoders import Encoder, PretrainedSpec, check_encoder_name
+from .fpn import FPNBranch
+
+__all__ = ["DECODERS", "SMP_ARCHITECTURES", "FPNSegmenter", "smp_network"]
+
+#: the decoders of FPNSegmenter
+DECODERS = ("fpn", "smp_unet", "smp_fpn")
+
+#: segmentation_models_pytorch architectures by the names gigaseg's options use
+SMP_ARCHITECTURES = {"unet": smp.Unet, "fpn": smp.FPN, "deeplabv3": smp.DeepLabV3}
+
+
+def smp_network(arch: str, encoder: str, in_channels: int, classes: int, pretrained: PretrainedSpec,
+                **kwargs: Any) -> nn.Module:
+    """A segmentation_models_pytorch network on timm encoder ``encoder``.
+
+    Built with ``encoder_weights=None`` (smp downloads nothing); pretrained weights go through
+    :class:`Encoder`, so ``True`` and local files behave exactly as for gigaseg's own decoders.
+
+    Args:
+        arch: a key of ``SMP_ARCHITECTURES`` ("unet", "fpn", "deeplabv3").
+        encoder: a timm model name.
+        in_channels: input bands.
+        classes: output channels.
+        pretrained: False, True (timm's weights) or a local weights file for the encoder.
+        **kwargs: more arguments of the smp architecture (``encoder_depth``, ``decoder_channels``).
+
+    Returns:
+        The smp network.
+
+    Raises:
+        ConfigError: an unknown encoder, or smp cannot build the architecture on it.
+    """
+    check_encoder_name(encoder)
+    try:
+        net = SMP_ARCHITECTURES[arch](encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_channels,
+                                      classes=classes, **kwargs)
+    except (ValueError, KeyError, RuntimeError, TypeError, AssertionError) as error:
+        settings = "".join(f", {key}={value}" for key, value in kwargs.items())
+        raise ConfigError(f"segmentation_models_pytorch cannot build {arch} on encoder {encoder!r}{settings} "
+                          f"({type(error).__name__}: {error})") from None
+    if pretrained not in (False, None):
+        features = net.encoder.model  # the timm features_only model inside smp's TimmUniversalEncoder
+        source = Encoder(encoder, in_channels=in_channels, pretrained=pretrained,
+                         out_indices=features.feature_info.out_indices)
+        features.load_state_dict(source.model.state_dict())
+    return net
+
+
+class FPNSegmenter(SegmentationModel):
+    """A timm encoder with GLNet's FPN or an smp U-Net / FPN; see the module docstring.
+
+    Args:
+        encoder: a timm model name.
+        num_classes: output classes.
+        in_channels: input bands.
+        pretrained: False, True or a local weights file for the encoder.
+        **options: ``decoder`` and ``fpn_channels`` (the FPN's lateral width; its smoothing
+            width is half), and a subclass's own options.
+
+    Raises:
+        ConfigError: bad options, or an input side (``size_option``) the decoder cannot take.
+    """
+
+    default_options: dict[str, Any] = {"decoder": "fpn", "fpn_channels": 256}
+    option_choices = {"decoder": DECODERS}
+    #: the option holding the network's input side, checked against ``size_multiple``
+    size_option: ClassVar[str | None] = None
+
+    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
+                 pretrained: PretrainedSpec = False, **options: Any):
+        super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
+        decoder = self.options["decoder"]
+        if decoder == "fpn":
+            # GLNet's FPN: 256 lateral / 128 smoothing channels; smaller widths make a light CPU decoder
+            width = self.options["fpn_channels"]
+            self.net: nn.Module = FPNBranch(encoder, num_classes=num_classes, in_channels=in_channels,
+                                            pretrained=pretrained, lateral_channels=width,
+                                            smooth_channels=max(1, width // 2))
+            #: input pixels per logit pixel of ``decode``
+            self.output_stride: int = self.net.output_stride
+            #: input sides must be a multiple of this
+            self.size_multiple: int = 1
+        else:
+            self.net = smp_network(decoder.removeprefix("smp_"), encoder, in_channels, num_classes, pretrained)
+            self.output_stride = 1
+            divisible = getattr(self.net, "requires_divisible_input_shape", True)  # smp < 0.5 always checks
+            self.size_multiple = self.net.encoder.output_stride if divisible else 1
+        size = self.options.get(self.size_option) if self.size_option else None
+        if size is not None and size % self.size_multiple:
+            raise ConfigError(f"{self.method_name}: decoder {decoder!r} needs {self.size_option} to be a "
+                              f"multiple of {self.size_multiple}, got {size}")
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the decoder's resolution: 1/4 of ``x`` for "fpn", ``x``'s size for smp."""
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes, H, W)`` at ``x``'s resolution."""
+        return resize(self.decode(x), x.shape[-2:])

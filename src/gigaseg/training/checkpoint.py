@@ -1,0 +1,86 @@
+"""Self-describing checkpoints: everything needed to rebuild, use and resume a model.
+
+A checkpoint holds only tensors, numbers, strings, lists and dicts, so it loads
+with ``torch.load(weights_only=True)``, and it is written atomically (a killed
+save never leaves a truncated file under the final name).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..io.atomic import atomic_output
+
+FORMAT = "gigaseg-checkpoint"
+VERSION = 1
+
+
+def data_info(dataset, normalization) -> dict:
+    """The dataset facts a model needs at prediction time (names, colours, normalisation)."""
+    return {
+        "classes": list(dataset.classes),
+        "palette": np.asarray(dataset.palette, dtype=np.uint8).tolist(),
+        "ignore_index": int(dataset.ignore_index),
+        "exclude_from_miou": [int(c) for c in getattr(dataset, "exclude_from_miou", ())],
+        "normalization": normalization.to_dict(),
+    }
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+    }
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, data: dict,
+                    train_state: dict | None = None, metrics: dict | None = None) -> Path:
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": {"config": dict(model.config), "state_dict": model.state_dict()},
+        "data": data,
+        "train": train_state,
+        "metrics": metrics or {},
+    }
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint file (or a run folder, taking its best, else last, checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.ckpt", "last.ckpt"):
+            if (path / name).exists():
+                path = path / name
+                break
+        else:
+            raise ConfigError(f"{path}: no best.ckpt or last.ckpt in this run folder")
+    if not path.exists():
+        raise ConfigError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle/zip errors of many kinds: all mean "not a checkpoint"
+        raise ConfigError(f"{path}: not a readable gigaseg checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not a gigaseg checkpoint")
+    payload["path"] = str(path)
+    return payload

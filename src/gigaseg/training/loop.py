@@ -1,0 +1,347 @@
+"""The training loop every method shares, on Lightning Fabric.
+
+Fabric gives devices, mixed precision and DDP (one process per device, under
+``torchrun``/SLURM or Fabric's own launcher). The loop runs a method's stages
+in order; each epoch it validates on whole images through the streaming
+predictor (the same code path users run), writes ``last.ckpt``, ``best.ckpt``
+(by validation mIoU), ``metrics.csv`` and the resolved ``config.yaml``, and can
+resume exactly from ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from ..budget import plan_sub_batch, runtime_bytes, training_estimate
+from ..errors import ConfigError
+from ..inference.contract import ClassificationPredictor, Predictor
+from ..inference.stream import predict_image
+from ..io.normalize import Normalization
+from ..metrics import ConfusionMatrix
+from ..progress import progress_bar
+from .checkpoint import data_info, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .recipe import Stage, StepContext, TrainSettings
+
+
+def make_fabric(settings: TrainSettings):
+    from lightning_fabric import Fabric
+    from lightning_fabric.strategies import DDPStrategy
+
+    strategy = settings.strategy
+    if strategy in ("ddp", "auto") and _wants_several(settings):
+        # stages train parts of the model: parameters unused by a stage must not stall DDP
+        strategy = DDPStrategy(find_unused_parameters=True)
+    return Fabric(accelerator=settings.accelerator, devices=settings.devices, num_nodes=settings.num_nodes,
+                  strategy=strategy, precision=settings.precision)
+
+
+def _wants_several(settings: TrainSettings) -> bool:
+    return settings.num_nodes > 1 or (isinstance(settings.devices, int) and settings.devices > 1) or str(settings.devices) not in ("1", "auto")
+
+
+class Trainer:
+    """Runs ``stages`` of ``model`` on ``train_data`` and validates on ``val_data`` each epoch.
+
+    Args:
+        model: the network (a ``GigasegModel``).
+        stages: the stages to run, in order (its method's recipe, or some of them).
+        train_data: the training dataset (segmentation or classification).
+        val_data: the validation dataset, or None to train without validation.
+        out_dir: the run folder (checkpoints, metrics.csv, config.yaml).
+        settings: the run-wide settings.
+        normalization: how the images' pixels are normalised (stored in checkpoints).
+        make_predictor: ``make_predictor(normalization, device=..., max_memory=...)`` -> the
+            model's whole-image predictor, which validation runs (the path users predict with).
+        run_config: more entries for config.yaml.
+
+    Raises:
+        ConfigError: the training split is empty.
+    """
+
+    def __init__(self, model, stages: list[Stage], train_data, val_data, out_dir, settings: TrainSettings,
+                 normalization: Normalization, make_predictor: Callable[..., Predictor],
+                 run_config: dict | None = None):
+        if len(train_data) == 0:
+            raise ConfigError("the training split is empty")
+        self.model = model
+        self.stages = stages
+        self.make_predictor = make_predictor
+        self.train_data = train_data
+        self.val_data = val_data
+        self.out_dir = Path(out_dir)
+        self.settings = settings
+        self.normalization = normalization
+        self.data = data_info(train_data, normalization)
+        self.run_config = run_config or {}
+        self.fabric = make_fabric(settings)
+        self.fabric.launch()
+        self.fabric.seed_everything(settings.seed)
+        self.history: list[dict] = []
+
+    # ---------------------------------------------------------------- public
+    def fit(self, resume: bool = False) -> dict:
+        start_stage, start_epoch, state = 0, 0, None
+        if resume:
+            state = self._load_resume_state()
+            names = [s.name for s in self.stages]
+            if state["stage"] not in names:
+                raise ConfigError(f"{self.out_dir / 'last.ckpt'}: stopped in stage {state['stage']!r}, "
+                                  f"which this run does not include ({', '.join(names)})")
+            start_stage, start_epoch = names.index(state["stage"]), state["epoch"] + 1
+        self._write_config()
+        for index in range(start_stage, len(self.stages)):
+            stage = self.stages[index]
+            first_epoch = start_epoch if index == start_stage else 0
+            self._run_stage(index, stage, first_epoch, state if index == start_stage else None)
+            state = None
+        return {"history": self.history, "out_dir": str(self.out_dir)}
+
+    # ---------------------------------------------------------------- stages
+    def _epochs(self, stage: Stage) -> int:
+        return self.settings.epochs if self.settings.epochs is not None else stage.epochs
+
+    def _run_stage(self, index: int, stage: Stage, first_epoch: int, state: dict | None) -> None:
+        fabric, model = self.fabric, self.model
+        if state is None and stage.before_stage is not None:
+            stage.before_stage(model)
+        trainable = self._freeze_for(stage)
+        batch_size = self.settings.batch_size or stage.batch_size
+        data = stage.make_data(self.train_data, self.normalization, self.settings)
+        steps_per_epoch = max(1, math.ceil(len(data) / (batch_size * fabric.world_size)) // self.settings.accumulate)
+        total_steps = steps_per_epoch * self._epochs(stage)
+        lr = self.settings.lr if self.settings.lr is not None else stage.lr
+        optimizer = _optimizer(stage, trainable, lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(stage, total_steps, steps_per_epoch))
+        sub_batch = self._sub_batch(stage, batch_size)
+        wrapped, optimizer = fabric.setup(model, optimizer)
+        best = -1.0
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            restore_rng(state["rng"])
+            best = state.get("best_miou", -1.0)
+        ctx = StepContext(fabric, model, wrapped, sub_batch, stage, self.settings)
+        for epoch in range(first_epoch, self._epochs(stage)):
+            started = time.perf_counter()
+            losses = self._train_epoch(ctx, data, batch_size, optimizer, scheduler, epoch, index)
+            val = self.validate()
+            self._train_modes(stage)  # validation switched the model to eval mode
+            row = {"stage": stage.name, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                   "seconds": round(time.perf_counter() - started, 2), "peak_memory": _peak_memory(fabric.device),
+                   **{f"train_{k}": v for k, v in losses.items()}, **{f"val_{k}": v for k, v in val.items()}}
+            self.history.append(row)
+            # the score that picks best.ckpt: mIoU, or accuracy for image classifiers
+            miou = val.get("miou", val.get("accuracy", float("nan")))
+            improved = not math.isnan(miou) and miou > best
+            best = max(best, miou) if not math.isnan(miou) else best
+            train_state = {"stage_index": index, "stage": stage.name, "epoch": epoch, "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "rng": rng_state(), "best_miou": best,
+                           "settings": _plain(asdict(self.settings))}
+            if fabric.global_rank == 0:
+                self._log(row)
+                save_checkpoint(self.out_dir / "last.ckpt", model, self.data, train_state, row)
+                if improved or math.isnan(miou):
+                    save_checkpoint(self.out_dir / f"best-{stage.name}.ckpt", model, self.data, None, row)
+                    save_checkpoint(self.out_dir / "best.ckpt", model, self.data, None, row)
+            fabric.barrier()
+
+    def _freeze_for(self, stage: Stage) -> list[torch.nn.Parameter]:
+        model = self.model
+        model.requires_grad_(False)
+        for module in stage.trainable(model):
+            module.requires_grad_(True)
+        for module in stage.frozen_eval(model):
+            module.requires_grad_(False)
+        self._train_modes(stage)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(f"stage {stage.name!r} has nothing to train")
+        return params
+
+    def _train_modes(self, stage: Stage) -> None:
+        """Training mode, except the stage's frozen modules (their BN statistics stay fixed)."""
+        self.model.train()
+        for module in stage.frozen_eval(self.model):
+            module.eval()
+
+    def _sub_batch(self, stage: Stage, batch_size: int) -> int:
+        """Samples per backward: the stage's own choice, or as many as ``--max-memory`` allows."""
+        default = stage.sub_batch or batch_size
+        if self.settings.max_memory is None or stage.sample_inputs is None:
+            return default
+        estimate = training_estimate(self.model, stage.sample_inputs(self.model), stage.optimizer,
+                                     runtime=runtime_bytes(self.fabric.device))
+        return plan_sub_batch(self.settings.max_memory, estimate, f"training stage {stage.name!r}",
+                              default=default, maximum=default if stage.sub_batch is None else 64)
+
+    def _train_epoch(self, ctx: StepContext, data, batch_size, optimizer, scheduler, epoch, stage_index) -> dict:
+        fabric = self.fabric
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(epoch)
+        loader = self._loader(data, batch_size, epoch, stage_index)
+        sums: dict[str, float] = {}
+        count = 0
+        accumulate = self.settings.accumulate
+        with progress_bar(f"{ctx.stage.name} epoch {epoch + 1}", len(loader),
+                          enabled=self.settings.progress and fabric.global_rank == 0) as advance:
+            for i, batch in enumerate(loader):
+                last_in_group = (i + 1) % accumulate == 0 or i + 1 == len(loader)
+                with fabric.no_backward_sync(ctx.wrapped, enabled=not last_in_group), fabric.autocast():
+                    logged = ctx.stage.step(ctx, batch)
+                if last_in_group:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                for key, value in logged.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                count += 1
+                advance(1)
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _loader(self, data, batch_size, epoch, stage_index) -> DataLoader:
+        fabric = self.fabric
+        if fabric.world_size > 1:
+            sampler = DistributedSampler(data, num_replicas=fabric.world_size, rank=fabric.global_rank,
+                                         shuffle=True, seed=self.settings.seed + 1000 * stage_index)
+            sampler.set_epoch(epoch)
+        else:
+            generator = torch.Generator().manual_seed(self.settings.seed * 100003 + 1000 * stage_index + epoch)
+            sampler = RandomSampler(data, generator=generator)
+        loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=self.settings.num_workers)
+        return fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> dict:
+        """Whole-image validation through the streaming predictor; ranks split images and sum matrices."""
+        if self.val_data is None or len(self.val_data) == 0:
+            return {}
+        fabric = self.fabric
+        predictor = self.make_predictor(self.normalization, device=fabric.device, max_memory=self.settings.max_memory)
+        if isinstance(predictor, ClassificationPredictor):
+            return self._validate_classification(predictor)
+        matrix = ConfusionMatrix(self.model.num_classes, ignore_index=self.data["ignore_index"])
+        count = len(self.val_data) if self.settings.max_val_images is None else min(len(self.val_data), self.settings.max_val_images)
+        self.model.eval()
+        for index in range(fabric.global_rank, count, fabric.world_size):
+            sample = self.val_data[index]
+            evaluate_sample(predictor, sample, matrix, self.settings.val_block_size)
+        matrix.all_reduce(fabric)  # each rank scored its share of the images
+        exclude = self.data["exclude_from_miou"]
+        return {"miou": float(matrix.miou(exclude=exclude)), "pixel_accuracy": float(matrix.pixel_accuracy())}
+
+    def _validate_classification(self, classifier: ClassificationPredictor) -> dict:
+        """Image classifiers: one predicted class per validation image; accuracy and balanced accuracy."""
+        fabric = self.fabric
+        matrix = ConfusionMatrix(self.model.num_classes, ignore_index=None)
+        count = len(self.val_data) if self.settings.max_val_images is None else min(len(self.val_data), self.settings.max_val_images)
+        self.model.eval()
+        for index in range(fabric.global_rank, count, fabric.world_size):
+            with self.val_data[index] as sample:
+                if sample.label is not None:
+                    matrix.update(np.array([int(classifier.predict(sample.image).argmax())]), np.array([sample.label]))
+        matrix.all_reduce(fabric)
+        return {"accuracy": float(matrix.pixel_accuracy()), "balanced_accuracy": float(matrix.balanced_accuracy())}
+
+    # ---------------------------------------------------------------- files
+    def _load_resume_state(self) -> dict:
+        payload = load_checkpoint(self.out_dir / "last.ckpt")
+        if payload.get("train") is None:
+            raise ConfigError(f"{self.out_dir / 'last.ckpt'}: has no training state to resume from")
+        config = self.model.canonical_config(payload["model"]["config"])
+        if config != dict(self.model.config):
+            raise ConfigError(f"{self.out_dir / 'last.ckpt'}: was trained with {config}, not {dict(self.model.config)}")
+        self.model.load_state_dict(payload["model"]["state_dict"])
+        self._read_history()
+        return payload["train"]
+
+    def _write_config(self) -> None:
+        if self.fabric.global_rank != 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        config = {"model": dict(self.model.config), "settings": _plain(asdict(self.settings)),
+                  "stages": [{"name": s.name, "epochs": self._epochs(s), "lr": s.lr, "batch_size": s.batch_size,
+                              "optimizer": s.optimizer} for s in self.stages],
+                  **self.run_config}
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def _log(self, row: dict) -> None:
+        path = self.out_dir / "metrics.csv"
+        fields = list(dict.fromkeys(k for r in self.history for k in r))
+        with open(path, "w", newline="") as handle:  # rewritten whole: columns may grow between stages
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.history)
+        _tensorboard(self.out_dir, row, len(self.history))
+
+    def _read_history(self) -> None:
+        path = self.out_dir / "metrics.csv"
+        if path.exists():
+            with open(path, newline="") as handle:
+                self.history = [dict(r) for r in csv.DictReader(handle)]
+
+
+def evaluate_sample(predictor, sample, matrix: ConfusionMatrix, block_size: int) -> None:
+    """Predict one dataset sample band by band and add it to ``matrix`` against its mask."""
+    def update(window, labels):
+        matrix.update(labels, sample.mask.read(window)[..., 0])
+
+    predict_image(predictor, sample.image, None, block_size=block_size, on_band=update, progress=False)
+
+
+def _optimizer(stage: Stage, params, lr: float) -> torch.optim.Optimizer:
+    if stage.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=stage.weight_decay)
+    if stage.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=stage.weight_decay)
+    if stage.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
+    raise ConfigError(f"unknown optimizer {stage.optimizer!r}")
+
+
+def _schedule(stage: Stage, total_steps: int, steps_per_epoch: int):
+    if stage.schedule == "poly":
+        return lambda step: max(0.0, 1 - step / max(total_steps, 1)) ** stage.poly_power
+    if stage.schedule == "step":
+        milestones = [m * steps_per_epoch for m in stage.milestones]
+        return lambda step: stage.gamma ** sum(step >= m for m in milestones)
+    return lambda step: 1.0
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _plain(value):
+    """Settings as YAML/weights_only-safe plain values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _tensorboard(out_dir: Path, row: dict, step: int) -> None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return
+    writer = SummaryWriter(str(out_dir / "tensorboard"))
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+            writer.add_scalar(key, value, step)
+    writer.close()
