@@ -35,8 +35,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="global,patch,glnet")
     parser.add_argument("--work", default="/tmp/gigaseg-fine")
-    parser.add_argument("--source", default="/tmp/pgd_bench/landcover_1024",
-                        help="a 7-class land-cover dataset of 1024-px scenes (patchgd.py writes one)")
+    parser.add_argument(
+        "--source",
+        default="/tmp/pgd_bench/landcover_1024",
+        help="a 7-class land-cover dataset of 1024-px scenes (patchgd.py writes one)",
+    )
     parser.add_argument("--epochs", type=int, default=4, help="per training stage")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -51,8 +54,10 @@ def main() -> None:
 
         write_landcover_dataset(source, count=40, height=1024, width=1024, seed=3, val_fraction=0.25)
     data = binary_landcover(source, work / "data")
-    specs = [MethodSpec(method=m, options=OPTIONS[m], epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
-             for m in args.methods.split(",")]
+    specs = [
+        MethodSpec(method=m, options=OPTIONS[m], epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+        for m in args.methods.split(",")
+    ]
     results = compare(specs, data, work, encoder=args.encoder)
     RESULTS.mkdir(exist_ok=True)
     earlier = RESULTS / "compare_fine_structure.json"

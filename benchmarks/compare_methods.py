@@ -36,8 +36,13 @@ OPTIONS = {
     # samples 8 crops
     "glnet": {"size_g": 512, "size_p": 256, "min_overlap": 0, "fpn_channels": 64},
     # the DeepGlobe preset's shape (coarsest scale ~ the input, 2x steps) scaled to 1536-px scenes
-    "magnet": {"scales": [[384, 384], [768, 768], [1536, 1536]], "input_size": [384, 384], "points": 0.75,
-               "median_kernel": 11, "crops_per_image": 8},
+    "magnet": {
+        "scales": [[384, 384], [768, 768], [1536, 1536]],
+        "input_size": [384, 384],
+        "points": 0.75,
+        "median_kernel": 11,
+        "crops_per_image": 8,
+    },
     "icnet": {"crop_size": 768, "crops_per_image": 4, "tile_size": [1536, 1536], "tile_overlap": 128},
 }
 
@@ -60,17 +65,32 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--append", action="store_true",
-                        help="keep the other methods of the committed results (same data, machine and settings)")
-    parser.add_argument("--variants-only", action="store_true",
-                        help="train nothing: score the VARIANTS of --methods from their runs in --work and add "
-                             "them to the committed results")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the other methods of the committed results (same data, machine and settings)",
+    )
+    parser.add_argument(
+        "--variants-only",
+        action="store_true",
+        help="train nothing: score the VARIANTS of --methods from their runs in --work and add "
+        "them to the committed results",
+    )
     args = parser.parse_args()
     data = Path(args.data)
     if not (data / "dataset.yaml").exists():
         write_landcover_dataset(data, count=args.scenes, height=args.size, width=args.size, seed=0, val_fraction=0.25)
-    specs = [MethodSpec(method=m, options=OPTIONS.get(m, {}), epochs=args.epochs, lr=args.lr,
-                        batch_size=args.batch_size, variants=VARIANTS.get(m, {})) for m in args.methods.split(",")]
+    specs = [
+        MethodSpec(
+            method=m,
+            options=OPTIONS.get(m, {}),
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            variants=VARIANTS.get(m, {}),
+        )
+        for m in args.methods.split(",")
+    ]
     work = Path(args.work)
     if args.variants_only:
         results = json.loads((RESULTS / "compare_methods.json").read_text())

@@ -45,8 +45,8 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # the measured children import this file as the module glnet_memory
 
-SCENE = (4499, 6749)       # 30.4 Mpx
-TRAIN = (2448, 2448)       # DeepGlobe's size
+SCENE = (4499, 6749)  # 30.4 Mpx
+TRAIN = (2448, 2448)  # DeepGlobe's size
 PREDICT_BUDGET = "2GB"
 TRAIN_BUDGET = "4GB"
 
@@ -115,9 +115,16 @@ class SubsetPredictor:
     def prepare(self, source):
         start = time.perf_counter()
         context = self.inner.prepare(source)
-        self.log.append({"what": "prepare", "seconds": round(time.perf_counter() - start, 1), "peak_rss": _rss(),
-                         "context_bytes": context.nbytes(), "sub_batch": self.inner.sub_batch,
-                         "block_size": self.inner.block_size})
+        self.log.append(
+            {
+                "what": "prepare",
+                "seconds": round(time.perf_counter() - start, 1),
+                "peak_rss": _rss(),
+                "context_bytes": context.nbytes(),
+                "sub_batch": self.inner.sub_batch,
+                "block_size": self.inner.block_size,
+            }
+        )
         self.band = None
         return context
 
@@ -137,8 +144,13 @@ class SubsetPredictor:
         start = time.perf_counter()
         probs = self.inner.predict_block(source, context, window)
         self.done += 1
-        self.log.append({"what": f"block {window.top},{window.left} {window.height}x{window.width}",
-                         "seconds": round(time.perf_counter() - start, 1), "peak_rss": _rss()})
+        self.log.append(
+            {
+                "what": f"block {window.top},{window.left} {window.height}x{window.width}",
+                "seconds": round(time.perf_counter() - start, 1),
+                "peak_rss": _rss(),
+            }
+        )
         return probs
 
 
@@ -166,19 +178,30 @@ def child_train(data: str, init: str, out: str, max_memory: str, batch_size: int
 
     def truncated(ctx, batch):
         keep = sub_batches * method._sub_batch(ctx)
-        part = {**batch, "patches": batch["patches"][:, :keep], "patch_labels": batch["patch_labels"][:, :keep],
-                "boxes": batch["boxes"][:, :keep]}
+        part = {
+            **batch,
+            "patches": batch["patches"][:, :keep],
+            "patch_labels": batch["patch_labels"][:, :keep],
+            "boxes": batch["boxes"][:, :keep],
+        }
         start = time.perf_counter()
         losses = real(ctx, part)
-        log.append({"images": int(batch["patches"].shape[0]), "patches_loaded": int(batch["patches"].shape[1]),
-                    "patches_run": keep, "sub_batch": method._sub_batch(ctx),
-                    "seconds": round(time.perf_counter() - start, 1), "peak_rss": _rss()})
+        log.append(
+            {
+                "images": int(batch["patches"].shape[0]),
+                "patches_loaded": int(batch["patches"].shape[1]),
+                "patches_run": keep,
+                "sub_batch": method._sub_batch(ctx),
+                "seconds": round(time.perf_counter() - start, 1),
+                "peak_rss": _rss(),
+            }
+        )
         return losses
 
     method.global2local_step = truncated
     from gigaseg.api import train
-    from gigaseg.training.recipe import TrainSettings
     from gigaseg.memory import parse_size
+    from gigaseg.training.recipe import TrainSettings
 
     settings = TrainSettings(epochs=1, batch_size=batch_size, max_memory=parse_size(max_memory), progress=False)
     train("glnet", data, out, encoder="resnet50", stage="global2local", init=init, settings=settings)
@@ -186,9 +209,10 @@ def child_train(data: str, init: str, out: str, max_memory: str, batch_size: int
 
 
 def child_imports() -> dict:
+    import timm  # noqa: F401
+
     import gigaseg.api  # noqa: F401
     import gigaseg.methods.glnet.model  # noqa: F401
-    import timm  # noqa: F401
 
     return {}
 
@@ -204,7 +228,6 @@ def main() -> None:
     parser.add_argument("--sub-batches", type=int, default=2, help="training sub-batches run per image")
     args = parser.parse_args()
     import glnet_memory as bench  # this file as an importable module, for the children
-
     from gigaseg.bench.machine import describe
     from gigaseg.bench.memory import baseline_rss, measure
 
@@ -215,29 +238,64 @@ def main() -> None:
     parts = args.parts.split(",")
     previous = RESULTS / "glnet_memory.json"
     results = json.loads(previous.read_text()) if previous.exists() else {}
-    results.update({"machine": describe(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                    "torch_import_rss": baseline_rss(), "gpu": "none lent in this task: no CUDA figures"})
+    results.update(
+        {
+            "machine": describe(),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "torch_import_rss": baseline_rss(),
+            "gpu": "none lent in this task: no CUDA figures",
+        }
+    )
     results["gigaseg_import_rss"] = measure(bench.child_imports).peak_rss
-    print(f"baselines: torch {results['torch_import_rss'] / 1e6:.0f} MB, "
-          f"gigaseg+timm {results['gigaseg_import_rss'] / 1e6:.0f} MB", flush=True)
+    print(
+        f"baselines: torch {results['torch_import_rss'] / 1e6:.0f} MB, "
+        f"gigaseg+timm {results['gigaseg_import_rss'] / 1e6:.0f} MB",
+        flush=True,
+    )
     for part in parts:
         print(f"running {part} ...", flush=True)
         if part in ("predict2", "predict3"):
             stage = int(part[-1])
-            report = measure(bench.child_predict, str(ckpts[stage]), str(data["image"]),
-                             str(work / f"pred{stage}" / "scene.tif"), PREDICT_BUDGET, args.blocks)
-            results[part] = {"stage": stage, "image": list(SCENE), "budget": PREDICT_BUDGET,
-                             "blocks_computed": args.blocks, "peak_rss": report.peak_rss, "wall_s": report.wall_s,
-                             **report.value}
+            report = measure(
+                bench.child_predict,
+                str(ckpts[stage]),
+                str(data["image"]),
+                str(work / f"pred{stage}" / "scene.tif"),
+                PREDICT_BUDGET,
+                args.blocks,
+            )
+            results[part] = {
+                "stage": stage,
+                "image": list(SCENE),
+                "budget": PREDICT_BUDGET,
+                "blocks_computed": args.blocks,
+                "peak_rss": report.peak_rss,
+                "wall_s": report.wall_s,
+                **report.value,
+            }
         elif part == "train2":
-            report = measure(bench.child_train, str(data["train"]), str(ckpts[1]), str(work / "train_run"),
-                             TRAIN_BUDGET, 6, args.sub_batches)
-            results[part] = {"scene": list(TRAIN), "budget": TRAIN_BUDGET, "batch_size": 6,
-                             "peak_rss": report.peak_rss, "wall_s": report.wall_s, **report.value}
+            report = measure(
+                bench.child_train,
+                str(data["train"]),
+                str(ckpts[1]),
+                str(work / "train_run"),
+                TRAIN_BUDGET,
+                6,
+                args.sub_batches,
+            )
+            results[part] = {
+                "scene": list(TRAIN),
+                "budget": TRAIN_BUDGET,
+                "batch_size": 6,
+                "peak_rss": report.peak_rss,
+                "wall_s": report.wall_s,
+                **report.value,
+            }
         else:
             raise SystemExit(f"unknown part {part!r}")
-        print(f"{part}: peak RSS {results[part]['peak_rss'] / 1e9:.2f} GB in {results[part]['wall_s']:.0f} s",
-              flush=True)
+        print(
+            f"{part}: peak RSS {results[part]['peak_rss'] / 1e9:.2f} GB in {results[part]['wall_s']:.0f} s", flush=True
+        )
         write(results)
 
 
@@ -247,25 +305,41 @@ def write(results: dict) -> None:
     from gigaseg.bench.machine import markdown_header
 
     gb = lambda v: f"{v / 1e9:.2f} GB"  # noqa: E731
-    lines = ["# GLNet memory (ResNet-50 branches, 7 classes, fp32, CPU)", "", markdown_header(results["machine"]), "",
-             f"GPU: {results['gpu']}.", "",
-             f"Baselines (fresh children): import torch only {gb(results['torch_import_rss'])}; "
-             f"import gigaseg + timm (torchvision comes with timm) {gb(results['gigaseg_import_rss'])}.", "",
-             "| job | bound | peak RSS (whole process) | above torch import | wall time |", "|---|---|---|---|---|"]
-    for part, label, bound in (("predict2", "predict 6749x4499, stage-2 checkpoint, --max-memory 2GB", 2e9),
-                               ("predict3", "predict 6749x4499, stage-3 checkpoint, --max-memory 2GB", 2e9),
-                               ("train2", "stage-2 training, 2448 px scenes, batch 6, --max-memory 4GB", 4e9)):
+    lines = [
+        "# GLNet memory (ResNet-50 branches, 7 classes, fp32, CPU)",
+        "",
+        markdown_header(results["machine"]),
+        "",
+        f"GPU: {results['gpu']}.",
+        "",
+        f"Baselines (fresh children): import torch only {gb(results['torch_import_rss'])}; "
+        f"import gigaseg + timm (torchvision comes with timm) {gb(results['gigaseg_import_rss'])}.",
+        "",
+        "| job | bound | peak RSS (whole process) | above torch import | wall time |",
+        "|---|---|---|---|---|",
+    ]
+    for part, label, bound in (
+        ("predict2", "predict 6749x4499, stage-2 checkpoint, --max-memory 2GB", 2e9),
+        ("predict3", "predict 6749x4499, stage-3 checkpoint, --max-memory 2GB", 2e9),
+        ("train2", "stage-2 training, 2448 px scenes, batch 6, --max-memory 4GB", 4e9),
+    ):
         if part in results:
             r = results[part]
             ok = "ok" if r["peak_rss"] <= bound else "OVER"
-            lines.append(f"| {label} | {gb(bound)} {ok} | {gb(r['peak_rss'])} | "
-                         f"{gb(r['peak_rss'] - results['torch_import_rss'])} | {r['wall_s']:.0f} s |")
+            lines.append(
+                f"| {label} | {gb(bound)} {ok} | {gb(r['peak_rss'])} | "
+                f"{gb(r['peak_rss'] - results['torch_import_rss'])} | {r['wall_s']:.0f} s |"
+            )
     for part in ("predict2", "predict3", "train2"):
         if part in results:
             lines += ["", f"{part} log (peak RSS so far after each step):", ""]
             for entry in results[part]["log"]:
-                lines.append("- " + ", ".join(f"{k} {gb(v) if k == 'peak_rss' or k == 'context_bytes' else v}"
-                                              for k, v in entry.items()))
+                lines.append(
+                    "- "
+                    + ", ".join(
+                        f"{k} {gb(v) if k == 'peak_rss' or k == 'context_bytes' else v}" for k, v in entry.items()
+                    )
+                )
     notes = RESULTS / "glnet_memory.notes.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]

@@ -118,8 +118,13 @@ def cpu_speed(classes: int, rounds: int, compile_icnet: bool) -> dict:
             print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()), flush=True)
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {
-        "input": [1, 3, *SIZE], "dtype": "float32", "threads": torch.get_num_threads(), "rounds": rounds,
-        "warmup_s": warmup, "times_s": times, "median_s": medians,
+        "input": [1, 3, *SIZE],
+        "dtype": "float32",
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "warmup_s": warmup,
+        "times_s": times,
+        "median_s": medians,
         "fps": {name: 1.0 / m for name, m in medians.items()},
         "parameters": {"icnet": icnet.num_parameters(), "pspnet": pspnet.num_parameters()},
         "folded_batchnorms": variants["icnet_folded"][0].folded_batchnorms,
@@ -146,13 +151,19 @@ def gpu_speed(classes: int, warmup: int = 10, repeats: int = 50) -> dict:
         for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            with (
+                torch.inference_mode(),
+                torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None),
+            ):
                 for _ in range(warmup):
                     net(x)
                 times = [timed(net, x) for _ in range(repeats)]
             median = statistics.median(times)
-            out[f"{method}_{precision}"] = {"median_s": median, "fps": 1.0 / median,
-                                             "max_memory_allocated": torch.cuda.max_memory_allocated(device)}
+            out[f"{method}_{precision}"] = {
+                "median_s": median,
+                "fps": 1.0 / median,
+                "max_memory_allocated": torch.cuda.max_memory_allocated(device),
+            }
             print(f"{method} {precision}: {1.0 / median:.1f} fps", flush=True)
         del model, net
     return out
@@ -161,7 +172,6 @@ def gpu_speed(classes: int, warmup: int = 10, repeats: int = 50) -> dict:
 def memory(classes: int, threads: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import icnet_speed  # this file, importable by the measuring child
-
     from gigaseg.bench.memory import measure
 
     imports = measure(icnet_speed.imports_only)
@@ -205,8 +215,9 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, median in s["median_s"].items():
-        lines.append(f"| {name} | {median:.2f} | {s['fps'][name]:.3f} | "
-                     f"{', '.join(f'{t:.2f}' for t in s['times_s'][name])} |")
+        lines.append(
+            f"| {name} | {median:.2f} | {s['fps'][name]:.3f} | {', '.join(f'{t:.2f}' for t in s['times_s'][name])} |"
+        )
     lines += [
         "",
         f"ICNet is **{s['speedup_icnet_vs_pspnet']:.1f}x** faster than PSPNet-50 like for like (both plain eval "
@@ -220,8 +231,10 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for name in NETWORKS:
-        lines.append(f"| {name} | {_gb(mem[name]['peak_rss'])} | {_gb(mem[name]['rss_above_baseline'])} | "
-                     f"{_gb(mem[name]['above_imports'])} | {mem[name]['seconds']:.2f} |")
+        lines.append(
+            f"| {name} | {_gb(mem[name]['peak_rss'])} | {_gb(mem[name]['rss_above_baseline'])} | "
+            f"{_gb(mem[name]['above_imports'])} | {mem[name]['seconds']:.2f} |"
+        )
     lines += [
         "",
         f"Baselines: a child that only imports torch peaks at {_gb(mem['icnet']['baseline_rss'])}; one that imports "
@@ -241,9 +254,11 @@ def markdown(result: dict) -> str:
                 r = g[f"{method}_{precision}"]
                 lines.append(f"| {method} | {precision} | {r['fps']:.1f} | {_gb(r['max_memory_allocated'])} |")
     else:
-        lines.append("No GPU was available to this run, so no GPU figures were measured. The GPU code path "
-                     "(`gpu_speed`: BN-folded, channels_last, fp32 / bf16 / fp16 autocast, "
-                     "`torch.cuda.max_memory_allocated`) runs when the script finds CUDA.")
+        lines.append(
+            "No GPU was available to this run, so no GPU figures were measured. The GPU code path "
+            "(`gpu_speed`: BN-folded, channels_last, fp32 / bf16 / fp16 autocast, "
+            "`torch.cuda.max_memory_allocated`) runs when the script finds CUDA."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -271,10 +286,12 @@ def main(argv=None) -> int:
     result["claims"] = {
         "icnet_at_least_5x_faster": result["cpu_speed"]["speedup_icnet_vs_pspnet"] >= 5,
         "icnet_at_least_3x_less_peak_memory": (None if args.skip_memory else result["memory"]["ratio_peak_rss"] >= 3),
-        "icnet_at_least_3x_less_memory_above_baseline": (None if args.skip_memory
-                                                         else result["memory"]["ratio_above_baseline"] >= 3),
-        "icnet_at_least_3x_less_network_memory": (None if args.skip_memory
-                                                  else result["memory"]["ratio_above_imports"] >= 3),
+        "icnet_at_least_3x_less_memory_above_baseline": (
+            None if args.skip_memory else result["memory"]["ratio_above_baseline"] >= 3
+        ),
+        "icnet_at_least_3x_less_network_memory": (
+            None if args.skip_memory else result["memory"]["ratio_above_imports"] >= 3
+        ),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "icnet_speed.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -44,8 +44,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PEAK_LIMIT = 2 * 10**9
-SMALL_OPTIONS = {"scales": [[128, 128], [256, 256], [512, 512]], "input_size": [128, 128], "median_kernel": 5,
-                 "crops_per_image": 8}
+SMALL_OPTIONS = {
+    "scales": [[128, 128], [256, 256], [512, 512]],
+    "input_size": [128, 128],
+    "median_kernel": 5,
+    "crops_per_image": 8,
+}
 SMALL_FAST = {"fast_patches": 3, "points": 0.9}
 
 
@@ -134,13 +138,13 @@ def child_alternate(image: str, repeats: int) -> dict:
     import numpy as np
     import torch
 
+    from gigaseg.geometry import Window
     from gigaseg.inference.stream import predict_image
     from gigaseg.io.array import ArraySource
     from gigaseg.io.normalize import Normalization
     from gigaseg.io.sources import open_image
     from gigaseg.methods.magnet.model import PRESETS
     from gigaseg.methods.registry import create_model
-    from gigaseg.geometry import Window
 
     torch.manual_seed(0)
     magnet = create_model("magnet", encoder="resnet50", num_classes=7, preset="deepglobe").eval()
@@ -151,13 +155,15 @@ def child_alternate(image: str, repeats: int) -> dict:
     warm = ArraySource(source.read(Window(0, 0, 1224, 1224)))
     out: dict = {"fast_options": fast_options, "magnet": [], "fast": []}
     for model in (fast, magnet):  # warm-up on a 1224-px crop (one frame, scales 306/612/1224)
-        predict_image(model.whole_image_predictor(norm, refine=True), warm, None, on_band=lambda *a: None,
-                      progress=False)
+        predict_image(
+            model.whole_image_predictor(norm, refine=True), warm, None, on_band=lambda *a: None, progress=False
+        )
     for _ in range(repeats):
         for name, model in (("fast", fast), ("magnet", magnet)):
             start = time.perf_counter()
-            predict_image(model.whole_image_predictor(norm, refine=True), source, None, on_band=lambda *a: None,
-                          progress=False)
+            predict_image(
+                model.whole_image_predictor(norm, refine=True), source, None, on_band=lambda *a: None, progress=False
+            )
             out[name].append(time.perf_counter() - start)
     return out
 
@@ -191,8 +197,10 @@ def _load(work: Path, name: str) -> dict | None:
 
 
 def scene_paths(work: Path) -> dict[str, Path]:
-    return {"2448x2448": work / "s2448" / "images" / "landcover_000.tif",
-            "4499x6749": work / "s6749" / "images" / "landcover_000.tif"}
+    return {
+        "2448x2448": work / "s2448" / "images" / "landcover_000.tif",
+        "4499x6749": work / "s6749" / "images" / "landcover_000.tif",
+    }
 
 
 def phase_scenes(work: Path) -> dict:
@@ -202,8 +210,22 @@ def phase_scenes(work: Path) -> dict:
     for folder, size, count, seed in jobs:
         if (work / folder / "dataset.yaml").exists():
             continue
-        command = [python, "-m", "gigaseg", "synth", "landcover", str(work / folder), "--count", count, "--size",
-                   size, "--seed", seed, "--val-fraction", "0.25"]
+        command = [
+            python,
+            "-m",
+            "gigaseg",
+            "synth",
+            "landcover",
+            str(work / folder),
+            "--count",
+            count,
+            "--size",
+            size,
+            "--seed",
+            seed,
+            "--val-fraction",
+            "0.25",
+        ]
         print("generating:", " ".join(command[2:]), flush=True)
         start = time.perf_counter()
         subprocess.run(command, check=True)
@@ -214,13 +236,14 @@ def phase_scenes(work: Path) -> dict:
 def phase_speed(work: Path, big_blocks: int, full_magnet: bool) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import magnet_inference as bench  # importable by the children (measure pickles functions by reference)
-
     from gigaseg.bench.memory import measure_call
 
     scenes = scene_paths(work)
     jobs = [
-        ("2448x2448", "deepglobe_fast", None), ("2448x2448", "deepglobe", None),
-        ("4499x6749", "deepglobe_fast", big_blocks), ("4499x6749", "deepglobe", big_blocks),
+        ("2448x2448", "deepglobe_fast", None),
+        ("2448x2448", "deepglobe", None),
+        ("4499x6749", "deepglobe_fast", big_blocks),
+        ("4499x6749", "deepglobe", big_blocks),
         ("4499x6749", "deepglobe_fast", 2 * big_blocks),
     ]
     if full_magnet:
@@ -230,8 +253,11 @@ def phase_speed(work: Path, big_blocks: int, full_magnet: bool) -> dict:
     runs = previous["runs"]
     if "model_only" not in previous:
         report = measure_call(bench.child_model_only, ("deepglobe",))
-        previous["model_only"] = {"peak_rss": report.peak_rss, "baseline_rss": report.baseline_rss,
-                                  "parameters": report.value["parameters"]}
+        previous["model_only"] = {
+            "peak_rss": report.peak_rss,
+            "baseline_rss": report.baseline_rss,
+            "parameters": report.value["parameters"],
+        }
         _save(work, "speed", {**previous, "runs": runs})
     if "alternate" not in previous:
         print("speed: 2448x2448 MagNet and MagNet-Fast alternately", flush=True)
@@ -267,9 +293,12 @@ def _evaluate(model, dataset, variant_refine: bool) -> dict:
         evaluate_sample(predictor, sample, matrix, 2048)
         seconds.append(time.perf_counter() - start)
     summary = matrix.summary(class_names=list(dataset.classes))
-    return {"miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"],
-            "per_class_iou": {k: v["iou"] for k, v in summary["per_class"].items()},
-            "seconds_per_image": seconds}
+    return {
+        "miou": summary["miou"],
+        "pixel_accuracy": summary["pixel_accuracy"],
+        "per_class_iou": {k: v["iou"] for k, v in summary["per_class"].items()},
+        "seconds_per_image": seconds,
+    }
 
 
 def phase_accuracy(work: Path, epochs: int) -> dict:
@@ -279,8 +308,26 @@ def phase_accuracy(work: Path, epochs: int) -> dict:
     from gigaseg.data.loader import load_dataset
 
     data, run = work / "small", work / "small_run"
-    command = [sys.executable, "-m", "gigaseg", "train", "--method", "magnet", "--data", str(data), "--out", str(run),
-               "--encoder", "resnet18", "--epochs", str(epochs), "--batch-size", "4", "--lr", "0.01"]
+    command = [
+        sys.executable,
+        "-m",
+        "gigaseg",
+        "train",
+        "--method",
+        "magnet",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--encoder",
+        "resnet18",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+    ]
     for key, value in SMALL_OPTIONS.items():
         command += ["--set", f"{key}={json.dumps(value).replace(' ', '')}"]
     previous = _load(work, "accuracy") or {}
@@ -288,17 +335,22 @@ def phase_accuracy(work: Path, epochs: int) -> dict:
         print("training:", " ".join(command[2:]), flush=True)
         start = time.perf_counter()
         subprocess.run(command, check=True)
-        previous["train"] = {"command": "gigaseg " + " ".join(command[3:]).replace(str(work) + "/", "WORK/"),
-                             "seconds": time.perf_counter() - start,
-                             "metrics_csv": (run / "metrics.csv").read_text()}
+        previous["train"] = {
+            "command": "gigaseg " + " ".join(command[3:]).replace(str(work) + "/", "WORK/"),
+            "seconds": time.perf_counter() - start,
+            "metrics_csv": (run / "metrics.csv").read_text(),
+        }
         _save(work, "accuracy", previous)
     torch.manual_seed(0)
     model, _ = load_model(run / "last.ckpt")
     fast = model.variant(**SMALL_FAST).eval()
     dataset = load_dataset(data, split="val")
     results = previous.get("variants", {})
-    for name, (net, refine) in {"backbone_coarsest_scale": (model, False), "magnet": (model, True),
-                                "magnet_fast": (fast, True)}.items():
+    for name, (net, refine) in {
+        "backbone_coarsest_scale": (model, False),
+        "magnet": (model, True),
+        "magnet_fast": (fast, True),
+    }.items():
         if name in results:
             continue
         print(f"accuracy: {name}", flush=True)
@@ -331,7 +383,9 @@ def summarize(speed: dict | None, accuracy: dict | None) -> dict:
         out["fast_speedup"] = ratios
         alternate = speed.get("alternate")
         if alternate and alternate["magnet"] and alternate["fast"]:
-            median = lambda xs: sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1:len(xs) // 2 + 1]) / 2  # noqa: E731
+            median = lambda xs: (
+                sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1 : len(xs) // 2 + 1]) / 2
+            )  # noqa: E731
             out["fast_speedup_alternating_2448"] = median(alternate["magnet"]) / median(alternate["fast"])
         out["max_peak_rss"] = max(r["peak_rss"] for r in speed["runs"])
         out["peak_within_2GB"] = out["max_peak_rss"] <= PEAK_LIMIT
@@ -345,7 +399,9 @@ def summarize(speed: dict | None, accuracy: dict | None) -> dict:
         v = accuracy["variants"]
         if "magnet" in v and "magnet_fast" in v:
             out["fast_miou_cost"] = v["magnet"]["miou"] - v["magnet_fast"]["miou"]
-            out["fast_speedup_small"] = sum(v["magnet"]["seconds_per_image"]) / sum(v["magnet_fast"]["seconds_per_image"])
+            out["fast_speedup_small"] = sum(v["magnet"]["seconds_per_image"]) / sum(
+                v["magnet_fast"]["seconds_per_image"]
+            )
     return out
 
 
@@ -360,8 +416,11 @@ def markdown(result: dict) -> str:
         markdown_header(m),
         f"{m['usable_cores']} usable of {m['cores']} logical cores (shared with other jobs: load average 3-9 during "
         f"the runs, {load} at the end), torch with {m['torch_threads']} threads."
-        + ("" if m["gpu"] else " No GPU was lent to this task, so no CUDA figures (the CUDA code path records "
-                               "max_memory_allocated)."),
+        + (
+            ""
+            if m["gpu"]
+            else " No GPU was lent to this task, so no CUDA figures (the CUDA code path records max_memory_allocated)."
+        ),
         "",
         "Commands (phases resume from the work folder): " + "; ".join(f"`{c}`" for c in result["commands"]) + ".",
         "",
@@ -386,26 +445,42 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {r['scene']} ({r['mode']}) | {name} | {r['blocks_computed']} ({r['blocks']}) | {r['frames']} | "
                 f"{r['backbone_patches']} | {r['refined_patches']} | {_mb(r['peak_rss'])} | "
-                f"{'yes' if r['peak_rss'] <= PEAK_LIMIT else 'NO'} | {r['seconds']:.0f} s |")
+                f"{'yes' if r['peak_rss'] <= PEAK_LIMIT else 'NO'} | {r['seconds']:.0f} s |"
+            )
         alternate = speed.get("alternate")
         if alternate:
-            lines += ["", "Alternating runs in one process (after a warm-up), 2448x2448 scene, same weights: MagNet "
-                      + ", ".join(f"{t:.0f} s" for t in alternate["magnet"]) + "; MagNet-Fast "
-                      + ", ".join(f"{t:.0f} s" for t in alternate["fast"])
-                      + f"; ratio of medians {summary.get('fast_speedup_alternating_2448', float('nan')):.2f}x "
-                      f"(peak RSS of that process, both models loaded: {_mb(alternate['peak_rss'])})."]
-        lines += ["", "Speed-up of MagNet-Fast (MagNet time / MagNet-Fast time, same scene and blocks): " + ", ".join(
-            f"{k}: {v:.2f}x" for k, v in summary.get("fast_speedup", {}).items()) + ".  ",
-            "Full-scene times extrapolated per computed block: " + ", ".join(
-                f"{k}: {v / 60:.0f} min" for k, v in summary.get("extrapolated_full_scene_seconds", {}).items()) + ".",
-            ""]
-        blocks = sorted((r["blocks_computed"], r["peak_rss"]) for r in speed["runs"]
-                        if r["scene"] == "4499x6749" and r["preset"] == "deepglobe_fast")
+            lines += [
+                "",
+                "Alternating runs in one process (after a warm-up), 2448x2448 scene, same weights: MagNet "
+                + ", ".join(f"{t:.0f} s" for t in alternate["magnet"])
+                + "; MagNet-Fast "
+                + ", ".join(f"{t:.0f} s" for t in alternate["fast"])
+                + f"; ratio of medians {summary.get('fast_speedup_alternating_2448', float('nan')):.2f}x "
+                f"(peak RSS of that process, both models loaded: {_mb(alternate['peak_rss'])}).",
+            ]
+        lines += [
+            "",
+            "Speed-up of MagNet-Fast (MagNet time / MagNet-Fast time, same scene and blocks): "
+            + ", ".join(f"{k}: {v:.2f}x" for k, v in summary.get("fast_speedup", {}).items())
+            + ".  ",
+            "Full-scene times extrapolated per computed block: "
+            + ", ".join(f"{k}: {v / 60:.0f} min" for k, v in summary.get("extrapolated_full_scene_seconds", {}).items())
+            + ".",
+            "",
+        ]
+        blocks = sorted(
+            (r["blocks_computed"], r["peak_rss"])
+            for r in speed["runs"]
+            if r["scene"] == "4499x6749" and r["preset"] == "deepglobe_fast"
+        )
         if len(blocks) > 1:
-            lines += ["Block mode does not grow with the number of blocks: MagNet-Fast on the 30-Mpx scene peaks at "
-                      + " and ".join(f"{_mb(p)} after {b} blocks" for b, p in blocks)
-                      + " (each block is one 2448-px frame around a 2048-px driver block; nothing is kept between "
-                      "blocks but the driver's row band of uint8 labels).", ""]
+            lines += [
+                "Block mode does not grow with the number of blocks: MagNet-Fast on the 30-Mpx scene peaks at "
+                + " and ".join(f"{_mb(p)} after {b} blocks" for b, p in blocks)
+                + " (each block is one 2448-px frame around a 2048-px driver block; nothing is kept between "
+                "blocks but the driver's row band of uint8 labels).",
+                "",
+            ]
     if acc and "variants" in acc:
         v = acc["variants"]
         lines += [
@@ -420,33 +495,54 @@ def markdown(result: dict) -> str:
             "| prediction | mIoU | pixel accuracy | seconds / image |",
             "|---|---|---|---|",
         ]
-        for name, label in (("backbone_coarsest_scale", "backbone alone, coarsest scale"), ("magnet", "MagNet"),
-                            ("magnet_fast", "MagNet-Fast")):
+        for name, label in (
+            ("backbone_coarsest_scale", "backbone alone, coarsest scale"),
+            ("magnet", "MagNet"),
+            ("magnet_fast", "MagNet-Fast"),
+        ):
             if name in v:
                 secs = v[name]["seconds_per_image"]
-                lines.append(f"| {label} | {v[name]['miou']:.4f} | {v[name]['pixel_accuracy']:.4f} | "
-                             f"{sum(secs) / len(secs):.1f} |")
+                lines.append(
+                    f"| {label} | {v[name]['miou']:.4f} | {v[name]['pixel_accuracy']:.4f} | "
+                    f"{sum(secs) / len(secs):.1f} |"
+                )
         classes = list(v["magnet"]["per_class_iou"])
         lines += ["", "| per-class IoU | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
         for name in ("backbone_coarsest_scale", "magnet", "magnet_fast"):
             if name in v:
-                lines.append(f"| {name} | " + " | ".join(
-                    "n/a" if v[name]["per_class_iou"][c] is None else f"{v[name]['per_class_iou'][c]:.3f}"
-                    for c in classes) + " |")
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(
+                        "n/a" if v[name]["per_class_iou"][c] is None else f"{v[name]['per_class_iou'][c]:.3f}"
+                        for c in classes
+                    )
+                    + " |"
+                )
         if "fast_miou_cost" in summary:
-            lines += ["", f"MagNet-Fast costs {summary['fast_miou_cost'] * 100:+.2f} mIoU points against MagNet "
-                      f"(positive = lower) and runs {summary['fast_speedup_small']:.2f}x faster on these scenes."]
+            lines += [
+                "",
+                f"MagNet-Fast costs {summary['fast_miou_cost'] * 100:+.2f} mIoU points against MagNet "
+                f"(positive = lower) and runs {summary['fast_speedup_small']:.2f}x faster on these scenes.",
+            ]
         lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gigaseg-magnet-bench",
-                        help="folder for scenes, runs and partial results (kept; phases resume)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "gigaseg-magnet-bench",
+        help="folder for scenes, runs and partial results (kept; phases resume)",
+    )
     parser.add_argument("--phases", default="scenes,speed,accuracy,report")
-    parser.add_argument("--big-blocks", type=int, default=2,
-                        help="blocks of the 30-Mpx scene that run MagNet (the same job runs again with twice as many)")
+    parser.add_argument(
+        "--big-blocks",
+        type=int,
+        default=2,
+        help="blocks of the 30-Mpx scene that run MagNet (the same job runs again with twice as many)",
+    )
     parser.add_argument("--full-magnet", action="store_true", help="also run MagNet on twice --big-blocks blocks")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per stage of the small model")
     parser.add_argument("--results", type=Path, default=RESULTS)

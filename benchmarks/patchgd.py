@@ -116,8 +116,12 @@ LANDCOVER_VARIANTS = {
     # detached, the global patch with BatchNorm statistics of its own (the setting that helps on UltraMNIST)
     "patchgd_global_separate_none": {"global_patch": True, "global_gradient": "none", "global_norm": "separate"},
 }
-LANDCOVER_DEFAULT_VARIANTS = ["patchgd_global", "patchgd_global_balanced", "patchgd_global_none",
-                              "patchgd_global_balanced_running"]
+LANDCOVER_DEFAULT_VARIANTS = [
+    "patchgd_global",
+    "patchgd_global_balanced",
+    "patchgd_global_none",
+    "patchgd_global_balanced_running",
+]
 
 #: the UltraMNIST part's runs of the framework: results key -> options over the part's common ones
 ULTRAMNIST_VARIANTS = {
@@ -132,39 +136,65 @@ ULTRAMNIST_VARIANTS = {
     "patchgd_global_separate": {"global_patch": True, "global_norm": "separate"},
     # ... and half of the training forwards without the global latent, so theta2 must read Z too
     "patchgd_global_dropout": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.5},
-    "patchgd_global_dropout_balanced": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.5,
-                                        "global_gradient": "balanced"},
-    "patchgd_global_dropout75_balanced": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.75,
-                                          "global_gradient": "balanced"},
+    "patchgd_global_dropout_balanced": {
+        "global_patch": True,
+        "global_norm": "separate",
+        "global_dropout": 0.5,
+        "global_gradient": "balanced",
+    },
+    "patchgd_global_dropout75_balanced": {
+        "global_patch": True,
+        "global_norm": "separate",
+        "global_dropout": 0.75,
+        "global_gradient": "balanced",
+    },
     # theta1 learns from the patches only: the global latent cannot be shaped to tell training images apart
     "patchgd_global_separate_none": {"global_patch": True, "global_norm": "separate", "global_gradient": "none"},
-    "patchgd_global_dropout_none": {"global_patch": True, "global_norm": "separate", "global_dropout": 0.5,
-                                    "global_gradient": "none"},
-    "patchgd_global_concat_separate_none": {"global_patch": True, "fusion": "concat", "global_norm": "separate",
-                                            "global_gradient": "none"},
+    "patchgd_global_dropout_none": {
+        "global_patch": True,
+        "global_norm": "separate",
+        "global_dropout": 0.5,
+        "global_gradient": "none",
+    },
+    "patchgd_global_concat_separate_none": {
+        "global_patch": True,
+        "fusion": "concat",
+        "global_norm": "separate",
+        "global_gradient": "none",
+    },
 }
 ULTRAMNIST_DEFAULT_VARIANTS = ["patchgd_global", "patchgd_no_global", "patchgd_global_balanced"]
 
 #: the framework's runs of an accuracy part, in table order
-FRAMEWORK_RUNS = [("patchgd_global", "PatchGD + global patch (the paper's gradient)"),
-                  ("patchgd_global_balanced", "PatchGD + global patch, balanced gradient"),
-                  ("patchgd_global_none", "PatchGD + global patch, no gradient through it"),
-                  ("patchgd_global_balanced_running", "PatchGD + global patch, balanced, running BatchNorm statistics"),
-                  ("patchgd_global_concat", "PatchGD + global patch concatenated to Z (the paper's gradient)"),
-                  ("patchgd_global_concat_balanced", "PatchGD + global patch concatenated to Z, balanced gradient"),
-                  ("patchgd_global_separate", "PatchGD + global patch with BatchNorm statistics of its own"),
-                  ("patchgd_global_dropout", "PatchGD + global patch, own statistics, global dropout 0.5"),
-                  ("patchgd_global_dropout_balanced",
-                   "PatchGD + global patch, own statistics, global dropout 0.5, balanced gradient"),
-                  ("patchgd_global_dropout75_balanced",
-                   "PatchGD + global patch, own statistics, global dropout 0.75, balanced gradient"),
-                  ("patchgd_global_balanced_dropout", "PatchGD + global patch, balanced gradient, global dropout 0.5"),
-                  ("patchgd_global_separate_none", "PatchGD + global patch, own statistics, no gradient through it"),
-                  ("patchgd_global_concat_separate_none",
-                   "PatchGD + global patch concatenated to Z, own statistics, no gradient through it"),
-                  ("patchgd_global_dropout_none",
-                   "PatchGD + global patch, own statistics, global dropout 0.5, no gradient through it"),
-                  ("patchgd_no_global", "PatchGD, no global patch")]
+FRAMEWORK_RUNS = [
+    ("patchgd_global", "PatchGD + global patch (the paper's gradient)"),
+    ("patchgd_global_balanced", "PatchGD + global patch, balanced gradient"),
+    ("patchgd_global_none", "PatchGD + global patch, no gradient through it"),
+    ("patchgd_global_balanced_running", "PatchGD + global patch, balanced, running BatchNorm statistics"),
+    ("patchgd_global_concat", "PatchGD + global patch concatenated to Z (the paper's gradient)"),
+    ("patchgd_global_concat_balanced", "PatchGD + global patch concatenated to Z, balanced gradient"),
+    ("patchgd_global_separate", "PatchGD + global patch with BatchNorm statistics of its own"),
+    ("patchgd_global_dropout", "PatchGD + global patch, own statistics, global dropout 0.5"),
+    (
+        "patchgd_global_dropout_balanced",
+        "PatchGD + global patch, own statistics, global dropout 0.5, balanced gradient",
+    ),
+    (
+        "patchgd_global_dropout75_balanced",
+        "PatchGD + global patch, own statistics, global dropout 0.75, balanced gradient",
+    ),
+    ("patchgd_global_balanced_dropout", "PatchGD + global patch, balanced gradient, global dropout 0.5"),
+    ("patchgd_global_separate_none", "PatchGD + global patch, own statistics, no gradient through it"),
+    (
+        "patchgd_global_concat_separate_none",
+        "PatchGD + global patch concatenated to Z, own statistics, no gradient through it",
+    ),
+    (
+        "patchgd_global_dropout_none",
+        "PatchGD + global patch, own statistics, global dropout 0.5, no gradient through it",
+    ),
+    ("patchgd_no_global", "PatchGD, no global patch"),
+]
 
 #: earlier results by run name (``--reuse``): a run with the same settings is not repeated
 REUSE: dict[str, dict] = {}
@@ -172,25 +202,68 @@ REUSE: dict[str, dict] = {}
 SETTING_DEFAULTS = {"init": None, "seed": 0, "pretrained": None}
 
 
-def train_and_evaluate(name: str, method: str, data: Path, work: Path, *, encoder: str, options: dict,
-                       epochs: int, batch_size: int, lr: float, max_memory: str | None, seed: int = 0,
-                       init: Path | None = None, pretrained: str | None = None) -> dict:
+def train_and_evaluate(
+    name: str,
+    method: str,
+    data: Path,
+    work: Path,
+    *,
+    encoder: str,
+    options: dict,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    max_memory: str | None,
+    seed: int = 0,
+    init: Path | None = None,
+    pretrained: str | None = None,
+) -> dict:
     """Train run ``name`` (from ``init``'s weights when given, else theta1 from the ``pretrained``
     weights file when given) and score its best checkpoint on the val split."""
     earlier = REUSE.get(name)
-    settings = {"method": method, "encoder": encoder, "options": options, "epochs": epochs,
-                "batch_size": batch_size, "lr": lr, "max_memory": max_memory,
-                "init": None if init is None else str(init), "seed": seed, "pretrained": pretrained}
-    if earlier and earlier.get("train", {}).get("returncode") == 0 and "scores" in earlier \
-            and all(earlier.get(k, SETTING_DEFAULTS.get(k)) == v for k, v in settings.items()):
+    settings = {
+        "method": method,
+        "encoder": encoder,
+        "options": options,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_memory": max_memory,
+        "init": None if init is None else str(init),
+        "seed": seed,
+        "pretrained": pretrained,
+    }
+    if (
+        earlier
+        and earlier.get("train", {}).get("returncode") == 0
+        and "scores" in earlier
+        and all(earlier.get(k, SETTING_DEFAULTS.get(k)) == v for k, v in settings.items())
+    ):
         print(f"[patchgd bench] {name}: reusing the earlier result (same settings)", flush=True)
         return earlier
     run = work / "runs" / name
     resume = RESUME_RUNS and (run / "last.ckpt").exists()
     if not resume:
         shutil.rmtree(run, ignore_errors=True)
-    argv = gigaseg("train", "--method", method, "--data", data, "--out", run, "--encoder", encoder,
-                   "--epochs", epochs, "--batch-size", batch_size, "--lr", lr, "--seed", seed)
+    argv = gigaseg(
+        "train",
+        "--method",
+        method,
+        "--data",
+        data,
+        "--out",
+        run,
+        "--encoder",
+        encoder,
+        "--epochs",
+        epochs,
+        "--batch-size",
+        batch_size,
+        "--lr",
+        lr,
+        "--seed",
+        seed,
+    )
     for key, value in options.items():
         argv += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     if max_memory:
@@ -242,16 +315,32 @@ def probe_dataset(data: Path, out: Path, batch_size: int) -> Path:
     return out
 
 
-def largest_fitting(name: str, method: str, data: Path, work: Path, sizes, budget: str, options: dict,
-                    **common) -> tuple[int | None, list[dict]]:
+def largest_fitting(
+    name: str, method: str, data: Path, work: Path, sizes, budget: str, options: dict, **common
+) -> tuple[int | None, list[dict]]:
     """Probe training peaks (one step, fresh child) at ``sizes`` (descending); the first within ``budget``."""
     probe = probe_dataset(data, work / f"{name}_probe_data", common["batch_size"])
     probes = []
     for size in sizes:
         run = work / "runs" / f"{name}_probe_{size}"
         shutil.rmtree(run, ignore_errors=True)
-        argv = gigaseg("train", "--method", method, "--data", probe, "--out", run, "--encoder", common["encoder"],
-                       "--epochs", 1, "--batch-size", common["batch_size"], "--lr", common["lr"])
+        argv = gigaseg(
+            "train",
+            "--method",
+            method,
+            "--data",
+            probe,
+            "--out",
+            run,
+            "--encoder",
+            common["encoder"],
+            "--epochs",
+            1,
+            "--batch-size",
+            common["batch_size"],
+            "--lr",
+            common["lr"],
+        )
         for key, value in {**options, "input_size": size}.items():
             argv += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
         report = run_measured(argv, f"probe {name} at {size}")
@@ -273,8 +362,9 @@ def rgb_ultramnist(out: Path, count: int, size: int, seed: int) -> Path:
     write_ultramnist_dataset(out, count=count, size=size, seed=seed, val_fraction=1 / count)
     for path in sorted((out / "images").glob("*.tif")):
         grey = tifffile.imread(path)
-        tifffile.imwrite(path, np.repeat(grey[:, :, None], 3, axis=2), tile=(256, 256), compression="zlib",
-                         photometric="rgb")
+        tifffile.imwrite(
+            path, np.repeat(grey[:, :, None], 3, axis=2), tile=(256, 256), compression="zlib", photometric="rgb"
+        )
     return out
 
 
@@ -282,8 +372,8 @@ def downsampled_estimate(size: int, encoder: str = "resnet50") -> int:
     """Estimated peak (bytes) of training the downsampled baseline at ``size`` with batch 1 (Adam)."""
     import torch
 
-    from gigaseg.methods.registry import create_model
     from gigaseg.budget import CPU_RUNTIME_BYTES, training_estimate
+    from gigaseg.methods.registry import create_model
 
     model = create_model("downsampled_classifier", encoder=encoder, num_classes=10, input_size=size)
     estimate = training_estimate(model, (torch.zeros(2, 3, size, size),), "adam", runtime=CPU_RUNTIME_BYTES)
@@ -293,12 +383,27 @@ def downsampled_estimate(size: int, encoder: str = "resnet50") -> int:
 def part_memory(work: Path, quick: bool) -> dict:
     budget = "4GB"
     data = rgb_ultramnist(work / "memory_data", count=3, size=4096, seed=7)
-    out = {"budget": budget, "image": "4096x4096 RGB (synthetic UltraMNIST-style digits)", "train_images": 2,
-           "val_images": 1, "patch_size": 256, "encoder": "resnet50", "latent_dim": 256}
+    out = {
+        "budget": budget,
+        "image": "4096x4096 RGB (synthetic UltraMNIST-style digits)",
+        "train_images": 2,
+        "val_images": 1,
+        "patch_size": 256,
+        "encoder": "resnet50",
+        "latent_dim": 256,
+    }
     out["patchgd"] = train_and_evaluate(
-        "memory_patchgd", "patchgd_classifier", data, work, encoder="resnet50",
+        "memory_patchgd",
+        "patchgd_classifier",
+        data,
+        work,
+        encoder="resnet50",
         options={"patch_size": 256, "latent_dim": 256, "inner_iterations": 2 if quick else 4},
-        epochs=1, batch_size=1, lr=1e-4, max_memory=budget)
+        epochs=1,
+        batch_size=1,
+        lr=1e-4,
+        max_memory=budget,
+    )
     # what the whole-image forward with gradients (no PatchGD) would need: 256 patches with gradients
     from gigaseg.methods.patchgd.recipe import plan_patches
     from gigaseg.methods.registry import create_model
@@ -316,9 +421,18 @@ def part_memory(work: Path, quick: bool) -> dict:
     for size in sizes:
         if estimates[size] > 2 * limit:
             continue  # not run: this machine is shared and the estimate is far past the budget
-        run = train_and_evaluate(f"memory_downsampled_{size}", "downsampled_classifier", data, work,
-                                 encoder="resnet50", options={"input_size": size, "latent_dim": 256},
-                                 epochs=1, batch_size=1, lr=1e-4, max_memory=None)
+        run = train_and_evaluate(
+            f"memory_downsampled_{size}",
+            "downsampled_classifier",
+            data,
+            work,
+            encoder="resnet50",
+            options={"input_size": size, "latent_dim": 256},
+            epochs=1,
+            batch_size=1,
+            lr=1e-4,
+            max_memory=None,
+        )
         runs.append(run)
         if run["train"]["returncode"] == 0 and run["train"]["peak_rss"] <= limit:
             break
@@ -328,8 +442,19 @@ def part_memory(work: Path, quick: bool) -> dict:
     return out
 
 
-def add_seed_runs(out: dict, seeds: list[int], jobs: int, tag: str, method: str, data: Path, work: Path,
-                  runs: list, budget: str, common: dict, only: list[str] | None = None) -> None:
+def add_seed_runs(
+    out: dict,
+    seeds: list[int],
+    jobs: int,
+    tag: str,
+    method: str,
+    data: Path,
+    work: Path,
+    runs: list,
+    budget: str,
+    common: dict,
+    only: list[str] | None = None,
+) -> None:
     """``out["seeds"]``: the framework ``runs`` (those named in ``only`` when given) again from each of
     ``seeds`` (initial weights, sampled patches, batch order), next to seed 0's: how much of a
     difference between runs is the seed's."""
@@ -338,8 +463,9 @@ def add_seed_runs(out: dict, seeds: list[int], jobs: int, tag: str, method: str,
     runs = [(key, options) for key, options in runs if only is None or key in only]
     out["seeds"] = {0: {key: out[key] for key, _ in runs}}
     for seed in seeds:
-        out["seeds"][seed] = framework_runs(jobs, tag, method, data, work, runs, budget=budget, common=common,
-                                            seed=seed)
+        out["seeds"][seed] = framework_runs(
+            jobs, tag, method, data, work, runs, budget=budget, common=common, seed=seed
+        )
 
 
 # --------------------------------------------------------------------------- accuracy parts
@@ -364,60 +490,142 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
         prefix += "_pre" + (f"_{args.pretrained_tag}" if args.pretrained_tag else "")
     patch_size = 128
     patchgd = {"patch_size": patch_size, "latent_dim": 64, "sampling_fraction": 0.25, "inner_iterations": 2}
-    out = {"data": {"size": side, "count": count, "train": count - round(count * 0.2), "val": round(count * 0.2),
-                    "digits": 2, "values": [6, 9], "classes_used": ["2", "5", "8"], "seed": 11,
-                    "small_digit": list(config.small_digit_heights(side))},
-           "budget": budget, **common}
+    out = {
+        "data": {
+            "size": side,
+            "count": count,
+            "train": count - round(count * 0.2),
+            "val": round(count * 0.2),
+            "digits": 2,
+            "values": [6, 9],
+            "classes_used": ["2", "5", "8"],
+            "seed": 11,
+            "small_digit": list(config.small_digit_heights(side)),
+        },
+        "budget": budget,
+        **common,
+    }
     if args.pretrained:
         report = Path(args.pretrained).with_suffix(".json")
         out["pretraining"] = json.loads(report.read_text()) if report.exists() else None
     runs = [(key, {**patchgd, **ULTRAMNIST_VARIANTS[key]}) for key in args.ultramnist_variants]
     out.update(framework_runs(args.jobs, prefix, "patchgd_classifier", data, work, runs, budget=budget, common=common))
-    add_seed_runs(out, args.seeds, args.jobs, prefix, "patchgd_classifier", data, work, runs, budget, common,
-                  args.seed_runs)
-    size, probes = largest_fitting(f"{prefix}_downsampled", "downsampled_classifier", data, work,
-                                   [s for s in (1024, 768, 512, 384, 256, 192, 128) if s <= side], budget,
-                                   {"latent_dim": 64}, **common)
+    add_seed_runs(
+        out, args.seeds, args.jobs, prefix, "patchgd_classifier", data, work, runs, budget, common, args.seed_runs
+    )
+    size, probes = largest_fitting(
+        f"{prefix}_downsampled",
+        "downsampled_classifier",
+        data,
+        work,
+        [s for s in (1024, 768, 512, 384, 256, 192, 128) if s <= side],
+        budget,
+        {"latent_dim": 64},
+        **common,
+    )
     out["downsampled_probes"] = probes
     # the largest input that fits, and the global patch's own size (the same view of the image that
     # the framework's global patch gets; also where this small encoder sees the large digit whole)
     # (--downsampled-extra: more sizes, for the accuracy each input buys at its measured peak)
-    sizes = [] if size is None else sorted({size, patch_size, *[s for s in args.downsampled_extra if s <= side]},
-                                           reverse=True)
-    out["downsampled"] = in_parallel(args.jobs, [
-        (lambda s=s: train_and_evaluate(f"{prefix}_downsampled_{s}", "downsampled_classifier", data, work,
-                                        options={"input_size": s, "latent_dim": 64}, max_memory=None, **common))
-        for s in sizes])
+    sizes = (
+        []
+        if size is None
+        else sorted({size, patch_size, *[s for s in args.downsampled_extra if s <= side]}, reverse=True)
+    )
+    out["downsampled"] = in_parallel(
+        args.jobs,
+        [
+            (
+                lambda s=s: train_and_evaluate(
+                    f"{prefix}_downsampled_{s}",
+                    "downsampled_classifier",
+                    data,
+                    work,
+                    options={"input_size": s, "latent_dim": 64},
+                    max_memory=None,
+                    **common,
+                )
+            )
+            for s in sizes
+        ],
+    )
     if args.continue_epochs:
-        out["continued"] = continued_runs(args, prefix, data, work, [
-            (key, "patchgd_classifier", out[key]["options"], budget)
-            for key in ("patchgd_global_balanced", "patchgd_no_global")] + [
-            (f"downsampled_{run['options']['input_size']}", "downsampled_classifier", run["options"], None)
-            for run in out["downsampled"]], common)
+        out["continued"] = continued_runs(
+            args,
+            prefix,
+            data,
+            work,
+            [
+                (key, "patchgd_classifier", out[key]["options"], budget)
+                for key in ("patchgd_global_balanced", "patchgd_no_global")
+            ]
+            + [
+                (f"downsampled_{run['options']['input_size']}", "downsampled_classifier", run["options"], None)
+                for run in out["downsampled"]
+            ],
+            common,
+        )
     return out
 
 
-def continued_runs(args, prefix: str, data: Path, work: Path, runs: list[tuple[str, str, dict, str | None]],
-                   common: dict) -> dict:
+def continued_runs(
+    args, prefix: str, data: Path, work: Path, runs: list[tuple[str, str, dict, str | None]], common: dict
+) -> dict:
     """Each ``(results key, method, options, budget)`` of ``runs`` trained ``--continue-epochs``
     more epochs from its run's last checkpoint (weights only: a fresh schedule from the part's
     learning rate, so each continuation is a warm restart); ``jobs`` at a time."""
     epochs = args.continue_epochs
-    calls = [(lambda key=key, method=method, options=options, budget=budget: train_and_evaluate(
-        f"{prefix}_{key}_plus{epochs}", method, data, work, options=options, max_memory=budget,
-        init=work / "runs" / f"{prefix}_{key}" / "last.ckpt", **{**common, "epochs": epochs}))
-        for key, method, options, budget in runs]
+    calls = [
+        (
+            lambda key=key, method=method, options=options, budget=budget: train_and_evaluate(
+                f"{prefix}_{key}_plus{epochs}",
+                method,
+                data,
+                work,
+                options=options,
+                max_memory=budget,
+                init=work / "runs" / f"{prefix}_{key}" / "last.ckpt",
+                **{**common, "epochs": epochs},
+            )
+        )
+        for key, method, options, budget in runs
+    ]
     return dict(zip((key for key, *_ in runs), in_parallel(args.jobs, calls)))
 
 
-def framework_runs(jobs: int, prefix: str, method: str, data: Path, work: Path, runs: list[tuple[str, dict]], *,
-                   budget: str, common: dict, seed: int = 0) -> dict:
+def framework_runs(
+    jobs: int,
+    prefix: str,
+    method: str,
+    data: Path,
+    work: Path,
+    runs: list[tuple[str, dict]],
+    *,
+    budget: str,
+    common: dict,
+    seed: int = 0,
+) -> dict:
     """Each ``(results key, options)`` of ``runs`` trained under ``budget`` and scored (run
     ``<prefix>_<key>``, with ``_seed<seed>`` but for seed 0), ``jobs`` at a time: the results by key."""
     suffix = f"_seed{seed}" if seed else ""
-    scored = in_parallel(jobs, [(lambda key=key, options=options: train_and_evaluate(
-        f"{prefix}_{key}{suffix}", method, data, work, options=options, max_memory=budget, seed=seed, **common))
-        for key, options in runs])
+    scored = in_parallel(
+        jobs,
+        [
+            (
+                lambda key=key, options=options: train_and_evaluate(
+                    f"{prefix}_{key}{suffix}",
+                    method,
+                    data,
+                    work,
+                    options=options,
+                    max_memory=budget,
+                    seed=seed,
+                    **common,
+                )
+            )
+            for key, options in runs
+        ],
+    )
     return dict(zip((key for key, _ in runs), scored))
 
 
@@ -436,12 +644,19 @@ def in_parallel(jobs: int, calls: list) -> list:
 #: label depends on context alone (vegetation farther than 700 px from water looks like the rest; at
 #: 1024 px scenes both kinds are in every scene, at 512 px no vegetation is that far from water)
 LANDCOVER_TASKS = {
-    "fine": {"classes": ("road", "stream"), "name": "fine_structure", "positive": "road or stream (2-3 px wide)",
-             "title": "fine structure (roads + streams)"},
-    "context": {"classes": ("vegetation_far_from_water",), "name": "vegetation_far_from_water",
-                "positive": "vegetation farther than 700 px from water (textured like the vegetation near "
-                            "water: only the distance to water tells them apart)",
-                "title": "context control (vegetation far from water)"},
+    "fine": {
+        "classes": ("road", "stream"),
+        "name": "fine_structure",
+        "positive": "road or stream (2-3 px wide)",
+        "title": "fine structure (roads + streams)",
+    },
+    "context": {
+        "classes": ("vegetation_far_from_water",),
+        "name": "vegetation_far_from_water",
+        "positive": "vegetation farther than 700 px from water (textured like the vegetation near "
+        "water: only the distance to water tells them apart)",
+        "title": "context control (vegetation far from water)",
+    },
 }
 
 
@@ -462,9 +677,18 @@ def binary_landcover(source: Path, out: Path, classes=("road", "stream"), name: 
         mask = tifffile.imread(source / "masks" / image.name)
         binary = np.where(mask == 255, 255, np.isin(mask, ids)).astype(np.uint8)
         tifffile.imwrite(out / "masks" / image.name, binary, tile=(256, 256), compression="zlib")
-    (out / "dataset.yaml").write_text(yaml.safe_dump({
-        "name": f"landcover-{name}", "task": "segmentation", "classes": ["other", name],
-        "palette": [[0, 0, 0], [255, 255, 255]], "ignore_index": 255, "splits": config["splits"]}))
+    (out / "dataset.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": f"landcover-{name}",
+                "task": "segmentation",
+                "classes": ["other", name],
+                "palette": [[0, 0, 0], [255, 255, 255]],
+                "ignore_index": 255,
+                "splits": config["splits"],
+            }
+        )
+    )
     return out
 
 
@@ -475,8 +699,11 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     size = args.size or (512 if quick else 1024)
     source = work / f"landcover_{size}"
     manifest = source / "synth.json"
-    if not manifest.exists() or json.loads(manifest.read_text()).get("count") != count \
-            or not json.loads(manifest.read_text()).get("complete"):
+    if (
+        not manifest.exists()
+        or json.loads(manifest.read_text()).get("count") != count
+        or not json.loads(manifest.read_text()).get("complete")
+    ):
         write_landcover_dataset(source, count=count, height=size, width=size, seed=3, val_fraction=0.25)
     task = LANDCOVER_TASKS[args.landcover_task]
     folder = f"landcover_fine_{size}" if args.landcover_task == "fine" else f"landcover_{args.landcover_task}_{size}"
@@ -487,24 +714,53 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     # comparison isolates the global patch: at 1024 px under 2GB the trainer plans k=1 with it (k=2 without)
     patches = math.ceil(size / 128) ** 2
     framework = {"patch_size": 128, "sampling_fraction": args.landcover_k / patches, "inner_iterations": 2}
-    out = {"data": {"size": size, "count": count, "train": count - round(count * 0.25), "val": round(count * 0.25),
-                    "positive": task["positive"], "seed": 3},
-           "task": args.landcover_task,
-           "budget": budget, **common}
+    out = {
+        "data": {
+            "size": size,
+            "count": count,
+            "train": count - round(count * 0.25),
+            "val": round(count * 0.25),
+            "positive": task["positive"],
+            "seed": 3,
+        },
+        "task": args.landcover_task,
+        "budget": budget,
+        **common,
+    }
     tag = ("lc" if size == 1024 else f"lc{size}") + ("" if args.landcover_task == "fine" else f"_{args.landcover_task}")
     runs = [(key, {**framework, **LANDCOVER_VARIANTS[key]}) for key in args.landcover_variants]
     runs.append(("patchgd_no_global", {**framework, "global_patch": False}))
     out.update(framework_runs(args.jobs, tag, "patchgd_segmenter", data, work, runs, budget=budget, common=common))
-    add_seed_runs(out, args.seeds, args.jobs, tag, "patchgd_segmenter", data, work, runs, budget, common,
-                  args.seed_runs)
+    add_seed_runs(
+        out, args.seeds, args.jobs, tag, "patchgd_segmenter", data, work, runs, budget, common, args.seed_runs
+    )
     baseline = {"decoder": "smp_unet", "loss": "ce"}
-    input_size, probes = largest_fitting(f"{tag}_global", "global", data, work,
-                                         [s for s in (1024, 768, 512, 384, 256, 192, 128) if s < size], budget,
-                                         baseline, **common)
+    input_size, probes = largest_fitting(
+        f"{tag}_global",
+        "global",
+        data,
+        work,
+        [s for s in (1024, 768, 512, 384, 256, 192, 128) if s < size],
+        budget,
+        baseline,
+        **common,
+    )
     out["downsampled_probes"] = probes
-    out["downsampled"] = [] if input_size is None else [train_and_evaluate(
-        f"{tag}_global_{input_size}", "global", data, work, options={"input_size": input_size, **baseline},
-        max_memory=None, **common)]
+    out["downsampled"] = (
+        []
+        if input_size is None
+        else [
+            train_and_evaluate(
+                f"{tag}_global_{input_size}",
+                "global",
+                data,
+                work,
+                options={"input_size": input_size, **baseline},
+                max_memory=None,
+                **common,
+            )
+        ]
+    )
     return out
 
 
@@ -553,8 +809,13 @@ def _row(run: dict, label: str, score_keys: list[str]) -> str:
     last = (run.get("history") or [{}])[-1]
     scores = run.get("scores", {})
     binary = scores.get("binary") or {}
-    cells = [label, f"`{json.dumps(run.get('options', {}))}`", _gb(train.get("peak_rss")),
-             f"{train.get('wall_s', 0):.0f} s", str(int(last["train_k"])) if "train_k" in last else "-"]
+    cells = [
+        label,
+        f"`{json.dumps(run.get('options', {}))}`",
+        _gb(train.get("peak_rss")),
+        f"{train.get('wall_s', 0):.0f} s",
+        str(int(last["train_k"])) if "train_k" in last else "-",
+    ]
     for key in score_keys:
         value = binary.get(key, scores.get(key))
         cells.append(value if isinstance(value, str) else ("n/a" if value is None else f"{value:.4f}"))
@@ -563,10 +824,13 @@ def _row(run: dict, label: str, score_keys: list[str]) -> str:
 
 def _probes(part: dict) -> str:
     probes = part.get("downsampled_probes") or []
-    listed = ", ".join(f"{p['input_size']} px: {_gb(p.get('peak_rss')) if p.get('returncode') == 0 else 'failed'}"
-                       for p in probes)
-    return (f"Downsampled baseline input: the largest whose training peak (one step at batch {part['batch_size']}, "
-            f"fresh child) fits {part['budget']}; probed {listed}.\n")
+    listed = ", ".join(
+        f"{p['input_size']} px: {_gb(p.get('peak_rss')) if p.get('returncode') == 0 else 'failed'}" for p in probes
+    )
+    return (
+        f"Downsampled baseline input: the largest whose training peak (one step at batch {part['batch_size']}, "
+        f"fresh child) fits {part['budget']}; probed {listed}.\n"
+    )
 
 
 def _comparison(part: dict, keys: list[str], headers: list[str], baseline: str) -> list[str]:
@@ -574,17 +838,22 @@ def _comparison(part: dict, keys: list[str], headers: list[str], baseline: str) 
     downsampled baseline) and its probes line."""
     columns = ["method", "options", "peak RSS (train)", "wall", "k", *headers]
     variants = [(key, label) for key, label in FRAMEWORK_RUNS if key in part]
-    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|",
-            *[_row(part[key], label, keys) for key, label in variants],
-            *[_row(r, f"{baseline} {r['options']['input_size']}", keys) for r in part["downsampled"]],
-            "", _probes(part)]
+    return [
+        "| " + " | ".join(columns) + " |",
+        "|---" * len(columns) + "|",
+        *[_row(part[key], label, keys) for key, label in variants],
+        *[_row(r, f"{baseline} {r['options']['input_size']}", keys) for r in part["downsampled"]],
+        "",
+        _probes(part),
+    ]
 
 
 def _equal_memory(part: dict, metric: str, label: str) -> list[str]:
     """For each framework run, the largest downsampled input whose measured training peak is within
     the framework run's own: the two at the same memory."""
-    downsampled = [r for r in part.get("downsampled", []) if r.get("train", {}).get("returncode") == 0
-                   and "scores" in r]
+    downsampled = [
+        r for r in part.get("downsampled", []) if r.get("train", {}).get("returncode") == 0 and "scores" in r
+    ]
     lines = []
     for key, name in FRAMEWORK_RUNS:
         run = part.get(key)
@@ -594,16 +863,25 @@ def _equal_memory(part: dict, metric: str, label: str) -> list[str]:
         within = [r for r in downsampled if r["train"]["peak_rss"] <= peak]
         if within:
             best = max(within, key=lambda r: r["options"]["input_size"])
-            lines.append(f"- {name}: {label} {run['scores'][metric]:.4f} at {_gb(peak)}; the largest downsampled "
-                         f"input that trained within it: {best['options']['input_size']} px "
-                         f"({_gb(best['train']['peak_rss'])}), {label} {best['scores'][metric]:.4f}.")
+            lines.append(
+                f"- {name}: {label} {run['scores'][metric]:.4f} at {_gb(peak)}; the largest downsampled "
+                f"input that trained within it: {best['options']['input_size']} px "
+                f"({_gb(best['train']['peak_rss'])}), {label} {best['scores'][metric]:.4f}."
+            )
         else:
-            lines.append(f"- {name}: {label} {run['scores'][metric]:.4f} at {_gb(peak)}; no downsampled input "
-                         "that was trained fits within it.")
+            lines.append(
+                f"- {name}: {label} {run['scores'][metric]:.4f} at {_gb(peak)}; no downsampled input "
+                "that was trained fits within it."
+            )
     if not lines:
         return []
-    return ["At the same memory (each framework run against the downsampled runs whose measured training peak is "
-            "at most its own):", "", *lines, ""]
+    return [
+        "At the same memory (each framework run against the downsampled runs whose measured training peak is "
+        "at most its own):",
+        "",
+        *lines,
+        "",
+    ]
 
 
 def _continued_table(part: dict, keys: list[str], headers: list[str]) -> list[str]:
@@ -615,9 +893,15 @@ def _continued_table(part: dict, keys: list[str], headers: list[str]) -> list[st
     extra = next(iter(continued.values()))["epochs"]
     columns = ["method", "options", "peak RSS (train)", "wall", "k", *headers]
     rows = [_row(run, labels.get(key, f"downsampled {key.rsplit('_', 1)[-1]}"), keys) for key, run in continued.items()]
-    return [f"Then {extra} more epochs from each run's last checkpoint ({part['epochs'] + extra} in all; a warm "
-            "restart: the weights only, a fresh schedule from the same learning rate), scored the same way:", "",
-            "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows, ""]
+    return [
+        f"Then {extra} more epochs from each run's last checkpoint ({part['epochs'] + extra} in all; a warm "
+        "restart: the weights only, a fresh schedule from the same learning rate), scored the same way:",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|---" * len(columns) + "|",
+        *rows,
+        "",
+    ]
 
 
 def _seeds_table(part: dict, metric: str = "f1") -> list[str]:
@@ -628,10 +912,13 @@ def _seeds_table(part: dict, metric: str = "f1") -> list[str]:
         return []
     order = sorted(seeds, key=int)
     name = {"f1": "F1", "accuracy": "Accuracy"}[metric]
-    lines = [f"{name} by training seed (the same data, budget, k and schedule; the seed sets the initial weights, "
-             "the sampled patches and the batch order):", "",
-             "| method | " + " | ".join(f"seed {s}" for s in order) + " | mean | sd |",
-             "|---" * (len(order) + 3) + "|"]
+    lines = [
+        f"{name} by training seed (the same data, budget, k and schedule; the seed sets the initial weights, "
+        "the sampled patches and the batch order):",
+        "",
+        "| method | " + " | ".join(f"seed {s}" for s in order) + " | mean | sd |",
+        "|---" * (len(order) + 3) + "|",
+    ]
     for key, label in FRAMEWORK_RUNS:
         if key not in seeds[order[0]]:
             continue
@@ -639,8 +926,9 @@ def _seeds_table(part: dict, metric: str = "f1") -> list[str]:
         known = [v for v in values if v is not None]
         mean = f"{np.mean(known):.4f}" if known else "n/a"
         sd = f"{np.std(known, ddof=1):.4f}" if len(known) > 1 else "n/a"
-        lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in values)
-                     + f" | {mean} | {sd} |")
+        lines.append(
+            f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in values) + f" | {mean} | {sd} |"
+        )
     return lines + [""]
 
 
@@ -654,15 +942,22 @@ def _pretraining(pre: dict, encoder: str) -> str:
     fonts = pre.get("train_fonts") or []
     source = "scikit-learn's handwritten digits" + (
         f" and, for half of the canvases, the digits of {len(fonts)} of matplotlib's bundled fonts (DejaVu Sans and "
-        "Sans Mono, STIX, Computer Modern)" if fonts else "")
-    text = (f"benchmarks/pretrain_digits.py: a {encoder} classifier trained {pre['steps']} steps on {source} at "
-            f"{pre['heights'][0]:.0f}-{pre['heights'][1]:.0f} px on 128-px canvases; accuracy on other writers' "
-            f"digits {_pct(pre['val_accuracy'])}, by height "
-            + ", ".join(f"{h} {_pct(v)}" for h, v in pre["val_accuracy_by_height"].items()))
+        "Sans Mono, STIX, Computer Modern)"
+        if fonts
+        else ""
+    )
+    text = (
+        f"benchmarks/pretrain_digits.py: a {encoder} classifier trained {pre['steps']} steps on {source} at "
+        f"{pre['heights'][0]:.0f}-{pre['heights'][1]:.0f} px on 128-px canvases; accuracy on other writers' "
+        f"digits {_pct(pre['val_accuracy'])}, by height "
+        + ", ".join(f"{h} {_pct(v)}" for h, v in pre["val_accuracy_by_height"].items())
+    )
     if "val_fonts_accuracy" in pre:
-        text += (f"; on the fonts it never saw (DejaVu Serif) {_pct(pre['val_fonts_accuracy'])}; on the font the "
-                 f"generator draws with (Pillow's Aileron, never trained on) {_pct(pre['generator_font_accuracy'])}, "
-                 "by height " + ", ".join(f"{h} {_pct(v)}" for h, v in pre["generator_font_accuracy_by_height"].items()))
+        text += (
+            f"; on the fonts it never saw (DejaVu Serif) {_pct(pre['val_fonts_accuracy'])}; on the font the "
+            f"generator draws with (Pillow's Aileron, never trained on) {_pct(pre['generator_font_accuracy'])}, "
+            "by height " + ", ".join(f"{h} {_pct(v)}" for h, v in pre["generator_font_accuracy_by_height"].items())
+        )
     return text + "; the same file for every run"
 
 
@@ -670,38 +965,63 @@ def markdown(results: dict) -> str:
     from gigaseg.bench import machine
 
     commands = results.get("commands", {})
-    lines = ["# PatchGD with a global patch (issue 7)", "", machine.markdown_header(results["machine"]),
-             *(["Commands by part (the header names the latest run): "
-                + "; ".join(f"{part}: `{command}`" for part, command in commands.items()), ""] if commands else []),
-             "No GPU was lent to this task: every memory figure is the peak RSS of a fresh CPU process "
-             "(`gigaseg.bench.memory.measure_command`), including the Python/torch runtime; the same figure for "
-             f"a process that only imports torch is {_gb(results.get('torch_baseline_rss'))}. On CUDA the "
-             "trainer's `peak_memory` column (torch.cuda.max_memory_allocated) is the figure to read.", ""]
+    lines = [
+        "# PatchGD with a global patch (issue 7)",
+        "",
+        machine.markdown_header(results["machine"]),
+        *(
+            [
+                "Commands by part (the header names the latest run): "
+                + "; ".join(f"{part}: `{command}`" for part, command in commands.items()),
+                "",
+            ]
+            if commands
+            else []
+        ),
+        "No GPU was lent to this task: every memory figure is the peak RSS of a fresh CPU process "
+        "(`gigaseg.bench.memory.measure_command`), including the Python/torch runtime; the same figure for "
+        f"a process that only imports torch is {_gb(results.get('torch_baseline_rss'))}. On CUDA the "
+        "trainer's `peak_memory` column (torch.cuda.max_memory_allocated) is the figure to read.",
+        "",
+    ]
     memory = results.get("memory")
     if memory:
         p = memory["patchgd"]
         last = (p.get("history") or [{}])[-1]
-        lines += ["## Memory: 4096x4096 classification with 256-px patches", "",
-                  f"{memory['image']}, {memory['train_images']} training + {memory['val_images']} validation "
-                  f"image(s), theta1 {memory['encoder']} (latent {memory['latent_dim']}), batch 1, "
-                  f"`--max-memory {memory['budget']}`.", "",
-                  "| run | input | peak RSS (train) | wall | k | peak RSS (evaluate) |", "|---|---|---|---|---|---|",
-                  f"| patchgd_classifier | 4096x4096, 256 patches of 256 px | {_gb(p['train'].get('peak_rss'))} | "
-                  f"{p['train'].get('wall_s', 0):.0f} s | {int(last.get('train_k', 0))} | "
-                  f"{_gb(p.get('evaluate', {}).get('peak_rss'))} |"]
+        lines += [
+            "## Memory: 4096x4096 classification with 256-px patches",
+            "",
+            f"{memory['image']}, {memory['train_images']} training + {memory['val_images']} validation "
+            f"image(s), theta1 {memory['encoder']} (latent {memory['latent_dim']}), batch 1, "
+            f"`--max-memory {memory['budget']}`.",
+            "",
+            "| run | input | peak RSS (train) | wall | k | peak RSS (evaluate) |",
+            "|---|---|---|---|---|---|",
+            f"| patchgd_classifier | 4096x4096, 256 patches of 256 px | {_gb(p['train'].get('peak_rss'))} | "
+            f"{p['train'].get('wall_s', 0):.0f} s | {int(last.get('train_k', 0))} | "
+            f"{_gb(p.get('evaluate', {}).get('peak_rss'))} |",
+        ]
         for run in memory["downsampled"]:
             size = run["options"]["input_size"]
-            lines.append(f"| downsampled_classifier | {size}x{size} | {_gb(run['train'].get('peak_rss'))} | "
-                         f"{run['train'].get('wall_s', 0):.0f} s | - | {_gb(run.get('evaluate', {}).get('peak_rss'))} |")
-        lines += ["", f"Largest downsampled input that trains within {memory['budget']}: "
-                      f"{memory['downsampled_largest_fitting_input']} px a side (the framework reads the full 4096).",
-                  "Estimates (not run): the downsampled baseline at "
-                  + ", ".join(f"{s} px {_gb(b)}" for s, b in memory["downsampled_estimates_bytes"].items())
-                  + f"; back-propagating through all 256 patches at once: "
-                    f"{_gb(memory['full_backprop_estimate_bytes'])} "
-                    f"({_gb(memory['per_patch_estimate_bytes'])} of activations per patch).", ""]
-    for key in sorted((k for k in results if k.startswith("ultramnist")),
-                      key=lambda k: (results[k]["data"]["size"], bool(results[k].get("pretrained")), k)):
+            lines.append(
+                f"| downsampled_classifier | {size}x{size} | {_gb(run['train'].get('peak_rss'))} | "
+                f"{run['train'].get('wall_s', 0):.0f} s | - | {_gb(run.get('evaluate', {}).get('peak_rss'))} |"
+            )
+        lines += [
+            "",
+            f"Largest downsampled input that trains within {memory['budget']}: "
+            f"{memory['downsampled_largest_fitting_input']} px a side (the framework reads the full 4096).",
+            "Estimates (not run): the downsampled baseline at "
+            + ", ".join(f"{s} px {_gb(b)}" for s, b in memory["downsampled_estimates_bytes"].items())
+            + f"; back-propagating through all 256 patches at once: "
+            f"{_gb(memory['full_backprop_estimate_bytes'])} "
+            f"({_gb(memory['per_patch_estimate_bytes'])} of activations per patch).",
+            "",
+        ]
+    for key in sorted(
+        (k for k in results if k.startswith("ultramnist")),
+        key=lambda k: (results[k]["data"]["size"], bool(results[k].get("pretrained")), k),
+    ):
         um = results[key]
         side = um["data"]["size"]
         small = um["data"].get("small_digit", [8, 24])
@@ -711,27 +1031,34 @@ def markdown(results: dict) -> str:
             origin = f"from `{Path(um['pretrained']).name}`"
             pre = um.get("pretraining")
             detail = " (the same file for every run)" if not pre else f" ({_pretraining(pre, um['encoder'])})"
-        lines += [f"## Synthetic UltraMNIST, {side}x{side}, theta1 {origin}", "",
-                  f"{um['data']['train']} training / {um['data']['val']} validation images; two digits (values "
-                  f"6 and 9; one 30-60% of the side, one {small[0]}-{small[1]} px) among distracting shapes; class = sum mod 10 "
-                  f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, starting {origin}{detail}; {um['epochs']} epochs, "
-                  f"batch {um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).", "",
-                  *_comparison(um, keys, ["accuracy", "balanced accuracy"], "downsampled"),
-                  *_equal_memory(um, "accuracy", "accuracy"),
-                  *_continued_table(um, keys, ["accuracy", "balanced accuracy"]),
-                  *_seeds_table(um, "accuracy")]
+        lines += [
+            f"## Synthetic UltraMNIST, {side}x{side}, theta1 {origin}",
+            "",
+            f"{um['data']['train']} training / {um['data']['val']} validation images; two digits (values "
+            f"6 and 9; one 30-60% of the side, one {small[0]}-{small[1]} px) among distracting shapes; class = sum mod 10 "
+            f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, starting {origin}{detail}; {um['epochs']} epochs, "
+            f"batch {um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).",
+            "",
+            *_comparison(um, keys, ["accuracy", "balanced accuracy"], "downsampled"),
+            *_equal_memory(um, "accuracy", "accuracy"),
+            *_continued_table(um, keys, ["accuracy", "balanced accuracy"]),
+            *_seeds_table(um, "accuracy"),
+        ]
     for key in sorted((k for k in results if k.startswith("landcover")), key=lambda k: -results[k]["data"]["size"]):
         lc = results[key]
         keys = ["f1", "iou", "balanced_accuracy", "lr_positive", "lr_negative"]
         title = LANDCOVER_TASKS[lc.get("task", "fine")]["title"]
-        lines += [f"## Land-cover {title} as a binary task, {lc['data']['size']} px scenes",
-                  "",
-                  f"{lc['data']['count']} synthetic land-cover scenes of {lc['data']['size']}x{lc['data']['size']} "
-                  f"({lc['data']['train']} train / {lc['data']['val']} val); positive class: {lc['data']['positive']}. Encoder {lc['encoder']}, "
-                  f"{lc['epochs']} epochs, batch {lc['batch_size']}, lr {lc['lr']}; budget {lc['budget']}. "
-                  "Scores of the positive class on the validation split.", "",
-                  *_comparison(lc, keys, ["F1", "IoU", "balanced acc.", "LR+", "LR-"], "global (smp U-Net)"),
-                  *_seeds_table(lc)]
+        lines += [
+            f"## Land-cover {title} as a binary task, {lc['data']['size']} px scenes",
+            "",
+            f"{lc['data']['count']} synthetic land-cover scenes of {lc['data']['size']}x{lc['data']['size']} "
+            f"({lc['data']['train']} train / {lc['data']['val']} val); positive class: {lc['data']['positive']}. Encoder {lc['encoder']}, "
+            f"{lc['epochs']} epochs, batch {lc['batch_size']}, lr {lc['lr']}; budget {lc['budget']}. "
+            "Scores of the positive class on the validation split.",
+            "",
+            *_comparison(lc, keys, ["F1", "IoU", "balanced acc.", "LR+", "LR-"], "global (smp U-Net)"),
+            *_seeds_table(lc),
+        ]
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     return "\n".join(lines)
@@ -763,51 +1090,101 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     parser.add_argument("--quick", action="store_true", help="small data and few epochs (a smoke run)")
     parser.add_argument("--encoder", default="test_resnet", help="theta1 encoder of the accuracy parts")
-    parser.add_argument("--pretrained", help="UltraMNIST: theta1's starting weights, a local weights file of "
-                                             "--encoder (benchmarks/pretrain_digits.py makes one); results go "
-                                             "to the ultramnist_pretrained part")
-    parser.add_argument("--pretrained-tag", default="",
-                        help="UltraMNIST with --pretrained: a name for the weights file, so its results are a part of "
-                             "their own (ultramnist[_<side>]_pretrained_<tag>, runs um[<side>]_pre_<tag>_*) beside "
-                             "those of other files")
+    parser.add_argument(
+        "--pretrained",
+        help="UltraMNIST: theta1's starting weights, a local weights file of "
+        "--encoder (benchmarks/pretrain_digits.py makes one); results go "
+        "to the ultramnist_pretrained part",
+    )
+    parser.add_argument(
+        "--pretrained-tag",
+        default="",
+        help="UltraMNIST with --pretrained: a name for the weights file, so its results are a part of "
+        "their own (ultramnist[_<side>]_pretrained_<tag>, runs um[<side>]_pre_<tag>_*) beside "
+        "those of other files",
+    )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--count", type=int)
     parser.add_argument("--budget")
     parser.add_argument("--size", type=int, help="side of the land-cover scenes (default 1024)")
-    parser.add_argument("--landcover-k", type=int, default=1,
-                        help="patches recomputed with gradients per inner iteration, every land-cover variant")
-    parser.add_argument("--landcover-variants", type=variant_list("land-cover", LANDCOVER_VARIANTS),
-                        default=LANDCOVER_DEFAULT_VARIANTS,
-                        help="which global-patch runs of the land-cover part (comma-separated results keys)")
-    parser.add_argument("--ultramnist-size", type=int, default=512,
-                        help="UltraMNIST canvas side; other than 512 the part is ultramnist_<side>[_pretrained]")
-    parser.add_argument("--ultramnist-min-digit", type=int, default=0,
-                        help="UltraMNIST: the small digit's smallest ink height in px (it is drawn 1-3 times that; "
-                             "0: the generator's automatic max(8, side // 64))")
-    parser.add_argument("--ultramnist-variants", type=variant_list("UltraMNIST", ULTRAMNIST_VARIANTS),
-                        default=ULTRAMNIST_DEFAULT_VARIANTS,
-                        help="which framework runs of the UltraMNIST part (comma-separated results keys: "
-                             f"{', '.join(ULTRAMNIST_VARIANTS)})")
-    parser.add_argument("--downsampled-extra", type=lambda text: [int(s) for s in text.split(",")], default=[],
-                        help="UltraMNIST: also train the downsampled baseline at these input sizes (comma-separated), "
-                             "beside the largest that fits the budget and the patch size")
-    parser.add_argument("--landcover-task", choices=sorted(LANDCOVER_TASKS), default="fine",
-                        help="the land-cover part's positive class: the fine structure, or the context control")
-    parser.add_argument("--seeds", "--landcover-seeds", type=lambda text: [int(s) for s in text.split(",")],
-                        default=[], help="also train the accuracy parts' framework runs from these seeds "
-                                         "(comma-separated; 0 is the main run)")
-    parser.add_argument("--seed-runs", type=variant_list("framework", dict(FRAMEWORK_RUNS)), default=None,
-                        help="only these framework runs get --seeds (comma-separated results keys; default: all)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="independent runs of a part trained at once (each its own process)")
-    parser.add_argument("--continue-epochs", type=int, default=0,
-                        help="UltraMNIST: then train each run (but the paper's-gradient one) this many more epochs "
-                             "from its last checkpoint, a warm restart of the schedule")
-    parser.add_argument("--resume-runs", action="store_true",
-                        help="runs that did not finish continue from their last checkpoint (with --reuse: "
-                             "only those are trained)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="keep earlier results (from the results file) of runs whose settings are unchanged")
+    parser.add_argument(
+        "--landcover-k",
+        type=int,
+        default=1,
+        help="patches recomputed with gradients per inner iteration, every land-cover variant",
+    )
+    parser.add_argument(
+        "--landcover-variants",
+        type=variant_list("land-cover", LANDCOVER_VARIANTS),
+        default=LANDCOVER_DEFAULT_VARIANTS,
+        help="which global-patch runs of the land-cover part (comma-separated results keys)",
+    )
+    parser.add_argument(
+        "--ultramnist-size",
+        type=int,
+        default=512,
+        help="UltraMNIST canvas side; other than 512 the part is ultramnist_<side>[_pretrained]",
+    )
+    parser.add_argument(
+        "--ultramnist-min-digit",
+        type=int,
+        default=0,
+        help="UltraMNIST: the small digit's smallest ink height in px (it is drawn 1-3 times that; "
+        "0: the generator's automatic max(8, side // 64))",
+    )
+    parser.add_argument(
+        "--ultramnist-variants",
+        type=variant_list("UltraMNIST", ULTRAMNIST_VARIANTS),
+        default=ULTRAMNIST_DEFAULT_VARIANTS,
+        help="which framework runs of the UltraMNIST part (comma-separated results keys: "
+        f"{', '.join(ULTRAMNIST_VARIANTS)})",
+    )
+    parser.add_argument(
+        "--downsampled-extra",
+        type=lambda text: [int(s) for s in text.split(",")],
+        default=[],
+        help="UltraMNIST: also train the downsampled baseline at these input sizes (comma-separated), "
+        "beside the largest that fits the budget and the patch size",
+    )
+    parser.add_argument(
+        "--landcover-task",
+        choices=sorted(LANDCOVER_TASKS),
+        default="fine",
+        help="the land-cover part's positive class: the fine structure, or the context control",
+    )
+    parser.add_argument(
+        "--seeds",
+        "--landcover-seeds",
+        type=lambda text: [int(s) for s in text.split(",")],
+        default=[],
+        help="also train the accuracy parts' framework runs from these seeds (comma-separated; 0 is the main run)",
+    )
+    parser.add_argument(
+        "--seed-runs",
+        type=variant_list("framework", dict(FRAMEWORK_RUNS)),
+        default=None,
+        help="only these framework runs get --seeds (comma-separated results keys; default: all)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="independent runs of a part trained at once (each its own process)"
+    )
+    parser.add_argument(
+        "--continue-epochs",
+        type=int,
+        default=0,
+        help="UltraMNIST: then train each run (but the paper's-gradient one) this many more epochs "
+        "from its last checkpoint, a warm restart of the schedule",
+    )
+    parser.add_argument(
+        "--resume-runs",
+        action="store_true",
+        help="runs that did not finish continue from their last checkpoint (with --reuse: only those are trained)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep earlier results (from the results file) of runs whose settings are unchanged",
+    )
     args = parser.parse_args()
     global RESUME_RUNS
     RESUME_RUNS = args.resume_runs
@@ -820,6 +1197,7 @@ def main() -> int:
     path = RESULTS / "patchgd.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if args.reuse:
+
         def collect(value):
             if isinstance(value, dict):
                 if "name" in value and "train" in value:
@@ -849,8 +1227,13 @@ def main() -> int:
             seconds = round(time.perf_counter() - started, 1)
             # merge into what is on disk now: another invocation may have written other parts meanwhile
             current = json.loads(path.read_text()) if path.exists() else {}
-            current.update({"machine": results["machine"], "torch_baseline_rss": results["torch_baseline_rss"],
-                            part: results[part]})
+            current.update(
+                {
+                    "machine": results["machine"],
+                    "torch_baseline_rss": results["torch_baseline_rss"],
+                    part: results[part],
+                }
+            )
             current.setdefault("seconds", {})[part] = seconds
             current.setdefault("commands", {})[part] = results["machine"]["command"]
             results = current

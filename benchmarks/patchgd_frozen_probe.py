@@ -54,8 +54,14 @@ def write_data(data: Path, count: int, size: int, seed: int, min_digit: int) -> 
     from gigaseg.data.synth.ultramnist import UltraMnistConfig, write_ultramnist_dataset
 
     if not (data / "synth.json").exists():
-        write_ultramnist_dataset(data, count=count, size=size, seed=seed, val_fraction=0.2,
-                                 config=UltraMnistConfig(digits=(2, 2), values=(6, 9), min_digit=min_digit))
+        write_ultramnist_dataset(
+            data,
+            count=count,
+            size=size,
+            seed=seed,
+            val_fraction=0.2,
+            config=UltraMnistConfig(digits=(2, 2), values=(6, 9), min_digit=min_digit),
+        )
     return json.loads((data / "synth.json").read_text())
 
 
@@ -79,8 +85,9 @@ def encode_views(data: Path, manifest: dict, weights: str, encoder_name: str, pa
     from gigaseg.methods.patchgd.model import gather_patches, global_view_of
     from gigaseg.methods.registry import create_model
 
-    model = create_model("patchgd_classifier", encoder=encoder_name, num_classes=3, in_channels=1,
-                         pretrained=weights, patch_size=patch).eval()
+    model = create_model(
+        "patchgd_classifier", encoder=encoder_name, num_classes=3, in_channels=1, pretrained=weights, patch_size=patch
+    ).eval()
     encoder = model.theta1.encoder
     grey = Normalization.for_image(1, np.uint8)
 
@@ -100,8 +107,12 @@ def encode_views(data: Path, manifest: dict, weights: str, encoder_name: str, pa
             downs.append(pooled(global_view_of(x, downsampled))[0])
             if i % 500 == 0:
                 print(f"[frozen probe] patch {patch}: encoded {i} images in {time.time() - start:.0f} s", flush=True)
-    return {"grid": torch.stack(grids), "global": torch.stack(globals_), "downsampled": torch.stack(downs),
-            "seconds": time.time() - start}
+    return {
+        "grid": torch.stack(grids),
+        "global": torch.stack(globals_),
+        "downsampled": torch.stack(downs),
+        "seconds": time.time() - start,
+    }
 
 
 def head_input(features: dict, view: str, index: torch.Tensor) -> torch.Tensor:
@@ -115,8 +126,9 @@ def head_input(features: dict, view: str, index: torch.Tensor) -> torch.Tensor:
     return features[view][index][:, :, None, None].expand(-1, -1, 2, 2)
 
 
-def train_head(features: dict, view: str, target: np.ndarray, train: torch.Tensor, val: torch.Tensor,
-               epochs: int, seed: int) -> dict:
+def train_head(
+    features: dict, view: str, target: np.ndarray, train: torch.Tensor, val: torch.Tensor, epochs: int, seed: int
+) -> dict:
     from gigaseg.methods.patchgd.model import GridHead
 
     torch.manual_seed(seed)
@@ -129,7 +141,7 @@ def train_head(features: dict, view: str, target: np.ndarray, train: torch.Tenso
         head.train()
         order = train[torch.randperm(len(train))]
         for i in range(0, len(order), 32):
-            batch = order[i:i + 32]
+            batch = order[i : i + 32]
             loss = F.cross_entropy(head(head_input(features, view, batch)), y[batch])
             optimiser.zero_grad()
             loss.backward()
@@ -137,6 +149,7 @@ def train_head(features: dict, view: str, target: np.ndarray, train: torch.Tenso
             schedule.step()
     head.eval()
     with torch.no_grad():
+
         def accuracy(index):
             return float((head(head_input(features, view, index)).argmax(1) == y[index]).float().mean())
 
@@ -147,24 +160,32 @@ def markdown(results: dict) -> str:
     from gigaseg.bench.machine import markdown_header
 
     s = results["settings"]
-    lines = ["# What a frozen theta1 carries on UltraMNIST (issue 7 diagnostic)", "",
-             markdown_header(results["machine"]), "",
-             f"{s['count']} images of {s['size']}x{s['size']} ({s['train']} train / {s['val']} validation; "
-             f"`gigaseg synth ultramnist` settings: digits 6 and 9, one 30-60% of the side, one from "
-             f"{s['min_digit']} px), encoder {s['encoder']} frozen from `{s['pretrained']}`; a GridHead "
-             f"(theta2's head) trained {s['epochs']} epochs on each view's pooled deepest features "
-             f"(Adam 1e-3, cosine, batch 32, seed 0; data seed {s['seed']}). Validation accuracy (train accuracy "
-             "in brackets). Chance: 0.5 for a digit, the majority share for the label "
-             f"({results['label_majority']:.3f}). A view whose head cannot learn a target does not carry it "
-             "to theta2; where the grid alone scores at least as well as the grid with the global patch, the "
-             "global patch brings theta2 nothing theta1's features lack (training theta1 end to end can still "
-             "change that, which the full benchmark, benchmarks/patchgd.py, measures).", ""]
+    lines = [
+        "# What a frozen theta1 carries on UltraMNIST (issue 7 diagnostic)",
+        "",
+        markdown_header(results["machine"]),
+        "",
+        f"{s['count']} images of {s['size']}x{s['size']} ({s['train']} train / {s['val']} validation; "
+        f"`gigaseg synth ultramnist` settings: digits 6 and 9, one 30-60% of the side, one from "
+        f"{s['min_digit']} px), encoder {s['encoder']} frozen from `{s['pretrained']}`; a GridHead "
+        f"(theta2's head) trained {s['epochs']} epochs on each view's pooled deepest features "
+        f"(Adam 1e-3, cosine, batch 32, seed 0; data seed {s['seed']}). Validation accuracy (train accuracy "
+        "in brackets). Chance: 0.5 for a digit, the majority share for the label "
+        f"({results['label_majority']:.3f}). A view whose head cannot learn a target does not carry it "
+        "to theta2; where the grid alone scores at least as well as the grid with the global patch, the "
+        "global patch brings theta2 nothing theta1's features lack (training theta1 end to end can still "
+        "change that, which the full benchmark, benchmarks/patchgd.py, measures).",
+        "",
+    ]
     for patch, part in results["patch_sizes"].items():
         side = s["size"] // int(patch)
-        lines += [f"## {patch}-px patches ({side}x{side} grid; global patch {patch} px, downsample "
-                  f"{s['downsampled']} px; encoding took {part['encode_seconds']:.0f} s)", "",
-                  "| view | " + " | ".join(TARGET_TEXT[t] for t in TARGETS) + " |",
-                  "|---|" + "---|" * len(TARGETS)]
+        lines += [
+            f"## {patch}-px patches ({side}x{side} grid; global patch {patch} px, downsample "
+            f"{s['downsampled']} px; encoding took {part['encode_seconds']:.0f} s)",
+            "",
+            "| view | " + " | ".join(TARGET_TEXT[t] for t in TARGETS) + " |",
+            "|---|" + "---|" * len(TARGETS),
+        ]
         for view in VIEWS:
             cells = [f"{part[view][t]['val_accuracy']:.3f} ({part[view][t]['train_accuracy']:.3f})" for t in TARGETS]
             lines.append(f"| {VIEW_TEXT[view]} | " + " | ".join(cells) + " |")
@@ -196,12 +217,23 @@ def main(argv: list[str] | None = None) -> int:
     targets = targets_of(manifest)
     n_val = len(manifest["splits"]["val"])  # the generator puts the val split last
     train, val = torch.arange(args.count - n_val), torch.arange(args.count - n_val, args.count)
-    results = {"machine": describe(), "settings": {
-        "count": args.count, "size": args.size, "min_digit": args.min_digit, "train": len(train), "val": len(val),
-        "encoder": args.encoder, "pretrained": Path(args.pretrained).name, "epochs": args.epochs,
-        "downsampled": args.downsampled, "seed": args.seed},
+    results = {
+        "machine": describe(),
+        "settings": {
+            "count": args.count,
+            "size": args.size,
+            "min_digit": args.min_digit,
+            "train": len(train),
+            "val": len(val),
+            "encoder": args.encoder,
+            "pretrained": Path(args.pretrained).name,
+            "epochs": args.epochs,
+            "downsampled": args.downsampled,
+            "seed": args.seed,
+        },
         "label_majority": float(np.bincount(targets["label"][val.numpy()]).max() / len(val)),
-        "patch_sizes": {}}
+        "patch_sizes": {},
+    }
     for patch in (int(p) for p in args.patch_sizes.split(",")):
         if args.size % patch:
             parser.error(f"--patch-sizes: {patch} does not divide --size {args.size}")
@@ -214,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         part = {"encode_seconds": float(features["seconds"])}
         for view in VIEWS:
             part[view] = {t: train_head(features, view, targets[t], train, val, args.epochs, 0) for t in TARGETS}
-            print(f"[frozen probe] patch {patch}, {view}: " + ", ".join(
-                f"{t} {part[view][t]['val_accuracy']:.3f}" for t in TARGETS), flush=True)
+            print(
+                f"[frozen probe] patch {patch}, {view}: "
+                + ", ".join(f"{t} {part[view][t]['val_accuracy']:.3f}" for t in TARGETS),
+                flush=True,
+            )
         results["patch_sizes"][str(patch)] = part
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "patchgd_frozen_probe.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -36,6 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def write_scene(path: Path, side: int) -> None:
     """A procedural RGB texture written band by band (bounded memory at any size)."""
+
     def render(window):
         y = np.arange(window.top, window.bottom, dtype=np.float32)[:, None]
         x = np.arange(window.left, window.right, dtype=np.float32)[None, :]
@@ -57,14 +58,30 @@ def make_checkpoint(path: Path, options: dict) -> None:
 
     torch.manual_seed(0)
     model = create_model("patch", encoder="resnet18", num_classes=7, **options)
-    data = {"classes": [f"class_{i}" for i in range(7)], "palette": [[i * 36, 255 - i * 36, 128] for i in range(7)],
-            "ignore_index": 255, "exclude_from_miou": [], "normalization": Normalization.for_image(3, np.uint8).to_dict()}
+    data = {
+        "classes": [f"class_{i}" for i in range(7)],
+        "palette": [[i * 36, 255 - i * 36, 128] for i in range(7)],
+        "ignore_index": 255,
+        "exclude_from_miou": [],
+        "normalization": Normalization.for_image(3, np.uint8).to_dict(),
+    }
     save_checkpoint(path, model, data)
 
 
 def predict_argv(image: Path, ckpt: Path, out: Path, budget: str) -> list[str]:
-    return [sys.executable, "-m", "gigaseg", "predict", str(image), "--checkpoint", str(ckpt), "--out", str(out),
-            "--max-memory", budget]
+    return [
+        sys.executable,
+        "-m",
+        "gigaseg",
+        "predict",
+        str(image),
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--max-memory",
+        budget,
+    ]
 
 
 def masks_equal(a: Path, b: Path) -> bool:
@@ -77,7 +94,7 @@ def masks_equal(a: Path, b: Path) -> bool:
         if za.shape != zb.shape:
             return False
         for top in range(0, za.shape[0], 2048):
-            if not np.array_equal(za[top:top + 2048], zb[top:top + 2048]):
+            if not np.array_equal(za[top : top + 2048], zb[top : top + 2048]):
                 return False
     return True
 
@@ -85,7 +102,9 @@ def masks_equal(a: Path, b: Path) -> bool:
 def kill_halfway_and_resume(image: Path, ckpt: Path, out: Path, budget: str, side: int) -> dict:
     progress = out / f".{image.stem}.tif.scratch" / "progress.json"
     total_bands = -(-side // 512)
-    child = subprocess.Popen(predict_argv(image, ckpt, out, budget), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        predict_argv(image, ckpt, out, budget), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     done = 0
     while child.poll() is None:
         if progress.exists():
@@ -101,9 +120,14 @@ def kill_halfway_and_resume(image: Path, ckpt: Path, out: Path, budget: str, sid
     killed_with = done
     final_existed = (out / f"{image.stem}.tif").exists()
     resumed = measure_command(predict_argv(image, ckpt, out, budget), baseline=False)
-    return {"bands_total": total_bands, "bands_done_when_killed": killed_with,
-            "final_file_existed_after_kill": final_existed, "resume_peak_rss": resumed.peak_rss,
-            "resume_seconds": resumed.wall_s, "returncode": resumed.returncode}
+    return {
+        "bands_total": total_bands,
+        "bands_done_when_killed": killed_with,
+        "final_file_existed_after_kill": final_existed,
+        "resume_peak_rss": resumed.peak_rss,
+        "resume_seconds": resumed.wall_s,
+        "returncode": resumed.returncode,
+    }
 
 
 def main() -> None:
@@ -121,19 +145,31 @@ def main() -> None:
     options = {"patch_size": args.patch_size, "overlap": args.overlap, "fpn_channels": args.fpn_channels}
     ckpt = work / f"patch-resnet18-{args.patch_size}-{args.overlap}-{args.fpn_channels}.ckpt"
     make_checkpoint(ckpt, options)
-    results = {"machine": machine.describe(), "method": "patch", "encoder": "resnet18",
-               "options": options, "budget": args.budget, "runs": [],
-               "command": "benchmarks/predict_memory.py " + " ".join(sys.argv[1:]),
-               "threads": os.environ.get("OMP_NUM_THREADS", "all cores")}
+    results = {
+        "machine": machine.describe(),
+        "method": "patch",
+        "encoder": "resnet18",
+        "options": options,
+        "budget": args.budget,
+        "runs": [],
+        "command": "benchmarks/predict_memory.py " + " ".join(sys.argv[1:]),
+        "threads": os.environ.get("OMP_NUM_THREADS", "all cores"),
+    }
     sides = [int(s) for s in args.sides.split(",")]
     for side in sides:
         image = work / f"scene_{side}.tif"
         write_scene(image, side)
         out = work / f"pred_{side}"
         report = measure_command(predict_argv(image, ckpt, out, args.budget) + ["--restart"], baseline=True)
-        run = {"side": side, "megapixels": side * side / 1e6, "peak_rss": report.peak_rss,
-               "torch_import_rss": report.baseline_rss, "seconds": report.wall_s,
-               "megapixels_per_second": side * side / 1e6 / report.wall_s, "returncode": report.returncode}
+        run = {
+            "side": side,
+            "megapixels": side * side / 1e6,
+            "peak_rss": report.peak_rss,
+            "torch_import_rss": report.baseline_rss,
+            "seconds": report.wall_s,
+            "megapixels_per_second": side * side / 1e6 / report.wall_s,
+            "returncode": report.returncode,
+        }
         results["runs"].append(run)
         print(f"{side}: peak RSS {format_size(report.peak_rss)} in {report.wall_s:.0f} s", flush=True)
         write(results)
@@ -143,30 +179,46 @@ def main() -> None:
         out = work / f"pred_{side}_killed"
         results["kill_and_resume"] = kill_halfway_and_resume(image, ckpt, out, args.budget, side)
         results["kill_and_resume"]["identical_to_uninterrupted"] = masks_equal(
-            out / f"{image.stem}.tif", work / f"pred_{side}" / f"{image.stem}.tif")
+            out / f"{image.stem}.tif", work / f"pred_{side}" / f"{image.stem}.tif"
+        )
         write(results)
 
 
 def write(results: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "predict_memory.json").write_text(json.dumps(results, indent=2))
-    lines = ["# Peak memory of `gigaseg predict` versus image size", "", machine.markdown_header(results["machine"]),
-             f"Method: patch baseline, encoder {results['encoder']}, options {results['options']}, "
-             f"--max-memory {results['budget']}.", "",
-             f"Command: `{results.get('command', 'benchmarks/predict_memory.py')}` (OMP_NUM_THREADS="
-             f"{results.get('threads', 'all cores')}).", "",
-             "| image side | megapixels | peak RSS (whole process) | seconds | Mpx/s |", "|---|---|---|---|---|"]
+    lines = [
+        "# Peak memory of `gigaseg predict` versus image size",
+        "",
+        machine.markdown_header(results["machine"]),
+        f"Method: patch baseline, encoder {results['encoder']}, options {results['options']}, "
+        f"--max-memory {results['budget']}.",
+        "",
+        f"Command: `{results.get('command', 'benchmarks/predict_memory.py')}` (OMP_NUM_THREADS="
+        f"{results.get('threads', 'all cores')}).",
+        "",
+        "| image side | megapixels | peak RSS (whole process) | seconds | Mpx/s |",
+        "|---|---|---|---|---|",
+    ]
     for run in results["runs"]:
-        lines.append(f"| {run['side']} | {run['megapixels']:.1f} | {format_size(run['peak_rss'])} | "
-                     f"{run['seconds']:.0f} | {run['megapixels_per_second']:.2f} |")
+        lines.append(
+            f"| {run['side']} | {run['megapixels']:.1f} | {format_size(run['peak_rss'])} | "
+            f"{run['seconds']:.0f} | {run['megapixels_per_second']:.2f} |"
+        )
     if results["runs"] and results["runs"][0].get("torch_import_rss"):
-        lines += ["", f"A child that only imports torch peaks at {format_size(results['runs'][0]['torch_import_rss'])}."]
+        lines += [
+            "",
+            f"A child that only imports torch peaks at {format_size(results['runs'][0]['torch_import_rss'])}.",
+        ]
     kill = results.get("kill_and_resume")
     if kill:
-        lines += ["", f"SIGKILL after {kill['bands_done_when_killed']} of {kill['bands_total']} bands; final file "
-                      f"present after the kill: {kill['final_file_existed_after_kill']}; the rerun resumed in "
-                      f"{kill['resume_seconds']:.0f} s at peak RSS {format_size(kill['resume_peak_rss'])}; resumed mask "
-                      f"identical to the uninterrupted one: {kill.get('identical_to_uninterrupted')}."]
+        lines += [
+            "",
+            f"SIGKILL after {kill['bands_done_when_killed']} of {kill['bands_total']} bands; final file "
+            f"present after the kill: {kill['final_file_existed_after_kill']}; the rerun resumed in "
+            f"{kill['resume_seconds']:.0f} s at peak RSS {format_size(kill['resume_peak_rss'])}; resumed mask "
+            f"identical to the uninterrupted one: {kill.get('identical_to_uninterrupted')}.",
+        ]
     (RESULTS / "predict_memory.md").write_text("\n".join(lines) + "\n")
 
 

@@ -57,10 +57,25 @@ def glyphs() -> tuple[np.ndarray, np.ndarray]:
 
 #: matplotlib's bundled fonts whose digits ``--fonts`` trains on (the generator draws with Pillow's
 #: Aileron, which is none of them) and those kept for validation (another family, never trained on)
-TRAIN_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-               "DejaVuSansDisplay.ttf", "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
-               "DejaVuSansMono-BoldOblique.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
-               "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmb10.ttf")
+TRAIN_FONTS = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansDisplay.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+    "cmb10.ttf",
+)
 VAL_FONTS = ("DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf")
 
 
@@ -145,9 +160,12 @@ def accuracy_by_height(model, draw, labels: np.ndarray, repeats: int) -> dict:
             where = np.digitize(heights, bins) - 1
             np.add.at(hits, where, right)
             np.add.at(counts, where, 1)
-    return {"accuracy": float(hits.sum() / counts.sum()),
-            "by_height": {f"{lo}-{hi - 1} px": float(h / c) if c else None
-                          for lo, hi, h, c in zip(bins, bins[1:], hits, counts)}}
+    return {
+        "accuracy": float(hits.sum() / counts.sum()),
+        "by_height": {
+            f"{lo}-{hi - 1} px": float(h / c) if c else None for lo, hi, h, c in zip(bins, bins[1:], hits, counts)
+        },
+    }
 
 
 def main() -> int:
@@ -158,8 +176,11 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fonts", action="store_true",
-                        help="half of the canvases draw a digit of matplotlib's bundled fonts (TRAIN_FONTS)")
+    parser.add_argument(
+        "--fonts",
+        action="store_true",
+        help="half of the canvases draw a digit of matplotlib's bundled fonts (TRAIN_FONTS)",
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -197,8 +218,10 @@ def main() -> int:
         schedule.step()
         losses.append(loss.item())
         if step % 200 == 0:
-            print(f"step {step}/{args.steps}: loss {np.mean(losses[-200:]):.3f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"step {step}/{args.steps}: loss {np.mean(losses[-200:]):.3f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
 
     # validation: other writers' digits (20 canvases each), fonts never trained on, and the font
     # gigaseg synth ultramnist draws with (Pillow's default; never trained on, reported only)
@@ -213,16 +236,27 @@ def main() -> int:
     generator_font = accuracy_by_height(model, lambda r, i: font_canvas(r, generator, i), generator_labels, 300)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out)
-    report = {"encoder": args.encoder, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-              "seed": args.seed, "canvas": CANVAS, "heights": HEIGHTS, "train_images": TRAIN_IMAGES,
-              "train_fonts": list(TRAIN_FONTS) if args.fonts else [],
-              "val_images": int(len(val)), "final_loss": float(np.mean(losses[-200:])),
-              "val_accuracy": handwritten["accuracy"], "val_accuracy_by_height": handwritten["by_height"],
-              "val_fonts": list(VAL_FONTS), "val_fonts_accuracy": fonts["accuracy"],
-              "val_fonts_accuracy_by_height": fonts["by_height"],
-              "generator_font_accuracy": generator_font["accuracy"],
-              "generator_font_accuracy_by_height": generator_font["by_height"],
-              "wall_s": time.perf_counter() - start}
+    report = {
+        "encoder": args.encoder,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "canvas": CANVAS,
+        "heights": HEIGHTS,
+        "train_images": TRAIN_IMAGES,
+        "train_fonts": list(TRAIN_FONTS) if args.fonts else [],
+        "val_images": int(len(val)),
+        "final_loss": float(np.mean(losses[-200:])),
+        "val_accuracy": handwritten["accuracy"],
+        "val_accuracy_by_height": handwritten["by_height"],
+        "val_fonts": list(VAL_FONTS),
+        "val_fonts_accuracy": fonts["accuracy"],
+        "val_fonts_accuracy_by_height": fonts["by_height"],
+        "generator_font_accuracy": generator_font["accuracy"],
+        "generator_font_accuracy_by_height": generator_font["by_height"],
+        "wall_s": time.perf_counter() - start,
+    }
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
     return 0

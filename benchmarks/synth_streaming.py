@@ -115,8 +115,13 @@ def run(size: str, work: Path, keep: bool) -> dict:
     print(check, flush=True)
     read = measure_command([python, __file__, "--child", "read", str(image)], capture_output=True)
     print(read, flush=True)
-    imports = measure_command([python, "-c", "import gigaseg.commands.synth, gigaseg.data.synth.landcover, "
-                               "gigaseg.io.writers, gigaseg.io.sources"])
+    imports = measure_command(
+        [
+            python,
+            "-c",
+            "import gigaseg.commands.synth, gigaseg.data.synth.landcover, gigaseg.io.writers, gigaseg.io.sources",
+        ]
+    )
     torch_only = baseline_rss(True)
 
     manifest = json.loads((out / "synth.json").read_text())

@@ -19,17 +19,27 @@ def write_tiny_dataset(root, count=4, size=96, seed=0):
     colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
     for name in names:
         labels = np.zeros((size, size), np.uint8)
-        labels[:, size // 3:] = 1
-        labels[size // 2:, 2 * size // 3:] = 2
+        labels[:, size // 3 :] = 1
+        labels[size // 2 :, 2 * size // 3 :] = 2
         labels = np.rot90(labels, int(rng.integers(4))).copy()
         image = colours[labels] + rng.integers(-30, 30, (size, size, 3))
         tifffile.imwrite(root / "images" / f"{name}.tif", image.clip(0, 255).astype(np.uint8), tile=(32, 32))
         tifffile.imwrite(root / "masks" / f"{name}.tif", labels, tile=(32, 32))
-    (root / "dataset.yaml").write_text(yaml.safe_dump({
-        "name": "tiny", "task": "segmentation", "images": "images", "masks": "masks", "mask_encoding": "index",
-        "classes": ["red", "green", "blue"], "palette": colours.tolist(), "ignore_index": 255,
-        "splits": {"train": names[:-1], "val": names[-1:]},
-    }))
+    (root / "dataset.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "task": "segmentation",
+                "images": "images",
+                "masks": "masks",
+                "mask_encoding": "index",
+                "classes": ["red", "green", "blue"],
+                "palette": colours.tolist(),
+                "ignore_index": 255,
+                "splits": {"train": names[:-1], "val": names[-1:]},
+            }
+        )
+    )
     return root
 
 

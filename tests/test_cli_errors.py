@@ -5,16 +5,21 @@ import pytest
 import tifffile
 
 from gigaseg.cli import main
-from gigaseg.methods.registry import create_model
 from gigaseg.io.normalize import Normalization
+from gigaseg.methods.registry import create_model
 from gigaseg.training.checkpoint import save_checkpoint
 
 
 @pytest.fixture
 def checkpoint(tmp_path):
     model = create_model("patch", encoder="test_resnet", num_classes=3, patch_size=64, overlap=16)
-    data = {"classes": ["a", "b", "c"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]], "ignore_index": 255,
-            "exclude_from_miou": [], "normalization": Normalization.for_image(3, np.uint8).to_dict()}
+    data = {
+        "classes": ["a", "b", "c"],
+        "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+        "ignore_index": 255,
+        "exclude_from_miou": [],
+        "normalization": Normalization.for_image(3, np.uint8).to_dict(),
+    }
     return save_checkpoint(tmp_path / "model.ckpt", model, data)
 
 
@@ -68,14 +73,16 @@ def test_data_folder_without_masks(capsys, tmp_path, tiny_dataset):
     data = tiny_dataset
     for mask in (data / "masks").iterdir():
         mask.unlink()
-    code, err = run_cli(capsys, "train", "--method", "global", "--data", data, "--out", tmp_path / "run",
-                        "--encoder", "test_resnet")
+    code, err = run_cli(
+        capsys, "train", "--method", "global", "--data", data, "--out", tmp_path / "run", "--encoder", "test_resnet"
+    )
     assert_one_line_error(code, err, "scene_000")
 
 
 def test_bad_memory_size(capsys, tmp_path, checkpoint):
-    code, err = run_cli(capsys, "predict", tmp_path / "x.tif", "--checkpoint", checkpoint, "--out", tmp_path,
-                        "--max-memory", "lots")
+    code, err = run_cli(
+        capsys, "predict", tmp_path / "x.tif", "--checkpoint", checkpoint, "--out", tmp_path, "--max-memory", "lots"
+    )
     assert_one_line_error(code, err, "cannot read memory size 'lots'")
 
 
@@ -88,8 +95,19 @@ def test_predict_set_changes_inference_options_only(capsys, tmp_path, checkpoint
     assert not out.exists()
     code, err = run_cli(capsys, "predict", image, "--checkpoint", checkpoint, "--out", out, "--set", "overlap=many")
     assert_one_line_error(code, err, "overlap")
-    code, _ = run_cli(capsys, "predict", image, "--checkpoint", checkpoint, "--out", out,
-                      "--set", "overlap=32", "--set", "blend=uniform")
+    code, _ = run_cli(
+        capsys,
+        "predict",
+        image,
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        out,
+        "--set",
+        "overlap=32",
+        "--set",
+        "blend=uniform",
+    )
     assert code == 0 and tifffile.imread(out / "scene.tif").shape == (96, 96)
 
 
@@ -102,13 +120,16 @@ def test_resuming_with_other_options_is_refused(capsys, tmp_path, checkpoint):
 
     bands = []
     with pytest.raises(KeyboardInterrupt):
+
         def die(window, labels):
             bands.append(window)
             raise KeyboardInterrupt
+
         predict(checkpoint, image, out / "scene.tif", on_band=die, progress=False)
     assert bands and not (out / "scene.tif").exists() and (out / ".scene.tif.scratch").is_dir()
     code, err = run_cli(capsys, "predict", image, "--checkpoint", checkpoint, "--out", out, "--set", "overlap=8")
     assert_one_line_error(code, err, "scene.tif: cannot resume", "another model", "--restart")
-    code, _ = run_cli(capsys, "predict", image, "--checkpoint", checkpoint, "--out", out, "--set", "overlap=8",
-                      "--restart")
+    code, _ = run_cli(
+        capsys, "predict", image, "--checkpoint", checkpoint, "--out", out, "--set", "overlap=8", "--restart"
+    )
     assert code == 0 and (out / "scene.tif").exists() and not (out / ".scene.tif.scratch").exists()

@@ -16,8 +16,24 @@ from gigaseg.errors import ConfigError
 
 def test_landcover_end_to_end_with_report(tmp_path, capsys):
     out = tmp_path / "d"
-    code = main(["synth", "landcover", str(out), "--count", "2", "--size", "1024x1100", "--seed", "3",
-                 "--tile", "256", "--val-fraction", "0.5", "--report"])
+    code = main(
+        [
+            "synth",
+            "landcover",
+            str(out),
+            "--count",
+            "2",
+            "--size",
+            "1024x1100",
+            "--seed",
+            "3",
+            "--tile",
+            "256",
+            "--val-fraction",
+            "0.5",
+            "--report",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     lines = [line for line in captured.out.splitlines() if line.strip()]
@@ -41,8 +57,26 @@ def test_landcover_end_to_end_with_report(tmp_path, capsys):
 
     # running again into its own output is allowed and gives the same pixels
     first = tifffile.imread(out / "images" / "landcover_001.tif")
-    assert main(["synth", "landcover", str(out), "--count", "2", "--size", "1024x1100", "--seed", "3",
-                 "--tile", "256", "--val-fraction", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                "landcover",
+                str(out),
+                "--count",
+                "2",
+                "--size",
+                "1024x1100",
+                "--seed",
+                "3",
+                "--tile",
+                "256",
+                "--val-fraction",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert np.array_equal(tifffile.imread(out / "images" / "landcover_001.tif"), first)
 
 

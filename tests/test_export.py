@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from gigaseg.errors import ConfigError
-from gigaseg.export import export_onnx, find_conv_bn_pairs, fold_batchnorm, onnx_max_difference, optimize_for_inference, run_onnx, to_channels_last
+from gigaseg.export import (
+    export_onnx,
+    find_conv_bn_pairs,
+    fold_batchnorm,
+    onnx_max_difference,
+    optimize_for_inference,
+    run_onnx,
+    to_channels_last,
+)
 from gigaseg.methods.registry import create_model
 
 
@@ -57,11 +65,14 @@ def test_only_safe_pairs_are_folded():
         assert fold_batchnorm(model, x).folded_batchnorms == 1
 
 
-@pytest.mark.parametrize("method, encoder, options, bns", [
-    ("icnet", "icnet_resnet50_half", {"width": 0.25}, 63),
-    ("icnet", "test_resnet", {"width": 0.25}, None),
-    ("pspnet", "pspnet_resnet50", {"width": 0.125}, None),
-])
+@pytest.mark.parametrize(
+    "method, encoder, options, bns",
+    [
+        ("icnet", "icnet_resnet50_half", {"width": 0.25}, 63),
+        ("icnet", "test_resnet", {"width": 0.25}, None),
+        ("pspnet", "pspnet_resnet50", {"width": 0.125}, None),
+    ],
+)
 def test_every_inference_bn_of_the_networks_folds(method, encoder, options, bns):
     torch.manual_seed(0)
     model = randomise_bn(create_model(method, encoder=encoder, num_classes=4, **options))
@@ -71,7 +82,9 @@ def test_every_inference_bn_of_the_networks_folds(method, encoder, options, bns)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
     used = set()
-    hooks = [m.register_forward_hook(lambda m, i, o: used.add(m)) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: used.add(m)) for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+    ]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -94,8 +107,10 @@ def test_channels_last_and_optimized_copy_give_the_same_logits():
     assert plain.classifier.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-onnx_deps = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")),
-                               reason="needs onnx and onnxruntime (dev extra)")
+onnx_deps = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")),
+    reason="needs onnx and onnxruntime (dev extra)",
+)
 
 
 @onnx_deps

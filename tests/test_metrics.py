@@ -18,9 +18,7 @@ PRED = np.array([0, 0, 1, 2, 1, 1, 0, 2, 2, 1, 0, 2])
 #   t=0: predicted 0,0,1,2 -> [2, 1, 1]
 #   t=1: predicted 1,1,0   -> [1, 2, 0]
 #   t=2: predicted 2,2,1   -> [0, 1, 2]
-MATRIX = [[2, 1, 1],
-          [1, 2, 0],
-          [0, 1, 2]]
+MATRIX = [[2, 1, 1], [1, 2, 0], [0, 1, 2]]
 # support (row sums) [4, 3, 3], predicted (col sums) [3, 4, 3], tp [2, 2, 2]
 # IoU = tp / (support + predicted - tp): 2/5, 2/5, 2/4
 IOU = [0.4, 0.4, 0.5]

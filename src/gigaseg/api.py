@@ -88,30 +88,57 @@ def predict(
     info = info if info is not None else loaded_info
     source = image if isinstance(image, ImageSource) else open_image(image, max_memory=budget)
     if normalization is None:
-        normalization = (Normalization.from_dict(info["normalization"]) if "normalization" in info
-                         else Normalization.for_image(source.channels, source.dtype))
+        normalization = (
+            Normalization.from_dict(info["normalization"])
+            if "normalization" in info
+            else Normalization.for_image(source.channels, source.dtype)
+        )
     if source.channels != model.in_channels:
-        raise ConfigError(f"{source.path or 'image'}: has {source.channels} channels, the model expects {model.in_channels}")
+        raise ConfigError(
+            f"{source.path or 'image'}: has {source.channels} channels, the model expects {model.in_channels}"
+        )
     model = model.to(device)
     predictor = build_predictor(model, normalization, device=device, max_memory=budget, precision=precision)
     if not isinstance(predictor, SegmentationPredictor):
-        raise ConfigError(f"{model.method_name} is a {model.task} method: it gives one class per image, not a "
-                          f"mask (use gigaseg evaluate, or gigaseg.build_predictor(...).predict(image))")
+        raise ConfigError(
+            f"{model.method_name} is a {model.task} method: it gives one class per image, not a "
+            f"mask (use gigaseg evaluate, or gigaseg.build_predictor(...).predict(image))"
+        )
     palette = np.asarray(info["palette"], dtype=np.uint8) if info.get("palette") else None
     if out is not None and Path(out).suffix.lower() not in (".tif", ".tiff"):
         out = Path(out) / f"{source.name}.tif"
     block_size = effective_block_size(predictor, block_size_for(budget))
     producer = None
     if out is not None:
-        producer = prediction_fingerprint(model, normalization=normalization.to_dict(), block_size=block_size,
-                                          precision=precision)
-    return predict_image(predictor, source, out, block_size=block_size, palette=palette,
-                         class_names=info.get("classes"), probabilities=probabilities, overlay=overlay,
-                         resume=resume, on_band=on_band, progress=progress, producer=producer)
+        producer = prediction_fingerprint(
+            model, normalization=normalization.to_dict(), block_size=block_size, precision=precision
+        )
+    return predict_image(
+        predictor,
+        source,
+        out,
+        block_size=block_size,
+        palette=palette,
+        class_names=info.get("classes"),
+        probabilities=probabilities,
+        overlay=overlay,
+        resume=resume,
+        on_band=on_band,
+        progress=progress,
+        producer=producer,
+    )
 
 
-def evaluate(model_or_checkpoint, data, *, split: str = "val", max_memory: str | int | None = None,
-             device: str = "cpu", progress: bool = True, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate(
+    model_or_checkpoint,
+    data,
+    *,
+    split: str = "val",
+    max_memory: str | int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Stream every image of ``data``'s split through the predictor; per-class IoU, mIoU, F1, accuracy.
 
     Two-class segmentation also gets ``binary``: the positive class's (class 1) F1, IoU,
@@ -149,7 +176,9 @@ def evaluate(model_or_checkpoint, data, *, split: str = "val", max_memory: str |
             def update(window, labels, sample=sample):
                 matrix.update(labels, sample.mask.read(window)[..., 0])
 
-            predict_image(predictor, sample.image, None, block_size=block_size_for(budget), on_band=update, progress=False)
+            predict_image(
+                predictor, sample.image, None, block_size=block_size_for(budget), on_band=update, progress=False
+            )
             advance(1)
     exclude = getattr(dataset, "exclude_from_miou", ())
     summary = matrix.summary(class_names=list(dataset.classes), exclude=exclude)
@@ -160,6 +189,7 @@ def evaluate(model_or_checkpoint, data, *, split: str = "val", max_memory: str |
 
 def _json_binary(metrics: dict) -> dict:
     """binary_metrics as strict JSON: NaN -> None, infinity -> "inf"."""
+
     def clean(value):
         if isinstance(value, float) and value != value:
             return None
@@ -204,9 +234,20 @@ def _evaluate_classification(model, dataset, normalization, split, device, budge
     return summary
 
 
-def train(method: str, data, out: str | os.PathLike, *, encoder: str | None = None, pretrained=False,
-          options: dict | None = None, settings=None, stage: str = "all", resume: bool = False,
-          init: str | os.PathLike | None = None, val_split: str = "val") -> dict:
+def train(
+    method: str,
+    data,
+    out: str | os.PathLike,
+    *,
+    encoder: str | None = None,
+    pretrained=False,
+    options: dict | None = None,
+    settings=None,
+    stage: str = "all",
+    resume: bool = False,
+    init: str | os.PathLike | None = None,
+    val_split: str = "val",
+) -> dict:
     """Train ``method`` on the dataset at ``data``; checkpoints and metrics go to ``out``.
 
     ``stage`` picks one of the method's stages by name (``"all"`` runs them in
@@ -228,8 +269,14 @@ def train(method: str, data, out: str | os.PathLike, *, encoder: str | None = No
     first = train_data[0].image
     normalization = Normalization.for_image(first.channels, first.dtype)
     torch.manual_seed(settings.seed)  # the same seed gives the same initial weights
-    model = create_model(method, encoder=encoder, num_classes=len(train_data.classes), in_channels=first.channels,
-                         pretrained=pretrained, **(options or {}))
+    model = create_model(
+        method,
+        encoder=encoder,
+        num_classes=len(train_data.classes),
+        in_channels=first.channels,
+        pretrained=pretrained,
+        **(options or {}),
+    )
     _check_task(model, train_data, data)
     if init is not None and not resume:
         payload = load_checkpoint(init)
@@ -245,6 +292,15 @@ def train(method: str, data, out: str | os.PathLike, *, encoder: str | None = No
             raise ConfigError(f"{method} has no stage {stage!r}; its stages are {', '.join(names)} (or 'all')")
         stages = [s for s in stages if s.name == stage]
     run_config = {"data": str(data), "stage": stage, "init": None if init is None else str(init)}
-    trainer = Trainer(model, stages, train_data, val_data, out, settings, normalization,
-                      functools.partial(build_predictor, model), run_config)
+    trainer = Trainer(
+        model,
+        stages,
+        train_data,
+        val_data,
+        out,
+        settings,
+        normalization,
+        functools.partial(build_predictor, model),
+        run_config,
+    )
     return trainer.fit(resume=resume)

@@ -40,8 +40,8 @@ OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1}
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    fixed: int          # parameters, gradients, optimiser state, runtime
-    per_sample: int     # activations of one sample of the sub-batch
+    fixed: int  # parameters, gradients, optimiser state, runtime
+    per_sample: int  # activations of one sample of the sub-batch
 
     def total(self, sub_batch: int) -> int:
         return self.fixed + sub_batch * self.per_sample
@@ -111,8 +111,9 @@ def parameter_bytes(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def training_estimate(module: nn.Module, sample_inputs: tuple, optimizer: str = "adam",
-                      runtime: int = 0) -> MemoryEstimate:
+def training_estimate(
+    module: nn.Module, sample_inputs: tuple, optimizer: str = "adam", runtime: int = 0
+) -> MemoryEstimate:
     """Memory for training ``module`` with one sample shaped like ``sample_inputs`` (batch 1)."""
     activations, _ = leaf_output_bytes(module, sample_inputs, training=True)
     trainable = parameter_bytes(module, trainable_only=True)
@@ -125,8 +126,9 @@ def inference_estimate(module: nn.Module, sample_inputs: tuple, runtime: int = 0
     """Memory for inference: parameters, ``extra`` working buffers, and per sample the peak of
     live activations (with the decoder's skip connections) times ``INFERENCE_WORKSPACE_FACTOR``."""
     live = peak_live_bytes(module, sample_inputs)
-    return MemoryEstimate(fixed=parameter_bytes(module) + runtime + extra,
-                          per_sample=int(live * INFERENCE_WORKSPACE_FACTOR))
+    return MemoryEstimate(
+        fixed=parameter_bytes(module) + runtime + extra, per_sample=int(live * INFERENCE_WORKSPACE_FACTOR)
+    )
 
 
 def current_rss() -> int:
@@ -148,7 +150,9 @@ def runtime_bytes(device: torch.device | str) -> int:
     return current_rss() if torch.device(device).type == "cpu" else 0
 
 
-def plan_sub_batch(budget: int | None, estimate: MemoryEstimate, what: str, default: int, maximum: int | None = None) -> int:
+def plan_sub_batch(
+    budget: int | None, estimate: MemoryEstimate, what: str, default: int, maximum: int | None = None
+) -> int:
     """Largest sub-batch that fits ``budget`` (``default`` when no budget is given).
 
     Raises BudgetError naming the smallest budget that works when even one sample does not fit.

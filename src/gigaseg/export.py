@@ -29,8 +29,16 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["find_conv_bn_pairs", "fold_batchnorm", "to_channels_last", "compile_model", "optimize_for_inference",
-           "export_onnx", "onnx_max_difference", "run_onnx"]
+__all__ = [
+    "find_conv_bn_pairs",
+    "fold_batchnorm",
+    "to_channels_last",
+    "compile_model",
+    "optimize_for_inference",
+    "export_onnx",
+    "onnx_max_difference",
+    "run_onnx",
+]
 
 
 def _as_tuple(example) -> tuple:
@@ -61,8 +69,8 @@ def find_conv_bn_pairs(model: nn.Module, example_inputs) -> list[tuple[str, str]
 def _find_pairs(probe: nn.Module, example_inputs) -> list[tuple[str, str]]:
     names = {m: n for n, m in probe.named_modules()}
     calls: dict[nn.Module, int] = {}
-    conv_out: dict[object, nn.Module] = {}      # grad_fn of a conv's output -> the conv
-    bn_in: dict[nn.Module, object] = {}         # bn -> grad_fn of its input
+    conv_out: dict[object, nn.Module] = {}  # grad_fn of a conv's output -> the conv
+    bn_in: dict[nn.Module, object] = {}  # bn -> grad_fn of its input
 
     def conv_hook(module, _inputs, output):
         calls[module] = calls.get(module, 0) + 1
@@ -79,8 +87,10 @@ def _find_pairs(probe: nn.Module, example_inputs) -> list[tuple[str, str]]:
             handles.append(module.register_forward_hook(conv_hook))
         elif type(module) is nn.BatchNorm2d and module.track_running_stats and module.running_mean is not None:
             handles.append(module.register_forward_hook(bn_hook))
-    inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
-              for x in _as_tuple(example_inputs)]
+    inputs = [
+        x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+        for x in _as_tuple(example_inputs)
+    ]
     try:
         outputs = _flat_tensors(probe(*inputs))
     finally:
@@ -103,8 +113,14 @@ def _find_pairs(probe: nn.Module, example_inputs) -> list[tuple[str, str]]:
     pairs = []
     for bn, source in bn_in.items():
         conv = conv_out.get(source)
-        if (conv is None or calls.get(conv) != 1 or calls.get(bn) != 1 or consumers.get(source, 0) != 1
-                or source in returned or conv.out_channels != bn.num_features):
+        if (
+            conv is None
+            or calls.get(conv) != 1
+            or calls.get(bn) != 1
+            or consumers.get(source, 0) != 1
+            or source in returned
+            or conv.out_channels != bn.num_features
+        ):
             continue
         pairs.append((names[conv], names[bn]))
     return pairs
@@ -132,8 +148,9 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias.copy_(new_bias)
 
 
-def fold_batchnorm(model: nn.Module, example_inputs, *, inplace: bool = False, check: bool = True,
-                   rtol: float = 1e-3) -> nn.Module:
+def fold_batchnorm(
+    model: nn.Module, example_inputs, *, inplace: bool = False, check: bool = True, rtol: float = 1e-3
+) -> nn.Module:
     """An eval-mode copy of ``model`` (or ``model`` itself with ``inplace``) with BNs folded into convs.
 
     ``example_inputs`` (a tensor or a tuple) is used to find the pairs (small sizes
@@ -162,8 +179,10 @@ def fold_batchnorm(model: nn.Module, example_inputs, *, inplace: bool = False, c
             scale = max(float(want.abs().max()), 1.0)
             error = float((want - got).abs().max())
             if error > rtol * scale:
-                raise RuntimeError(f"folding {len(pairs)} batch norms changed the output by {error:.3g} "
-                                   f"(largest output {scale:.3g}); the network reuses a folded tensor elsewhere")
+                raise RuntimeError(
+                    f"folding {len(pairs)} batch norms changed the output by {error:.3g} "
+                    f"(largest output {scale:.3g}); the network reuses a folded tensor elsewhere"
+                )
     folded.folded_batchnorms = len(pairs)
     return folded
 
@@ -180,8 +199,14 @@ def compile_model(model: nn.Module, **options) -> nn.Module:
     return torch.compile(model, **options)
 
 
-def optimize_for_inference(model: nn.Module, example_inputs=None, *, fold_bn: bool = True,
-                           channels_last: bool = False, compile: bool | dict = False) -> nn.Module:
+def optimize_for_inference(
+    model: nn.Module,
+    example_inputs=None,
+    *,
+    fold_bn: bool = True,
+    channels_last: bool = False,
+    compile: bool | dict = False,
+) -> nn.Module:
     """An eval-mode copy of ``model`` with the chosen speed options (the original is untouched).
 
     ``example_inputs`` is needed for ``fold_bn`` (default: one 64x64 image with the
@@ -203,9 +228,17 @@ def optimize_for_inference(model: nn.Module, example_inputs=None, *, fold_bn: bo
     return net
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, *, opset: int = 17,
-                fold_bn: bool = True, dynamic_batch: bool = True, input_names: Sequence[str] = ("image",),
-                output_names: Sequence[str] = ("logits",)) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs,
+    *,
+    opset: int = 17,
+    fold_bn: bool = True,
+    dynamic_batch: bool = True,
+    input_names: Sequence[str] = ("image",),
+    output_names: Sequence[str] = ("logits",),
+) -> Path:
     """Write the eval-mode ``model`` (BN-folded unless ``fold_bn=False``) to ``path`` as ONNX.
 
     Spatial sizes are fixed to the example's (a real-time deployment runs one frame
@@ -226,9 +259,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, *, op
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         with torch.no_grad():
-            torch.onnx.export(net, example, str(path), dynamo=False, opset_version=opset,
-                              input_names=list(input_names), output_names=list(output_names),
-                              dynamic_axes=dynamic_axes, do_constant_folding=True)
+            torch.onnx.export(
+                net,
+                example,
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
     return path
 
 

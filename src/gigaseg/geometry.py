@@ -65,7 +65,7 @@ class Window:
             raise ValueError(f"window size must be non-negative, got {self.height}x{self.width}")
 
     @classmethod
-    def from_bounds(cls, top: int, left: int, bottom: int, right: int) -> "Window":
+    def from_bounds(cls, top: int, left: int, bottom: int, right: int) -> Window:
         return cls(top, left, bottom - top, right - left)
 
     @property
@@ -89,24 +89,24 @@ class Window:
         """Numpy index for this window in an array whose origin is the image origin."""
         return (slice(self.top, self.bottom), slice(self.left, self.right))
 
-    def intersection(self, other: "Window") -> "Window | None":
+    def intersection(self, other: Window) -> Window | None:
         top, left = max(self.top, other.top), max(self.left, other.left)
         bottom, right = min(self.bottom, other.bottom), min(self.right, other.right)
         if bottom <= top or right <= left:
             return None
         return Window.from_bounds(top, left, bottom, right)
 
-    def clip(self, height: int, width: int) -> "Window":
+    def clip(self, height: int, width: int) -> Window:
         """This window clipped to an image of ``height x width`` (may become empty)."""
         top, left = min(max(self.top, 0), height), min(max(self.left, 0), width)
         bottom, right = min(max(self.bottom, top), height), min(max(self.right, left), width)
         return Window.from_bounds(top, left, bottom, right)
 
-    def relative_to(self, outer: "Window") -> "Window":
+    def relative_to(self, outer: Window) -> Window:
         """This window in the coordinates of ``outer`` (whose top-left becomes the origin)."""
         return Window(self.top - outer.top, self.left - outer.left, self.height, self.width)
 
-    def contains(self, other: "Window") -> bool:
+    def contains(self, other: Window) -> bool:
         return (
             self.top <= other.top
             and self.left <= other.left
@@ -216,27 +216,32 @@ class PatchGrid:
 
     # ---- constructors
     @classmethod
-    def glnet(cls, height: int, width: int, patch: int | Sequence[int], min_overlap: int = 50) -> "PatchGrid":
+    def glnet(cls, height: int, width: int, patch: int | Sequence[int], min_overlap: int = 50) -> PatchGrid:
         """GLNet's overlapping grid (:func:`glnet_starts` on each axis)."""
         ph, pw = _pair(patch, "patch")
-        return cls((height, width), (ph, pw),
-                   tuple(glnet_starts(height, ph, min_overlap)), tuple(glnet_starts(width, pw, min_overlap)))
+        return cls(
+            (height, width),
+            (ph, pw),
+            tuple(glnet_starts(height, ph, min_overlap)),
+            tuple(glnet_starts(width, pw, min_overlap)),
+        )
 
     @classmethod
-    def ceil(cls, height: int, width: int, patch: int | Sequence[int], flush: bool = False) -> "PatchGrid":
+    def ceil(cls, height: int, width: int, patch: int | Sequence[int], flush: bool = False) -> PatchGrid:
         """MagNet's non-overlapping grid (:func:`ceil_starts` on each axis)."""
         ph, pw = _pair(patch, "patch")
-        return cls((height, width), (ph, pw),
-                   tuple(ceil_starts(height, ph, flush)), tuple(ceil_starts(width, pw, flush)))
+        return cls(
+            (height, width), (ph, pw), tuple(ceil_starts(height, ph, flush)), tuple(ceil_starts(width, pw, flush))
+        )
 
     @classmethod
-    def sliding(cls, height: int, width: int, patch: int | Sequence[int],
-                stride: int | Sequence[int]) -> "PatchGrid":
+    def sliding(cls, height: int, width: int, patch: int | Sequence[int], stride: int | Sequence[int]) -> PatchGrid:
         """Sliding windows (:func:`sliding_starts` on each axis)."""
         ph, pw = _pair(patch, "patch")
         sh, sw = _pair(stride, "stride")
-        return cls((height, width), (ph, pw),
-                   tuple(sliding_starts(height, ph, sh)), tuple(sliding_starts(width, pw, sw)))
+        return cls(
+            (height, width), (ph, pw), tuple(sliding_starts(height, ph, sh)), tuple(sliding_starts(width, pw, sw))
+        )
 
     # ---- contents
     @property
@@ -261,8 +266,10 @@ class PatchGrid:
     @property
     def padded_shape(self) -> tuple[int, int]:
         """Size of the canvas the windows span (>= the image; larger means padding)."""
-        return (max(self.image_shape[0], self.row_starts[-1] + self.patch[0]),
-                max(self.image_shape[1], self.col_starts[-1] + self.patch[1]))
+        return (
+            max(self.image_shape[0], self.row_starts[-1] + self.patch[0]),
+            max(self.image_shape[1], self.col_starts[-1] + self.patch[1]),
+        )
 
     @property
     def needs_padding(self) -> bool:
@@ -445,8 +452,7 @@ class PasteAverager:
         self._sum: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
 
-    def add(self, patch_maps: torch.Tensor,
-            norm_boxes: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> None:
+    def add(self, patch_maps: torch.Tensor, norm_boxes: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> None:
         if patch_maps.dim() != 4:
             raise ValueError(f"patch maps must be (N, C, h, w), got shape {tuple(patch_maps.shape)}")
         boxes = _box_list(norm_boxes)
@@ -472,7 +478,7 @@ class PasteAverager:
                     continue
                 rows, cols = inside.slices
                 rel_rows, rel_cols = inside.relative_to(cells).slices
-                self._sum[:, :, rows, cols] += resized[k:k + 1, :, rel_rows, rel_cols]
+                self._sum[:, :, rows, cols] += resized[k : k + 1, :, rel_rows, rel_cols]
                 self._count[:, :, rows, cols] += 1
 
     def result(self) -> torch.Tensor:
@@ -482,9 +488,11 @@ class PasteAverager:
         return self._sum / self._count.clamp(min=1)
 
 
-def paste_average(patch_maps: torch.Tensor,
-                  norm_boxes: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
-                  out_size: int | Sequence[int]) -> torch.Tensor:
+def paste_average(
+    patch_maps: torch.Tensor,
+    norm_boxes: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
+    out_size: int | Sequence[int],
+) -> torch.Tensor:
     """All patch maps at once through :class:`PasteAverager`: ``(N, C, h, w) -> (1, C, H, W)``."""
     paster = PasteAverager(out_size)
     paster.add(patch_maps, norm_boxes)
@@ -494,8 +502,9 @@ def paste_average(patch_maps: torch.Tensor,
 # --------------------------------------------------------------------------- blending
 
 
-def blend_weights(height: int, width: int, mode: str = "uniform", sigma_scale: float = 0.125,
-                  min_weight: float = 1e-3) -> np.ndarray:
+def blend_weights(
+    height: int, width: int, mode: str = "uniform", sigma_scale: float = 0.125, min_weight: float = 1e-3
+) -> np.ndarray:
     """Per-pixel weights (float32, ``height x width``) for stitching overlapping predictions.
 
     ``"uniform"``: all ones. ``"gaussian"`` (as MONAI's sliding-window inferer): a separable

@@ -73,11 +73,13 @@ class ConfusionMatrix:
         self._matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
     def __repr__(self) -> str:
-        return (f"ConfusionMatrix(num_classes={self.num_classes}, ignore_index={self.ignore_index}, "
-                f"counted={int(self._matrix.sum())})")
+        return (
+            f"ConfusionMatrix(num_classes={self.num_classes}, ignore_index={self.ignore_index}, "
+            f"counted={int(self._matrix.sum())})"
+        )
 
     # ---- accumulation
-    def update(self, pred: Any, target: Any) -> "ConfusionMatrix":
+    def update(self, pred: Any, target: Any) -> ConfusionMatrix:
         """Count one tile (numpy or torch integer arrays of equal shape, any number of dims).
 
         Raises ValueError for a prediction outside ``0..num_classes-1`` or a target id that
@@ -109,7 +111,7 @@ class ConfusionMatrix:
         self._matrix += np.bincount(index, minlength=c * c).reshape(c, c)
         return self
 
-    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add another matrix's counts (e.g. from another worker) into this one."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes} classes into {self.num_classes}")
@@ -119,7 +121,7 @@ class ConfusionMatrix:
     def reset(self) -> None:
         self._matrix[:] = 0
 
-    def all_reduce(self, fabric: Any = None) -> "ConfusionMatrix":
+    def all_reduce(self, fabric: Any = None) -> ConfusionMatrix:
         """Sum the counts over all processes of a distributed run, in place.
 
         ``fabric`` is a Lightning Fabric (anything with ``world_size``, ``device`` and
@@ -224,7 +226,10 @@ class ConfusionMatrix:
 
         sens, spec = frac(tp, tp + fn), frac(tn, tn + fp)
         return {
-            "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "tn": tn,
             "sensitivity": sens,
             "specificity": spec,
             "precision": frac(tp, tp + fp),
@@ -235,8 +240,7 @@ class ConfusionMatrix:
             "lr_negative": _ratio(frac(fn, tp + fn), spec),
         }
 
-    def summary(self, class_names: Sequence[str] | None = None,
-                exclude: Iterable[int | str] = ()) -> dict[str, Any]:
+    def summary(self, class_names: Sequence[str] | None = None, exclude: Iterable[int | str] = ()) -> dict[str, Any]:
         """Everything as a strict-JSON dict (NaN -> None).
 
         ``exclude`` takes class indices or names (names need ``class_names``); it applies to

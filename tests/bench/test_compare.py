@@ -7,10 +7,31 @@ from gigaseg.cli import main
 
 def test_bench_trains_scores_and_reports_each_method(tmp_path, tiny_dataset, capsys):
     out = tmp_path / "bench"
-    code = main(["bench", "--methods", "global,patch", "--data", str(tiny_dataset), "--out", str(out),
-                 "--encoder", "test_resnet", "--epochs", "1", "--batch-size", "2",
-                 "--set", "global.input_size=64", "--set", "patch.patch_size=64", "--set", "patch.overlap=16",
-                 "--set", "patch.crops_per_image=2"])
+    code = main(
+        [
+            "bench",
+            "--methods",
+            "global,patch",
+            "--data",
+            str(tiny_dataset),
+            "--out",
+            str(out),
+            "--encoder",
+            "test_resnet",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--set",
+            "global.input_size=64",
+            "--set",
+            "patch.patch_size=64",
+            "--set",
+            "patch.overlap=16",
+            "--set",
+            "patch.crops_per_image=2",
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [m["name"] for m in results["methods"]] == ["global", "patch"]
@@ -30,8 +51,14 @@ def test_bench_trains_scores_and_reports_each_method(tmp_path, tiny_dataset, cap
 def test_variants_are_scored_from_the_same_weights(tmp_path, tiny_dataset):
     from gigaseg.bench.compare import MethodSpec, compare, score_variants
 
-    spec = MethodSpec(method="patch", options={"patch_size": 64, "overlap": 16, "crops_per_image": 2}, epochs=1,
-                      batch_size=2, lr=1e-3, variants={"uniform blend": {"blend": "uniform"}})
+    spec = MethodSpec(
+        method="patch",
+        options={"patch_size": 64, "overlap": 16, "crops_per_image": 2},
+        epochs=1,
+        batch_size=2,
+        lr=1e-3,
+        variants={"uniform blend": {"blend": "uniform"}},
+    )
     out = tmp_path / "bench"
     results = compare([spec], tiny_dataset, out, encoder="test_resnet")
     trained, variant = results["methods"]

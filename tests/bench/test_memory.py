@@ -130,8 +130,9 @@ def test_measure_command():
     assert big.wall_s > 0 and big.cuda_peak is None and big.baseline_rss is None
     assert big.target.startswith(sys.executable)
 
-    failing = measure_command([sys.executable, "-c", "import sys; print('bad', file=sys.stderr); sys.exit(5)"],
-                              capture_output=True)
+    failing = measure_command(
+        [sys.executable, "-c", "import sys; print('bad', file=sys.stderr); sys.exit(5)"], capture_output=True
+    )
     assert failing.returncode == 5 and "bad" in failing.stderr and "exit code 5" in str(failing)
     with pytest.raises(subprocess.CalledProcessError):
         measure_command(f"{sys.executable} -c 'raise SystemExit(2)'", check=True)
@@ -142,6 +143,7 @@ def test_measure_command():
 
 
 def test_report_str_without_baseline():
-    report = MemoryReport(target="x", peak_rss=1_500_000, wall_s=0.25, cuda_peak=2 * 10**9,
-                          cuda_peak_reserved=3 * 10**9)
+    report = MemoryReport(
+        target="x", peak_rss=1_500_000, wall_s=0.25, cuda_peak=2 * 10**9, cuda_peak_reserved=3 * 10**9
+    )
     assert str(report) == "x: peak RSS 1.50 MB, CUDA peak 2.00 GB allocated, 3.00 GB reserved, 0.25 s"

@@ -12,13 +12,20 @@ import yaml
 from PIL import Image
 
 from gigaseg.data import base as datasets
-from gigaseg.data.folder import FolderPairs, GigasegDataset
 from gigaseg.data.base import Sample, SegmentationDataset, read_pair
+from gigaseg.data.folder import FolderPairs, GigasegDataset
+from gigaseg.data.labels import (
+    BinaryEncoding,
+    IndexEncoding,
+    LabelEncoding,
+    LabelSource,
+    LookupEncoding,
+    PaletteEncoding,
+)
 from gigaseg.data.loader import load_dataset
-from gigaseg.data.labels import BinaryEncoding, IndexEncoding, LabelEncoding, LabelSource, LookupEncoding, PaletteEncoding
 from gigaseg.errors import DatasetError
-from gigaseg.io.sources import open_image
 from gigaseg.geometry import Window
+from gigaseg.io.sources import open_image
 
 H, W = 48, 64
 CLASSES = ["background", "road", "water"]
@@ -181,8 +188,9 @@ def test_label_source_expands_paletted_png_for_rgb_encoding(tmp_path):
 
 def test_label_source_rejects_rgb_mask_for_index_encoding(tmp_path):
     Image.fromarray(np.zeros((H, W, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
-    with open_image(tmp_path / "rgb.png") as raw, pytest.raises(
-        DatasetError, match=r"rgb\.png: mask has 3 channels .*index encoding"
+    with (
+        open_image(tmp_path / "rgb.png") as raw,
+        pytest.raises(DatasetError, match=r"rgb\.png: mask has 3 channels .*index encoding"),
     ):
         LabelSource(raw, IndexEncoding(3))
 
@@ -243,8 +251,13 @@ def test_rgb_yaml_with_ignore_colour(tmp_path):
     Image.fromarray(mask).save(root / "masks" / "a.png")
     (root / "dataset.yaml").write_text(
         yaml.safe_dump(
-            {"classes": CLASSES, "palette": PALETTE, "mask_encoding": "rgb", "ignore_color": [255, 0, 255],
-             "ignore_index": 200}
+            {
+                "classes": CLASSES,
+                "palette": PALETTE,
+                "mask_encoding": "rgb",
+                "ignore_color": [255, 0, 255],
+                "ignore_index": 200,
+            }
         )
     )
     dataset = load_dataset(root)
@@ -316,8 +329,11 @@ def test_images_without_masks_are_listed(tmp_path):
     root = write_gigaseg(tmp_path / "ds", stems=stems)
     for stem in stems[1:]:
         (root / "masks" / f"{stem}.png").unlink()
-    with pytest.raises(DatasetError, match=r"masks: 7 image\(s\) have no mask here: s1\.tif, s2\.tif, s3\.tif, "
-                                           r"s4\.tif, s5\.tif and 2 more"):
+    with pytest.raises(
+        DatasetError,
+        match=r"masks: 7 image\(s\) have no mask here: s1\.tif, s2\.tif, s3\.tif, "
+        r"s4\.tif, s5\.tif and 2 more",
+    ):
         GigasegDataset(root)
 
 
@@ -331,7 +347,9 @@ def test_mask_without_image(tmp_path):
 def test_size_mismatch_names_both_files(tmp_path):
     root = write_gigaseg(tmp_path / "ds")
     Image.fromarray(ids_mask(1)[:40]).save(root / "masks" / "scene_001.png")
-    with pytest.raises(DatasetError, match=r"scene_001\.png: mask is 40x64 \(HxW\) but its image .*scene_001\.tif is 48x64"):
+    with pytest.raises(
+        DatasetError, match=r"scene_001\.png: mask is 40x64 \(HxW\) but its image .*scene_001\.tif is 48x64"
+    ):
         GigasegDataset(root)
     assert len(GigasegDataset(root, check=False)) == 3
 
@@ -382,7 +400,10 @@ def test_unknown_colour_found_by_full_validation(tmp_path):
         ({"ignore_index": 1}, r"dataset\.yaml: ignore_index must lie in 3\.\.255"),
         ({"exclude_from_miou": [5]}, r"dataset\.yaml: 'exclude_from_miou' must list class ids 0\.\.2"),
         ({"task": "classification"}, r"dataset\.yaml: task is 'classification'"),
-        ({"splits": {"train": ["scene_000", "ghost"]}}, r"dataset\.yaml: split 'train' lists 1 stem\(s\) with no image .*ghost"),
+        (
+            {"splits": {"train": ["scene_000", "ghost"]}},
+            r"dataset\.yaml: split 'train' lists 1 stem\(s\) with no image .*ghost",
+        ),
         ({"splits": {"val": ["scene_000"]}}, r"dataset\.yaml: no split 'train' \(splits: val\)"),
     ],
 )
@@ -402,5 +423,7 @@ def test_unparsable_yaml(tmp_path):
 def test_unknown_layout_lists_known_layouts(tmp_path):
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "notes.txt").write_text("hello")
-    with pytest.raises(DatasetError, match=r"stuff: not a dataset layout gigaseg knows: .*DeepGlobe.*Inria.*Cityscapes"):
+    with pytest.raises(
+        DatasetError, match=r"stuff: not a dataset layout gigaseg knows: .*DeepGlobe.*Inria.*Cityscapes"
+    ):
         load_dataset(tmp_path / "stuff")

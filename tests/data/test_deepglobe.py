@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gigaseg.data.loader import load_dataset
 from gigaseg.data.deepglobe import CLASSES, PALETTE, DeepGlobe
+from gigaseg.data.loader import load_dataset
 from gigaseg.errors import DatasetError
 
 H, W = 48, 64
@@ -140,8 +140,12 @@ def test_missing_mask_and_missing_image(tmp_path):
 
 def test_missing_split_and_size_mismatch(tmp_path):
     root = kaggle_layout(tmp_path / "dg")
-    with pytest.raises(DatasetError, match=r"dg/crossvalidation: missing DeepGlobe split folder \(found: test, train, valid\)"):
+    with pytest.raises(
+        DatasetError, match=r"dg/crossvalidation: missing DeepGlobe split folder \(found: test, train, valid\)"
+    ):
         DeepGlobe(root, "crossvalidation")
     Image.fromarray(colour_mask(0)[:, :60]).save(root / "train" / "100694_mask.png")
-    with pytest.raises(DatasetError, match=r"100694_mask\.png: mask is 48x60 \(HxW\) but its image .*100694_sat\.jpg is 48x64"):
+    with pytest.raises(
+        DatasetError, match=r"100694_mask\.png: mask is 48x60 \(HxW\) but its image .*100694_sat\.jpg is 48x64"
+    ):
         DeepGlobe(root, "train")

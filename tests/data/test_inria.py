@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from gigaseg.data.loader import load_dataset
 from gigaseg.data.inria import Inria, is_validation
+from gigaseg.data.loader import load_dataset
 from gigaseg.errors import DatasetError
 
 H, W = 48, 64
@@ -89,7 +89,9 @@ def test_missing_gt_and_unpaired_files(tmp_path):
         Inria(root, "train")
     (root / "train" / "gt" / "vienna99.tif").unlink()
     tifffile.imwrite(root / "train" / "gt" / "kitsap2.tif", gt(2)[:, :32])
-    with pytest.raises(DatasetError, match=r"gt/kitsap2\.tif: mask is 48x32 \(HxW\) but its image .*images/kitsap2\.tif"):
+    with pytest.raises(
+        DatasetError, match=r"gt/kitsap2\.tif: mask is 48x32 \(HxW\) but its image .*images/kitsap2\.tif"
+    ):
         Inria(root, "val")
 
 

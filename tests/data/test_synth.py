@@ -11,7 +11,24 @@ import yaml
 from scipy import ndimage
 
 from gigaseg.data.synth import checks
-from gigaseg.data.synth.landcover import CLASSES, CONTEXT_CLASSES, CUE_CLASSES, PALETTE, ROAD, STREAM, VEG_FAR, VEG_NEAR, WATER, LandcoverConfig, LandcoverScene, check_mask, check_scene, prepare_output_dir, split_names, write_landcover_dataset
+from gigaseg.data.synth.landcover import (
+    CLASSES,
+    CONTEXT_CLASSES,
+    CUE_CLASSES,
+    PALETTE,
+    ROAD,
+    STREAM,
+    VEG_FAR,
+    VEG_NEAR,
+    WATER,
+    LandcoverConfig,
+    LandcoverScene,
+    check_mask,
+    check_scene,
+    prepare_output_dir,
+    split_names,
+    write_landcover_dataset,
+)
 from gigaseg.errors import ConfigError
 from gigaseg.geometry import Window
 
@@ -109,8 +126,10 @@ def test_generator_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, gigaseg.data.synth.landcover, gigaseg.data.synth.checks, gigaseg.commands.synth; "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, gigaseg.data.synth.landcover, gigaseg.data.synth.checks, gigaseg.commands.synth; "
+        "print('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
@@ -193,8 +212,13 @@ def _read(path):
     """Pixels, the first page's tags of interest, and the pyramid's level shapes."""
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
-        tags = dict(tiled=page.is_tiled, tilewidth=page.tilewidth, photometric=page.photometric,
-                    colormap=page.colormap, description=page.description)
+        tags = dict(
+            tiled=page.is_tiled,
+            tilewidth=page.tilewidth,
+            photometric=page.photometric,
+            colormap=page.colormap,
+            description=page.description,
+        )
         return page.asarray(), tags, [level.shape for level in tif.series[0].levels]
 
 
@@ -235,8 +259,9 @@ def test_write_dataset_layout_yaml_and_determinism(tmp_path):
     write_landcover_dataset(tmp_path / "b", **{**kwargs, "report": False})
     for name in names:
         for folder in ("images", "masks"):
-            assert np.array_equal(_read(out / folder / f"{name}.tif")[0],
-                                  _read(tmp_path / "b" / folder / f"{name}.tif")[0])
+            assert np.array_equal(
+                _read(out / folder / f"{name}.tif")[0], _read(tmp_path / "b" / folder / f"{name}.tif")[0]
+            )
 
 
 def test_a_foreign_folder_is_refused_and_an_earlier_output_replaced(tmp_path):

@@ -11,14 +11,21 @@ import yaml
 
 from gigaseg.cli import main
 from gigaseg.data.classification import ClassificationDataset
-from gigaseg.data.loader import dataset_task, load_dataset
 from gigaseg.data.folder import GigasegDataset
-from gigaseg.data.synth.ultramnist import UltraMnistConfig, generate_image, label_of, render_digit, scaled, write_ultramnist_dataset
+from gigaseg.data.loader import dataset_task, load_dataset
+from gigaseg.data.synth.ultramnist import (
+    UltraMnistConfig,
+    generate_image,
+    label_of,
+    render_digit,
+    scaled,
+    write_ultramnist_dataset,
+)
 from gigaseg.errors import ConfigError, DatasetError
 
 
 def digit_box(image, digit):
-    return image.pixels[digit.top:digit.top + digit.height, digit.left:digit.left + digit.width]
+    return image.pixels[digit.top : digit.top + digit.height, digit.left : digit.left + digit.width]
 
 
 @pytest.mark.parametrize("index", range(6))
@@ -49,7 +56,7 @@ def test_digits_span_very_different_sizes_among_shapes():
         # shapes are drawn outside the digits' boxes: there is ink that no digit accounts for
         covered = np.zeros_like(image.pixels, dtype=bool)
         for d in image.digits:
-            covered[d.top:d.top + d.height, d.left:d.left + d.width] = True
+            covered[d.top : d.top + d.height, d.left : d.left + d.width] = True
         assert (image.pixels[~covered] > 0).sum() > 0
 
 
@@ -105,8 +112,25 @@ def test_written_dataset_loads_as_classification(tmp_path):
 
 def test_cli_synth_ultramnist(tmp_path, capsys):
     out = tmp_path / "d"
-    code = main(["synth", "ultramnist", str(out), "--count", "4", "--size", "128", "--seed", "2",
-                 "--digits", "2", "--values", "3,8", "--val-fraction", "0.25"])
+    code = main(
+        [
+            "synth",
+            "ultramnist",
+            str(out),
+            "--count",
+            "4",
+            "--size",
+            "128",
+            "--seed",
+            "2",
+            "--digits",
+            "2",
+            "--values",
+            "3,8",
+            "--val-fraction",
+            "0.25",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "wrote 4 image(s) of 128x128 (3 train, 1 val)" in captured.err

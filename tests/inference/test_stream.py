@@ -5,12 +5,12 @@ import pytest
 import tifffile
 import torch
 
+from gigaseg.geometry import Window
 from gigaseg.inference.stream import block_grid, predict_image
 from gigaseg.io.normalize import Normalization
 from gigaseg.io.sources import open_image
 from gigaseg.methods.baselines.predictor import GlobalPredictor, PatchPredictor
 from gigaseg.methods.registry import create_model
-from gigaseg.geometry import Window
 
 
 def scene(height, width, seed=0):
@@ -24,7 +24,9 @@ def scene(height, width, seed=0):
 @pytest.fixture(scope="module")
 def patch_model():
     torch.manual_seed(0)
-    return create_model("patch", encoder="test_resnet", num_classes=4, patch_size=128, overlap=32, fpn_channels=32).eval()
+    return create_model(
+        "patch", encoder="test_resnet", num_classes=4, patch_size=128, overlap=32, fpn_channels=32
+    ).eval()
 
 
 def test_block_grid_covers_image_in_writer_tiles():
@@ -59,7 +61,9 @@ def test_global_prediction_blocks_are_exact_crops(tmp_path):
     context = predictor.prepare(source)
     full = torch.nn.functional.interpolate(context, (700, 530), mode="bilinear", align_corners=False)[0].numpy()
     block = Window(512, 0, 188, 512)
-    np.testing.assert_allclose(predictor.predict_block(source, context, block), full[(slice(None), *block.slices)], atol=1e-5)
+    np.testing.assert_allclose(
+        predictor.predict_block(source, context, block), full[(slice(None), *block.slices)], atol=1e-5
+    )
 
 
 class Interrupt(Exception):
@@ -110,8 +114,10 @@ def test_patches_shared_with_the_next_block_are_computed_once(patch_model):
 
     def run(cache):
         evaluated.clear()
-        out = [stitch_block(source, grid, b, logits, predictor.to_tensor, 4, 8, blend="gaussian", cache=cache)
-               for b in blocks]
+        out = [
+            stitch_block(source, grid, b, logits, predictor.to_tensor, 4, 8, blend="gaussian", cache=cache)
+            for b in blocks
+        ]
         return np.concatenate(out, axis=2), list(evaluated)
 
     with torch.inference_mode():
@@ -132,8 +138,9 @@ def test_prediction_fingerprint_follows_weights_options_and_settings(patch_model
     base = prediction_fingerprint(patch_model, block_size=2048, precision="32")
     assert base == prediction_fingerprint(patch_model, block_size=2048, precision="32")
     assert base != prediction_fingerprint(patch_model, block_size=1024, precision="32")
-    assert base != prediction_fingerprint(patch_model.with_inference_options(overlap=8), block_size=2048,
-                                          precision="32")
+    assert base != prediction_fingerprint(
+        patch_model.with_inference_options(overlap=8), block_size=2048, precision="32"
+    )
     changed = patch_model.with_options()
     with torch.no_grad():
         next(changed.parameters()).view(-1)[0] += 1e-3

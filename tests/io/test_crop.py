@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from gigaseg.geometry import Window
 from gigaseg.io.crop import CroppedSource
 from gigaseg.io.sources import open_image
-from gigaseg.geometry import Window
 
 
 @pytest.fixture

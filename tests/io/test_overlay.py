@@ -11,7 +11,6 @@ from PIL import Image
 from gigaseg.io.base import ImageSource, thumbnail_size
 from gigaseg.io.overlay import overlay, read_mask_preview, resize_nearest, write_overlay_png, write_png
 from gigaseg.io.writers import MaskWriter
-from gigaseg.geometry import Window
 
 PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44]], dtype=np.uint8)
 

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from gigaseg.errors import ImageReadError
+from gigaseg.geometry import Window
 from gigaseg.io.pillow import PillowSource
 from gigaseg.io.sources import open_image
-from gigaseg.geometry import Window
 
 RNG = np.random.default_rng(0)
 
@@ -17,9 +17,7 @@ def save(path, array, **kwargs):
     return path
 
 
-@pytest.mark.parametrize(
-    "channels,mode", [(None, "L"), (2, "LA"), (3, "RGB"), (4, "RGBA")]
-)
+@pytest.mark.parametrize("channels,mode", [(None, "L"), (2, "LA"), (3, "RGB"), (4, "RGBA")])
 def test_png_modes_read_exactly(tmp_path, channels, mode):
     shape = (61, 83) if channels is None else (61, 83, channels)
     a = RNG.integers(0, 256, shape, dtype=np.uint8)

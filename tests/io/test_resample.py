@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from gigaseg.io.resample import axis_plan, band_edges, choose_level, level_box, resample_box
-from gigaseg.io.resample import resize
 from gigaseg.geometry import Window
+from gigaseg.io.resample import axis_plan, band_edges, choose_level, level_box, resample_box, resize
 
 
 def area_matrix(n_in, start, stop, n_out):
@@ -52,7 +51,16 @@ def test_fractional_box_area_is_exact():
     a = np.random.default_rng(1).random((37, 53, 2))
     box = (0.5, 1.25, 36.7, 50.25)
     expected = apply(area_matrix(37, box[0], box[2], 6), a, area_matrix(53, box[1], box[3], 9))
-    got = resample_box(lambda t, b, l, r: a[t:b, l:r], (37, 53), box, (6, 9), "area", 2, a.dtype, band_bytes=53 * 2 * 8 * 4)
+    got = resample_box(
+        lambda top, bottom, left, right: a[top:bottom, left:right],
+        (37, 53),
+        box,
+        (6, 9),
+        "area",
+        2,
+        a.dtype,
+        band_bytes=53 * 2 * 8 * 4,
+    )
     np.testing.assert_allclose(got, expected, atol=1e-9)
 
 
@@ -136,8 +144,8 @@ def test_level_box_maps_window():
 
 def test_area_enlarging_a_window_inside_the_image():
     """Zero-weight taps past the window must not index outside the decoded block."""
-    from gigaseg.io.array import ArraySource
     from gigaseg.geometry import Window
+    from gigaseg.io.array import ArraySource
 
     image = np.arange(96 * 96, dtype=np.uint16).reshape(96, 96, 1) % 251
     out = ArraySource(image).read(Window(0, 0, 24, 24), out_size=(32, 32), resample="area")

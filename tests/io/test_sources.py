@@ -8,11 +8,11 @@ import tifffile
 from PIL import Image
 
 from gigaseg.errors import ImageReadError
+from gigaseg.geometry import Window
 from gigaseg.io.array import ArraySource
 from gigaseg.io.pillow import PillowSource
 from gigaseg.io.sources import open_image
 from gigaseg.io.tiff import TiffSource
-from gigaseg.geometry import Window
 
 
 @pytest.mark.parametrize("name", ["a.tif", "a.tiff", "a.TIF", "a.btf", "a.ome.tif", "a.ome.tiff"])

@@ -10,10 +10,11 @@ import tifffile
 from tifffile.zarr import ZarrTiffStore
 
 from gigaseg.errors import ImageReadError
+from gigaseg.geometry import Window
 from gigaseg.io.resample import resize
 from gigaseg.io.sources import open_image
 from gigaseg.io.tiff import TiffSource
-from gigaseg.geometry import Window
+
 
 def windows(h, w):
     """A corner pixel, an interior window, one touching the far corner, and the whole image."""
@@ -48,7 +49,9 @@ def test_tiled(tmp_path):
 
 def test_tiled_jpeg_compressed_is_close(tmp_path):
     a = np.zeros((128, 128, 3), np.uint8) + np.arange(128, dtype=np.uint8)[None, :, None]
-    tifffile.imwrite(tmp_path / "j.tif", a, tile=(64, 64), compression="jpeg", compressionargs={"level": 95}, photometric="rgb")
+    tifffile.imwrite(
+        tmp_path / "j.tif", a, tile=(64, 64), compression="jpeg", compressionargs={"level": 95}, photometric="rgb"
+    )
     with open_image(tmp_path / "j.tif") as src:
         got = src.read(Window(10, 10, 50, 60))
     assert np.abs(got.astype(int) - a[10:60, 10:70]).mean() < 2
@@ -95,7 +98,12 @@ def test_ome_planar_channels(tmp_path):
 def test_planar_separate_rgb(tmp_path):
     a = rgb(160, 170)
     tifffile.imwrite(
-        tmp_path / "p.tif", a.transpose(2, 0, 1), photometric="rgb", planarconfig="separate", tile=(32, 32), compression="zlib"
+        tmp_path / "p.tif",
+        a.transpose(2, 0, 1),
+        photometric="rgb",
+        planarconfig="separate",
+        tile=(32, 32),
+        compression="zlib",
     )
     with tifffile.TiffFile(tmp_path / "p.tif") as tif:
         assert tif.series[0].axes == "SYX"
@@ -244,7 +252,9 @@ def test_small_window_of_big_tiled_tiff_decodes_only_touched_tiles(tmp_path, mon
     with open_image(path) as src:
         window = Window(1000, 2000, 300, 300)
         out = src.read(window)
-    expected_tiles = {f"{i}.{j}" for i in range(1000 // tile, 1299 // tile + 1) for j in range(2000 // tile, 2299 // tile + 1)}
+    expected_tiles = {
+        f"{i}.{j}" for i in range(1000 // tile, 1299 // tile + 1) for j in range(2000 // tile, 2299 // tile + 1)
+    }
     assert set(requested) == expected_tiles  # 3 x 2 of 1024 tiles
     assert len(requested) == len(expected_tiles)
     i0, j0 = 1000 // tile, 2000 // tile

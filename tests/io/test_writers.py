@@ -12,8 +12,8 @@ import pytest
 import tifffile
 
 from gigaseg.errors import GigasegError
-from gigaseg.io.writers import MaskWriter, downsample2, pyramid_shapes, write_tiled_tiff
 from gigaseg.geometry import Window
+from gigaseg.io.writers import MaskWriter, downsample2, pyramid_shapes, write_tiled_tiff
 
 GEO_TAGS = [
     (33550, 12, 3, (0.5, 0.5, 0.0)),  # ModelPixelScaleTag
@@ -148,8 +148,15 @@ def test_pyramid_area_uint16_and_nearest_labels(tmp_path):
 
     labels = labels_pattern(250, 333)
     out = write_tiled_tiff(
-        tmp_path / "lab.tif", 250, 333, 1, np.uint8, ArrayRender(labels), tile=32,
-        pyramid_levels=10, pyramid_resample="nearest",
+        tmp_path / "lab.tif",
+        250,
+        333,
+        1,
+        np.uint8,
+        ArrayRender(labels),
+        tile=32,
+        pyramid_levels=10,
+        pyramid_resample="nearest",
     )
     levels = levels_of(out)
     assert [lv.shape for lv in levels] == [s for s in pyramid_shapes(250, 333, 32, 10)]
@@ -194,8 +201,16 @@ def test_colormap_needs_single_channel_uint8(tmp_path):
 def test_geo_tags_and_description_read_back(tmp_path):
     image = make_image(64, 80, 3, np.uint8)
     out = write_tiled_tiff(
-        tmp_path / "geo.tif", 64, 80, 3, np.uint8, ArrayRender(image), tile=32,
-        geo_tags=GEO_TAGS, description='{"note": "hello"}', pyramid_levels=1,
+        tmp_path / "geo.tif",
+        64,
+        80,
+        3,
+        np.uint8,
+        ArrayRender(image),
+        tile=32,
+        geo_tags=GEO_TAGS,
+        description='{"note": "hello"}',
+        pyramid_levels=1,
     )
     with tifffile.TiffFile(out) as tif:
         tags = tif.pages[0].tags
@@ -235,8 +250,15 @@ def test_progress_counts_bands_of_all_levels(tmp_path):
     calls = []
     image = make_image(128, 128, 1, np.uint8)
     write_tiled_tiff(
-        tmp_path / "p.tif", 128, 128, 1, np.uint8, ArrayRender(image), tile=32,
-        pyramid_levels=1, progress=lambda done, total: calls.append((done, total)),
+        tmp_path / "p.tif",
+        128,
+        128,
+        1,
+        np.uint8,
+        ArrayRender(image),
+        tile=32,
+        pyramid_levels=1,
+        progress=lambda done, total: calls.append((done, total)),
     )
     assert calls == [(i, 6) for i in range(1, 7)]  # 4 bands at level 0 + 2 at level 1
 
@@ -244,7 +266,9 @@ def test_progress_counts_bands_of_all_levels(tmp_path):
 # --------------------------------------------------------------------------- MaskWriter
 
 H, W, T = 700, 450, 128
-PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255], [9, 9, 9]], np.uint8)
+PALETTE = np.array(
+    [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255], [9, 9, 9]], np.uint8
+)
 CLASSES = ["a", "b", "c", "d", "e", "f", "g"]
 
 
@@ -405,7 +429,7 @@ def test_maskwriter_memory_stays_small_for_8192_square(tmp_path):
         levels = tif.series[0].levels
         assert [lv.shape for lv in levels] == [(8192 >> k, 8192 >> k) for k in range(5)]
         corner = levels[0].pages[0].asarray()[-3:, -3:]
-    expected = (((np.arange(8189, 8192)[:, None]) // 97 + np.arange(8189, 8192)[None, :] // 131) % 7)
+    expected = ((np.arange(8189, 8192)[:, None]) // 97 + np.arange(8189, 8192)[None, :] // 131) % 7
     np.testing.assert_array_equal(corner, expected)
 
 

@@ -26,8 +26,9 @@ RSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 def peak_rss() -> int:
     """Peak RSS in bytes of this process or of any of its waited-for children, whichever is larger."""
-    return RSS_UNIT * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                          resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return RSS_UNIT * max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
 
 
 def noop() -> None:
@@ -75,8 +76,14 @@ def _run(payload_path: str) -> dict[str, Any]:
         cuda_peak, cuda_reserved = _cuda_peaks()
     except BaseException as exc:  # noqa: BLE001 (reported to the parent, which re-raises)
         return _failure(exc)
-    return {"ok": True, "value": value, "peak_rss": rss, "cuda_peak": cuda_peak,
-            "cuda_peak_reserved": cuda_reserved, "wall_s": wall}
+    return {
+        "ok": True,
+        "value": value,
+        "peak_rss": rss,
+        "cuda_peak": cuda_peak,
+        "cuda_peak_reserved": cuda_reserved,
+        "wall_s": wall,
+    }
 
 
 def main(payload_path: str, result_path: str) -> None:

@@ -51,11 +51,18 @@ def train_job(spec: dict, data: str, run_dir: str, encoder: str, seed: int, max_
     from ..training.recipe import TrainSettings
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    settings = TrainSettings(epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"], seed=seed,
-                             max_memory=max_memory, progress=False)
+    settings = TrainSettings(
+        epochs=spec["epochs"],
+        batch_size=spec["batch_size"],
+        lr=spec["lr"],
+        seed=seed,
+        max_memory=max_memory,
+        progress=False,
+    )
     started = time.perf_counter()
-    result = train(spec["method"], data, run_dir, encoder=encoder, options=spec["options"], settings=settings,
-                   stage=spec["stage"])
+    result = train(
+        spec["method"], data, run_dir, encoder=encoder, options=spec["options"], settings=settings, stage=spec["stage"]
+    )
     return {"history": result["history"], "seconds": time.perf_counter() - started}
 
 
@@ -84,19 +91,41 @@ def class_groups(data: str) -> dict[str, list[str]]:
     return {}
 
 
-def compare(specs: list[MethodSpec], data: str | Path, out: str | Path, *, encoder: str = "resnet18",
-            seed: int = 0, max_memory: int | None = None, split: str = "val", timeout: float | None = None) -> dict:
+def compare(
+    specs: list[MethodSpec],
+    data: str | Path,
+    out: str | Path,
+    *,
+    encoder: str = "resnet18",
+    seed: int = 0,
+    max_memory: int | None = None,
+    split: str = "val",
+    timeout: float | None = None,
+) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     groups = class_groups(str(data))
-    results = {"machine": machine.describe(), "data": str(data), "split": split, "encoder": encoder, "seed": seed,
-               "max_memory": max_memory, "class_groups": groups, "methods": []}
+    results = {
+        "machine": machine.describe(),
+        "data": str(data),
+        "split": split,
+        "encoder": encoder,
+        "seed": seed,
+        "max_memory": max_memory,
+        "class_groups": groups,
+        "methods": [],
+    }
     for spec in specs:
         run_dir = out / "runs" / spec.name
-        trained = measure_call(train_job, (asdict(spec), str(data), str(run_dir), encoder, seed, max_memory),
-                               timeout=timeout)
-        training = {"train_seconds": trained.value["seconds"], "train_peak_rss": trained.peak_rss,
-                    "train_cuda_peak": trained.cuda_peak, "epochs_run": len(trained.value["history"])}
+        trained = measure_call(
+            train_job, (asdict(spec), str(data), str(run_dir), encoder, seed, max_memory), timeout=timeout
+        )
+        training = {
+            "train_seconds": trained.value["seconds"],
+            "train_peak_rss": trained.peak_rss,
+            "train_cuda_peak": trained.cuda_peak,
+            "epochs_run": len(trained.value["history"]),
+        }
         entry = score(spec, None, run_dir, data, split, max_memory, groups, timeout)
         results["methods"].append({**entry, **training})
         write_results(results, out)  # after every method, so a long run leaves partial results
@@ -104,27 +133,47 @@ def compare(specs: list[MethodSpec], data: str | Path, out: str | Path, *, encod
     return results
 
 
-def score(spec: MethodSpec, variant: str | None, run_dir: Path, data, split: str, max_memory: int | None,
-          groups: dict[str, list[str]], timeout: float | None = None) -> dict:
+def score(
+    spec: MethodSpec,
+    variant: str | None,
+    run_dir: Path,
+    data,
+    split: str,
+    max_memory: int | None,
+    groups: dict[str, list[str]],
+    timeout: float | None = None,
+) -> dict:
     """One row: ``run_dir``'s checkpoint scored on ``split`` in a fresh child (with a variant's options)."""
     options = spec.variants[variant] if variant else None
     scored = measure_call(evaluate_job, (str(run_dir), str(data), split, max_memory, options), timeout=timeout)
     summary = scored.value["summary"]
     per_class = {name: row["iou"] for name, row in summary["per_class"].items()}
     return {
-        "name": f"{spec.name} ({variant})" if variant else spec.name, "spec": asdict(spec),
+        "name": f"{spec.name} ({variant})" if variant else spec.name,
+        "spec": asdict(spec),
         **({"variant_of": spec.name, "inference_options": options} if variant else {}),
-        "miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"], "mean_f1": summary["mean_f1"],
+        "miou": summary["miou"],
+        "pixel_accuracy": summary["pixel_accuracy"],
+        "mean_f1": summary["mean_f1"],
         "per_class_iou": per_class,
         "group_iou": {g: _mean([per_class[c] for c in members]) for g, members in groups.items()},
-        "predict_peak_rss": scored.peak_rss, "predict_cuda_peak": scored.cuda_peak,
+        "predict_peak_rss": scored.peak_rss,
+        "predict_cuda_peak": scored.cuda_peak,
         "megapixels_per_second": scored.value["megapixels_per_second"],
         "runtime_baseline_rss": scored.baseline_rss,
     }
 
 
-def score_variants(spec: MethodSpec, results: dict, out: Path, data, *, split: str = "val",
-                   max_memory: int | None = None, timeout: float | None = None) -> None:
+def score_variants(
+    spec: MethodSpec,
+    results: dict,
+    out: Path,
+    data,
+    *,
+    split: str = "val",
+    max_memory: int | None = None,
+    timeout: float | None = None,
+) -> None:
     """Add (or replace) the rows of ``spec.variants``, scored from the weights of its trained row
     (which must be in ``results``; its run folder under ``out/runs``). Their training figures are
     the trained row's: the weights are the same."""
@@ -133,8 +182,10 @@ def score_variants(spec: MethodSpec, results: dict, out: Path, data, *, split: s
     training = {k: trained[k] for k in ("train_seconds", "train_peak_rss", "train_cuda_peak", "epochs_run")}
     training["spec"] = {**trained["spec"], "variants": spec.variants}
     for variant in spec.variants:
-        entry = {**score(spec, variant, out / "runs" / spec.name, data, split, max_memory,
-                         results["class_groups"], timeout), **training}
+        entry = {
+            **score(spec, variant, out / "runs" / spec.name, data, split, max_memory, results["class_groups"], timeout),
+            **training,
+        }
         rows = [m for m in results["methods"] if m["name"] != entry["name"]]
         at = next(i for i, m in enumerate(rows) if m["name"] == spec.name) + 1
         while at < len(rows) and rows[at].get("variant_of") == spec.name:
@@ -154,22 +205,47 @@ def _fmt(value, digits=3) -> str:
 
 def markdown(results: dict) -> str:
     groups = list(results["class_groups"])
-    lines = ["# Methods compared", "", machine.markdown_header(results["machine"]),
-             f"Data: `{results['data']}` ({results['split']} split), encoder `{results['encoder']}`, seed {results['seed']}.",
-             ""]
-    columns = ["method", "mIoU", *(f"{g} IoU" for g in groups), "train peak RSS", "predict peak RSS", "Mpx/s",
-               "train s", "epochs per stage"]
+    lines = [
+        "# Methods compared",
+        "",
+        machine.markdown_header(results["machine"]),
+        f"Data: `{results['data']}` ({results['split']} split), encoder `{results['encoder']}`, "
+        f"seed {results['seed']}.",
+        "",
+    ]
+    columns = [
+        "method",
+        "mIoU",
+        *(f"{g} IoU" for g in groups),
+        "train peak RSS",
+        "predict peak RSS",
+        "Mpx/s",
+        "train s",
+        "epochs per stage",
+    ]
     lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for m in results["methods"]:
         epochs = m["spec"].get("epochs")
-        cells = [m["name"], _fmt(m["miou"]), *(_fmt(m["group_iou"][g]) for g in groups),
-                 format_size(m["train_peak_rss"]), format_size(m["predict_peak_rss"]),
-                 _fmt(m["megapixels_per_second"], 2), f"{m['train_seconds']:.0f}",
-                 "stage defaults" if epochs is None else str(epochs)]
+        cells = [
+            m["name"],
+            _fmt(m["miou"]),
+            *(_fmt(m["group_iou"][g]) for g in groups),
+            format_size(m["train_peak_rss"]),
+            format_size(m["predict_peak_rss"]),
+            _fmt(m["megapixels_per_second"], 2),
+            f"{m['train_seconds']:.0f}",
+            "stage defaults" if epochs is None else str(epochs),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if results["methods"]:
         classes = list(results["methods"][0]["per_class_iou"])
-        lines += ["", "Per-class IoU:", "", "| method | " + " | ".join(classes) + " |", "|---" * (1 + len(classes)) + "|"]
+        lines += [
+            "",
+            "Per-class IoU:",
+            "",
+            "| method | " + " | ".join(classes) + " |",
+            "|---" * (1 + len(classes)) + "|",
+        ]
         for m in results["methods"]:
             lines.append(f"| {m['name']} | " + " | ".join(_fmt(m["per_class_iou"][c]) for c in classes) + " |")
     if results["methods"]:
@@ -178,17 +254,21 @@ def markdown(results: dict) -> str:
         lines += ["", note]
     baseline = results["methods"][0].get("runtime_baseline_rss") if results["methods"] else None
     if baseline:
-        lines += ["", f"Peak RSS includes the Python + torch runtime; a child that only imports torch peaks at "
-                      f"{format_size(baseline)}."]
+        lines += [
+            "",
+            f"Peak RSS includes the Python + torch runtime; a child that only imports torch peaks at "
+            f"{format_size(baseline)}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def _options_line(m: dict) -> str:
     if m.get("variant_of"):
-        return (f"- {m['name']}: the weights of {m['variant_of']}, predicted with "
-                f"`{json.dumps(m['inference_options'])}`")
-    return (f"- {m['name']}: `{json.dumps(m['spec']['options'])}`, batch {m['spec'].get('batch_size')}, "
-            f"lr {m['spec'].get('lr')}")
+        return f"- {m['name']}: the weights of {m['variant_of']}, predicted with `{json.dumps(m['inference_options'])}`"
+    return (
+        f"- {m['name']}: `{json.dumps(m['spec']['options'])}`, batch {m['spec'].get('batch_size')}, "
+        f"lr {m['spec'].get('lr')}"
+    )
 
 
 def plot(results: dict, path: Path) -> None:

@@ -6,7 +6,7 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def cpu_model() -> str:
@@ -48,10 +48,20 @@ def gpu_name() -> str | None:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -76,11 +86,13 @@ def describe() -> dict:
         "torch": torch_version,
         "commit": git_commit(),
         "command": " ".join(sys.argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
 def markdown_header(machine: dict) -> str:
     gpu = machine["gpu"] or "none (CPU only)"
-    return (f"Machine: {machine['cpu']}, {machine['cores']} cores; GPU: {gpu}; torch {machine['torch']}; "
-            f"commit {machine['commit']}; {machine['date']}\n\nCommand: `{machine['command']}`\n")
+    return (
+        f"Machine: {machine['cpu']}, {machine['cores']} cores; GPU: {gpu}; torch {machine['torch']}; "
+        f"commit {machine['commit']}; {machine['date']}\n\nCommand: `{machine['command']}`\n"
+    )

@@ -105,11 +105,12 @@ class MemoryReport:
     def __str__(self) -> str:
         parts = [f"peak RSS {format_size(self.peak_rss)}"]
         if self.baseline_rss is not None:
-            parts[0] += (f" ({format_size(self.rss_above_baseline)} above the "
-                         f"{format_size(self.baseline_rss)} baseline)")
+            parts[0] += f" ({format_size(self.rss_above_baseline)} above the {format_size(self.baseline_rss)} baseline)"
         if self.cuda_peak is not None:
-            parts.append(f"CUDA peak {format_size(self.cuda_peak)} allocated, "
-                         f"{format_size(self.cuda_peak_reserved or 0)} reserved")
+            parts.append(
+                f"CUDA peak {format_size(self.cuda_peak)} allocated, "
+                f"{format_size(self.cuda_peak_reserved or 0)} reserved"
+            )
         parts.append(f"{self.wall_s:.2f} s")
         if self.returncode:
             parts.append(f"exit code {self.returncode}")
@@ -149,8 +150,15 @@ with open(result, "w") as f:
 """
 
 
-def _run_child(argv: Sequence[str], *, timeout: float | None, env: Mapping[str, str] | None,
-               cwd: str | os.PathLike | None, stdout: Any = None, stderr: Any = None) -> tuple[int, int, float]:
+def _run_child(
+    argv: Sequence[str],
+    *,
+    timeout: float | None,
+    env: Mapping[str, str] | None,
+    cwd: str | os.PathLike | None,
+    stdout: Any = None,
+    stderr: Any = None,
+) -> tuple[int, int, float]:
     """Run ``argv`` to completion through the wrapper; (exit code, its peak RSS in bytes, wall seconds).
 
     The wrapper gets its own process group, so a timeout or an interrupt of the caller
@@ -158,9 +166,14 @@ def _run_child(argv: Sequence[str], *, timeout: float | None, env: Mapping[str, 
     """
     with tempfile.TemporaryDirectory(prefix="gigaseg-rss-") as tmp:
         result = Path(tmp, "rusage")
-        proc = subprocess.Popen([sys.executable, "-S", "-c", _WRAPPER, str(result), *argv],
-                                env=None if env is None else dict(env), cwd=cwd,
-                                stdout=stdout, stderr=stderr, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-S", "-c", _WRAPPER, str(result), *argv],
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
         timed_out = False
 
         def on_timeout() -> None:
@@ -205,8 +218,7 @@ def _exit_text(returncode: int) -> str:
 # --------------------------------------------------------------------------- functions
 
 _BOOTSTRAP = (
-    "import sys; sys.path.insert(0, {root!r}); "
-    "from gigaseg.bench._child import main; main(sys.argv[1], sys.argv[2])"
+    "import sys; sys.path.insert(0, {root!r}); from gigaseg.bench._child import main; main(sys.argv[1], sys.argv[2])"
 )
 
 
@@ -254,13 +266,17 @@ def measure_call(
     """
     target = _describe(fn)
     if getattr(getattr(fn, "func", fn), "__module__", None) == "__main__":
-        raise TypeError(f"cannot measure {target}: a function defined in __main__ cannot be imported by "
-                        "the child process; move it into a module")
+        raise TypeError(
+            f"cannot measure {target}: a function defined in __main__ cannot be imported by "
+            "the child process; move it into a module"
+        )
     try:
         body = pickle.dumps((fn, tuple(args), dict(kwargs or {})))
     except Exception as exc:
-        raise TypeError(f"cannot send {target} to a child process ({exc}); measure needs a top-level "
-                        "function of an importable module and picklable arguments") from exc
+        raise TypeError(
+            f"cannot send {target} to a child process ({exc}); measure needs a top-level "
+            "function of an importable module and picklable arguments"
+        ) from exc
     root = str(Path(gigaseg.__file__).resolve().parents[1])
     with tempfile.TemporaryDirectory(prefix="gigaseg-measure-") as tmp:
         payload, result = Path(tmp, "payload.pkl"), Path(tmp, "result.pkl")
@@ -269,10 +285,14 @@ def measure_call(
             f.write(body)
         returncode, _, _ = _run_child(
             [sys.executable, "-c", _BOOTSTRAP.format(root=root), str(payload), str(result)],
-            timeout=timeout, env=env, cwd=None)
+            timeout=timeout,
+            env=env,
+            cwd=None,
+        )
         if not result.exists():
-            raise ChildError(f"the child process measuring {target} {_exit_text(returncode)} before it "
-                             "reported (out of memory?)")
+            raise ChildError(
+                f"the child process measuring {target} {_exit_text(returncode)} before it reported (out of memory?)"
+            )
         with open(result, "rb") as f:
             outcome = pickle.load(f)
     if not outcome["ok"]:
@@ -306,7 +326,7 @@ def baseline_rss(import_torch: bool = True) -> int:
     return _cached_baseline(bool(import_torch))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_baseline(import_torch: bool) -> int:
     return measure_call(noop, baseline=False, import_torch=import_torch).peak_rss
 

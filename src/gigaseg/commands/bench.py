@@ -7,9 +7,10 @@ import argparse
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "bench", help="compare methods on a dataset: mIoU, peak memory, speed",
+        "bench",
+        help="compare methods on a dataset: mIoU, peak memory, speed",
         description="Train each method with the same encoder and budget in a fresh process, evaluate it through "
-                    "the streaming predictor, and write results.json/.md/.png.",
+        "the streaming predictor, and write results.json/.md/.png.",
     )
     parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. global,patch,glnet")
     parser.add_argument("--data", required=True, help="dataset folder (with train and val splits)")
@@ -20,8 +21,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--max-memory", help="memory budget given to every method, e.g. 4GB")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                        help="a method option, e.g. --set patch.patch_size=256 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a method option, e.g. --set patch.patch_size=256 (repeatable)",
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -38,11 +44,25 @@ def run(args) -> int:
             raise ConfigError(f"--set expects METHOD.KEY=VALUE, got {key!r}")
         method, option = key.split(".", 1)
         options.setdefault(method, {})[option] = value
-    specs = [MethodSpec(method=m.strip(), options=options.get(m.strip(), {}), epochs=args.epochs,
-                        batch_size=args.batch_size, lr=args.lr)
-             for m in args.methods.split(",") if m.strip()]
-    results = compare(specs, args.data, args.out, encoder=args.encoder, seed=args.seed,
-                      max_memory=parse_size(args.max_memory) if args.max_memory else None)
+    specs = [
+        MethodSpec(
+            method=m.strip(),
+            options=options.get(m.strip(), {}),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+        )
+        for m in args.methods.split(",")
+        if m.strip()
+    ]
+    results = compare(
+        specs,
+        args.data,
+        args.out,
+        encoder=args.encoder,
+        seed=args.seed,
+        max_memory=parse_size(args.max_memory) if args.max_memory else None,
+    )
     print(markdown(results))
     print(f"results in {args.out}/results.json, .md, .png")
     return 0

@@ -26,10 +26,15 @@ def read_config(path: str | None) -> dict:
 
 def add_inference_set(parser) -> None:
     """``--set KEY=VALUE`` for a method's inference options (predict and evaluate)."""
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="inference option of the method, e.g. --set fast_patches=3 --set points=0.9 "
-                             "(MagNet-Fast), --set refine=never (MagNet's backbone alone), --set overlap=64 "
-                             "(patch); repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="inference option of the method, e.g. --set fast_patches=3 --set points=0.9 "
+        "(MagNet-Fast), --set refine=never (MagNet's backbone alone), --set overlap=64 "
+        "(patch); repeatable",
+    )
 
 
 def parse_options(pairs: list[str]) -> dict:

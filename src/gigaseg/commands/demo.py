@@ -11,12 +11,17 @@ import argparse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("demo", help="synthetic data -> train briefly -> segment a large scene -> report",
-                                   description=__doc__)
-    parser.add_argument("--out", default="gigaseg-demo", help="folder for data, run and predictions (default: %(default)s)")
+    parser = subparsers.add_parser(
+        "demo", help="synthetic data -> train briefly -> segment a large scene -> report", description=__doc__
+    )
+    parser.add_argument(
+        "--out", default="gigaseg-demo", help="folder for data, run and predictions (default: %(default)s)"
+    )
     parser.add_argument("--method", default="patch", help="method to train (default: %(default)s)")
     parser.add_argument("--encoder", default="resnet18", help="timm encoder (default: %(default)s)")
-    parser.add_argument("--scene-size", type=int, default=6144, help="side of the scene to segment (default: %(default)s)")
+    parser.add_argument(
+        "--scene-size", type=int, default=6144, help="side of the scene to segment (default: %(default)s)"
+    )
     parser.add_argument("--train-scenes", type=int, default=8)
     parser.add_argument("--train-size", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=4)
@@ -40,14 +45,26 @@ def run(args) -> int:
 
     out = Path(args.out)
     started = time.perf_counter()
-    say = lambda text: print(f"[{time.perf_counter() - started:6.1f}s] {text}", flush=True)
 
-    say(f"1/4 writing {args.train_scenes} synthetic training scenes of {args.train_size}x{args.train_size} to {out / 'data'}")
-    write_landcover_dataset(out / "data", count=args.train_scenes, height=args.train_size, width=args.train_size,
-                            seed=args.seed, val_fraction=0.25)
+    def say(text: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {text}", flush=True)
+
+    say(
+        f"1/4 writing {args.train_scenes} synthetic training scenes of {args.train_size}x{args.train_size} "
+        f"to {out / 'data'}"
+    )
+    write_landcover_dataset(
+        out / "data",
+        count=args.train_scenes,
+        height=args.train_size,
+        width=args.train_size,
+        seed=args.seed,
+        val_fraction=0.25,
+    )
     say(f"2/4 writing a {args.scene_size}x{args.scene_size} scene to segment to {out / 'scene'}")
-    write_landcover_dataset(out / "scene", count=1, height=args.scene_size, width=args.scene_size,
-                            seed=args.seed + 1, val_fraction=0.0)
+    write_landcover_dataset(
+        out / "scene", count=1, height=args.scene_size, width=args.scene_size, seed=args.seed + 1, val_fraction=0.0
+    )
 
     say(f"3/4 training {args.method} ({args.encoder}) for {args.epochs} epochs")
     # from scratch on a CPU in minutes: a far higher learning rate than the papers' fine-tuning rates
@@ -65,8 +82,15 @@ def run(args) -> int:
     def score(window, labels):
         matrix.update(labels, scene.mask.read(window)[..., 0])
 
-    prediction = predict(out / "run", scene.image, out / "predictions", max_memory=args.max_memory,
-                         overlay=True, on_band=score, resume=False)
+    prediction = predict(
+        out / "run",
+        scene.image,
+        out / "predictions",
+        max_memory=args.max_memory,
+        overlay=True,
+        on_band=score,
+        resume=False,
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = matrix.summary(class_names=list(scene_data.classes))
     print()
@@ -74,8 +98,10 @@ def run(args) -> int:
     for name, row in summary["per_class"].items():
         iou = "n/a" if row["iou"] is None else f"{row['iou']:.3f}"
         print(f"  {name:<24} IoU {iou}")
-    print(f"throughput: {prediction.megapixels_per_second:.2f} megapixels/s "
-          f"({prediction.height * prediction.width / 1e6:.1f} Mpx in {prediction.seconds:.1f} s)")
+    print(
+        f"throughput: {prediction.megapixels_per_second:.2f} megapixels/s "
+        f"({prediction.height * prediction.width / 1e6:.1f} Mpx in {prediction.seconds:.1f} s)"
+    )
     print(f"peak memory of this process (RSS): {format_size(peak)}")
     print(f"mask:    {prediction.mask_path}")
     print(f"overlay: {prediction.overlay_path}")
@@ -86,5 +112,7 @@ def run(args) -> int:
 
 def demo_options(method: str) -> dict:
     """Small, fast settings for the demo's CPU budget (a light 64-channel FPN decoder)."""
-    return {"patch": {"patch_size": 256, "overlap": 32, "crops_per_image": 8, "fpn_channels": 64},
-            "global": {"input_size": 512, "fpn_channels": 64}}.get(method, {})
+    return {
+        "patch": {"patch_size": 256, "overlap": 32, "crops_per_image": 8, "fpn_channels": 64},
+        "global": {"input_size": 512, "fpn_channels": 64},
+    }.get(method, {})

@@ -8,8 +8,11 @@ from .common import add_inference_set
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("evaluate", help="score a model on a dataset split",
-                                   description="Per-class IoU, mIoU, F1, accuracy and peak memory on a split.")
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score a model on a dataset split",
+        description="Per-class IoU, mIoU, F1, accuracy and peak memory on a split.",
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     parser.add_argument("--data", required=True, help="dataset folder")
     parser.add_argument("--split", default="val")
@@ -30,8 +33,14 @@ def run(args) -> int:
     from ..memory import format_size
     from .common import parse_options
 
-    summary = evaluate(args.checkpoint, args.data, split=args.split, max_memory=args.max_memory, device=args.device,
-                       options=parse_options(args.set))
+    summary = evaluate(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        max_memory=args.max_memory,
+        device=args.device,
+        options=parse_options(args.set),
+    )
     summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(format_summary(summary))
     print(f"peak memory (RSS): {format_size(summary['peak_rss_bytes'])}")
@@ -52,19 +61,26 @@ def format_summary(summary: dict) -> str:
     excluded = f" (excluding {', '.join(summary['excluded'])})" if summary.get("excluded") else ""
     classification = summary.get("task") == "classification"
     if classification:
-        title = (f"accuracy {number(summary['accuracy'])}, balanced accuracy "
-                 f"{number(summary['balanced_accuracy'])}, mean F1 {number(summary['mean_f1'])}")
+        title = (
+            f"accuracy {number(summary['accuracy'])}, balanced accuracy "
+            f"{number(summary['balanced_accuracy'])}, mean F1 {number(summary['mean_f1'])}"
+        )
     else:
-        title = (f"mIoU {number(summary['miou'])}{excluded}, mean F1 {number(summary['mean_f1'])}, "
-                 f"pixel accuracy {number(summary['pixel_accuracy'])}")
+        title = (
+            f"mIoU {number(summary['miou'])}{excluded}, mean F1 {number(summary['mean_f1'])}, "
+            f"pixel accuracy {number(summary['pixel_accuracy'])}"
+        )
     binary = summary.get("binary")
     if binary:
+
         def ratio(value) -> str:
             return value if isinstance(value, str) else number(value)
 
-        title += (f"\npositive class: F1 {number(binary['f1'])}, IoU {number(binary['iou'])}, balanced accuracy "
-                  f"{number(binary['balanced_accuracy'])}, LR+ {ratio(binary['lr_positive'])}, "
-                  f"LR- {ratio(binary['lr_negative'])}")
+        title += (
+            f"\npositive class: F1 {number(binary['f1'])}, IoU {number(binary['iou'])}, balanced accuracy "
+            f"{number(binary['balanced_accuracy'])}, LR+ {ratio(binary['lr_positive'])}, "
+            f"LR- {ratio(binary['lr_negative'])}"
+        )
     table = Table(title=title)
     for column in ("class", "IoU", "F1", "precision", "recall", "images" if classification else "pixels"):
         table.add_column(column, justify="left" if column == "class" else "right")

@@ -9,9 +9,10 @@ from .common import add_inference_set
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "predict", help="segment images with a trained model",
+        "predict",
+        help="segment images with a trained model",
         description="Segment images of any size window by window; writes OUT/<name>.tif (tiled, colour map, "
-                    "georeferencing kept). A killed run restarted with the same command resumes.",
+        "georeferencing kept). A killed run restarted with the same command resumes.",
     )
     parser.add_argument("images", nargs="+", help="image files (TIFF/BigTIFF/OME/GeoTIFF, PNG, JPEG)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
@@ -39,12 +40,23 @@ def run(args) -> int:
     model = model.with_inference_options(**parse_options(args.set))  # bad options fail before any output too
     for image in args.images:
         out = Path(args.out) / f"{Path(image).name.split('.')[0]}.tif"
-        result = predict(model, image, out, info=info, max_memory=args.max_memory, device=args.device,
-                         precision=args.precision, overlay=args.overlay, probabilities=args.probabilities,
-                         resume=not args.restart)
+        result = predict(
+            model,
+            image,
+            out,
+            info=info,
+            max_memory=args.max_memory,
+            device=args.device,
+            precision=args.precision,
+            overlay=args.overlay,
+            probabilities=args.probabilities,
+            resume=not args.restart,
+        )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(f"{image}: {result.height}x{result.width} -> {result.mask_path} "
-              f"({result.megapixels_per_second:.2f} Mpx/s, peak RSS {format_size(peak)})")
+        print(
+            f"{image}: {result.height}x{result.width} -> {result.mask_path} "
+            f"({result.megapixels_per_second:.2f} Mpx/s, peak RSS {format_size(peak)})"
+        )
         if result.overlay_path:
             print(f"  overlay: {result.overlay_path}")
         if result.probabilities_path:

@@ -65,14 +65,25 @@ def _add_landcover(kinds) -> None:
     parser.add_argument("--count", type=int, default=4, help="number of scenes (default: 4)")
     parser.add_argument("--size", default="2448x2448", help="scene size HxW or N for NxN (default: 2448x2448)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--val-fraction", type=float, default=0.25,
-                        help="share of scenes in the val split, the last ones (default: 0.25)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.25,
+        help="share of scenes in the val split, the last ones (default: 0.25)",
+    )
     parser.add_argument("--tile", type=int, default=512, help="TIFF tile side, a multiple of 16 (default: 512)")
-    parser.add_argument("--context-radius", type=float, default=700.0,
-                        help="vegetation within this many pixels of water is 'near water' (default: 700; "
-                             "the context check needs it well beyond the 508-px patch)")
-    parser.add_argument("--report", action="store_true",
-                        help="read each written mask back and print the fine-structure and context checks")
+    parser.add_argument(
+        "--context-radius",
+        type=float,
+        default=700.0,
+        help="vegetation within this many pixels of water is 'near water' (default: 700; "
+        "the context check needs it well beyond the 508-px patch)",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="read each written mask back and print the fine-structure and context checks",
+    )
     parser.set_defaults(run=_run_landcover)
 
 
@@ -95,15 +106,26 @@ def _run_landcover(args) -> int:
     total = dataset_steps(args.count, height, width, args.tile, args.report)
     with progress_bar(f"synth landcover {height}x{width}", total) as advance:
         manifest = write_landcover_dataset(
-            args.out_dir, count=args.count, height=height, width=width, seed=args.seed,
-            val_fraction=args.val_fraction, tile=args.tile, config=config, report=args.report,
-            advance=advance, on_scene=on_scene,
+            args.out_dir,
+            count=args.count,
+            height=height,
+            width=width,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            tile=args.tile,
+            config=config,
+            report=args.report,
+            advance=advance,
+            on_scene=on_scene,
         )
     if args.report:
         print(checks.format_report("overall", checks.combine(reports)), flush=True)
     splits = ", ".join(f"{len(v)} {k}" for k, v in manifest["splits"].items())
-    print(f"wrote {args.count} scene(s) of {height}x{width} ({splits}) to {args.out_dir}: "
-          f"images/, masks/, dataset.yaml, synth.json", file=sys.stderr)
+    print(
+        f"wrote {args.count} scene(s) of {height}x{width} ({splits}) to {args.out_dir}: "
+        f"images/, masks/, dataset.yaml, synth.json",
+        file=sys.stderr,
+    )
     if not all(report.passed for report in reports):
         print("gigaseg synth landcover: a self-check is out of bounds (see FAIL above)", file=sys.stderr)
         return 1
@@ -129,15 +151,17 @@ def _add_ultramnist(kinds) -> None:
     parser.add_argument("--count", type=int, default=100, help="number of images (default: 100)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--val-fraction", type=float, default=0.2,
-                        help="share of images in the val split, the last ones (default: 0.2)")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.2, help="share of images in the val split, the last ones (default: 0.2)"
+    )
     parser.add_argument("--digits", default="3-5", help="digits per image, N or MIN-MAX, at least 2 (default: 3-5)")
-    parser.add_argument("--values", default="0-9",
-                        help="digit values drawn, e.g. 0-9 or 3,8 (default: 0-9)")
-    parser.add_argument("--min-digit", type=int, default=0,
-                        help="smallest digit height in pixels (default: 0 = max(8, size/64))")
-    parser.add_argument("--shapes", type=int, default=-1,
-                        help="distracting shapes per image (default: -1 = 6 + size/128)")
+    parser.add_argument("--values", default="0-9", help="digit values drawn, e.g. 0-9 or 3,8 (default: 0-9)")
+    parser.add_argument(
+        "--min-digit", type=int, default=0, help="smallest digit height in pixels (default: 0 = max(8, size/64))"
+    )
+    parser.add_argument(
+        "--shapes", type=int, default=-1, help="distracting shapes per image (default: -1 = 6 + size/128)"
+    )
     parser.set_defaults(run=_run_ultramnist)
 
 
@@ -160,15 +184,28 @@ def _run_ultramnist(args) -> int:
     from ..progress import progress_bar
 
     digits = _int_range(args.digits, "--digits")
-    config = UltraMnistConfig(digits=(min(digits), max(digits)),
-                              values=tuple(sorted(set(_int_range(args.values, "--values")))),
-                              min_digit=args.min_digit, shapes=args.shapes)
+    config = UltraMnistConfig(
+        digits=(min(digits), max(digits)),
+        values=tuple(sorted(set(_int_range(args.values, "--values")))),
+        min_digit=args.min_digit,
+        shapes=args.shapes,
+    )
     with progress_bar(f"synth ultramnist {args.size}x{args.size}", args.count) as advance:
-        manifest = write_ultramnist_dataset(args.out_dir, count=args.count, size=args.size, seed=args.seed,
-                                            val_fraction=args.val_fraction, config=config, advance=advance)
+        manifest = write_ultramnist_dataset(
+            args.out_dir,
+            count=args.count,
+            size=args.size,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            config=config,
+            advance=advance,
+        )
     splits = ", ".join(f"{len(v)} {k}" for k, v in manifest["splits"].items())
-    print(f"wrote {args.count} image(s) of {args.size}x{args.size} ({splits}) to {args.out_dir}: "
-          f"images/, dataset.yaml, synth.json", file=sys.stderr)
+    print(
+        f"wrote {args.count} image(s) of {args.size}x{args.size} ({splits}) to {args.out_dir}: "
+        f"images/, dataset.yaml, synth.json",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -7,10 +7,11 @@ import argparse
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "train", help="train a method on a dataset",
+        "train",
+        help="train a method on a dataset",
         description="Train a method on a dataset folder (gigaseg layout with dataset.yaml, DeepGlobe, Inria, "
-                    "Cityscapes, or images/ + masks/). Multi-GPU/multi-node: launch with torchrun or srun and "
-                    "pass --devices/--num-nodes (see README).",
+        "Cityscapes, or images/ + masks/). Multi-GPU/multi-node: launch with torchrun or srun and "
+        "pass --devices/--num-nodes (see README).",
     )
     parser.add_argument("--method", required=True, help="method name (global, patch, glnet, magnet, icnet, ...)")
     parser.add_argument("--data", required=True, help="dataset folder")
@@ -32,8 +33,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--accumulate", type=int, default=1, help="optimiser step every N batches")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="method option, e.g. --set input_size=1024 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. --set input_size=1024 (repeatable)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.ckpt")
     parser.set_defaults(run=run)
     return parser
@@ -49,24 +55,41 @@ def run(args) -> int:
     options = {**config.get("options", {}), **parse_options(args.set)}
     settings = TrainSettings(**config.get("settings", {}))
     overrides = {
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
         "max_memory": parse_size(args.max_memory) if args.max_memory else None,
-        "seed": args.seed, "num_workers": args.workers, "accelerator": args.accelerator,
+        "seed": args.seed,
+        "num_workers": args.workers,
+        "accelerator": args.accelerator,
         "devices": int(args.devices) if str(args.devices).isdigit() else args.devices,
-        "num_nodes": args.num_nodes, "strategy": args.strategy, "precision": args.precision,
+        "num_nodes": args.num_nodes,
+        "strategy": args.strategy,
+        "precision": args.precision,
         "accumulate": args.accumulate,
     }
     for key, value in overrides.items():
         if value is not None:
             setattr(settings, key, value)
     pretrained = {"imagenet": True, None: config.get("pretrained", False)}.get(args.pretrained, args.pretrained)
-    result = train(args.method, args.data, args.out, encoder=args.encoder or config.get("encoder"),
-                   pretrained=pretrained, options=options, settings=settings, stage=args.stage,
-                   resume=args.resume, init=args.init)
+    result = train(
+        args.method,
+        args.data,
+        args.out,
+        encoder=args.encoder or config.get("encoder"),
+        pretrained=pretrained,
+        options=options,
+        settings=settings,
+        stage=args.stage,
+        resume=args.resume,
+        init=args.init,
+    )
     last = result["history"][-1] if result["history"] else {}
     if last:
         score = "accuracy" if "val_accuracy" in last else "mIoU"
         value = last.get("val_accuracy", last.get("val_miou", float("nan")))
-        print(f"trained {args.method}: {len(result['history'])} epochs, last val {score} "
-              f"{float(value):.4f}; checkpoints in {args.out}")
+        print(
+            f"trained {args.method}: {len(result['history'])} epochs, last val {score} "
+            f"{float(value):.4f}; checkpoints in {args.out}"
+        )
     return 0

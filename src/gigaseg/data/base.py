@@ -18,9 +18,9 @@ this module; it imports none of them. ``gigaseg.data.loader.load_dataset`` recog
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import yaml
@@ -196,7 +196,7 @@ class Sample:
         if self.mask is not None:
             self.mask.close()
 
-    def __enter__(self) -> "Sample":
+    def __enter__(self) -> Sample:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -35,9 +35,10 @@ from ``dataset.yaml``'s ``task``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -84,7 +85,7 @@ class ClassificationSample:
     def close(self) -> None:
         self.image.close()
 
-    def __enter__(self) -> "ClassificationSample":
+    def __enter__(self) -> ClassificationSample:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -123,12 +124,19 @@ def read_classification_yaml(path: str | os.PathLike) -> ClassificationConfig:
         else:
             labels[str(stem_name)] = label
     if bad:
-        raise DatasetError(path, f"{len(bad)} label(s) are neither a class id 0..{len(classes) - 1} nor a class "
-                                 f"name: {listing(bad)}")
+        raise DatasetError(
+            path, f"{len(bad)} label(s) are neither a class id 0..{len(classes) - 1} nor a class name: {listing(bad)}"
+        )
     splits = yaml_splits(data, path)
     images = yaml_folder(data, "images", path)
-    return ClassificationConfig(path=path, name=str(data.get("name", path.parent.name)), images=images,
-                                classes=classes, labels=labels, splits=splits)
+    return ClassificationConfig(
+        path=path,
+        name=str(data.get("name", path.parent.name)),
+        images=images,
+        classes=classes,
+        labels=labels,
+        splits=splits,
+    )
 
 
 def _class_id(value: Any, classes: list[str]) -> int | None:
@@ -141,15 +149,27 @@ def _class_id(value: Any, classes: list[str]) -> int | None:
     return None
 
 
-def classification_yaml(classes: Sequence[str], labels: dict[str, int | str], *,
-                        splits: dict[str, list[str]] | None = None, name: str | None = None,
-                        images: str = "images", **extra: Any) -> dict:
+def classification_yaml(
+    classes: Sequence[str],
+    labels: dict[str, int | str],
+    *,
+    splits: dict[str, list[str]] | None = None,
+    name: str | None = None,
+    images: str = "images",
+    **extra: Any,
+) -> dict:
     """The dataset.yaml content (a dict for ``yaml.safe_dump``) of a classification dataset."""
     content: dict[str, Any] = {}
     if name is not None:
         content["name"] = name
-    content.update({"task": TASK, "images": images, "classes": [str(c) for c in classes],
-                    "labels": {str(k): v for k, v in labels.items()}})
+    content.update(
+        {
+            "task": TASK,
+            "images": images,
+            "classes": [str(c) for c in classes],
+            "labels": {str(k): v for k, v in labels.items()},
+        }
+    )
     if splits is not None:
         content["splits"] = {k: list(v) for k, v in splits.items()}
     content.update(extra)
@@ -164,8 +184,9 @@ class ClassificationDataset(Dataset):
     ``check``, that every image of the split opens (headers only).
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", *,
-                 max_memory: int | str | None = None, check: bool = True):
+    def __init__(
+        self, root: str | os.PathLike, split: str = "train", *, max_memory: int | str | None = None, check: bool = True
+    ):
         root = yaml_dataset_folder(root, "a classification dataset needs one")
         config = self.config = read_classification_yaml(root / YAML_NAME)
         self.root = root
@@ -181,8 +202,9 @@ class ClassificationDataset(Dataset):
         files = index_files(require_images(image_folder), image_folder)
         missing = sorted(set(config.labels) - set(files))
         if missing:
-            raise DatasetError(config.path, f"{len(missing)} labelled stem(s) have no image in {image_folder}: "
-                                            f"{listing(missing)}")
+            raise DatasetError(
+                config.path, f"{len(missing)} labelled stem(s) have no image in {image_folder}: {listing(missing)}"
+            )
         chosen = select_split(split, config.splits, sorted(files), config.path, image_folder)
         self.names = list(chosen)
         self.files = [files[s] for s in chosen]
@@ -203,8 +225,11 @@ class ClassificationDataset(Dataset):
         """DatasetError listing the unlabelled images, if any."""
         unlabelled = [n for n, label in zip(self.names, self.labels) if label is None]
         if unlabelled:
-            raise DatasetError(self.config.path, f"{what} needs a label for every image of split {self.split!r}; "
-                                                 f"{len(unlabelled)} have none in 'labels': {listing(unlabelled)}")
+            raise DatasetError(
+                self.config.path,
+                f"{what} needs a label for every image of split {self.split!r}; "
+                f"{len(unlabelled)} have none in 'labels': {listing(unlabelled)}",
+            )
 
     def class_counts(self) -> np.ndarray:
         """Images per class id among the labelled images."""
@@ -214,8 +239,9 @@ class ClassificationDataset(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> ClassificationSample:
-        return ClassificationSample(self.names[index], open_image(self.files[index], max_memory=self.max_memory),
-                                    self.labels[index])
+        return ClassificationSample(
+            self.names[index], open_image(self.files[index], max_memory=self.max_memory), self.labels[index]
+        )
 
     def validate(self) -> None:
         """Every image of the split opens (headers only); one DatasetError lists the failures."""
@@ -227,9 +253,12 @@ class ClassificationDataset(Dataset):
             except GigasegError as error:
                 problems.append(str(error))
         if problems:
-            raise DatasetError(self.root, f"{len(problems)} image(s) of split {self.split!r} cannot be read: "
-                                          f"{listing(problems)}")
+            raise DatasetError(
+                self.root, f"{len(problems)} image(s) of split {self.split!r} cannot be read: {listing(problems)}"
+            )
 
     def __repr__(self) -> str:
-        return f"ClassificationDataset({str(self.root)!r}, split={self.split!r}, {len(self)} images, " \
-               f"{self.num_classes} classes)"
+        return (
+            f"ClassificationDataset({str(self.root)!r}, split={self.split!r}, {len(self)} images, "
+            f"{self.num_classes} classes)"
+        )

@@ -60,18 +60,14 @@ def encoding() -> PaletteEncoding:
 
 
 def _holds_images(folder: Path) -> bool:
-    return folder.is_dir() and any(
-        p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.glob(f"*{IMAGE_SUFFIX}.*")
-    )
+    return folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.glob(f"*{IMAGE_SUFFIX}.*"))
 
 
 def looks_like_deepglobe(path: Path) -> bool:
     """``*_sat.<ext>`` files in ``path``, in one of its folders, or in a ``<folder>/Sat``."""
     if _holds_images(path) or _holds_images(path / "Sat"):
         return True
-    return any(
-        _holds_images(sub) or _holds_images(sub / "Sat") for sub in path.iterdir() if sub.is_dir()
-    )
+    return any(_holds_images(sub) or _holds_images(sub / "Sat") for sub in path.iterdir() if sub.is_dir())
 
 
 def _split_folder(root: Path, split: str) -> Path:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -186,7 +187,10 @@ class FolderPairs(SegmentationDataset):
             config = self.config = read_dataset_yaml(root / YAML_NAME)
             images, masks, classes, encoding = config.images, config.masks, config.classes, config.encoding
             palette, exclude_from_miou, splits, split_source = (
-                config.palette, config.exclude_from_miou, config.splits, config.path,
+                config.palette,
+                config.exclude_from_miou,
+                config.splits,
+                config.path,
             )
         image_folder = require_folder(root / images, f"images folder '{images}'")
         mask_folder = require_folder(root / masks, f"masks folder '{masks}'")

@@ -63,7 +63,7 @@ def _where(bad: np.ndarray, window: Window) -> tuple[int, str]:
     return first, f"at row {row}, col {col} ({len(flat)} such pixels in {_describe_window(window)})"
 
 
-def _one_band(raw: np.ndarray, encoding: "LabelEncoding", path) -> np.ndarray:
+def _one_band(raw: np.ndarray, encoding: LabelEncoding, path) -> np.ndarray:
     """``raw`` as ``(h, w)`` integers, or a DatasetError if it is not a 1-channel integer mask."""
     if raw.ndim == 3:
         if raw.shape[2] != 1:
@@ -87,7 +87,7 @@ class LabelEncoding(ABC):
     kind: ClassVar[str]
     #: channels the raw mask has: 1 (ids or grey values) or 3 (RGB colours)
     raw_channels: ClassVar[int] = 1
-    _registry: ClassVar[dict[str, type["LabelEncoding"]]] = {}
+    _registry: ClassVar[dict[str, type[LabelEncoding]]] = {}
 
     num_classes: int
     ignore_index: int
@@ -116,7 +116,7 @@ class LabelEncoding(ABC):
         """Plain (JSON/YAML-safe) description, with ``"type"``; ``from_dict`` inverts it."""
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LabelEncoding":
+    def from_dict(cls, data: dict[str, Any]) -> LabelEncoding:
         """The encoding that ``to_dict`` described."""
         kind = data.get("type")
         sub = LabelEncoding._registry.get(kind)
@@ -140,9 +140,7 @@ class LabelEncoding(ABC):
         if not 1 <= num_classes <= 255:
             raise ValueError(f"num_classes must lie in 1..255 (ids are stored as uint8), got {num_classes}")
         if not num_classes <= ignore_index <= 255:
-            raise ValueError(
-                f"ignore_index must lie in {num_classes}..255 (not a class id), got {ignore_index}"
-            )
+            raise ValueError(f"ignore_index must lie in {num_classes}..255 (not a class id), got {ignore_index}")
 
 
 class IndexEncoding(LabelEncoding):
@@ -207,8 +205,7 @@ class PaletteEncoding(LabelEncoding):
             self.ignore_color = tuple(int(v) for v in as_palette([ignore_color])[0])
             if self.ignore_color in colours:
                 raise ValueError(
-                    f"ignore_color {self.ignore_color} is also the colour of class "
-                    f"{colours.index(self.ignore_color)}"
+                    f"ignore_color {self.ignore_color} is also the colour of class {colours.index(self.ignore_color)}"
                 )
         self.threshold = None if threshold is None else int(threshold)
         if self.threshold is not None:

@@ -36,7 +36,6 @@ def dataset_task(path: str | os.PathLike) -> str:
     return str(data.get("task", "segmentation")) if isinstance(data, dict) else "segmentation"
 
 
-
 def load_segmentation_dataset(path: str | os.PathLike, split: str = "train", **options) -> SegmentationDataset:
     """Open the dataset at ``path``, recognising its layout.
 
@@ -71,7 +70,9 @@ def load_segmentation_dataset(path: str | os.PathLike, split: str = "train", **o
     )
 
 
-def load_dataset(path: str | os.PathLike, split: str = "train", **options) -> SegmentationDataset | ClassificationDataset:
+def load_dataset(
+    path: str | os.PathLike, split: str = "train", **options
+) -> SegmentationDataset | ClassificationDataset:
     """Open the dataset at ``path``, whatever its task and layout.
 
     Args:

@@ -26,7 +26,7 @@ from ..io.normalize import Normalization
 __all__ = ["ClassificationPredictor", "DetectionPredictor", "Detections", "Predictor", "SegmentationPredictor"]
 
 
-class Predictor(ABC):
+class Predictor:
     """What every task's predictor shares: the network in eval mode, normalisation, device, precision.
 
     Args:
@@ -37,8 +37,14 @@ class Predictor(ABC):
         precision: "32", "bf16-mixed" ("bf16") or "16-mixed" ("16").
     """
 
-    def __init__(self, model: torch.nn.Module, normalization: Normalization, device: str | torch.device = "cpu",
-                 sub_batch: int = 4, precision: str = "32"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        normalization: Normalization,
+        device: str | torch.device = "cpu",
+        sub_batch: int = 4,
+        precision: str = "32",
+    ):
         self.model = model.eval()
         self.normalization = normalization
         self.device = torch.device(device)
@@ -74,7 +80,7 @@ class Predictor(ABC):
         return torch.autocast(self.device.type, enabled=False)
 
 
-class SegmentationPredictor(Predictor):
+class SegmentationPredictor(Predictor, ABC):
     """Predicts class probabilities of any window of a (huge) image.
 
     The driver calls ``prepare`` once per image (global context: a thumbnail's features,
@@ -115,7 +121,7 @@ class SegmentationPredictor(Predictor):
         """
 
 
-class ClassificationPredictor(Predictor):
+class ClassificationPredictor(Predictor, ABC):
     """Predicts the class probabilities of a whole (possibly huge) image."""
 
     @abstractmethod
@@ -160,7 +166,7 @@ class Detections:
         return len(self.scores)
 
 
-class DetectionPredictor(Predictor):
+class DetectionPredictor(Predictor, ABC):
     """Finds the objects of a whole (possibly huge) image."""
 
     @abstractmethod

@@ -51,8 +51,9 @@ def bounding_window(windows: list[Window]) -> Window:
     )
 
 
-def read_patches(source: ImageSource, windows: list[Window], to_tensor: Callable[[np.ndarray], torch.Tensor],
-                 patch: tuple[int, int]) -> torch.Tensor:
+def read_patches(
+    source: ImageSource, windows: list[Window], to_tensor: Callable[[np.ndarray], torch.Tensor], patch: tuple[int, int]
+) -> torch.Tensor:
     """The pixels of patch windows, read as one region.
 
     Args:
@@ -70,7 +71,7 @@ def read_patches(source: ImageSource, windows: list[Window], to_tensor: Callable
 
 
 def _crop(pixels: torch.Tensor, window: Window, patch: tuple[int, int]) -> torch.Tensor:
-    crop = pixels[:, :, window.top:window.bottom, window.left:window.right]
+    crop = pixels[:, :, window.top : window.bottom, window.left : window.right]
     pad_h, pad_w = patch[0] - crop.shape[-2], patch[1] - crop.shape[-1]
     if pad_h > 0 or pad_w > 0:
         crop = F.pad(crop, (0, max(pad_w, 0), 0, max(pad_h, 0)))
@@ -152,7 +153,7 @@ def stitch_block(
         region = None if read_per_sub_batch else bounding_window(todo).clip(source.height, source.width)
         pixels = None if region is None else to_tensor(source.read(region))  # (1, C, rh, rw)
         for start in range(0, len(todo), sub_batch):
-            chunk = todo[start:start + sub_batch]
+            chunk = todo[start : start + sub_batch]
             if pixels is None:
                 batch = read_patches(source, chunk, to_tensor, (ph, pw))
             else:
@@ -177,9 +178,9 @@ def stitch_block(
     else:  # uniform weights on a product grid: the overlap count is rows covered x columns covered
         rows, cols = torch.zeros(block.height), torch.zeros(block.width)
         for top in {w.top for w in windows}:
-            rows[max(top, block.top) - block.top:min(top + ph, block.bottom) - block.top] += 1
+            rows[max(top, block.top) - block.top : min(top + ph, block.bottom) - block.top] += 1
         for left in {w.left for w in windows}:
-            cols[max(left, block.left) - block.left:min(left + pw, block.right) - block.left] += 1
+            cols[max(left, block.left) - block.left : min(left + pw, block.right) - block.left] += 1
         accum /= rows.clamp_min(1).view(1, -1, 1)
         accum /= cols.clamp_min(1).view(1, 1, -1)
     if average == "logits":  # softmax in place: one block-sized buffer

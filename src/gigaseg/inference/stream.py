@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -27,6 +27,8 @@ from .heap import bound_heap_growth, release_free_memory
 
 #: bands handed to the mask writer are multiples of its tile height
 WRITER_TILE = 512
+
+
 @dataclass
 class PredictionResult:
     mask_path: Path | None
@@ -91,8 +93,15 @@ def predict_image(
     writer = None
     if out is not None:
         writer = MaskWriter(
-            out, source.height, source.width, palette=palette, tile=WRITER_TILE,
-            geo_tags=source.geo_tags, class_names=class_names, resume=resume, producer=producer,
+            out,
+            source.height,
+            source.width,
+            palette=palette,
+            tile=WRITER_TILE,
+            geo_tags=source.geo_tags,
+            class_names=class_names,
+            resume=resume,
+            producer=producer,
         )
     probs_store = _ProbabilityStore(out, predictor.num_classes, source, resume) if probabilities and out else None
     context = predictor.prepare(source)
@@ -101,8 +110,11 @@ def predict_image(
     with progress_bar(f"predict {source.name}", total_blocks, enabled=progress) as advance:
         for row in rows:
             band = Window(row[0].top, 0, row[0].height, source.width)
-            if writer is not None and not on_band and _band_done(writer, band) and (
-                probs_store is None or probs_store.is_done(band)
+            if (
+                writer is not None
+                and not on_band
+                and _band_done(writer, band)
+                and (probs_store is None or probs_store.is_done(band))
             ):
                 resumed += len(row)
                 advance(len(row))
@@ -112,8 +124,10 @@ def predict_image(
                 probs = predictor.predict_block(source, context, block)
                 expected = (predictor.num_classes, block.height, block.width)
                 if probs.shape != expected:
-                    raise RuntimeError(f"{type(predictor).__name__} returned {probs.shape} for block {block}, expected {expected}")
-                labels[:, block.left:block.right] = probs.argmax(axis=0)
+                    raise RuntimeError(
+                        f"{type(predictor).__name__} returned {probs.shape} for block {block}, expected {expected}"
+                    )
+                labels[:, block.left : block.right] = probs.argmax(axis=0)
                 if probs_store is not None:
                     probs_store.write(block, probs)
                 del probs
@@ -148,7 +162,7 @@ def _band_done(writer: MaskWriter, band: Window) -> bool:
 def _write_band(writer: MaskWriter, band: Window, labels: np.ndarray) -> None:
     for top in range(band.top, band.bottom, writer.band_height):
         if not writer.is_done(top):
-            writer.write_band(top, labels[top - band.top: top - band.top + writer.band_height])
+            writer.write_band(top, labels[top - band.top : top - band.top + writer.band_height])
 
 
 class _ProbabilityStore:
@@ -165,8 +179,11 @@ class _ProbabilityStore:
         mode = "a" if self.partial.exists() else "w"
         chunk = min(WRITER_TILE, max(source.height, 1)), min(WRITER_TILE, max(source.width, 1))
         self.array = zarr.open_array(
-            str(self.partial), mode=mode, shape=(num_classes, source.height, source.width),
-            chunks=(num_classes, *chunk), dtype="float16",
+            str(self.partial),
+            mode=mode,
+            shape=(num_classes, source.height, source.width),
+            chunks=(num_classes, *chunk),
+            dtype="float16",
         )
         self._done_dir.mkdir(parents=True, exist_ok=True)
 
@@ -174,7 +191,7 @@ class _ProbabilityStore:
         return (self._done_dir / str(band.top)).exists()
 
     def write(self, block: Window, probs: np.ndarray) -> None:
-        self.array[:, block.top:block.bottom, block.left:block.right] = probs.astype(np.float16)
+        self.array[:, block.top : block.bottom, block.left : block.right] = probs.astype(np.float16)
 
     def mark_done(self, band: Window) -> None:
         (self._done_dir / str(band.top)).touch()

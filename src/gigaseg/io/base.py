@@ -19,7 +19,15 @@ from ..geometry import Window
 from ..memory import parse_size
 from .resample import RESAMPLING, axis_plan, check_out_size, check_resample, resample_region
 
-__all__ = ["RESAMPLING", "FileSource", "ImageSource", "InMemorySource", "check_image_file", "read_resized", "thumbnail_size"]
+__all__ = [
+    "RESAMPLING",
+    "FileSource",
+    "ImageSource",
+    "InMemorySource",
+    "check_image_file",
+    "read_resized",
+    "thumbnail_size",
+]
 
 
 class ImageSource(ABC):
@@ -135,10 +143,10 @@ class ImageSource(ABC):
         """
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - sources without file handles have nothing to release
         """Release file handles (sources are also context managers)."""
 
-    def __enter__(self) -> "ImageSource":
+    def __enter__(self) -> ImageSource:
         return self
 
     def __exit__(self, *exc) -> None:

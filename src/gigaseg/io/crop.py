@@ -44,8 +44,9 @@ class CroppedSource(ImageSource):
     def name(self) -> str:
         return self.parent.name
 
-    def read(self, window: Window | None = None, out_size: tuple[int, int] | None = None,
-             resample: str = "area") -> np.ndarray:
+    def read(
+        self, window: Window | None = None, out_size: tuple[int, int] | None = None, resample: str = "area"
+    ) -> np.ndarray:
         win = self.resolve_window(window)
         shifted = Window(win.top + self.window.top, win.left + self.window.left, win.height, win.width)
         return self.parent.read(shifted, out_size, resample)

@@ -81,7 +81,7 @@ class Normalization:
         return len(self.mean)
 
     @classmethod
-    def for_image(cls, channels: int, dtype) -> "Normalization":
+    def for_image(cls, channels: int, dtype) -> Normalization:
         """Default for an image of ``channels`` bands of ``dtype``.
 
         3 or more channels: ImageNet mean/std for the first three (RGB), 0.5/0.25
@@ -98,7 +98,7 @@ class Normalization:
         return cls(mean, std, dtype_scale(dtype))
 
     @classmethod
-    def for_source(cls, source) -> "Normalization":
+    def for_source(cls, source) -> Normalization:
         """Default for an ``ImageSource`` (its channel count and dtype)."""
         return cls.for_image(source.channels, source.dtype)
 
@@ -109,7 +109,7 @@ class Normalization:
         return {"mean": list(self.mean), "std": list(self.std), "scale": self.scale}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Normalization":
+    def from_dict(cls, data: dict[str, Any]) -> Normalization:
         """Inverse of :meth:`to_dict`; ``ConfigError`` on missing or bad fields."""
         if not isinstance(data, dict) or "mean" not in data or "std" not in data:
             raise ConfigError(f"a saved normalisation needs 'mean' and 'std', got {data!r}")

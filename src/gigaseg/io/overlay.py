@@ -29,8 +29,15 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.dtype == np.uint16 and array.ndim == 2:
-        image = Image.frombuffer("I;16", (array.shape[1], array.shape[0]),
-                                 np.ascontiguousarray(array, dtype="<u2").tobytes(), "raw", "I;16", 0, 1)
+        image = Image.frombuffer(
+            "I;16",
+            (array.shape[1], array.shape[0]),
+            np.ascontiguousarray(array, dtype="<u2").tobytes(),
+            "raw",
+            "I;16",
+            0,
+            1,
+        )
     elif array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         image = Image.fromarray(np.ascontiguousarray(array))
     else:
@@ -201,6 +208,11 @@ def write_overlay_png(
 
 
 __all__ = [
-    "write_png", "to_display_rgb", "overlay", "write_overlay_png", "read_mask_preview",
-    "resize_nearest", "nearest_indices",
+    "write_png",
+    "to_display_rgb",
+    "overlay",
+    "write_overlay_png",
+    "read_mask_preview",
+    "resize_nearest",
+    "nearest_indices",
 ]

@@ -16,10 +16,26 @@ import numpy as np
 #: the default ignore colour stays distinct).
 _FIXED = np.array(
     [
-        (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-        (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-        (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-        (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+        (174, 199, 232),
+        (255, 187, 120),
+        (152, 223, 138),
+        (255, 152, 150),
+        (197, 176, 213),
+        (196, 156, 148),
+        (247, 182, 210),
+        (199, 199, 199),
+        (219, 219, 141),
+        (158, 218, 229),
     ],
     dtype=np.uint8,
 )
@@ -111,9 +127,7 @@ def colorize(
     return lut[labels]
 
 
-def rgb_to_index(
-    rgb: np.ndarray, palette, unknown_value: int = 255
-) -> tuple[np.ndarray, np.ndarray]:
+def rgb_to_index(rgb: np.ndarray, palette, unknown_value: int = 255) -> tuple[np.ndarray, np.ndarray]:
     """Map an ``(H, W, 3)`` colour-coded mask to class indices.
 
     Returns ``(labels, unknown)``: ``labels`` is uint8 (int32 for palettes longer

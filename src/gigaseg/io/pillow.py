@@ -175,7 +175,8 @@ class PillowSource(FileSource, InMemorySource):
                 raise
             except Exception as exc:  # noqa: BLE001 - truncated/corrupt data of any kind
                 raise ImageReadError(
-                    self.path, f"cannot decode image ({type(exc).__name__}: {exc}); the file may be truncated or corrupt"
+                    self.path,
+                    f"cannot decode image ({type(exc).__name__}: {exc}); the file may be truncated or corrupt",
                 ) from exc
             finally:
                 image.close()

@@ -32,9 +32,9 @@ range, floats are cast back.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -345,9 +345,7 @@ def resample_region(
     pending: dict[int, np.ndarray] = {}  # output rows whose source rows span several bands
     # outputs [t0, t1) use rows of band (top, bottom): last >= top and first < bottom
     needed = [
-        (t, b)
-        for t, b in bands
-        if np.searchsorted(first, b, side="left") > np.searchsorted(last, t, side="left")
+        (t, b) for t, b in bands if np.searchsorted(first, b, side="left") > np.searchsorted(last, t, side="left")
     ]
     for top, bottom, block in _read_bands(read_block, needed, px.lo, px.hi, prefetch):
         t0 = int(np.searchsorted(last, top, side="left"))
@@ -415,8 +413,8 @@ def resize(
         raise ValueError(f"expected an (H, W) or (H, W, C) array, got shape {array.shape}")
     h, w, c = view.shape
 
-    def read_block(t, b, l, r):
-        return view[t:b, l:r]
+    def read_block(top, bottom, left, right):
+        return view[top:bottom, left:right]
 
     out = resample_box(read_block, (h, w), (0, 0, h, w), out_size, resample, c, view.dtype, band_bytes=band_bytes)
     if out.base is not None or out is view:

@@ -75,7 +75,7 @@ class _Level:
 
     def selection(self, top: int, bottom: int, left: int, right: int) -> tuple:
         sel: list = []
-        for axis, n in enumerate(self.shape):
+        for axis in range(len(self.shape)):
             if axis == self.y_axis:
                 sel.append(slice(top, bottom))
             elif axis == self.x_axis:
@@ -215,7 +215,19 @@ class TiffSource(FileSource):
                 memmap = (int(level.dataoffset), np.dtype(level.dtype).newbyteorder(self._tif.byteorder))
                 chunk_height = 1
             levels.append(
-                _Level(index, shape[y_axis], shape[x_axis], axes, shape, y_axis, x_axis, c_axis, chunk_height, level, memmap)
+                _Level(
+                    index,
+                    shape[y_axis],
+                    shape[x_axis],
+                    axes,
+                    shape,
+                    y_axis,
+                    x_axis,
+                    c_axis,
+                    chunk_height,
+                    level,
+                    memmap,
+                )
             )
         return levels
 
@@ -366,7 +378,9 @@ class TiffSource(FileSource):
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise ImageReadError(self.path, f"cannot read window {Window.from_bounds(top, left, bottom, right)}: {exc}") from exc
+            raise ImageReadError(
+                self.path, f"cannot read window {Window.from_bounds(top, left, bottom, right)}: {exc}"
+            ) from exc
         return data.astype(data.dtype.newbyteorder("="), copy=False)
 
     def _truncation_note(self, level: _Level) -> str:

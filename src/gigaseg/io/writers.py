@@ -24,8 +24,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tifffile
@@ -40,8 +40,18 @@ Render = Callable[[Window], np.ndarray]
 Progress = Callable[[int, int], None]
 
 PYRAMID_RESAMPLING = ("area", "nearest")
-_COMPRESSIONS = {None: None, "none": None, "zlib": "zlib", "deflate": "zlib", "zstd": "zstd",
-                 "lzw": "lzw", "jpeg": "jpeg", "lzma": "lzma", "packbits": "packbits", "webp": "webp"}
+_COMPRESSIONS = {
+    None: None,
+    "none": None,
+    "zlib": "zlib",
+    "deflate": "zlib",
+    "zstd": "zstd",
+    "lzw": "lzw",
+    "jpeg": "jpeg",
+    "lzma": "lzma",
+    "packbits": "packbits",
+    "webp": "webp",
+}
 #: columns downsampled at once, so the accumulator of an "area" downsample stays small
 _DOWNSAMPLE_COLUMNS = 2048
 
@@ -232,7 +242,9 @@ def _checked(block, window: Window, channels: int, dtype: np.dtype) -> np.ndarra
         block = block[..., None]
     expected = (window.height, window.width, channels)
     if block.shape != expected:
-        raise ValueError(f"render({window}) returned shape {block.shape}, expected {expected[:2] if channels == 1 else expected}")
+        raise ValueError(
+            f"render({window}) returned shape {block.shape}, expected {expected[:2] if channels == 1 else expected}"
+        )
     if block.dtype != dtype:
         raise ValueError(f"render({window}) returned dtype {block.dtype}, expected {dtype}")
     return block
@@ -255,7 +267,9 @@ def downsample2(block: np.ndarray, resample: str = "area") -> np.ndarray:
         block = np.pad(block, pad, mode="edge")
     kind = block.dtype.kind
     if kind in "ui":
-        wide = np.dtype(f"{kind}{min(8, block.dtype.itemsize * 2)}") if block.dtype.itemsize < 8 else np.dtype(np.float64)
+        wide = (
+            np.dtype(f"{kind}{min(8, block.dtype.itemsize * 2)}") if block.dtype.itemsize < 8 else np.dtype(np.float64)
+        )
         total = block[0::2].astype(wide)
         total += block[1::2]
         total = total[:, 0::2] + total[:, 1::2]
@@ -391,8 +405,14 @@ class MaskWriter:
     # -- scratch area -------------------------------------------------------------
 
     def _meta(self) -> dict:
-        return {"format": self._FORMAT, "version": 1, "height": self.height, "width": self.width,
-                "band_height": self.tile, "producer": self.producer}
+        return {
+            "format": self._FORMAT,
+            "version": 1,
+            "height": self.height,
+            "width": self.width,
+            "band_height": self.tile,
+            "producer": self.producer,
+        }
 
     def _start(self) -> None:
         shutil.rmtree(self.scratch_dir, ignore_errors=True)
@@ -406,7 +426,9 @@ class MaskWriter:
         try:
             state = json.loads(self._progress_path.read_text())
         except (OSError, ValueError) as error:
-            raise GigasegError(f"{where}: unreadable progress.json ({error}); delete the folder or write afresh") from None
+            raise GigasegError(
+                f"{where}: unreadable progress.json ({error}); delete the folder or write afresh"
+            ) from None
         expected = self._meta()
         found = {k: state.get(k) for k in expected}
         if any(found[k] != expected[k] for k in expected if k != "producer"):
@@ -417,7 +439,8 @@ class MaskWriter:
         if found["producer"] != self.producer:
             raise GigasegError(
                 f"{where}: its finished bands were made by another model, other options or other settings; "
-                f"rerun with --restart (resume=False) to start afresh, or with what made them")
+                f"rerun with --restart (resume=False) to start afresh, or with what made them"
+            )
         if not self._raw_path.exists():
             raise GigasegError(f"{where}: {self._raw_path.name} is missing; delete the folder or write afresh")
         size = self._raw_path.stat().st_size
@@ -513,7 +536,11 @@ class MaskWriter:
         if self.class_names is not None:
             description = json.dumps({"classes": self.class_names})
         write_tiled_tiff(
-            self.path, self.height, self.width, 1, np.uint8,
+            self.path,
+            self.height,
+            self.width,
+            1,
+            np.uint8,
             _raw_render(self._file, self.width, 1, np.dtype(np.uint8)),
             tile=self.tile,
             compression=self.compression,
@@ -544,7 +571,7 @@ class MaskWriter:
         self.abort()
         shutil.rmtree(self.scratch_dir, ignore_errors=True)
 
-    def __enter__(self) -> "MaskWriter":
+    def __enter__(self) -> MaskWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -557,8 +584,9 @@ class MaskWriter:
             self._release()
 
     def __repr__(self) -> str:
-        return (f"MaskWriter({str(self.path)!r}, {self.height}x{self.width}, "
-                f"{len(self._done)}/{len(self._tops())} bands)")
+        return (
+            f"MaskWriter({str(self.path)!r}, {self.height}x{self.width}, {len(self._done)}/{len(self._tops())} bands)"
+        )
 
 
 def _checked_palette(palette) -> np.ndarray:

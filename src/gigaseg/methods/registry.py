@@ -86,15 +86,18 @@ def register(
     if not (isinstance(model, type) and issubclass(model, GigasegModel)):
         raise TypeError(f"register({name!r}) needs a GigasegModel subclass, got {model!r}")
     if not model.task:
-        raise TypeError(f"register({name!r}): {model.__qualname__} has no task (subclass SegmentationModel, "
-                        f"ClassificationModel, ...)")
+        raise TypeError(
+            f"register({name!r}): {model.__qualname__} has no task (subclass SegmentationModel, "
+            f"ClassificationModel, ...)"
+        )
     previous = METHODS.get(name)
     if previous is not None and (previous.model.__module__, previous.model.__qualname__) != (
         model.__module__,
         model.__qualname__,
     ):
-        raise ValueError(f"method {name!r} is already registered to "
-                         f"{previous.model.__module__}.{previous.model.__qualname__}")
+        raise ValueError(
+            f"method {name!r} is already registered to {previous.model.__module__}.{previous.model.__qualname__}"
+        )
     model.method_name = name
     spec = MethodSpec(name=name, model=model, recipe=recipe, predictor=predictor)
     METHODS[name] = spec
@@ -161,12 +164,15 @@ def create_model(
     merged = dict(options or {})
     both = sorted(set(merged) & set(method_options))
     if both:
-        raise ConfigError(f"option{'s' if len(both) > 1 else ''} {', '.join(both)} given both in options= and as keywords")
+        raise ConfigError(
+            f"option{'s' if len(both) > 1 else ''} {', '.join(both)} given both in options= and as keywords"
+        )
     merged.update(method_options)
     if encoder is None:
         encoder = getattr(spec.model, "default_encoder", "resnet50")
-    return spec.model(encoder=encoder, num_classes=num_classes, in_channels=in_channels, pretrained=pretrained,
-                      **merged)
+    return spec.model(
+        encoder=encoder, num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, **merged
+    )
 
 
 def training_stages(model: GigasegModel) -> list[Stage]:
@@ -207,5 +213,6 @@ def build_predictor(
     Raises:
         BudgetError: ``max_memory`` is too small for even one patch.
     """
-    return method_spec(model).predictor(model, normalization, device=device, max_memory=max_memory,
-                                        precision=precision, **options)
+    return method_spec(model).predictor(
+        model, normalization, device=device, max_memory=max_memory, precision=precision, **options
+    )

@@ -78,15 +78,18 @@ class GigasegModel(nn.Module):
         unknown = sorted(set(options) - set(cls.default_options))
         if unknown:
             known = ", ".join(sorted(cls.default_options)) or "none"
-            raise ConfigError(f"{label}: unknown option{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(repr(u) for u in unknown)}; its options are: {known}")
+            raise ConfigError(
+                f"{label}: unknown option{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(repr(u) for u in unknown)}; its options are: {known}"
+            )
         resolved = {**copy.deepcopy(cls.default_options), **options}
         for name, value in resolved.items():
             resolved[name] = _check_type(label, name, value, cls.default_options[name])
             choices = cls.option_choices.get(name)
             if choices is not None and resolved[name] not in choices:
-                raise ConfigError(f"{label}: option {name}={resolved[name]!r} is not one of "
-                                  f"{', '.join(repr(c) for c in choices)}")
+                raise ConfigError(
+                    f"{label}: option {name}={resolved[name]!r} is not one of {', '.join(repr(c) for c in choices)}"
+                )
         try:
             return json.loads(json.dumps(resolved))  # JSON-serialisable, and as it reads back
         except (TypeError, ValueError) as error:
@@ -98,8 +101,9 @@ class GigasegModel(nn.Module):
     def _require_positive(self, *names: str) -> None:
         for name in names:
             if not self.options[name] > 0:
-                raise ConfigError(f"{self.method_name or type(self).__name__}: option {name} must be > 0, "
-                                  f"got {self.options[name]!r}")
+                raise ConfigError(
+                    f"{self.method_name or type(self).__name__}: option {name} must be > 0, got {self.options[name]!r}"
+                )
 
     @property
     def config(self) -> dict[str, Any]:
@@ -132,23 +136,29 @@ class GigasegModel(nn.Module):
             config.get("options", {}).pop(name, None)
         return config
 
-    def with_options(self, **options: Any) -> "GigasegModel":
+    def with_options(self, **options: Any) -> GigasegModel:
         """A copy with other options and the same weights, device and train/eval mode."""
-        other = type(self)(encoder=self.encoder_name, num_classes=self.num_classes, in_channels=self.in_channels,
-                           **{**self.options, **options})
+        other = type(self)(
+            encoder=self.encoder_name,
+            num_classes=self.num_classes,
+            in_channels=self.in_channels,
+            **{**self.options, **options},
+        )
         other.load_state_dict(self.state_dict())
         device = next(self.parameters()).device
         return other.to(device).train(self.training)
 
-    def with_inference_options(self, **options: Any) -> "GigasegModel":
+    def with_inference_options(self, **options: Any) -> GigasegModel:
         """``with_options`` limited to ``inference_options``; ``self`` when nothing changes."""
         label = self.method_name or type(self).__name__
         other = sorted(set(options) - set(self.inference_options))
         if other:
             allowed = ", ".join(self.inference_options) or "none"
-            raise ConfigError(f"{label}: option{'s' if len(other) > 1 else ''} {', '.join(repr(o) for o in other)} "
-                              f"cannot change after training (they shape the network or its training); "
-                              f"those that can: {allowed}")
+            raise ConfigError(
+                f"{label}: option{'s' if len(other) > 1 else ''} {', '.join(repr(o) for o in other)} "
+                f"cannot change after training (they shape the network or its training); "
+                f"those that can: {allowed}"
+            )
         if all(self.options.get(k) == v for k, v in options.items()):
             return self
         return self.with_options(**options)
@@ -178,8 +188,10 @@ class SegmentationModel(GigasegModel):
             with torch.inference_mode():
                 logits = self(x)
                 if not isinstance(logits, torch.Tensor):
-                    raise TypeError(f"{type(self).__name__}.forward returned {type(logits).__name__} in eval "
-                                    f"mode; override predict() for methods whose forward returns more than logits")
+                    raise TypeError(
+                        f"{type(self).__name__}.forward returned {type(logits).__name__} in eval "
+                        f"mode; override predict() for methods whose forward returns more than logits"
+                    )
                 if logits.shape[-2:] != x.shape[-2:]:
                     logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         finally:
@@ -210,9 +222,9 @@ class ClassificationModel(GigasegModel):
             self.train(was_training)
 
 
-
 def _check_type(label: str, name: str, value: Any, default: Any) -> Any:
     """``value`` as the type of ``default`` (bool, int, float, str); other defaults accept anything."""
+
     def fail() -> ConfigError:
         kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
         return ConfigError(f"{label}: option {name} must be {kind}, got {value!r}")

@@ -141,8 +141,9 @@ def _create(name: str, kwargs: dict) -> nn.Module:
     try:
         return timm.create_model(name, features_only=True, pretrained=False, **kwargs)
     except (RuntimeError, ValueError, TypeError, AssertionError) as error:
-        raise ConfigError(f"encoder {name!r} cannot be built as a feature extractor with {kwargs} "
-                          f"({type(error).__name__}: {error})") from None
+        raise ConfigError(
+            f"encoder {name!r} cannot be built as a feature extractor with {kwargs} ({type(error).__name__}: {error})"
+        ) from None
 
 
 def _feature_levels(name: str, kwargs: dict) -> list[dict]:
@@ -160,8 +161,10 @@ def _create_with_timm_weights(name: str, kwargs: dict) -> nn.Module:
         return timm.create_model(name, features_only=True, pretrained=True, **kwargs)
     except Exception as error:  # network, hub and cache errors come in many types
         if "No pretrained weights exist" in str(error):
-            raise ConfigError(f"timm has no pretrained weights for encoder {name!r}; use pretrained=False "
-                              f"or pass a local weights file as pretrained='/path/to/weights.safetensors'") from None
+            raise ConfigError(
+                f"timm has no pretrained weights for encoder {name!r}; use pretrained=False "
+                f"or pass a local weights file as pretrained='/path/to/weights.safetensors'"
+            ) from None
         raise ConfigError(
             f"could not get timm's pretrained weights for encoder {name!r} ({type(error).__name__}: {error}). "
             f"Without access to the Hugging Face hub, save the weights where you can reach it "
@@ -200,7 +203,7 @@ def load_weights_file(model: nn.Module, name: str, path: str | os.PathLike, kwar
         for key in target:
             found = lookup.get(_plain(key))
             if found is None and key.startswith("model."):
-                found = lookup.get(_plain(key[len("model."):]))
+                found = lookup.get(_plain(key[len("model.") :]))
             if found is not None:
                 source_keys[key] = found
         full = _full_model_keys(name, kwargs)
@@ -216,8 +219,13 @@ def load_weights_file(model: nn.Module, name: str, path: str | os.PathLike, kwar
     loaded, wrong = {}, []
     for key, src in source_keys.items():
         value, want = state[src], target[key]
-        if value.shape != want.shape and _plain(key.removeprefix("model.")) in first_weights and value.ndim == 4 \
-                and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]:
+        if (
+            value.shape != want.shape
+            and _plain(key.removeprefix("model.")) in first_weights
+            and value.ndim == 4
+            and value.shape[0] == want.shape[0]
+            and value.shape[2:] == want.shape[2:]
+        ):
             try:
                 value = timm.models.adapt_input_conv(in_chans, value)
             except NotImplementedError as error:
@@ -226,8 +234,10 @@ def load_weights_file(model: nn.Module, name: str, path: str | os.PathLike, kwar
             wrong.append(f"{src} {tuple(value.shape)} (encoder wants {tuple(want.shape)})")
         loaded[key] = value
     if wrong:
-        raise ConfigError(f"{path}: shapes do not match timm {name!r}: {', '.join(wrong[:5])}"
-                          + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+        raise ConfigError(
+            f"{path}: shapes do not match timm {name!r}: {', '.join(wrong[:5])}"
+            + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        )
     model.load_state_dict(loaded, strict=True)
 
 

@@ -62,12 +62,12 @@ class FPNFeatures:
     concatenated), i.e. exactly what another branch would crop and share.
     """
 
-    c: list[torch.Tensor]       # encoder maps c2..c5
-    p: list[torch.Tensor]       # top-down sums, lateral_channels each
-    ps1: list[torch.Tensor]     # after the first smoothing, lateral_channels each
-    ps2: list[torch.Tensor]     # after the second smoothing, smooth_channels each
-    ps3: torch.Tensor           # merged at p2's size, 4 * smooth_channels
-    logits: torch.Tensor        # num_classes at p2's size
+    c: list[torch.Tensor]  # encoder maps c2..c5
+    p: list[torch.Tensor]  # top-down sums, lateral_channels each
+    ps1: list[torch.Tensor]  # after the first smoothing, lateral_channels each
+    ps2: list[torch.Tensor]  # after the second smoothing, smooth_channels each
+    ps3: torch.Tensor  # merged at p2's size, 4 * smooth_channels
+    logits: torch.Tensor  # num_classes at p2's size
 
 
 def init_conv(cin: int, cout: int, kernel: int) -> nn.Conv2d:
@@ -87,6 +87,7 @@ def conv_cat(conv: nn.Conv2d, parts: list, size: Sequence[int] | None = None) ->
     merge and ensemble convs) never exists: the same numbers (up to float summation order)
     at a lower peak. With autograd it is the plain concatenation.
     """
+
     def get(i: int) -> torch.Tensor:
         x = parts[i]
         return x() if callable(x) else x
@@ -103,7 +104,7 @@ def conv_cat(conv: nn.Conv2d, parts: list, size: Sequence[int] | None = None) ->
         x = resize(get(i), size)
         parts[i] = None  # the caller's list no longer holds it
         n = x.shape[1]
-        y = F.conv2d(x, conv.weight[:, start:start + n], None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        y = F.conv2d(x, conv.weight[:, start : start + n], None, conv.stride, conv.padding, conv.dilation, conv.groups)
         del x
         out = y if out is None else out.add_(y)
         del y
@@ -113,8 +114,13 @@ def conv_cat(conv: nn.Conv2d, parts: list, size: Sequence[int] | None = None) ->
     return out if conv.bias is None else out.add_(conv.bias.view(1, -1, 1, 1).to(out.dtype))
 
 
-def fpn_pass(fpn: FPN, c: list[torch.Tensor], share: Share | None = None,
-             classifier: nn.Module | None = None, keep: frozenset[str] | set[str] = ALL_MAPS) -> FPNFeatures:
+def fpn_pass(
+    fpn: FPN,
+    c: list[torch.Tensor],
+    share: Share | None = None,
+    classifier: nn.Module | None = None,
+    keep: frozenset[str] | set[str] = ALL_MAPS,
+) -> FPNFeatures:
     """One FPN pass over encoder maps ``c`` (GLNet's order of stages), keeping only ``keep``.
 
     The same computation as ``FPN.forward(c, share)`` (laterals, top-down sums, two
@@ -167,8 +173,9 @@ def fpn_pass(fpn: FPN, c: list[torch.Tensor], share: Share | None = None,
     if "ps3" not in keep and "logits" not in keep:  # stop before the (costly) merge conv
         if share is not None:
             share("ps2", ps2)  # the caller may watch the ps2 maps (local -> global merge)
-        return FPNFeatures(c=out["c"], p=out["p"], ps1=out["ps1"], ps2=ps2 if "ps2" in keep else [],
-                           ps3=None, logits=None)
+        return FPNFeatures(
+            c=out["c"], p=out["p"], ps1=out["ps1"], ps2=ps2 if "ps2" in keep else [], ps3=None, logits=None
+        )
     size = ps2[0].shape[-2:]
     if fpn.merge_conv is None:
         ps3 = fpn.merge(ps2)  # the plain FPN's ps3 is the concatenation itself
@@ -183,8 +190,9 @@ def fpn_pass(fpn: FPN, c: list[torch.Tensor], share: Share | None = None,
         ps3 = conv_cat(fpn.merge_conv, flat, size)
         del flat
     logits = (classifier if classifier is not None else fpn.classifier)(ps3) if "logits" in keep else None
-    return FPNFeatures(c=out["c"], p=out["p"], ps1=out["ps1"], ps2=out["ps2"],
-                       ps3=ps3 if "ps3" in keep else None, logits=logits)
+    return FPNFeatures(
+        c=out["c"], p=out["p"], ps1=out["ps1"], ps2=out["ps2"], ps3=ps3 if "ps3" in keep else None, logits=logits
+    )
 
 
 class FPN(nn.Module):
@@ -198,8 +206,14 @@ class FPN(nn.Module):
         shared_inputs: every stage takes ``concat(own, shared)`` (GLNet feature sharing).
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, lateral_channels: int = 256,
-                 smooth_channels: int = 128, shared_inputs: bool = False):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        lateral_channels: int = 256,
+        smooth_channels: int = 128,
+        shared_inputs: bool = False,
+    ):
         super().__init__()
         in_channels = [int(c) for c in in_channels]
         if len(in_channels) != 4:
@@ -244,8 +258,9 @@ class FPN(nn.Module):
 
     # ---- the whole pass
 
-    def forward(self, c: Sequence[torch.Tensor], share: Share | None = None,
-                return_features: bool = False) -> torch.Tensor | FPNFeatures:
+    def forward(
+        self, c: Sequence[torch.Tensor], share: Share | None = None, return_features: bool = False
+    ) -> torch.Tensor | FPNFeatures:
         """Logits at c2's size (or every intermediate with ``return_features``)."""
         c = list(c)
         if len(c) != 4:
@@ -266,19 +281,33 @@ class FPNBranch(nn.Module):
     ``return_features`` on to :meth:`FPN.forward`.
     """
 
-    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
-                 pretrained: PretrainedSpec = False, shared_inputs: bool = False,
-                 lateral_channels: int = 256, smooth_channels: int = 128):
+    def __init__(
+        self,
+        encoder: str = "resnet50",
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: PretrainedSpec = False,
+        shared_inputs: bool = False,
+        lateral_channels: int = 256,
+        smooth_channels: int = 128,
+    ):
         super().__init__()
         self.encoder = Encoder(encoder, in_channels=in_channels, pretrained=pretrained)
-        self.fpn = FPN(self.encoder.out_channels, num_classes, lateral_channels=lateral_channels,
-                       smooth_channels=smooth_channels, shared_inputs=shared_inputs)
+        self.fpn = FPN(
+            self.encoder.out_channels,
+            num_classes,
+            lateral_channels=lateral_channels,
+            smooth_channels=smooth_channels,
+            shared_inputs=shared_inputs,
+        )
 
     @property
     def output_stride(self) -> int:
         """Input pixels per logit pixel (the finest encoder level's reduction: 4 for a ResNet)."""
         return self.encoder.reductions[0]
 
-    def forward(self, x: torch.Tensor, share: Share | None = None,
-                return_features: bool = False) -> torch.Tensor | FPNFeatures:
+    def forward(
+        self, x: torch.Tensor, share: Share | None = None, return_features: bool = False
+    ) -> torch.Tensor | FPNFeatures:
         return self.fpn(self.encoder(x), share=share, return_features=return_features)

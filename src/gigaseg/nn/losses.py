@@ -19,8 +19,10 @@ __all__ = ["FocalLoss", "dice_loss", "ohem_cross_entropy"]
 
 def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
     if logits.dim() != target.dim() + 1 or logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
-        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match: "
-                         f"expected (B, C, *S) and (B, *S)")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match: "
+            f"expected (B, C, *S) and (B, *S)"
+        )
 
 
 def _zero(logits: torch.Tensor) -> torch.Tensor:
@@ -53,8 +55,13 @@ class FocalLoss(nn.Module):
         return f"gamma={self.gamma}, ignore_index={self.ignore_index}"
 
 
-def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7, min_kept: int = 100_000,
-                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def ohem_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    thresh: float = 0.7,
+    min_kept: int = 100_000,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Online hard example mining cross-entropy (MagNet, after HRNet-OCR).
 
     Keeps the pixels whose predicted probability of the true class is below ``thresh`` —
@@ -76,8 +83,14 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float
     return losses[hardest].mean()
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, num_classes: int | None = None, *,
-              smooth: float = 1.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int | None = None,
+    *,
+    smooth: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Soft Dice loss ``1 - (2 |P.T| + smooth) / (|P| + |T| + smooth)`` over the whole batch.
 
     Binary (``num_classes=None``): logits ``(B, 1, H, W)``, sigmoid probabilities of the

@@ -42,8 +42,9 @@ DECODERS = ("fpn", "smp_unet", "smp_fpn")
 SMP_ARCHITECTURES = {"unet": smp.Unet, "fpn": smp.FPN, "deeplabv3": smp.DeepLabV3}
 
 
-def smp_network(arch: str, encoder: str, in_channels: int, classes: int, pretrained: PretrainedSpec,
-                **kwargs: Any) -> nn.Module:
+def smp_network(
+    arch: str, encoder: str, in_channels: int, classes: int, pretrained: PretrainedSpec, **kwargs: Any
+) -> nn.Module:
     """A segmentation_models_pytorch network on timm encoder ``encoder``.
 
     Built with ``encoder_weights=None`` (smp downloads nothing); pretrained weights go through
@@ -65,16 +66,20 @@ def smp_network(arch: str, encoder: str, in_channels: int, classes: int, pretrai
     """
     check_encoder_name(encoder)
     try:
-        net = SMP_ARCHITECTURES[arch](encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_channels,
-                                      classes=classes, **kwargs)
+        net = SMP_ARCHITECTURES[arch](
+            encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_channels, classes=classes, **kwargs
+        )
     except (ValueError, KeyError, RuntimeError, TypeError, AssertionError) as error:
         settings = "".join(f", {key}={value}" for key, value in kwargs.items())
-        raise ConfigError(f"segmentation_models_pytorch cannot build {arch} on encoder {encoder!r}{settings} "
-                          f"({type(error).__name__}: {error})") from None
+        raise ConfigError(
+            f"segmentation_models_pytorch cannot build {arch} on encoder {encoder!r}{settings} "
+            f"({type(error).__name__}: {error})"
+        ) from None
     if pretrained not in (False, None):
         features = net.encoder.model  # the timm features_only model inside smp's TimmUniversalEncoder
-        source = Encoder(encoder, in_channels=in_channels, pretrained=pretrained,
-                         out_indices=features.feature_info.out_indices)
+        source = Encoder(
+            encoder, in_channels=in_channels, pretrained=pretrained, out_indices=features.feature_info.out_indices
+        )
         features.load_state_dict(source.model.state_dict())
     return net
 
@@ -99,16 +104,28 @@ class FPNSegmenter(SegmentationModel):
     #: the option holding the network's input side, checked against ``size_multiple``
     size_option: ClassVar[str | None] = None
 
-    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
-                 pretrained: PretrainedSpec = False, **options: Any):
+    def __init__(
+        self,
+        encoder: str = "resnet50",
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: PretrainedSpec = False,
+        **options: Any,
+    ):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         decoder = self.options["decoder"]
         if decoder == "fpn":
             # GLNet's FPN: 256 lateral / 128 smoothing channels; smaller widths make a light CPU decoder
             width = self.options["fpn_channels"]
-            self.net: nn.Module = FPNBranch(encoder, num_classes=num_classes, in_channels=in_channels,
-                                            pretrained=pretrained, lateral_channels=width,
-                                            smooth_channels=max(1, width // 2))
+            self.net: nn.Module = FPNBranch(
+                encoder,
+                num_classes=num_classes,
+                in_channels=in_channels,
+                pretrained=pretrained,
+                lateral_channels=width,
+                smooth_channels=max(1, width // 2),
+            )
             #: input pixels per logit pixel of ``decode``
             self.output_stride: int = self.net.output_stride
             #: input sides must be a multiple of this
@@ -120,8 +137,10 @@ class FPNSegmenter(SegmentationModel):
             self.size_multiple = self.net.encoder.output_stride if divisible else 1
         size = self.options.get(self.size_option) if self.size_option else None
         if size is not None and size % self.size_multiple:
-            raise ConfigError(f"{self.method_name}: decoder {decoder!r} needs {self.size_option} to be a "
-                              f"multiple of {self.size_multiple}, got {size}")
+            raise ConfigError(
+                f"{self.method_name}: decoder {decoder!r} needs {self.size_option} to be a "
+                f"multiple of {self.size_multiple}, got {size}"
+            )
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the decoder's resolution: 1/4 of ``x`` for "fpn", ``x``'s size for smp."""

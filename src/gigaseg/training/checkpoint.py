@@ -36,7 +36,13 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "python": list(random.getstate()[1]),
         "python_version": random.getstate()[0],
     }
@@ -49,8 +55,13 @@ def restore_rng(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), None))
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, data: dict,
-                    train_state: dict | None = None, metrics: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    data: dict,
+    train_state: dict | None = None,
+    metrics: dict | None = None,
+) -> Path:
     payload = {
         "format": FORMAT,
         "version": VERSION,

@@ -42,12 +42,21 @@ def make_fabric(settings: TrainSettings):
     if strategy in ("ddp", "auto") and _wants_several(settings):
         # stages train parts of the model: parameters unused by a stage must not stall DDP
         strategy = DDPStrategy(find_unused_parameters=True)
-    return Fabric(accelerator=settings.accelerator, devices=settings.devices, num_nodes=settings.num_nodes,
-                  strategy=strategy, precision=settings.precision)
+    return Fabric(
+        accelerator=settings.accelerator,
+        devices=settings.devices,
+        num_nodes=settings.num_nodes,
+        strategy=strategy,
+        precision=settings.precision,
+    )
 
 
 def _wants_several(settings: TrainSettings) -> bool:
-    return settings.num_nodes > 1 or (isinstance(settings.devices, int) and settings.devices > 1) or str(settings.devices) not in ("1", "auto")
+    return (
+        settings.num_nodes > 1
+        or (isinstance(settings.devices, int) and settings.devices > 1)
+        or str(settings.devices) not in ("1", "auto")
+    )
 
 
 class Trainer:
@@ -69,9 +78,18 @@ class Trainer:
         ConfigError: the training split is empty.
     """
 
-    def __init__(self, model, stages: list[Stage], train_data, val_data, out_dir, settings: TrainSettings,
-                 normalization: Normalization, make_predictor: Callable[..., Predictor],
-                 run_config: dict | None = None):
+    def __init__(
+        self,
+        model,
+        stages: list[Stage],
+        train_data,
+        val_data,
+        out_dir,
+        settings: TrainSettings,
+        normalization: Normalization,
+        make_predictor: Callable[..., Predictor],
+        run_config: dict | None = None,
+    ):
         if len(train_data) == 0:
             raise ConfigError("the training split is empty")
         self.model = model
@@ -96,8 +114,10 @@ class Trainer:
             state = self._load_resume_state()
             names = [s.name for s in self.stages]
             if state["stage"] not in names:
-                raise ConfigError(f"{self.out_dir / 'last.ckpt'}: stopped in stage {state['stage']!r}, "
-                                  f"which this run does not include ({', '.join(names)})")
+                raise ConfigError(
+                    f"{self.out_dir / 'last.ckpt'}: stopped in stage {state['stage']!r}, "
+                    f"which this run does not include ({', '.join(names)})"
+                )
             start_stage, start_epoch = names.index(state["stage"]), state["epoch"] + 1
         self._write_config()
         for index in range(start_stage, len(self.stages)):
@@ -137,17 +157,30 @@ class Trainer:
             losses = self._train_epoch(ctx, data, batch_size, optimizer, scheduler, epoch, index)
             val = self.validate()
             self._train_modes(stage)  # validation switched the model to eval mode
-            row = {"stage": stage.name, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                   "seconds": round(time.perf_counter() - started, 2), "peak_memory": _peak_memory(fabric.device),
-                   **{f"train_{k}": v for k, v in losses.items()}, **{f"val_{k}": v for k, v in val.items()}}
+            row = {
+                "stage": stage.name,
+                "epoch": epoch,
+                "lr": scheduler.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - started, 2),
+                "peak_memory": _peak_memory(fabric.device),
+                **{f"train_{k}": v for k, v in losses.items()},
+                **{f"val_{k}": v for k, v in val.items()},
+            }
             self.history.append(row)
             # the score that picks best.ckpt: mIoU, or accuracy for image classifiers
             miou = val.get("miou", val.get("accuracy", float("nan")))
             improved = not math.isnan(miou) and miou > best
             best = max(best, miou) if not math.isnan(miou) else best
-            train_state = {"stage_index": index, "stage": stage.name, "epoch": epoch, "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "rng": rng_state(), "best_miou": best,
-                           "settings": _plain(asdict(self.settings))}
+            train_state = {
+                "stage_index": index,
+                "stage": stage.name,
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "best_miou": best,
+                "settings": _plain(asdict(self.settings)),
+            }
             if fabric.global_rank == 0:
                 self._log(row)
                 save_checkpoint(self.out_dir / "last.ckpt", model, self.data, train_state, row)
@@ -180,10 +213,16 @@ class Trainer:
         default = stage.sub_batch or batch_size
         if self.settings.max_memory is None or stage.sample_inputs is None:
             return default
-        estimate = training_estimate(self.model, stage.sample_inputs(self.model), stage.optimizer,
-                                     runtime=runtime_bytes(self.fabric.device))
-        return plan_sub_batch(self.settings.max_memory, estimate, f"training stage {stage.name!r}",
-                              default=default, maximum=default if stage.sub_batch is None else 64)
+        estimate = training_estimate(
+            self.model, stage.sample_inputs(self.model), stage.optimizer, runtime=runtime_bytes(self.fabric.device)
+        )
+        return plan_sub_batch(
+            self.settings.max_memory,
+            estimate,
+            f"training stage {stage.name!r}",
+            default=default,
+            maximum=default if stage.sub_batch is None else 64,
+        )
 
     def _train_epoch(self, ctx: StepContext, data, batch_size, optimizer, scheduler, epoch, stage_index) -> dict:
         fabric = self.fabric
@@ -193,8 +232,11 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         accumulate = self.settings.accumulate
-        with progress_bar(f"{ctx.stage.name} epoch {epoch + 1}", len(loader),
-                          enabled=self.settings.progress and fabric.global_rank == 0) as advance:
+        with progress_bar(
+            f"{ctx.stage.name} epoch {epoch + 1}",
+            len(loader),
+            enabled=self.settings.progress and fabric.global_rank == 0,
+        ) as advance:
             for i, batch in enumerate(loader):
                 last_in_group = (i + 1) % accumulate == 0 or i + 1 == len(loader)
                 with fabric.no_backward_sync(ctx.wrapped, enabled=not last_in_group), fabric.autocast():
@@ -212,8 +254,13 @@ class Trainer:
     def _loader(self, data, batch_size, epoch, stage_index) -> DataLoader:
         fabric = self.fabric
         if fabric.world_size > 1:
-            sampler = DistributedSampler(data, num_replicas=fabric.world_size, rank=fabric.global_rank,
-                                         shuffle=True, seed=self.settings.seed + 1000 * stage_index)
+            sampler = DistributedSampler(
+                data,
+                num_replicas=fabric.world_size,
+                rank=fabric.global_rank,
+                shuffle=True,
+                seed=self.settings.seed + 1000 * stage_index,
+            )
             sampler.set_epoch(epoch)
         else:
             generator = torch.Generator().manual_seed(self.settings.seed * 100003 + 1000 * stage_index + epoch)
@@ -231,7 +278,11 @@ class Trainer:
         if isinstance(predictor, ClassificationPredictor):
             return self._validate_classification(predictor)
         matrix = ConfusionMatrix(self.model.num_classes, ignore_index=self.data["ignore_index"])
-        count = len(self.val_data) if self.settings.max_val_images is None else min(len(self.val_data), self.settings.max_val_images)
+        count = (
+            len(self.val_data)
+            if self.settings.max_val_images is None
+            else min(len(self.val_data), self.settings.max_val_images)
+        )
         self.model.eval()
         for index in range(fabric.global_rank, count, fabric.world_size):
             sample = self.val_data[index]
@@ -244,7 +295,11 @@ class Trainer:
         """Image classifiers: one predicted class per validation image; accuracy and balanced accuracy."""
         fabric = self.fabric
         matrix = ConfusionMatrix(self.model.num_classes, ignore_index=None)
-        count = len(self.val_data) if self.settings.max_val_images is None else min(len(self.val_data), self.settings.max_val_images)
+        count = (
+            len(self.val_data)
+            if self.settings.max_val_images is None
+            else min(len(self.val_data), self.settings.max_val_images)
+        )
         self.model.eval()
         for index in range(fabric.global_rank, count, fabric.world_size):
             with self.val_data[index] as sample:
@@ -269,10 +324,21 @@ class Trainer:
         if self.fabric.global_rank != 0:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        config = {"model": dict(self.model.config), "settings": _plain(asdict(self.settings)),
-                  "stages": [{"name": s.name, "epochs": self._epochs(s), "lr": s.lr, "batch_size": s.batch_size,
-                              "optimizer": s.optimizer} for s in self.stages],
-                  **self.run_config}
+        config = {
+            "model": dict(self.model.config),
+            "settings": _plain(asdict(self.settings)),
+            "stages": [
+                {
+                    "name": s.name,
+                    "epochs": self._epochs(s),
+                    "lr": s.lr,
+                    "batch_size": s.batch_size,
+                    "optimizer": s.optimizer,
+                }
+                for s in self.stages
+            ],
+            **self.run_config,
+        }
         (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     def _log(self, row: dict) -> None:
@@ -293,6 +359,7 @@ class Trainer:
 
 def evaluate_sample(predictor, sample, matrix: ConfusionMatrix, block_size: int) -> None:
     """Predict one dataset sample band by band and add it to ``matrix`` against its mask."""
+
     def update(window, labels):
         matrix.update(labels, sample.mask.read(window)[..., 0])
 

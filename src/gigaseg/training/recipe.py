@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -14,16 +14,16 @@ from torch.utils.data import Dataset
 class TrainSettings:
     """Run-wide knobs from the command line or a config file (method-independent)."""
 
-    epochs: int | None = None            # override every stage's epochs
-    batch_size: int | None = None        # override every stage's batch size
-    lr: float | None = None              # override every stage's learning rate
-    max_memory: int | None = None        # bytes; sets sub-batch sizes
+    epochs: int | None = None  # override every stage's epochs
+    batch_size: int | None = None  # override every stage's batch size
+    lr: float | None = None  # override every stage's learning rate
+    max_memory: int | None = None  # bytes; sets sub-batch sizes
     accelerator: str = "auto"
     devices: int | str = 1
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    accumulate: int = 1                  # optimiser step every N batches
+    accumulate: int = 1  # optimiser step every N batches
     seed: int = 0
     num_workers: int = 0
     val_block_size: int = 2048
@@ -36,10 +36,10 @@ class StepContext:
     """What a stage's ``step`` gets: the wrapped model, how to backward, its sub-batch."""
 
     fabric: object
-    model: nn.Module            # the raw module (use for submodules)
-    wrapped: nn.Module          # the Fabric-wrapped module (use for forward with DDP sync)
+    model: nn.Module  # the raw module (use for submodules)
+    wrapped: nn.Module  # the Fabric-wrapped module (use for forward with DDP sync)
     sub_batch: int
-    stage: "Stage"
+    stage: Stage
     settings: TrainSettings
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -69,11 +69,11 @@ class Stage:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     momentum: float = 0.9
-    schedule: str = "poly"               # poly (per iteration, power 0.9) | step | constant
+    schedule: str = "poly"  # poly (per iteration, power 0.9) | step | constant
     poly_power: float = 0.9
-    milestones: tuple[int, ...] = ()     # epochs, for schedule == "step"
+    milestones: tuple[int, ...] = ()  # epochs, for schedule == "step"
     gamma: float = 0.1
-    sub_batch: int | None = None         # samples per backward; None: the whole batch (budgets may split it)
+    sub_batch: int | None = None  # samples per backward; None: the whole batch (budgets may split it)
     sample_inputs: Callable[[nn.Module], tuple] | None = None  # for memory estimates
-    before_stage: Callable[[nn.Module], None] | None = None    # e.g. copy weights between branches
+    before_stage: Callable[[nn.Module], None] | None = None  # e.g. copy weights between branches
     options: dict = field(default_factory=dict)

@@ -38,8 +38,9 @@ class SeededViews(Dataset):
     with the dataset and normalisation they come from, and the epoch the trainer sets so
     that ``rng_for(seed, epoch, index)`` draws new (and, on resume, the same) views."""
 
-    def __init__(self, dataset: SegmentationDataset, normalization: Normalization, seed: int = 0,
-                 crops_per_image: int = 1):
+    def __init__(
+        self, dataset: SegmentationDataset, normalization: Normalization, seed: int = 0, crops_per_image: int = 1
+    ):
         self.dataset = dataset
         self.normalization = normalization
         self.seed = seed
@@ -54,8 +55,14 @@ class SeededViews(Dataset):
 
 
 class _Views(SeededViews):
-    def __init__(self, dataset: SegmentationDataset, normalization: Normalization, augment: bool, seed: int,
-                 crops_per_image: int = 1):
+    def __init__(
+        self,
+        dataset: SegmentationDataset,
+        normalization: Normalization,
+        augment: bool,
+        seed: int,
+        crops_per_image: int = 1,
+    ):
         super().__init__(dataset, normalization, seed, crops_per_image)
         self.augment = augment
 
@@ -103,7 +110,9 @@ class RandomCrops(_Views):
 
     def __init__(self, dataset, normalization, crop, out_size=None, crops_per_image=1, augment=True, seed=0):
         super().__init__(dataset, normalization, augment, seed, crops_per_image)
-        self.crops = [tuple(c) if isinstance(c, (tuple, list)) else (c, c) for c in (crop if isinstance(crop, list) else [crop])]
+        self.crops = [
+            tuple(c) if isinstance(c, (tuple, list)) else (c, c) for c in (crop if isinstance(crop, list) else [crop])
+        ]
         self.out_size = tuple(out_size) if out_size is not None else None
 
     def __getitem__(self, index: int) -> dict:
@@ -117,6 +126,12 @@ class RandomCrops(_Views):
         out = self.out_size if self.out_size is not None else (ch, cw)
         image = sample.image.read(window, out_size=out if out != (ch, cw) else None, resample="area")
         label = sample.mask.read(window, out_size=out if out != (ch, cw) else None, resample="nearest")[..., 0]
-        box = torch.tensor([top / sample.image.height, left / sample.image.width,
-                            (top + ch) / sample.image.height, (left + cw) / sample.image.width])
+        box = torch.tensor(
+            [
+                top / sample.image.height,
+                left / sample.image.width,
+                (top + ch) / sample.image.height,
+                (left + cw) / sample.image.width,
+            ]
+        )
         return self._pack(image, label, rng, index=index, box=box)

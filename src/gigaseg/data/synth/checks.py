@@ -22,8 +22,8 @@ class ids come in as arguments.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -104,8 +104,14 @@ class ContextCheck:
     coarse preview estimate the same figure.
     """
 
-    def __init__(self, height: int, width: int, context_classes: Mapping[str, int],
-                 cue_classes: Sequence[int], patch: int = GLNET_PATCH):
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        context_classes: Mapping[str, int],
+        cue_classes: Sequence[int],
+        patch: int = GLNET_PATCH,
+    ):
         self.height, self.width, self.patch = int(height), int(width), int(patch)
         self.context_classes = dict(context_classes)
         self._cue = np.zeros(256, dtype=bool)
@@ -177,8 +183,10 @@ class ContextCheck:
         is absent.
         """
         if not self.defined:
-            return {name: {"pixels": self._pixels[name], "fraction": None, "fraction_any": None}
-                    for name in self.context_classes}
+            return {
+                name: {"pixels": self._pixels[name], "fraction": None, "fraction_any": None}
+                for name in self.context_classes
+            }
         cue = self.cue_in_patch.astype(np.int64)
         free = 1 - cue
         rows, cols = self._row_cover.astype(np.int64), self._col_cover.astype(np.int64)
@@ -274,16 +282,18 @@ def run_checks(
         context.update(band, top)
     notes = []
     if not context.defined:
-        notes.append(f"context check undefined: the image ({height}x{width}) has a side shorter than the "
-                     f"{patch}-px patch")
+        notes.append(
+            f"context check undefined: the image ({height}x{width}) has a side shorter than the {patch}-px patch"
+        )
     for name, value in fine.result().items():
         if value is None and name != "all":
             notes.append(f"fine class {name!r} does not occur")
     return CheckReport(height, width, fine.counts(), context.result(), context_class, patch, factor, notes=notes)
 
 
-def iter_render_bands(render: Callable[[Window], np.ndarray], height: int, width: int,
-                      rows: int = BAND_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+def iter_render_bands(
+    render: Callable[[Window], np.ndarray], height: int, width: int, rows: int = BAND_ROWS
+) -> Iterator[tuple[int, np.ndarray]]:
     """``(top, band)`` for full-width bands of ``render(window)``."""
     for top in range(0, height, rows):
         yield top, render(Window(top, 0, min(rows, height - top), width))
@@ -307,11 +317,15 @@ def format_report(name: str, report: CheckReport, cue: str = "water") -> str:
         reason = "; ".join(n for n in report.notes if "undefined" in n) or f"no {report.context_class} pixels"
         context = f"context n/a ({reason})"
     else:
-        context = (f"context {_fmt(ctx['fraction'])} of {report.context_class} only in {cue}-free "
-                   f"{report.patch}-px patches ({_fmt(ctx['fraction_any'])} in at least one; "
-                   f">= {report.context_min_fraction}) {_verdict(report.context_ok)}")
-    return (f"{name}: fine IoU after {report.factor}x down/up {_fmt(report.fine.get('all'))} ({fine}; "
-            f"<= {report.fine_max_iou}) {_verdict(report.fine_ok)} | {context}")
+        context = (
+            f"context {_fmt(ctx['fraction'])} of {report.context_class} only in {cue}-free "
+            f"{report.patch}-px patches ({_fmt(ctx['fraction_any'])} in at least one; "
+            f">= {report.context_min_fraction}) {_verdict(report.context_ok)}"
+        )
+    return (
+        f"{name}: fine IoU after {report.factor}x down/up {_fmt(report.fine.get('all'))} ({fine}; "
+        f"<= {report.fine_max_iou}) {_verdict(report.fine_ok)} | {context}"
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -327,16 +341,28 @@ def combine(reports: Sequence[CheckReport]) -> CheckReport | None:
     if not reports:
         return None
     first = reports[0]
-    fine = {name: tuple(int(sum(r.fine_counts[name][k] for r in reports)) for k in (0, 1))
-            for name in first.fine_counts}
+    fine = {
+        name: tuple(int(sum(r.fine_counts[name][k] for r in reports)) for k in (0, 1)) for name in first.fine_counts
+    }
     context = {}
     for name in first.context:
         entry = {"pixels": sum(r.context[name]["pixels"] or 0 for r in reports) or None}
         for key in ("fraction", "fraction_any"):
-            weighted = [(r.context[name][key], r.context[name]["pixels"]) for r in reports
-                        if r.context[name][key] is not None]
+            weighted = [
+                (r.context[name][key], r.context[name]["pixels"]) for r in reports if r.context[name][key] is not None
+            ]
             entry[key] = (sum(v * n for v, n in weighted) / sum(n for _, n in weighted)) if weighted else None
         context[name] = entry
     notes = sorted({note for r in reports for note in r.notes})
-    return CheckReport(0, 0, fine, context, first.context_class, first.patch, first.factor,
-                       first.fine_max_iou, first.context_min_fraction, notes=notes)
+    return CheckReport(
+        0,
+        0,
+        fine,
+        context,
+        first.context_class,
+        first.patch,
+        first.factor,
+        first.fine_max_iou,
+        first.context_min_fraction,
+        notes=notes,
+    )

@@ -36,9 +36,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -62,13 +62,13 @@ CLASSES = (
 WATER, VEG_NEAR, VEG_FAR, CROPLAND, URBAN, ROAD, STREAM = range(len(CLASSES))
 PALETTE = np.array(
     [
-        (0, 90, 255),     # water
-        (0, 200, 90),     # vegetation near water
-        (190, 220, 60),   # vegetation far from water
-        (240, 170, 40),   # cropland
-        (220, 40, 40),    # urban
+        (0, 90, 255),  # water
+        (0, 200, 90),  # vegetation near water
+        (190, 220, 60),  # vegetation far from water
+        (240, 170, 40),  # cropland
+        (220, 40, 40),  # urban
         (255, 255, 255),  # road
-        (0, 230, 255),    # stream
+        (0, 230, 255),  # stream
     ],
     dtype=np.uint8,
 )
@@ -146,8 +146,9 @@ class Blobs:
     coeffs: np.ndarray  # (N, K) complex
 
     @classmethod
-    def random(cls, rng: np.random.Generator, count: int, height: int, width: int,
-               radius: tuple[float, float], wobble: float) -> "Blobs":
+    def random(
+        cls, rng: np.random.Generator, count: int, height: int, width: int, radius: tuple[float, float], wobble: float
+    ) -> Blobs:
         k = np.arange(2, 6)
         amplitudes = rng.uniform(0, 1, (count, k.size)) / k
         amplitudes *= wobble / np.maximum(amplitudes.sum(axis=1, keepdims=True), 1e-9)
@@ -197,7 +198,7 @@ class Segments:
     half_width: np.ndarray  # (M,)
 
     @classmethod
-    def from_polylines(cls, polylines: list[tuple[np.ndarray, float]]) -> "Segments":
+    def from_polylines(cls, polylines: list[tuple[np.ndarray, float]]) -> Segments:
         p0 = [pts[:-1] for pts, _ in polylines if len(pts) > 1]
         p1 = [pts[1:] for pts, _ in polylines if len(pts) > 1]
         hw = [np.full(len(pts) - 1, width / 2) for pts, width in polylines if len(pts) > 1]
@@ -243,8 +244,9 @@ class Grids:
     line_width: np.ndarray  # (N,)
 
     @classmethod
-    def random(cls, rng: np.random.Generator, count: int, spacing: tuple[float, float],
-               line_width: tuple[float, float]) -> "Grids":
+    def random(
+        cls, rng: np.random.Generator, count: int, spacing: tuple[float, float], line_width: tuple[float, float]
+    ) -> Grids:
         return cls(
             angle=rng.uniform(0, np.pi / 2, count),
             spacing=rng.uniform(*spacing, (count, 2)),
@@ -271,8 +273,18 @@ def _span(coords: np.ndarray, lo: float, hi: float) -> slice:
     return slice(int(np.searchsorted(coords, lo, "left")), int(np.searchsorted(coords, hi, "right")))
 
 
-def _walk(rng: np.random.Generator, start: np.ndarray, heading: float, step: float, length: float,
-          turn: float, pull: float, height: int, width: int, margin: float = 64.0) -> np.ndarray:
+def _walk(
+    rng: np.random.Generator,
+    start: np.ndarray,
+    heading: float,
+    step: float,
+    length: float,
+    turn: float,
+    pull: float,
+    height: int,
+    width: int,
+    margin: float = 64.0,
+) -> np.ndarray:
     """A smoothly curving polyline: its curvature is a damped random walk, its heading is
     pulled back towards the initial one (so roads and rivers cross the scene)."""
     points = [start.astype(np.float64)]
@@ -317,10 +329,10 @@ class _Look:
 
 _VEGETATION = _Look("grass", (66, 98, 48), 0.32)
 _CROPS = (
-    _Look("grass", (96, 122, 60), 0.22, 0.10),   # green crop
+    _Look("grass", (96, 122, 60), 0.22, 0.10),  # green crop
     _Look("grass", (160, 146, 86), 0.20, 0.10),  # ripe crop
     _Look("gravel", (128, 102, 78), 0.24, 0.10),  # bare soil
-    _Look("gravel", (98, 84, 68), 0.22, 0.10),   # dark soil
+    _Look("gravel", (98, 84, 68), 0.22, 0.10),  # dark soil
 )
 _URBAN = (
     _Look("brick", (150, 116, 104), 0.38, 0.15),  # tiled roofs
@@ -360,8 +372,9 @@ class LandcoverScene:
     # -- construction -----------------------------------------------------------------
 
     @classmethod
-    def generate(cls, height: int, width: int, seed: int = 0, index: int = 0,
-                 config: LandcoverConfig | None = None) -> "LandcoverScene":
+    def generate(
+        cls, height: int, width: int, seed: int = 0, index: int = 0, config: LandcoverConfig | None = None
+    ) -> LandcoverScene:
         """The scene ``index`` of seed ``seed``: the first attempt that passes ``assess``.
 
         Attempt ``a`` draws from ``numpy.random.default_rng([seed, index, a])``. If no
@@ -383,8 +396,9 @@ class LandcoverScene:
         return best
 
     @classmethod
-    def build(cls, height: int, width: int, seed: int, index: int, attempt: int,
-              config: LandcoverConfig) -> "LandcoverScene":
+    def build(
+        cls, height: int, width: int, seed: int, index: int, attempt: int, config: LandcoverConfig
+    ) -> LandcoverScene:
         """Draw the shapes of one attempt (no acceptance test)."""
         rng = np.random.default_rng([int(seed), int(index), int(attempt)])
         c = config
@@ -393,8 +407,16 @@ class LandcoverScene:
 
         lakes = Blobs.random(rng, max(1, rng.poisson(c.lakes * area)), height, width, c.lake_radius, 0.45)
         rivers = [
-            _walk(rng, *_border_start(rng, height, width), step=20, length=4 * (height + width),
-                  turn=0.035, pull=0.05, height=height, width=width)
+            _walk(
+                rng,
+                *_border_start(rng, height, width),
+                step=20,
+                length=4 * (height + width),
+                turn=0.035,
+                pull=0.05,
+                height=height,
+                width=width,
+            )
             for _ in range(rng.poisson(c.rivers * side))
         ]
         rivers = Segments.from_polylines([(pts, rng.uniform(*c.river_width)) for pts in rivers])
@@ -407,8 +429,19 @@ class LandcoverScene:
         streets = Grids.random(rng, n_towns, c.street_spacing, c.street_width)
 
         roads = [
-            (_walk(rng, *_border_start(rng, height, width), step=24, length=4 * (height + width),
-                   turn=0.012, pull=0.02, height=height, width=width), rng.uniform(*c.road_width))
+            (
+                _walk(
+                    rng,
+                    *_border_start(rng, height, width),
+                    step=24,
+                    length=4 * (height + width),
+                    turn=0.012,
+                    pull=0.02,
+                    height=height,
+                    width=width,
+                ),
+                rng.uniform(*c.road_width),
+            )
             for _ in range(max(1, rng.poisson(c.roads * side)))
         ]
         streams = []
@@ -420,14 +453,34 @@ class LandcoverScene:
                 start = rng.uniform(inset, np.array([height, width]) - inset)
                 if np.all(np.hypot(start[0] - lakes.cy, start[1] - lakes.cx) > lake_reach):
                     break
-            pts = _walk(rng, start, rng.uniform(0, 2 * np.pi), step=12, length=rng.uniform(*c.stream_length),
-                        turn=0.06, pull=0.03, height=height, width=width)
+            pts = _walk(
+                rng,
+                start,
+                rng.uniform(0, 2 * np.pi),
+                step=12,
+                length=rng.uniform(*c.stream_length),
+                turn=0.06,
+                pull=0.03,
+                height=height,
+                width=width,
+            )
             streams.append((pts, rng.uniform(*c.stream_width)))
 
         return cls(
-            height=int(height), width=int(width), seed=int(seed), index=int(index), attempt=int(attempt),
-            config=c, lakes=lakes, rivers=rivers, fields=fields, parcels=parcels, towns=towns,
-            streets=streets, roads=Segments.from_polylines(roads), streams=Segments.from_polylines(streams),
+            height=int(height),
+            width=int(width),
+            seed=int(seed),
+            index=int(index),
+            attempt=int(attempt),
+            config=c,
+            lakes=lakes,
+            rivers=rivers,
+            fields=fields,
+            parcels=parcels,
+            towns=towns,
+            streets=streets,
+            roads=Segments.from_polylines(roads),
+            streams=Segments.from_polylines(streams),
             noise_seed=int(rng.integers(2**32)),
             light=SmoothField.random(rng, 3, (2500, 9000), 0.07),
             drift=tuple(SmoothField.random(rng, 2, (3000, 10000), 4.0) for _ in range(3)),
@@ -439,8 +492,12 @@ class LandcoverScene:
         """Counts of shapes (for the manifest)."""
         return {
             "attempt": self.attempt,
-            "lakes": len(self.lakes), "river_segments": len(self.rivers), "fields": len(self.fields),
-            "towns": len(self.towns), "road_segments": len(self.roads), "stream_segments": len(self.streams),
+            "lakes": len(self.lakes),
+            "river_segments": len(self.rivers),
+            "fields": len(self.fields),
+            "towns": len(self.towns),
+            "road_segments": len(self.roads),
+            "stream_segments": len(self.streams),
             "assessment": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.assessment.items()},
         }
 
@@ -452,14 +509,17 @@ class LandcoverScene:
             water[rows, cols] |= inside
         return water
 
-    def _labels(self, ys: np.ndarray, xs: np.ndarray, fine: bool = True,
-                regions: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def _labels(
+        self, ys: np.ndarray, xs: np.ndarray, fine: bool = True, regions: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Classes before the near/far split (all vegetation is ``VEG_FAR``) on ``ys x xs``,
         and with ``regions`` a uint32 key per pixel (parcel, town block, ...) for textures."""
         labels = np.full((ys.size, xs.size), VEG_FAR, dtype=np.uint8)
         region = np.full(labels.shape, _VEG_KEYS[0], dtype=np.uint32) if regions else None
-        for blobs, grids, cls, tag in ((self.fields, self.parcels, CROPLAND, _FIELD_TAG),
-                                       (self.towns, self.streets, URBAN, _TOWN_TAG)):
+        for blobs, grids, cls, tag in (
+            (self.fields, self.parcels, CROPLAND, _FIELD_TAG),
+            (self.towns, self.streets, URBAN, _TOWN_TAG),
+        ):
             for b, rows, cols, inside in blobs.hits(ys, xs):
                 cu, cv, on_line = grids.cells(b, ys[rows], xs[cols])
                 sub = labels[rows, cols]
@@ -479,8 +539,9 @@ class LandcoverScene:
         """Pixels of ``block`` within ``context_radius`` of water (water included)."""
         radius = self.config.context_radius
         margin = int(math.ceil(radius)) + 1
-        grown = Window.from_bounds(block.top - margin, block.left - margin,
-                                   block.bottom + margin, block.right + margin).clip(self.height, self.width)
+        grown = Window.from_bounds(
+            block.top - margin, block.left - margin, block.bottom + margin, block.right + margin
+        ).clip(self.height, self.width)
         water = self._water(np.arange(grown.top, grown.bottom), np.arange(grown.left, grown.right))
         if not water.any():
             return np.zeros(block.shape, dtype=bool)
@@ -557,8 +618,9 @@ class LandcoverScene:
         if index.size:
             rows, cols = ys[index // width], xs[index % width]
             weight = np.clip(0.5 + self.blend.grid(ys, xs).ravel()[index], 0.0, 1.0)
-            t = (weight * sample("grass", rows, cols, np.full(index.shape, _VEG_KEYS[0], np.uint32))
-                 + (1 - weight) * sample("grass", rows, cols, np.full(index.shape, _VEG_KEYS[1], np.uint32)))
+            t = weight * sample("grass", rows, cols, np.full(index.shape, _VEG_KEYS[0], np.uint32)) + (
+                1 - weight
+            ) * sample("grass", rows, cols, np.full(index.shape, _VEG_KEYS[1], np.uint32))
             t /= np.sqrt(weight**2 + (1 - weight) ** 2)
             vigour = self.vigour.grid(ys, xs).ravel()[index]
             colour = np.asarray(_VEGETATION.mean, dtype=np.float32)[None, :] * (1 + _VEGETATION.contrast * t)[:, None]
@@ -634,12 +696,17 @@ class LandcoverScene:
         if checks.patch_grid(self.height, self.width) is not None:
             margins.append(-1.0 if fraction is None else fraction - context_target)
         if fine:
-            margins.append(-1.0 if any(v is None for v in fine.values())
-                           else checks.FINE_MAX_IOU - max(fine.values()))
+            margins.append(-1.0 if any(v is None for v in fine.values()) else checks.FINE_MAX_IOU - max(fine.values()))
         share_margin = min(share.values()) - c.min_class_share
-        return {"method": method, "context_fraction": fraction, "fine_iou": fine.get("all"),
-                **{f"share_{name}": value for name, value in share.items()},
-                "checks_pass": all(m >= 0 for m in margins), "score": float(min(margins + [share_margin]))}
+        return {
+            "method": method,
+            "context_fraction": fraction,
+            "fine_iou": fine.get("all"),
+            **{f"share_{name}": value for name, value in share.items()},
+            "checks_pass": all(m >= 0 for m in margins),
+            "score": float(min(margins + [share_margin])),
+        }
+
 
 def _rank(scene: LandcoverScene) -> tuple[bool, float]:
     """Fallback order of rejected attempts: passing the self-checks first, then the score."""
@@ -723,7 +790,7 @@ def write_landcover_dataset(
     config: LandcoverConfig | None = None,
     report: bool = False,
     advance: Callable[[int], None] | None = None,
-    on_scene: Callable[[str, "checks.CheckReport | None"], None] | None = None,
+    on_scene: Callable[[str, checks.CheckReport | None], None] | None = None,
 ) -> dict:
     """Write ``count`` scenes to ``out_dir/images``, ``out_dir/masks`` and ``dataset.yaml``.
 
@@ -772,13 +839,35 @@ def write_landcover_dataset(
         scene = LandcoverScene.generate(height, width, seed, index, config)
         description = json.dumps({"generator": GENERATOR, "seed": seed, "index": index, "size": [height, width]})
         bands = _band_counter(step)
-        write_tiled_tiff(out / "images" / f"{name}.tif", height, width, 3, np.uint8, scene.render_image,
-                         tile=tile, pyramid_levels=levels, pyramid_resample="area",
-                         photometric="rgb", description=description, progress=bands())
+        write_tiled_tiff(
+            out / "images" / f"{name}.tif",
+            height,
+            width,
+            3,
+            np.uint8,
+            scene.render_image,
+            tile=tile,
+            pyramid_levels=levels,
+            pyramid_resample="area",
+            photometric="rgb",
+            description=description,
+            progress=bands(),
+        )
         mask_path = out / "masks" / f"{name}.tif"
-        write_tiled_tiff(mask_path, height, width, 1, np.uint8, scene.mask_renderer(),
-                         tile=tile, colormap=PALETTE, pyramid_levels=levels, pyramid_resample="nearest",
-                         description=json.dumps({"classes": list(CLASSES)}), progress=bands())
+        write_tiled_tiff(
+            mask_path,
+            height,
+            width,
+            1,
+            np.uint8,
+            scene.mask_renderer(),
+            tile=tile,
+            colormap=PALETTE,
+            pyramid_levels=levels,
+            pyramid_resample="nearest",
+            description=json.dumps({"classes": list(CLASSES)}),
+            progress=bands(),
+        )
         entry = {"name": name, **scene.describe()}
         result = None
         if report:
@@ -813,24 +902,38 @@ def _band_counter(advance: Callable[[int], None]) -> Callable[[], Callable[[int,
     return make
 
 
-def check_mask(path: str | os.PathLike, advance: Callable[[int], None] | None = None) -> "checks.CheckReport":
+def check_mask(path: str | os.PathLike, advance: Callable[[int], None] | None = None) -> checks.CheckReport:
     """Both self-checks on a written land-cover mask, read back band by band."""
     from ...io.sources import open_image
 
     with open_image(path) as source:
+
         def bands():
             for top, band in checks.iter_source_bands(source):
                 yield top, band
                 if advance is not None:
                     advance(1)
 
-        return checks.run_checks(bands(), source.height, source.width, fine_classes=FINE_CLASSES,
-                                 context_classes=CONTEXT_CLASSES, cue_classes=CUE_CLASSES,
-                                 context_class=CONTEXT_CLASS)
+        return checks.run_checks(
+            bands(),
+            source.height,
+            source.width,
+            fine_classes=FINE_CLASSES,
+            context_classes=CONTEXT_CLASSES,
+            cue_classes=CUE_CLASSES,
+            context_class=CONTEXT_CLASS,
+        )
 
 
-def check_scene(scene: LandcoverScene) -> "checks.CheckReport":
+def check_scene(scene: LandcoverScene) -> checks.CheckReport:
     """Both self-checks on a scene's rendered mask (no file), band by band."""
     bands = checks.iter_render_bands(scene.mask_renderer(), scene.height, scene.width)
-    return checks.run_checks(bands, scene.height, scene.width, fine_classes=FINE_CLASSES,
-                             context_classes=CONTEXT_CLASSES, cue_classes=CUE_CLASSES, context_class=CONTEXT_CLASS)
+    return checks.run_checks(
+        bands,
+        scene.height,
+        scene.width,
+        fine_classes=FINE_CLASSES,
+        context_classes=CONTEXT_CLASSES,
+        cue_classes=CUE_CLASSES,
+        context_class=CONTEXT_CLASS,
+    )

@@ -26,7 +26,7 @@ _SIDE = 512
 _MASK = _SIDE - 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def texture(name: str) -> np.ndarray:
     """``(512, 512)`` float32 photograph ``name``, mean 0 and std 1, read-only."""
     if name not in TEXTURES:
@@ -115,8 +115,9 @@ class SmoothField:
     amplitudes: np.ndarray  # (K,)
 
     @classmethod
-    def random(cls, rng: np.random.Generator, waves: int, wavelength: tuple[float, float],
-               amplitude: float) -> "SmoothField":
+    def random(
+        cls, rng: np.random.Generator, waves: int, wavelength: tuple[float, float], amplitude: float
+    ) -> SmoothField:
         """``waves`` plane waves, random directions, wavelengths uniform in ``wavelength``;
         their sum has standard deviation ``amplitude``."""
         angles = rng.uniform(0, 2 * np.pi, waves)
@@ -136,8 +137,7 @@ class SmoothField:
         rows = np.asarray(rows, dtype=np.float64)
         cols = np.asarray(cols, dtype=np.float64)
         out = np.zeros((rows.size, cols.size), dtype=np.float32)
-        for (dr, dc), wavelength, phase, amp in zip(self.directions, self.wavelengths, self.phases,
-                                                      self.amplitudes):
+        for (dr, dc), wavelength, phase, amp in zip(self.directions, self.wavelengths, self.phases, self.amplitudes):
             k = 2 * np.pi / wavelength
             a = rows * (dr * k) + phase
             b = cols * (dc * k)

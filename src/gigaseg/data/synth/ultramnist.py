@@ -32,8 +32,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -65,8 +65,9 @@ class UltraMnistConfig:
     def __post_init__(self) -> None:
         lo, hi = self.digits
         if not 2 <= lo <= hi:
-            raise ConfigError(f"digits per image must be a range with at least 2 (a large and a small digit), "
-                              f"got {lo}-{hi}")
+            raise ConfigError(
+                f"digits per image must be a range with at least 2 (a large and a small digit), got {lo}-{hi}"
+            )
         if not self.values or any(not 0 <= v <= 9 for v in self.values):
             raise ConfigError(f"digit values must be among 0..9, got {list(self.values)}")
         if not 0 < self.large[0] <= self.large[1] <= 0.9:
@@ -131,8 +132,9 @@ def _font(size: int):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: no scalable default font
-        raise ConfigError("gigaseg synth ultramnist needs Pillow >= 10.1 with FreeType "
-                          "(ImageFont.load_default(size=...))") from None
+        raise ConfigError(
+            "gigaseg synth ultramnist needs Pillow >= 10.1 with FreeType (ImageFont.load_default(size=...))"
+        ) from None
 
 
 def render_digit(value: int, ink_height: int, angle: float = 0.0) -> np.ndarray:
@@ -149,7 +151,7 @@ def render_digit(value: int, ink_height: int, angle: float = 0.0) -> np.ndarray:
         canvas = canvas.rotate(angle, resample=Image.BILINEAR, expand=True)
     ink = np.asarray(canvas)
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    return np.ascontiguousarray(ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+    return np.ascontiguousarray(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
 
 
 def scaled(mask: np.ndarray, intensity: int) -> np.ndarray:
@@ -178,8 +180,10 @@ def _place(rng: np.random.Generator, side: int, h: int, w: int, boxes, margin: i
 def _digit_heights(rng: np.random.Generator, count: int, side: int, config: UltraMnistConfig) -> list[int]:
     smallest, largest = config.smallest(side), config.largest(side)
     low, high = config.small_digit_heights(side)
-    heights = [int(rng.uniform(max(smallest, config.large[0] * side), largest)),
-               int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))]
+    heights = [
+        int(rng.uniform(max(smallest, config.large[0] * side), largest)),
+        int(round(math.exp(rng.uniform(math.log(low), math.log(high))))),
+    ]
     for _ in range(count - 2):
         heights.append(int(round(math.exp(rng.uniform(math.log(smallest), math.log(largest))))))
     return heights
@@ -239,7 +243,7 @@ def generate_image(side: int, seed: int = 0, index: int = 0, config: UltraMnistC
                 raise ConfigError(f"cannot place {count} digits on a {side}x{side} canvas; use fewer digits")
         top, left = place
         intensity = int(rng.integers(config.intensity[0], config.intensity[1] + 1))
-        canvas[top:top + h, left:left + w] = scaled(mask, intensity)
+        canvas[top : top + h, left : left + w] = scaled(mask, intensity)
         boxes.append((top, left, h, w))
         digits[i] = Digit(values[i], top, left, h, w, ink, angle, intensity)
     # shapes: boxes that avoid every digit box (they may cross one another)
@@ -253,7 +257,7 @@ def generate_image(side: int, seed: int = 0, index: int = 0, config: UltraMnistC
             continue
         top, left = place
         shape = scaled(_draw_shape(rng, h, w), int(rng.integers(config.intensity[0], config.intensity[1] + 1)))
-        region = canvas[top:top + h, left:left + w]
+        region = canvas[top : top + h, left : left + w]
         np.maximum(region, shape, out=region)
         drawn += 1
     return UltraMnistImage(canvas, [d for d in digits if d is not None], drawn)
@@ -297,14 +301,21 @@ def write_ultramnist_dataset(
         raise ConfigError(f"--size must be at least 32 px, got {size}")
     names = image_names(count)
     n_val = 0 if val_fraction == 0 or count == 1 else max(1, int(round(count * val_fraction)))
-    splits = {"train": names[:count - n_val], "val": names[count - n_val:]}
+    splits = {"train": names[: count - n_val], "val": names[count - n_val :]}
     out = prepare_output_dir(out_dir, ("images",))
     images = out / "images"
     manifest = {
-        "generator": GENERATOR, "format_version": FORMAT_VERSION, "complete": False, "seed": int(seed),
-        "count": int(count), "size": int(size), "label_rule": "sum of the digits modulo 10",
+        "generator": GENERATOR,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "seed": int(seed),
+        "count": int(count),
+        "size": int(size),
+        "label_rule": "sum of the digits modulo 10",
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
-        "classes": list(CLASSES), "splits": splits, "files": [f"images/{name}.tif" for name in names],
+        "classes": list(CLASSES),
+        "splits": splits,
+        "files": [f"images/{name}.tif" for name in names],
         "images": [],
     }
     write_text(out / MANIFEST, json.dumps(manifest, indent=2))
@@ -312,12 +323,18 @@ def write_ultramnist_dataset(
     tile = min(256, -(-size // 16) * 16)
     for index, name in enumerate(names):
         image = generate_image(size, seed, index, config)
-        tifffile.imwrite(images / f"{name}.tif", image.pixels, tile=(tile, tile), compression="zlib",
-                         photometric="minisblack",
-                         description=json.dumps({"generator": GENERATOR, "seed": seed, "index": index}))
+        tifffile.imwrite(
+            images / f"{name}.tif",
+            image.pixels,
+            tile=(tile, tile),
+            compression="zlib",
+            photometric="minisblack",
+            description=json.dumps({"generator": GENERATOR, "seed": seed, "index": index}),
+        )
         labels[name] = image.label
-        manifest["images"].append({"name": name, "label": image.label, "shapes": image.shapes,
-                                   "digits": [asdict(d) for d in image.digits]})
+        manifest["images"].append(
+            {"name": name, "label": image.label, "shapes": image.shapes, "digits": [asdict(d) for d in image.digits]}
+        )
         if advance is not None:
             advance(1)
     content = classification_yaml(CLASSES, labels, splits=splits, name="ultramnist-synthetic")

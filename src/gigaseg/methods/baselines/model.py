@@ -37,8 +37,15 @@ class GlobalSegmenter(FPNSegmenter):
 class PatchSegmenter(FPNSegmenter):
     """Patch-only baseline: full-resolution ``patch_size`` windows, ``overlap`` px apart at prediction."""
 
-    default_options = {"patch_size": 508, "overlap": 120, "blend": "gaussian", "decoder": "fpn", "fpn_channels": 256,
-                       "loss": "focal", "crops_per_image": 8}
+    default_options = {
+        "patch_size": 508,
+        "overlap": 120,
+        "blend": "gaussian",
+        "decoder": "fpn",
+        "fpn_channels": 256,
+        "loss": "focal",
+        "crops_per_image": 8,
+    }
     option_choices = {"decoder": DECODERS, "loss": LOSSES, "blend": BLEND_MODES}
     inference_options = ("overlap", "blend")
     size_option = "patch_size"
@@ -46,5 +53,7 @@ class PatchSegmenter(FPNSegmenter):
     def check_options(self) -> None:
         self._require_positive("patch_size", "crops_per_image", "fpn_channels")
         if not 0 <= self.options["overlap"] < self.options["patch_size"]:
-            raise ConfigError(f"patch: option overlap must be in [0, patch_size={self.options['patch_size']}), "
-                              f"got {self.options['overlap']}")
+            raise ConfigError(
+                f"patch: option overlap must be in [0, patch_size={self.options['patch_size']}), "
+                f"got {self.options['overlap']}"
+            )

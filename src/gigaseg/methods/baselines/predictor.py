@@ -57,8 +57,17 @@ class PatchPredictor(SegmentationPredictor):
                 return self.model(batch)
 
         with torch.inference_mode():
-            return stitch_block(source, context["grid"], window, logits, self.to_tensor, self.num_classes,
-                                self.sub_batch, blend=self.model.options["blend"], cache=context["cache"])
+            return stitch_block(
+                source,
+                context["grid"],
+                window,
+                logits,
+                self.to_tensor,
+                self.num_classes,
+                self.sub_batch,
+                blend=self.model.options["blend"],
+                cache=context["cache"],
+            )
 
 
 def block_bytes(block: int, patch: int, num_classes: int, channels: int) -> int:
@@ -69,8 +78,14 @@ def block_bytes(block: int, patch: int, num_classes: int, channels: int) -> int:
     return probs + block * block * 4 + pixels
 
 
-def global_predictor(model: GlobalSegmenter, normalization: Normalization, *, device="cpu",
-                     max_memory: int | None = None, precision: str = "32") -> GlobalPredictor:
+def global_predictor(
+    model: GlobalSegmenter,
+    normalization: Normalization,
+    *,
+    device="cpu",
+    max_memory: int | None = None,
+    precision: str = "32",
+) -> GlobalPredictor:
     """The ``global`` method's predictor (its memory does not depend on a budget).
 
     Args:
@@ -86,8 +101,15 @@ def global_predictor(model: GlobalSegmenter, normalization: Normalization, *, de
     return GlobalPredictor(model, normalization, device=device, precision=precision)
 
 
-def patch_predictor(model: PatchSegmenter, normalization: Normalization, *, device="cpu",
-                    max_memory: int | None = None, precision: str = "32", default_sub_batch: int = 4) -> PatchPredictor:
+def patch_predictor(
+    model: PatchSegmenter,
+    normalization: Normalization,
+    *,
+    device="cpu",
+    max_memory: int | None = None,
+    precision: str = "32",
+    default_sub_batch: int = 4,
+) -> PatchPredictor:
     """The ``patch`` method's predictor, with patches per forward pass planned from ``max_memory``.
 
     The budget holds the process, the patches' activations and one block's working buffers
@@ -114,8 +136,9 @@ def patch_predictor(model: PatchSegmenter, normalization: Normalization, *, devi
         extra = block_bytes(block, patch, model.num_classes, model.in_channels)
         return inference_estimate(model, sample, runtime=runtime_bytes(device), extra=extra)
 
-    plan = plan_inference(max_memory, estimate, f"{model.method_name} prediction with {patch}-px patches",
-                          default=default_sub_batch)
+    plan = plan_inference(
+        max_memory, estimate, f"{model.method_name} prediction with {patch}-px patches", default=default_sub_batch
+    )
     predictor = PatchPredictor(model, normalization, device=device, sub_batch=plan.sub_batch, precision=precision)
     predictor.block_size = plan.block_size
     return predictor

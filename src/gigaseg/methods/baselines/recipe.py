@@ -39,22 +39,34 @@ def supervised_step(ctx: StepContext, batch: dict) -> dict[str, float]:
 def global_stages(model) -> list[Stage]:
     """GLNet's global-branch schedule (Adam 5e-5, 120 epochs, batch 6) on whole-image views."""
     size = model.options["input_size"]
-    return [Stage(
-        name="global", epochs=120, lr=5e-5, batch_size=6, weight_decay=5e-4,
-        make_data=lambda data, norm, settings: GlobalViews(data, norm, (size, size), seed=settings.seed),
-        step=supervised_step,
-        sample_inputs=lambda m: (torch.zeros(1, m.in_channels, size, size),),
-    )]
+    return [
+        Stage(
+            name="global",
+            epochs=120,
+            lr=5e-5,
+            batch_size=6,
+            weight_decay=5e-4,
+            make_data=lambda data, norm, settings: GlobalViews(data, norm, (size, size), seed=settings.seed),
+            step=supervised_step,
+            sample_inputs=lambda m: (torch.zeros(1, m.in_channels, size, size),),
+        )
+    ]
 
 
 def patch_stages(model) -> list[Stage]:
     """GLNet's local-branch schedule (Adam 2e-5, 50 epochs, batch 6) on full-resolution random crops."""
     patch = model.options["patch_size"]
-    return [Stage(
-        name="patch", epochs=50, lr=2e-5, batch_size=6, weight_decay=5e-4,
-        make_data=lambda data, norm, settings: RandomCrops(data, norm, crop=patch,
-                                                           crops_per_image=model.options["crops_per_image"],
-                                                           seed=settings.seed),
-        step=supervised_step,
-        sample_inputs=lambda m: (torch.zeros(1, m.in_channels, patch, patch),),
-    )]
+    return [
+        Stage(
+            name="patch",
+            epochs=50,
+            lr=2e-5,
+            batch_size=6,
+            weight_decay=5e-4,
+            make_data=lambda data, norm, settings: RandomCrops(
+                data, norm, crop=patch, crops_per_image=model.options["crops_per_image"], seed=settings.seed
+            ),
+            step=supervised_step,
+            sample_inputs=lambda m: (torch.zeros(1, m.in_channels, patch, patch),),
+        )
+    ]

@@ -59,8 +59,9 @@ def encoder_bytes(model: GLNet, training: bool) -> int:
     """
     size_p = model.options["size_p"]
     with torch.device("meta"):
-        encoder = Encoder(model.encoder_name, in_channels=model.in_channels,
-                          out_indices=model.local_branch.encoder.out_indices)
+        encoder = Encoder(
+            model.encoder_name, in_channels=model.in_channels, out_indices=model.local_branch.encoder.out_indices
+        )
     total, _ = leaf_output_bytes(encoder, (torch.zeros(1, model.in_channels, size_p, size_p),), training=training)
     return total
 

@@ -129,8 +129,8 @@ def _crop_like(features, boxes, size, dtype, batch_index) -> torch.Tensor:
 class PatchOutput:
     """What the local branch returns for a sub-batch of patches."""
 
-    local: FPNFeatures              # the local branch's maps (``logits``: local logits at 1/4)
-    ensemble: torch.Tensor | None   # ensemble logits (same size as the local logits)
+    local: FPNFeatures  # the local branch's maps (``logits``: local logits at 1/4)
+    ensemble: torch.Tensor | None  # ensemble logits (same size as the local logits)
     global_ps3: torch.Tensor | None  # the crop of the global ps3 each patch was ensembled with
 
 
@@ -148,7 +148,7 @@ class LocalToGlobal:
         self.averagers = {point: [PasteAverager(size) for size in sizes[point]] for point in _SHARED}
 
     @classmethod
-    def like(cls, features: FPNFeatures) -> "LocalToGlobal":
+    def like(cls, features: FPNFeatures) -> LocalToGlobal:
         """A merger onto the grids of ``features`` (the global branch's maps of this image)."""
         return cls({point: [tuple(m.shape[-2:]) for m in getattr(features, point)] for point in _SHARED})
 
@@ -177,7 +177,8 @@ class GLNet(SegmentationModel):
             image at ``size_g``, whatever the image size (see the module docstring). ``"tile"``:
             the thumbnail of a ``context_tile``-px tile around each block, so images far larger
             than the training scenes are seen at the training scale
-            (``gigaseg.methods.glnet.predictor.GLNetTilePredictor``). An inference option: ``--set global_context=tile``.
+            (``gigaseg.methods.glnet.predictor.GLNetTilePredictor``). An inference option:
+            ``--set global_context=tile``.
         context_tile: side of the tiles of the ``"tile"`` policy; 0 (the default): the side of
             the scenes this model was trained on (:attr:`context_side`).
         fpn_channels: lateral width of every FPN (256 in the paper; the smoothing width is half).
@@ -185,14 +186,28 @@ class GLNet(SegmentationModel):
             at 64 the FPN convolutions, which dominate GLNet's cost per patch, are ~16x cheaper.
     """
 
-    default_options: dict[str, Any] = {"size_g": 508, "size_p": 508, "min_overlap": 50, "fmreg": 0.15,
-                                       "focal_gamma": 3.0, "global_context": "image", "fpn_channels": 256,
-                                       "context_tile": 0}
+    default_options: dict[str, Any] = {
+        "size_g": 508,
+        "size_p": 508,
+        "min_overlap": 50,
+        "fmreg": 0.15,
+        "focal_gamma": 3.0,
+        "global_context": "image",
+        "fpn_channels": 256,
+        "context_tile": 0,
+    }
     option_choices = {"global_context": ("image", "tile")}
     inference_options = ("min_overlap", "global_context", "context_tile")
 
-    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
-                 pretrained: PretrainedSpec = False, **options: Any):
+    def __init__(
+        self,
+        encoder: str = "resnet50",
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: PretrainedSpec = False,
+        **options: Any,
+    ):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         width = self.options["fpn_channels"]
         widths = {"lateral_channels": width, "smooth_channels": max(1, width // 2)}
@@ -215,12 +230,16 @@ class GLNet(SegmentationModel):
     def check_options(self) -> None:
         self._require_positive("size_g", "size_p", "fpn_channels")
         if not 0 <= self.options["min_overlap"] < self.options["size_p"]:
-            raise ConfigError(f"glnet: option min_overlap must be in [0, size_p={self.options['size_p']}), "
-                              f"got {self.options['min_overlap']}")
+            raise ConfigError(
+                f"glnet: option min_overlap must be in [0, size_p={self.options['size_p']}), "
+                f"got {self.options['min_overlap']}"
+            )
         tile = self.options["context_tile"]
         if tile != 0 and tile <= self.options["size_p"]:
-            raise ConfigError(f"glnet: option context_tile must be larger than size_p={self.options['size_p']} "
-                              f"(a tile holds whole patches), or 0 for the training scenes' side; got {tile}")
+            raise ConfigError(
+                f"glnet: option context_tile must be larger than size_p={self.options['size_p']} "
+                f"(a tile holds whole patches), or 0 for the training scenes' side; got {tile}"
+            )
         if self.options["fmreg"] < 0 or self.options["focal_gamma"] < 0:
             raise ConfigError("glnet: options fmreg and focal_gamma must be >= 0")
 
@@ -255,7 +274,7 @@ class GLNet(SegmentationModel):
         return all(p is mine[name] for name, p in self.global_fixed.named_parameters())
 
     def _tie_fixed(self) -> None:
-        for (name, module), source in zip(self.global_fixed.named_modules(), self.global_branch.modules()):
+        for module, source in zip(self.global_fixed.modules(), self.global_branch.modules()):
             for key in list(module._parameters):
                 module._parameters[key] = source._parameters[key]
             for key in list(module._buffers):
@@ -281,8 +300,10 @@ class GLNet(SegmentationModel):
         The ``global_branch`` figure includes its plain FPN's classifier, which the ``_ext``
         layers share.
         """
-        parts = {name: sum(p.numel() for p in getattr(self, name).parameters())
-                 for name in ("global_branch", "global_ext", "local_branch", "ensemble", "global_fixed")}
+        parts = {
+            name: sum(p.numel() for p in getattr(self, name).parameters())
+            for name in ("global_branch", "global_ext", "local_branch", "ensemble", "global_fixed")
+        }
         parts["paper"] = sum(v for k, v in parts.items() if k != "global_fixed")
         parts["total"] = parts["paper"] + parts["global_fixed"]
         return parts
@@ -293,8 +314,9 @@ class GLNet(SegmentationModel):
 
     # ------------------------------------------------------------------ the parts
 
-    def global_features(self, x: torch.Tensor, merged: dict[str, list[torch.Tensor]] | None = None,
-                        fixed: bool = False, keep=ALL_MAPS) -> FPNFeatures:
+    def global_features(
+        self, x: torch.Tensor, merged: dict[str, list[torch.Tensor]] | None = None, fixed: bool = False, keep=ALL_MAPS
+    ) -> FPNFeatures:
         """The global branch on global views ``x``; with ``merged`` through the ``_ext`` layers.
 
         ``fixed=True`` runs the frozen stage-1 copy (always under no_grad, plain FPN).
@@ -313,8 +335,15 @@ class GLNet(SegmentationModel):
 
         return fpn_pass(self.global_ext, c, share, classifier=self.global_branch.fpn.classifier, keep=keep)
 
-    def local_features(self, patches: torch.Tensor, boxes, context: FPNFeatures, batch_index=None,
-                       keep=ALL_MAPS, visit: Callable[[str, list[torch.Tensor]], None] | None = None) -> FPNFeatures:
+    def local_features(
+        self,
+        patches: torch.Tensor,
+        boxes,
+        context: FPNFeatures,
+        batch_index=None,
+        keep=ALL_MAPS,
+        visit: Callable[[str, list[torch.Tensor]], None] | None = None,
+    ) -> FPNFeatures:
         """The local branch on ``patches`` fed with crops of the global ``context`` at every sharing point.
 
         ``boxes`` are the patches' normalised boxes (``tiling.normalized_box``); crop ``i`` is
@@ -330,19 +359,29 @@ class GLNet(SegmentationModel):
             if len(maps) != len(own):
                 raise ValueError(f"the context has {len(maps)} maps at {point!r}, the local branch {len(own)}")
             # each crop is made when its level is computed (one crop alive at a time without autograd)
-            return [functools.partial(_crop_like, g, boxes, o.shape[-2:], o.dtype, batch_index)
-                    for g, o in zip(maps, own)]
+            return [
+                functools.partial(_crop_like, g, boxes, o.shape[-2:], o.dtype, batch_index) for g, o in zip(maps, own)
+            ]
 
         return fpn_pass(self.local_branch.fpn, c, share, keep=keep)
 
-    def ensemble_logits(self, local_ps3: torch.Tensor, global_ps3: torch.Tensor, boxes,
-                        batch_index=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def ensemble_logits(
+        self, local_ps3: torch.Tensor, global_ps3: torch.Tensor, boxes, batch_index=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ensemble logits, the global ps3 crop) for patches with local maps ``local_ps3``."""
         crop = crop_global(global_ps3, boxes, local_ps3.shape[-2:], batch_index).to(local_ps3.dtype)
         return conv_cat(self.ensemble, [local_ps3, crop]), crop
 
-    def patch_forward(self, patches: torch.Tensor, boxes, context: FPNFeatures, ensemble_from: torch.Tensor | None = None,
-                      batch_index=None, ensemble: bool = True, keep=ALL_MAPS) -> PatchOutput:
+    def patch_forward(
+        self,
+        patches: torch.Tensor,
+        boxes,
+        context: FPNFeatures,
+        ensemble_from: torch.Tensor | None = None,
+        batch_index=None,
+        ensemble: bool = True,
+        keep=ALL_MAPS,
+    ) -> PatchOutput:
         """Local branch + ensemble for a sub-batch; the ensemble crops ``ensemble_from`` (default ``context.ps3``)."""
         keep = set(keep) | ({"ps3"} if ensemble else set())
         local = self.local_features(patches, boxes, context, batch_index, keep=keep)
@@ -385,7 +424,7 @@ class GLNet(SegmentationModel):
         height, width = x.shape[-2:]
         out = []
         for b in range(x.shape[0]):
-            image = x[b:b + 1]
+            image = x[b : b + 1]
             view = self.global_view(image)
             if stage == 1:
                 out.append(resize(self.global_features(view).logits, (height, width)))
@@ -394,7 +433,7 @@ class GLNet(SegmentationModel):
             boxes = grid.normalized_boxes()
             pad_h, pad_w = grid.padded_shape[0] - height, grid.padded_shape[1] - width
             padded = F.pad(image, (0, pad_w, 0, pad_h)) if pad_h or pad_w else image
-            patches = torch.cat([padded[:, :, w.top:w.bottom, w.left:w.right] for w in grid.windows])
+            patches = torch.cat([padded[:, :, w.top : w.bottom, w.left : w.right] for w in grid.windows])
             if stage == 2:
                 context = self.global_features(view)
                 result = self.patch_forward(patches, boxes, context)
@@ -435,7 +474,7 @@ class GLNet(SegmentationModel):
         return shapes
 
 
-def _tie_or_untie_on_load(module: "GLNet", state_dict, prefix, *_args) -> None:
+def _tie_or_untie_on_load(module: GLNet, state_dict, prefix, *_args) -> None:
     """Load pre-hook: tie ``global_fixed`` to the global branch when the incoming copies are equal;
     checkpoints from before ``scene_side`` was recorded load with it unknown (0)."""
     state_dict.setdefault(f"{prefix}scene_side", torch.tensor(0, dtype=torch.long))

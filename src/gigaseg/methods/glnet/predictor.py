@@ -51,8 +51,18 @@ from ...nn.fpn import FPNFeatures
 from .memory import context_bytes, patch_bytes
 from .model import GLNet, LocalToGlobal
 
-__all__ = ["ContextTile", "GLNetContext", "GLNetPredictor", "GLNetTilePredictor", "axis_tiles", "context_tiles",
-           "core_size", "glnet_predictor", "inference_estimate", "inference_plan"]
+__all__ = [
+    "ContextTile",
+    "GLNetContext",
+    "GLNetPredictor",
+    "GLNetTilePredictor",
+    "axis_tiles",
+    "context_tiles",
+    "core_size",
+    "glnet_predictor",
+    "inference_estimate",
+    "inference_plan",
+]
 
 _SHARED = frozenset(("c", "p", "ps1", "ps2"))
 
@@ -63,12 +73,12 @@ class GLNetContext:
 
     stage: int
     image_shape: tuple[int, int]
-    probs: torch.Tensor | None = None            # stage 1: global probabilities (1, K, h, w)
-    grid: PatchGrid | None = None                # stages 2, 3: GLNet's grid over the whole image
-    context: FPNFeatures | None = None           # the global maps the local branch crops
-    ensemble_from: torch.Tensor | None = None    # the global ps3 the ensemble crops
-    cache: dict = field(default_factory=dict)    # logits of patches shared with the next block of the row
-    output: torch.Tensor | None = None           # the buffer predict_block returns its probabilities in
+    probs: torch.Tensor | None = None  # stage 1: global probabilities (1, K, h, w)
+    grid: PatchGrid | None = None  # stages 2, 3: GLNet's grid over the whole image
+    context: FPNFeatures | None = None  # the global maps the local branch crops
+    ensemble_from: torch.Tensor | None = None  # the global ps3 the ensemble crops
+    cache: dict = field(default_factory=dict)  # logits of patches shared with the next block of the row
+    output: torch.Tensor | None = None  # the buffer predict_block returns its probabilities in
 
     def nbytes(self) -> int:
         tensors = [self.probs, self.ensemble_from]
@@ -118,7 +128,7 @@ class GLNetPredictor(SegmentationPredictor):
             fixed = model.global_features(view, fixed=True, keep=_SHARED)
             merger = LocalToGlobal.like(fixed)
             for start in range(0, len(grid), self.sub_batch):
-                windows = grid.windows[start:start + self.sub_batch]
+                windows = grid.windows[start : start + self.sub_batch]
                 boxes = [normalized_box(w, *shape) for w in windows]
                 patches = read_patches(source, windows, self.to_tensor, grid.patch)
 
@@ -145,8 +155,9 @@ class GLNetPredictor(SegmentationPredictor):
         def logits(batch: torch.Tensor, windows: list[Window]) -> torch.Tensor:
             boxes = [normalized_box(w, height, width) for w in windows]
             with self.autocast():
-                out = model.patch_forward(batch, boxes, context.context, ensemble_from=context.ensemble_from,
-                                          keep=frozenset())
+                out = model.patch_forward(
+                    batch, boxes, context.context, ensemble_from=context.ensemble_from, keep=frozenset()
+                )
             return out.ensemble.float()  # at 1/4 of the patch: stitch_block upsamples each when adding it
 
         needed = self.num_classes * window.height * window.width
@@ -154,9 +165,19 @@ class GLNetPredictor(SegmentationPredictor):
             context.output = None  # release the old buffer before allocating the larger one
             context.output = torch.empty(needed)
         with torch.inference_mode():
-            return stitch_block(source, context.grid, window, logits, self.to_tensor, self.num_classes, self.sub_batch,
-                                average="logits", read_per_sub_batch=True, cache=context.cache,
-                                out=context.output)
+            return stitch_block(
+                source,
+                context.grid,
+                window,
+                logits,
+                self.to_tensor,
+                self.num_classes,
+                self.sub_batch,
+                average="logits",
+                read_per_sub_batch=True,
+                cache=context.cache,
+                out=context.output,
+            )
 
 
 # --------------------------------------------------------------------------- memory
@@ -216,9 +237,13 @@ def inference_plan(model: GLNet, device="cpu", max_memory: int | None = None, de
     Raises:
         BudgetError: not even one patch fits.
     """
-    return plan_inference(max_memory, lambda block: inference_estimate(model, device, block),
-                          f"glnet prediction with {model.options['size_p']}-px patches", default=default,
-                          few_patches=FEW_PATCHES)
+    return plan_inference(
+        max_memory,
+        lambda block: inference_estimate(model, device, block),
+        f"glnet prediction with {model.options['size_p']}-px patches",
+        default=default,
+        few_patches=FEW_PATCHES,
+    )
 
 
 # --------------------------------------------------------------------------- the tile policy
@@ -259,9 +284,11 @@ def axis_tiles(length: int, core: int, side: int) -> list[tuple[int, int, int, i
 
 def context_tiles(height: int, width: int, core: int, side: int) -> list[ContextTile]:
     """Every core of an image with its tile, row-major."""
-    return [ContextTile(Window.from_bounds(r0, c0, r1, c1), Window.from_bounds(t0, l0, t1, l1))
-            for r0, r1, t0, t1 in axis_tiles(height, core, side)
-            for c0, c1, l0, l1 in axis_tiles(width, core, side)]
+    return [
+        ContextTile(Window.from_bounds(r0, c0, r1, c1), Window.from_bounds(t0, l0, t1, l1))
+        for r0, r1, t0, t1 in axis_tiles(height, core, side)
+        for c0, c1, l0, l1 in axis_tiles(width, core, side)
+    ]
 
 
 @dataclass
@@ -282,8 +309,15 @@ class GLNetTilePredictor(GLNetPredictor):
     ``block_size`` is set to the core size, so the driver's blocks are the cores.
     """
 
-    def __init__(self, model, normalization, device="cpu", sub_batch: int = 4, precision: str = "32",
-                 block_limit: int | None = None):
+    def __init__(
+        self,
+        model,
+        normalization,
+        device="cpu",
+        sub_batch: int = 4,
+        precision: str = "32",
+        block_limit: int | None = None,
+    ):
         super().__init__(model, normalization, device=device, sub_batch=sub_batch, precision=precision)
         self.context_tile = model.context_side
         self.core = core_size(self.context_tile, model.options["size_p"], block_limit)
@@ -312,13 +346,15 @@ class GLNetTilePredictor(GLNetPredictor):
         out = np.empty((self.num_classes, window.height, window.width), dtype=np.float32)
         for tile, part in parts:  # a block across cores (another block size): each part from its tile
             crop, context = self._context_of(source, state, tile)
-            out[(slice(None), *part.relative_to(window).slices)] = \
-                super().predict_block(crop, context, part.relative_to(tile.tile))
+            out[(slice(None), *part.relative_to(window).slices)] = super().predict_block(
+                crop, context, part.relative_to(tile.tile)
+            )
         return out
 
 
-def glnet_predictor(model: GLNet, normalization: Normalization, *, device="cpu", max_memory: int | None = None,
-                    precision: str = "32") -> GLNetPredictor:
+def glnet_predictor(
+    model: GLNet, normalization: Normalization, *, device="cpu", max_memory: int | None = None, precision: str = "32"
+) -> GLNetPredictor:
     """GLNet's predictor for its ``global_context`` option, planned from ``max_memory``.
 
     Args:
@@ -336,8 +372,14 @@ def glnet_predictor(model: GLNet, normalization: Normalization, *, device="cpu",
     """
     plan = inference_plan(model, device, max_memory)
     if model.options["global_context"] == "tile":
-        return GLNetTilePredictor(model, normalization, device=device, sub_batch=plan.sub_batch, precision=precision,
-                                  block_limit=plan.block_size or block_size_for(max_memory))
+        return GLNetTilePredictor(
+            model,
+            normalization,
+            device=device,
+            sub_batch=plan.sub_batch,
+            precision=precision,
+            block_limit=plan.block_size or block_size_for(max_memory),
+        )
     predictor = GLNetPredictor(model, normalization, device=device, sub_batch=plan.sub_batch, precision=precision)
     predictor.block_size = plan.block_size
     return predictor

@@ -57,8 +57,15 @@ from ...training.views import GlobalViews, SeededViews, rng_for
 from .memory import context_bytes, patch_bytes, unit_bytes
 from .model import STAGES, LocalToGlobal
 
-__all__ = ["GLNetViews", "PAPER_SUB_BATCH", "glnet_stages", "image_sizes", "median_longer_side", "training_estimate",
-           "training_sub_batch"]
+__all__ = [
+    "GLNetViews",
+    "PAPER_SUB_BATCH",
+    "glnet_stages",
+    "image_sizes",
+    "median_longer_side",
+    "training_estimate",
+    "training_sub_batch",
+]
 
 #: patches per backward in the paper; sub-batch losses are weighted by (patches / this)
 PAPER_SUB_BATCH = 6
@@ -102,8 +109,16 @@ class GLNetViews(SeededViews):
     Randomness comes from ``rng_for(seed, epoch, index)``.
     """
 
-    def __init__(self, dataset, normalization: Normalization, size_g: int, size_p: int, min_overlap: int,
-                 augment: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        dataset,
+        normalization: Normalization,
+        size_g: int,
+        size_p: int,
+        min_overlap: int,
+        augment: bool = True,
+        seed: int = 0,
+    ):
         super().__init__(dataset, normalization, seed)
         self.size_g = int(size_g)
         self.size_p = int(size_p)
@@ -142,8 +157,9 @@ class GLNetViews(SeededViews):
             "global": torch.from_numpy(self.normalization.apply(view)),
             "global_label": torch.from_numpy(view_label.astype(np.int64)),
             "patches": torch.from_numpy(np.ascontiguousarray(patches)),
-            "patch_labels": torch.from_numpy(patch_labels if patch_labels.dtype == np.uint8
-                                             else patch_labels.astype(np.int64)),
+            "patch_labels": torch.from_numpy(
+                patch_labels if patch_labels.dtype == np.uint8 else patch_labels.astype(np.int64)
+            ),
             "boxes": torch.tensor(grid.normalized_boxes(), dtype=torch.float32),
             "norm": self._norm.clone(),
             "index": index,
@@ -176,9 +192,11 @@ def _same_sized(sizes: list[tuple[int, int, str]], batch_size: int) -> None:
     first = sizes[0] if sizes else None
     for other in sizes[1:]:
         if other[:2] != first[:2]:
-            raise ConfigError(f"glnet batches whole images with all their patches, so its training images must "
-                              f"all have one size: {first[2]} is {first[0]}x{first[1]} but {other[2]} is "
-                              f"{other[0]}x{other[1]}; train with --batch-size 1 (or tile the images to one size)")
+            raise ConfigError(
+                f"glnet batches whole images with all their patches, so its training images must "
+                f"all have one size: {first[2]} is {first[0]}x{first[1]} but {other[2]} is "
+                f"{other[0]}x{other[1]}; train with --batch-size 1 (or tile the images to one size)"
+            )
 
 
 # --------------------------------------------------------------------------- steps
@@ -232,7 +250,7 @@ def global2local_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
     total = 0
     for i in range(batch["global"].shape[0]):
         with torch.no_grad():
-            context = ctx.wrapped(batch["global"][i:i + 1], "global", keep=_SHARED | {"ps3"})
+            context = ctx.wrapped(batch["global"][i : i + 1], "global", keep=_SHARED | {"ps3"})
         norm = batch["norm"][i]
         for part in _chunks(batch["patches"].shape[1], _sub_batch(ctx)):
             patches = _normalise(batch["patches"][i, part], norm)
@@ -258,7 +276,7 @@ def local2global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
     images = batch["global"].shape[0]
     patches_seen = 0
     for i in range(images):
-        view = batch["global"][i:i + 1]
+        view = batch["global"][i : i + 1]
         norm = batch["norm"][i]
         count = batch["patches"].shape[1]
         with torch.no_grad():
@@ -266,22 +284,34 @@ def local2global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
             merger = LocalToGlobal.like(fixed)
             for part in _chunks(count, _sub_batch(ctx)):
                 boxes = batch["boxes"][i, part]
-                local = ctx.wrapped(_normalise(batch["patches"][i, part], norm), "local", boxes=boxes, context=fixed,
-                                    ensemble=False, keep=_SHARED)
+                local = ctx.wrapped(
+                    _normalise(batch["patches"][i, part], norm),
+                    "local",
+                    boxes=boxes,
+                    context=fixed,
+                    ensemble=False,
+                    keep=_SHARED,
+                )
                 merger.add(local.local, boxes)
                 del local
             merged = merger.result()
             del merger
         glob = ctx.wrapped(view, "global", merged=merged, keep=frozenset({"ps3", "logits"}))
-        loss_global = focal(glob.logits, _labels_like(batch["global_label"][i:i + 1], glob.logits))
+        loss_global = focal(glob.logits, _labels_like(batch["global_label"][i : i + 1], glob.logits))
         # the ensemble losses reach the global branch through this leaf: one backward of the global graph
         leaf = glob.ps3.detach().requires_grad_(True)
         leaf_grad = torch.zeros_like(leaf)
         for part in _chunks(count, _sub_batch(ctx)):
             boxes = batch["boxes"][i, part]
             with torch.no_grad():
-                local = ctx.wrapped(_normalise(batch["patches"][i, part], norm), "local", boxes=boxes, context=fixed,
-                                    ensemble=False, keep=frozenset({"ps3"}))
+                local = ctx.wrapped(
+                    _normalise(batch["patches"][i, part], norm),
+                    "local",
+                    boxes=boxes,
+                    context=fixed,
+                    ensemble=False,
+                    keep=frozenset({"ps3"}),
+                )
             logits = ctx.wrapped(local.local.ps3, "ensemble", global_ps3=leaf, boxes=boxes)
             labels = _labels_like(batch["patch_labels"][i, part], logits)
             loss = focal(logits, labels)
@@ -295,8 +325,11 @@ def local2global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
         sums["loss_global"] += float(loss_global.detach())
     loss_global = sums["loss_global"] / max(images, 1)
     loss_ensemble = sums["loss_ensemble"] / max(patches_seen, 1)
-    return {"loss": torch.tensor(loss_global + loss_ensemble), "loss_global": torch.tensor(loss_global),
-            "loss_ensemble": torch.tensor(loss_ensemble)}
+    return {
+        "loss": torch.tensor(loss_global + loss_ensemble),
+        "loss_global": torch.tensor(loss_global),
+        "loss_ensemble": torch.tensor(loss_ensemble),
+    }
 
 
 def _starting(stage: int):
@@ -307,8 +340,10 @@ def _starting(stage: int):
         previous = int(model.trained_stage)
         if stage > 1 and previous < stage - 1:
             trained = STAGES[previous - 1] if previous else "nothing yet (fresh weights)"
-            raise ConfigError(f"glnet stage {name!r} continues a {STAGES[stage - 2]!r} run, as in the paper: pass "
-                              f"--init <that run's folder or checkpoint> (this model's weights have trained: {trained})")
+            raise ConfigError(
+                f"glnet stage {name!r} continues a {STAGES[stage - 2]!r} run, as in the paper: pass "
+                f"--init <that run's folder or checkpoint> (this model's weights have trained: {trained})"
+            )
         if stage == 3 and previous < 3:
             model.copy_global_to_fixed()  # the local branch keeps the global features it was trained with
         model.set_stage(stage)
@@ -337,26 +372,52 @@ def glnet_stages(model) -> list[Stage]:
 
         return make
 
-    common: dict[str, Any] = {"batch_size": 6, "weight_decay": 5e-4, "optimizer": "adam", "schedule": "poly",
-                              "sub_batch": PAPER_SUB_BATCH}
+    common: dict[str, Any] = {
+        "batch_size": 6,
+        "weight_decay": 5e-4,
+        "optimizer": "adam",
+        "schedule": "poly",
+        "sub_batch": PAPER_SUB_BATCH,
+    }
     stages = [
         # stage 1 splits its batch of global views by the loop's own plan (sample_inputs)
-        Stage(name="global", epochs=120, lr=5e-5, make_data=global_views, step=global_step,
-              trainable=lambda m: [m.global_branch],
-              # not global_fixed: until stage 3 it shares the global branch's tensors (freezing it would
-              # freeze them); it does not run in this stage
-              frozen_eval=lambda m: [m.local_branch, m.global_ext],
-              sample_inputs=lambda m: (torch.zeros(1, channels, size_g, size_g), "global"),
-              before_stage=_starting(1), **common),
+        Stage(
+            name="global",
+            epochs=120,
+            lr=5e-5,
+            make_data=global_views,
+            step=global_step,
+            trainable=lambda m: [m.global_branch],
+            # not global_fixed: until stage 3 it shares the global branch's tensors (freezing it would
+            # freeze them); it does not run in this stage
+            frozen_eval=lambda m: [m.local_branch, m.global_ext],
+            sample_inputs=lambda m: (torch.zeros(1, channels, size_g, size_g), "global"),
+            before_stage=_starting(1),
+            **common,
+        ),
         # stages 2 and 3 plan their patch sub-batches themselves (training_sub_batch), in make_data
-        Stage(name="global2local", epochs=50, lr=2e-5, make_data=None, step=global2local_step,
-              trainable=lambda m: [m.local_branch, m.ensemble],
-              frozen_eval=lambda m: [m.global_branch, m.global_ext, m.global_fixed],
-              before_stage=_starting(2), **common),
-        Stage(name="local2global", epochs=120, lr=5e-5, make_data=None, step=local2global_step,
-              trainable=lambda m: [m.global_branch, m.global_ext, m.ensemble],
-              frozen_eval=lambda m: [m.local_branch, m.global_fixed],
-              before_stage=_starting(3), **common),
+        Stage(
+            name="global2local",
+            epochs=50,
+            lr=2e-5,
+            make_data=None,
+            step=global2local_step,
+            trainable=lambda m: [m.local_branch, m.ensemble],
+            frozen_eval=lambda m: [m.global_branch, m.global_ext, m.global_fixed],
+            before_stage=_starting(2),
+            **common,
+        ),
+        Stage(
+            name="local2global",
+            epochs=120,
+            lr=5e-5,
+            make_data=None,
+            step=local2global_step,
+            trainable=lambda m: [m.global_branch, m.global_ext, m.ensemble],
+            frozen_eval=lambda m: [m.local_branch, m.global_fixed],
+            before_stage=_starting(3),
+            **common,
+        ),
     ]
     for stage in stages[1:]:
         stage.make_data = patch_views(stage)
@@ -374,8 +435,8 @@ def item_bytes(views: GLNetViews) -> int:
     image = dataset[0].image
     grid = PatchGrid.glnet(image.height, image.width, views.size_p, views.min_overlap)
     pixel = np.dtype(image.dtype).itemsize if np.dtype(image.dtype) == np.uint8 else 4
-    patches = len(grid) * views.size_p ** 2 * (image.channels * pixel + 1)
-    return patches + views.size_g ** 2 * (4 * image.channels + 8)
+    patches = len(grid) * views.size_p**2 * (image.channels * pixel + 1)
+    return patches + views.size_g**2 * (4 * image.channels + 8)
 
 
 def training_estimate(model, stage: str, views: GLNetViews, batch_size: int, device="cpu") -> MemoryEstimate:
@@ -389,8 +450,10 @@ def training_estimate(model, stage: str, views: GLNetViews, batch_size: int, dev
     """
     on_cpu = torch.device(device).type == "cpu"
     process = runtime_bytes(device) if on_cpu else parameter_bytes(model)
-    trainable = {"global2local": [model.local_branch, model.ensemble],
-                 "local2global": [model.global_branch, model.global_ext, model.ensemble]}[stage]
+    trainable = {
+        "global2local": [model.local_branch, model.ensemble],
+        "local2global": [model.global_branch, model.global_ext, model.ensemble],
+    }[stage]
     optimiser = 3 * sum(parameter_bytes(m) for m in trainable)  # gradient + Adam's two moments
     context = context_bytes(model)
     fixed = process + optimiser + 2 * batch_size * item_bytes(views) + context
@@ -406,5 +469,10 @@ def training_sub_batch(model, stage: str, views: GLNetViews, batch_size: int, se
         return PAPER_SUB_BATCH
     device = "cuda" if settings.accelerator in ("cuda", "gpu") else "cpu"
     estimate = training_estimate(model, stage, views, batch_size, device)
-    return plan_sub_batch(settings.max_memory, estimate, f"glnet training stage {stage!r}",
-                          default=PAPER_SUB_BATCH, maximum=PAPER_SUB_BATCH)
+    return plan_sub_batch(
+        settings.max_memory,
+        estimate,
+        f"glnet training stage {stage!r}",
+        default=PAPER_SUB_BATCH,
+        maximum=PAPER_SUB_BATCH,
+    )

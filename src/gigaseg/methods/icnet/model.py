@@ -63,8 +63,16 @@ from .pspnet import (
     upsample_to,
 )
 
-__all__ = ["ICNet", "CascadeOutputs", "CascadeFeatureFusion", "PyramidPoolingSum", "ICNetResNet50Half",
-           "TimmCascade", "PSPNet", "half_size"]
+__all__ = [
+    "ICNet",
+    "CascadeOutputs",
+    "CascadeFeatureFusion",
+    "PyramidPoolingSum",
+    "ICNetResNet50Half",
+    "TimmCascade",
+    "PSPNet",
+    "half_size",
+]
 
 #: the loss weights of the 1/16, 1/8 and 1/4 outputs (cascade label guidance)
 LOSS_WEIGHTS = (0.16, 0.4, 1.0)
@@ -159,7 +167,7 @@ class TimmCascade(nn.Module):
             names = list(features.keys())
             cut = names.index(layers[self.split]) + 1
             self._head = names[:cut]
-            self._tail = names[cut:names.index(layers[-1]) + 1]
+            self._tail = names[cut : names.index(layers[-1]) + 1]
 
     def forward(self, x_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.shared:
@@ -183,16 +191,28 @@ class ICNet(SegmentationModel):
     default_options: dict[str, Any] = {
         "width": 1.0,
         "loss_weights": list(LOSS_WEIGHTS),
-        "crop_size": 768, "scale_min": 0.5, "scale_max": 2.0, "crops_per_image": 1,
-        "tile_size": [1024, 2048], "tile_overlap": 128, "blend": "gaussian",
+        "crop_size": 768,
+        "scale_min": 0.5,
+        "scale_max": 2.0,
+        "crops_per_image": 1,
+        "tile_size": [1024, 2048],
+        "tile_overlap": 128,
+        "blend": "gaussian",
     }
     option_choices = {"blend": ("gaussian", "uniform")}
     inference_options = ("tile_size", "tile_overlap", "blend")
     #: input pixels per pixel of ``decode``'s logits
     output_stride: ClassVar[int] = 4
 
-    def __init__(self, encoder: str = "icnet_resnet50_half", *, num_classes: int, in_channels: int = 3,
-                 pretrained: PretrainedSpec = False, **options: Any):
+    def __init__(
+        self,
+        encoder: str = "icnet_resnet50_half",
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: PretrainedSpec = False,
+        **options: Any,
+    ):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         width = self.options["width"]
         if encoder == "icnet_resnet50_half":
@@ -215,10 +235,14 @@ class ICNet(SegmentationModel):
     def check_options(self) -> None:
         self._require_positive("width")
         weights = self.options["loss_weights"]
-        if (not isinstance(weights, list) or len(weights) != 3
-                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)):
-            raise ConfigError(f"icnet: option loss_weights must be three non-negative numbers (1/16, 1/8, 1/4), "
-                              f"got {weights!r}")
+        if (
+            not isinstance(weights, list)
+            or len(weights) != 3
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)
+        ):
+            raise ConfigError(
+                f"icnet: option loss_weights must be three non-negative numbers (1/16, 1/8, 1/4), got {weights!r}"
+            )
         check_common_options(self)
 
     def _cascade(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -241,4 +265,3 @@ class ICNet(SegmentationModel):
         if self.training:
             return CascadeOutputs(aux16, aux8, logits4)
         return upsample_to(logits4, x.shape[-2:])
-

@@ -34,8 +34,18 @@ class TilePredictor(SegmentationPredictor):
     (``benchmarks/icnet_speed.py`` measures it).
     """
 
-    def __init__(self, model, normalization, device="cpu", sub_batch: int = 1, precision: str = "32", *,
-                 fold_bn: bool = True, channels_last: bool | None = None, compile: bool | dict = False):
+    def __init__(
+        self,
+        model,
+        normalization,
+        device="cpu",
+        sub_batch: int = 1,
+        precision: str = "32",
+        *,
+        fold_bn: bool = True,
+        channels_last: bool | None = None,
+        compile: bool | dict = False,
+    ):
         super().__init__(model, normalization, device=device, sub_batch=sub_batch, precision=precision)
         self.tile = tile_shape(model)
         self.overlap = int(model.options["tile_overlap"])
@@ -43,8 +53,9 @@ class TilePredictor(SegmentationPredictor):
         self.halo = self.overlap
         self.channels_last = True if channels_last is None else bool(channels_last)
         example = torch.zeros(1, model.in_channels, 64, 64, device=next(model.parameters()).device)
-        self.net = optimize_for_inference(model, example, fold_bn=fold_bn, channels_last=self.channels_last,
-                                          compile=compile)
+        self.net = optimize_for_inference(
+            model, example, fold_bn=fold_bn, channels_last=self.channels_last, compile=compile
+        )
 
     def grid(self, height: int, width: int) -> PatchGrid:
         """The whole-image tile grid: one tile (the image itself) when it fits in ``tile_size``."""
@@ -64,13 +75,27 @@ class TilePredictor(SegmentationPredictor):
 
     def predict_block(self, source, grid: PatchGrid, window: Window) -> np.ndarray:
         with torch.inference_mode():
-            return stitch_block(source, grid, window, lambda batch, _windows: self.logits(batch), self.to_tensor,
-                                self.num_classes, self.sub_batch, blend=self.blend)
+            return stitch_block(
+                source,
+                grid,
+                window,
+                lambda batch, _windows: self.logits(batch),
+                self.to_tensor,
+                self.num_classes,
+                self.sub_batch,
+                blend=self.blend,
+            )
 
 
-
-def tile_predictor(model, normalization: Normalization, *, device="cpu", max_memory: int | None = None,
-                   precision: str = "32", **options) -> TilePredictor:
+def tile_predictor(
+    model,
+    normalization: Normalization,
+    *,
+    device="cpu",
+    max_memory: int | None = None,
+    precision: str = "32",
+    **options,
+) -> TilePredictor:
     """ICNet's (or PSPNet's) predictor, with tiles per forward pass planned from ``max_memory``.
 
     Args:
@@ -89,6 +114,11 @@ def tile_predictor(model, normalization: Normalization, *, device="cpu", max_mem
     """
     th, tw = tile_shape(model)
     sample = (torch.zeros(1, model.in_channels, th, tw),)
-    plan = plan_inference(max_memory, lambda _block: inference_estimate(model, sample, runtime=runtime_bytes(device)),
-                          f"{model.method_name} prediction with {th}x{tw} tiles", default=1, maximum=16)
+    plan = plan_inference(
+        max_memory,
+        lambda _block: inference_estimate(model, sample, runtime=runtime_bytes(device)),
+        f"{model.method_name} prediction with {th}x{tw} tiles",
+        default=1,
+        maximum=16,
+    )
     return TilePredictor(model, normalization, device=device, sub_batch=plan.sub_batch, precision=precision, **options)

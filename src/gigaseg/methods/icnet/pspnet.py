@@ -35,8 +35,17 @@ from ...errors import ConfigError
 from ...nn.base import SegmentationModel
 from ...nn.encoders import Encoder, PretrainedSpec
 
-__all__ = ["ConvBN", "Bottleneck", "DilatedResNet50", "PSPNet", "PyramidPoolingConcat", "adaptive_avg_pool",
-           "scaled", "upsample_to", "load_backbone_weights"]
+__all__ = [
+    "ConvBN",
+    "Bottleneck",
+    "DilatedResNet50",
+    "PSPNet",
+    "PyramidPoolingConcat",
+    "adaptive_avg_pool",
+    "scaled",
+    "upsample_to",
+    "load_backbone_weights",
+]
 
 #: the PSPNet pyramid bins
 PYRAMID_BINS = (1, 2, 3, 6)
@@ -66,8 +75,8 @@ def adaptive_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
     if not torch.onnx.is_in_onnx_export():
         return F.adaptive_avg_pool2d(x, bins)
     h, w = int(x.shape[-2]), int(x.shape[-1])
-    rows = _pool_matrix(h, bins, x.dtype, x.device)   # (bins, h)
-    cols = _pool_matrix(w, bins, x.dtype, x.device)   # (bins, w)
+    rows = _pool_matrix(h, bins, x.dtype, x.device)  # (bins, h)
+    cols = _pool_matrix(w, bins, x.dtype, x.device)  # (bins, w)
     return torch.matmul(torch.matmul(rows, x), cols.t())
 
 
@@ -84,7 +93,9 @@ class ConvBN(nn.Sequential):
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1, relu: bool = True):
         layers: list[nn.Module] = [
-            nn.Conv2d(cin, cout, kernel, stride=stride, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
+            nn.Conv2d(
+                cin, cout, kernel, stride=stride, padding=dilation * (kernel // 2), dilation=dilation, bias=False
+            ),
             nn.BatchNorm2d(cout),
         ]
         if relu:
@@ -126,13 +137,13 @@ class DilatedResNet50(nn.Module):
         cin = 2 * base
         stages = []
         for i, (blocks, stride, dilation) in enumerate(RESNET50_STAGES):
-            cout = 4 * base * 2 ** i
+            cout = 4 * base * 2**i
             layers = [Bottleneck(cin, cout, stride=stride, dilation=dilation)]
             layers += [Bottleneck(cout, cout, dilation=dilation) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*layers))
             cin = cout
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.out_channels = [4 * base * 2 ** i for i in range(4)]
+        self.out_channels = [4 * base * 2**i for i in range(4)]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c4 = self.layer3(self.layer2(self.layer1(self.stem(x))))
@@ -166,20 +177,25 @@ def check_common_options(model) -> None:
     o = model.options
     size = o["tile_size"]
     valid = (isinstance(size, int) and not isinstance(size, bool) and size > 0) or (
-        isinstance(size, list) and len(size) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size))
+        isinstance(size, list)
+        and len(size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+    )
     if not valid:
         raise ConfigError(f"{name}: option tile_size must be a positive integer or [height, width], got {size!r}")
     th, tw = tile_shape(model)
     if not (isinstance(o["tile_overlap"], int) and 0 <= o["tile_overlap"] < min(th, tw)):
-        raise ConfigError(f"{name}: option tile_overlap must be an integer in [0, {min(th, tw)}), "
-                          f"got {o['tile_overlap']!r}")
+        raise ConfigError(
+            f"{name}: option tile_overlap must be an integer in [0, {min(th, tw)}), got {o['tile_overlap']!r}"
+        )
     for key in ("crop_size", "crops_per_image"):
         if key in o and not (isinstance(o[key], int) and o[key] > 0):
             raise ConfigError(f"{name}: option {key} must be a positive integer, got {o[key]!r}")
     if not 0 < o["scale_min"] <= o["scale_max"]:
-        raise ConfigError(f"{name}: options scale_min and scale_max need 0 < scale_min <= scale_max, "
-                          f"got {o['scale_min']} and {o['scale_max']}")
+        raise ConfigError(
+            f"{name}: options scale_min and scale_max need 0 < scale_min <= scale_max, "
+            f"got {o['scale_min']} and {o['scale_max']}"
+        )
 
 
 def load_backbone_weights(backbone: nn.Module, pretrained: PretrainedSpec, encoder: str) -> None:
@@ -187,8 +203,10 @@ def load_backbone_weights(backbone: nn.Module, pretrained: PretrainedSpec, encod
     if pretrained in (False, None):
         return
     if pretrained is True:
-        raise ConfigError(f"encoder {encoder!r} is gigaseg's own implementation: there are no downloadable "
-                          f"pretrained weights; pass a local file holding its backbone state dict")
+        raise ConfigError(
+            f"encoder {encoder!r} is gigaseg's own implementation: there are no downloadable "
+            f"pretrained weights; pass a local file holding its backbone state dict"
+        )
     try:
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError) as error:
@@ -206,15 +224,29 @@ class PSPNet(SegmentationModel):
 
     default_encoder: ClassVar[str] = "pspnet_resnet50"
     default_options: dict[str, Any] = {
-        "width": 1.0, "dropout": 0.1, "aux_weight": 0.4,
-        "crop_size": 768, "scale_min": 0.5, "scale_max": 2.0, "crops_per_image": 1,
-        "tile_size": [1024, 2048], "tile_overlap": 128, "blend": "gaussian",
+        "width": 1.0,
+        "dropout": 0.1,
+        "aux_weight": 0.4,
+        "crop_size": 768,
+        "scale_min": 0.5,
+        "scale_max": 2.0,
+        "crops_per_image": 1,
+        "tile_size": [1024, 2048],
+        "tile_overlap": 128,
+        "blend": "gaussian",
     }
     option_choices = {"blend": ("gaussian", "uniform")}
     inference_options = ("tile_size", "tile_overlap", "blend")
 
-    def __init__(self, encoder: str = "pspnet_resnet50", *, num_classes: int, in_channels: int = 3,
-                 pretrained: PretrainedSpec = False, **options: Any):
+    def __init__(
+        self,
+        encoder: str = "pspnet_resnet50",
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: PretrainedSpec = False,
+        **options: Any,
+    ):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         width = self.options["width"]
         if encoder == "pspnet_resnet50":
@@ -227,10 +259,14 @@ class PSPNet(SegmentationModel):
             c4, c5 = self.backbone.out_channels[-2:]
             self._timm = True
         self.ppm = PyramidPoolingConcat(c5, scaled(512, width), scaled(512, width))
-        self.classifier = nn.Sequential(nn.Dropout2d(self.options["dropout"]),
-                                        nn.Conv2d(scaled(512, width), num_classes, 1))
-        self.aux = nn.Sequential(ConvBN(c4, scaled(256, width), 3), nn.Dropout2d(self.options["dropout"]),
-                                 nn.Conv2d(scaled(256, width), num_classes, 1))
+        self.classifier = nn.Sequential(
+            nn.Dropout2d(self.options["dropout"]), nn.Conv2d(scaled(512, width), num_classes, 1)
+        )
+        self.aux = nn.Sequential(
+            ConvBN(c4, scaled(256, width), 3),
+            nn.Dropout2d(self.options["dropout"]),
+            nn.Conv2d(scaled(256, width), num_classes, 1),
+        )
 
     def check_options(self) -> None:
         self._require_positive("width")
@@ -259,6 +295,8 @@ def _timm_encoder(encoder: str, in_channels: int, pretrained: PretrainedSpec, **
         return Encoder(encoder, in_channels=in_channels, pretrained=pretrained, output_stride=8, **kwargs)
     except ConfigError as error:
         if "output_stride" in str(error):
-            raise ConfigError(f"{error}; these networks need an encoder that timm can dilate to output "
-                              f"stride 8 (ResNet/ResNeXt/RegNet-style CNNs)") from None
+            raise ConfigError(
+                f"{error}; these networks need an encoder that timm can dilate to output "
+                f"stride 8 (ResNet/ResNeXt/RegNet-style CNNs)"
+            ) from None
         raise

@@ -27,8 +27,16 @@ from ...training.views import SeededViews, rng_for
 __all__ = ["ScaledCrops", "cascade_label_guidance_loss", "downsample_labels", "icnet_stages", "pspnet_stages"]
 
 #: the paper's SGD recipe, shared by ICNet and its PSPNet reference
-RECIPE = dict(epochs=160, lr=0.01, batch_size=16, optimizer="sgd", momentum=0.9, weight_decay=1e-4,
-              schedule="poly", poly_power=0.9)
+RECIPE = dict(
+    epochs=160,
+    lr=0.01,
+    batch_size=16,
+    optimizer="sgd",
+    momentum=0.9,
+    weight_decay=1e-4,
+    schedule="poly",
+    poly_power=0.9,
+)
 
 
 # --------------------------------------------------------------------------- loss
@@ -49,8 +57,9 @@ def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
     return labels[..., rows[:, None], cols[None, :]]
 
 
-def cascade_label_guidance_loss(outputs, labels: torch.Tensor, weights=(0.16, 0.4, 1.0),
-                                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def cascade_label_guidance_loss(
+    outputs, labels: torch.Tensor, weights=(0.16, 0.4, 1.0), ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``sum_i weights[i] * CE(outputs[i], nearest(labels, outputs[i]'s size))``.
 
     ``outputs`` are the logits at 1/16, 1/8 and 1/4 (``CascadeOutputs``), ``weights`` the
@@ -89,13 +98,24 @@ class ScaledCrops(SeededViews):
     ``(seed, epoch, index)`` as in ``gigaseg.training.views``.
     """
 
-    def __init__(self, dataset, normalization, crop: int, scale_range=(0.5, 2.0), crops_per_image: int = 1,
-                 mirror: bool = True, seed: int = 0, ignore_index: int | None = None):
+    def __init__(
+        self,
+        dataset,
+        normalization,
+        crop: int,
+        scale_range=(0.5, 2.0),
+        crops_per_image: int = 1,
+        mirror: bool = True,
+        seed: int = 0,
+        ignore_index: int | None = None,
+    ):
         super().__init__(dataset, normalization, seed, crops_per_image)
         self.crop = int(crop)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.mirror = mirror
-        self.ignore_index = int(getattr(dataset, "ignore_index", IGNORE_INDEX) if ignore_index is None else ignore_index)
+        self.ignore_index = int(
+            getattr(dataset, "ignore_index", IGNORE_INDEX) if ignore_index is None else ignore_index
+        )
 
     def __getitem__(self, index: int) -> dict:
         rng = rng_for(self.seed, self.epoch, index)
@@ -131,7 +151,7 @@ def _sub_batches(ctx: StepContext, batch: dict):
     n = images.shape[0]
     step = max(1, int(ctx.sub_batch))
     for start in range(0, n, step):
-        yield images[start:start + step], labels[start:start + step], min(step, n - start) / n
+        yield images[start : start + step], labels[start : start + step], min(step, n - start) / n
 
 
 def icnet_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
@@ -159,20 +179,36 @@ def pspnet_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
         aux_loss = _cross_entropy(F.interpolate(aux, size=size, mode="bilinear", align_corners=False), labels, ignore)
         loss = main_loss + aux_weight * aux_loss
         ctx.backward(loss * fraction)
-        for key, value in {"loss": loss.detach(), "loss_main": main_loss.detach(), "loss_aux": aux_loss.detach()}.items():
+        for key, value in {
+            "loss": loss.detach(),
+            "loss_main": main_loss.detach(),
+            "loss_aux": aux_loss.detach(),
+        }.items():
             logged[key] = logged.get(key, 0.0) + value * fraction
     return logged
 
 
 def _stage(model, name: str, step) -> Stage:
     crop = model.options["crop_size"]
-    stage = Stage(name=name, make_data=None, step=step, sub_batch=RECIPE["batch_size"],
-                  sample_inputs=lambda m: (torch.zeros(1, m.in_channels, crop, crop),), **RECIPE)
+    stage = Stage(
+        name=name,
+        make_data=None,
+        step=step,
+        sub_batch=RECIPE["batch_size"],
+        sample_inputs=lambda m: (torch.zeros(1, m.in_channels, crop, crop),),
+        **RECIPE,
+    )
 
     def make_data(dataset, normalization, settings):
         stage.options["ignore_index"] = int(dataset.ignore_index)
-        return ScaledCrops(dataset, normalization, crop, (model.options["scale_min"], model.options["scale_max"]),
-                           crops_per_image=model.options.get("crops_per_image", 1), seed=settings.seed)
+        return ScaledCrops(
+            dataset,
+            normalization,
+            crop,
+            (model.options["scale_min"], model.options["scale_max"]),
+            crops_per_image=model.options.get("crops_per_image", 1),
+            seed=settings.seed,
+        )
 
     stage.make_data = make_data
     return stage

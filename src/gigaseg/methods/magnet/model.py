@@ -108,10 +108,20 @@ REFINE_HALO = 4
 #: pixels per band when merging the refined canvas with the upsampled current prediction
 BAND_PIXELS = 512 * 1024
 
-_DEEPGLOBE = {"scales": [[612, 612], [1224, 1224], [2448, 2448]], "input_size": [508, 508],
-              "points": 0.75, "median_kernel": 11, "fast_patches": None}
-_CITYSCAPES = {"scales": [[128, 256], [256, 512], [512, 1024], [1024, 2048]], "input_size": [128, 256],
-               "points": 32768.0, "median_kernel": 5, "fast_patches": None}
+_DEEPGLOBE = {
+    "scales": [[612, 612], [1224, 1224], [2448, 2448]],
+    "input_size": [508, 508],
+    "points": 0.75,
+    "median_kernel": 11,
+    "fast_patches": None,
+}
+_CITYSCAPES = {
+    "scales": [[128, 256], [256, 512], [512, 1024], [1024, 2048]],
+    "input_size": [128, 256],
+    "points": 32768.0,
+    "median_kernel": 5,
+    "fast_patches": None,
+}
 
 #: the published configurations (methods.md, section 3); scales and input sizes are (h, w)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -174,8 +184,8 @@ def certainty(probs: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n, 1, h, w), dtype=torch.float32, device=probs.device)
     rows = max(1, BAND_PIXELS // max(1, w))
     for top in range(0, h, rows):
-        top2 = torch.topk(probs[:, :, top:top + rows], k=2, dim=1).values.float()
-        torch.sub(top2[:, :1], top2[:, 1:2], out=out[:, :, top:top + rows])
+        top2 = torch.topk(probs[:, :, top : top + rows], k=2, dim=1).values.float()
+        torch.sub(top2[:, :1], top2[:, 1:2], out=out[:, :, top : top + rows])
     return out
 
 
@@ -203,13 +213,16 @@ def median_blur(x: torch.Tensor, kernel: int, band_bytes: int = 32 * 2**20) -> t
         raise ValueError(f"the median kernel must be odd, got {kernel}")
     pad = kernel // 2
     n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect") if min(h, w) > pad else \
-        F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    padded = (
+        F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        if min(h, w) > pad
+        else F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    )
     out = torch.empty_like(x)
     rows = max(1, band_bytes // max(1, n * c * w * kernel * kernel * x.element_size()))
     for top in range(0, h, rows):
         bottom = min(h, top + rows)
-        windows = padded[:, :, top:bottom + 2 * pad].unfold(2, kernel, 1).unfold(3, kernel, 1)
+        windows = padded[:, :, top : bottom + 2 * pad].unfold(2, kernel, 1).unfold(3, kernel, 1)
         out[:, :, top:bottom] = windows.reshape(n, c, bottom - top, w, kernel * kernel).median(dim=-1).values
     return out
 
@@ -365,8 +378,11 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def _pair(value: Any, name: str) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value, value]
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+    ):
         raise ConfigError(f"magnet: {name} must be a positive integer or an [h, w] pair of them, got {value!r}")
     return [int(value[0]), int(value[1])]
 
@@ -401,17 +417,31 @@ class MagNet(SegmentationModel):
     option_choices = {"preset": tuple(PRESETS), "decoder": DECODERS, "refine": REFINE_MODES}
     inference_options = ("points", "fast_patches", "median_kernel", "refine")
 
-    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
-                 pretrained: PretrainedSpec = False, **options: Any):
+    def __init__(
+        self,
+        encoder: str = "resnet50",
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: PretrainedSpec = False,
+        **options: Any,
+    ):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         if num_classes < 2:
             raise ConfigError(f"magnet needs at least 2 classes (its certainty is top1 - top2), got {num_classes}")
-        self.backbone = FPNSegmenter(encoder, num_classes=num_classes, in_channels=in_channels,
-                                     pretrained=pretrained, decoder=self.options["decoder"])
+        self.backbone = FPNSegmenter(
+            encoder,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            pretrained=pretrained,
+            decoder=self.options["decoder"],
+        )
         multiple = self.backbone.size_multiple
         if any(side % multiple for side in self.input_size):
-            raise ConfigError(f"magnet: decoder {self.options['decoder']!r} needs input_size to be a multiple of "
-                              f"{multiple}, got {self.input_size}")
+            raise ConfigError(
+                f"magnet: decoder {self.options['decoder']!r} needs input_size to be a multiple of "
+                f"{multiple}, got {self.input_size}"
+            )
         self.refinement = RefinementModule(num_classes)
         self.register_buffer("refinement_trained", torch.zeros((), dtype=torch.uint8))
 
@@ -421,8 +451,7 @@ class MagNet(SegmentationModel):
     def _resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         preset = options.get("preset", cls.default_options["preset"])
         if preset not in PRESETS:
-            raise ConfigError(f"magnet: option preset={preset!r} is not one of "
-                              f"{', '.join(repr(p) for p in PRESETS)}")
+            raise ConfigError(f"magnet: option preset={preset!r} is not one of {', '.join(repr(p) for p in PRESETS)}")
         return super()._resolve_options({**copy.deepcopy(PRESETS[preset]), **options})
 
     def check_options(self) -> None:
@@ -433,20 +462,23 @@ class MagNet(SegmentationModel):
         scales = [_pair(s, "each scale") for s in scales]
         for a, b in zip(scales, scales[1:]):
             if b[0] < a[0] or b[1] < a[1] or b == a:
-                raise ConfigError(f"magnet: scales must grow from coarse to fine (each side non-decreasing), "
-                                  f"got {a} before {b}")
+                raise ConfigError(
+                    f"magnet: scales must grow from coarse to fine (each side non-decreasing), got {a} before {b}"
+                )
         opts["scales"] = scales
         opts["input_size"] = _pair(opts["input_size"], "input_size")
         if not opts["points"] > 0:
-            raise ConfigError(f"magnet: option points must be > 0 (a count > 1 or a fraction <= 1), "
-                              f"got {opts['points']}")
+            raise ConfigError(
+                f"magnet: option points must be > 0 (a count > 1 or a fraction <= 1), got {opts['points']}"
+            )
         kernel = opts["median_kernel"]
         if kernel < 1 or kernel % 2 == 0:
             raise ConfigError(f"magnet: option median_kernel must be a positive odd integer, got {kernel}")
         fast = opts["fast_patches"]
         if fast is not None and (isinstance(fast, bool) or not isinstance(fast, int) or fast < 1):
-            raise ConfigError(f"magnet: option fast_patches must be null (MagNet) or a positive integer "
-                              f"(MagNet-Fast), got {fast!r}")
+            raise ConfigError(
+                f"magnet: option fast_patches must be null (MagNet) or a positive integer (MagNet-Fast), got {fast!r}"
+            )
         self._require_positive("crops_per_image")
 
     @property
@@ -461,7 +493,7 @@ class MagNet(SegmentationModel):
     def num_scales(self) -> int:
         return len(self.options["scales"])
 
-    def variant(self, **options: Any) -> "MagNet":
+    def variant(self, **options: Any) -> MagNet:
         """A copy with other options and the same weights (e.g. ``fast_patches=3, points=0.9``)."""
         return self.with_options(**options)
 
@@ -498,8 +530,9 @@ class MagNet(SegmentationModel):
         if (h, w) == (fh, fw):
             canvases = tuple(self.scales)
         else:
-            canvases = tuple((max(1, _round_half_up(h * sh / fh)), max(1, _round_half_up(w * sw / fw)))
-                             for sh, sw in self.scales)
+            canvases = tuple(
+                (max(1, _round_half_up(h * sh / fh)), max(1, _round_half_up(w * sw / fw))) for sh, sw in self.scales
+            )
             canvases = canvases[:-1] + ((h, w),)
         boxes = tuple(tuple(b) for b in patch_boxes(self.scales))
         return FrameGeometry((h, w), canvases, boxes)
@@ -508,7 +541,7 @@ class MagNet(SegmentationModel):
 
     def backbone_probs(self, x: torch.Tensor, autocast=None) -> torch.Tensor:
         """Softmax of the backbone's logits at ``x``'s size (float32)."""
-        with (autocast() if autocast is not None else nullcontext()):
+        with autocast() if autocast is not None else nullcontext():
             logits = self.backbone(x.contiguous(memory_format=torch.channels_last))
         return torch.softmax(logits.float(), dim=1)
 
@@ -523,17 +556,21 @@ class MagNet(SegmentationModel):
         context = autocast() if autocast is not None else nullcontext()
         if self.refinement.training or h <= REFINE_BAND + 2 * REFINE_HALO:
             with context:
-                logits = self.refinement(coarse.contiguous(memory_format=torch.channels_last),
-                                         fine.contiguous(memory_format=torch.channels_last))
+                logits = self.refinement(
+                    coarse.contiguous(memory_format=torch.channels_last),
+                    fine.contiguous(memory_format=torch.channels_last),
+                )
             return torch.softmax(logits.float(), dim=1)
         out = torch.empty_like(coarse, dtype=torch.float32)
         for top in range(0, h, REFINE_BAND):
             bottom = min(h, top + REFINE_BAND)
             lo, hi = max(0, top - REFINE_HALO), min(h, bottom + REFINE_HALO)
             with context:
-                logits = self.refinement(coarse[:, :, lo:hi].contiguous(memory_format=torch.channels_last),
-                                         fine[:, :, lo:hi].contiguous(memory_format=torch.channels_last))
-            out[:, :, top:bottom] = torch.softmax(logits[:, :, top - lo:bottom - lo].float(), dim=1)
+                logits = self.refinement(
+                    coarse[:, :, lo:hi].contiguous(memory_format=torch.channels_last),
+                    fine[:, :, lo:hi].contiguous(memory_format=torch.channels_last),
+                )
+            out[:, :, top:bottom] = torch.softmax(logits[:, :, top - lo : bottom - lo].float(), dim=1)
         return out
 
     def forward(self, x: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
@@ -549,17 +586,30 @@ class MagNet(SegmentationModel):
         """MagNet on each image of a normalised batch ``x`` (each image one frame): probabilities."""
         outputs = []
         for image in x.split(1):
+
             def read(windows: list[Window], image=image) -> torch.Tensor:
-                return torch.cat([_resize(image[:, :, win.top:win.bottom, win.left:win.right], self.input_size)
-                                  for win in windows])
+                return torch.cat(
+                    [
+                        _resize(image[:, :, win.top : win.bottom, win.left : win.right], self.input_size)
+                        for win in windows
+                    ]
+                )
 
             outputs.append(self.infer_frame(read, x.shape[-2:], sub_batch=sub_batch, refine=refine))
         return torch.cat(outputs)
 
     # ---- the method on one frame
 
-    def infer_frame(self, read_patches: PatchReader, frame: Sequence[int], *, sub_batch: int = 4,
-                    autocast=None, refine: bool | None = None, trace: list | None = None) -> torch.Tensor:
+    def infer_frame(
+        self,
+        read_patches: PatchReader,
+        frame: Sequence[int],
+        *,
+        sub_batch: int = 4,
+        autocast=None,
+        refine: bool | None = None,
+        trace: list | None = None,
+    ) -> torch.Tensor:
         """MagNet's prediction of one frame: probabilities ``(1, C, h, w)`` (float32) at the frame's size.
 
         ``read_patches(windows)`` returns the normalised pixels of frame windows resized to
@@ -576,14 +626,25 @@ class MagNet(SegmentationModel):
         if trace is not None:
             trace.append({"scale": 0, "patches": [0], "points": 0})
         if not refine or geometry.num_scales == 1:
-            return F.interpolate(current, size=geometry.frame, mode="bilinear", align_corners=False) \
-                if tuple(current.shape[-2:]) != geometry.frame else current
+            return (
+                F.interpolate(current, size=geometry.frame, mode="bilinear", align_corners=False)
+                if tuple(current.shape[-2:]) != geometry.frame
+                else current
+            )
         for scale in range(1, geometry.num_scales):
             current = self._refine_scale(current, scale, geometry, read_patches, sub_batch, autocast, trace)
         return current
 
-    def _refine_scale(self, current: torch.Tensor, scale: int, geometry: FrameGeometry, read_patches: PatchReader,
-                      sub_batch: int, autocast, trace: list | None) -> torch.Tensor:
+    def _refine_scale(
+        self,
+        current: torch.Tensor,
+        scale: int,
+        geometry: FrameGeometry,
+        read_patches: PatchReader,
+        sub_batch: int,
+        autocast,
+        trace: list | None,
+    ) -> torch.Tensor:
         canvas = geometry.canvases[scale]
         boxes = geometry.boxes[scale]
         windows = geometry.windows(scale)
@@ -597,7 +658,7 @@ class MagNet(SegmentationModel):
         refined = current.new_zeros((1, self.num_classes, *canvas), dtype=torch.float32)
         count = current.new_zeros((1, 1, *canvas), dtype=torch.float32)
         for start in range(0, len(selected), sub_batch):
-            chunk = selected[start:start + sub_batch]
+            chunk = selected[start : start + sub_batch]
             chunk_boxes = [boxes[j] for j in chunk]
             fine = self.backbone_probs(read_patches([windows[j] for j in chunk]), autocast)
             coarse = crop_resize(current, chunk_boxes, self.input_size)
@@ -609,8 +670,11 @@ class MagNet(SegmentationModel):
                 if inside.area == 0:
                     continue
                 rel = inside.relative_to(cells)
-                patch = F.interpolate(patches[k:k + 1], size=cells.shape, mode="bilinear", align_corners=False) \
-                    if tuple(patches.shape[-2:]) != cells.shape else patches[k:k + 1]
+                patch = (
+                    F.interpolate(patches[k : k + 1], size=cells.shape, mode="bilinear", align_corners=False)
+                    if tuple(patches.shape[-2:]) != cells.shape
+                    else patches[k : k + 1]
+                )
                 refined[(slice(None), slice(None), *inside.slices)] += patch[(slice(None), slice(None), *rel.slices)]
                 count[(slice(None), slice(None), *inside.slices)] += 1
             del patches
@@ -632,9 +696,8 @@ class MagNet(SegmentationModel):
             if not keep.any():
                 continue
             upsampled = upsample_window(current, canvas, band)
-            target = refined[:, :, band.top:band.bottom]
+            target = refined[:, :, band.top : band.bottom]
             target.copy_(torch.where(keep, upsampled, target))
         if trace is not None:
             trace.append({"scale": scale, "patches": selected, "points": n, "chosen": int(chosen.sum())})
         return refined
-

@@ -52,19 +52,31 @@ from ...io.base import read_resized
 from ...io.normalize import Normalization
 from .model import REFINE_BAND, REFINE_HALO, MagNet
 
-__all__ = ["MagNetPredictor", "block_cells", "frame_around", "inference_estimate_for", "inference_plan", "magnet_predictor",
-           "working_set_bytes"]
+__all__ = [
+    "MagNetPredictor",
+    "block_cells",
+    "frame_around",
+    "inference_estimate_for",
+    "inference_plan",
+    "magnet_predictor",
+    "working_set_bytes",
+]
 
 
 def block_cells(block: Window, frame: tuple[int, int]) -> list[Window]:
     """``block`` split into the fewest equal cells (row-major) no larger than ``frame`` (h, w)."""
+
     def edges(start: int, length: int, limit: int) -> list[int]:
         n = -(-length // limit)
         return [start + (i * length) // n for i in range(n + 1)]
 
     rows = edges(block.top, block.height, frame[0])
     cols = edges(block.left, block.width, frame[1])
-    return [Window.from_bounds(t, l, b, r) for t, b in zip(rows, rows[1:]) for l, r in zip(cols, cols[1:])]
+    return [
+        Window.from_bounds(top, left, bottom, right)
+        for top, bottom in zip(rows, rows[1:])
+        for left, right in zip(cols, cols[1:])
+    ]
 
 
 def frame_around(cell: Window, frame: tuple[int, int], height: int, width: int) -> Window:
@@ -113,8 +125,9 @@ def inference_estimate_for(model: MagNet, device="cpu") -> MemoryEstimate:
     return MemoryEstimate(fixed=int(fixed), per_sample=max(backbone.per_sample, refinement.per_sample))
 
 
-def inference_plan(model: MagNet, device="cpu", max_memory: int | None = None,
-                   default: int | None = None) -> InferencePlan:
+def inference_plan(
+    model: MagNet, device="cpu", max_memory: int | None = None, default: int | None = None
+) -> InferencePlan:
     """Patches per backbone/refinement pass that fit ``max_memory`` next to a frame's canvases.
 
     Args:
@@ -133,8 +146,12 @@ def inference_plan(model: MagNet, device="cpu", max_memory: int | None = None,
     if default is None:
         default = 1 if torch.device(device).type == "cpu" else 4
     fh, fw = model.scales[-1]
-    return plan_inference(max_memory, lambda _block: inference_estimate_for(model, device),
-                          f"magnet prediction with {fh}x{fw} frames", default=default)
+    return plan_inference(
+        max_memory,
+        lambda _block: inference_estimate_for(model, device),
+        f"magnet prediction with {fh}x{fw} frames",
+        default=default,
+    )
 
 
 class MagNetPredictor(SegmentationPredictor):
@@ -145,8 +162,9 @@ class MagNetPredictor(SegmentationPredictor):
     refinement stage has run); True / False force it.
     """
 
-    def __init__(self, model, normalization, device="cpu", sub_batch: int = 4, precision: str = "32",
-                 refine: bool | None = None):
+    def __init__(
+        self, model, normalization, device="cpu", sub_batch: int = 4, precision: str = "32", refine: bool | None = None
+    ):
         super().__init__(model, normalization, device=device, sub_batch=sub_batch, precision=precision)
         self.refine = model.refines if refine is None else bool(refine)
         self.halo = max(model.scales[-1])
@@ -185,15 +203,28 @@ class MagNetPredictor(SegmentationPredictor):
 
         trace = [] if self.keep_trace else None
         with torch.inference_mode():
-            probs = self.model.infer_frame(read_patches, frame.shape, sub_batch=self.sub_batch,
-                                           autocast=self.autocast, refine=self.refine, trace=trace)
+            probs = self.model.infer_frame(
+                read_patches,
+                frame.shape,
+                sub_batch=self.sub_batch,
+                autocast=self.autocast,
+                refine=self.refine,
+                trace=trace,
+            )
         if trace is not None:
             self.frames.append({"frame": frame, "trace": trace})
         return probs
 
 
-def magnet_predictor(model: MagNet, normalization: Normalization, *, device="cpu", max_memory: int | None = None,
-                     precision: str = "32", refine: bool | None = None) -> MagNetPredictor:
+def magnet_predictor(
+    model: MagNet,
+    normalization: Normalization,
+    *,
+    device="cpu",
+    max_memory: int | None = None,
+    precision: str = "32",
+    refine: bool | None = None,
+) -> MagNetPredictor:
     """MagNet's predictor, with patches per pass planned from ``max_memory``.
 
     Args:
@@ -212,5 +243,6 @@ def magnet_predictor(model: MagNet, normalization: Normalization, *, device="cpu
         BudgetError: not even one patch fits ``max_memory``.
     """
     plan = inference_plan(model, device, max_memory)
-    return MagNetPredictor(model, normalization, device=device, sub_batch=plan.sub_batch, precision=precision,
-                           refine=refine)
+    return MagNetPredictor(
+        model, normalization, device=device, sub_batch=plan.sub_batch, precision=precision, refine=refine
+    )

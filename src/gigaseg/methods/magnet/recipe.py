@@ -97,8 +97,13 @@ class BackboneCrops(_MagNetViews):
             k = int(rng.integers(4)) if square else 2 * int(rng.integers(2))
             if k:
                 image, label = np.rot90(image, k, axes=(0, 1)), np.rot90(label, k, axes=(0, 1))
-        return {"image": self._tensor(image), "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
-                "index": index, "scale": scale, "window": torch.tensor([window.top, window.left, ch, cw])}
+        return {
+            "image": self._tensor(image),
+            "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
+            "index": index,
+            "scale": scale,
+            "window": torch.tensor([window.top, window.left, ch, cw]),
+        }
 
 
 class RefinementPairs(_MagNetViews):
@@ -180,8 +185,12 @@ def refinement_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
         part = slice(start, start + ctx.sub_batch)
         weight = images[part].shape[0] / count
         logits = ctx.wrapped(images[part], coarse[part])
-        loss = ohem_cross_entropy(logits, labels[part], thresh=OHEM_THRESH, min_kept=OHEM_MIN_KEPT,
-                                  ignore_index=IGNORE_INDEX) * weight
+        loss = (
+            ohem_cross_entropy(
+                logits, labels[part], thresh=OHEM_THRESH, min_kept=OHEM_MIN_KEPT, ignore_index=IGNORE_INDEX
+            )
+            * weight
+        )
         ctx.backward(loss)
         total = total + loss.detach()
     return {"loss": total}
@@ -191,27 +200,51 @@ def magnet_stages(model) -> list[Stage]:
     """The two stages (one when only one scale is configured); paper hyperparameters as defaults."""
     ih, iw = model.input_size
     crops = model.options["crops_per_image"]
-    stages = [Stage(
-        name="backbone", epochs=484, lr=1e-3, batch_size=12, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
-        schedule="poly", sub_batch=12,
-        make_data=lambda data, norm, settings: BackboneCrops(data, norm, model, crops_per_image=crops,
-                                                             seed=settings.seed),
-        step=backbone_step,
-        trainable=lambda m: [m.backbone],
-        frozen_eval=lambda m: [m.refinement],
-        sample_inputs=lambda m: (torch.zeros(1, m.in_channels, ih, iw),),
-    )]
+    stages = [
+        Stage(
+            name="backbone",
+            epochs=484,
+            lr=1e-3,
+            batch_size=12,
+            optimizer="sgd",
+            momentum=0.9,
+            weight_decay=5e-4,
+            schedule="poly",
+            sub_batch=12,
+            make_data=lambda data, norm, settings: BackboneCrops(
+                data, norm, model, crops_per_image=crops, seed=settings.seed
+            ),
+            step=backbone_step,
+            trainable=lambda m: [m.backbone],
+            frozen_eval=lambda m: [m.refinement],
+            sample_inputs=lambda m: (torch.zeros(1, m.in_channels, ih, iw),),
+        )
+    ]
     if model.num_scales > 1:
-        stages.append(Stage(
-            name="refinement", epochs=50, lr=1e-3, batch_size=8, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
-            schedule="step", milestones=(10, 20, 30, 40, 45), gamma=0.1, sub_batch=8,
-            make_data=lambda data, norm, settings: RefinementPairs(data, norm, model, crops_per_image=crops,
-                                                                   seed=settings.seed),
-            step=refinement_step,
-            trainable=lambda m: [m.refinement],
-            frozen_eval=lambda m: [m.backbone],
-            sample_inputs=lambda m: (torch.zeros(1, m.in_channels, ih, iw),
-                                     torch.full((1, m.num_classes, ih, iw), 1.0 / m.num_classes)),
-            before_stage=lambda m: m.mark_refinement_trained(),
-        ))
+        stages.append(
+            Stage(
+                name="refinement",
+                epochs=50,
+                lr=1e-3,
+                batch_size=8,
+                optimizer="sgd",
+                momentum=0.9,
+                weight_decay=5e-4,
+                schedule="step",
+                milestones=(10, 20, 30, 40, 45),
+                gamma=0.1,
+                sub_batch=8,
+                make_data=lambda data, norm, settings: RefinementPairs(
+                    data, norm, model, crops_per_image=crops, seed=settings.seed
+                ),
+                step=refinement_step,
+                trainable=lambda m: [m.refinement],
+                frozen_eval=lambda m: [m.backbone],
+                sample_inputs=lambda m: (
+                    torch.zeros(1, m.in_channels, ih, iw),
+                    torch.full((1, m.num_classes, ih, iw), 1.0 / m.num_classes),
+                ),
+                before_stage=lambda m: m.mark_refinement_trained(),
+            )
+        )
     return stages

@@ -9,8 +9,13 @@ from .recipe import classifier_stages, downsampled_stages, segmenter_stages
 
 __all__ = ["DownsampledClassifier", "PatchGDClassifier", "PatchGDSegmenter"]
 
-register("patchgd_classifier", model=PatchGDClassifier, recipe=classifier_stages,
-         predictor=patchgd_classifier_predictor)
-register("downsampled_classifier", model=DownsampledClassifier, recipe=downsampled_stages,
-         predictor=downsampled_classifier_predictor)
+register(
+    "patchgd_classifier", model=PatchGDClassifier, recipe=classifier_stages, predictor=patchgd_classifier_predictor
+)
+register(
+    "downsampled_classifier",
+    model=DownsampledClassifier,
+    recipe=downsampled_stages,
+    predictor=downsampled_classifier_predictor,
+)
 register("patchgd_segmenter", model=PatchGDSegmenter, recipe=segmenter_stages, predictor=patchgd_segmenter_predictor)

@@ -112,8 +112,19 @@ from ...nn.base import ClassificationModel, SegmentationModel
 from ...nn.encoders import Encoder, PretrainedSpec
 from ...nn.segmenters import smp_network
 
-__all__ = ["DownsampledClassifier", "GlobalStatistics", "GridHead", "PatchEncoder", "PatchGDClassifier",
-           "PatchGDSegmenter", "even_chunks", "grid_shape", "patch_at", "patch_windows", "running_statistics"]
+__all__ = [
+    "DownsampledClassifier",
+    "GlobalStatistics",
+    "GridHead",
+    "PatchEncoder",
+    "PatchGDClassifier",
+    "PatchGDSegmenter",
+    "even_chunks",
+    "grid_shape",
+    "patch_at",
+    "patch_windows",
+    "running_statistics",
+]
 
 FUSIONS = ("add", "concat")
 #: BatchNorm statistics theta1 uses on the global patch in training: its running statistics
@@ -167,7 +178,7 @@ def patch_windows(indices: torch.Tensor | list[int], cols: int, patch: int) -> l
 
 def patch_at(image: torch.Tensor, top: int, left: int, patch: int) -> torch.Tensor:
     """The ``patch x patch`` crop of ``image`` (``(C, H, W)``) at (top, left), zero-padded past the border."""
-    crop = image[:, top:top + patch, left:left + patch]
+    crop = image[:, top : top + patch, left : left + patch]
     pad_h, pad_w = patch - crop.shape[-2], patch - crop.shape[-1]
     if pad_h or pad_w:
         crop = F.pad(crop, (0, pad_w, 0, pad_h))
@@ -176,8 +187,13 @@ def patch_at(image: torch.Tensor, top: int, left: int, patch: int) -> torch.Tens
 
 def gather_patches(x: torch.Tensor, indices: torch.Tensor, cols: int, patch: int) -> torch.Tensor:
     """``(B * k, C, patch, patch)``: patches ``indices[b]`` (``(B, k)``) of each image ``x[b]``."""
-    return torch.stack([patch_at(x[b], top, left, patch)
-                        for b in range(x.shape[0]) for top, left in patch_windows(indices[b], cols, patch)])
+    return torch.stack(
+        [
+            patch_at(x[b], top, left, patch)
+            for b in range(x.shape[0])
+            for top, left in patch_windows(indices[b], cols, patch)
+        ]
+    )
 
 
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -256,7 +272,7 @@ def even_chunks(items: list, size: int) -> list[list]:
         return []
     count = max(1, math.ceil(len(items) / size))
     step = math.ceil(len(items) / count)
-    return [items[i:i + step] for i in range(0, len(items), step)]
+    return [items[i : i + step] for i in range(0, len(items), step)]
 
 
 def global_view_of(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -314,11 +330,14 @@ class _FrameworkMixin:
     def _check_framework_options(self) -> None:
         self._require_positive("patch_size", "inner_iterations")
         if not 0 < self.options["sampling_fraction"] <= 1:
-            raise ConfigError(f"{self.method_name}: option sampling_fraction must be in (0, 1], "
-                              f"got {self.options['sampling_fraction']}")
+            raise ConfigError(
+                f"{self.method_name}: option sampling_fraction must be in (0, 1], "
+                f"got {self.options['sampling_fraction']}"
+            )
         if not 0 <= self.options["global_dropout"] < 1:
-            raise ConfigError(f"{self.method_name}: option global_dropout must be in [0, 1), "
-                              f"got {self.options['global_dropout']}")
+            raise ConfigError(
+                f"{self.method_name}: option global_dropout must be in [0, 1), got {self.options['global_dropout']}"
+            )
 
 
 # ------------------------------------------------------------------------------- classification
@@ -370,13 +389,30 @@ def _batch_norm(norm: nn.BatchNorm2d, z: torch.Tensor) -> torch.Tensor:
 class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
     """PatchGD with a global patch for image classification (see the module docstring)."""
 
-    default_options = {"patch_size": 256, "latent_dim": 256, "global_patch": True, "fusion": "add",
-                       "sampling_fraction": 0.25, "inner_iterations": 4, "head_layers": 2, "dropout": 0.2,
-                       "global_norm": "batch", "global_gradient": "full", "global_dropout": 0.0}
+    default_options = {
+        "patch_size": 256,
+        "latent_dim": 256,
+        "global_patch": True,
+        "fusion": "add",
+        "sampling_fraction": 0.25,
+        "inner_iterations": 4,
+        "head_layers": 2,
+        "dropout": 0.2,
+        "global_norm": "batch",
+        "global_gradient": "full",
+        "global_dropout": 0.0,
+    }
     option_choices = {"fusion": FUSIONS, "global_norm": GLOBAL_NORMS, "global_gradient": GLOBAL_GRADIENTS}
 
-    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
-                 pretrained: PretrainedSpec = False, **options: Any):
+    def __init__(
+        self,
+        encoder: str = "resnet50",
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: PretrainedSpec = False,
+        **options: Any,
+    ):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         latent = self.options["latent_dim"]
         self.theta1 = PatchEncoder(encoder, in_channels, latent, pretrained)
@@ -403,8 +439,12 @@ class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
         jobs = [(b, i) for b in range(batch) for i in range(rows * cols)]
         with torch.no_grad():
             for chunk in even_chunks(jobs, max(sub_batch, 2 if self.training else 1)):
-                patches = torch.stack([patch_at(x[b], i // cols * self.patch_size, i % cols * self.patch_size,
-                                                self.patch_size) for b, i in chunk])
+                patches = torch.stack(
+                    [
+                        patch_at(x[b], i // cols * self.patch_size, i % cols * self.patch_size, self.patch_size)
+                        for b, i in chunk
+                    ]
+                )
                 encoded = self.theta1(patches).to(z.dtype)
                 for (b, i), vector in zip(chunk, encoded):
                     z[b, :, i] = vector
@@ -428,8 +468,14 @@ class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
         return self.theta2(self.fuse(z, g))
 
     # ---- forward
-    def forward(self, x: torch.Tensor, global_view: torch.Tensor | None = None, *,
-                latents: torch.Tensor | None = None, indices: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        global_view: torch.Tensor | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+    ):
         use_global = self.options["global_patch"]
         rows, cols = self.grid(x)
         batch, p = x.shape[0], self.patch_size
@@ -455,13 +501,21 @@ class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
 
     # ---- engine hooks
 
+
 class DownsampledClassifier(ClassificationModel):
     """Baseline: theta1 (encoder + pool + linear to ``latent_dim``) on the whole image at ``input_size``."""
 
     default_options = {"input_size": 512, "latent_dim": 256, "dropout": 0.2}
 
-    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
-                 pretrained: PretrainedSpec = False, **options: Any):
+    def __init__(
+        self,
+        encoder: str = "resnet50",
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: PretrainedSpec = False,
+        **options: Any,
+    ):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         self.theta1 = PatchEncoder(encoder, in_channels, self.options["latent_dim"], pretrained)
         self.dropout = nn.Dropout(self.options["dropout"])
@@ -483,8 +537,15 @@ class DownsampledClassifier(ClassificationModel):
 # ------------------------------------------------------------------------------- segmentation
 
 
-def smp_theta1(arch: str, encoder: str, in_channels: int, channels: int, depth: int,
-               pretrained: PretrainedSpec, decoder_channels: list[int] | None = None) -> nn.Module:
+def smp_theta1(
+    arch: str,
+    encoder: str,
+    in_channels: int,
+    channels: int,
+    depth: int,
+    pretrained: PretrainedSpec,
+    decoder_channels: list[int] | None = None,
+) -> nn.Module:
     """theta1 of the segmenter: smp's U-Net or DeepLabV3 on timm encoder ``encoder`` with a ``channels`` head.
 
     Args:
@@ -508,25 +569,55 @@ def smp_theta1(arch: str, encoder: str, in_channels: int, channels: int, depth: 
 class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
     """The framework for segmentation: U-Net/DeepLabV3 theta1 with an 8-channel head, 1x1 conv theta2."""
 
-    default_options = {"patch_size": 128, "latent_channels": 8, "global_patch": True, "theta1": "unet",
-                       "encoder_depth": 5, "decoder_channels": [], "sampling_fraction": 0.25, "inner_iterations": 4,
-                       "loss": "auto", "global_norm": "batch", "global_gradient": "balanced",
-                       "global_dropout": 0.0}
-    option_choices = {"theta1": THETA1_ARCHS, "loss": SEG_LOSSES, "global_norm": GLOBAL_NORMS,
-                      "global_gradient": GLOBAL_GRADIENTS}
+    default_options = {
+        "patch_size": 128,
+        "latent_channels": 8,
+        "global_patch": True,
+        "theta1": "unet",
+        "encoder_depth": 5,
+        "decoder_channels": [],
+        "sampling_fraction": 0.25,
+        "inner_iterations": 4,
+        "loss": "auto",
+        "global_norm": "batch",
+        "global_gradient": "balanced",
+        "global_dropout": 0.0,
+    }
+    option_choices = {
+        "theta1": THETA1_ARCHS,
+        "loss": SEG_LOSSES,
+        "global_norm": GLOBAL_NORMS,
+        "global_gradient": GLOBAL_GRADIENTS,
+    }
 
-    def __init__(self, encoder: str = "resnet50", *, num_classes: int, in_channels: int = 3,
-                 pretrained: PretrainedSpec = False, **options: Any):
+    def __init__(
+        self,
+        encoder: str = "resnet50",
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: PretrainedSpec = False,
+        **options: Any,
+    ):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         channels = self.options["latent_channels"]
-        self.theta1 = smp_theta1(self.options["theta1"], encoder, in_channels, channels,
-                                 self.options["encoder_depth"], pretrained, self.options["decoder_channels"])
+        self.theta1 = smp_theta1(
+            self.options["theta1"],
+            encoder,
+            in_channels,
+            channels,
+            self.options["encoder_depth"],
+            pretrained,
+            self.options["decoder_channels"],
+        )
         self._add_global_statistics()
         divisible = getattr(self.theta1, "requires_divisible_input_shape", True)
         stride = 2 ** self.options["encoder_depth"] if divisible else 1
         if self.patch_size % stride:
-            raise ConfigError(f"patchgd_segmenter: patch_size must be a multiple of {stride} (2 ** encoder_depth) "
-                              f"for this theta1, got {self.patch_size}")
+            raise ConfigError(
+                f"patchgd_segmenter: patch_size must be a multiple of {stride} (2 ** encoder_depth) "
+                f"for this theta1, got {self.patch_size}"
+            )
         fused = 2 * channels if self.options["global_patch"] else channels
         self.theta2 = nn.Conv2d(fused, 1 if self.binary else num_classes, 1)
 
@@ -534,13 +625,20 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
         self._check_framework_options()
         self._require_positive("latent_channels")
         if not 1 <= self.options["encoder_depth"] <= 5:
-            raise ConfigError(f"patchgd_segmenter: option encoder_depth must be 1..5, got {self.options['encoder_depth']}")
+            raise ConfigError(
+                f"patchgd_segmenter: option encoder_depth must be 1..5, got {self.options['encoder_depth']}"
+            )
         decoder = self.options["decoder_channels"]
-        if decoder and (not isinstance(decoder, list) or len(decoder) != self.options["encoder_depth"]
-                        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in decoder)):
-            raise ConfigError(f"patchgd_segmenter: option decoder_channels must be [] (smp's default) or "
-                              f"{self.options['encoder_depth']} positive integers (one per encoder_depth), "
-                              f"got {decoder!r}")
+        if decoder and (
+            not isinstance(decoder, list)
+            or len(decoder) != self.options["encoder_depth"]
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in decoder)
+        ):
+            raise ConfigError(
+                f"patchgd_segmenter: option decoder_channels must be [] (smp's default) or "
+                f"{self.options['encoder_depth']} positive integers (one per encoder_depth), "
+                f"got {decoder!r}"
+            )
         if self.options["loss"] == "bce_dice" and self.num_classes != 2:
             raise ConfigError(f"patchgd_segmenter: loss 'bce_dice' is for two classes, got {self.num_classes}")
 
@@ -569,7 +667,7 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
                 corners = [(b, i // cols * p, i % cols * p) for b, i in chunk]
                 encoded = self.encode(torch.stack([patch_at(x[b], top, left, p) for b, top, left in corners]))
                 for (b, top, left), out in zip(corners, encoded.to(z.dtype)):
-                    z[b, :, top:top + p, left:left + p] = out
+                    z[b, :, top : top + p, left : left + p] = out
         return z
 
     def global_features(self, global_view: torch.Tensor) -> torch.Tensor:
@@ -585,8 +683,14 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
             return torch.cat([torch.zeros_like(out), out], dim=1)
         return out
 
-    def forward(self, x: torch.Tensor, global_view: torch.Tensor | None = None, *,
-                latents: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        global_view: torch.Tensor | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         use_global = self.options["global_patch"]
         rows, cols = self.grid(x)
         batch, p = x.shape[0], self.patch_size
@@ -610,7 +714,7 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
         z = base.clone()
         corners = [(b, top, left) for b in range(batch) for top, left in patch_windows(indices[b], cols, p)]
         for (b, top, left), out in zip(corners, fresh):
-            z[b, :, top:top + p, left:left + p] = out
+            z[b, :, top : top + p, left : left + p] = out
         z = z[..., :height, :width]
         g_up = None
         if use_global:

@@ -27,13 +27,24 @@ from .model import (
     patch_at,
 )
 
-__all__ = ["DownsampledImageClassifier", "PatchGDImageClassifier", "PatchGDSegmentationPredictor",
-           "downsampled_classifier_predictor", "inference_plan", "patchgd_classifier_predictor",
-           "patchgd_segmenter_predictor", "segmentation_block_bytes"]
+__all__ = [
+    "DownsampledImageClassifier",
+    "PatchGDImageClassifier",
+    "PatchGDSegmentationPredictor",
+    "downsampled_classifier_predictor",
+    "inference_plan",
+    "patchgd_classifier_predictor",
+    "patchgd_segmenter_predictor",
+    "segmentation_block_bytes",
+]
 
 
-def inference_plan(model: PatchGDClassifier | PatchGDSegmenter, device="cpu", max_memory: int | None = None,
-                   block_bytes: Callable[[int], int] | None = None) -> InferencePlan:
+def inference_plan(
+    model: PatchGDClassifier | PatchGDSegmenter,
+    device="cpu",
+    max_memory: int | None = None,
+    block_bytes: Callable[[int], int] | None = None,
+) -> InferencePlan:
     """Patches per no-grad theta1 pass that fit ``max_memory``.
 
     Args:
@@ -56,8 +67,13 @@ def inference_plan(model: PatchGDClassifier | PatchGDSegmenter, device="cpu", ma
         extra = block_bytes(block) if block_bytes is not None else 0
         return inference_estimate(model.theta1, sample, runtime=runtime_bytes(device), extra=extra)
 
-    return plan_inference(max_memory, estimate, f"{model.method_name} prediction with {p}-px patches",
-                          default=DEFAULT_FILL_BATCH, maximum=MAX_FILL_BATCH)
+    return plan_inference(
+        max_memory,
+        estimate,
+        f"{model.method_name} prediction with {p}-px patches",
+        default=DEFAULT_FILL_BATCH,
+        maximum=MAX_FILL_BATCH,
+    )
 
 
 def segmentation_block_bytes(model, block: int) -> int:
@@ -83,7 +99,7 @@ class PatchGDImageClassifier(ClassificationPredictor):
                 for start in range(0, cols, self.sub_batch):
                     chunk = range(start, min(cols, start + self.sub_batch))
                     patches = torch.stack([patch_at(pixels, 0, c * p, p) for c in chunk])
-                    z[0, :, r, chunk.start:chunk.stop] = model.theta1(patches).float().T
+                    z[0, :, r, chunk.start : chunk.stop] = model.theta1(patches).float().T
             g = None
             if model.options["global_patch"]:
                 thumb = source.read(out_size=(p, p), resample="area")
@@ -111,10 +127,21 @@ class DownsampledImageClassifier(ClassificationPredictor):
 class PatchGDSegmentationPredictor(SegmentationPredictor):
     """Blocks of the image from the whole-image patch grid's patches that touch them plus the global patch."""
 
-    def __init__(self, model: PatchGDSegmenter, normalization: Normalization, device="cpu",
-                 max_memory: int | None = None, precision: str = "32"):
-        super().__init__(model, normalization, device=device,
-                         sub_batch=inference_plan(model, device, max_memory).sub_batch, precision=precision)
+    def __init__(
+        self,
+        model: PatchGDSegmenter,
+        normalization: Normalization,
+        device="cpu",
+        max_memory: int | None = None,
+        precision: str = "32",
+    ):
+        super().__init__(
+            model,
+            normalization,
+            device=device,
+            sub_batch=inference_plan(model, device, max_memory).sub_batch,
+            precision=precision,
+        )
         self.max_memory = max_memory
         self.halo = model.patch_size
 
@@ -123,8 +150,9 @@ class PatchGDSegmentationPredictor(SegmentationPredictor):
         if self.max_memory is not None:
             # the budget also holds one block's buffers; a block is at most the image
             side = max(source.height, source.width)
-            self.sub_batch = inference_plan(model, self.device, self.max_memory,
-                                            lambda block: segmentation_block_bytes(model, min(block, side))).sub_batch
+            self.sub_batch = inference_plan(
+                model, self.device, self.max_memory, lambda block: segmentation_block_bytes(model, min(block, side))
+            ).sub_batch
         if not model.options["global_patch"]:
             return None
         thumb = source.read(out_size=(p, p), resample="area")
@@ -142,20 +170,26 @@ class PatchGDSegmentationPredictor(SegmentationPredictor):
             z = torch.zeros((1, model.latent_channels, region.height, region.width), device=self.device)
             corners = [(r * p - region.top, c * p - region.left) for r in range(r0, r1) for c in range(c0, c1)]
             for start in range(0, len(corners), self.sub_batch):
-                chunk = corners[start:start + self.sub_batch]
+                chunk = corners[start : start + self.sub_batch]
                 with self.autocast():
                     out = model.encode(torch.stack([patch_at(pixels, top, left, p) for top, left in chunk])).float()
                 for (top, left), patch_out in zip(chunk, out):
-                    z[0, :, top:top + p, left:left + p] = patch_out
+                    z[0, :, top : top + p, left : left + p] = patch_out
             inside = window.relative_to(region)
-            z = z[:, :, inside.top:inside.bottom, inside.left:inside.right]
+            z = z[:, :, inside.top : inside.bottom, inside.left : inside.right]
             g_up = None if context is None else upsample_window(context, (source.height, source.width), window)
             logits = model.head(z, g_up)
             return torch.softmax(logits.float(), dim=1)[0].cpu().numpy().astype(np.float32)
 
 
-def patchgd_classifier_predictor(model: PatchGDClassifier, normalization: Normalization, *, device="cpu",
-                                 max_memory: int | None = None, precision: str = "32") -> PatchGDImageClassifier:
+def patchgd_classifier_predictor(
+    model: PatchGDClassifier,
+    normalization: Normalization,
+    *,
+    device="cpu",
+    max_memory: int | None = None,
+    precision: str = "32",
+) -> PatchGDImageClassifier:
     """The PatchGD classifier's predictor, with patches per no-grad pass planned from ``max_memory``.
 
     Args:
@@ -171,13 +205,23 @@ def patchgd_classifier_predictor(model: PatchGDClassifier, normalization: Normal
     Raises:
         BudgetError: not even one patch fits ``max_memory``.
     """
-    return PatchGDImageClassifier(model, normalization, device=device,
-                                  sub_batch=inference_plan(model, device, max_memory).sub_batch, precision=precision)
+    return PatchGDImageClassifier(
+        model,
+        normalization,
+        device=device,
+        sub_batch=inference_plan(model, device, max_memory).sub_batch,
+        precision=precision,
+    )
 
 
-def downsampled_classifier_predictor(model: DownsampledClassifier, normalization: Normalization, *, device="cpu",
-                                     max_memory: int | None = None,
-                                     precision: str = "32") -> DownsampledImageClassifier:
+def downsampled_classifier_predictor(
+    model: DownsampledClassifier,
+    normalization: Normalization,
+    *,
+    device="cpu",
+    max_memory: int | None = None,
+    precision: str = "32",
+) -> DownsampledImageClassifier:
     """The downsampled baseline's predictor (one ``input_size`` view per image; no budget to plan).
 
     Args:
@@ -190,12 +234,19 @@ def downsampled_classifier_predictor(model: DownsampledClassifier, normalization
     Returns:
         A ``DownsampledImageClassifier``.
     """
-    return DownsampledImageClassifier(model, normalization, device=device, sub_batch=DEFAULT_FILL_BATCH,
-                                      precision=precision)
+    return DownsampledImageClassifier(
+        model, normalization, device=device, sub_batch=DEFAULT_FILL_BATCH, precision=precision
+    )
 
 
-def patchgd_segmenter_predictor(model: PatchGDSegmenter, normalization: Normalization, *, device="cpu",
-                                max_memory: int | None = None, precision: str = "32") -> PatchGDSegmentationPredictor:
+def patchgd_segmenter_predictor(
+    model: PatchGDSegmenter,
+    normalization: Normalization,
+    *,
+    device="cpu",
+    max_memory: int | None = None,
+    precision: str = "32",
+) -> PatchGDSegmentationPredictor:
     """The PatchGD segmenter's predictor; its sub-batch is planned per image from ``max_memory``.
 
     Args:
@@ -211,5 +262,4 @@ def patchgd_segmenter_predictor(model: PatchGDSegmenter, normalization: Normaliz
     Raises:
         BudgetError: not even one patch fits ``max_memory``.
     """
-    return PatchGDSegmentationPredictor(model, normalization, device=device, max_memory=max_memory,
-                                        precision=precision)
+    return PatchGDSegmentationPredictor(model, normalization, device=device, max_memory=max_memory, precision=precision)

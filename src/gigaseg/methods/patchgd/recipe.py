@@ -43,8 +43,17 @@ from ...training.recipe import Stage, StepContext
 from ...training.views import SeededViews, augment_pair, rng_for
 from .model import DEFAULT_FILL_BATCH, MAX_FILL_BATCH
 
-__all__ = ["PatchPlan", "WholeImageViews", "classifier_stages", "classifier_step", "downsampled_stages",
-           "plan_patches", "segmentation_loss", "segmenter_stages", "segmenter_step"]
+__all__ = [
+    "PatchPlan",
+    "WholeImageViews",
+    "classifier_stages",
+    "classifier_step",
+    "downsampled_stages",
+    "plan_patches",
+    "segmentation_loss",
+    "segmenter_stages",
+    "segmenter_step",
+]
 
 #: share of a training budget left to the allocator's cached blocks
 ALLOCATOR_MARGIN = 0.1
@@ -63,8 +72,16 @@ class WholeImageViews(SeededViews):
     flip / rot90 (off by default: it changes digits' meaning).
     """
 
-    def __init__(self, dataset, normalization, *, size: tuple[int, int] | None = None,
-                 global_size: int | None = None, augment: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        dataset,
+        normalization,
+        *,
+        size: tuple[int, int] | None = None,
+        global_size: int | None = None,
+        augment: bool = False,
+        seed: int = 0,
+    ):
         super().__init__(dataset, normalization, seed)
         self.size = tuple(size) if size is not None else None
         self.global_size = global_size
@@ -113,12 +130,24 @@ class PatchPlan:
     per_patch: int = 0
 
     def as_dict(self) -> dict:
-        return {"k": self.k, "fill_batch": self.fill_batch, "fixed": self.fixed, "data": self.data,
-                "per_patch": self.per_patch}
+        return {
+            "k": self.k,
+            "fill_batch": self.fill_batch,
+            "fixed": self.fixed,
+            "data": self.data,
+            "per_patch": self.per_patch,
+        }
 
 
-def plan_patches(model, image_shape: tuple[int, int, int], batch: int, max_memory: int | None,
-                 device="cpu", optimizer: str = "adam", default_fill: int = DEFAULT_FILL_BATCH) -> PatchPlan:
+def plan_patches(
+    model,
+    image_shape: tuple[int, int, int],
+    batch: int,
+    max_memory: int | None,
+    device="cpu",
+    optimizer: str = "adam",
+    default_fill: int = DEFAULT_FILL_BATCH,
+) -> PatchPlan:
     """k and the fill sub-batch for ``batch`` images of ``image_shape`` (C, H, W) within ``max_memory``.
 
     Without a budget: ``k = model.num_sampled(patches)`` and ``default_fill``. With one, k is
@@ -164,9 +193,11 @@ def plan_patches(model, image_shape: tuple[int, int, int], batch: int, max_memor
         raise BudgetError(
             f"a memory budget of {format_size(max_memory)} is too small to train {model.method_name} on "
             f"{batch} image(s) of {height}x{width} with {p}-px patches: the smallest that works is about "
-            f"{format_size(int((fixed + data + need) / (1 - ALLOCATOR_MARGIN)))} ({format_size(fixed)} parameters/optimiser/runtime + "
+            f"{format_size(int((fixed + data + need) / (1 - ALLOCATOR_MARGIN)))} "
+            f"({format_size(fixed)} parameters/optimiser/runtime + "
             f"{format_size(data)} images and full-size maps + {format_size(per_patch)} per patch with "
-            f"gradients); use a smaller batch, patch size or encoder")
+            f"gradients); use a smaller batch, patch size or encoder"
+        )
     k = int(max(1, min(wanted, available // (batch * per_patch) - extra)))
     fill = int(max(1, min(MAX_FILL_BATCH, available // max(per_fill, 1))))
     return PatchPlan(k=k, fill_batch=fill, fixed=int(fixed), data=int(data), per_patch=int(per_patch))
@@ -178,8 +209,15 @@ def _plan_for(ctx: StepContext, x: torch.Tensor, cache: dict) -> PatchPlan:
     only cached since (its resident size grows as the allocator keeps freed blocks)."""
     key = (tuple(x.shape[1:]), ctx.settings.max_memory)
     if key not in cache:
-        cache[key] = plan_patches(ctx.model, tuple(x.shape[1:]), x.shape[0], ctx.settings.max_memory,
-                                  device=x.device, optimizer=ctx.stage.optimizer, default_fill=ctx.sub_batch)
+        cache[key] = plan_patches(
+            ctx.model,
+            tuple(x.shape[1:]),
+            x.shape[0],
+            ctx.settings.max_memory,
+            device=x.device,
+            optimizer=ctx.stage.optimizer,
+            default_fill=ctx.sub_batch,
+        )
     return cache[key]
 
 
@@ -235,7 +273,9 @@ def classifier_step(ctx: StepContext, batch: dict, cache: dict | None = None) ->
     return _inner_iterations(ctx, batch, cache, iterate)
 
 
-def segmentation_loss(model, logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def segmentation_loss(
+    model, logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """BCE + Dice (two classes, single logit ``l = logits[:, 1] - logits[:, 0]``) or CE + Dice."""
     logits = logits.float()
     if model.binary:
@@ -245,8 +285,7 @@ def segmentation_loss(model, logits: torch.Tensor, label: torch.Tensor, ignore_i
             bce = F.binary_cross_entropy_with_logits(single[:, 0][valid], (label[valid] == 1).float())
         else:
             bce = single.sum() * 0
-        return bce + dice_loss(single, torch.where(valid, (label == 1).long(), ignore_index),
-                               ignore_index=ignore_index)
+        return bce + dice_loss(single, torch.where(valid, (label == 1).long(), ignore_index), ignore_index=ignore_index)
     ce = F.cross_entropy(logits, label, ignore_index=ignore_index)
     if not torch.isfinite(ce):  # every pixel ignored
         ce = logits.sum() * 0
@@ -277,34 +316,55 @@ def classifier_stages(model) -> list[Stage]:
     """PatchGD (classification): Adam 1e-3, 100 epochs, batch 4, whole images at full resolution."""
     cache: dict = {}
     p = model.patch_size
-    return [Stage(
-        name="patchgd", epochs=100, lr=1e-3, batch_size=4, optimizer="adam",
-        make_data=lambda data, norm, settings: WholeImageViews(
-            data, norm, global_size=p if model.options["global_patch"] else None, seed=settings.seed),
-        step=lambda ctx, batch: classifier_step(ctx, batch, cache),
-        sub_batch=DEFAULT_FILL_BATCH,
-    )]
+    return [
+        Stage(
+            name="patchgd",
+            epochs=100,
+            lr=1e-3,
+            batch_size=4,
+            optimizer="adam",
+            make_data=lambda data, norm, settings: WholeImageViews(
+                data, norm, global_size=p if model.options["global_patch"] else None, seed=settings.seed
+            ),
+            step=lambda ctx, batch: classifier_step(ctx, batch, cache),
+            sub_batch=DEFAULT_FILL_BATCH,
+        )
+    ]
 
 
 def segmenter_stages(model) -> list[Stage]:
     """The segmentation framework: AdamW 1e-4 (the paper's), 100 epochs, batch 2, paired flip/rot90."""
     cache: dict = {}
     p = model.patch_size
-    return [Stage(
-        name="patchgd", epochs=100, lr=1e-4, batch_size=2, optimizer="adamw", weight_decay=1e-2,
-        make_data=lambda data, norm, settings: WholeImageViews(
-            data, norm, global_size=p if model.options["global_patch"] else None, augment=True, seed=settings.seed),
-        step=lambda ctx, batch: segmenter_step(ctx, batch, cache),
-        sub_batch=DEFAULT_FILL_BATCH,
-    )]
+    return [
+        Stage(
+            name="patchgd",
+            epochs=100,
+            lr=1e-4,
+            batch_size=2,
+            optimizer="adamw",
+            weight_decay=1e-2,
+            make_data=lambda data, norm, settings: WholeImageViews(
+                data, norm, global_size=p if model.options["global_patch"] else None, augment=True, seed=settings.seed
+            ),
+            step=lambda ctx, batch: segmenter_step(ctx, batch, cache),
+            sub_batch=DEFAULT_FILL_BATCH,
+        )
+    ]
 
 
 def downsampled_stages(model) -> list[Stage]:
     """The downsampled baseline, on the same schedule as PatchGD: whole images resized to ``input_size``."""
     size = model.options["input_size"]
-    return [Stage(
-        name="downsampled", epochs=100, lr=1e-3, batch_size=4, optimizer="adam",
-        make_data=lambda data, norm, settings: WholeImageViews(data, norm, size=(size, size), seed=settings.seed),
-        step=downsampled_step,
-        sample_inputs=lambda m: (torch.zeros(1, m.in_channels, size, size),),
-    )]
+    return [
+        Stage(
+            name="downsampled",
+            epochs=100,
+            lr=1e-3,
+            batch_size=4,
+            optimizer="adam",
+            make_data=lambda data, norm, settings: WholeImageViews(data, norm, size=(size, size), seed=settings.seed),
+            step=downsampled_step,
+            sample_inputs=lambda m: (torch.zeros(1, m.in_channels, size, size),),
+        )
+    ]

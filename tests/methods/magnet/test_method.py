@@ -13,23 +13,22 @@ from PIL import Image
 from gigaseg.api import evaluate, predict, train
 from gigaseg.cli import main
 from gigaseg.data.loader import load_dataset
+from gigaseg.geometry import Window
 from gigaseg.inference.stream import predict_image
+from gigaseg.io.base import read_resized
 from gigaseg.io.normalize import Normalization
 from gigaseg.io.sources import open_image
-from gigaseg.methods.magnet.recipe import BackboneCrops, RefinementPairs, magnet_stages
 from gigaseg.methods.magnet.predictor import MagNetPredictor, block_cells, frame_around
-from gigaseg.io.base import read_resized
+from gigaseg.methods.magnet.recipe import BackboneCrops, RefinementPairs, magnet_stages
 from gigaseg.methods.registry import build_predictor, create_model
 from gigaseg.training.recipe import TrainSettings
-from gigaseg.geometry import Window
 
 NORM = Normalization.for_image(3, np.uint8)
 
 
 def tiny_model(num_classes=3, **options):
     torch.manual_seed(0)
-    base = {"scales": [[24, 24], [48, 48], [96, 96]], "input_size": [32, 32], "median_kernel": 3,
-            "crops_per_image": 2}
+    base = {"scales": [[24, 24], [48, 48], [96, 96]], "input_size": [32, 32], "median_kernel": 3, "crops_per_image": 2}
     return create_model("magnet", encoder="test_resnet", num_classes=num_classes, **{**base, **options})
 
 
@@ -95,8 +94,9 @@ def test_refinement_pairs_coarse_frame_fine_crop_and_box(tiny_dataset):
         box = other["box"].numpy()
         hflip, vflip = not np.isclose(box[1], x0), not np.isclose(box[0], y0)
         flips.add((hflip, vflip))
-        np.testing.assert_allclose(box, [1 - y1 if vflip else y0, 1 - x1 if hflip else x0,
-                                         1 - y0 if vflip else y1, 1 - x0 if hflip else x1])
+        np.testing.assert_allclose(
+            box, [1 - y1 if vflip else y0, 1 - x1 if hflip else x0, 1 - y0 if vflip else y1, 1 - x0 if hflip else x1]
+        )
         dims = [d for d, flip in ((-2, vflip), (-1, hflip)) if flip]
         for key in ("coarse", "image", "label"):
             want = item[key].flip(dims) if dims else item[key]
@@ -119,11 +119,24 @@ def test_large_images_train_on_finest_scale_frames(tmp_path, make_tiny_dataset):
 def test_stages_follow_the_paper():
     model = tiny_model()
     backbone, refinement = magnet_stages(model)
-    assert (backbone.name, backbone.optimizer, backbone.lr, backbone.batch_size, backbone.epochs) == \
-        ("backbone", "sgd", 1e-3, 12, 484)
-    assert (refinement.name, refinement.optimizer, refinement.lr, refinement.momentum, refinement.weight_decay,
-            refinement.epochs, refinement.batch_size, refinement.schedule, refinement.milestones) == \
-        ("refinement", "sgd", 1e-3, 0.9, 5e-4, 50, 8, "step", (10, 20, 30, 40, 45))
+    assert (backbone.name, backbone.optimizer, backbone.lr, backbone.batch_size, backbone.epochs) == (
+        "backbone",
+        "sgd",
+        1e-3,
+        12,
+        484,
+    )
+    assert (
+        refinement.name,
+        refinement.optimizer,
+        refinement.lr,
+        refinement.momentum,
+        refinement.weight_decay,
+        refinement.epochs,
+        refinement.batch_size,
+        refinement.schedule,
+        refinement.milestones,
+    ) == ("refinement", "sgd", 1e-3, 0.9, 5e-4, 50, 8, "step", (10, 20, 30, 40, 45))
     assert refinement.trainable(model) == [model.refinement] and refinement.frozen_eval(model) == [model.backbone]
     assert backbone.trainable(model) == [model.backbone]
     assert [s.name for s in magnet_stages(tiny_model(scales=[[96, 96]]))] == ["backbone"]
@@ -181,8 +194,9 @@ def test_block_mode_predicts_cells_from_finest_scale_frames(tmp_path):
     cell = block_cells(block, (96, 96))[3]
     frame = frame_around(cell, (96, 96), 200, 170)
     alone = predictor.predict_frame(source, frame)[0].numpy()
-    np.testing.assert_array_equal(out[(slice(None), *cell.slices)],
-                                  alone[(slice(None), *cell.relative_to(frame).slices)])
+    np.testing.assert_array_equal(
+        out[(slice(None), *cell.slices)], alone[(slice(None), *cell.relative_to(frame).slices)]
+    )
     # a block within one frame is one cell: a view of that frame's prediction
     small = Window(10, 120, 50, 40)
     view = predictor.predict_block(source, context, small)
@@ -236,9 +250,9 @@ def cityscapes_fixture(root):
             (root / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
             (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
             ids = np.full((CITY_H, CITY_W), 23, np.uint8)  # sky
-            ids[CITY_H // 2:] = 7  # road
+            ids[CITY_H // 2 :] = 7  # road
             top, left = int(rng.integers(40, 70)), int(rng.integers(0, 180))
-            ids[top:top + 30, left:left + 60] = 26  # car
+            ids[top : top + 30, left : left + 60] = 26  # car
             ids[0, :4] = 0  # unlabeled: ignored
             colours = {23: (70, 130, 180), 7: (128, 64, 128), 26: (0, 0, 142), 0: (0, 0, 0)}
             image = np.zeros((CITY_H, CITY_W, 3), np.int32)
@@ -263,8 +277,8 @@ def deepglobe_fixture(root):
             classes = np.full((DG_SIZE, DG_SIZE), 2, np.uint8)
             cy, cx = rng.integers(60, 200, 2)
             yy, xx = np.mgrid[:DG_SIZE, :DG_SIZE]
-            classes[(yy - cy) ** 2 + (xx - cx) ** 2 < 50 ** 2] = 5
-            classes[:, int(rng.integers(0, 240)):][:, :12] = 1
+            classes[(yy - cy) ** 2 + (xx - cx) ** 2 < 50**2] = 5
+            classes[:, int(rng.integers(0, 240)) :][:, :12] = 1
             classes[:40, :40] = 4
             mask = np.zeros((DG_SIZE, DG_SIZE, 3), np.uint8)
             for cls, colour in palette.items():
@@ -292,15 +306,24 @@ def check_two_stage_run(run, num_classes):
     for key, value in after_backbone.items():
         if key.startswith("backbone."):  # frozen, BN statistics included
             assert torch.equal(value, after_refinement[key]), key
-    changed = [k for k in after_backbone if k.startswith("refinement.") and k.endswith("weight")
-               and not torch.equal(after_backbone[k], after_refinement[k])]
+    changed = [
+        k
+        for k in after_backbone
+        if k.startswith("refinement.")
+        and k.endswith("weight")
+        and not torch.equal(after_backbone[k], after_refinement[k])
+    ]
     assert changed, "the refinement stage trained nothing"
     ckpt = torch.load(run / "last.ckpt", weights_only=True)
     assert len(ckpt["data"]["classes"]) == num_classes
 
 
-CITY_OPTIONS = {"preset": "cityscapes", "scales": [[32, 64], [64, 128], [128, 256]], "input_size": [32, 64],
-                "crops_per_image": 2}
+CITY_OPTIONS = {
+    "preset": "cityscapes",
+    "scales": [[32, 64], [64, 128], [128, 256]],
+    "input_size": [32, 64],
+    "crops_per_image": 2,
+}
 
 
 def test_cityscapes_layout_train_and_predict(tmp_path):
@@ -316,12 +339,31 @@ def test_cityscapes_layout_train_and_predict(tmp_path):
 
 def test_cityscapes_layout_through_the_cli(tmp_path, capsys):
     data = cityscapes_fixture(tmp_path / "cityscapes")
-    common = ["--method", "magnet", "--data", str(data), "--encoder", "test_resnet", "--epochs", "1",
-              "--batch-size", "2", "--lr", "0.01", "--set", "preset=cityscapes_fast",
-              "--set", "scales=[[32,64],[64,128],[128,256]]", "--set", "input_size=[32,64]"]
+    common = [
+        "--method",
+        "magnet",
+        "--data",
+        str(data),
+        "--encoder",
+        "test_resnet",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--lr",
+        "0.01",
+        "--set",
+        "preset=cityscapes_fast",
+        "--set",
+        "scales=[[32,64],[64,128],[128,256]]",
+        "--set",
+        "input_size=[32,64]",
+    ]
     assert main(["train", *common, "--out", str(tmp_path / "bb"), "--stage", "backbone"]) == 0
-    assert main(["train", *common, "--out", str(tmp_path / "rf"), "--stage", "refinement",
-                 "--init", str(tmp_path / "bb")]) == 0
+    assert (
+        main(["train", *common, "--out", str(tmp_path / "rf"), "--stage", "refinement", "--init", str(tmp_path / "bb")])
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "rf" / "metrics.csv")))
     assert [r["stage"] for r in rows] == ["refinement"]
     before, after = state(tmp_path / "bb" / "last.ckpt"), state(tmp_path / "rf" / "last.ckpt")
@@ -331,15 +373,46 @@ def test_cityscapes_layout_through_the_cli(tmp_path, capsys):
     mask = tifffile.imread(tmp_path / "out" / "aachen_000000_000019_leftImg8bit.tif")
     assert mask.shape == (CITY_H, CITY_W)
     # the same weights as MagNet-Fast, chosen at prediction time
-    assert main(["predict", str(image), "--checkpoint", str(tmp_path / "rf"), "--out", str(tmp_path / "fast"),
-                 "--set", "fast_patches=1", "--set", "points=0.9"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(image),
+                "--checkpoint",
+                str(tmp_path / "rf"),
+                "--out",
+                str(tmp_path / "fast"),
+                "--set",
+                "fast_patches=1",
+                "--set",
+                "points=0.9",
+            ]
+        )
+        == 0
+    )
     assert tifffile.imread(tmp_path / "fast" / "aachen_000000_000019_leftImg8bit.tif").shape == (CITY_H, CITY_W)
     # MagNet's own baseline from the same checkpoint: the backbone alone at the coarsest scale
     scores = {}
     for mode in ("never", "always"):
         out = tmp_path / f"{mode}.json"
-        assert main(["evaluate", "--checkpoint", str(tmp_path / "rf"), "--data", str(data), "--split", "val",
-                     "--set", f"refine={mode}", "--json", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--checkpoint",
+                    str(tmp_path / "rf"),
+                    "--data",
+                    str(data),
+                    "--split",
+                    "val",
+                    "--set",
+                    f"refine={mode}",
+                    "--json",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         scores[mode] = json.loads(out.read_text())
     expected = evaluate(tmp_path / "rf", data, split="val", options={"refine": "never"}, progress=False)
     assert scores["never"]["per_class"] == json.loads(json.dumps(expected["per_class"]))
@@ -350,8 +423,12 @@ def test_cityscapes_layout_through_the_cli(tmp_path, capsys):
 def test_deepglobe_layout_train_and_predict_small_and_large(tmp_path):
     data = deepglobe_fixture(tmp_path / "deepglobe")
     run = tmp_path / "run"
-    options = {"scales": [[64, 64], [128, 128], [256, 256]], "input_size": [56, 56], "median_kernel": 5,
-               "crops_per_image": 2}
+    options = {
+        "scales": [[64, 64], [128, 128], [256, 256]],
+        "input_size": [56, 56],
+        "median_kernel": 5,
+        "crops_per_image": 2,
+    }
     train("magnet", data, run, encoder="test_resnet", options=options, settings=settings())
     check_two_stage_run(run, 7)
     result = predict(run / "best.ckpt", data / "valid" / "104113_sat.jpg", tmp_path / "pred", progress=False)

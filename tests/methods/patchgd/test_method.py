@@ -21,9 +21,9 @@ from gigaseg.errors import BudgetError, ConfigError
 from gigaseg.inference.contract import SegmentationPredictor
 from gigaseg.methods import registry
 from gigaseg.methods.patchgd import recipe as patchgd
-from gigaseg.nn.base import SegmentationModel
 from gigaseg.methods.patchgd.model import global_view_of
 from gigaseg.methods.registry import create_model, training_stages
+from gigaseg.nn.base import SegmentationModel
 from gigaseg.training.recipe import StepContext, TrainSettings
 
 
@@ -39,8 +39,14 @@ class StubFabric:
 
 def context(model, **settings):
     stage = training_stages(model)[0]
-    return StepContext(fabric=StubFabric(), model=model, wrapped=model, sub_batch=stage.sub_batch, stage=stage,
-                       settings=TrainSettings(**settings))
+    return StepContext(
+        fabric=StubFabric(),
+        model=model,
+        wrapped=model,
+        sub_batch=stage.sub_batch,
+        stage=stage,
+        settings=TrainSettings(**settings),
+    )
 
 
 def record_theta1(model):
@@ -203,8 +209,14 @@ def settings(**kw):
 
 def test_train_and_evaluate_the_classifier(ultramnist, tmp_path):
     run = tmp_path / "run"
-    result = train("patchgd_classifier", ultramnist, run, encoder="test_resnet",
-                   options={"patch_size": 32, "latent_dim": 16}, settings=settings(epochs=2))
+    result = train(
+        "patchgd_classifier",
+        ultramnist,
+        run,
+        encoder="test_resnet",
+        options={"patch_size": 32, "latent_dim": 16},
+        settings=settings(epochs=2),
+    )
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 2 and {"train_loss", "train_k", "val_accuracy", "val_balanced_accuracy"} <= set(rows[0])
     assert float(rows[0]["train_k"]) == 1.0  # 4 patches x 0.25
@@ -221,34 +233,97 @@ def test_train_and_evaluate_the_classifier(ultramnist, tmp_path):
 
 def test_train_with_max_memory_through_the_cli(ultramnist, tmp_path, capsys):
     run = tmp_path / "cli"
-    code = main(["train", "--method", "patchgd_classifier", "--data", str(ultramnist), "--out", str(run),
-                 "--encoder", "test_resnet", "--set", "patch_size=32", "--set", "latent_dim=16", "--set",
-                 "sampling_fraction=0.5", "--epochs", "1", "--batch-size", "2", "--max-memory", "64GB"])
+    code = main(
+        [
+            "train",
+            "--method",
+            "patchgd_classifier",
+            "--data",
+            str(ultramnist),
+            "--out",
+            str(run),
+            "--encoder",
+            "test_resnet",
+            "--set",
+            "patch_size=32",
+            "--set",
+            "latent_dim=16",
+            "--set",
+            "sampling_fraction=0.5",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--max-memory",
+            "64GB",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert float(rows[0]["train_k"]) == 2.0  # the budget is ample: k = 0.5 x 4
-    code = main(["train", "--method", "patchgd_classifier", "--data", str(ultramnist), "--out", str(tmp_path / "x"),
-                 "--encoder", "test_resnet", "--set", "patch_size=32", "--epochs", "1", "--max-memory", "10MB"])
+    code = main(
+        [
+            "train",
+            "--method",
+            "patchgd_classifier",
+            "--data",
+            str(ultramnist),
+            "--out",
+            str(tmp_path / "x"),
+            "--encoder",
+            "test_resnet",
+            "--set",
+            "patch_size=32",
+            "--epochs",
+            "1",
+            "--max-memory",
+            "10MB",
+        ]
+    )
     assert code == 2 and "too small to train patchgd_classifier" in capsys.readouterr().err
 
 
 def test_train_the_downsampled_baseline_and_mismatched_tasks(ultramnist, tiny_dataset, tmp_path):
-    train("downsampled_classifier", ultramnist, tmp_path / "down", encoder="test_resnet",
-          options={"input_size": 32, "latent_dim": 16}, settings=settings())
+    train(
+        "downsampled_classifier",
+        ultramnist,
+        tmp_path / "down",
+        encoder="test_resnet",
+        options={"input_size": 32, "latent_dim": 16},
+        settings=settings(),
+    )
     summary = evaluate(tmp_path / "down", ultramnist, progress=False)
     assert summary["counted"] == 2 and 0 <= summary["accuracy"] <= 1
     with pytest.raises(ConfigError, match="is a segmentation dataset but patchgd_classifier is a classification"):
-        train("patchgd_classifier", tiny_dataset, tmp_path / "bad", encoder="test_resnet",
-              options={"patch_size": 32}, settings=settings())
+        train(
+            "patchgd_classifier",
+            tiny_dataset,
+            tmp_path / "bad",
+            encoder="test_resnet",
+            options={"patch_size": 32},
+            settings=settings(),
+        )
     with pytest.raises(ConfigError, match="is a classification dataset but patchgd_segmenter"):
-        train("patchgd_segmenter", ultramnist, tmp_path / "bad2", encoder="test_resnet",
-              options={"patch_size": 32}, settings=settings())
+        train(
+            "patchgd_segmenter",
+            ultramnist,
+            tmp_path / "bad2",
+            encoder="test_resnet",
+            options={"patch_size": 32},
+            settings=settings(),
+        )
 
 
 def test_train_and_evaluate_the_segmenter(tiny_dataset, tmp_path):
     run = tmp_path / "seg"
-    train("patchgd_segmenter", tiny_dataset, run, encoder="test_resnet", options={"patch_size": 32},
-          settings=settings(lr=1e-3))
+    train(
+        "patchgd_segmenter",
+        tiny_dataset,
+        run,
+        encoder="test_resnet",
+        options={"patch_size": 32},
+        settings=settings(lr=1e-3),
+    )
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert float(rows[0]["train_k"]) == 2.0 and 0 <= float(rows[0]["val_miou"]) <= 1  # 9 patches x 0.25
     summary = evaluate(run, tiny_dataset, progress=False, max_memory="8GB")
@@ -276,8 +351,12 @@ class Threshold(SegmentationPredictor):
 def threshold_method(monkeypatch):
     """ThresholdModel registered as method "threshold" for this test only."""
     monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
-    registry.register("threshold", model=ThresholdModel, recipe=lambda model: [],
-                      predictor=lambda model, normalization, **settings: Threshold(model, normalization))
+    registry.register(
+        "threshold",
+        model=ThresholdModel,
+        recipe=lambda model: [],
+        predictor=lambda model, normalization, **settings: Threshold(model, normalization),
+    )
 
 
 def binary_dataset(root):
@@ -290,8 +369,9 @@ def binary_dataset(root):
     predicted.flat[2:14] = 1
     tifffile.imwrite(root / "images" / "a.tif", predicted * 200)
     tifffile.imwrite(root / "masks" / "a.tif", target)
-    (root / "dataset.yaml").write_text(yaml.safe_dump({"task": "segmentation", "classes": ["background", "vessel"],
-                                                       "splits": {"val": ["a"]}}))
+    (root / "dataset.yaml").write_text(
+        yaml.safe_dump({"task": "segmentation", "classes": ["background", "vessel"], "splits": {"val": ["a"]}})
+    )
     return root
 
 
@@ -302,14 +382,14 @@ def test_binary_metrics_through_evaluation(tmp_path, threshold_method):
     assert (binary["tp"], binary["fp"], binary["fn"], binary["tn"]) == (tp, fp, fn, tn)
     sensitivity, specificity = tp / (tp + fn), tn / (tn + fp)
     expected = {
-        "f1": 2 * tp / (2 * tp + fp + fn),                       # 16 / 22
-        "iou": tp / (tp + fp + fn),                             # 8 / 14
-        "sensitivity": sensitivity,                             # 0.8
-        "specificity": specificity,                             # 50 / 54
+        "f1": 2 * tp / (2 * tp + fp + fn),  # 16 / 22
+        "iou": tp / (tp + fp + fn),  # 8 / 14
+        "sensitivity": sensitivity,  # 0.8
+        "specificity": specificity,  # 50 / 54
         "precision": tp / (tp + fp),
         "balanced_accuracy": (sensitivity + specificity) / 2,
-        "lr_positive": sensitivity / (1 - specificity),         # 0.8 / (4 / 54) = 10.8
-        "lr_negative": (1 - sensitivity) / specificity,         # 0.2 / (50 / 54) = 0.216
+        "lr_positive": sensitivity / (1 - specificity),  # 0.8 / (4 / 54) = 10.8
+        "lr_negative": (1 - sensitivity) / specificity,  # 0.2 / (50 / 54) = 0.216
     }
     for key, value in expected.items():
         assert binary[key] == pytest.approx(value, rel=1e-12), key

@@ -24,7 +24,7 @@ def test_focal_by_hand():
     # two pixels, true-class probabilities 0.75 and 0.5
     logits = logits_for([[0.25, 0.75], [0.5, 0.5]])
     target = torch.tensor([[[1, 0]]])
-    expected = (-(0.25 ** 3) * math.log(0.75) - (0.5 ** 3) * math.log(0.5)) / 2
+    expected = (-(0.25**3) * math.log(0.75) - (0.5**3) * math.log(0.5)) / 2
     assert FocalLoss(gamma=3)(logits, target).item() == pytest.approx(expected)
 
 

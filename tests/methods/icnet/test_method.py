@@ -15,14 +15,20 @@ from gigaseg.api import predict, train
 from gigaseg.cli import main as cli_main
 from gigaseg.data.cityscapes import LABEL_IDS
 from gigaseg.data.loader import load_dataset
+from gigaseg.geometry import Window
 from gigaseg.io.normalize import Normalization
 from gigaseg.io.sources import open_image
-from gigaseg.methods.icnet.recipe import ScaledCrops, cascade_label_guidance_loss, downsample_labels, icnet_stages, pspnet_stages
-from gigaseg.methods.icnet.predictor import TilePredictor, tile_predictor
 from gigaseg.methods.icnet.model import CascadeOutputs
+from gigaseg.methods.icnet.predictor import tile_predictor
+from gigaseg.methods.icnet.recipe import (
+    ScaledCrops,
+    cascade_label_guidance_loss,
+    downsample_labels,
+    icnet_stages,
+    pspnet_stages,
+)
 from gigaseg.methods.registry import create_model
 from gigaseg.training.recipe import TrainSettings
-from gigaseg.geometry import Window
 
 TINY = {"width": 0.25, "crop_size": 64, "tile_size": [64, 128], "tile_overlap": 16}
 
@@ -63,7 +69,11 @@ def test_cascade_loss_weights_and_levels():
         torch.testing.assert_close(parts[name], value)
     weighted, _ = cascade_label_guidance_loss(out, labels, weights=(0.0, 0.0, 1.0))
     torch.testing.assert_close(weighted, ce[2])
-    assert create_model("icnet", encoder="icnet_resnet50_half", num_classes=3).options["loss_weights"] == [0.16, 0.4, 1.0]
+    assert create_model("icnet", encoder="icnet_resnet50_half", num_classes=3).options["loss_weights"] == [
+        0.16,
+        0.4,
+        1.0,
+    ]
 
 
 def test_ignored_pixels_do_not_count():
@@ -73,7 +83,7 @@ def test_ignored_pixels_do_not_count():
     loss, _ = cascade_label_guidance_loss(out, labels, ignore_index=7)
     changed = [o.detach().clone() for o in out]
     for o in changed:
-        o[..., o.shape[-1] // 2:] += 100.0  # only where the labels are ignored
+        o[..., o.shape[-1] // 2 :] += 100.0  # only where the labels are ignored
     loss2, _ = cascade_label_guidance_loss(changed, labels, ignore_index=7)
     torch.testing.assert_close(loss, loss2)
     everything_ignored, _ = cascade_label_guidance_loss(out, torch.full((1, 32, 32), 7), ignore_index=7)
@@ -87,7 +97,13 @@ def test_ignored_pixels_do_not_count():
 def test_recipe_follows_the_paper():
     model = create_model("icnet", encoder="icnet_resnet50_half", num_classes=3, **TINY)
     (stage,) = icnet_stages(model)
-    assert (stage.name, stage.optimizer, stage.lr, stage.momentum, stage.weight_decay) == ("icnet", "sgd", 0.01, 0.9, 1e-4)
+    assert (stage.name, stage.optimizer, stage.lr, stage.momentum, stage.weight_decay) == (
+        "icnet",
+        "sgd",
+        0.01,
+        0.9,
+        1e-4,
+    )
     assert (stage.schedule, stage.poly_power, stage.batch_size) == ("poly", 0.9, 16)
     assert tuple(stage.sample_inputs(model)[0].shape) == (1, 3, 64, 64)
     (psp,) = pspnet_stages(create_model("pspnet", encoder="pspnet_resnet50", num_classes=3, width=0.125))
@@ -151,8 +167,10 @@ def test_folded_predictor_matches_model_and_blocks_have_no_seams():
     np.testing.assert_allclose(np.concatenate([left, right], axis=2), whole, atol=1e-5)
     np.testing.assert_allclose(whole.sum(axis=0), 1.0, atol=1e-4)
     bf16 = tile_predictor(model, norm, precision="bf16-mixed")
-    assert np.mean(bf16.predict_block(source, grid, Window(0, 0, 64, 128)).argmax(0)
-                   == whole[:, :64, :128].argmax(0)) > 0.9
+    assert (
+        np.mean(bf16.predict_block(source, grid, Window(0, 0, 64, 128)).argmax(0) == whole[:, :64, :128].argmax(0))
+        > 0.9
+    )
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -168,12 +186,12 @@ def write_cityscapes(root, size=(64, 128), cities=("aachen", "bremen"), per_city
             (root / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
             (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
             for i in range(per_city if split == "train" else 1):
-                ids = np.full((h, w), 7, np.uint8)                 # road
-                ids[: h // 3] = 11                                 # building
-                ids[: h // 3, int(rng.integers(w // 2)):][:, : w // 4] = 21  # vegetation
+                ids = np.full((h, w), 7, np.uint8)  # road
+                ids[: h // 3] = 11  # building
+                ids[: h // 3, int(rng.integers(w // 2)) :][:, : w // 4] = 21  # vegetation
                 top, left = int(rng.integers(h // 3, h - 12)), int(rng.integers(0, w - 24))
-                ids[top:top + 10, left:left + 20] = 26             # a car
-                ids[-2:] = 0                                       # unlabeled (void): ignored
+                ids[top : top + 10, left : left + 20] = 26  # a car
+                ids[-2:] = 0  # unlabeled (void): ignored
                 image = np.zeros((h, w, 3), np.uint8)
                 for label, colour in colours.items():
                     image[ids == label] = colour
@@ -215,10 +233,33 @@ def test_tiny_end_to_end_train_on_cityscapes_layout(tmp_path):
 
 def test_cli_train_and_predict(tiny_dataset, tmp_path, capsys):
     run = tmp_path / "run"
-    code = cli_main(["train", "--method", "icnet", "--encoder", "icnet_resnet50_half", "--data", str(tiny_dataset),
-                     "--out", str(run), "--epochs", "1", "--batch-size", "2", "--set", "width=0.25",
-                     "--set", "crop_size=64", "--set", "tile_size=64", "--set", "tile_overlap=16",
-                     "--set", "crops_per_image=2"])
+    code = cli_main(
+        [
+            "train",
+            "--method",
+            "icnet",
+            "--encoder",
+            "icnet_resnet50_half",
+            "--data",
+            str(tiny_dataset),
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--set",
+            "width=0.25",
+            "--set",
+            "crop_size=64",
+            "--set",
+            "tile_size=64",
+            "--set",
+            "tile_overlap=16",
+            "--set",
+            "crops_per_image=2",
+        ]
+    )
     assert code == 0 and (run / "best.ckpt").exists()
     assert "trained icnet: 1 epochs" in capsys.readouterr().out
     image = next((tiny_dataset / "images").glob("*.tif"))

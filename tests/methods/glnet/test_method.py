@@ -10,21 +10,20 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from gigaseg.cli import main as cli
-from gigaseg.data.loader import load_dataset
 from gigaseg.data.deepglobe import PALETTE
+from gigaseg.data.loader import load_dataset
 from gigaseg.errors import BudgetError
+from gigaseg.geometry import Window
 from gigaseg.io.normalize import Normalization
 from gigaseg.io.sources import open_image
 from gigaseg.methods.glnet import recipe as method
-from gigaseg.methods.glnet.predictor import GLNetPredictor
-from gigaseg.methods.glnet.predictor import inference_plan
-from gigaseg.methods.glnet.recipe import GLNetViews
 from gigaseg.methods.glnet.model import LocalToGlobal
-from gigaseg.nn.losses import FocalLoss
+from gigaseg.methods.glnet.predictor import GLNetPredictor, inference_plan
+from gigaseg.methods.glnet.recipe import GLNetViews
 from gigaseg.methods.registry import build_predictor, create_model, training_stages
+from gigaseg.nn.losses import FocalLoss
 from gigaseg.training.checkpoint import load_checkpoint
 from gigaseg.training.recipe import StepContext, TrainSettings
-from gigaseg.geometry import Window
 
 TINY = {"size_g": 64, "size_p": 32, "min_overlap": 8}
 UINT8 = Normalization.for_image(3, np.uint8)
@@ -59,14 +58,14 @@ def test_views_augment_global_and_local_alike(tiny_dataset):
         full = np.zeros((96, 96, 3))
         for box, patch in zip(item["boxes"].numpy(), pixels):
             top, left = round(box[0] * 96), round(box[1] * 96)
-            full[top:top + 32, left:left + 32] = patch
+            full[top : top + 32, left : left + 32] = patch
         small = full.reshape(48, 2, 48, 2, 3).mean((1, 3))
         global_pixels = UINT8.invert(item["global"].numpy())
         assert np.abs(small - global_pixels).mean() < 1.0
         # and the global label is the augmented mask
         labels = np.zeros((96, 96), int)
         for box, lab in zip(item["boxes"].numpy(), item["patch_labels"].numpy()):
-            labels[round(box[0] * 96):round(box[0] * 96) + 32, round(box[1] * 96):round(box[1] * 96) + 32] = lab
+            labels[round(box[0] * 96) : round(box[0] * 96) + 32, round(box[1] * 96) : round(box[1] * 96) + 32] = lab
         assert (labels[::2, ::2] == item["global_label"].numpy()).mean() > 0.95
         seen_rotations.add(tuple(labels[0, :3]) + tuple(labels[-1, -3:]))
     assert len(seen_rotations) > 1  # the epochs drew different augmentations
@@ -120,12 +119,18 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("stage_name, trained, untouched", [
-    ("global", ("global_branch.",), ("local_branch.", "ensemble.", "global_ext.", "global_fixed.")),
-    ("global2local", ("local_branch.", "ensemble."), ("global_branch.", "global_ext.", "global_fixed.")),
-    ("local2global", ("global_branch.encoder", "global_ext.", "ensemble.", "global_branch.fpn.classifier"),
-     ("local_branch.", "global_fixed.")),
-])
+@pytest.mark.parametrize(
+    "stage_name, trained, untouched",
+    [
+        ("global", ("global_branch.",), ("local_branch.", "ensemble.", "global_ext.", "global_fixed.")),
+        ("global2local", ("local_branch.", "ensemble."), ("global_branch.", "global_ext.", "global_fixed.")),
+        (
+            "local2global",
+            ("global_branch.encoder", "global_ext.", "ensemble.", "global_branch.fpn.classifier"),
+            ("local_branch.", "global_fixed."),
+        ),
+    ],
+)
 def test_each_stage_steps_forward_and_backward(small_dataset, stage_name, trained, untouched):
     model = tiny(stage=0)
     number = method.STAGES.index(stage_name) + 1
@@ -178,7 +183,9 @@ def test_stage3_gradient_equals_backpropagating_every_loss_through_the_global_gr
     total = focal(glob.logits, method._labels_like(batch["global_label"], glob.logits))
     for part in method._chunks(9, 4):
         logits, _ = model.ensemble_logits(local.ps3[part], glob.ps3, boxes[part])
-        total = total + focal(logits, method._labels_like(batch["patch_labels"][0, part], logits)) * (logits.shape[0] / 6)
+        total = total + focal(logits, method._labels_like(batch["patch_labels"][0, part], logits)) * (
+            logits.shape[0] / 6
+        )
     total.backward()
     want = grads(model)
     assert got.keys() == want.keys()
@@ -192,7 +199,10 @@ def test_before_stage_hands_over_as_the_paper():
     model = tiny(stage=0)
     stages = {s.name: s for s in training_stages(model)}
     assert [(s.name, s.epochs, s.lr, s.batch_size, s.sub_batch) for s in training_stages(model)] == [
-        ("global", 120, 5e-5, 6, 6), ("global2local", 50, 2e-5, 6, 6), ("local2global", 120, 5e-5, 6, 6)]
+        ("global", 120, 5e-5, 6, 6),
+        ("global2local", 50, 2e-5, 6, 6),
+        ("local2global", 120, 5e-5, 6, 6),
+    ]
     with pytest.raises(ConfigError, match="stage 'global2local' continues a 'global' run.*--init"):
         stages["global2local"].before_stage(model)
     model.set_stage(2)
@@ -274,7 +284,8 @@ def test_tight_budgets_use_smaller_blocks_and_stage3_counts_its_merged_maps(monk
     assert stage3.per_sample == stage2.per_sample + merged
     predictor = build_predictor(model, Normalization.for_image(3, np.uint8), max_memory=2 * 10**9)
     assert InferencePlan(predictor.sub_batch, predictor.block_size) == glnet_methods.inference_plan(
-        model, "cpu", 2 * 10**9)
+        model, "cpu", 2 * 10**9
+    )
 
 
 # --------------------------------------------------------------------------- end to end
@@ -287,7 +298,7 @@ def deepglobe_fixture(root, size=96):
         for image_id in ids:
             labels = np.full((size, size), 2, np.uint8)  # agriculture
             labels[:, : size // 3] = 5  # water
-            labels[size // 2:, size // 2:] = 1  # urban
+            labels[size // 2 :, size // 2 :] = 1  # urban
             labels = np.rot90(labels, int(rng.integers(4))).copy()
             colours = np.array(PALETTE, np.uint8)
             image = (colours[labels] * 0.6 + rng.integers(0, 80, (size, size, 3))).astype(np.uint8)
@@ -302,8 +313,27 @@ SETS = ["--set", "size_g=48", "--set", "size_p=32", "--set", "min_overlap=8"]
 
 
 def train_cli(data, out, *extra):
-    return cli(["train", "--method", "glnet", "--data", str(data), "--out", str(out), "--encoder", "test_resnet",
-                *SETS, "--epochs", "1", "--batch-size", "2", "--lr", "1e-3", *extra])
+    return cli(
+        [
+            "train",
+            "--method",
+            "glnet",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--encoder",
+            "test_resnet",
+            *SETS,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-3",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -319,8 +349,21 @@ def test_cli_trains_all_stages_and_predicts_on_deepglobe(tmp_path, capsys):
     image = data / "val" / "Sat" / "201_sat.jpg"
     # a CPU budget covers the whole process, and this one is a long-lived pytest process
     # that already holds well over 2 GB: give the CLI path room, budgets are tested elsewhere
-    assert cli(["predict", str(image), "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "pred"),
-                "--max-memory", "64GB"]) == 0
+    assert (
+        cli(
+            [
+                "predict",
+                str(image),
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "pred"),
+                "--max-memory",
+                "64GB",
+            ]
+        )
+        == 0
+    )
     mask = tifffile.imread(tmp_path / "pred" / "201_sat.tif")
     assert mask.shape == (96, 96) and mask.max() < 7
     assert cli(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(data), "--split", "val"]) == 0
@@ -332,8 +375,12 @@ def test_cli_stages_hand_over_with_init(tmp_path, capsys):
     assert train_cli(data, tmp_path / "s1", "--stage", "global") == 0
     assert train_cli(data, tmp_path / "s2x", "--stage", "global2local") == 2  # no --init: a clear error
     assert "continues a 'global' run" in capsys.readouterr().err
-    assert train_cli(data, tmp_path / "s2", "--stage", "global2local", "--init", str(tmp_path / "s1" / "last.ckpt")) == 0
-    assert train_cli(data, tmp_path / "s3", "--stage", "local2global", "--init", str(tmp_path / "s2" / "last.ckpt")) == 0
+    assert (
+        train_cli(data, tmp_path / "s2", "--stage", "global2local", "--init", str(tmp_path / "s1" / "last.ckpt")) == 0
+    )
+    assert (
+        train_cli(data, tmp_path / "s3", "--stage", "local2global", "--init", str(tmp_path / "s2" / "last.ckpt")) == 0
+    )
     s1, s2, s3 = (load_checkpoint(tmp_path / f"s{i}" / "last.ckpt")["model"]["state_dict"] for i in (1, 2, 3))
     assert [int(s["trained_stage"]) for s in (s1, s2, s3)] == [1, 2, 3]
     for key in s1:
@@ -343,8 +390,11 @@ def test_cli_stages_hand_over_with_init(tmp_path, capsys):
             assert torch.equal(s3[fixed], s1[key]), key  # stage 3's local branch still sees stage 1's global
         if key.startswith("local_branch."):
             assert torch.equal(s3[key], s2[key]), key  # frozen in stage 3
-    changed = [k for k in s1 if k.startswith("global_branch.encoder") and k.endswith("weight")
-               and not torch.equal(s3[k], s1[k])]
+    changed = [
+        k
+        for k in s1
+        if k.startswith("global_branch.encoder") and k.endswith("weight") and not torch.equal(s3[k], s1[k])
+    ]
     assert changed  # stage 3 retrained the global branch
 
 

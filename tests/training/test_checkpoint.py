@@ -4,17 +4,22 @@ import numpy as np
 import pytest
 import torch
 
+from gigaseg.api import load_model
 from gigaseg.errors import ConfigError
 from gigaseg.io.normalize import Normalization
 from gigaseg.methods.registry import create_model
 from gigaseg.training.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
-from gigaseg.api import load_model
 
 
 def test_round_trip_rebuilds_identical_model(tmp_path):
     model = create_model("patch", encoder="test_resnet", num_classes=5, patch_size=64, overlap=16)
-    data = {"classes": list("abcde"), "palette": [[i, i, i] for i in range(5)], "ignore_index": 255,
-            "exclude_from_miou": [0], "normalization": Normalization.for_image(3, np.uint8).to_dict()}
+    data = {
+        "classes": list("abcde"),
+        "palette": [[i, i, i] for i in range(5)],
+        "ignore_index": 255,
+        "exclude_from_miou": [0],
+        "normalization": Normalization.for_image(3, np.uint8).to_dict(),
+    }
     path = save_checkpoint(tmp_path / "m.ckpt", model, data, train_state={"epoch": 3, "rng": rng_state()})
     raw = torch.load(path, weights_only=True)  # the format promise: no pickled objects
     assert raw["model"]["config"]["method"] == "patch" and raw["train"]["epoch"] == 3

@@ -1,8 +1,8 @@
 """The test base every method's test file subclasses (as segmentation_models_pytorch does).
 
-Usage in ``tests/models/test_<method>.py``::
+Usage in ``tests/methods/<method>/test_model.py``::
 
-    from .base import ModelTester
+    from ..base import ModelTester
 
     class TestGLNet(ModelTester):
         method = "glnet"
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from gigaseg.errors import ConfigError
-from gigaseg.nn.base import SegmentationModel
 from gigaseg.methods.registry import METHODS, create_model
+from gigaseg.nn.base import SegmentationModel
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -55,8 +55,12 @@ class ModelTester:
     # ---- helpers and hooks
 
     def build(self, **overrides: Any) -> SegmentationModel:
-        kwargs = {"encoder": self.encoder, "num_classes": self.num_classes, "in_channels": self.in_channels,
-                  **self.options}
+        kwargs = {
+            "encoder": self.encoder,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            **self.options,
+        }
         kwargs.update(overrides)
         torch.manual_seed(0)
         return create_model(self.method, **kwargs)
@@ -105,8 +109,11 @@ class ModelTester:
         model = self.build().train()
         out = self.run_forward(model, self.make_input())
         self.loss_of(out).backward()
-        no_grad = [name for name, p in model.named_parameters()
-                   if p.requires_grad and p.grad is None and not name.startswith(self.unused_parameters)]
+        no_grad = [
+            name
+            for name, p in model.named_parameters()
+            if p.requires_grad and p.grad is None and not name.startswith(self.unused_parameters)
+        ]
         assert not no_grad, f"parameters without gradient: {no_grad[:10]}"
 
     def test_config_round_trips_through_create_model(self):

@@ -26,9 +26,16 @@ def state(run):
 
 def test_run_folder_contents_and_learning(tiny_dataset, tmp_path):
     run = tmp_path / "run"
-    result = train("global", tiny_dataset, run, encoder="test_resnet", options=OPTIONS,
-                   settings=settings(epochs=3, lr=1e-3))
-    assert {p.name for p in run.iterdir()} >= {"last.ckpt", "best.ckpt", "best-global.ckpt", "metrics.csv", "config.yaml"}
+    result = train(
+        "global", tiny_dataset, run, encoder="test_resnet", options=OPTIONS, settings=settings(epochs=3, lr=1e-3)
+    )
+    assert {p.name for p in run.iterdir()} >= {
+        "last.ckpt",
+        "best.ckpt",
+        "best-global.ckpt",
+        "metrics.csv",
+        "config.yaml",
+    }
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
     assert all(0.0 <= float(r["val_miou"]) <= 1.0 for r in rows)
@@ -43,7 +50,6 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path, monkeypatch):
 
     interrupted = tmp_path / "interrupted"
     real_step = baselines.supervised_step
-    seen = {"epochs": set()}
 
     def step_then_die(ctx, batch):
         # dies at the first batch of the second epoch, after epoch 0 was checkpointed
@@ -86,20 +92,40 @@ def test_resume_with_another_value_of_an_option_is_a_clear_error(tiny_dataset, t
     train("global", tiny_dataset, run, encoder="test_resnet", options=OPTIONS, settings=settings(epochs=1))
     _drop_saved_option(run / "last.ckpt", "loss")  # the saved run used the default loss, focal
     with pytest.raises(ConfigError, match=r"last.ckpt: was trained with .*'loss': 'focal'.*not .*'loss': 'ce'"):
-        train("global", tiny_dataset, run, encoder="test_resnet", options={**OPTIONS, "loss": "ce"},
-              settings=settings(), resume=True)
+        train(
+            "global",
+            tiny_dataset,
+            run,
+            encoder="test_resnet",
+            options={**OPTIONS, "loss": "ce"},
+            settings=settings(),
+            resume=True,
+        )
 
 
 def test_budget_too_small_names_the_smallest_that_works(tiny_dataset, tmp_path):
     with pytest.raises(BudgetError, match=r"too small for training stage 'patch': the smallest that works is about"):
-        train("patch", tiny_dataset, tmp_path / "run", encoder="test_resnet", options={"patch_size": 64, "overlap": 16},
-              settings=settings(max_memory=10**6))
+        train(
+            "patch",
+            tiny_dataset,
+            tmp_path / "run",
+            encoder="test_resnet",
+            options={"patch_size": 64, "overlap": 16},
+            settings=settings(max_memory=10**6),
+        )
 
 
 def test_unknown_stage_is_a_clear_error(tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match="global has no stage 'local'; its stages are global"):
-        train("global", tiny_dataset, tmp_path / "run", encoder="test_resnet", options=OPTIONS, stage="local",
-              settings=settings())
+        train(
+            "global",
+            tiny_dataset,
+            tmp_path / "run",
+            encoder="test_resnet",
+            options=OPTIONS,
+            stage="local",
+            settings=settings(),
+        )
 
 
 def test_sub_batches_sum_to_the_whole_batch_gradient():
@@ -115,8 +141,9 @@ def test_sub_batches_sum_to_the_whole_batch_gradient():
     def run(sub_batch):
         model.zero_grad()
         calls.clear()
-        ctx = SimpleNamespace(model=model, wrapped=model, sub_batch=sub_batch,
-                              backward=lambda loss: (calls.append(1), loss.backward()))
+        ctx = SimpleNamespace(
+            model=model, wrapped=model, sub_batch=sub_batch, backward=lambda loss: (calls.append(1), loss.backward())
+        )
         logged = baselines.supervised_step(ctx, batch)["loss"]
         return logged, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -133,11 +160,28 @@ def test_init_needs_the_same_architecture_but_not_the_same_inference_options(tin
     patch = {"patch_size": 64, "overlap": 16}
     train("patch", tiny_dataset, tmp_path / "first", encoder="test_resnet", options=patch, settings=settings(epochs=1))
     # overlap and blend only change how the trained network predicts: the weights start this run
-    train("patch", tiny_dataset, tmp_path / "second", encoder="test_resnet", options={**patch, "overlap": 32},
-          settings=settings(epochs=1), init=tmp_path / "first" / "last.ckpt")
+    train(
+        "patch",
+        tiny_dataset,
+        tmp_path / "second",
+        encoder="test_resnet",
+        options={**patch, "overlap": 32},
+        settings=settings(epochs=1),
+        init=tmp_path / "first" / "last.ckpt",
+    )
     saved = torch.load(tmp_path / "second" / "last.ckpt", weights_only=True)["model"]["config"]["options"]
     assert saved["overlap"] == 32
-    with pytest.raises(ConfigError, match=r"first.last\.ckpt: was trained as .*'patch_size': 64.*differs from "
-                                          r"this run's .*'patch_size': 32"):
-        train("patch", tiny_dataset, tmp_path / "third", encoder="test_resnet", options={"patch_size": 32, "overlap": 8},
-              settings=settings(epochs=1), init=tmp_path / "first" / "last.ckpt")
+    with pytest.raises(
+        ConfigError,
+        match=r"first.last\.ckpt: was trained as .*'patch_size': 64.*differs from "
+        r"this run's .*'patch_size': 32",
+    ):
+        train(
+            "patch",
+            tiny_dataset,
+            tmp_path / "third",
+            encoder="test_resnet",
+            options={"patch_size": 32, "overlap": 8},
+            settings=settings(epochs=1),
+            init=tmp_path / "first" / "last.ckpt",
+        )

@@ -28,12 +28,15 @@ def test_resnet50_channels_match_glnet():
     assert encoder.reductions == [4, 8, 16, 32]
 
 
-@pytest.mark.parametrize("reductions, expected", [
-    ([2, 4, 8, 16, 32], (1, 2, 3, 4)),      # ResNet, EfficientNet: skip the stride-2 stem
-    ([4, 8, 16, 32], (0, 1, 2, 3)),         # ConvNeXt, Swin
-    ([16] * 12, (8, 9, 10, 11)),            # plain ViT: the last four blocks
-    ([2, 4, 8], (1, 2)),                    # shallow: fewer than four
-])
+@pytest.mark.parametrize(
+    "reductions, expected",
+    [
+        ([2, 4, 8, 16, 32], (1, 2, 3, 4)),  # ResNet, EfficientNet: skip the stride-2 stem
+        ([4, 8, 16, 32], (0, 1, 2, 3)),  # ConvNeXt, Swin
+        ([16] * 12, (8, 9, 10, 11)),  # plain ViT: the last four blocks
+        ([2, 4, 8], (1, 2)),  # shallow: fewer than four
+    ],
+)
 def test_default_out_indices(reductions, expected):
     assert default_out_indices([{"reduction": r} for r in reductions]) == expected
 
@@ -44,8 +47,9 @@ def test_other_families_give_nchw_maps_at_4_to_32(name):
     assert encoder.reductions == [4, 8, 16, 32]
     features = encoder(torch.randn(1, 3, 64, 64))
     # test_mambaout's timm features are NHWC; the encoder hands out NCHW
-    assert [tuple(f.shape) for f in features] == [(1, c, 64 // r, 64 // r)
-                                                  for c, r in zip(encoder.out_channels, encoder.reductions)]
+    assert [tuple(f.shape) for f in features] == [
+        (1, c, 64 // r, 64 // r) for c, r in zip(encoder.out_channels, encoder.reductions)
+    ]
 
 
 def test_explicit_out_indices_and_in_channels():
@@ -144,7 +148,9 @@ def test_extra_and_missing_keys_are_errors(tmp_path):
     del state["layer2.0.conv2.weight"]
     path = tmp_path / "edited.pth"
     torch.save(state, path)
-    with pytest.raises(ConfigError, match=r"1 missing keys \(layer2.0.conv2.weight\); 1 unexpected keys \(extra.weight\)"):
+    with pytest.raises(
+        ConfigError, match=r"1 missing keys \(layer2.0.conv2.weight\); 1 unexpected keys \(extra.weight\)"
+    ):
         Encoder("test_resnet", pretrained=path)
 
 
@@ -177,7 +183,9 @@ def test_hub_failure_asks_for_a_local_file(monkeypatch):
         return real(name, *args, pretrained=pretrained, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(ConfigError, match=r"couldn't connect.*pass the local file: pretrained='/path/to/test_resnet\.pth'"):
+    with pytest.raises(
+        ConfigError, match=r"couldn't connect.*pass the local file: pretrained='/path/to/test_resnet\.pth'"
+    ):
         Encoder("test_resnet", pretrained=True)
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from gigaseg.errors import ConfigError
-from gigaseg.nn.encoders import Encoder
+from gigaseg.geometry import PatchGrid, crop_resize
 from gigaseg.methods.glnet.model import STAGES, GLNet, LocalToGlobal, crop_global, stage_number
 from gigaseg.methods.registry import create_model
-from gigaseg.geometry import PatchGrid, crop_resize
+from gigaseg.nn.encoders import Encoder
 
-from .base import ModelTester, conv_parameters
+from ..base import ModelTester, conv_parameters
 
 TINY = {"size_g": 64, "size_p": 32, "min_overlap": 8}
 
@@ -50,8 +50,9 @@ def test_resnet50_parameter_count_is_the_papers():
     fpn = model.local_branch.fpn
     laterals = sum(conv_parameters(2 * c, 256, 1) for c in (256, 512, 1024, 2048))
     smooth = 4 * (conv_parameters(512, 256, 3) + conv_parameters(512, 128, 3))
-    assert sum(p.numel() for p in fpn.parameters()) == laterals + smooth + conv_parameters(1024, 512, 3) \
-        + conv_parameters(512, 7, 3)
+    assert sum(p.numel() for p in fpn.parameters()) == laterals + smooth + conv_parameters(
+        1024, 512, 3
+    ) + conv_parameters(512, 7, 3)
     assert sum(p.numel() for p in model.ensemble.parameters()) == conv_parameters(1024, 7, 3)
 
 
@@ -126,9 +127,13 @@ def test_no_per_image_state_is_kept_in_modules():
     model = tiny(stage=3).eval()
 
     def tensors(m):
-        return {(name, key) for name, mod in m.named_modules() for key, value in vars(mod).items()
-                if isinstance(value, torch.Tensor) or (isinstance(value, list) and value
-                                                       and isinstance(value[0], torch.Tensor))}
+        return {
+            (name, key)
+            for name, mod in m.named_modules()
+            for key, value in vars(mod).items()
+            if isinstance(value, torch.Tensor)
+            or (isinstance(value, list) and value and isinstance(value[0], torch.Tensor))
+        }
 
     before = tensors(model)
     with torch.no_grad():
@@ -165,7 +170,9 @@ def test_global_to_local_sharing_feeds_the_patch_crop_of_every_point():
         # every sharing point matters: zeroing the context at any one point changes the output
         for point in ("c", "p", "ps1", "ps2"):
             altered = type(context)(**{**vars(context), point: [torch.zeros_like(m) for m in getattr(context, point)]})
-            assert not torch.allclose(model.patch_forward(patches, boxes, altered).local.logits, out.local.logits), point
+            assert not torch.allclose(model.patch_forward(patches, boxes, altered).local.logits, out.local.logits), (
+                point
+            )
 
 
 def test_local_to_global_merge_averages_patches_on_the_global_grids():

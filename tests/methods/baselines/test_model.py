@@ -10,7 +10,7 @@ from gigaseg.errors import ConfigError
 from gigaseg.methods.baselines.model import GlobalSegmenter, PatchSegmenter
 from gigaseg.methods.registry import create_model
 
-from .base import ModelTester
+from ..base import ModelTester
 
 
 class TestGlobal(ModelTester):
@@ -70,24 +70,28 @@ def test_smp_decoder_loads_local_encoder_weights(tmp_path):
     reference = timm.create_model("test_resnet")
     path = tmp_path / "test_resnet.pth"
     torch.save(reference.state_dict(), path)
-    model = create_model("global", encoder="test_resnet", num_classes=2, input_size=64, decoder="smp_unet",
-                         pretrained=path)
+    model = create_model(
+        "global", encoder="test_resnet", num_classes=2, input_size=64, decoder="smp_unet", pretrained=path
+    )
     assert torch.equal(model.net.encoder.model.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
     fpn_model = create_model("global", encoder="test_resnet", num_classes=2, input_size=64, pretrained=path)
     assert torch.equal(fpn_model.net.encoder.model.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
     assert "pretrained" not in fpn_model.config
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"decoder": "deeplab"}, "decoder='deeplab' is not one of"),
-    ({"loss": "dice"}, "loss='dice'"),
-    ({"blend": "cosine"}, "blend='cosine'"),
-    ({"patch_size": 0}, "patch_size must be > 0"),
-    ({"patch_size": "508"}, "patch_size must be an integer"),
-    ({"overlap": 508}, r"overlap must be in \[0, patch_size=508\)"),
-    ({"patch_size": -4}, "patch_size must be > 0"),
-    ({"crops_per_image": 1.5}, "crops_per_image must be an integer"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"decoder": "deeplab"}, "decoder='deeplab' is not one of"),
+        ({"loss": "dice"}, "loss='dice'"),
+        ({"blend": "cosine"}, "blend='cosine'"),
+        ({"patch_size": 0}, "patch_size must be > 0"),
+        ({"patch_size": "508"}, "patch_size must be an integer"),
+        ({"overlap": 508}, r"overlap must be in \[0, patch_size=508\)"),
+        ({"patch_size": -4}, "patch_size must be > 0"),
+        ({"crops_per_image": 1.5}, "crops_per_image must be an integer"),
+    ],
+)
 def test_patch_option_values_are_checked(options, message):
     with pytest.raises(ConfigError, match=message):
         create_model("patch", encoder="test_resnet", num_classes=2, **options)
@@ -103,8 +107,13 @@ def test_global_options_are_its_own():
 def test_fpn_channels_sets_the_decoder_width():
     paper = create_model("patch", encoder="test_resnet", num_classes=3, patch_size=64, overlap=16)
     light = create_model("patch", encoder="test_resnet", num_classes=3, patch_size=64, overlap=16, fpn_channels=64)
-    fpn_params = lambda m: sum(p.numel() for p in m.net.fpn.parameters())
-    encoder_params = lambda m: sum(p.numel() for p in m.net.encoder.parameters())
+
+    def fpn_params(model):
+        return sum(p.numel() for p in model.net.fpn.parameters())
+
+    def encoder_params(model):
+        return sum(p.numel() for p in model.net.encoder.parameters())
+
     assert encoder_params(paper) == encoder_params(light)
     # every FPN conv scales with the width squared (laterals and the classifier linearly)
     assert fpn_params(light) < fpn_params(paper) / 8

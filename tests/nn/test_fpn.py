@@ -8,10 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gigaseg.errors import ConfigError
-from gigaseg.nn.fpn import FPN, SHARING_POINTS, FPNBranch, FPNFeatures
 from gigaseg.methods.registry import create_model
-
-from .base import conv_parameters, count_parameters
+from gigaseg.nn.fpn import FPN, SHARING_POINTS, FPNBranch, FPNFeatures
+from methods.base import conv_parameters, count_parameters
 
 CHANNELS = [8, 12, 16, 20]
 
@@ -34,7 +33,11 @@ def test_only_plain_convs_no_norm_no_activation():
 def test_layer_shapes_follow_glnet():
     fpn = FPN([256, 512, 1024, 2048], num_classes=7)
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in fpn.lateral_convs] == [
-        (256, 256, (1, 1)), (512, 256, (1, 1)), (1024, 256, (1, 1)), (2048, 256, (1, 1))]
+        (256, 256, (1, 1)),
+        (512, 256, (1, 1)),
+        (1024, 256, (1, 1)),
+        (2048, 256, (1, 1)),
+    ]
     assert all((c.in_channels, c.out_channels, c.kernel_size) == (256, 256, (3, 3)) for c in fpn.smooth1_convs)
     assert all((c.in_channels, c.out_channels, c.kernel_size) == (256, 128, (3, 3)) for c in fpn.smooth2_convs)
     assert (fpn.classifier.in_channels, fpn.classifier.out_channels, fpn.classifier.kernel_size) == (512, 7, (3, 3))

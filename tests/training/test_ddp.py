@@ -12,10 +12,38 @@ from gigaseg.training.checkpoint import load_checkpoint
 def test_two_process_ddp_run_writes_the_same_checkpoint_format(tiny_dataset, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               "-m", "gigaseg", "train", "--method", "global", "--data", str(tiny_dataset), "--out", str(run),
-               "--encoder", "test_resnet", "--set", "input_size=64", "--epochs", "2", "--batch-size", "1",
-               "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "gigaseg",
+        "train",
+        "--method",
+        "global",
+        "--data",
+        str(tiny_dataset),
+        "--out",
+        str(run),
+        "--encoder",
+        "test_resnet",
+        "--set",
+        "input_size=64",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "1",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     payload = load_checkpoint(run / "last.ckpt")

@@ -8,16 +8,25 @@ import numpy as np
 import pytest
 import torch
 
+import gigaseg
 from gigaseg.errors import ConfigError
+from gigaseg.geometry import Window
+from gigaseg.inference.contract import ClassificationPredictor
 from gigaseg.io.array import ArraySource
 from gigaseg.io.normalize import Normalization
-from gigaseg.methods.patchgd.model import GLOBAL_GRADIENTS, PatchGDClassifier, PatchGDSegmenter, batch_norms, even_chunks, global_view_of, grid_shape, patch_at
-import gigaseg
-from gigaseg.inference.contract import ClassificationPredictor
+from gigaseg.methods.patchgd.model import (
+    GLOBAL_GRADIENTS,
+    PatchGDClassifier,
+    PatchGDSegmenter,
+    batch_norms,
+    even_chunks,
+    global_view_of,
+    grid_shape,
+    patch_at,
+)
 from gigaseg.methods.registry import build_predictor, create_model
-from gigaseg.geometry import Window
 
-from .base import ModelTester
+from ..base import ModelTester
 
 CLASSIFIER = {"patch_size": 32, "latent_dim": 16}
 SEGMENTER = {"patch_size": 32}
@@ -255,7 +264,7 @@ def test_segmenter_fill_is_the_stitched_patch_outputs():
     with torch.no_grad():
         for b, r, c in [(0, 0, 0), (1, 2, 3), (0, 1, 2)]:
             alone = model.theta1(patch_at(x[b], 32 * r, 32 * c, 32)[None])[0]
-            torch.testing.assert_close(z[b, :, 32 * r:32 * r + 32, 32 * c:32 * c + 32], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(z[b, :, 32 * r : 32 * r + 32, 32 * c : 32 * c + 32], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_segmenter_global_features_are_upsampled_and_concatenated():
@@ -306,13 +315,14 @@ def test_global_gradient_scales_only_what_reaches_theta1_through_the_global_patc
         z0 = model.fill(x, 12)
         out = model(x, latents=z0, indices=indices)
         (out[0] if isinstance(out, tuple) else out).square().mean().backward()
-        return ({n: p.grad.clone() for n, p in model.theta1.named_parameters()},
-                {n: p.grad.clone() for n, p in model.theta2.named_parameters()})
+        return (
+            {n: p.grad.clone() for n, p in model.theta1.named_parameters()},
+            {n: p.grad.clone() for n, p in model.theta2.named_parameters()},
+        )
 
     (full, head_full), (balanced, head_balanced), (none, head_none) = (gradients(m) for m in GLOBAL_GRADIENTS)
     for name in full:  # theta1's gradient is local + factor x global, linear in the factor
-        torch.testing.assert_close(balanced[name], none[name] + 0.25 * (full[name] - none[name]),
-                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(balanced[name], none[name] + 0.25 * (full[name] - none[name]), rtol=1e-4, atol=1e-7)
     assert any((full[n] - none[n]).abs().max() > 1e-6 for n in full)  # the global path does reach theta1
     for name in head_full:  # theta2 learns from the global features the same way in every mode
         torch.testing.assert_close(head_balanced[name], head_full[name])

@@ -8,12 +8,22 @@ import torch.nn.functional as F
 
 import gigaseg.methods.magnet.model as magnet_module
 from gigaseg.errors import ConfigError
-from gigaseg.methods.magnet.model import PRESETS, RefinementModule, certainty, error_score, median_blur, num_points, patch_boxes, select_patches, select_points, uncertainty
+from gigaseg.geometry import Window, box_on_grid, crop_resize
+from gigaseg.methods.magnet.model import (
+    PRESETS,
+    RefinementModule,
+    certainty,
+    error_score,
+    median_blur,
+    num_points,
+    patch_boxes,
+    select_patches,
+    select_points,
+    uncertainty,
+)
 from gigaseg.methods.registry import create_model
-from gigaseg.geometry import box_on_grid, crop_resize
-from gigaseg.geometry import Window
 
-from .base import ModelTester, conv_parameters, count_parameters
+from ..base import ModelTester, conv_parameters, count_parameters
 
 #: DeepGlobe-like shape (three scales, 1/4/16 patches), tiny sizes
 TINY = {"scales": [[16, 16], [32, 32], [64, 64]], "input_size": [32, 32], "median_kernel": 3}
@@ -40,8 +50,10 @@ def tiny(num_classes=3, **options):
 
 def tensor_reader(model, x):
     def read(windows):
-        return torch.cat([magnet_module._resize(x[:, :, w.top:w.bottom, w.left:w.right], model.input_size)
-                          for w in windows])
+        return torch.cat(
+            [magnet_module._resize(x[:, :, w.top : w.bottom, w.left : w.right], model.input_size) for w in windows]
+        )
+
     return read
 
 
@@ -55,10 +67,24 @@ def bn(channels):
 def refinement_count_by_hand(c):
     conv = conv_parameters
     stem = bn(2 * c) + conv(2 * c, 64, 3, bias=False) + bn(64) + conv(64, 64, 3, bias=False) + bn(64)
-    block1 = (conv(64, 32, 1, bias=False) + bn(32) + conv(32, 32, 3, bias=False) + bn(32)
-              + conv(32, 128, 1, bias=False) + bn(128) + conv(64, 128, 1, bias=False) + bn(128))
-    block2 = (conv(128, 32, 1, bias=False) + bn(32) + conv(32, 32, 3, bias=False) + bn(32)
-              + conv(32, 128, 1, bias=False) + bn(128))
+    block1 = (
+        conv(64, 32, 1, bias=False)
+        + bn(32)
+        + conv(32, 32, 3, bias=False)
+        + bn(32)
+        + conv(32, 128, 1, bias=False)
+        + bn(128)
+        + conv(64, 128, 1, bias=False)
+        + bn(128)
+    )
+    block2 = (
+        conv(128, 32, 1, bias=False)
+        + bn(32)
+        + conv(32, 32, 3, bias=False)
+        + bn(32)
+        + conv(32, 128, 1, bias=False)
+        + bn(128)
+    )
     return stem + block1 + block2 + conv(128, c, 1, bias=False)
 
 
@@ -165,10 +191,17 @@ def test_median_blur_equals_kornia():
     assert median_blur(x, 1) is x
 
 
-@pytest.mark.parametrize("points, area, expected", [
-    (32768, 100_000, 32768), (32768.0, 1000, 1000), (0.75, 1000, 750), (0.9, 1001, 900), (1.0, 37, 37),
-    (0.5, 1, 0),
-])
+@pytest.mark.parametrize(
+    "points, area, expected",
+    [
+        (32768, 100_000, 32768),
+        (32768.0, 1000, 1000),
+        (0.75, 1000, 750),
+        (0.9, 1001, 900),
+        (1.0, 37, 37),
+        (0.5, 1, 0),
+    ],
+)
 def test_num_points_count_and_fraction(points, area, expected):
     assert num_points(points, area) == expected
 
@@ -238,25 +271,29 @@ def test_presets_fill_unspecified_options():
     options = dg_fast.options
     assert (options["points"], options["fast_patches"], options["median_kernel"]) == (0.9, 3, 11)
     # explicit options win over the preset, and the config rebuilds the same model
-    mixed = create_model("magnet", encoder="test_resnet", num_classes=7, preset="deepglobe_fast", fast_patches=5,
-                         input_size=256)
+    mixed = create_model(
+        "magnet", encoder="test_resnet", num_classes=7, preset="deepglobe_fast", fast_patches=5, input_size=256
+    )
     assert mixed.options["fast_patches"] == 5 and mixed.input_size == (256, 256)
     assert create_model(**mixed.config).config == mixed.config
     assert set(PRESETS) == {"deepglobe", "deepglobe_fast", "cityscapes", "cityscapes_fast"}
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"preset": "gleason"}, "preset='gleason' is not one of"),
-    ({"scales": [[32, 32], [16, 16]]}, "scales must grow from coarse to fine"),
-    ({"scales": []}, "scales must be a non-empty list"),
-    ({"scales": [[16, 0]]}, "each scale must be a positive integer"),
-    ({"input_size": [0, 5]}, "input_size must be a positive integer"),
-    ({"median_kernel": 4}, "median_kernel must be a positive odd integer"),
-    ({"fast_patches": 0}, "fast_patches must be null"),
-    ({"fast_patches": True}, "fast_patches must be null"),
-    ({"points": 0}, "points must be > 0"),
-    ({"decoder": "deeplab"}, "decoder='deeplab' is not one of"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"preset": "gleason"}, "preset='gleason' is not one of"),
+        ({"scales": [[32, 32], [16, 16]]}, "scales must grow from coarse to fine"),
+        ({"scales": []}, "scales must be a non-empty list"),
+        ({"scales": [[16, 0]]}, "each scale must be a positive integer"),
+        ({"input_size": [0, 5]}, "input_size must be a positive integer"),
+        ({"median_kernel": 4}, "median_kernel must be a positive odd integer"),
+        ({"fast_patches": 0}, "fast_patches must be null"),
+        ({"fast_patches": True}, "fast_patches must be null"),
+        ({"points": 0}, "points must be > 0"),
+        ({"decoder": "deeplab"}, "decoder='deeplab' is not one of"),
+    ],
+)
 def test_option_values_are_checked(options, message):
     with pytest.raises(ConfigError, match=message):
         create_model("magnet", encoder="test_resnet", num_classes=3, **options)
@@ -330,8 +367,12 @@ def test_coarse_only_until_the_refinement_is_trained():
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         coarse = model.infer(x, refine=False)
-        expected = F.interpolate(magnet_module._resize(model.backbone_probs(magnet_module._resize(x, (32, 32))),
-                                                       (16, 16)), size=(64, 64), mode="bilinear", align_corners=False)
+        expected = F.interpolate(
+            magnet_module._resize(model.backbone_probs(magnet_module._resize(x, (32, 32))), (16, 16)),
+            size=(64, 64),
+            mode="bilinear",
+            align_corners=False,
+        )
         torch.testing.assert_close(coarse, expected)
         assert torch.equal(model.infer(x), coarse)
         torch.testing.assert_close(model.predict(x), torch.log(coarse.clamp_min(1e-8)))
@@ -361,8 +402,9 @@ def reference_two_scales(model, x):
         coarse = crop_resize(current, [box], model.input_size)
         patch = torch.softmax(model.refinement(coarse, fine), 1)
         cells = box_on_grid(box, *canvas)
-        refined[:, :, cells.top:cells.bottom, cells.left:cells.right] = F.interpolate(
-            patch, size=cells.shape, mode="bilinear", align_corners=False)
+        refined[:, :, cells.top : cells.bottom, cells.left : cells.right] = F.interpolate(
+            patch, size=cells.shape, mode="bilinear", align_corners=False
+        )
     upsampled = F.interpolate(current, size=canvas, mode="bilinear", align_corners=False)
     return upsampled, refined
 

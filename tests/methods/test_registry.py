@@ -10,8 +10,15 @@ import torch
 
 from gigaseg.errors import ConfigError
 from gigaseg.methods import registry
-from gigaseg.methods.registry import (METHODS, available_methods, build_predictor, create_model, method_spec, register,
-                                      training_stages)
+from gigaseg.methods.registry import (
+    METHODS,
+    available_methods,
+    build_predictor,
+    create_model,
+    method_spec,
+    register,
+    training_stages,
+)
 from gigaseg.nn.base import GigasegModel, SegmentationModel
 
 
@@ -29,10 +36,17 @@ def test_unknown_method_lists_the_known_ones():
 def test_options_as_dict_or_keywords_and_config_round_trip():
     a = create_model("patch", encoder="test_resnet", num_classes=3, options={"patch_size": 64}, overlap=8)
     b = create_model(**json.loads(json.dumps(a.config)))
-    assert a.config == b.config == {
-        "method": "patch", "encoder": "test_resnet", "num_classes": 3, "in_channels": 3,
-        "options": {**METHODS["patch"].model.default_options, "patch_size": 64, "overlap": 8},
-    }
+    assert (
+        a.config
+        == b.config
+        == {
+            "method": "patch",
+            "encoder": "test_resnet",
+            "num_classes": 3,
+            "in_channels": 3,
+            "options": {**METHODS["patch"].model.default_options, "patch_size": 64, "overlap": 8},
+        }
+    )
     with pytest.raises(ConfigError, match="overlap given both"):
         create_model("patch", encoder="test_resnet", num_classes=3, options={"overlap": 8}, overlap=8)
 
@@ -82,15 +96,18 @@ def test_register_sets_the_name_and_create_model_finds_it(toy):
     assert "toy" in available_methods()
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"widht": 3}, r"toy: unknown option 'widht'; its options are: flag, mode, scale, sizes, width"),
-    ({"width": 2.5}, "option width must be an integer"),
-    ({"width": True}, "option width must be an integer"),
-    ({"flag": 1}, "option flag must be true or false"),
-    ({"scale": "big"}, "option scale must be a number"),
-    ({"mode": "c"}, "option mode='c' is not one of 'a', 'b'"),
-    ({"sizes": {1, 2}}, "options must be JSON values"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"widht": 3}, r"toy: unknown option 'widht'; its options are: flag, mode, scale, sizes, width"),
+        ({"width": 2.5}, "option width must be an integer"),
+        ({"width": True}, "option width must be an integer"),
+        ({"flag": 1}, "option flag must be true or false"),
+        ({"scale": "big"}, "option scale must be a number"),
+        ({"mode": "c"}, "option mode='c' is not one of 'a', 'b'"),
+        ({"sizes": {1, 2}}, "options must be JSON values"),
+    ],
+)
 def test_option_checks(toy, options, message):
     with pytest.raises(ConfigError, match=message):
         create_model("toy", num_classes=2, **options)
@@ -118,7 +135,13 @@ def test_recipe_and_predictor_come_from_the_registration(toy):
     model = create_model("toy", num_classes=2)
     assert training_stages(model) == ["the toy's stage"]
     assert build_predictor(model, "norm", max_memory=5, refine=True) == (
-        "a toy predictor", "norm", "cpu", 5, "32", {"refine": True})
+        "a toy predictor",
+        "norm",
+        "cpu",
+        5,
+        "32",
+        {"refine": True},
+    )
     assert method_spec(model) is method_spec("toy") is registry.METHODS["toy"]
 
 
@@ -126,11 +149,17 @@ def test_every_method_registers_a_recipe_and_a_predictor_of_its_task():
     from gigaseg.inference.contract import ClassificationPredictor, SegmentationPredictor
     from gigaseg.io.normalize import Normalization
 
-    tiny = {"global": {"input_size": 64}, "patch": {"patch_size": 64, "overlap": 8}, "glnet": {"size_g": 64, "size_p": 32, "min_overlap": 8},
-            "magnet": {"scales": [[16, 16], [32, 32], [64, 64]], "input_size": [32, 32]},
-            "icnet": {"width": 0.25}, "pspnet": {"width": 0.125},
-            "patchgd_classifier": {"patch_size": 32, "latent_dim": 16},
-            "downsampled_classifier": {"input_size": 48, "latent_dim": 16}, "patchgd_segmenter": {"patch_size": 32}}
+    tiny = {
+        "global": {"input_size": 64},
+        "patch": {"patch_size": 64, "overlap": 8},
+        "glnet": {"size_g": 64, "size_p": 32, "min_overlap": 8},
+        "magnet": {"scales": [[16, 16], [32, 32], [64, 64]], "input_size": [32, 32]},
+        "icnet": {"width": 0.25},
+        "pspnet": {"width": 0.125},
+        "patchgd_classifier": {"patch_size": 32, "latent_dim": 16},
+        "downsampled_classifier": {"input_size": 48, "latent_dim": 16},
+        "patchgd_segmenter": {"patch_size": 32},
+    }
     assert sorted(tiny) == available_methods()
     contracts = {"segmentation": SegmentationPredictor, "classification": ClassificationPredictor}
     for name, options in tiny.items():

@@ -12,7 +12,7 @@ from gigaseg.methods.icnet.model import CascadeFeatureFusion, CascadeOutputs, IC
 from gigaseg.methods.icnet.pspnet import PSPNet, adaptive_avg_pool
 from gigaseg.methods.registry import create_model
 
-from .base import ModelTester, conv_parameters
+from ..base import ModelTester, conv_parameters
 
 
 class _CascadeTester(ModelTester):
@@ -87,7 +87,7 @@ def resnet50_parameters(base: int, cin: int = 3) -> int:
     n = convbn(cin, base, 3) + convbn(base, base, 3) + convbn(base, 2 * base, 3)
     c = 2 * base
     for i, (blocks, stride) in enumerate(((3, 1), (4, 2), (6, 1), (3, 1))):
-        out = 4 * base * 2 ** i
+        out = 4 * base * 2**i
         n += bottleneck(c, out, stride) + (blocks - 1) * bottleneck(out, out)
         c = out
     return n
@@ -97,11 +97,19 @@ def test_faithful_icnet_parameter_count_by_hand():
     model = create_model("icnet", encoder="icnet_resnet50_half", num_classes=19)
     backbone = resnet50_parameters(32)
     assert sum(p.numel() for p in model.backbone.parameters()) == backbone
-    head = (convbn(1024, 256, 1)                                           # pyramid reduction 1024 -> 256
-            + convbn(3, 32, 3) + convbn(32, 32, 3) + convbn(32, 64, 3)     # sub1: three 3x3 s2 convs
-            + convbn(256, 128, 3) + convbn(256, 128, 1) + conv_parameters(256, 19, 1)   # CFF(sub4, sub2) + aux
-            + convbn(128, 128, 3) + convbn(64, 128, 1) + conv_parameters(128, 19, 1)    # CFF(., sub1) + aux
-            + conv_parameters(128, 19, 1))                                  # classifier at 1/4
+    head = (
+        convbn(1024, 256, 1)  # pyramid reduction 1024 -> 256
+        + convbn(3, 32, 3)
+        + convbn(32, 32, 3)
+        + convbn(32, 64, 3)  # sub1: three 3x3 s2 convs
+        + convbn(256, 128, 3)
+        + convbn(256, 128, 1)
+        + conv_parameters(256, 19, 1)  # CFF(sub4, sub2) + aux
+        + convbn(128, 128, 3)
+        + convbn(64, 128, 1)
+        + conv_parameters(128, 19, 1)  # CFF(., sub1) + aux
+        + conv_parameters(128, 19, 1)
+    )  # classifier at 1/4
     assert model.num_parameters() == backbone + head == 6_707_321
     pspnet = create_model("pspnet", encoder="pspnet_resnet50", num_classes=19)
     assert sum(p.numel() for p in pspnet.backbone.parameters()) == resnet50_parameters(64)
@@ -115,16 +123,30 @@ def test_half_width_channels_and_dilations():
     assert [b.stem[i][0].stride for i in range(3)] == [(2, 2), (1, 1), (1, 1)]
     assert isinstance(b.stem[3], nn.MaxPool2d) and b.stem[3].stride == 2 and b.stem[3].kernel_size == 3
     assert [len(layer) for layer in (b.layer1, b.layer2, b.layer3, b.layer4)] == [3, 4, 6, 3]
-    assert [layer[-1].expand[0].out_channels for layer in (b.layer1, b.layer2, b.layer3, b.layer4)] == [128, 256, 512, 1024]
+    assert [layer[-1].expand[0].out_channels for layer in (b.layer1, b.layer2, b.layer3, b.layer4)] == [
+        128,
+        256,
+        512,
+        1024,
+    ]
     assert b.layer2[0].conv[0].stride == (2, 2)
-    assert {blk.conv[0].dilation for blk in b.layer3} == {(2, 2)} and {blk.conv[0].stride for blk in b.layer3} == {(1, 1)}
-    assert {blk.conv[0].dilation for blk in b.layer4} == {(4, 4)} and {blk.conv[0].stride for blk in b.layer4} == {(1, 1)}
+    assert {blk.conv[0].dilation for blk in b.layer3} == {(2, 2)} and {blk.conv[0].stride for blk in b.layer3} == {
+        (1, 1)
+    }
+    assert {blk.conv[0].dilation for blk in b.layer4} == {(4, 4)} and {blk.conv[0].stride for blk in b.layer4} == {
+        (1, 1)
+    }
     assert [m[0].out_channels for m in model.sub1] == [32, 32, 64] and {m[0].stride for m in model.sub1} == {(2, 2)}
     assert model.reduce[0].in_channels == 1024 and model.reduce[0].out_channels == 256
     assert model.reduce[0].kernel_size == (1, 1) and isinstance(model.reduce[2], nn.ReLU)
     psp = create_model("pspnet", encoder="pspnet_resnet50", num_classes=19).backbone
     assert [psp.stem[i][0].out_channels for i in range(3)] == [64, 64, 128]
-    assert [layer[-1].expand[0].out_channels for layer in (psp.layer1, psp.layer2, psp.layer3, psp.layer4)] == [256, 512, 1024, 2048]
+    assert [layer[-1].expand[0].out_channels for layer in (psp.layer1, psp.layer2, psp.layer3, psp.layer4)] == [
+        256,
+        512,
+        1024,
+        2048,
+    ]
     assert psp.layer3[0].conv[0].dilation == (2, 2) and psp.layer4[0].conv[0].dilation == (4, 4)
 
 
@@ -136,18 +158,26 @@ def test_cascade_resolutions_and_shared_computation():
         def hook(_m, inputs, output):
             output = output[0] if isinstance(output, tuple) else output
             seen.setdefault(name, []).append((tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:])))
+
         return hook
 
     b = model.backbone
-    for name, module in {"conv3_1": b.layer2[0], "conv3_2": b.layer2[1], "conv5": b.layer4, "sub1": model.sub1,
-                         "cff24": model.cff_sub24, "cff12": model.cff_sub12, "stem": b.stem}.items():
+    for name, module in {
+        "conv3_1": b.layer2[0],
+        "conv3_2": b.layer2[1],
+        "conv5": b.layer4,
+        "sub1": model.sub1,
+        "cff24": model.cff_sub24,
+        "cff12": model.cff_sub12,
+        "stem": b.stem,
+    }.items():
         module.register_forward_hook(record(name))
     out = model(torch.randn(2, 3, 128, 256))
-    assert seen["stem"] == [((64, 128), (16, 32))]          # the 1/2 image, max-pooled to 1/8 of the input
-    assert seen["conv3_1"] == [((16, 32), (8, 16))]         # run once: sub2 at 1/16
-    assert seen["conv3_2"] == [((4, 8), (4, 8))]            # sub4 continues from conv3_1 downsampled to 1/32
-    assert seen["conv5"] == [((4, 8), (4, 8))]              # dilated: stays at 1/32
-    assert seen["sub1"] == [((128, 256), (16, 32))]         # light branch: 1/8
+    assert seen["stem"] == [((64, 128), (16, 32))]  # the 1/2 image, max-pooled to 1/8 of the input
+    assert seen["conv3_1"] == [((16, 32), (8, 16))]  # run once: sub2 at 1/16
+    assert seen["conv3_2"] == [((4, 8), (4, 8))]  # sub4 continues from conv3_1 downsampled to 1/32
+    assert seen["conv5"] == [((4, 8), (4, 8))]  # dilated: stays at 1/32
+    assert seen["sub1"] == [((128, 256), (16, 32))]  # light branch: 1/8
     assert seen["cff24"] == [((4, 8), (8, 16))] and seen["cff12"] == [((8, 16), (16, 32))]
     assert [tuple(o.shape) for o in out] == [(2, 5, 8, 16), (2, 5, 16, 32), (2, 5, 32, 64)]
 
@@ -265,7 +295,12 @@ def test_options_are_checked():
     ]:
         with pytest.raises(ConfigError, match=message):
             create_model("icnet", encoder="icnet_resnet50_half", num_classes=2, **options)
-    assert create_model("icnet", encoder="icnet_resnet50_half", num_classes=2, width=0.25, tile_size=512).options["tile_size"] == 512
+    assert (
+        create_model("icnet", encoder="icnet_resnet50_half", num_classes=2, width=0.25, tile_size=512).options[
+            "tile_size"
+        ]
+        == 512
+    )
 
 
 def test_own_backbone_weights_from_a_local_file(tmp_path):

@@ -8,25 +8,31 @@ import torch
 
 from gigaseg.api import predict
 from gigaseg.errors import ConfigError
+from gigaseg.geometry import Window
 from gigaseg.inference.stream import WRITER_TILE
 from gigaseg.io.crop import CroppedSource
 from gigaseg.io.normalize import Normalization
 from gigaseg.io.sources import open_image
-from gigaseg.methods.glnet.predictor import GLNetPredictor
-from gigaseg.methods.glnet.predictor import GLNetTilePredictor, axis_tiles, context_tiles, core_size
+from gigaseg.methods.glnet.predictor import GLNetPredictor, GLNetTilePredictor, axis_tiles, context_tiles, core_size
 from gigaseg.methods.registry import build_predictor, create_model
-from gigaseg.geometry import Window
 
 FLOAT = Normalization.for_image(3, np.float32)
 #: what a checkpoint would carry, for predict() on a model object and a uint8 image
-INFO = {"classes": ["a", "b", "c"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
-        "normalization": Normalization.for_image(3, np.uint8).to_dict()}
+INFO = {
+    "classes": ["a", "b", "c"],
+    "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+    "normalization": Normalization.for_image(3, np.uint8).to_dict(),
+}
 
 
 def tiny(stage, **options):
     torch.manual_seed(0)
-    model = create_model("glnet", encoder="test_resnet", num_classes=3,
-                         **{"size_g": 64, "size_p": 128, "min_overlap": 16, "fpn_channels": 16, **options})
+    model = create_model(
+        "glnet",
+        encoder="test_resnet",
+        num_classes=3,
+        **{"size_g": 64, "size_p": 128, "min_overlap": 16, "fpn_channels": 16, **options},
+    )
     model.set_stage(stage)
     return model.eval()
 
@@ -40,14 +46,16 @@ def scene(height, width, seed=0):
 
 def test_core_size_leaves_half_a_patch_each_side_in_writer_tiles():
     assert WRITER_TILE == 512
-    assert core_size(2448, 508) == 1536          # 2448 - 508 = 1940 -> 3 writer tiles
-    assert core_size(1536, 256) == 1024          # the comparison benchmark's scenes and patches
+    assert core_size(2448, 508) == 1536  # 2448 - 508 = 1940 -> 3 writer tiles
+    assert core_size(1536, 256) == 1024  # the comparison benchmark's scenes and patches
     assert core_size(2448, 508, block_limit=1024) == 1024
-    assert core_size(600, 256) == 512            # never below one writer tile
+    assert core_size(600, 256) == 512  # never below one writer tile
 
 
-@pytest.mark.parametrize("length, core, side", [(5000, 1536, 2448), (1000, 512, 2448), (1100, 512, 700),
-                                                (512, 512, 1536), (1537, 1024, 1536)])
+@pytest.mark.parametrize(
+    "length, core, side",
+    [(5000, 1536, 2448), (1000, 512, 2448), (1100, 512, 700), (512, 512, 1536), (1537, 1024, 1536)],
+)
 def test_cores_cover_the_axis_once_and_tiles_hold_their_core(length, core, side):
     tiles = axis_tiles(length, core, side)
     covered = np.zeros(length, dtype=int)
@@ -61,11 +69,15 @@ def test_cores_cover_the_axis_once_and_tiles_hold_their_core(length, core, side)
 
 def test_tiles_are_centred_on_their_core_away_from_the_borders():
     (_, _, a0, a1), (c0, c1, t0, t1), *_ = axis_tiles(5000, 1536, 2448)
-    assert (a0, a1) == (0, 2448)          # shifted inside the image
+    assert (a0, a1) == (0, 2448)  # shifted inside the image
     assert (c0, c1) == (1536, 3072) and (t0, t1) == (1536 - 456, 3072 + 456)
     layout = context_tiles(3000, 2000, 1536, 2448)
-    assert [t.core for t in layout] == [Window(0, 0, 1536, 1536), Window(0, 1536, 1536, 464),
-                                        Window(1536, 0, 1464, 1536), Window(1536, 1536, 1464, 464)]
+    assert [t.core for t in layout] == [
+        Window(0, 0, 1536, 1536),
+        Window(0, 1536, 1536, 464),
+        Window(1536, 0, 1464, 1536),
+        Window(1536, 1536, 1464, 464),
+    ]
     assert all(t.tile.width == 2000 and t.tile.height == 2448 for t in layout)
 
 
@@ -124,8 +136,14 @@ def test_predict_with_the_tile_policy_writes_the_whole_mask(tmp_path):
 
     image = (scene(1100, 700, seed=3) * 255).astype(np.uint8)
     model = tiny(2)
-    tiled = predict(model, image, tmp_path / "tiled.tif", info=INFO, progress=False,
-                    options={"global_context": "tile", "context_tile": 700})
+    tiled = predict(
+        model,
+        image,
+        tmp_path / "tiled.tif",
+        info=INFO,
+        progress=False,
+        options={"global_context": "tile", "context_tile": 700},
+    )
     plain = predict(model, image, tmp_path / "image.tif", info=INFO, progress=False)
     a, b = tifffile.imread(tiled.mask_path), tifffile.imread(plain.mask_path)
     assert a.shape == b.shape == (1100, 700)
@@ -163,9 +181,16 @@ def test_predict_with_the_recorded_scene_side_is_predict_with_that_tile(tmp_path
 
     image = (scene(1100, 700, seed=4) * 255).astype(np.uint8)
     model = tiny(2)
-    explicit = predict(model, image, tmp_path / "explicit.tif", info=INFO, progress=False,
-                       options={"global_context": "tile", "context_tile": 700})
+    explicit = predict(
+        model,
+        image,
+        tmp_path / "explicit.tif",
+        info=INFO,
+        progress=False,
+        options={"global_context": "tile", "context_tile": 700},
+    )
     model.scene_side.fill_(700)
-    recorded = predict(model, image, tmp_path / "recorded.tif", info=INFO, progress=False,
-                       options={"global_context": "tile"})
+    recorded = predict(
+        model, image, tmp_path / "recorded.tif", info=INFO, progress=False, options={"global_context": "tile"}
+    )
     assert np.array_equal(tifffile.imread(explicit.mask_path), tifffile.imread(recorded.mask_path))

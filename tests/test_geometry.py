@@ -8,8 +8,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gigaseg.geometry import PasteAverager, PatchGrid, blend_weights, box_on_grid, ceil_starts, crop_resize, glnet_starts, normalized_box, paste_average, sliding_starts
-from gigaseg.geometry import Window
+from gigaseg.geometry import (
+    PasteAverager,
+    PatchGrid,
+    Window,
+    blend_weights,
+    box_on_grid,
+    ceil_starts,
+    crop_resize,
+    glnet_starts,
+    normalized_box,
+    paste_average,
+    sliding_starts,
+)
 
 lengths = st.integers(1, 5000)
 patches = st.integers(1, 700)
@@ -18,7 +29,7 @@ patches = st.integers(1, 700)
 def covered(starts: list[int], patch: int, length: int) -> np.ndarray:
     hits = np.zeros(length, dtype=int)
     for s in starts:
-        hits[max(s, 0):min(s + patch, length)] += 1
+        hits[max(s, 0) : min(s + patch, length)] += 1
     return hits
 
 
@@ -109,7 +120,12 @@ def test_sliding_rejects_gaps():
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(1, 1500), st.integers(1, 1500), st.integers(16, 300), st.sampled_from(["glnet", "ceil", "flush", "sliding"]))
+@given(
+    st.integers(1, 1500),
+    st.integers(1, 1500),
+    st.integers(16, 300),
+    st.sampled_from(["glnet", "ceil", "flush", "sliding"]),
+)
 def test_grid_covers_image(h, w, patch, kind):
     if kind == "glnet":
         grid = PatchGrid.glnet(h, w, patch, min_overlap=patch // 4)
@@ -199,9 +215,10 @@ def test_crop_resize_upsamples_and_batches():
     assert out.shape == (36, 2, 127, 127)
     for k in (0, 7, 35):
         cells = box_on_grid(grid.normalized_boxes()[k], 127, 127)
-        expected = torch.nn.functional.interpolate(fmap[:, :, cells.slices[0], cells.slices[1]], size=(127, 127),
-                                                   mode="bilinear", align_corners=False)
-        torch.testing.assert_close(out[k:k + 1], expected)
+        expected = torch.nn.functional.interpolate(
+            fmap[:, :, cells.slices[0], cells.slices[1]], size=(127, 127), mode="bilinear", align_corners=False
+        )
+        torch.testing.assert_close(out[k : k + 1], expected)
     # per-box maps (B == N) and explicit batch_index
     two = torch.cat([fmap, fmap + 1000])
     out2 = crop_resize(two, [(0, 0, 0.5, 0.5), (0, 0, 0.5, 0.5)], 8)
@@ -217,7 +234,7 @@ def test_crop_resize_mixed_sizes_keep_order_and_grad():
     boxes = [(0, 0, 0.5, 0.5), (0, 0, 0.2, 0.2), (0.5, 0.5, 1.0, 1.0), (0.1, 0.1, 0.3, 0.3)]
     out = crop_resize(fmap, boxes, 6)
     for k, box in enumerate(boxes):
-        torch.testing.assert_close(out[k:k + 1], crop_resize(fmap, [box], 6))
+        torch.testing.assert_close(out[k : k + 1], crop_resize(fmap, [box], 6))
     out.sum().backward()
     assert fmap.grad is not None and fmap.grad.abs().sum() > 0
 
@@ -246,8 +263,9 @@ def test_paste_average_constant_is_constant_where_covered(h, w, patch, grid_side
     for box in grid.normalized_boxes():
         per_cell[box_on_grid(box, grid_side, grid_side + 3).clip(grid_side, grid_side + 3).slices] += 1
     rtol = max(1e-5, int(per_cell.max()) * 2.0**-24)
-    torch.testing.assert_close(merged[0][:, covered_cells], torch.full_like(merged[0][:, covered_cells], value),
-                               rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(
+        merged[0][:, covered_cells], torch.full_like(merged[0][:, covered_cells], value), rtol=rtol, atol=1e-6
+    )
     if h >= patch and w >= patch:  # flush grid: every cell covered
         assert covered_cells.all()
 

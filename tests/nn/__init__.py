@@ -1,0 +1,1 @@
+"""Tests of gigaseg.nn: encoders, the FPN, losses."""

@@ -1,0 +1,1 @@
+"""Tests of gigaseg.training: the loop, checkpoints, budgets, DDP."""
