@@ -13,7 +13,18 @@ from .base import InMemorySource
 
 
 class ArraySource(InMemorySource):
-    """Wraps an in-memory image array without copying it."""
+    """Wraps an in-memory image array without copying it.
+
+    Args:
+        array: ``(H, W)`` or ``(H, W, C)`` array of integer, boolean or float
+            pixels; anything ``np.asarray`` accepts. A 2-D array is viewed as
+            ``(H, W, 1)``.
+        name: stem used for output files; None means ``"array"``.
+
+    Raises:
+        ValueError: when the array is not 2-D or 3-D, has another dtype kind
+            (complex, object, strings, ...) or is empty.
+    """
 
     path = None
 
@@ -37,22 +48,27 @@ class ArraySource(InMemorySource):
 
     @property
     def name(self) -> str:
+        """Stem used for output files: the ``name`` given, else ``"array"``."""
         return self._name if self._name is not None else "array"
 
     @property
     def height(self) -> int:
+        """Number of rows ``H``."""
         return self._array.shape[0]
 
     @property
     def width(self) -> int:
+        """Number of columns ``W``."""
         return self._array.shape[1]
 
     @property
     def channels(self) -> int:
+        """Number of channels ``C`` (1 for a 2-D array)."""
         return self._array.shape[2]
 
     @property
     def dtype(self) -> np.dtype:
+        """dtype of the wrapped array."""
         return self._array.dtype
 
     def _pixels(self) -> np.ndarray:

@@ -31,33 +31,43 @@ __all__ = [
 
 
 class ImageSource(ABC):
-    """A 2-D raster with ``channels`` bands that is read window by window."""
+    """A 2-D raster with ``channels`` bands that is read window by window.
+
+    Subclasses provide ``height``, ``width``, ``channels`` and ``dtype`` and either
+    implement ``_read_window`` and ``_read_resampled`` or override ``read``.
+    """
 
     #: file the pixels come from (None for in-memory arrays); used in error messages
     path: str | None = None
 
     @property
     @abstractmethod
-    def height(self) -> int: ...
+    def height(self) -> int:
+        """Number of rows of the full-resolution image."""
 
     @property
     @abstractmethod
-    def width(self) -> int: ...
+    def width(self) -> int:
+        """Number of columns of the full-resolution image."""
 
     @property
     @abstractmethod
-    def channels(self) -> int: ...
+    def channels(self) -> int:
+        """Number of channels (bands) ``C`` of every read."""
 
     @property
     @abstractmethod
-    def dtype(self) -> np.dtype: ...
+    def dtype(self) -> np.dtype:
+        """dtype of the pixels reads return (the file's own, e.g. uint8 or uint16)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """``(height, width, channels)``."""
         return (self.height, self.width, self.channels)
 
     @property
     def bounds(self) -> Window:
+        """The window covering the whole image."""
         return Window(0, 0, self.height, self.width)
 
     @property
@@ -72,10 +82,18 @@ class ImageSource(ABC):
         return os.path.splitext(base)[0]
 
     def resolve_window(self, window: Window | None) -> Window:
-        """``window`` checked against the image; ``None`` means the whole image.
+        """``window`` checked against the image.
 
-        Raises ``ValueError`` when the window reaches outside the image (clip it
-        first with ``Window.clip``). Empty windows are allowed.
+        Args:
+            window: a ``Window``, a ``(top, left, height, width)`` tuple, or None
+                for the whole image. Empty windows are allowed.
+
+        Returns:
+            The window as a ``Window``.
+
+        Raises:
+            ValueError: when the window reaches outside the image (clip it first
+                with ``Window.clip``).
         """
         if window is None:
             return self.bounds
@@ -95,12 +113,24 @@ class ImageSource(ABC):
         out_size: tuple[int, int] | None = None,
         resample: str = "area",
     ) -> np.ndarray:
-        """Pixels of ``window`` (default: the whole image) as ``(h, w, C)``.
+        """Pixels of ``window``, optionally resampled.
 
-        With ``out_size=(h, w)`` the window is resampled to that size, using a
-        pyramid level when the file has one. ``resample`` is ``"area"`` (averaging,
-        for images), ``"bilinear"`` or ``"nearest"`` (for label masks). Windows
-        reaching outside the image are an error; clip them first.
+        Args:
+            window: the region to read, in full-resolution pixels; None means the
+                whole image. It must lie inside the image (clip it first).
+            out_size: ``(h, w)`` to resample the window to, using a pyramid level
+                when the file has one; None (or the window's own size) reads it
+                at full resolution.
+            resample: ``"area"`` (averaging, for images), ``"bilinear"`` or
+                ``"nearest"`` (for label masks); see ``gigaseg.io.resample``.
+
+        Returns:
+            ``(h, w, C)`` array in the source's dtype, owned by the caller.
+
+        Raises:
+            ValueError: for an unknown ``resample``, a window reaching outside the
+                image, a bad ``out_size``, or resampling an empty window.
+            ImageReadError: when the file cannot be read or decoded.
         """
         # the checks live here so every reader rejects the same arguments with the same words
         check_resample(resample)
@@ -125,6 +155,19 @@ class ImageSource(ABC):
         """The whole image with its longer side scaled to ``max_side`` (the global view).
 
         Cached per ``(max_side, resample)``; each call returns a copy the caller may modify.
+
+        Args:
+            max_side: length in pixels of the thumbnail's longer side (the image is
+                enlarged when it is smaller).
+            resample: ``"area"``, ``"bilinear"`` or ``"nearest"``, as in :meth:`read`.
+
+        Returns:
+            ``(h, w, C)`` array in the source's dtype, of size
+            :func:`thumbnail_size` ``(height, width, max_side)``.
+
+        Raises:
+            ValueError: for an unknown ``resample``.
+            ImageReadError: when the file cannot be read or decoded.
         """
         check_resample(resample)
         key = (int(max_side), resample)
@@ -158,11 +201,14 @@ class ImageSource(ABC):
 
 
 def read_resized(source: ImageSource, window: Window, size: tuple[int, int]) -> np.ndarray:
-    """The pixels of ``window`` resized to ``size``: area averaging when shrinking, bilinear when enlarging.
+    """The pixels of ``window`` resized to ``size``.
+
+    Area averaging when neither side grows, bilinear when either side is enlarged;
+    a plain read when ``size`` is the window's own size.
 
     Args:
         source: the image.
-        window: the region to read.
+        window: the region to read (inside the image).
         size: the output ``(height, width)``.
 
     Returns:
@@ -176,13 +222,29 @@ def read_resized(source: ImageSource, window: Window, size: tuple[int, int]) -> 
 
 
 def thumbnail_size(height: int, width: int, max_side: int) -> tuple[int, int]:
-    """Size of a thumbnail whose longer side is ``max_side`` (aspect kept, at least 1 px)."""
+    """Size of a thumbnail whose longer side is ``max_side`` (aspect kept, at least 1 px).
+
+    Args:
+        height: rows of the image.
+        width: columns of the image.
+        max_side: length of the thumbnail's longer side.
+
+    Returns:
+        ``(h, w)``, each rounded to the nearest integer and at least 1.
+    """
     scale = max_side / max(height, width)
     return (max(1, round(height * scale)), max(1, round(width * scale)))
 
 
 def check_image_file(path: str) -> None:
-    """Raise ``ImageReadError`` unless ``path`` names an existing file (not a directory)."""
+    """Check that ``path`` names an existing file (not a directory).
+
+    Args:
+        path: the image file.
+
+    Raises:
+        ImageReadError: when the file does not exist or is a directory.
+    """
     if not os.path.exists(path):
         raise ImageReadError(path, "file not found")
     if os.path.isdir(path):
@@ -221,6 +283,15 @@ class FileSource(ImageSource):
     open the file. Open file handles do not pickle, so a copy sent to another
     process (a DataLoader worker) pickles as ``(path, max_memory)`` and reopens
     the file.
+
+    Args:
+        path: the image file.
+        max_memory: bytes, or a size string such as ``"2GB"``, that the reader may
+            decode at once (what it bounds depends on the reader); None means no
+            bound.
+
+    Raises:
+        ConfigError: when ``max_memory`` is not a valid positive size.
     """
 
     def __init__(self, path: str | os.PathLike, *, max_memory: int | str | None = None):
@@ -229,18 +300,22 @@ class FileSource(ImageSource):
 
     @property
     def height(self) -> int:
+        """Number of rows, from the file's header."""
         return self._height
 
     @property
     def width(self) -> int:
+        """Number of columns, from the file's header."""
         return self._width
 
     @property
     def channels(self) -> int:
+        """Number of channels, from the file's header."""
         return self._channels
 
     @property
     def dtype(self) -> np.dtype:
+        """Pixel dtype, from the file's header."""
         return self._dtype
 
     def __getstate__(self) -> dict:

@@ -35,7 +35,18 @@ OTHER_STD = 0.25
 
 
 def dtype_scale(dtype) -> float:
-    """What raw values of ``dtype`` are divided by: the integer maximum, or 1 for floats and bool."""
+    """What raw values of ``dtype`` are divided by to bring them to [0, 1].
+
+    Args:
+        dtype: a numpy dtype (or anything ``np.dtype`` accepts).
+
+    Returns:
+        The dtype's maximum for integers (255.0 for uint8, 65535.0 for uint16),
+        1.0 for floats and bool.
+
+    Raises:
+        ValueError: for other dtypes (complex, strings, ...).
+    """
     dtype = np.dtype(dtype)
     if dtype == np.bool_:
         return 1.0
@@ -55,6 +66,10 @@ class Normalization:
         std: per-channel standard deviation, same units; all > 0.
         scale: raw values are divided by this first (255 for uint8 images,
             65535 for uint16, 1 for float images).
+
+    Raises:
+        ConfigError: when ``mean`` is empty or not finite, ``mean`` and ``std``
+            differ in length, or a ``std`` or ``scale`` is not positive.
     """
 
     mean: tuple[float, ...]
@@ -78,6 +93,7 @@ class Normalization:
 
     @property
     def channels(self) -> int:
+        """Number of channels this normalisation is for."""
         return len(self.mean)
 
     @classmethod
@@ -86,6 +102,17 @@ class Normalization:
 
         3 or more channels: ImageNet mean/std for the first three (RGB), 0.5/0.25
         for the rest (e.g. NIR of an RGBN scene, alpha). 1 or 2 channels: 0.5/0.25.
+
+        Args:
+            channels: number of bands (at least 1).
+            dtype: pixel dtype of the image; sets ``scale`` (:func:`dtype_scale`).
+
+        Returns:
+            The default normalisation.
+
+        Raises:
+            ValueError: when ``channels`` is below 1 or ``dtype`` is not an
+                integer, bool or float type.
         """
         channels = int(channels)
         if channels < 1:
@@ -99,18 +126,40 @@ class Normalization:
 
     @classmethod
     def for_source(cls, source) -> Normalization:
-        """Default for an ``ImageSource`` (its channel count and dtype)."""
+        """Default for an ``ImageSource`` (its channel count and dtype).
+
+        Args:
+            source: the image (anything with ``channels`` and ``dtype``).
+
+        Returns:
+            ``Normalization.for_image(source.channels, source.dtype)``.
+        """
         return cls.for_image(source.channels, source.dtype)
 
     # -- serialisation (checkpoints) --------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-able form: ``{"mean": [...], "std": [...], "scale": float}``."""
+        """Plain JSON/YAML-able form, as saved in checkpoints.
+
+        Returns:
+            ``{"mean": [...], "std": [...], "scale": float}``.
+        """
         return {"mean": list(self.mean), "std": list(self.std), "scale": self.scale}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalization:
-        """Inverse of :meth:`to_dict`; ``ConfigError`` on missing or bad fields."""
+        """Inverse of :meth:`to_dict`.
+
+        Args:
+            data: a dict with ``"mean"`` and ``"std"`` lists and optionally
+                ``"scale"`` (default 1.0).
+
+        Returns:
+            The normalisation.
+
+        Raises:
+            ConfigError: when a field is missing or bad.
+        """
         if not isinstance(data, dict) or "mean" not in data or "std" not in data:
             raise ConfigError(f"a saved normalisation needs 'mean' and 'std', got {data!r}")
         try:
@@ -125,7 +174,18 @@ class Normalization:
             raise ValueError(f"normalisation is for {self.channels} channel(s), the image has {channels}")
 
     def apply(self, array: np.ndarray) -> np.ndarray:
-        """``(H, W, C)`` (or ``(H, W)``) pixels -> normalised float32 ``(C, H, W)``."""
+        """Normalise pixels for a network, channels first.
+
+        Args:
+            array: ``(H, W, C)`` (or ``(H, W)``) pixels in raw units of any dtype.
+
+        Returns:
+            Normalised float32 ``(C, H, W)`` (a new array).
+
+        Raises:
+            ValueError: when the array is not 2-D or 3-D, or its channel count
+                differs from :attr:`channels`.
+        """
         array = np.asarray(array)
         if array.ndim == 2:
             array = array[:, :, None]
@@ -142,9 +202,18 @@ class Normalization:
         return out
 
     def apply_torch(self, tensor):
-        """``(B, C, H, W)`` or ``(C, H, W)`` tensor -> normalised float tensor (same device).
+        """Normalise a tensor of raw pixels, on its own device.
 
-        Integer tensors become float32; floating tensors keep their dtype.
+        Args:
+            tensor: ``(B, C, H, W)`` or ``(C, H, W)`` torch tensor in raw units.
+
+        Returns:
+            Normalised tensor of the same shape and device. Integer tensors
+            become float32; floating tensors keep their dtype.
+
+        Raises:
+            ValueError: when the tensor is not 3-D or 4-D, or its channel count
+                differs from :attr:`channels`.
         """
         import torch
 
@@ -159,7 +228,18 @@ class Normalization:
         return tensor.to(dtype) * a - b
 
     def invert(self, array: np.ndarray) -> np.ndarray:
-        """Normalised float ``(C, H, W)`` -> pixel values ``(H, W, C)`` in [0, scale] units (float32)."""
+        """Undo :meth:`apply`: normalised values back to raw pixel units.
+
+        Args:
+            array: normalised ``(C, H, W)`` values.
+
+        Returns:
+            float32 ``(H, W, C)`` in raw units (``[0, scale]`` for inputs that came
+            from valid pixels; neither clipped nor rounded).
+
+        Raises:
+            ValueError: when the channel count differs from :attr:`channels`.
+        """
         array = np.asarray(array, dtype=np.float32)
         self._check_channels(array.shape[0])
         std = np.asarray(self.std, dtype=np.float32)[:, None, None]

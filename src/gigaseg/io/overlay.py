@@ -22,8 +22,17 @@ from .palette import as_palette, colorize, default_palette
 def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write ``array`` as a PNG, atomically.
 
-    uint8 ``(H, W)`` / ``(H, W, 1)`` -> greyscale, ``(H, W, 3)`` -> RGB,
-    ``(H, W, 4)`` -> RGBA; uint16 ``(H, W)`` -> 16-bit greyscale.
+    Args:
+        path: the output file (its folder is created if needed).
+        array: uint8 ``(H, W)`` / ``(H, W, 1)`` (greyscale), ``(H, W, 3)`` (RGB)
+            or ``(H, W, 4)`` (RGBA); or uint16 ``(H, W)`` / ``(H, W, 1)``
+            (16-bit greyscale).
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        ValueError: for any other dtype or shape.
     """
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[2] == 1:
@@ -51,10 +60,21 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
 
 
 def to_display_rgb(image: np.ndarray) -> np.ndarray:
-    """An ``(H, W[, C])`` image as ``(H, W, 3)`` uint8 for viewing.
+    """An image as RGB uint8 for viewing.
 
     One or two channels become grey (the first channel); more than three keep the
-    first three. Non-uint8 data are stretched from their 2nd to 98th percentile.
+    first three. bool becomes 0/255; other non-uint8 data are stretched linearly
+    from their 2nd to 98th percentile (over the finite values) to 0..255 and
+    clipped; non-finite values become 0.
+
+    Args:
+        image: ``(H, W)`` or ``(H, W, C)`` pixels of any numeric dtype.
+
+    Returns:
+        ``(H, W, 3)`` uint8.
+
+    Raises:
+        ValueError: when the image is not 2-D or 3-D.
     """
     image = np.asarray(image)
     if image.ndim == 2:
@@ -86,8 +106,19 @@ def overlay(
 ) -> np.ndarray:
     """``(1 - alpha) * image + alpha * colour(label)``, rounded half up, as RGB uint8.
 
-    Pixels labelled ``ignore_index`` show the image unchanged. ``palette=None``
-    uses ``default_palette``.
+    Args:
+        image_rgb: ``(H, W[, C])`` image; converted with :func:`to_display_rgb`.
+        labels: ``(H, W)`` or ``(H, W, 1)`` integer label mask of the same size.
+        palette: ``(N, 3)`` colours of the classes; None uses ``default_palette(255)``.
+        alpha: weight of the label colour, in [0, 1].
+        ignore_index: label whose pixels show the image unchanged; None for none.
+
+    Returns:
+        ``(H, W, 3)`` uint8 blend.
+
+    Raises:
+        ValueError: when ``alpha`` is outside [0, 1], the sizes differ, or a label
+            has no palette colour.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
@@ -108,12 +139,29 @@ def overlay(
 
 
 def nearest_indices(out_size: int, in_size: int) -> np.ndarray:
-    """Source index of each output pixel for a nearest resize (pixel centres aligned)."""
+    """Source index of each output pixel for a nearest resize (pixel centres aligned).
+
+    Args:
+        out_size: number of output pixels along the axis.
+        in_size: number of source pixels along the axis.
+
+    Returns:
+        int64 ``(out_size,)`` indices in ``0 .. in_size - 1``, non-decreasing.
+    """
     return np.minimum(((np.arange(out_size) + 0.5) * (in_size / out_size)).astype(np.int64), in_size - 1)
 
 
 def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a 2-D array to ``size = (h, w)``."""
+    """Nearest-neighbour resize of an array along its first two axes.
+
+    Args:
+        labels: ``(H, W)`` or ``(H, W, ...)`` array.
+        size: the output ``(h, w)``.
+
+    Returns:
+        ``(h, w, ...)`` array of the same dtype; ``labels`` itself when it already
+        has that size.
+    """
     labels = np.asarray(labels)
     if labels.shape[:2] == tuple(size):
         return labels
@@ -125,12 +173,24 @@ def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def read_mask_preview(
     path: str | os.PathLike, size: tuple[int, int], full_size: tuple[int, int] | None = None
 ) -> np.ndarray:
-    """A label mask file resampled (nearest) to ``size = (h, w)``, with bounded memory.
+    """A label mask file resampled (nearest) to ``size``, with bounded memory.
 
-    TIFF masks are read through tifffile: the smallest pyramid level that is still
-    at least ``size`` is picked, then only the rows that are needed are decoded, one
-    band of tiles/strips at a time. Other formats (PNG) are small and read whole.
-    With ``full_size``, a mask of another size is an error.
+    TIFF masks (``.tif``/``.tiff``) are read through tifffile: the smallest pyramid
+    level that is still at least ``size`` is picked, then only the rows that are
+    needed are decoded, one band of tiles/strips at a time. Other formats (PNG) are
+    small and read whole. Only the first channel of a multi-channel mask is used.
+
+    Args:
+        path: the mask file.
+        size: the output ``(h, w)``.
+        full_size: the expected full-resolution ``(H, W)`` of the mask; None skips
+            the check.
+
+    Returns:
+        ``(h, w)`` labels in the file's dtype.
+
+    Raises:
+        ValueError: when ``full_size`` is given and the mask has another size.
     """
     path = Path(path)
     out_h, out_w = size
@@ -184,10 +244,25 @@ def write_overlay_png(
 ) -> Path:
     """Blend the global view of ``source`` with its label mask and write a PNG, atomically.
 
-    ``labels`` is a 2-D array (any size: resampled by nearest), an ``ImageSource``
-    of the mask, or the path of a mask file (a tiled TIFF written by ``MaskWriter``
-    is read from its pyramid). The picture's longer side is at most ``max_side``.
-    ``palette=None`` uses ``default_palette``.
+    Args:
+        path: the output PNG.
+        source: the image.
+        labels: the mask: a 2-D array (any size: resampled by nearest), an
+            ``ImageSource`` of the mask, or the path of a mask file (a tiled TIFF
+            written by ``MaskWriter`` is read from its pyramid). A source or file
+            must have the image's full size.
+        palette: ``(N, 3)`` class colours; None uses ``default_palette``.
+        max_side: longer side of the picture, in pixels (a smaller image is enlarged to it).
+        alpha: weight of the label colours, in [0, 1].
+        ignore_index: label shown as the bare image; None for none.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        ValueError: when the mask's size differs from the image's, the mask is not
+            2-D, or a label has no palette colour.
+        ImageReadError: when the image cannot be read.
     """
     image = source.thumbnail(max_side)
     size = image.shape[:2]

@@ -44,10 +44,20 @@ _GOLDEN = 0.618033988749895
 
 
 def default_palette(num_classes: int) -> np.ndarray:
-    """``(num_classes, 3)`` uint8 colours, all different and none black.
+    """Distinct class colours, none of them black.
 
     The first 20 are fixed (Tableau 10 and its light variants); further ones walk
-    the hue circle by the golden ratio with a few saturation/value steps.
+    the hue circle by the golden ratio with a few saturation/value steps. The
+    result is deterministic, and a longer palette starts with the shorter one.
+
+    Args:
+        num_classes: number of colours, ``0 .. 2**24 - 1``.
+
+    Returns:
+        ``(num_classes, 3)`` uint8 RGB colours, all different.
+
+    Raises:
+        ValueError: when ``num_classes`` is negative or above ``2**24 - 1``.
     """
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0, got {num_classes}")
@@ -75,7 +85,17 @@ def default_palette(num_classes: int) -> np.ndarray:
 
 
 def as_palette(palette) -> np.ndarray:
-    """``palette`` as a checked ``(N, 3)`` uint8 array."""
+    """``palette`` as a checked ``(N, 3)`` uint8 array.
+
+    Args:
+        palette: ``(N, 3)`` RGB colours (any array-like with values in 0..255).
+
+    Returns:
+        The palette as uint8 (the input itself when it is already a uint8 array).
+
+    Raises:
+        ValueError: when the shape is not ``(N, 3)`` or a value lies outside 0..255.
+    """
     array = np.asarray(palette)
     if array.ndim != 2 or array.shape[1] != 3:
         raise ValueError(f"a palette is an (N, 3) array of RGB colours, got shape {array.shape}")
@@ -92,10 +112,20 @@ def colorize(
     ignore_index: int | None = 255,
     ignore_color: tuple[int, int, int] = (0, 0, 0),
 ) -> np.ndarray:
-    """``(H, W, 3)`` uint8 picture of an integer label mask.
+    """Colour picture of an integer label mask.
 
-    Pixels equal to ``ignore_index`` get ``ignore_color``. A label that is neither a
-    palette row nor ``ignore_index`` is an error (it means the palette is too short).
+    Args:
+        labels: ``(H, W)`` (or any shape) integer label mask, no negative values.
+        palette: ``(N, 3)`` RGB colours; label ``i`` gets row ``i``.
+        ignore_index: label that gets ``ignore_color``; None for none.
+        ignore_color: RGB colour of ``ignore_index`` pixels.
+
+    Returns:
+        ``(H, W, 3)`` uint8 (``labels.shape + (3,)``).
+
+    Raises:
+        ValueError: when the labels are not integers or are negative, or a label
+            is neither a palette row nor ``ignore_index`` (the palette is too short).
     """
     palette = as_palette(palette)
     labels = np.asarray(labels)
@@ -130,11 +160,23 @@ def colorize(
 def rgb_to_index(rgb: np.ndarray, palette, unknown_value: int = 255) -> tuple[np.ndarray, np.ndarray]:
     """Map an ``(H, W, 3)`` colour-coded mask to class indices.
 
-    Returns ``(labels, unknown)``: ``labels`` is uint8 (int32 for palettes longer
-    than 256) with the palette row of each pixel's colour, and ``unknown_value``
-    where the colour is not in the palette; ``unknown`` is the boolean mask of those
-    pixels, so a dataset loader can report or ignore them. Vectorised: colours are
-    packed into uint32 and looked up in the sorted palette.
+    Vectorised: colours are packed into uint32 and looked up in the sorted palette.
+
+    Args:
+        rgb: uint8 ``(..., 3)`` colours; a 4th (alpha) channel is ignored.
+        palette: ``(N, 3)`` class colours, all different; row ``i`` is class ``i``.
+        unknown_value: label given to colours not in the palette.
+
+    Returns:
+        ``(labels, unknown)``: ``labels`` is uint8 (int32 for palettes longer than
+        256 or an ``unknown_value`` outside 0..255) with the palette row of each
+        pixel's colour, and ``unknown_value`` where the colour is not in the
+        palette; ``unknown`` is the boolean mask of those pixels, so a dataset
+        loader can report or ignore them.
+
+    Raises:
+        ValueError: when ``rgb`` is not uint8 with 3 or 4 channels, or the palette
+            lists a colour twice.
     """
     palette = as_palette(palette)
     rgb = np.asarray(rgb)

@@ -70,7 +70,21 @@ def _no_pixel_limit():
 
 
 class PillowSource(FileSource, InMemorySource):
-    """An image Pillow decodes whole (PNG, JPEG, ...); see the module docstring."""
+    """An image Pillow decodes whole (PNG, JPEG, ...); see the module docstring.
+
+    Opening reads only the header; the pixels are decoded on the first read and kept.
+
+    Args:
+        path: the image file.
+        max_memory: bytes, or a size string such as ``"2GB"``; an image whose
+            decoded size (:attr:`decoded_bytes`) exceeds it is refused. None means
+            no limit.
+
+    Raises:
+        ImageReadError: when the file is missing, not an image Pillow can identify,
+            in an unsupported mode, or too large for ``max_memory``.
+        ConfigError: when ``max_memory`` is not a valid positive size.
+    """
 
     def __init__(self, path: str | os.PathLike, *, max_memory: int | str | None = None):
         from PIL import Image, UnidentifiedImageError
@@ -145,6 +159,7 @@ class PillowSource(FileSource, InMemorySource):
 
     @property
     def is_decoded(self) -> bool:
+        """Whether the pixels are decoded and held in memory."""
         return self._array is not None
 
     # -- decoding -------------------------------------------------------------------------
@@ -193,6 +208,7 @@ class PillowSource(FileSource, InMemorySource):
             return array
 
     def close(self) -> None:
+        """Drop the decoded pixels (and any open Pillow image); a later read decodes the file again."""
         if self._image is not None:
             self._image.close()
             self._image = None

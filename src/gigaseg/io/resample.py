@@ -54,14 +54,34 @@ ReadBlock = Callable[[int, int, int, int], np.ndarray]
 
 
 def check_resample(resample: str) -> str:
-    """``resample`` if it is one of :data:`RESAMPLING`, else ``ValueError``."""
+    """Check a resampling method name.
+
+    Args:
+        resample: the method name.
+
+    Returns:
+        ``resample`` unchanged.
+
+    Raises:
+        ValueError: when it is not one of :data:`RESAMPLING`.
+    """
     if resample not in RESAMPLING:
         raise ValueError(f"unknown resampling {resample!r}; use one of {', '.join(RESAMPLING)}")
     return resample
 
 
 def check_out_size(out_size) -> tuple[int, int]:
-    """``out_size`` as a pair of positive ints (``ValueError`` otherwise)."""
+    """Check an output size.
+
+    Args:
+        out_size: a pair ``(height, width)`` of values ``int`` accepts.
+
+    Returns:
+        ``(height, width)`` as ints.
+
+    Raises:
+        ValueError: when it is not a pair or a side is not positive.
+    """
     try:
         h, w = (int(v) for v in out_size)
     except (TypeError, ValueError):
@@ -79,6 +99,16 @@ class AxisPlan:
     ``i``; unused taps have weight 0. For ``"area"`` shrinking, ``edges`` holds
     the ``n_out + 1`` fractional source boundaries of the output pixels, which
     allows a fast cumulative path.
+
+    Attributes:
+        method: ``"area"``, ``"bilinear"`` or ``"nearest"``.
+        n_out: number of output pixels along the axis.
+        lo: first source index any output uses.
+        hi: one past the last source index any output uses.
+        idx: int64 ``(n_out, taps)`` absolute source indices, all in ``lo .. hi - 1``.
+        weight: float64 ``(n_out, taps)`` weights; each row sums to 1.
+        edges: float64 ``(n_out + 1,)`` output pixel boundaries in source
+            coordinates for ``"area"`` when not enlarging, else None.
     """
 
     method: str
@@ -113,7 +143,21 @@ class AxisPlan:
 
 
 def axis_plan(start: float, stop: float, n_out: int, size: int, method: str) -> AxisPlan:
-    """Plan resampling source coordinates ``[start, stop)`` of an axis of ``size`` pixels to ``n_out``."""
+    """Plan resampling source coordinates ``[start, stop)`` of an axis of ``size`` pixels to ``n_out``.
+
+    Args:
+        start: first source coordinate (may be fractional).
+        stop: end source coordinate, ``start < stop <= size`` (may be fractional).
+        n_out: number of output pixels (positive).
+        size: number of source pixels along the axis; taps never leave ``0 .. size - 1``.
+        method: ``"area"``, ``"bilinear"`` or ``"nearest"``.
+
+    Returns:
+        The axis's plan.
+
+    Raises:
+        ValueError: for an unknown method or a span outside ``[0, size]``.
+    """
     check_resample(method)
     if not (0 <= start < stop <= size) or n_out <= 0:
         raise ValueError(f"bad resampling span [{start}, {stop}) of {size} -> {n_out}")
@@ -264,9 +308,19 @@ def _combine_rows(block: np.ndarray, top: int, py: AxisPlan, g0: int, g1: int, a
 def band_edges(lo: int, hi: int, rows_per_band: int, row_align: int = 1) -> list[tuple[int, int]]:
     """Split rows ``lo .. hi`` into bands of at most ``rows_per_band`` rows.
 
-    Bands are multiples of ``row_align`` (the file's chunk height) and start on
-    its grid, so each chunk row is decoded once; a band is never smaller than
-    one chunk row.
+    Band boundaries lie on a grid of a multiple of ``row_align`` (the file's chunk
+    height) rows, so each chunk row is decoded once; the grid step is never smaller
+    than one chunk row, so a band may exceed ``rows_per_band`` when that is smaller.
+    The first and last band are cut at ``lo`` and ``hi``.
+
+    Args:
+        lo: first row.
+        hi: one past the last row.
+        rows_per_band: the wanted band height (values below 1 count as 1).
+        row_align: the chunk height to align to (values below 1 count as 1).
+
+    Returns:
+        ``(top, bottom)`` of each band, in order, covering ``lo .. hi``.
     """
     row_align = max(1, int(row_align))
     step = max(row_align, (max(1, rows_per_band) // row_align) * row_align)
@@ -313,11 +367,29 @@ def resample_region(
 ) -> np.ndarray:
     """Resample source rows ``py.lo..py.hi`` x columns ``px.lo..px.hi`` to ``(py.n_out, px.n_out, C)``.
 
-    ``read_block(top, bottom, left, right)`` returns those source pixels as
-    ``(h, w, C)``. The source is read in bands of about ``band_bytes`` (default
-    :data:`BAND_BYTES`), so memory stays bounded by one band plus the output
-    (two bands with ``prefetch``, which decodes the next band in a background
-    thread while the current one is resampled).
+    The source is read in bands of about ``band_bytes``, so memory stays bounded
+    by one band plus the output (two bands with ``prefetch``). Bands no output
+    uses are not read.
+
+    Args:
+        read_block: ``read_block(top, bottom, left, right)`` returns those source
+            pixels as ``(h, w, C)``.
+        py: plan of the rows (axis 0).
+        px: plan of the columns (axis 1); same method as ``py``.
+        channels: ``C``.
+        dtype: dtype of the source and of the output (integers are rounded and
+            clipped, floats cast back).
+        band_bytes: size of a decoded band; None means :data:`BAND_BYTES`.
+        row_align: chunk height of the source, so band edges fall on chunk rows.
+        prefetch: decode the next band in a background thread while the current
+            one is resampled.
+
+    Returns:
+        ``(py.n_out, px.n_out, C)`` array of ``dtype``. When both plans are the
+        identity it is ``read_block``'s own result (possibly a view of the source).
+
+    Raises:
+        ValueError: when the two plans use different methods.
     """
     dtype = np.dtype(dtype)
     if py.method != px.method:
@@ -389,7 +461,25 @@ def resample_box(
     band_bytes: int | None = None,
     row_align: int = 1,
 ) -> np.ndarray:
-    """Resample the fractional ``box = (top, left, bottom, right)`` of a ``size = (H, W)`` raster."""
+    """Resample the fractional ``box`` of a raster to ``out_size``.
+
+    Args:
+        read_block: ``read_block(top, bottom, left, right)`` returns those pixels as ``(h, w, C)``.
+        size: ``(H, W)`` of the raster.
+        box: ``(top, left, bottom, right)`` in (possibly fractional) raster pixels.
+        out_size: the output ``(h, w)``.
+        resample: ``"area"``, ``"bilinear"`` or ``"nearest"``.
+        channels: ``C``.
+        dtype: dtype of the raster and of the output.
+        band_bytes: size of a decoded band; None means :data:`BAND_BYTES`.
+        row_align: chunk height of the raster.
+
+    Returns:
+        ``(h, w, C)`` array of ``dtype`` (see :func:`resample_region`).
+
+    Raises:
+        ValueError: for a bad method, ``out_size`` or box.
+    """
     check_resample(resample)
     oh, ow = check_out_size(out_size)
     top, left, bottom, right = box
@@ -405,7 +495,22 @@ def resize(
     *,
     band_bytes: int | None = None,
 ) -> np.ndarray:
-    """Resize an in-memory ``(H, W)`` or ``(H, W, C)`` array to ``out_size = (h, w)``; dtype kept."""
+    """Resize an in-memory array.
+
+    Args:
+        array: ``(H, W)`` or ``(H, W, C)`` array.
+        out_size: the output ``(h, w)``.
+        resample: ``"area"``, ``"bilinear"`` or ``"nearest"``.
+        band_bytes: size of a band of rows resampled at once; None means
+            :data:`BAND_BYTES`.
+
+    Returns:
+        ``(h, w)`` or ``(h, w, C)`` (as the input) in the input's dtype; a new
+        array, never a view of ``array``.
+
+    Raises:
+        ValueError: for a bad shape, method or ``out_size``.
+    """
     array = np.asarray(array)
     squeeze = array.ndim == 2
     view = array[:, :, None] if squeeze else array
@@ -429,9 +534,18 @@ def choose_level(
 ) -> int:
     """Index of the coarsest level whose pixels over ``window`` still number >= ``out_size``.
 
-    ``level_sizes[0]`` is the full-resolution ``(H, W)``; later entries are
-    reduced levels (in any order). A level counts as fine enough when it has at
-    least ``1 - LEVEL_TOLERANCE`` of the requested pixels along both axes.
+    A level counts as fine enough when it has at least ``1 - LEVEL_TOLERANCE`` of
+    the requested pixels along both axes.
+
+    Args:
+        level_sizes: ``(H, W)`` of each level; ``level_sizes[0]`` is full
+            resolution, later entries are reduced levels (in any order).
+        window: the region to read, in full-resolution pixels.
+        out_size: the output ``(h, w)``.
+
+    Returns:
+        Index into ``level_sizes`` of the fine-enough level with the fewest pixels
+        (0 when no reduced level is fine enough).
     """
     h0, w0 = level_sizes[0]
     oh, ow = out_size
@@ -445,7 +559,16 @@ def choose_level(
 
 
 def level_box(window: Window, full: tuple[int, int], level: tuple[int, int]) -> tuple[float, float, float, float]:
-    """``window`` (full-resolution pixels) in the fractional coordinates of a level of size ``level``."""
+    """``window`` (full-resolution pixels) in the fractional coordinates of a pyramid level.
+
+    Args:
+        window: the region, in full-resolution pixels.
+        full: ``(H, W)`` of full resolution.
+        level: ``(h, w)`` of the level.
+
+    Returns:
+        ``(top, left, bottom, right)`` in level pixels, bottom and right clipped to the level.
+    """
     fy = level[0] / full[0]
     fx = level[1] / full[1]
     top, left = window.top * fy, window.left * fx

@@ -28,7 +28,18 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def sniff(path: str | os.PathLike) -> str | None:
-    """``"tiff"``, ``"png"``, ``"jpeg"`` or None (unknown) from a file's first bytes."""
+    """Recognise a file's format from its first bytes.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``"tiff"`` (classic or BigTIFF, either byte order), ``"png"``, ``"jpeg"``,
+        or None when the signature is none of these.
+
+    Raises:
+        OSError: when the file cannot be opened or read.
+    """
     with open(path, "rb") as fh:
         head = fh.read(16)
     if head[:4] in _TIFF_MAGIC:
@@ -43,10 +54,27 @@ def sniff(path: str | os.PathLike) -> str | None:
 def open_image(source, *, max_memory: int | str | None = None) -> ImageSource:
     """Open ``source`` (a path, an array or an ``ImageSource``) for lazy, windowed reading.
 
-    ``max_memory`` (bytes, or e.g. ``"2GB"``) bounds what a reader may decode at
-    once: PNG/JPEG images larger than it are refused with ``ImageReadError``
-    (they can only be decoded whole), and TIFF thumbnails stream in bands of at
-    most 1/8 of it. Every problem with a file raises ``ImageReadError`` naming it.
+    Args:
+        source: a path (``str``, ``bytes`` or ``os.PathLike``), a numpy array (or
+            an object with ``__array__``) of shape ``(H, W)`` or ``(H, W, C)``, or
+            an ``ImageSource``, which is returned unchanged.
+        max_memory: bytes, or e.g. ``"2GB"``, that a file reader may decode at
+            once: PNG/JPEG images larger than it are refused (they can only be
+            decoded whole), and TIFF resampled reads and thumbnails stream in bands
+            of 1/8 of it (between 1 MiB and ``BAND_BYTES``). None means no bound.
+            Ignored for arrays and ``ImageSource`` objects.
+
+    Returns:
+        The image source: ``TiffSource``, ``PillowSource``, ``ArraySource`` or
+        ``source`` itself.
+
+    Raises:
+        ImageReadError: for every problem with a file (missing, a directory,
+            empty, unreadable, not the format its suffix claims, unsupported,
+            too large for ``max_memory``), naming it.
+        ConfigError: when ``max_memory`` is not a valid positive size.
+        TypeError: when ``source`` is none of the accepted kinds.
+        ValueError: when an array has a bad shape or dtype, or is empty.
     """
     if isinstance(source, ImageSource):
         return source

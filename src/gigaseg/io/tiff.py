@@ -2,9 +2,9 @@
 
 The first series of the file (``tifffile.TiffFile(path).series[0]``) is the
 image. Each of its pyramid levels (``series.levels``: SubIFDs, reduced pages in
-the main IFD chain, OME levels) is opened as a zarr 3 array over
-``series.aszarr(level=i)``, so a read decodes only the tiles or strips it
-touches. Uncompressed contiguous data (what ``tifffile.imwrite`` writes by
+the main IFD chain, OME levels) is opened on first use as a zarr array (zarr-python 3,
+format-2 metadata) over ``series.aszarr(level=i)``, so a read decodes only the tiles or
+strips it touches. Uncompressed contiguous data (what ``tifffile.imwrite`` writes by
 default: a single strip) is memory-mapped instead, because its single "chunk"
 would otherwise be the whole image.
 
@@ -138,8 +138,22 @@ def _drain_zarr(timeout: float = 10.0) -> None:
 class TiffSource(FileSource):
     """A TIFF file read lazily, tile by tile (see the module docstring).
 
-    ``max_memory`` (bytes or a string like ``"2GB"``) caps the row bands used
-    for streamed resampling at 1/8 of it.
+    Opening parses the header and the pyramid levels; pixels are decoded only by
+    reads. A level with another channel count than full resolution, or larger than
+    it, is ignored together with every level after it (with a warning). A copy in a
+    forked process (a DataLoader worker) reopens the file on its first read. After
+    :meth:`close`, reads raise ``ValueError``.
+
+    Args:
+        path: the TIFF file.
+        max_memory: bytes, or a string like ``"2GB"``: the row bands used for
+            streamed resampling are 1/8 of it, but at least 1 MiB and at most
+            ``BAND_BYTES``. None means ``BAND_BYTES``.
+
+    Raises:
+        ImageReadError: when the file is missing, not a readable TIFF, or its
+            first series has an unsupported sample type or layout.
+        ConfigError: when ``max_memory`` is not a valid positive size.
     """
 
     def __init__(self, path: str | os.PathLike, *, max_memory: int | str | None = None):
@@ -245,6 +259,7 @@ class TiffSource(FileSource):
 
     @property
     def geo_tags(self) -> list[tuple[int, int, int, object]]:
+        """The GeoTIFF/GDAL tags of :data:`GEO_TAGS` found on the first page, as ``(code, dtype, count, value)``."""
         page = self._tif.pages[0]
         tags = []
         for code in GEO_TAGS:
@@ -428,6 +443,7 @@ class TiffSource(FileSource):
     # -- lifetime --------------------------------------------------------------------
 
     def close(self) -> None:
+        """Close the file and its zarr stores (idempotent); later reads raise ``ValueError``."""
         if self._closed:
             return
         self._closed = True

@@ -61,6 +61,15 @@ def pyramid_shapes(height: int, width: int, tile: int, levels: int) -> list[tupl
 
     A level is kept only while its longer side is at least ``tile``: smaller levels
     would be a single tile, and readers gain nothing from them.
+
+    Args:
+        height: rows of level 0.
+        width: columns of level 0.
+        tile: tile side in pixels.
+        levels: the most reduced levels wanted.
+
+    Returns:
+        ``(height, width)`` of level 0 followed by each reduced level kept.
     """
     shapes = [(height, width)]
     while len(shapes) <= levels:
@@ -93,25 +102,50 @@ def write_tiled_tiff(
 ) -> Path:
     """Stream a ``height x width x channels`` raster to a tiled, compressed BigTIFF.
 
-    ``render(window)`` is called once per piece of the image, in row-major order:
-    for every band of ``tile`` rows, over the full width (or, with ``render_width``,
-    a multiple of ``tile``, in column chunks of that width, which also bounds memory
-    to one chunk: use it for very wide images). It returns ``(window.height, window.width)`` (single channel) or
-    ``(window.height, window.width, channels)`` of exactly ``dtype``.
+    ``render`` is called once per piece of the image, in row-major order: for every
+    band of ``tile`` rows, over the full width or in column chunks of
+    ``render_width``. The scene is rendered once: reduced levels are made from a
+    scratch file next to ``path``. The file appears under ``path`` only when
+    complete; on any error, including one raised by ``render``, neither it nor any
+    temporary file remains.
 
-    ``pyramid_levels``: at most this many reduced levels (each half the previous,
-    stored as SubIFDs with ``subfiletype=1``), stopping before a level whose longer
-    side is below ``tile``. ``pyramid_resample`` is ``"area"`` (2x2 mean, rounded,
-    for images) or ``"nearest"`` (for label masks). The scene is rendered once.
+    Args:
+        path: the output file (its folder is created if needed).
+        height: rows of the image.
+        width: columns of the image.
+        channels: channels of the image.
+        dtype: pixel dtype written.
+        render: ``render(window)`` returns ``(window.height, window.width)``
+            (single channel) or ``(window.height, window.width, channels)`` of
+            exactly ``dtype``.
+        tile: tile side in pixels, a positive multiple of 16.
+        compression: ``"zlib"`` (or ``"deflate"``), ``"zstd"``, ``"lzw"``,
+            ``"jpeg"``, ``"lzma"``, ``"packbits"``, ``"webp"``, or ``"none"``/None.
+        colormap: an ``(N, 3)`` uint8 palette (N <= 256) for a single-channel uint8
+            label mask, stored as the TIFF ColorMap (photometric palette); None for none.
+        pyramid_levels: at most this many reduced levels (each half the previous,
+            stored as SubIFDs with ``subfiletype=1``), stopping before a level
+            whose longer side is below ``tile``; 0 for none.
+        pyramid_resample: ``"area"`` (2x2 mean, rounded, for images) or
+            ``"nearest"`` (for label masks).
+        geo_tags: tifffile extratags ``(code, dtype, count, value)`` written to the
+            first page (GeoTIFF georeferencing).
+        photometric: TIFF photometric interpretation; None means ``"palette"``
+            with a colormap, ``"rgb"`` for 3 channels, else ``"minisblack"``.
+        description: ASCII text for ImageDescription; None for none.
+        progress: ``progress(done, total)``, called as each band is rendered,
+            counting the bands of all levels.
+        render_width: column chunk width, a multiple of ``tile``; it also bounds
+            memory to one chunk (use it for very wide images). None renders full
+            width.
 
-    ``colormap``: an ``(N, 3)`` uint8 palette (N <= 256) for a single-channel uint8
-    label mask, stored as the TIFF ColorMap (photometric palette). ``geo_tags``:
-    tifffile extratags ``(code, dtype, count, value)`` written to the first page
-    (GeoTIFF georeferencing). ``description``: ASCII text for ImageDescription.
-    ``progress(done, total)`` is called as each band is rendered, counting all levels.
+    Returns:
+        ``path`` as a ``Path``.
 
-    The file appears under ``path`` only when complete; on any error, including one
-    raised by ``render``, neither it nor any temporary file remains.
+    Raises:
+        ValueError: for a bad size, ``tile``, ``render_width``,
+            ``pyramid_resample``, ``compression`` or ``colormap``, or when
+            ``render`` returns the wrong shape or dtype.
     """
     final = Path(path)
     dtype = np.dtype(dtype)
@@ -251,11 +285,21 @@ def _checked(block, window: Window, channels: int, dtype: np.dtype) -> np.ndarra
 
 
 def downsample2(block: np.ndarray, resample: str = "area") -> np.ndarray:
-    """Halve an ``(h, w, C)`` block: ``(ceil(h/2), ceil(w/2), C)``.
+    """Halve a block of pixels.
 
-    ``"nearest"`` keeps every other pixel (labels stay labels). ``"area"`` averages
-    2x2 blocks, rounding half up for integers; an odd last row/column is averaged
-    with itself (edge replication).
+    ``"nearest"`` keeps every other pixel (labels stay labels; bool blocks always
+    do this). ``"area"`` averages 2x2 blocks, rounding half up for integers; an odd
+    last row/column is averaged with itself (edge replication).
+
+    Args:
+        block: ``(h, w, C)`` (or ``(h, w)``) pixels.
+        resample: ``"area"`` or ``"nearest"``.
+
+    Returns:
+        ``(ceil(h/2), ceil(w/2), C)`` in the block's dtype (a view for ``"nearest"``).
+
+    Raises:
+        ValueError: for another ``resample``.
     """
     if resample == "nearest" or block.dtype == bool:
         return block[::2, ::2]
@@ -298,7 +342,22 @@ def _raw_render(file, width: int, channels: int, dtype: np.dtype) -> Render:
 
 
 def read_rows(file, top: int, rows: int, width: int, channels: int, dtype) -> np.ndarray:
-    """Rows ``top .. top+rows`` of a raw row-major ``(H, width, channels)`` file."""
+    """Rows ``top .. top+rows`` of a raw row-major ``(H, width, channels)`` file.
+
+    Args:
+        file: a binary file opened for reading (seekable, with ``readinto``).
+        top: first row.
+        rows: number of rows.
+        width: columns per row.
+        channels: channels per pixel.
+        dtype: dtype of the stored values (native byte order).
+
+    Returns:
+        ``(rows, width, channels)`` array of ``dtype``.
+
+    Raises:
+        GigasegError: when the file ends before the last row.
+    """
     dtype = np.dtype(dtype)
     out = np.empty((rows, width, channels), dtype=dtype)
     view = memoryview(out.reshape(-1).view(np.uint8))
@@ -355,6 +414,32 @@ class MaskWriter:
     ColorMap, ``geo_tags`` and ``{"classes": [...]}`` as ImageDescription; then the
     scratch folder is removed. After an exception in the ``with`` block the scratch
     folder is kept and nothing appears under ``path``.
+
+    Args:
+        path: the output TIFF.
+        height: rows of the mask.
+        width: columns of the mask.
+        palette: ``(N, 3)`` class colours (N <= 256) stored as the ColorMap; None
+            for none.
+        tile: tile side of the TIFF and height of a band, a positive multiple of 16.
+        pyramid: write a nearest-neighbour pyramid (down to tile size).
+        geo_tags: tifffile extratags ``(code, dtype, count, value)`` for the first page.
+        compression: TIFF compression, as in :func:`write_tiled_tiff`.
+        class_names: class names stored as ``{"classes": [...]}`` in
+            ImageDescription; None for no description.
+        resume: continue from the bands in an existing scratch folder; without one
+            (or with ``resume=False``) a fresh, empty scratch folder is made (an
+            old one is deleted).
+        progress: ``progress(done, total)`` called while the final TIFF is
+            written, as in :func:`write_tiled_tiff`.
+        producer: fingerprint of what makes the bands (model, options, settings);
+            a resume requires the same one.
+
+    Raises:
+        ValueError: for a bad size or ``tile``, or a bad palette.
+        GigasegError: when resuming from a scratch folder that is unreadable or
+            inconsistent, holds a mask of another size or band height, or was made
+            by another ``producer``.
     """
 
     _FORMAT = "gigaseg-mask-bands"
@@ -468,6 +553,7 @@ class MaskWriter:
 
     @property
     def band_height(self) -> int:
+        """Rows per band (the tile size; the last band may be shorter)."""
         return self.tile
 
     @property
@@ -482,13 +568,32 @@ class MaskWriter:
 
     @property
     def missing_bands(self) -> list[int]:
+        """Tops of the bands not stored yet, in order."""
         return [top for top in self._tops() if top not in self._done]
 
     def is_done(self, top: int) -> bool:
+        """Whether the band starting at row ``top`` is stored.
+
+        Args:
+            top: the band's top row.
+
+        Returns:
+            True when the band is stored.
+        """
         return top in self._done
 
     def band_window(self, top: int) -> Window:
-        """The window of the band starting at ``top`` (full width)."""
+        """The window of the band starting at ``top`` (full width).
+
+        Args:
+            top: the band's top row, a multiple of :attr:`band_height`.
+
+        Returns:
+            ``Window(top, 0, rows, width)``; the last band may have fewer rows.
+
+        Raises:
+            ValueError: when ``top`` is not a band's top row.
+        """
         self._check_top(top)
         return Window(top, 0, min(self.tile, self.height - top), self.width)
 
@@ -497,7 +602,19 @@ class MaskWriter:
             raise ValueError(f"band top must be a multiple of {self.tile} in 0..{self.height - 1}, got {top}")
 
     def write_band(self, top: int, labels: np.ndarray) -> None:
-        """Store the labels of rows ``top .. top+band_height`` (durably, before marking it done)."""
+        """Store the labels of a band durably, then record it as done.
+
+        A band written again is overwritten.
+
+        Args:
+            top: the band's top row, a multiple of :attr:`band_height`.
+            labels: ``(rows, width)`` (or ``(rows, width, 1)``) labels of the band,
+                as in :meth:`band_window`; uint8, or integers in 0..255.
+
+        Raises:
+            ValueError: when the writer is closed or aborted, ``top`` is not a
+                band's top row, or the labels have the wrong shape or values.
+        """
         if self._closed or self._aborted or self._file is None:
             raise ValueError(f"MaskWriter for {self.path} is closed")
         window = self.band_window(top)
@@ -519,7 +636,17 @@ class MaskWriter:
     # -- finishing --------------------------------------------------------------------
 
     def close(self) -> Path:
-        """Check that every band arrived, write the final TIFF, remove the scratch folder."""
+        """Check that every band arrived, write the final TIFF, remove the scratch folder.
+
+        Closing again does nothing.
+
+        Returns:
+            The output path.
+
+        Raises:
+            GigasegError: when bands are missing (the scratch folder is kept).
+            ValueError: when the writer was aborted.
+        """
         if self._closed:
             return self.path
         if self._aborted:
