@@ -1,5 +1,5 @@
 """ICNet: the image cascade network for real-time segmentation (Zhao et al., ECCV 2018), and the
-PSPNet-50 it is measured against (``pspnet``)."""
+PSPNet-50 the paper compares it with (``pspnet``)."""
 
 from ..registry import register
 from .model import ICNet

@@ -37,7 +37,8 @@ sub2 and on the 1/4 image for sub4 (same resolutions, no sharing).
 
 ``width`` (default 1.0 = the published network) scales every channel count of the
 faithful backbone, the light branch, the 256-channel reduction and the CFF's 128: tests
-use 0.25. Training views, loss, predictor and their options live in ``gigaseg.methods.icnet``.
+use 0.25. Training views and loss live in ``gigaseg.methods.icnet.recipe``, the predictor in
+``gigaseg.methods.icnet.predictor``.
 """
 
 from __future__ import annotations
@@ -87,19 +88,38 @@ class CascadeOutputs(NamedTuple):
 
 
 def half_size(x: torch.Tensor) -> tuple[int, int]:
-    """Side lengths of a x0.5 resize of ``x`` (rounded up)."""
+    """Side lengths of a x0.5 resize of ``x`` (rounded up).
+
+    Args:
+        x: a tensor whose last two dimensions are ``(h, w)``.
+
+    Returns:
+        ``(ceil(h / 2), ceil(w / 2))``.
+    """
     h, w = x.shape[-2:]
     return (h + 1) // 2, (w + 1) // 2
 
 
 class PyramidPoolingSum(nn.Module):
-    """ICNet's pyramid pooling: ``x + sum_b up(avgpool_b(x))`` with no per-bin convolution (no parameters)."""
+    """ICNet's pyramid pooling: ``x + sum_b up(avgpool_b(x))`` with no per-bin convolution (no parameters).
+
+    Args:
+        bins: output sides of the adaptive average pools (1, 2, 3, 6).
+    """
 
     def __init__(self, bins=PYRAMID_BINS):
         super().__init__()
         self.bins = tuple(bins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The input plus its pooled maps, each upsampled bilinearly back to its size.
+
+        Args:
+            x: features ``(N, C, h, w)``.
+
+        Returns:
+            ``(N, C, h, w)``.
+        """
         size = x.shape[-2:]
         out = x
         for b in self.bins:
@@ -107,6 +127,7 @@ class PyramidPoolingSum(nn.Module):
         return out
 
     def extra_repr(self) -> str:
+        """The pooling bins."""
         return f"bins={self.bins}"
 
 
@@ -115,6 +136,12 @@ class CascadeFeatureFusion(nn.Module):
 
     ``forward(f1, f2)`` returns ``(fused, aux_logits)``; ``aux_logits`` (the 1x1 auxiliary
     classifier on the upsampled F1) is computed in training mode only, else ``None``.
+
+    Args:
+        low_channels: channels of F1, the low-resolution input.
+        high_channels: channels of F2, the 2x finer input.
+        out_channels: channels of the fused output (128 in the paper).
+        num_classes: classes of the auxiliary classifier.
     """
 
     def __init__(self, low_channels: int, high_channels: int, out_channels: int, num_classes: int):
@@ -125,13 +152,28 @@ class CascadeFeatureFusion(nn.Module):
         self.aux = nn.Conv2d(low_channels, num_classes, 1)
 
     def forward(self, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fuse F1 upsampled to F2's size with F2.
+
+        Args:
+            f1: low-resolution features ``(N, low_channels, h, w)``.
+            f2: finer features ``(N, high_channels, 2h, 2w)``.
+
+        Returns:
+            ``(fused, aux_logits)``: ``(N, out_channels, 2h, 2w)`` and, in training mode,
+            ``(N, num_classes, 2h, 2w)`` (else None).
+        """
         up = upsample_to(f1, f2.shape[-2:])  # exactly x2 in the faithful network
         fused = self.relu(self.low(up) + self.high(f2))
         return fused, (self.aux(up) if self.training else None)
 
 
 class ICNetResNet50Half(DilatedResNet50):
-    """The half-width dilated PSPNet-50 run as ICNet's shared sub2/sub4 cascade."""
+    """The half-width dilated PSPNet-50 run as ICNet's shared sub2/sub4 cascade.
+
+    Args:
+        width: scales every channel count (1.0: the published network, stem 32).
+        in_channels: input channels.
+    """
 
     def __init__(self, width: float = 1.0, in_channels: int = 3):
         super().__init__(scaled(32, width), in_channels)
@@ -139,7 +181,14 @@ class ICNetResNet50Half(DilatedResNet50):
         self.sub4_channels = self.out_channels[3]
 
     def forward(self, x_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sub2, sub4)`` features of the 1/2 image: conv3_1 at 1/16 and conv5_3 at 1/32 of the input."""
+        """The sub2 and sub4 features of the half-resolution image.
+
+        Args:
+            x_half: the input resized to half its size, ``(N, C_in, H/2, W/2)``.
+
+        Returns:
+            ``(sub2, sub4)``: conv3_1 at 1/16 and conv5_3 at 1/32 of the full input.
+        """
         sub2 = self.layer2[0](self.layer1(self.stem(x_half)))
         x = upsample_to(sub2, half_size(sub2))
         sub4 = self.layer4(self.layer3(self.layer2[1:](x)))
@@ -147,7 +196,17 @@ class ICNetResNet50Half(DilatedResNet50):
 
 
 class TimmCascade(nn.Module):
-    """A timm encoder (dilated to output stride 8) split after its first stride-8 stage; see the module docstring."""
+    """A timm encoder (dilated to output stride 8) split after its first stride-8 stage; see the module docstring.
+
+    Args:
+        name: the timm model name.
+        in_channels: input channels.
+        pretrained: the encoder's weights: False/None random, True timm's, or a local weights file.
+
+    Raises:
+        ConfigError: the encoder cannot be built with output stride 8, or has no feature
+            level at stride 8.
+    """
 
     def __init__(self, name: str, in_channels: int = 3, pretrained: PretrainedSpec = False):
         super().__init__()
@@ -170,6 +229,15 @@ class TimmCascade(nn.Module):
             self._tail = names[cut : names.index(layers[-1]) + 1]
 
     def forward(self, x_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sub2 and sub4 features of the half-resolution image.
+
+        Args:
+            x_half: the input resized to half its size, ``(N, C_in, H/2, W/2)``.
+
+        Returns:
+            ``(sub2, sub4)``: the first stride-8 level (1/16 of the full input) and the
+            last level (1/32).
+        """
         if not self.shared:
             sub2 = self.encoder(x_half)[self.split]
             return sub2, self.encoder(upsample_to(x_half, half_size(x_half)))[-1]
@@ -185,7 +253,22 @@ class TimmCascade(nn.Module):
 
 
 class ICNet(SegmentationModel):
-    """ICNet; see the module docstring. ``create_model("icnet", encoder="icnet_resnet50_half", num_classes=19)``."""
+    """ICNet; see the module docstring. ``create_model("icnet", encoder="icnet_resnet50_half", num_classes=19)``.
+
+    Args:
+        encoder: ``"icnet_resnet50_half"`` (the paper's backbone) or a timm encoder name.
+        num_classes: class count.
+        in_channels: input channels.
+        pretrained: for ``"icnet_resnet50_half"`` False/None or a local file holding the
+            backbone's state dict; for a timm encoder also True (timm's weights).
+        **options: ``width``, ``loss_weights`` (1/16, 1/8, 1/4), the training views'
+            ``crop_size``, ``scale_min``, ``scale_max``, ``crops_per_image``, and the
+            predictor's ``tile_size``, ``tile_overlap``, ``blend``.
+
+    Raises:
+        ConfigError: an unknown option or one out of range, an unusable encoder, or an
+            unreadable weights file.
+    """
 
     default_encoder: ClassVar[str] = "icnet_resnet50_half"
     default_options: dict[str, Any] = {
@@ -233,6 +316,7 @@ class ICNet(SegmentationModel):
         self.classifier = nn.Conv2d(c_cff, num_classes, 1)
 
     def check_options(self) -> None:
+        """Check ``width``, the three ``loss_weights`` and the options shared with PSPNet."""
         self._require_positive("width")
         weights = self.options["loss_weights"]
         if (
@@ -256,11 +340,26 @@ class ICNet(SegmentationModel):
         return logits4, aux8, aux16
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits at 1/4 of ``x`` (the auxiliary heads run only in training mode)."""
+        """Logits at 1/4 of the input (the auxiliary heads run only in training mode).
+
+        Args:
+            x: normalised images ``(N, C_in, H, W)``.
+
+        Returns:
+            Logits ``(N, num_classes, h, w)``, about ``H/4 x W/4``.
+        """
         return self._cascade(x)[0]
 
     def forward(self, x: torch.Tensor):
-        """Training mode: :class:`CascadeOutputs` (1/16, 1/8, 1/4). Eval mode: logits at ``x``'s size."""
+        """ICNet's outputs (see the module docstring).
+
+        Args:
+            x: normalised images ``(N, C_in, H, W)``.
+
+        Returns:
+            Training mode: :class:`CascadeOutputs` (logits at 1/16, 1/8, 1/4). Eval mode:
+            logits ``(N, num_classes, H, W)``.
+        """
         logits4, aux8, aux16 = self._cascade(x)
         if self.training:
             return CascadeOutputs(aux16, aux8, logits4)

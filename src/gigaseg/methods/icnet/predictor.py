@@ -32,6 +32,20 @@ class TilePredictor(SegmentationPredictor):
     ``net`` is ``optimize_for_inference(model, fold_bn=..., channels_last=..., compile=...)``:
     an eval-mode copy. ``channels_last`` defaults to True: faster on GPUs and, with oneDNN, on CPUs
     (``benchmarks/icnet_speed.py`` measures it).
+
+    Args:
+        model: an ``icnet`` or ``pspnet`` network (its ``tile_size``, ``tile_overlap`` and
+            ``blend`` options are read).
+        normalization: how the images' pixels are normalised.
+        device: where it runs.
+        sub_batch: tiles per forward pass.
+        precision: "32", "bf16-mixed" or "16-mixed".
+        fold_bn: fold batch norms into the convolutions.
+        channels_last: run in channels_last memory format; None: True.
+        compile: ``torch.compile`` the network; a dict gives its options.
+
+    Raises:
+        ConfigError: ``compile`` is asked for and this torch has no ``torch.compile``.
     """
 
     def __init__(
@@ -58,22 +72,42 @@ class TilePredictor(SegmentationPredictor):
         )
 
     def grid(self, height: int, width: int) -> PatchGrid:
-        """The whole-image tile grid: one tile (the image itself) when it fits in ``tile_size``."""
+        """The whole-image tile grid.
+
+        Along a side longer than the tile, tiles step by ``tile - tile_overlap`` (the last one
+        flush with the edge); along a side that fits, one tile spans it.
+
+        Args:
+            height: the image's height in pixels.
+            width: the image's width in pixels.
+
+        Returns:
+            The grid; one tile (the image itself) when it fits in ``tile_size``.
+        """
         th, tw = min(self.tile[0], height), min(self.tile[1], width)
         stride = (max(1, th - self.overlap) if th < height else th, max(1, tw - self.overlap) if tw < width else tw)
         return PatchGrid.sliding(height, width, (th, tw), stride)
 
     def prepare(self, source):
+        """The image's tile grid (:meth:`grid`)."""
         return self.grid(source.height, source.width)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Full-resolution logits of a normalised batch (the optimised eval-mode network)."""
+        """Full-resolution logits of a normalised batch (the optimised eval-mode network).
+
+        Args:
+            batch: normalised tiles ``(N, C_in, h, w)`` on the device.
+
+        Returns:
+            Logits ``(N, num_classes, h, w)``, computed under inference mode and autocast.
+        """
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self.autocast():
             return self.net(batch)
 
     def predict_block(self, source, grid: PatchGrid, window: Window) -> np.ndarray:
+        """The block's probabilities, blended from the grid's tiles that overlap it."""
         with torch.inference_mode():
             return stitch_block(
                 source,

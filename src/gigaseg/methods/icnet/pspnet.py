@@ -54,12 +54,28 @@ RESNET50_STAGES = ((3, 1, 1), (4, 2, 1), (6, 1, 2), (3, 1, 4))
 
 
 def scaled(channels: int, width: float) -> int:
-    """``channels * width`` rounded, at least 1."""
+    """A channel count scaled by the ``width`` option.
+
+    Args:
+        channels: the published network's channel count.
+        width: the scale factor (1.0: the published network).
+
+    Returns:
+        ``channels * width`` rounded, at least 1.
+    """
     return max(1, int(round(channels * width)))
 
 
 def upsample_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize to ``size`` (align_corners=False); a no-op when already that size."""
+    """Bilinear resize (align_corners=False); a no-op when already that size.
+
+    Args:
+        x: maps ``(N, C, h, w)``.
+        size: the target ``(h, w)``.
+
+    Returns:
+        ``x`` resized to ``size``, or ``x`` itself when it has that size.
+    """
     if tuple(x.shape[-2:]) == tuple(int(s) for s in size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
@@ -71,6 +87,13 @@ def adaptive_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
     The TorchScript ONNX exporter only supports adaptive pooling whose output size divides
     the input size (bins 3 and 6 on a 32x64 map do not); averaging matrices with exactly
     PyTorch's windows (start ``floor(i*n/bins)``, end ``ceil((i+1)*n/bins)``) export as MatMul.
+
+    Args:
+        x: maps ``(N, C, h, w)``.
+        bins: the output side.
+
+    Returns:
+        The pooled maps ``(N, C, bins, bins)``.
     """
     if not torch.onnx.is_in_onnx_export():
         return F.adaptive_avg_pool2d(x, bins)
@@ -89,7 +112,18 @@ def _pool_matrix(n: int, bins: int, dtype, device) -> torch.Tensor:
 
 
 class ConvBN(nn.Sequential):
-    """Conv2d (no bias) + BatchNorm2d, followed by ReLU when ``relu``."""
+    """Conv2d (no bias) + BatchNorm2d, followed by ReLU when ``relu``.
+
+    The padding, ``dilation * (kernel // 2)``, keeps the size at stride 1.
+
+    Args:
+        cin: input channels.
+        cout: output channels.
+        kernel: the convolution's side.
+        stride: the convolution's stride.
+        dilation: the convolution's dilation.
+        relu: whether a ReLU follows the batch norm.
+    """
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1, relu: bool = True):
         layers: list[nn.Module] = [
@@ -104,7 +138,14 @@ class ConvBN(nn.Sequential):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce -> 3x3 (stride, dilation) -> 1x1 expand, + shortcut (1x1 projection when shapes change), ReLU."""
+    """1x1 reduce -> 3x3 (stride, dilation) -> 1x1 expand, + shortcut (1x1 projection when shapes change), ReLU.
+
+    Args:
+        cin: input channels.
+        cout: output channels; the inner width is ``cout // 4``.
+        stride: stride of the 3x3 convolution (and of the projection).
+        dilation: dilation of the 3x3 convolution.
+    """
 
     def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1):
         super().__init__()
@@ -116,6 +157,14 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output.
+
+        Args:
+            x: features ``(N, cin, h, w)``.
+
+        Returns:
+            ``(N, cout, h / stride, w / stride)`` (rounded up).
+        """
         identity = x if self.shortcut is None else self.shortcut(x)
         return self.relu(self.expand(self.conv(self.reduce(x))) + identity)
 
@@ -124,6 +173,11 @@ class DilatedResNet50(nn.Module):
     """PSPNet's dilated ResNet-50 with stem width ``base`` (64: PSPNet-50, 32: ICNet's half width).
 
     ``forward`` returns ``(conv4_x, conv5_x)`` outputs, both at 1/8. ICNet runs the parts itself.
+    ``out_channels`` lists the four stages' channels, ``4*base * (1, 2, 4, 8)``.
+
+    Args:
+        base: stem width.
+        in_channels: input channels.
     """
 
     def __init__(self, base: int = 64, in_channels: int = 3):
@@ -146,12 +200,27 @@ class DilatedResNet50(nn.Module):
         self.out_channels = [4 * base * 2**i for i in range(4)]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last two stages' features.
+
+        Args:
+            x: images ``(N, in_channels, H, W)``.
+
+        Returns:
+            ``(conv4_x, conv5_x)``: ``16*base`` and ``32*base`` channels, both at 1/8 of ``x``.
+        """
         c4 = self.layer3(self.layer2(self.layer1(self.stem(x))))
         return c4, self.layer4(c4)
 
 
 class PyramidPoolingConcat(nn.Module):
-    """PSPNet's pyramid pooling: concat(x, up(conv1x1(pool_b(x))) for b in bins) -> 3x3 conv + BN + ReLU."""
+    """PSPNet's pyramid pooling: concat(x, up(conv1x1(pool_b(x))) for b in bins) -> 3x3 conv + BN + ReLU.
+
+    Args:
+        cin: input channels.
+        branch: channels of each pooled branch's 1x1 conv (+ BN + ReLU).
+        out: channels of the 3x3 bottleneck.
+        bins: output sides of the adaptive average pools.
+    """
 
     def __init__(self, cin: int, branch: int, out: int, bins: Sequence[int] = PYRAMID_BINS):
         super().__init__()
@@ -160,19 +229,43 @@ class PyramidPoolingConcat(nn.Module):
         self.bottleneck = ConvBN(cin + branch * len(self.bins), out, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled context fused with the input.
+
+        Args:
+            x: features ``(N, cin, h, w)``.
+
+        Returns:
+            ``(N, out, h, w)``.
+        """
         size = x.shape[-2:]
         pooled = [upsample_to(conv(adaptive_avg_pool(x, b)), size) for b, conv in zip(self.bins, self.branches)]
         return self.bottleneck(torch.cat([x, *pooled], dim=1))
 
 
 def tile_shape(model) -> tuple[int, int]:
-    """``tile_size`` option as (height, width); an int means a square tile."""
+    """The ``tile_size`` option as (height, width).
+
+    Args:
+        model: an ICNet or PSPNet.
+
+    Returns:
+        ``(height, width)``; an int option means a square tile.
+    """
     size = model.options["tile_size"]
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def check_common_options(model) -> None:
-    """Checks of the options ICNet and PSPNet share (views and predictor)."""
+    """Checks of the options ICNet and PSPNet share (views and predictor).
+
+    Args:
+        model: an ICNet or PSPNet whose ``options`` are resolved.
+
+    Raises:
+        ConfigError: ``tile_size`` is not a positive integer or ``[height, width]``,
+            ``tile_overlap`` not in ``[0, min(tile))``, ``crop_size`` or ``crops_per_image``
+            not positive, or not ``0 < scale_min <= scale_max``.
+    """
     name = model.method_name or type(model).__name__
     o = model.options
     size = o["tile_size"]
@@ -199,7 +292,20 @@ def check_common_options(model) -> None:
 
 
 def load_backbone_weights(backbone: nn.Module, pretrained: PretrainedSpec, encoder: str) -> None:
-    """Our own backbones: no hub weights; a local file must hold exactly ``backbone.state_dict()``."""
+    """Load a local weights file into one of gigaseg's own backbones (they have no hub weights).
+
+    A checkpoint holding ``{"state_dict": ...}`` is unwrapped; the keys must match exactly.
+
+    Args:
+        backbone: the backbone to load into.
+        pretrained: False/None (nothing to load) or the path of a file holding exactly
+            ``backbone.state_dict()``.
+        encoder: the encoder's name, for messages.
+
+    Raises:
+        ConfigError: ``pretrained`` is True, the file cannot be read, or it is not this
+            backbone's state dict.
+    """
     if pretrained in (False, None):
         return
     if pretrained is True:
@@ -220,7 +326,22 @@ def load_backbone_weights(backbone: nn.Module, pretrained: PretrainedSpec, encod
 
 
 class PSPNet(SegmentationModel):
-    """PSPNet-50: see the module docstring. Training forward returns ``(logits_1/8, aux_1/8)``."""
+    """PSPNet-50: see the module docstring. Training forward returns ``(logits_1/8, aux_1/8)``.
+
+    Args:
+        encoder: ``"pspnet_resnet50"`` (the faithful backbone) or a timm encoder name.
+        num_classes: class count.
+        in_channels: input channels.
+        pretrained: for ``"pspnet_resnet50"`` False/None or a local file holding the
+            backbone's state dict; for a timm encoder also True (timm's weights).
+        **options: ``width``, ``dropout``, ``aux_weight``, the training views'
+            ``crop_size``, ``scale_min``, ``scale_max``, ``crops_per_image``, and the
+            predictor's ``tile_size``, ``tile_overlap``, ``blend``.
+
+    Raises:
+        ConfigError: an unknown option or one out of range, an unusable encoder, or an
+            unreadable weights file.
+    """
 
     default_encoder: ClassVar[str] = "pspnet_resnet50"
     default_options: dict[str, Any] = {
@@ -269,19 +390,36 @@ class PSPNet(SegmentationModel):
         )
 
     def check_options(self) -> None:
+        """Check ``width``, ``dropout`` and the options shared with ICNet."""
         self._require_positive("width")
         if not 0 <= self.options["dropout"] < 1:
             raise ConfigError(f"pspnet: option dropout must be in [0, 1), got {self.options['dropout']}")
         check_common_options(self)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's last two feature levels.
+
+        Args:
+            x: normalised images ``(N, C_in, H, W)``.
+
+        Returns:
+            ``(c4, c5)``: the auxiliary head's input and the pyramid's, both at 1/8.
+        """
         if self._timm:
             feats = self.backbone(x)
             return feats[-2], feats[-1]
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor):
-        """Training: ``(main, aux)`` logits at 1/8. Eval: main logits upsampled to ``x``'s size."""
+        """PSPNet's logits.
+
+        Args:
+            x: normalised images ``(N, C_in, H, W)``.
+
+        Returns:
+            Training mode: ``(main, aux)`` logits at 1/8. Eval mode: the main logits upsampled
+            to ``(N, num_classes, H, W)``.
+        """
         c4, c5 = self.features(x)
         main = self.classifier(self.ppm(c5))
         if self.training:

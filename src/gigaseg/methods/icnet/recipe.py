@@ -47,6 +47,13 @@ def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
 
     The same rule as ``F.interpolate(mode="nearest")``, done by indexing so integer labels
     (and the ignore index) are copied, never interpolated.
+
+    Args:
+        labels: integer labels ``(..., H, W)``, typically ``(B, H, W)``.
+        size: the target ``(h, w)``.
+
+    Returns:
+        Labels ``(..., h, w)`` of the same dtype; ``labels`` itself when already at ``size``.
     """
     h, w = int(size[0]), int(size[1])
     H, W = labels.shape[-2:]
@@ -62,9 +69,20 @@ def cascade_label_guidance_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``sum_i weights[i] * CE(outputs[i], nearest(labels, outputs[i]'s size))``.
 
-    ``outputs`` are the logits at 1/16, 1/8 and 1/4 (``CascadeOutputs``), ``weights`` the
-    matching weights. Returns the total and the detached terms ``loss_16``, ``loss_8``,
-    ``loss_4``. A term whose labels are all ``ignore_index`` contributes 0.
+    A term whose labels are all ``ignore_index`` contributes 0.
+
+    Args:
+        outputs: the logits at 1/16, 1/8 and 1/4 (``CascadeOutputs``), each ``(B, C, h, w)``.
+        labels: full-resolution labels ``(B, H, W)``.
+        weights: one weight per output (the paper's 0.16, 0.4, 1.0).
+        ignore_index: the label excluded from the loss.
+
+    Returns:
+        ``(total, parts)``: the weighted float32 sum and the detached unweighted terms
+        ``loss_16``, ``loss_8``, ``loss_4`` (``loss_0``, ``loss_1``, ... for other counts).
+
+    Raises:
+        ValueError: ``outputs`` and ``weights`` differ in length.
     """
     if len(outputs) != len(weights):
         raise ValueError(f"{len(outputs)} outputs but {len(weights)} loss weights")
@@ -95,7 +113,19 @@ class ScaledCrops(SeededViews):
     ``bilinear`` when enlarging, labels ``nearest``); where the scaled image is smaller than
     the crop, the image is padded with 0 (the normalised mean) and the label with
     ``ignore_index``. ``crops_per_image`` items per image; randomness from
-    ``(seed, epoch, index)`` as in ``gigaseg.training.views``.
+    ``(seed, epoch, index)`` as in ``gigaseg.training.views``. Items: ``image``, ``label``,
+    ``index`` and ``scale``.
+
+    Args:
+        dataset: the training dataset.
+        normalization: how its pixels are normalised.
+        crop: the crop side in pixels (of the scaled image).
+        scale_range: ``(min, max)`` of the random scale factor.
+        crops_per_image: items per image and epoch.
+        mirror: whether to flip horizontally at random.
+        seed: seed of the per-(seed, epoch, index) randomness.
+        ignore_index: the label padding gets; None: the dataset's ``ignore_index``
+            (``gigaseg.data.labels.IGNORE_INDEX`` when it has none).
     """
 
     def __init__(
@@ -155,7 +185,15 @@ def _sub_batches(ctx: StepContext, batch: dict):
 
 
 def icnet_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
-    """Cascade label guidance over sub-batches (loss scaled by each chunk's share of the batch)."""
+    """Cascade label guidance over sub-batches (loss scaled by each chunk's share of the batch).
+
+    Args:
+        ctx: the step's context (wrapped model, backward, sub-batch size, stage options).
+        batch: a collated batch of :class:`ScaledCrops` items.
+
+    Returns:
+        The detached batch ``loss`` and its terms ``loss_16``, ``loss_8``, ``loss_4``.
+    """
     weights = ctx.model.options["loss_weights"]
     ignore = ctx.stage.options.get("ignore_index", IGNORE_INDEX)
     logged: dict[str, torch.Tensor] = {}
@@ -168,7 +206,17 @@ def icnet_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def pspnet_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
-    """PSPNet: CE(main) + aux_weight * CE(aux), logits upsampled bilinearly to the labels."""
+    """PSPNet: CE(main) + aux_weight * CE(aux), logits upsampled bilinearly to the labels.
+
+    Each sub-batch's loss is scaled by its share of the batch.
+
+    Args:
+        ctx: the step's context (wrapped model, backward, sub-batch size, stage options).
+        batch: a collated batch of :class:`ScaledCrops` items.
+
+    Returns:
+        The detached batch ``loss``, ``loss_main`` and ``loss_aux``.
+    """
     ignore = ctx.stage.options.get("ignore_index", IGNORE_INDEX)
     aux_weight = ctx.model.options["aux_weight"]
     logged: dict[str, torch.Tensor] = {}
@@ -215,10 +263,24 @@ def _stage(model, name: str, step) -> Stage:
 
 
 def icnet_stages(model) -> list[Stage]:
-    """One stage, ``"icnet"``: the whole network with the cascade label guidance loss."""
+    """ICNet's training: one stage, ``"icnet"``, the whole network with the cascade label guidance loss.
+
+    Args:
+        model: the ICNet to train.
+
+    Returns:
+        The one stage, with the paper's SGD recipe (:data:`RECIPE`) and :class:`ScaledCrops` views.
+    """
     return [_stage(model, "icnet", icnet_step)]
 
 
 def pspnet_stages(model) -> list[Stage]:
-    """One stage, ``"pspnet"``: main + 0.4 auxiliary loss, the same SGD recipe and views as ICNet."""
+    """PSPNet's training: one stage, ``"pspnet"``, main + ``aux_weight`` (0.4) auxiliary loss.
+
+    Args:
+        model: the PSPNet to train.
+
+    Returns:
+        The one stage, with the same SGD recipe and views as ICNet.
+    """
     return [_stage(model, "pspnet", pspnet_step)]

@@ -1,6 +1,6 @@
 """MagNet: multi-scale progressive refinement (Huynh et al., CVPR 2021) on gigaseg's engine.
 
-The network is a backbone segmenter and a small refinement module (methods.md, section 3):
+The network is a backbone segmenter and a small refinement module:
 
 - ``backbone``: :class:`gigaseg.nn.segmenters.FPNSegmenter` (an encoder with GLNet's FPN,
   i.e. GLNet's global branch; ResNet-50 + FPN is MagNet's DeepGlobe backbone). ``decoder``
@@ -47,7 +47,7 @@ Frames and image sizes (:meth:`MagNet.frame_size`):
   the DeepGlobe preset: 500 / 1000 / 2000).
 - A larger image is processed block-wise: every part of it is predicted from a frame of
   the finest scale's size at native resolution (the scales of training) that contains it,
-  so memory does not depend on the image's size (see ``gigaseg.methods.magnet``).
+  so memory does not depend on the image's size (see ``gigaseg.methods.magnet.predictor``).
 
 Until the refinement module has been trained (the buffer ``refinement_trained``, set when
 the refinement stage starts and saved in checkpoints), predictions are the backbone's at
@@ -123,7 +123,8 @@ _CITYSCAPES = {
     "fast_patches": None,
 }
 
-#: the published configurations (methods.md, section 3); scales and input sizes are (h, w)
+#: the paper's published configurations (DeepGlobe and Cityscapes; MagNet and MagNet-Fast); scales and input
+#: sizes are (h, w)
 PRESETS: dict[str, dict[str, Any]] = {
     "deepglobe": _DEEPGLOBE,
     "deepglobe_fast": {**_DEEPGLOBE, "points": 0.9, "fast_patches": 3},
@@ -141,7 +142,14 @@ class RefinementModule(nn.Module):
     Input ``concat([coarse, fine])`` (2C channels; this one order in training and
     inference) -> BN -> 3x3 conv 2C->64, BN, ReLU -> 3x3 conv 64->64, BN, ReLU -> two
     bottleneck blocks (planes 32, out 128, the first with a 1x1 projection) -> 1x1 conv
-    128->C. No conv has a bias; every BN has momentum 0.01. ``1284 C + 79104`` parameters.
+    128->C. No conv has a bias; every BN has momentum 0.01. ``1284 C + 79104`` parameters
+    with the default widths.
+
+    Args:
+        num_classes: C, the class count of both inputs and of the output.
+        width: channels of the two 3x3 convolutions (64).
+        planes: bottleneck planes (32); the blocks output ``4 * planes`` channels.
+        blocks: bottleneck blocks (2).
     """
 
     def __init__(self, num_classes: int, width: int = 64, planes: int = 32, blocks: int = 2):
@@ -163,7 +171,18 @@ class RefinementModule(nn.Module):
         self.classifier = nn.Conv2d(out, num_classes, 1, bias=False)
 
     def forward(self, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, C, h, w)`` from the coarse and fine probabilities ``(N, C, h, w)``."""
+        """Refined logits from the coarse and fine predictions of the same patches.
+
+        Args:
+            coarse: the coarse probabilities cropped to the patches, ``(N, C, h, w)``.
+            fine: the backbone's probabilities of the patches, ``(N, C, h, w)``.
+
+        Returns:
+            Logits ``(N, C, h, w)``.
+
+        Raises:
+            ValueError: ``coarse`` and ``fine`` differ in shape.
+        """
         if coarse.shape != fine.shape:
             raise ValueError(f"coarse {tuple(coarse.shape)} and fine {tuple(fine.shape)} predictions differ in shape")
         x = self.bn0(torch.cat([coarse, fine], dim=1))
@@ -176,9 +195,15 @@ class RefinementModule(nn.Module):
 
 
 def certainty(probs: torch.Tensor) -> torch.Tensor:
-    """``top1 - top2`` class probability per pixel: ``(N, C, h, w) -> (N, 1, h, w)`` float32.
+    """``top1 - top2`` class probability per pixel.
 
     Computed in bands of rows, so large canvases need no full-size top-2 temporaries.
+
+    Args:
+        probs: class probabilities ``(N, C, h, w)``, ``C >= 2``.
+
+    Returns:
+        float32 ``(N, 1, h, w)`` in ``[0, 1]``.
     """
     n, _, h, w = probs.shape
     out = torch.empty((n, 1, h, w), dtype=torch.float32, device=probs.device)
@@ -190,22 +215,49 @@ def certainty(probs: torch.Tensor) -> torch.Tensor:
 
 
 def uncertainty(probs: torch.Tensor) -> torch.Tensor:
-    """``1 - certainty``: 1 where the two best classes tie, 0 where one class has it all."""
+    """``1 - certainty``: 1 where the two best classes tie, 0 where one class has it all.
+
+    Args:
+        probs: class probabilities ``(N, C, h, w)``, ``C >= 2``.
+
+    Returns:
+        float32 ``(N, 1, h, w)`` in ``[0, 1]``.
+    """
     return 1.0 - certainty(probs)
 
 
 def error_score(refined: torch.Tensor, current_uncertainty: torch.Tensor) -> torch.Tensor:
-    """``certainty(refined) * uncertainty(current)``: high where refining is confident and needed."""
+    """``certainty(refined) * uncertainty(current)``: high where refining is confident and needed.
+
+    Args:
+        refined: the refined probabilities ``(N, C, h, w)``.
+        current_uncertainty: :func:`uncertainty` of the current prediction at the same size, ``(N, 1, h, w)``.
+
+    Returns:
+        float32 ``(N, 1, h, w)``.
+    """
     return certainty(refined) * current_uncertainty
 
 
 def median_blur(x: torch.Tensor, kernel: int, band_bytes: int = 32 * 2**20) -> torch.Tensor:
-    """``kernel x kernel`` median filter of ``x`` (N, C, h, w) with reflected borders.
+    """``kernel x kernel`` median filter with reflected borders.
 
     The same values as ``kornia.filters.median_blur(x, (kernel, kernel))`` (its default
     reflect border; a test checks equality), computed in bands of rows so that the
     ``kernel**2`` neighbourhoods held at once stay near ``band_bytes`` (kornia unfolds the
-    whole map at once: about 1 GB for a 508x508 map and kernel 11).
+    whole map at once, ``kernel**2`` values per pixel). Maps with a side of at most
+    ``kernel // 2`` pixels, too small to reflect, are padded by replicating their edges.
+
+    Args:
+        x: the maps ``(N, C, h, w)``.
+        kernel: odd side of the window; 1 or less returns ``x`` itself.
+        band_bytes: target bytes of the neighbourhoods unfolded at once (32 MiB).
+
+    Returns:
+        A new tensor like ``x`` (or ``x`` itself when ``kernel <= 1``).
+
+    Raises:
+        ValueError: ``kernel`` is even (and greater than 1).
     """
     if kernel <= 1:
         return x
@@ -228,11 +280,19 @@ def median_blur(x: torch.Tensor, kernel: int, band_bytes: int = 32 * 2**20) -> t
 
 
 def smooth_error(error: torch.Tensor, size: Sequence[int], kernel: int) -> torch.Tensor:
-    """Median blur of ``error`` (N, 1, h, w) with a ``kernel`` square at resolution ``size``.
+    """Median blur of an error map with a ``kernel`` square at resolution ``size``.
 
-    The map is resized to ``size`` (area when shrinking, bilinear when enlarging), median
-    blurred (:func:`median_blur`, reflected borders) and resized back bilinearly.
-    ``kernel`` 1: unchanged.
+    The map is resized to ``size``, median blurred (:func:`median_blur`, reflected borders)
+    and resized back to its own size; each resize is area when it shrinks both sides and
+    bilinear otherwise (so a canvas larger than ``size`` comes back bilinearly).
+
+    Args:
+        error: the error map ``(N, 1, h, w)``.
+        size: ``(h, w)`` at which the blur runs (MagNet: the network's input size).
+        kernel: odd side of the median window; 1 returns ``error`` unchanged.
+
+    Returns:
+        The smoothed map at ``error``'s size.
     """
     if kernel <= 1:
         return error
@@ -242,8 +302,16 @@ def smooth_error(error: torch.Tensor, size: Sequence[int], kernel: int) -> torch
 
 
 def num_points(points: float, refined_area: int) -> int:
-    """Pixels to replace at a scale: ``points > 1`` is a count (at most the refined area),
-    ``points <= 1`` a fraction of the refined area (rounded down)."""
+    """Pixels to replace at a scale.
+
+    Args:
+        points: ``> 1`` a count (capped at the refined area), ``<= 1`` a fraction of the
+            refined area (rounded down).
+        refined_area: pixels refined at this scale (covered by the refined patches).
+
+    Returns:
+        The number of pixels, between 0 and ``refined_area``.
+    """
     refined_area = int(refined_area)
     if points > 1:
         return min(int(points), refined_area)
@@ -251,11 +319,21 @@ def num_points(points: float, refined_area: int) -> int:
 
 
 def select_points(error: torch.Tensor, n: int, candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean ``(h, w)`` mask of exactly ``n`` pixels: the highest ``error`` among ``candidates``.
+    """The ``n`` pixels of highest ``error`` among ``candidates``.
 
-    ``error`` is ``(h, w)`` or ``(1, 1, h, w)``; ``candidates`` an optional ``(h, w)`` bool
-    mask (pixels refined at this scale). ``n`` larger than the number of candidates is an
-    error. Ties are broken by ``torch.topk``.
+    Ties are broken by ``torch.topk``.
+
+    Args:
+        error: the error score, ``(h, w)`` or ``(1, 1, h, w)``.
+        n: how many pixels to select, at most the number of candidates.
+        candidates: optional bool ``(h, w)`` mask of the pixels that may be chosen (those
+            refined at this scale); None: every pixel.
+
+    Returns:
+        Boolean ``(h, w)`` mask with exactly ``n`` True pixels.
+
+    Raises:
+        ValueError: ``n`` is negative or larger than the number of candidates.
     """
     flat = error.reshape(-1).float()
     total = flat.numel()
@@ -281,11 +359,19 @@ def select_points(error: torch.Tensor, n: int, candidates: torch.Tensor | None =
 
 
 def select_patches(current_uncertainty: torch.Tensor, boxes: Sequence[Box], n: int) -> list[int]:
-    """MagNet-Fast: indices of the ``n`` boxes with the highest MEAN uncertainty, ascending.
+    """MagNet-Fast: the ``n`` boxes with the highest MEAN uncertainty.
 
-    ``current_uncertainty`` is ``(1, 1, h, w)`` (or ``(h, w)``); each normalised box is
-    averaged over its cells on that map (:func:`gigaseg.geometry.box_on_grid`, clipped). Ties
+    Each normalised box is averaged over its cells on the uncertainty map
+    (:func:`gigaseg.geometry.box_on_grid`, clipped; a box with no cell counts as 0). Ties
     keep the earlier box.
+
+    Args:
+        current_uncertainty: the current prediction's uncertainty, ``(1, 1, h, w)`` or ``(h, w)``.
+        boxes: normalised boxes ``(y0, x0, y1, x1)``.
+        n: how many boxes to keep.
+
+    Returns:
+        The kept boxes' indices, ascending (all of them when ``n >= len(boxes)``).
     """
     grid = current_uncertainty.reshape(current_uncertainty.shape[-2:])
     h, w = grid.shape
@@ -308,6 +394,13 @@ def magnet_starts(length: int, patch: int) -> list[int]:
     """MagNet's patch starts on one side: ``ceil(L / p)`` patches, evenly spread, last one flush.
 
     Non-overlapping when ``p`` divides ``L`` (every published configuration).
+
+    Args:
+        length: L, the side in pixels.
+        patch: p, the patch side in pixels.
+
+    Returns:
+        The starts, ascending; ``[0]`` when ``patch >= length``.
     """
     if patch >= length:
         return [0]
@@ -321,6 +414,12 @@ def patch_boxes(scales: Sequence[Sequence[int]]) -> list[list[Box]]:
 
     The patch at scale ``i`` has the coarsest scale's size in that scale's pixels, so scale 0
     is one box covering the frame.
+
+    Args:
+        scales: ``(h, w)`` of the frame at each scale, coarse to fine.
+
+    Returns:
+        One list of boxes per scale, with coordinates in ``[0, 1]``.
     """
     ph, pw = scales[0]
     out = []
@@ -335,10 +434,13 @@ def patch_boxes(scales: Sequence[Sequence[int]]) -> list[list[Box]]:
 
 @dataclass(frozen=True)
 class FrameGeometry:
-    """Where MagNet looks in one frame of ``frame`` (h, w) pixels.
+    """Where MagNet looks in one frame.
 
-    ``canvases[i]`` is the (h, w) of the prediction canvas at scale ``i`` (the last one is
-    the frame itself); ``boxes[i]`` the normalised patch boxes of scale ``i``.
+    Args:
+        frame: ``(h, w)`` of the frame in pixels.
+        canvases: ``(h, w)`` of the prediction canvas at each scale (the last one is the
+            frame itself).
+        boxes: the normalised patch boxes ``(y0, x0, y1, x1)`` of each scale.
     """
 
     frame: tuple[int, int]
@@ -347,6 +449,7 @@ class FrameGeometry:
 
     @property
     def num_scales(self) -> int:
+        """The number of scales."""
         return len(self.canvases)
 
     def windows(self, scale: int) -> list[Window]:
@@ -354,6 +457,12 @@ class FrameGeometry:
 
         Both edges of a box are rounded (half up), so neighbouring patches tile the frame
         without gaps whatever its size.
+
+        Args:
+            scale: index of the scale, 0 the coarsest.
+
+        Returns:
+            One window (at least 1x1, inside the frame) per box of that scale, row-major.
         """
         h, w = self.frame
         out = []
@@ -405,6 +514,19 @@ class MagNet(SegmentationModel):
     probabilities ``coarse`` cropped to them (the refinement stage). ``forward(x)`` in eval
     mode: the whole method on each image of ``x`` as one frame, returned as log-probabilities
     at ``x``'s size (so ``predict`` gives MagNet's prediction).
+
+    Args:
+        encoder: the backbone's encoder name (ResNet-50 by default, MagNet's DeepGlobe backbone).
+        num_classes: class count, at least 2 (certainty is ``top1 - top2``).
+        in_channels: input channels.
+        pretrained: the encoder's weights: False/None random, True timm's, or a local weights file.
+        **options: the options of the module docstring (``preset``, ``scales``,
+            ``input_size``, ``points``, ``median_kernel``, ``fast_patches``, ``decoder``,
+            ``crops_per_image``, ``refine``); ``preset`` fills those not given.
+
+    Raises:
+        ConfigError: an unknown preset or option, an option out of range, fewer than 2 classes, or an
+            ``input_size`` that is not a multiple of the decoder's size multiple.
     """
 
     default_options: dict[str, Any] = {
@@ -455,6 +577,7 @@ class MagNet(SegmentationModel):
         return super()._resolve_options({**copy.deepcopy(PRESETS[preset]), **options})
 
     def check_options(self) -> None:
+        """Check scales, input size, points, kernel, fast patches and crops; scales and input size become [h, w]."""
         opts = self.options
         scales = opts["scales"]
         if not isinstance(scales, (list, tuple)) or not scales:
@@ -483,18 +606,28 @@ class MagNet(SegmentationModel):
 
     @property
     def scales(self) -> list[tuple[int, int]]:
+        """``(h, w)`` of the whole frame at each configured scale, coarse to fine."""
         return [tuple(s) for s in self.options["scales"]]
 
     @property
     def input_size(self) -> tuple[int, int]:
+        """``(h, w)`` of the network input (every patch is resized to it)."""
         return tuple(self.options["input_size"])
 
     @property
     def num_scales(self) -> int:
+        """The number of configured scales."""
         return len(self.options["scales"])
 
     def variant(self, **options: Any) -> MagNet:
-        """A copy with other options and the same weights (e.g. ``fast_patches=3, points=0.9``)."""
+        """A copy with other options and the same weights.
+
+        Args:
+            **options: the options to change, e.g. ``fast_patches=3, points=0.9`` for MagNet-Fast.
+
+        Returns:
+            The new MagNet.
+        """
         return self.with_options(**options)
 
     @property
@@ -506,25 +639,54 @@ class MagNet(SegmentationModel):
         return mode == "always" or (mode == "auto" and bool(self.refinement_trained))
 
     def mark_refinement_trained(self, trained: bool = True) -> None:
-        """Set the flag that switches whole-image predictions from the backbone alone to MagNet."""
+        """Set the flag that switches whole-image predictions from the backbone alone to MagNet.
+
+        Args:
+            trained: the flag's new value (saved in checkpoints as the ``refinement_trained`` buffer).
+        """
         self.refinement_trained.fill_(int(trained))
 
     # ---- geometry
 
     def whole_image(self, height: int, width: int) -> bool:
-        """True when an image of this size is processed as one frame (see the module docstring)."""
+        """Whether an image of this size is processed as one frame (see the module docstring).
+
+        Args:
+            height: the image's height in pixels.
+            width: the image's width in pixels.
+
+        Returns:
+            True when neither side exceeds :data:`WHOLE_IMAGE_SLACK` times the finest scale's.
+        """
         fh, fw = self.scales[-1]
         return height <= WHOLE_IMAGE_SLACK * fh and width <= WHOLE_IMAGE_SLACK * fw
 
     def frame_size(self, height: int, width: int) -> tuple[int, int]:
-        """The frame an image of ``height x width`` is processed in: itself, or the finest scale's size."""
+        """The frame an image is processed in: itself, or the finest scale's size.
+
+        Args:
+            height: the image's height in pixels.
+            width: the image's width in pixels.
+
+        Returns:
+            ``(h, w)`` of the frame: the image's own size for a whole image, else the finest
+            scale's size (capped by the image's side).
+        """
         if self.whole_image(height, width):
             return height, width
         fh, fw = self.scales[-1]
         return min(height, fh), min(width, fw)
 
     def frame_geometry(self, frame: Sequence[int]) -> FrameGeometry:
-        """Canvases and patch boxes of every scale for a frame of ``frame`` = (h, w) pixels."""
+        """Canvases and patch boxes of every scale for one frame.
+
+        Args:
+            frame: ``(h, w)`` of the frame in pixels.
+
+        Returns:
+            Its :class:`FrameGeometry`: canvases relative to the frame's size (the finest one
+            the frame itself), boxes those of the configured scales.
+        """
         h, w = int(frame[0]), int(frame[1])
         fh, fw = self.scales[-1]
         if (h, w) == (fh, fw):
@@ -540,7 +702,15 @@ class MagNet(SegmentationModel):
     # ---- forward
 
     def backbone_probs(self, x: torch.Tensor, autocast=None) -> torch.Tensor:
-        """Softmax of the backbone's logits at ``x``'s size (float32)."""
+        """Softmax of the backbone's logits at ``x``'s size.
+
+        Args:
+            x: normalised images ``(N, C_in, h, w)``.
+            autocast: a callable returning the mixed-precision context, or None for none.
+
+        Returns:
+            float32 probabilities ``(N, C, h, w)``.
+        """
         with autocast() if autocast is not None else nullcontext():
             logits = self.backbone(x.contiguous(memory_format=torch.channels_last))
         return torch.softmax(logits.float(), dim=1)
@@ -551,6 +721,14 @@ class MagNet(SegmentationModel):
         In eval mode the module runs in bands of :data:`REFINE_BAND` rows with a halo of
         :data:`REFINE_HALO` rows (its receptive field), which gives the same values as one
         pass while holding a fraction of its 128-channel activations.
+
+        Args:
+            coarse: the coarse probabilities cropped to the patches, ``(N, C, h, w)``.
+            fine: the backbone's probabilities of the patches, ``(N, C, h, w)``.
+            autocast: a callable returning the mixed-precision context, or None for none.
+
+        Returns:
+            float32 probabilities ``(N, C, h, w)``.
         """
         h = coarse.shape[-2]
         context = autocast() if autocast is not None else nullcontext()
@@ -574,6 +752,18 @@ class MagNet(SegmentationModel):
         return out
 
     def forward(self, x: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's logits, the refinement module's, or MagNet's log-probabilities (see the class).
+
+        Args:
+            x: normalised images ``(N, C_in, h, w)``: input-size patches in training, whole
+                frames in eval mode.
+            coarse: coarse probabilities ``(N, C, h, w)`` cropped to the patches ``x``
+                (the refinement stage), or None.
+
+        Returns:
+            ``(N, C, h, w)``: the refinement module's logits when ``coarse`` is given, else
+            the backbone's logits in training mode, MagNet's log-probabilities in eval mode.
+        """
         if coarse is not None:
             with torch.no_grad():
                 fine = torch.softmax(self.backbone(x).float(), dim=1)
@@ -583,7 +773,16 @@ class MagNet(SegmentationModel):
         return torch.log(self.infer(x).clamp_min(1e-8))
 
     def infer(self, x: torch.Tensor, refine: bool | None = None, sub_batch: int = 4) -> torch.Tensor:
-        """MagNet on each image of a normalised batch ``x`` (each image one frame): probabilities."""
+        """MagNet on each image of a normalised batch, each image one frame.
+
+        Args:
+            x: normalised images ``(N, C_in, H, W)``.
+            refine: None follows :attr:`refines`; False stops after the coarsest scale.
+            sub_batch: patches per backbone / refinement pass.
+
+        Returns:
+            float32 probabilities ``(N, C, H, W)``.
+        """
         outputs = []
         for image in x.split(1):
 
@@ -610,12 +809,20 @@ class MagNet(SegmentationModel):
         refine: bool | None = None,
         trace: list | None = None,
     ) -> torch.Tensor:
-        """MagNet's prediction of one frame: probabilities ``(1, C, h, w)`` (float32) at the frame's size.
+        """MagNet's prediction of one frame, at the frame's size.
 
-        ``read_patches(windows)`` returns the normalised pixels of frame windows resized to
-        ``input_size``. ``refine`` None follows :attr:`refines`; False stops after the
-        coarsest scale. ``trace``, if a list, receives one dict per scale (patches refined,
-        points replaced) for tests and benchmarks.
+        Args:
+            read_patches: ``read_patches(windows)`` returns the normalised pixels of frame
+                windows resized to ``input_size`` (:data:`PatchReader`).
+            frame: ``(h, w)`` of the frame in pixels.
+            sub_batch: patches per backbone / refinement pass (at least 1).
+            autocast: a callable returning the mixed-precision context, or None for none.
+            refine: None follows :attr:`refines`; False stops after the coarsest scale.
+            trace: if a list, receives one dict per scale (patches refined, points
+                replaced) for tests and benchmarks.
+
+        Returns:
+            float32 probabilities ``(1, C, h, w)``.
         """
         if refine is None:
             refine = self.refines

@@ -64,7 +64,15 @@ __all__ = [
 
 
 def block_cells(block: Window, frame: tuple[int, int]) -> list[Window]:
-    """``block`` split into the fewest equal cells (row-major) no larger than ``frame`` (h, w)."""
+    """``block`` split into the fewest equal cells no larger than ``frame``.
+
+    Args:
+        block: the block, in image pixels.
+        frame: ``(h, w)``, the largest cell.
+
+    Returns:
+        The cells, row-major, tiling ``block`` exactly (sides differ by at most one pixel).
+    """
 
     def edges(start: int, length: int, limit: int) -> list[int]:
         n = -(-length // limit)
@@ -80,7 +88,17 @@ def block_cells(block: Window, frame: tuple[int, int]) -> list[Window]:
 
 
 def frame_around(cell: Window, frame: tuple[int, int], height: int, width: int) -> Window:
-    """The ``frame``-sized window centred on ``cell``, shifted to lie inside the image."""
+    """The ``frame``-sized window centred on ``cell``, shifted to lie inside the image.
+
+    Args:
+        cell: a window of the image no larger than ``frame``.
+        frame: ``(h, w)`` of the frame, at most the image's size.
+        height: the image's height in pixels.
+        width: the image's width in pixels.
+
+    Returns:
+        The frame's window, in image pixels; it contains ``cell``.
+    """
     fh, fw = frame
     top = min(max(cell.top - (fh - cell.height) // 2, 0), height - fh)
     left = min(max(cell.left - (fw - cell.width) // 2, 0), width - fw)
@@ -92,6 +110,15 @@ def working_set_bytes(model, frame_pixels: int, block_pixels: int = 2048 * 2048)
 
     The finest scale's accumulating canvas and paste count, the previous scale's prediction,
     the frame's uint8 pixels and one block of float32 output (see the module docstring).
+
+    Args:
+        model: a MagNet (its ``num_classes`` is read).
+        frame_pixels: P, the frame's area in pixels.
+        block_pixels: the area of one output block (the driver's default 2048x2048); the
+            output counted is at most the frame's.
+
+    Returns:
+        The estimate in bytes.
     """
     classes = model.num_classes
     canvases = (classes + classes / 4 + 1) * 4 * frame_pixels
@@ -160,6 +187,14 @@ class MagNetPredictor(SegmentationPredictor):
     ``refine`` None follows the model's ``refines`` (its ``refine`` option and
     ``refinement_trained`` flag: the backbone alone at the coarsest scale until the
     refinement stage has run); True / False force it.
+
+    Args:
+        model: a MagNet.
+        normalization: how the images' pixels are normalised.
+        device: where it runs.
+        sub_batch: patches per backbone / refinement pass.
+        precision: "32", "bf16-mixed" or "16-mixed".
+        refine: None follows the model; True / False force refinement on or off.
     """
 
     def __init__(
@@ -173,6 +208,7 @@ class MagNetPredictor(SegmentationPredictor):
         self.keep_trace = False
 
     def prepare(self, source):
+        """Whole-image mode: MagNet on the whole image, kept as float16 on the CPU; else the frame size."""
         height, width = source.height, source.width
         if self.model.whole_image(height, width):
             probs = self.predict_frame(source, Window(0, 0, height, width))
@@ -180,6 +216,7 @@ class MagNetPredictor(SegmentationPredictor):
         return {"mode": "blocks", "frame": self.model.frame_size(height, width)}
 
     def predict_block(self, source, context, window):
+        """A crop of the kept prediction, or each cell of the block from a finest-scale frame around it."""
         if context["mode"] == "whole":
             return context["probs"][(slice(None), *window.slices)].float().numpy()
         out = None
@@ -194,7 +231,18 @@ class MagNetPredictor(SegmentationPredictor):
         return out
 
     def predict_frame(self, source, frame: Window) -> torch.Tensor:
-        """MagNet's probabilities ``(1, C, h, w)`` (float32, on the device) of one frame of ``source``."""
+        """MagNet's probabilities of one frame of ``source``.
+
+        The frame's pixels are read once; patches are resized from them. With ``keep_trace``
+        the per-scale trace is appended to :attr:`frames`.
+
+        Args:
+            source: the image.
+            frame: the frame's window, in image pixels.
+
+        Returns:
+            float32 probabilities ``(1, C, frame.height, frame.width)`` on the device.
+        """
         pixels = ArraySource(source.read(frame))
         size = tuple(self.model.input_size)
 

@@ -78,7 +78,16 @@ class BackboneCrops(_MagNetViews):
     At scale ``i`` a crop has the size of that scale's patches in frame pixels (the whole
     frame at scale 0). Augmentation: a random horizontal flip and a rotation by 0/90/180/270
     (0/180 when the input is not square), identical for image and label. Items: ``image``,
-    ``label``, ``scale`` and ``window`` (the crop as image pixels ``[top, left, height, width]``).
+    ``label``, ``index``, ``scale`` and ``window`` (the crop as image pixels
+    ``[top, left, height, width]``).
+
+    Args:
+        dataset: the training dataset.
+        normalization: how its pixels are normalised.
+        model: the MagNet being trained (its scales and input size are read).
+        crops_per_image: items per image and epoch.
+        augment: whether to apply the random flips and rotations.
+        seed: seed of the per-(seed, epoch, index) randomness.
     """
 
     def __getitem__(self, index: int) -> dict:
@@ -112,8 +121,19 @@ class RefinementPairs(_MagNetViews):
     Items: ``coarse`` (the frame at input size), ``image`` (the fine crop at input size),
     ``label`` (the fine crop's labels at input size, nearest), ``box`` (the crop as a
     normalised box of the frame), and ``frame`` / ``window`` (both as image pixels
-    ``[top, left, height, width]``). Augmentation: random horizontal and vertical flips of the
-    whole pair (the box mirrored with them).
+    ``[top, left, height, width]``), plus ``index`` and ``scale``. Augmentation: random
+    horizontal and vertical flips of the whole pair (the box mirrored with them).
+
+    Args:
+        dataset: the training dataset.
+        normalization: how its pixels are normalised.
+        model: the MagNet being trained (its scales and input size are read).
+        crops_per_image: items per image and epoch.
+        augment: whether to apply the random flips.
+        seed: seed of the per-(seed, epoch, index) randomness.
+
+    Raises:
+        ConfigError: the model has fewer than two scales.
     """
 
     def __init__(self, dataset, normalization, model, crops_per_image: int = 1, augment: bool = True, seed: int = 0):
@@ -157,7 +177,17 @@ class RefinementPairs(_MagNetViews):
 
 
 def backbone_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
-    """Cross-entropy of the backbone's logits (training-mode forward), sub-batch by sub-batch."""
+    """Cross-entropy of the backbone's logits (training-mode forward), sub-batch by sub-batch.
+
+    Each sub-batch's loss is weighted by its share of the batch and backpropagated at once.
+
+    Args:
+        ctx: the step's context (wrapped model, backward, sub-batch size).
+        batch: a collated batch of :class:`BackboneCrops` items.
+
+    Returns:
+        ``{"loss": ...}``, the detached batch loss.
+    """
     images, labels = batch["image"], batch["label"]
     loss_fn = FocalLoss(gamma=0, ignore_index=IGNORE_INDEX)  # exactly cross-entropy, 0 when all is ignored
     total = images.new_zeros(())
@@ -172,7 +202,19 @@ def backbone_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def refinement_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
-    """OHEM cross-entropy of ``refinement(coarse crop, fine)`` against the fine crop's labels."""
+    """OHEM cross-entropy of ``refinement(coarse crop, fine)`` against the fine crop's labels.
+
+    The frozen backbone's probabilities of the coarse frame are cropped to each item's box
+    and resized to the input size; each sub-batch's loss is weighted by its share of the
+    batch and backpropagated at once.
+
+    Args:
+        ctx: the step's context (wrapped model, backward, sub-batch size).
+        batch: a collated batch of :class:`RefinementPairs` items.
+
+    Returns:
+        ``{"loss": ...}``, the detached batch loss.
+    """
     model = ctx.model
     size = tuple(model.input_size)
     coarse_images, images, labels = batch["coarse"], batch["image"], batch["label"]
@@ -197,7 +239,14 @@ def refinement_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def magnet_stages(model) -> list[Stage]:
-    """The two stages (one when only one scale is configured); paper hyperparameters as defaults."""
+    """MagNet's training stages, with the paper's hyperparameters as defaults.
+
+    Args:
+        model: the MagNet to train.
+
+    Returns:
+        ``[backbone, refinement]``, or ``[backbone]`` when only one scale is configured.
+    """
     ih, iw = model.input_size
     crops = model.options["crops_per_image"]
     stages = [
