@@ -29,10 +29,9 @@ from .memory import format_size
 #: fallback for the resident memory of a CPU process that has imported torch (when
 #: /proc is unavailable); CPU budgets are budgets for the whole process
 CPU_RUNTIME_BYTES = 750 * 10**6
-#: measured inference peak per sample (CPU RSS above the warmed-up process) / the peak of
-#: live tensors, for the extra that convolution workspaces, weight reorders and the
-#: allocator add: ResNet-18 + 64-ch FPN at 256 px, batch 16: 1.77; ResNet-18 + FPN at
-#: 508 px, batch 4: 1.41; ResNet-50 + FPN at 508 px, batch 4: 1.32; ICNet 1024x2048: 0.94
+#: inference peak per sample (CPU RSS above the warmed-up process) / the peak of live
+#: tensors, for the extra that convolution workspaces, weight reorders and the allocator
+#: add: calibrated on measured peaks of FPN segmenters and ICNet (the largest ratio, rounded up)
 INFERENCE_WORKSPACE_FACTOR = 1.8
 #: optimiser state tensors per trainable parameter
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1}
@@ -40,15 +39,42 @@ OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1}
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Bytes a run needs: a fixed part and a part per sample of the sub-batch.
+
+    Attributes:
+        fixed: parameters, gradients, optimiser state, runtime (and any extra buffers).
+        per_sample: activations of one sample of the sub-batch.
+    """
+
     fixed: int  # parameters, gradients, optimiser state, runtime
     per_sample: int  # activations of one sample of the sub-batch
 
     def total(self, sub_batch: int) -> int:
+        """The estimate for a sub-batch.
+
+        Args:
+            sub_batch: samples per pass.
+
+        Returns:
+            ``fixed + sub_batch x per_sample`` bytes.
+        """
         return self.fixed + sub_batch * self.per_sample
 
 
 def leaf_output_bytes(module: nn.Module, inputs: tuple, training: bool) -> tuple[int, int]:
-    """(sum, max) of the bytes of leaf-module outputs in one forward pass on the meta device."""
+    """The bytes of leaf-module outputs in one forward pass on the meta device.
+
+    In training this is what autograd keeps for backward. ``module`` is copied to the meta
+    device, so nothing is computed or allocated.
+
+    Args:
+        module: the network.
+        inputs: its positional inputs (tensors are moved to the meta device).
+        training: run in training mode with autograd (else eval mode without).
+
+    Returns:
+        (sum, max) of the output bytes of every leaf module.
+    """
     meta = copy.deepcopy(module).to("meta")
     meta.train(training)
     sizes: list[int] = []
@@ -97,7 +123,15 @@ class _LiveBytes(TorchDispatchMode):
 
 
 def peak_live_bytes(module: nn.Module, inputs: tuple) -> int:
-    """Peak bytes of intermediate tensors alive at once in one no-grad forward pass (meta device)."""
+    """Peak bytes of intermediate tensors alive at once in one no-grad forward pass (meta device).
+
+    Args:
+        module: the network (copied to the meta device, in eval mode).
+        inputs: its positional inputs (tensors are moved to the meta device).
+
+    Returns:
+        The peak of the live bytes of the tensors (not views) the pass creates.
+    """
     meta = copy.deepcopy(module).to("meta").eval()
     inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
     tracker = _LiveBytes()
@@ -108,13 +142,36 @@ def peak_live_bytes(module: nn.Module, inputs: tuple) -> int:
 
 
 def parameter_bytes(module: nn.Module, trainable_only: bool = False) -> int:
+    """The bytes of a module's parameters.
+
+    Args:
+        module: the network.
+        trainable_only: count only parameters with ``requires_grad``.
+
+    Returns:
+        The bytes of the parameters.
+    """
     return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def training_estimate(
     module: nn.Module, sample_inputs: tuple, optimizer: str = "adam", runtime: int = 0
 ) -> MemoryEstimate:
-    """Memory for training ``module`` with one sample shaped like ``sample_inputs`` (batch 1)."""
+    """Memory for training ``module`` with one sample shaped like ``sample_inputs`` (batch 1).
+
+    Per sample: the leaf-module outputs of a training forward, plus 20% for autograd's
+    bookkeeping. Fixed: frozen parameters, trainable ones with their gradients and optimiser
+    state, and ``runtime``.
+
+    Args:
+        module: the network.
+        sample_inputs: its positional inputs for one sample.
+        optimizer: the optimiser's name (``OPTIMIZER_STATES``; others count 2 states).
+        runtime: bytes the process already holds (:func:`runtime_bytes`).
+
+    Returns:
+        The ``MemoryEstimate``.
+    """
     activations, _ = leaf_output_bytes(module, sample_inputs, training=True)
     trainable = parameter_bytes(module, trainable_only=True)
     frozen = parameter_bytes(module) - trainable
@@ -123,8 +180,20 @@ def training_estimate(
 
 
 def inference_estimate(module: nn.Module, sample_inputs: tuple, runtime: int = 0, extra: int = 0) -> MemoryEstimate:
-    """Memory for inference: parameters, ``extra`` working buffers, and per sample the peak of
-    live activations (with the decoder's skip connections) times ``INFERENCE_WORKSPACE_FACTOR``."""
+    """Memory for inference.
+
+    Fixed: parameters, ``runtime`` and ``extra`` working buffers. Per sample: the peak of
+    live activations (with the decoder's skip connections) times ``INFERENCE_WORKSPACE_FACTOR``.
+
+    Args:
+        module: the network.
+        sample_inputs: its positional inputs for one sample.
+        runtime: bytes the process already holds (:func:`runtime_bytes`).
+        extra: bytes of other working buffers held next to the pass.
+
+    Returns:
+        The ``MemoryEstimate``.
+    """
     live = peak_live_bytes(module, sample_inputs)
     return MemoryEstimate(
         fixed=parameter_bytes(module) + runtime + extra, per_sample=int(live * INFERENCE_WORKSPACE_FACTOR)
@@ -132,7 +201,11 @@ def inference_estimate(module: nn.Module, sample_inputs: tuple, runtime: int = 0
 
 
 def current_rss() -> int:
-    """Resident memory of this process now (bytes)."""
+    """Resident memory of this process now.
+
+    Returns:
+        Bytes, from ``/proc/self/statm``; ``CPU_RUNTIME_BYTES`` where that cannot be read.
+    """
     try:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -146,6 +219,12 @@ def runtime_bytes(device: torch.device | str) -> int:
     On CPU the budget is for the whole process, so this is its resident memory now
     (the Python + torch runtime and anything loaded). On CUDA budgets count only
     tensors on the device, which start empty.
+
+    Args:
+        device: where the run happens.
+
+    Returns:
+        Bytes: :func:`current_rss` on CPU, else 0.
     """
     return current_rss() if torch.device(device).type == "cpu" else 0
 
@@ -155,7 +234,19 @@ def plan_sub_batch(
 ) -> int:
     """Largest sub-batch that fits ``budget`` (``default`` when no budget is given).
 
-    Raises BudgetError naming the smallest budget that works when even one sample does not fit.
+    Args:
+        budget: the budget in bytes, or None.
+        estimate: the memory estimate.
+        what: what is planned, for the error message.
+        default: the sub-batch without a budget.
+        maximum: the largest sub-batch to return; None: no cap.
+
+    Returns:
+        The sub-batch, at least 1.
+
+    Raises:
+        BudgetError: even one sample does not fit (the message names the smallest budget
+            that works).
     """
     if budget is None:
         return default

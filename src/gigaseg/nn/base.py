@@ -117,9 +117,19 @@ class GigasegModel(nn.Module):
         }
 
     def canonical_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """``config`` (a checkpoint's) with its options completed by this method's defaults, so a
-        checkpoint written before an option existed matches a model that leaves it at its default.
-        Another method's config, or options this method does not know, come back unchanged."""
+        """A configuration with its options completed by this method's defaults.
+
+        So a checkpoint written before an option existed matches a model that leaves it at its
+        default. Another method's config, or options this method does not know, come back
+        unchanged.
+
+        Args:
+            config: a configuration (a checkpoint's), as :attr:`config` writes it.
+
+        Returns:
+            A deep copy of ``config``, its options completed and checked where they are this
+            method's.
+        """
         config = copy.deepcopy(config)
         if config.get("method") == self.method_name and isinstance(config.get("options"), dict):
             try:
@@ -129,15 +139,34 @@ class GigasegModel(nn.Module):
         return config
 
     def architecture(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
-        """``config`` (default: this model's) without the inference options: what a checkpoint
-        must match for its weights to start this run (``train(init=...)``)."""
+        """A configuration without the inference options.
+
+        What a checkpoint must match for its weights to start this run (``train(init=...)``).
+
+        Args:
+            config: a configuration (a checkpoint's), completed by :meth:`canonical_config`;
+                None: this model's.
+
+        Returns:
+            The configuration without the options named in ``inference_options``.
+        """
         config = self.config if config is None else self.canonical_config(config)
         for name in self.inference_options:
             config.get("options", {}).pop(name, None)
         return config
 
     def with_options(self, **options: Any) -> GigasegModel:
-        """A copy with other options and the same weights, device and train/eval mode."""
+        """A copy with other options and the same weights, device and train/eval mode.
+
+        Args:
+            **options: the options to change; the others keep their values.
+
+        Returns:
+            The new model.
+
+        Raises:
+            ConfigError: an unknown option or a bad value.
+        """
         other = type(self)(
             encoder=self.encoder_name,
             num_classes=self.num_classes,
@@ -149,7 +178,17 @@ class GigasegModel(nn.Module):
         return other.to(device).train(self.training)
 
     def with_inference_options(self, **options: Any) -> GigasegModel:
-        """``with_options`` limited to ``inference_options``; ``self`` when nothing changes."""
+        """``with_options`` limited to ``inference_options``.
+
+        Args:
+            **options: inference options to change.
+
+        Returns:
+            A copy with the new options and the same weights, or ``self`` when nothing changes.
+
+        Raises:
+            ConfigError: an option that is not in ``inference_options``, or a bad value.
+        """
         label = self.method_name or type(self).__name__
         other = sorted(set(options) - set(self.inference_options))
         if other:
@@ -164,10 +203,18 @@ class GigasegModel(nn.Module):
         return self.with_options(**options)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameter count (only those with ``requires_grad`` when ``trainable_only``)."""
+        """The number of parameters.
+
+        Args:
+            trainable_only: count only those with ``requires_grad``.
+
+        Returns:
+            The parameter count.
+        """
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def extra_repr(self) -> str:
+        """The method, encoder and class count, for ``repr``."""
         return f"method={self.method_name!r}, encoder={self.encoder_name!r}, num_classes={self.num_classes}"
 
 
@@ -177,10 +224,20 @@ class SegmentationModel(GigasegModel):
     task: ClassVar[str] = "segmentation"
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes, H, W)`` at the input's size, in eval mode, under inference_mode.
+        """Logits at the input's size, in eval mode, under inference_mode.
 
         Calls ``forward`` (which in eval mode must return logits at any resolution) and
         upsamples bilinearly when needed. The module's train/eval mode is restored after.
+
+        Args:
+            x: normalised images ``(B, C, H, W)``.
+
+        Returns:
+            Logits ``(B, num_classes, H, W)``.
+
+        Raises:
+            TypeError: ``forward`` returned something other than a tensor (a method whose
+                forward returns more than logits must override ``predict``).
         """
         was_training = self.training
         self.eval()

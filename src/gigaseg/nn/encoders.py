@@ -47,7 +47,17 @@ PretrainedSpec = bool | str | os.PathLike | None
 
 
 def default_out_indices(levels: Sequence[dict]) -> tuple[int, ...]:
-    """The last four levels of timm's full ``feature_info`` whose reduction is >= 4."""
+    """The encoder levels returned by default: the last four whose reduction is >= 4.
+
+    Args:
+        levels: timm's full ``feature_info`` (one dict with a ``"reduction"`` per level).
+
+    Returns:
+        The indices of those levels (fewer when the model has fewer).
+
+    Raises:
+        ConfigError: no level has a reduction >= 4.
+    """
     keep = [i for i, level in enumerate(levels) if level["reduction"] >= 4]
     if not keep:
         raise ConfigError("the encoder has no feature level with a reduction >= 4")
@@ -65,6 +75,10 @@ class Encoder(nn.Module):
         out_indices: timm feature levels to return (default: see the module docstring).
         output_stride: dilate the last stages so the coarsest map is at this stride
             (timm's ``output_stride``; 8, 16 or 32 where the model supports it).
+
+    Raises:
+        ConfigError: an unknown name, bad ``in_channels``, a model timm cannot build as a
+            feature extractor, or pretrained weights that cannot be fetched or loaded.
     """
 
     def __init__(
@@ -116,6 +130,15 @@ class Encoder(nn.Module):
         return self.model.pretrained_cfg
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The feature maps of ``x``.
+
+        Args:
+            x: images ``(B, in_channels, H, W)``.
+
+        Returns:
+            One NCHW map per level of ``out_indices``, fine to coarse (``out_channels`` channels,
+            ``reductions`` times smaller than ``x``).
+        """
         features = self.model(x)
         if self._channels_last_output:
             features = [f.permute(0, 3, 1, 2) for f in features]
@@ -126,7 +149,14 @@ class Encoder(nn.Module):
 
 
 def check_encoder_name(name: str) -> None:
-    """ConfigError (with close matches) unless ``name`` is a timm model name."""
+    """Check that ``name`` is a timm model name (``hf-hub:``, ``hf_hub:`` and ``local-dir:`` names pass).
+
+    Args:
+        name: the encoder's name.
+
+    Raises:
+        ConfigError: ``name`` is not a timm model name (the message lists close matches).
+    """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"encoder must be a timm model name, got {name!r}")
     if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) or timm.is_model(name):
@@ -183,7 +213,21 @@ def _plain(key: str) -> str:
 
 
 def load_weights_file(model: nn.Module, name: str, path: str | os.PathLike, kwargs: dict) -> None:
-    """Load a local classification or features_only state dict into timm feature model ``model``."""
+    """Load a local classification or features_only state dict into timm feature model ``model``.
+
+    A full classification state dict is matched by name (ignoring the head the extractor
+    drops); a first convolution for 3 channels is adapted to ``in_chans`` as timm does.
+
+    Args:
+        model: the ``features_only`` model to load into.
+        name: its timm model name.
+        path: the weights file (``.pth``, ``.pt``, ``.bin`` or ``.safetensors``).
+        kwargs: the arguments the model was created with (``in_chans``, ``out_indices``, ...).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, does not hold a state dict of tensors,
+            has missing or unexpected keys, or shapes that do not match.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: pretrained weights file not found")

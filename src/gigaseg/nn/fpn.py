@@ -1,7 +1,8 @@
 """GLNet's feature pyramid network: the neck and head of one GLNet branch.
 
 Shared by GLNet (both branches), MagNet's DeepGlobe backbone and the baselines. As in
-GLNet (methods.md, section 1), for four encoder maps c2..c5:
+GLNet ("Collaborative Global-Local Networks for Memory-Efficient Segmentation of
+Ultra-High Resolution Images", CVPR 2019), for four encoder maps c2..c5:
 
 - no BatchNorm and no ReLU anywhere;
 - laterals: 1x1 conv of each c_i to ``lateral_channels`` (256);
@@ -71,7 +72,16 @@ class FPNFeatures:
 
 
 def init_conv(cin: int, cout: int, kernel: int) -> nn.Conv2d:
-    """A ``kernel`` x ``kernel`` convolution (same padding) initialised N(0, 0.01) with zero bias, as GLNet's."""
+    """A ``kernel`` x ``kernel`` convolution (same padding) initialised N(0, 0.01) with zero bias, as GLNet's.
+
+    Args:
+        cin: input channels.
+        cout: output channels.
+        kernel: the kernel side (odd, for same padding).
+
+    Returns:
+        The convolution.
+    """
     conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
     nn.init.normal_(conv.weight, 0.0, 0.01)
     nn.init.zeros_(conv.bias)
@@ -86,6 +96,18 @@ def conv_cat(conv: nn.Conv2d, parts: list, size: Sequence[int] | None = None) ->
     ``parts`` once used, so the concatenation (1024 channels at 1/4 of the patch for GLNet's
     merge and ensemble convs) never exists: the same numbers (up to float summation order)
     at a lower peak. With autograd it is the plain concatenation.
+
+    Args:
+        conv: the convolution over the concatenated channels.
+        parts: maps ``(B, C_i, h_i, w_i)`` or zero-argument callables that make them; without
+            autograd the items are set to None as they are used.
+        size: the (h, w) every part is resized to (bilinear); None: the first part's size.
+
+    Returns:
+        ``(B, conv.out_channels, ...)``: the convolution's output at ``size``.
+
+    Raises:
+        ValueError: the parts' channels do not add up to ``conv.in_channels`` (without autograd).
     """
 
     def get(i: int) -> torch.Tensor:
@@ -131,8 +153,24 @@ def fpn_pass(
     classifier). Maps not in ``keep`` are released as soon as the pass no longer needs them
     and, without autograd, concatenations are never built (:func:`conv_cat`); both lower the
     inference peak. Without ``"ps3"`` and ``"logits"`` in ``keep`` the pass stops after ps2
-    (the merge conv is its costliest layer). Dropped list fields of the result are empty
-    lists, dropped ``ps3``/``logits`` are None.
+    (the merge conv is its costliest layer).
+
+    Args:
+        fpn: the FPN whose layers run.
+        c: the four encoder maps c2..c5.
+        share: ``share(point, own)`` at each sharing point; None for an FPN without
+            ``shared_inputs``.
+        classifier: the final conv to use instead of ``fpn.classifier``.
+        keep: the maps to keep (a subset of ``"c"``, ``"p"``, ``"ps1"``, ``"ps2"``, ``"ps3"``,
+            ``"logits"``).
+
+    Returns:
+        The kept maps as :class:`FPNFeatures`; dropped list fields are empty lists, dropped
+        ``ps3``/``logits`` are None.
+
+    Raises:
+        ValueError: ``share`` given for an FPN without ``shared_inputs`` or missing for one
+            with it, or ``share`` returning another number of maps.
     """
     if (share is not None) != fpn.shared_inputs:
         raise ValueError("share= is needed exactly for an FPN built with shared_inputs=True")
@@ -232,28 +270,74 @@ class FPN(nn.Module):
     # ---- stages (lists are ordered fine to coarse: level 2, 3, 4, 5)
 
     def laterals(self, c: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The 1x1 lateral convs.
+
+        Args:
+            c: the four encoder maps c2..c5 (with shared maps concatenated when ``shared_inputs``).
+
+        Returns:
+            Four maps of ``lateral_channels``.
+        """
         return [conv(x) for conv, x in zip(self.lateral_convs, c, strict=True)]
 
     def top_down(self, laterals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """p5 = lateral5; p_i = up(p_{i+1} to lateral_i's size) + lateral_i."""
+        """The top-down sums: p5 = lateral5; p_i = up(p_{i+1} to lateral_i's size) + lateral_i.
+
+        Args:
+            laterals: the four lateral maps, fine to coarse.
+
+        Returns:
+            p2..p5, each at its lateral's size.
+        """
         p = [laterals[-1]]
         for lateral in reversed(laterals[:-1]):
             p.append(resize(p[-1], lateral.shape[-2:]) + lateral)
         return p[::-1]
 
     def smooth1(self, p: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The first 3x3 smoothing, "ps1".
+
+        Args:
+            p: the four top-down sums (with shared maps concatenated when ``shared_inputs``).
+
+        Returns:
+            Four maps of ``lateral_channels``.
+        """
         return [conv(x) for conv, x in zip(self.smooth1_convs, p, strict=True)]
 
     def smooth2(self, ps1: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The second 3x3 smoothing, "ps2".
+
+        Args:
+            ps1: the four ps1 maps (with shared maps concatenated when ``shared_inputs``).
+
+        Returns:
+            Four maps of ``smooth_channels``.
+        """
         return [conv(x) for conv, x in zip(self.smooth2_convs, ps1, strict=True)]
 
     def merge(self, ps2: Sequence[torch.Tensor]) -> torch.Tensor:
-        """ps3: the maps upsampled to the finest level's size and concatenated (+ merge conv when shared)."""
+        """ps3: the maps upsampled to the finest level's size and concatenated (+ merge conv when shared).
+
+        Args:
+            ps2: the ps2 maps, fine to coarse (with shared maps when ``shared_inputs``).
+
+        Returns:
+            ps3 at the first map's size.
+        """
         size = ps2[0].shape[-2:]
         ps3 = torch.cat([resize(x, size) for x in ps2], dim=1)
         return self.merge_conv(ps3) if self.merge_conv is not None else ps3
 
     def classify(self, ps3: torch.Tensor) -> torch.Tensor:
+        """The final 3x3 conv.
+
+        Args:
+            ps3: the merged map.
+
+        Returns:
+            Logits ``(B, num_classes, h, w)`` at ps3's size.
+        """
         return self.classifier(ps3)
 
     # ---- the whole pass
@@ -261,7 +345,19 @@ class FPN(nn.Module):
     def forward(
         self, c: Sequence[torch.Tensor], share: Share | None = None, return_features: bool = False
     ) -> torch.Tensor | FPNFeatures:
-        """Logits at c2's size (or every intermediate with ``return_features``)."""
+        """One FPN pass.
+
+        Args:
+            c: the four encoder maps c2..c5.
+            share: ``share(point, own_maps)``, needed exactly when the FPN has ``shared_inputs``.
+            return_features: return every intermediate instead of the logits.
+
+        Returns:
+            Logits ``(B, num_classes, h, w)`` at c2's size, or :class:`FPNFeatures`.
+
+        Raises:
+            ValueError: not four maps, or ``share`` given or missing against ``shared_inputs``.
+        """
         c = list(c)
         if len(c) != 4:
             raise ValueError(f"the FPN takes four feature maps (c2..c5), got {len(c)}")
@@ -279,6 +375,15 @@ class FPNBranch(nn.Module):
 
     ``forward(x, share=None, return_features=False)`` passes ``share`` and
     ``return_features`` on to :meth:`FPN.forward`.
+
+    Args:
+        encoder: a timm model name.
+        num_classes: output logits.
+        in_channels: input bands.
+        pretrained: False, True (timm's weights) or a local weights file for the encoder.
+        shared_inputs: every FPN stage takes ``concat(own, shared)`` (GLNet feature sharing).
+        lateral_channels: width of the laterals and ps1.
+        smooth_channels: width of ps2.
     """
 
     def __init__(
@@ -310,4 +415,14 @@ class FPNBranch(nn.Module):
     def forward(
         self, x: torch.Tensor, share: Share | None = None, return_features: bool = False
     ) -> torch.Tensor | FPNFeatures:
+        """Encoder, then one FPN pass.
+
+        Args:
+            x: images ``(B, in_channels, H, W)``.
+            share: passed on to :meth:`FPN.forward`.
+            return_features: passed on to :meth:`FPN.forward`.
+
+        Returns:
+            Logits at ``output_stride`` (1/4 for a ResNet), or :class:`FPNFeatures`.
+        """
         return self.fpn(self.encoder(x), share=share, return_features=return_features)

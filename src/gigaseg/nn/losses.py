@@ -34,6 +34,10 @@ class FocalLoss(nn.Module):
 
     GLNet uses gamma = 3. With gamma = 0 it is exactly ``F.cross_entropy(logits, target,
     ignore_index=ignore_index)``. (smp's FocalLoss is a per-class sigmoid loss, a different thing.)
+
+    Args:
+        gamma: the focusing exponent.
+        ignore_index: the target value of pixels to ignore.
     """
 
     def __init__(self, gamma: float = 3.0, ignore_index: int = IGNORE_INDEX):
@@ -42,6 +46,18 @@ class FocalLoss(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The focal loss.
+
+        Args:
+            logits: ``(B, C, H, W)``.
+            target: integer class ids ``(B, H, W)``.
+
+        Returns:
+            The scalar loss (float32); 0 when every pixel is ignored.
+
+        Raises:
+            ValueError: ``logits`` and ``target`` shapes do not match.
+        """
         _check(logits, target)
         valid = target != self.ignore_index
         if not valid.any():
@@ -52,6 +68,7 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
     def extra_repr(self) -> str:
+        """``gamma`` and ``ignore_index``, for ``repr``."""
         return f"gamma={self.gamma}, ignore_index={self.ignore_index}"
 
 
@@ -68,6 +85,19 @@ def ohem_cross_entropy(
     but at least the ``min_kept`` hardest ones (lowest probability) when fewer are below —
     and averages their cross-entropy (``min_kept`` is at least 1, as in HRNet's loss). The
     selection itself carries no gradient.
+
+    Args:
+        logits: ``(B, C, H, W)``.
+        target: integer class ids ``(B, H, W)``.
+        thresh: the probability of the true class below which a pixel is hard.
+        min_kept: the fewest pixels kept (capped by the non-ignored pixels).
+        ignore_index: the target value of pixels to ignore.
+
+    Returns:
+        The scalar loss (float32); 0 when every pixel is ignored.
+
+    Raises:
+        ValueError: ``logits`` and ``target`` shapes do not match.
     """
     _check(logits, target)
     valid = (target != ignore_index).reshape(-1)
@@ -98,6 +128,19 @@ def dice_loss(
     (``num_classes=C``): softmax probabilities against one-hot targets, Dice per class,
     averaged over the classes. A class absent from both prediction and target scores 0 loss
     through ``smooth``, unlike smp's DiceLoss, which drops classes absent from the target.
+
+    Args:
+        logits: ``(B, 1, H, W)`` (binary) or ``(B, num_classes, H, W)``.
+        target: integer class ids ``(B, H, W)`` (0/1 when binary).
+        num_classes: None for the binary loss, else the class count.
+        smooth: the additive smoothing of numerator and denominator.
+        ignore_index: the target value of pixels to ignore.
+
+    Returns:
+        The scalar loss (float32).
+
+    Raises:
+        ValueError: shapes that do not match, or logits with the wrong channel count.
     """
     _check(logits, target)
     valid = (target != ignore_index).unsqueeze(1)

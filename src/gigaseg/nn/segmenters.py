@@ -143,9 +143,24 @@ class FPNSegmenter(SegmentationModel):
             )
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits at the decoder's resolution: 1/4 of ``x`` for "fpn", ``x``'s size for smp."""
+        """Logits at the decoder's resolution.
+
+        Args:
+            x: normalised images ``(B, in_channels, H, W)``.
+
+        Returns:
+            Logits ``(B, num_classes, H / output_stride, W / output_stride)``: 1/4 of ``x``
+            for "fpn" (with a ResNet), ``x``'s size for smp.
+        """
         return self.net(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes, H, W)`` at ``x``'s resolution."""
+        """Logits at ``x``'s resolution (bilinear from the decoder's).
+
+        Args:
+            x: normalised images ``(B, in_channels, H, W)``.
+
+        Returns:
+            Logits ``(B, num_classes, H, W)``.
+        """
         return resize(self.decode(x), x.shape[-2:])

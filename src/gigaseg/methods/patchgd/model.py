@@ -1,87 +1,96 @@
-"""The patch-based global-context framework: PatchGD with a global patch (classification and
-segmentation), and the downsampled-image classifier it is compared with.
+"""PatchGD with a global patch: the framework's networks for classification and segmentation,
+and the downsampled-image classifier it is compared with.
 
-Idea (PatchGD, and "Resource Efficient Perception for Vision Systems", arXiv 2405.07166):
-never hold a full-resolution activation map. ``theta1`` encodes each patch of the image
-on its own; the encodings are assembled into a grid ``Z``; the whole image downsampled
-to one patch (the *global patch*) is encoded by the same ``theta1`` for context; ``theta2``
-predicts from ``Z`` fused with the global encoding. Training refreshes only ``k`` sampled
-patches with gradients per inner iteration (see ``gigaseg.methods.patchgd``).
+The framework (PatchGD, and "Resource Efficient Perception for Vision Systems", arXiv
+2405.07166) never holds a full-resolution activation map:
+
+- ``theta1`` encodes each ``patch_size`` x ``patch_size`` patch of the image on its own;
+- the encodings are assembled into a grid ``Z`` (an image cut into ``m x n`` patches, the
+  last row/column zero-padded when a side is not a multiple of ``patch_size``);
+- the *global patch*, the whole image downsampled to one patch (area averaging), is encoded
+  by the same ``theta1`` for context;
+- ``theta2`` predicts from ``Z`` fused with the global encoding.
+
+Training fills ``Z`` for every patch without gradients, then for each of ``inner_iterations``
+iterations re-encodes ``k`` sampled patches per image *with* gradients, writes them into
+``Z`` and back-propagates theta2's loss; ``gigaseg.methods.patchgd.recipe`` runs these inner
+iterations and sizes ``k`` and the no-grad sub-batch to a memory budget.
+
+Networks:
 
 ``"patchgd_classifier"`` (:class:`PatchGDClassifier`)
-    theta1: a timm encoder (``Encoder``, last feature level) + global average pooling +
-    ``Linear(C, latent_dim)``: a patch -> a ``latent_dim`` vector. ``Z`` is
-    ``(B, latent_dim, m, n)`` for an image cut into ``m x n`` patches of ``patch_size``
-    (the last row/column zero-padded when the side is not a multiple). Fusion with the
-    global latent ``g``: ``"add"`` (``Z + g`` broadcast; better for classification in the
-    paper) or ``"concat"`` (``2 * latent_dim`` channels). theta2 (:class:`GridHead`):
-    ``head_layers`` blocks of 3x3 conv (stride 2 while the grid is at least 4 wide, so a
-    small grid is not reduced to nothing), BatchNorm, ReLU, dropout; global average
-    pooling; linear -> class logits.
+    theta1 (:class:`PatchEncoder`): a timm encoder (``Encoder``, last feature level) + global
+    average pooling + ``Linear(C, latent_dim)``: a patch -> a ``latent_dim`` vector. ``Z`` is
+    ``(B, latent_dim, m, n)``. It is fused with the global latent ``g`` by ``fusion``. theta2
+    (:class:`GridHead`): ``head_layers`` blocks of 3x3 conv (stride 2 while the grid is at
+    least 4 wide, so a small grid is not reduced to nothing), BatchNorm, ReLU, dropout;
+    global average pooling; linear -> class logits.
 
 ``"patchgd_segmenter"`` (:class:`PatchGDSegmenter`)
     theta1: segmentation_models_pytorch's U-Net (``theta1="unet"``) or DeepLabV3 on the
-    timm encoder (``tu-<encoder>``) whose head outputs ``latent_channels`` (8) channels at
-    full patch resolution. ``Z`` is the patch outputs stitched to ``(B, 8, H, W)``. The
-    global patch's 8-channel output is upsampled bilinearly to ``H x W`` and concatenated
-    (16 channels). theta2: one 1x1 conv -> class logits. ``decoder_channels`` sets the U-Net
-    decoder's widths (``[]``: smp's default 256, 128, 64, 32, 16). For two classes theta2 has a
-    single output ``l`` (BCE + Dice) and the logits returned are ``(0, l)``, so softmax
-    gives ``(1 - sigmoid(l), sigmoid(l))``; otherwise one logit per class (CE + Dice).
-    Because theta2 is 1x1, a block of the image is predicted exactly from the patches
+    timm encoder (``tu-<encoder>``) whose head outputs ``latent_channels`` channels at full
+    patch resolution. ``Z`` is the patch outputs stitched to ``(B, latent_channels, H, W)``.
+    The global patch's output is upsampled bilinearly to ``H x W`` and concatenated
+    (``2 * latent_channels`` channels). theta2: one 1x1 conv -> class logits. For two
+    classes with a single logit (``loss``), theta2 outputs ``l`` and the logits returned are
+    ``(0, l)``, so softmax gives ``(1 - sigmoid(l), sigmoid(l))``; otherwise one logit per
+    class. Because theta2 is 1x1, a block of the image is predicted exactly from the patches
     touching it plus the global patch.
 
 ``"downsampled_classifier"`` (:class:`DownsampledClassifier`)
-    The same theta1 network on the whole image resized to ``input_size`` x
-    ``input_size``, then dropout + linear: the baseline that must shrink its input to fit
+    The same theta1 network on the whole image resized to ``input_size`` x ``input_size``,
+    then ReLU, dropout and a linear layer: the baseline that must shrink its input to fit
     memory.
 
-``global_patch=False`` gives the framework without the global patch (the other baseline).
+Options of both framework networks (defaults in brackets):
 
-BatchNorm: patches are encoded in training mode (batch statistics, in the fill as in the
-inner iterations). The global patch gets a forward of its own, so it never shifts the
-patches' batch statistics. With ``global_norm="batch"`` (the default) theta1 normalises it
-with the global patches' own batch statistics (which also update the running ones); a
-single global patch (batch 1, where a small patch's deepest map would give BatchNorm one
-value per channel) uses the running statistics. With ``"running"`` it always uses the
-running statistics (:func:`running_statistics`), as at inference. With ``"separate"`` it
-is normalised as with ``"batch"``, but the global patches keep running statistics of
-their own (:class:`GlobalStatistics`), which inference uses for the global patch while the
-patches use theirs: with ``"batch"`` both kinds update one set, and inference normalises
-each with a mix of the two. Measured on the
-land-cover fine-structure task (1024^2, k=2, 3 epochs): with running statistics the
-training loss rose every epoch (1.16, 1.36, 1.54), with batch statistics it fell (1.67,
-1.49, 1.29): gradients through normalisation statistics that lag the weights.
+- ``patch_size`` (classifier 256, segmenter 128): the side of the patches and of the global
+  patch, in pixels.
+- ``global_patch`` (True): False drops the global patch, giving the framework without it
+  (the other baseline).
+- ``sampling_fraction`` (0.25): ``k = round(sampling_fraction x patches)`` (at least 1)
+  patches per image re-encoded with gradients per inner iteration; a memory budget may cap
+  ``k`` further.
+- ``inner_iterations`` (4): inner iterations per mini-batch; their gradients accumulate
+  into one optimiser step.
+- ``global_norm`` (``"batch"``): the BatchNorm statistics theta1 uses on the global patch.
+  Patches are always encoded in training mode (batch statistics, in the fill as in the
+  inner iterations); the global patch gets a forward of its own, so it never shifts the
+  patches' batch statistics. ``"batch"``: the global patches' own batch statistics (which
+  also update the running ones); a single global patch (batch 1, where a small patch's
+  deepest map would give BatchNorm one value per channel) uses the running statistics.
+  ``"running"``: always the running statistics (:func:`running_statistics`), as at
+  inference; the gradient then passes through normalisation statistics that lag the
+  weights. ``"separate"``: as ``"batch"``, but the global patches keep running statistics
+  of their own (:class:`GlobalStatistics`), which inference uses for the global patch while
+  the patches use theirs; with ``"batch"`` both kinds update one set, and inference
+  normalises each with a mix of the two.
+- ``global_gradient`` (classifier ``"full"``, segmenter ``"balanced"``): how much of the
+  loss's gradient reaches theta1 through the global patch. The loss depends on the global
+  patch at every pixel (segmenter) or grid cell (classifier), while only the ``k``
+  recomputed patches (a ``k / patches`` share) pass gradient to theta1 through ``Z``. With
+  ``"full"`` (the paper's graph) theta1 therefore learns mostly from the downsampled image
+  (``patches / k`` times more than from the full-resolution patches: 64x at 1024^2 with
+  128-px patches and k = 1); ``"balanced"`` scales the global path's gradient by
+  ``k / patches``; ``"none"`` detaches it. theta2 learns from the global features the same
+  way in all three. The segmenter, whose loss reads the global features at every pixel,
+  defaults to ``"balanced"``; the classifier keeps the paper's ``"full"``.
+- ``global_dropout`` (0): in training, each image's global features are zeroed with this
+  probability (per forward, so per inner iteration), without rescaling the kept ones.
+  theta2 then has to predict from ``Z`` alone part of the time: on a small training set the
+  global latent alone can identify the training images, and theta2 can learn to lean on it
+  instead of the patches.
 
-Gradient through the global patch (``global_gradient``): the loss depends on the global
-patch at every pixel (segmenter) or grid cell (classifier), while only the ``k`` recomputed
-patches (a ``k / patches`` share) pass gradient to theta1 through ``Z``. With
-``"full"`` (the paper's graph) theta1 therefore learns mostly from the downsampled image
-(``patches / k`` times more than from the full-resolution patches: 64x at 1024^2 with
-128-px patches and k = 1); ``"balanced"`` scales the global path's gradient by
-``k / patches``; ``"none"`` detaches it. theta2 learns from the global features the same way
-in all three. Measured on the land-cover fine-structure task (1024^2, k = 1, 6 epochs,
-benchmarks/results/patchgd.md): with ``"full"`` the segmenter collapsed to all-negative
-(F1 0.0004); ``"balanced"`` F1 0.485, ``"none"`` 0.483. So the segmenter defaults to
-``"balanced"``. The classifier keeps the paper's ``"full"`` with additive fusion, but on
-UltraMNIST 512 from a digit-pretrained theta1 (6 epochs, 1.4 GB, ``global_norm="separate"``)
-the setting that made the global patch help was ``global_gradient="none"`` with
-``fusion="concat"``: validation accuracy 0.927 / 0.900 (two seeds) against 0.870 mean
-without the global patch; with ``"full"`` theta1 learned from the downsampled view, which
-shows only the large digit (0.610, additive). Detached with additive fusion it varied too
-much across seeds (0.843 / 0.660) to recommend. That gain was a weak theta1's: from one
-that also reads printed digits (``benchmarks/pretrain_digits.py --fonts``) the framework
-without the global patch scores 0.945 (two seeds) against 0.913 for the same setting, since
-the patch grid itself then reads the large digit.
-
-Global dropout (``global_dropout``, default 0): in training, each image's global features are
-zeroed with this probability (per forward, so per inner iteration), without rescaling the
-kept ones. theta2 then has to predict from Z alone part of the time: on a small training set
-the global latent alone can identify the training images, and theta2 learned to lean on it
-instead of the patches. Measured on UltraMNIST 512 from a digit-pretrained theta1 (6 epochs,
-benchmarks/results/patchgd.md, with ``global_norm="separate"``): validation accuracy 0.610
-without it, 0.677 with 0.5 (the paper's gradient) and 0.760 / 0.757 (two seeds) with 0.5 and
-the balanced gradient; the framework without the global patch scored 0.880 / 0.860.
+Options of the classifier: ``latent_dim`` (256, theta1's output and theta2's width),
+``fusion`` (``"add"``: ``Z + g`` broadcast, the paper's choice for classification;
+``"concat"``: ``2 * latent_dim`` channels), ``head_layers`` (2) and ``dropout`` (0.2) of
+theta2. Options of the segmenter: ``latent_channels`` (8), ``theta1`` (``"unet"`` or
+``"deeplabv3"``), ``encoder_depth`` (5, 1..5; ``patch_size`` must be a multiple of
+``2 ** encoder_depth`` when theta1 needs divisible inputs), ``decoder_channels`` (the U-Net
+decoder's widths, one per depth level; ``[]``: smp's default 256, 128, 64, 32, 16) and
+``loss`` (``"auto"``: BCE + Dice on a single logit for two classes, CE + Dice otherwise;
+``"bce_dice"``: two classes only; ``"ce_dice"``: one logit per class). Options of the
+downsampled classifier: ``input_size`` (512), ``latent_dim`` (256), ``dropout`` (0.2).
 
 Forward modes (all take normalised images ``x``, ``(B, C, H, W)``; ``global_view`` is the
 whole image resized to ``patch_size`` — computed with ``F.interpolate(mode="area")``
@@ -155,7 +164,15 @@ class _ScaleGradient(torch.autograd.Function):
 
 
 def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """``x`` whose gradient is multiplied by ``factor`` on its way back (0: detached)."""
+    """``x`` whose gradient is multiplied by ``factor`` on its way back.
+
+    Args:
+        x: any tensor.
+        factor: the factor on the gradient; 1 returns ``x`` itself, 0 ``x.detach()``.
+
+    Returns:
+        A tensor equal to ``x``.
+    """
     if factor == 1.0:
         return x
     if factor == 0.0:
@@ -167,17 +184,46 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def grid_shape(height: int, width: int, patch: int) -> tuple[int, int]:
-    """(rows, cols) of ``patch``-px patches covering ``height x width`` (the last ones padded)."""
+    """The patch grid covering an image.
+
+    Args:
+        height: the image's height in pixels.
+        width: the image's width in pixels.
+        patch: the patch side in pixels.
+
+    Returns:
+        (rows, cols) of ``patch``-px patches covering ``height x width`` (the last row and
+        column padded past the border).
+    """
     return math.ceil(height / patch), math.ceil(width / patch)
 
 
 def patch_windows(indices: torch.Tensor | list[int], cols: int, patch: int) -> list[tuple[int, int]]:
-    """(top, left) pixel corners of row-major grid indices."""
+    """Pixel corners of patches given by their row-major grid indices.
+
+    Args:
+        indices: grid indices (``row * cols + col``).
+        cols: the grid's columns.
+        patch: the patch side in pixels.
+
+    Returns:
+        One (top, left) pixel corner per index.
+    """
     return [(int(i) // cols * patch, int(i) % cols * patch) for i in indices]
 
 
 def patch_at(image: torch.Tensor, top: int, left: int, patch: int) -> torch.Tensor:
-    """The ``patch x patch`` crop of ``image`` (``(C, H, W)``) at (top, left), zero-padded past the border."""
+    """One patch of an image, zero-padded past the border.
+
+    Args:
+        image: ``(C, H, W)``.
+        top: the patch's top row in pixels.
+        left: the patch's left column in pixels.
+        patch: the patch side in pixels.
+
+    Returns:
+        The ``(C, patch, patch)`` crop at (top, left).
+    """
     crop = image[:, top : top + patch, left : left + patch]
     pad_h, pad_w = patch - crop.shape[-2], patch - crop.shape[-1]
     if pad_h or pad_w:
@@ -186,7 +232,17 @@ def patch_at(image: torch.Tensor, top: int, left: int, patch: int) -> torch.Tens
 
 
 def gather_patches(x: torch.Tensor, indices: torch.Tensor, cols: int, patch: int) -> torch.Tensor:
-    """``(B * k, C, patch, patch)``: patches ``indices[b]`` (``(B, k)``) of each image ``x[b]``."""
+    """The patches ``indices[b]`` of each image ``x[b]``, stacked.
+
+    Args:
+        x: images ``(B, C, H, W)``.
+        indices: ``(B, k)`` row-major grid indices.
+        cols: the grid's columns.
+        patch: the patch side in pixels.
+
+    Returns:
+        ``(B * k, C, patch, patch)``, image by image, in the order of ``indices``.
+    """
     return torch.stack(
         [
             patch_at(x[b], top, left, patch)
@@ -197,6 +253,14 @@ def gather_patches(x: torch.Tensor, indices: torch.Tensor, cols: int, patch: int
 
 
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of a module.
+
+    Args:
+        module: any module.
+
+    Returns:
+        Every BatchNorm layer of ``module`` (itself included), in ``modules()`` order.
+    """
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -204,9 +268,15 @@ def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def running_statistics(module: nn.Module):
     """Inside, ``module``'s BatchNorm layers normalise with (and leave alone) their running statistics.
 
-    The global patch is encoded this way, in training as at inference: a downsampled whole
-    image in the same BatchNorm batch as full-resolution patches would shift the patches'
-    batch statistics away from those of the no-grad fill, and pollute the running ones.
+    theta1 encodes the global patch this way with ``global_norm="running"``, and a single
+    global patch (batch 1) with any ``global_norm``, in training as at inference.
+
+    Args:
+        module: the module whose BatchNorm layers in training mode are switched to eval mode
+            inside (and back on exit).
+
+    Yields:
+        Nothing.
     """
     norms = [m for m in batch_norms(module) if m.training]
     for norm in norms:
@@ -225,10 +295,12 @@ class GlobalStatistics(nn.Module):
     large digit filling the view against a patch of background). With one set of running
     statistics, the global patches' training forwards pull it towards theirs, so at
     inference the patches and the global patch are both normalised with a mix neither was
-    trained with (UltraMNIST, 512 px: a global-patch classifier scored 0.59 on its own
-    training images as shipped, 0.85 with each normalised by statistics of its own kind).
+    trained with; here each kind is normalised by statistics of its own.
     Buffers ``mean_i`` / ``var_i`` for theta1's i-th BatchNorm, starting from its statistics
     (pretrained ones included), saved in the checkpoint with the model.
+
+    Args:
+        theta1: the network whose BatchNorm layers' running statistics are copied.
     """
 
     def __init__(self, theta1: nn.Module):
@@ -239,7 +311,15 @@ class GlobalStatistics(nn.Module):
 
     @contextlib.contextmanager
     def swapped_into(self, theta1: nn.Module):
-        """Inside, theta1's BatchNorm layers read (and in training update) these statistics."""
+        """Inside, theta1's BatchNorm layers read (and in training update) these statistics.
+
+        Args:
+            theta1: the network these statistics were made for; its own running statistics
+                are put back on exit.
+
+        Yields:
+            Nothing.
+        """
         norms = batch_norms(theta1)
         own = [(norm.running_mean, norm.running_var) for norm in norms]
         for i, norm in enumerate(norms):
@@ -253,8 +333,18 @@ class GlobalStatistics(nn.Module):
 
 @contextlib.contextmanager
 def global_normalisation(model: nn.Module, batch: int):
-    """How theta1 normalises ``batch`` global patches: the model's ``global_norm`` option
-    (batch statistics need more than one patch)."""
+    """Inside, theta1 normalises global patches as the model's ``global_norm`` option says.
+
+    Batch statistics need more than one patch: a batch of one uses the running statistics.
+
+    Args:
+        model: a framework network (``options["global_norm"]``, ``theta1`` and, with
+            ``"separate"``, ``global_statistics``).
+        batch: the number of global patches encoded inside.
+
+    Yields:
+        Nothing.
+    """
     mode = model.options["global_norm"]
     with contextlib.ExitStack() as stack:
         if mode == "separate":
@@ -265,8 +355,18 @@ def global_normalisation(model: nn.Module, batch: int):
 
 
 def even_chunks(items: list, size: int) -> list[list]:
-    """``items`` in consecutive chunks of at most ``size``, as equal as possible (so no chunk of
-    one patch trails a full one: BatchNorm in training mode needs more than one value)."""
+    """Consecutive chunks of at most ``size`` items, as equal as possible.
+
+    So no chunk of one patch trails a full one: BatchNorm in training mode needs more than
+    one value.
+
+    Args:
+        items: the items to split.
+        size: the largest chunk (values below 1 count as 1).
+
+    Returns:
+        The chunks, in order (none for no items).
+    """
     size = max(1, int(size))
     if not items:
         return []
@@ -276,7 +376,15 @@ def even_chunks(items: list, size: int) -> list[list]:
 
 
 def global_view_of(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """The whole image resized to ``patch x patch`` by area averaging."""
+    """The global patch: the whole image resized to ``patch x patch`` by area averaging.
+
+    Args:
+        x: images ``(B, C, H, W)``.
+        patch: the global patch's side in pixels.
+
+    Returns:
+        ``(B, C, patch, patch)`` (``x`` itself when it already has that size).
+    """
     if tuple(x.shape[-2:]) == (patch, patch):
         return x
     return F.interpolate(x, size=(patch, patch), mode="area")
@@ -289,14 +397,23 @@ class _FrameworkMixin:
 
     @property
     def patch_size(self) -> int:
+        """The patch side in pixels (the ``patch_size`` option)."""
         return int(self.options["patch_size"])
 
     def grid(self, x_or_shape) -> tuple[int, int]:
+        """(rows, cols) of the patch grid of images ``(..., H, W)`` or of a ``(H, W)`` shape."""
         shape = x_or_shape.shape[-2:] if isinstance(x_or_shape, torch.Tensor) else x_or_shape
         return grid_shape(int(shape[-2]), int(shape[-1]), self.patch_size)
 
     def num_sampled(self, num_patches: int) -> int:
-        """k: patches re-encoded with gradients per inner iteration (before any memory cap)."""
+        """k: patches re-encoded with gradients per inner iteration (before any memory cap).
+
+        Args:
+            num_patches: patches per image.
+
+        Returns:
+            ``round(sampling_fraction x num_patches)``, at least 1 and at most ``num_patches``.
+        """
         return max(1, min(num_patches, int(round(self.options["sampling_fraction"] * num_patches))))
 
     def global_gradient_factor(self, k: int, num_patches: int) -> float:
@@ -307,15 +424,30 @@ class _FrameworkMixin:
         ``"full"`` keeps that imbalance (the paper's graph); ``"balanced"`` scales the
         global path by ``k / num_patches`` so it weighs as much as the ``k`` patches together;
         ``"none"`` detaches it (theta2 still learns to use the global features).
+
+        Args:
+            k: patches re-encoded with gradients per image.
+            num_patches: patches per image.
+
+        Returns:
+            1 (``"full"``), ``k / num_patches`` (``"balanced"``) or 0 (``"none"``).
         """
         mode = self.options["global_gradient"]
         return {"full": 1.0, "balanced": k / max(1, num_patches), "none": 0.0}[mode]
 
     def drop_global(self, g: torch.Tensor) -> torch.Tensor:
-        """``g`` with each image's global features zeroed with probability ``global_dropout`` in
-        training (unchanged in eval): theta2 must also predict from Z alone, so it cannot lean
-        on the global latent only (which, on a small training set, identifies the images).
-        No rescaling: kept features are what inference sees."""
+        """Global dropout: each image's global features zeroed with probability ``global_dropout``.
+
+        Only in training: theta2 must also predict from Z alone, so it cannot lean on the
+        global latent only (which, on a small training set, identifies the images). No
+        rescaling: kept features are what inference sees.
+
+        Args:
+            g: global features, image by image along the first dimension.
+
+        Returns:
+            ``g`` with the dropped images zeroed (``g`` itself in eval mode or at rate 0).
+        """
         rate = self.options["global_dropout"]
         if not self.training or rate == 0:
             return g
@@ -344,7 +476,14 @@ class _FrameworkMixin:
 
 
 class PatchEncoder(nn.Module):
-    """theta1 for classification: timm encoder (last level) -> average pool -> ``Linear(C, latent_dim)``."""
+    """theta1 for classification: timm encoder (last level) -> average pool -> ``Linear(C, latent_dim)``.
+
+    Args:
+        encoder: a timm model name.
+        in_channels: input bands.
+        latent_dim: the output vector's length.
+        pretrained: False, True (timm's weights) or a local weights file for the encoder.
+    """
 
     def __init__(self, encoder: str, in_channels: int, latent_dim: int, pretrained: PretrainedSpec = False):
         super().__init__()
@@ -352,12 +491,32 @@ class PatchEncoder(nn.Module):
         self.fc = nn.Linear(self.encoder.out_channels[-1], latent_dim)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """Encode patches.
+
+        Args:
+            patches: ``(N, C, p, p)``.
+
+        Returns:
+            ``(N, latent_dim)``.
+        """
         features = self.encoder(patches)[-1]
         return self.fc(features.mean(dim=(-2, -1)))
 
 
 class GridHead(nn.Module):
-    """theta2 for classification: 3x3 conv blocks over the latent grid, pooled, then linear."""
+    """theta2 for classification: 3x3 conv blocks over the latent grid, pooled, then linear.
+
+    Each block is a 3x3 conv without bias (stride 2 while the grid is at least 4 wide, else
+    1), BatchNorm (running statistics when a training batch has one value per channel), ReLU
+    and dropout; dropout is applied again after the global average pooling.
+
+    Args:
+        in_channels: channels of the fused grid.
+        width: channels of every conv block.
+        num_classes: output logits.
+        layers: conv blocks.
+        dropout: dropout probability.
+    """
 
     def __init__(self, in_channels: int, width: int, num_classes: int, layers: int = 2, dropout: float = 0.2):
         super().__init__()
@@ -372,6 +531,14 @@ class GridHead(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Classify a fused latent grid.
+
+        Args:
+            z: ``(B, in_channels, m, n)``.
+
+        Returns:
+            Logits ``(B, num_classes)``.
+        """
         for conv, norm in zip(self.convs, self.norms):
             stride = 2 if min(z.shape[-2:]) >= 4 else 1
             z = F.conv2d(z, conv.weight, None, stride=stride, padding=1)
@@ -387,7 +554,20 @@ def _batch_norm(norm: nn.BatchNorm2d, z: torch.Tensor) -> torch.Tensor:
 
 
 class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
-    """PatchGD with a global patch for image classification (see the module docstring)."""
+    """PatchGD with a global patch for image classification (see the module docstring).
+
+    Args:
+        encoder: theta1's timm encoder.
+        num_classes: output classes.
+        in_channels: input bands.
+        pretrained: False, True (timm's weights) or a local weights file for the encoder.
+        **options: ``patch_size``, ``latent_dim``, ``global_patch``, ``fusion``,
+            ``sampling_fraction``, ``inner_iterations``, ``head_layers``, ``dropout``,
+            ``global_norm``, ``global_gradient``, ``global_dropout`` (see the module docstring).
+
+    Raises:
+        ConfigError: an unknown option or a value out of range.
+    """
 
     default_options = {
         "patch_size": 256,
@@ -421,6 +601,7 @@ class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
         self.theta2 = GridHead(fused, latent, num_classes, self.options["head_layers"], self.options["dropout"])
 
     def check_options(self) -> None:
+        """Checks the framework's options, ``latent_dim``, ``head_layers`` and ``dropout``."""
         self._check_framework_options()
         self._require_positive("latent_dim", "head_layers")
         if not 0 <= self.options["dropout"] < 1:
@@ -428,11 +609,20 @@ class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
 
     @property
     def latent_channels(self) -> int:
+        """Channels of ``Z``: ``latent_dim``."""
         return int(self.options["latent_dim"])
 
     # ---- pieces
     def fill(self, x: torch.Tensor, sub_batch: int = 16) -> torch.Tensor:
-        """``Z`` ``(B, latent_dim, m, n)``: every patch encoded, ``sub_batch`` per pass, without gradients."""
+        """``Z``: every patch encoded, without gradients.
+
+        Args:
+            x: normalised images ``(B, C, H, W)``.
+            sub_batch: patches per theta1 pass (at least 2 in training, for BatchNorm).
+
+        Returns:
+            ``Z`` ``(B, latent_dim, m, n)``.
+        """
         rows, cols = self.grid(x)
         batch = x.shape[0]
         z = x.new_empty((batch, self.latent_channels, rows * cols))
@@ -451,12 +641,28 @@ class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
         return z.view(batch, self.latent_channels, rows, cols)
 
     def encode_global(self, global_view: torch.Tensor) -> torch.Tensor:
-        """theta1 on the global patch ``(B, C, p, p)`` -> ``(B, latent_dim)``, BatchNorm per ``global_norm``."""
+        """theta1 on the global patch, BatchNorm per ``global_norm``.
+
+        Args:
+            global_view: the global patches ``(B, C, p, p)``.
+
+        Returns:
+            The global latents ``(B, latent_dim)``.
+        """
         with global_normalisation(self, global_view.shape[0]):
             return self.theta1(global_view)
 
     def fuse(self, z: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        """Z fused with the global latent ``g`` ``(B, latent_dim)`` (None: no global patch)."""
+        """Z fused with the global latent by ``fusion``.
+
+        Args:
+            z: ``(B, latent_dim, m, n)``.
+            g: the global latents ``(B, latent_dim)``, or None (no global patch).
+
+        Returns:
+            ``z + g`` broadcast (``"add"``), ``(B, 2 * latent_dim, m, n)`` (``"concat"``), or
+            ``z`` when ``g`` is None.
+        """
         if g is None:
             return z
         g = g[:, :, None, None].to(z.dtype)
@@ -465,6 +671,15 @@ class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
         return torch.cat([z, g.expand(-1, -1, *z.shape[-2:])], dim=1)
 
     def classify(self, z: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """theta2 on Z fused with the global latent.
+
+        Args:
+            z: ``(B, latent_dim, m, n)``.
+            g: the global latents ``(B, latent_dim)``, or None (no global patch).
+
+        Returns:
+            Logits ``(B, num_classes)``.
+        """
         return self.theta2(self.fuse(z, g))
 
     # ---- forward
@@ -476,6 +691,24 @@ class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
         latents: torch.Tensor | None = None,
         indices: torch.Tensor | None = None,
     ):
+        """Logits of ``x`` (see "Forward modes" in the module docstring).
+
+        Args:
+            x: normalised images ``(B, C, H, W)``.
+            global_view: the global patches ``(B, C, p, p)``; None: computed from ``x`` by area
+                averaging (unused without the global patch).
+            latents: ``Z`` ``(B, latent_dim, m, n)`` from :meth:`fill`; None encodes every
+                patch in one pass.
+            indices: with ``latents``, the ``(B, k)`` row-major grid indices to re-encode.
+
+        Returns:
+            Logits ``(B, num_classes)``; with ``latents``, ``(logits, Z_updated)``, where the
+            ``k`` patches are written into a copy of the detached ``latents`` and the global
+            path's gradient is scaled by ``global_gradient``.
+
+        Raises:
+            ValueError: ``latents`` without ``indices``.
+        """
         use_global = self.options["global_patch"]
         rows, cols = self.grid(x)
         batch, p = x.shape[0], self.patch_size
@@ -503,7 +736,19 @@ class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
 
 
 class DownsampledClassifier(ClassificationModel):
-    """Baseline: theta1 (encoder + pool + linear to ``latent_dim``) on the whole image at ``input_size``."""
+    """Baseline: theta1 (encoder + pool + linear to ``latent_dim``) on the whole image at ``input_size``.
+
+    Args:
+        encoder: theta1's timm encoder.
+        num_classes: output classes.
+        in_channels: input bands.
+        pretrained: False, True (timm's weights) or a local weights file for the encoder.
+        **options: ``input_size`` (the side images are resized to), ``latent_dim`` and
+            ``dropout``.
+
+    Raises:
+        ConfigError: an unknown option or a value out of range.
+    """
 
     default_options = {"input_size": 512, "latent_dim": 256, "dropout": 0.2}
 
@@ -522,12 +767,21 @@ class DownsampledClassifier(ClassificationModel):
         self.fc = nn.Linear(self.options["latent_dim"], num_classes)
 
     def check_options(self) -> None:
+        """Checks ``input_size``, ``latent_dim`` and ``dropout``."""
         self._require_positive("input_size", "latent_dim")
         if not 0 <= self.options["dropout"] < 1:
             raise ConfigError(f"{self.method_name}: option dropout must be in [0, 1), got {self.options['dropout']}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` of ``x`` (resized to ``input_size`` first when it is not)."""
+        """Classify whole images.
+
+        Args:
+            x: normalised images ``(B, C, H, W)``, resized to ``input_size`` (area averaging)
+                first when they have another size.
+
+        Returns:
+            Logits ``(B, num_classes)``.
+        """
         size = self.options["input_size"]
         if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="area")
@@ -567,7 +821,22 @@ def smp_theta1(
 
 
 class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
-    """The framework for segmentation: U-Net/DeepLabV3 theta1 with an 8-channel head, 1x1 conv theta2."""
+    """The framework for segmentation: U-Net/DeepLabV3 theta1 with a ``latent_channels`` head, 1x1 conv theta2.
+
+    Args:
+        encoder: theta1's timm encoder.
+        num_classes: output classes.
+        in_channels: input bands.
+        pretrained: False, True (timm's weights) or a local weights file for the encoder.
+        **options: ``patch_size``, ``latent_channels``, ``global_patch``, ``theta1``,
+            ``encoder_depth``, ``decoder_channels``, ``sampling_fraction``,
+            ``inner_iterations``, ``loss``, ``global_norm``, ``global_gradient``,
+            ``global_dropout`` (see the module docstring).
+
+    Raises:
+        ConfigError: an unknown option, a value out of range, or a ``patch_size`` that is not
+            a multiple of ``2 ** encoder_depth`` for a theta1 that needs divisible inputs.
+    """
 
     default_options = {
         "patch_size": 128,
@@ -622,6 +891,7 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
         self.theta2 = nn.Conv2d(fused, 1 if self.binary else num_classes, 1)
 
     def check_options(self) -> None:
+        """Checks the framework's options, ``latent_channels``, ``encoder_depth``, ``decoder_channels``, ``loss``."""
         self._check_framework_options()
         self._require_positive("latent_channels")
         if not 1 <= self.options["encoder_depth"] <= 5:
@@ -649,15 +919,31 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
 
     @property
     def latent_channels(self) -> int:
+        """Channels of ``Z`` and of the global features: ``latent_channels``."""
         return int(self.options["latent_channels"])
 
     # ---- pieces
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
-        """theta1: ``(N, C, p, p)`` -> ``(N, latent_channels, p, p)``."""
+        """theta1 on patches.
+
+        Args:
+            patches: ``(N, C, p, p)``.
+
+        Returns:
+            ``(N, latent_channels, p, p)``.
+        """
         return self.theta1(patches)
 
     def fill(self, x: torch.Tensor, sub_batch: int = 16) -> torch.Tensor:
-        """``Z`` ``(B, latent_channels, m*p, n*p)``: every patch's output, stitched, without gradients."""
+        """``Z``: every patch's output, stitched, without gradients.
+
+        Args:
+            x: normalised images ``(B, C, H, W)``.
+            sub_batch: patches per theta1 pass (at least 2 in training, for BatchNorm).
+
+        Returns:
+            ``Z`` ``(B, latent_channels, m*p, n*p)`` (the padded grid).
+        """
         rows, cols = self.grid(x)
         batch, p = x.shape[0], self.patch_size
         z = x.new_empty((batch, self.latent_channels, rows * p, cols * p))
@@ -671,12 +957,28 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
         return z
 
     def global_features(self, global_view: torch.Tensor) -> torch.Tensor:
-        """theta1's output on the global patch ``(B, latent_channels, p, p)``, BatchNorm per ``global_norm``."""
+        """theta1's output on the global patch, BatchNorm per ``global_norm``.
+
+        Args:
+            global_view: the global patches ``(B, C, p, p)``.
+
+        Returns:
+            ``(B, latent_channels, p, p)``.
+        """
         with global_normalisation(self, global_view.shape[0]):
             return self.encode(global_view)
 
     def head(self, z: torch.Tensor, g_up: torch.Tensor | None) -> torch.Tensor:
-        """theta2 on ``Z`` (cropped to the output size) and the upsampled global features -> logits."""
+        """theta2 on ``Z`` and the upsampled global features.
+
+        Args:
+            z: ``Z`` cropped to the output size, ``(B, latent_channels, h, w)``.
+            g_up: the global features upsampled to ``(B, latent_channels, h, w)``, or None
+                (no global patch).
+
+        Returns:
+            Logits ``(B, num_classes, h, w)``; with a single binary logit ``l``, ``(0, l)``.
+        """
         fused = z if g_up is None else torch.cat([z, g_up.to(z.dtype)], dim=1)
         out = self.theta2(fused)
         if self.binary:
@@ -691,6 +993,23 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
         latents: torch.Tensor | None = None,
         indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Logits of ``x`` (see "Forward modes" in the module docstring).
+
+        Args:
+            x: normalised images ``(B, C, H, W)``.
+            global_view: the global patches ``(B, C, p, p)``; None: computed from ``x`` by area
+                averaging (unused without the global patch).
+            latents: ``Z0`` ``(B, latent_channels, m*p, n*p)`` from :meth:`fill`; None encodes
+                every patch in one pass.
+            indices: with ``latents``, the ``(B, k)`` row-major grid indices to re-encode into
+                a copy of the detached ``latents``.
+
+        Returns:
+            Logits ``(B, num_classes, H, W)``.
+
+        Raises:
+            ValueError: ``latents`` of another size than the padded grid, or without ``indices``.
+        """
         use_global = self.options["global_patch"]
         rows, cols = self.grid(x)
         batch, p = x.shape[0], self.patch_size

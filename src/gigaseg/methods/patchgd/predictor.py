@@ -77,18 +77,40 @@ def inference_plan(
 
 
 def segmentation_block_bytes(model, block: int) -> int:
-    """Working memory of one streamed block: its pixels and Z with a patch of margin, the
-    upsampled global features, the fused map, logits and probabilities (float32)."""
+    """Working memory of one streamed block of the segmenter's prediction.
+
+    Its pixels and Z with a patch of margin on every side, the upsampled global features,
+    the fused map, logits and probabilities (float32).
+
+    Args:
+        model: a ``patchgd_segmenter`` network.
+        block: the block's side in pixels.
+
+    Returns:
+        The estimate in bytes.
+    """
     p, c = model.patch_size, model.latent_channels
     margin = (block + 2 * p) ** 2
     return margin * (model.in_channels * 5 + c * 4) + block * block * 4 * (3 * c + 4 * model.num_classes)
 
 
 class PatchGDImageClassifier(ClassificationPredictor):
-    """Fill Z without gradients, one row band of patches at a time, add the global patch, classify."""
+    """Fill Z without gradients, one row band of patches at a time, add the global patch, classify.
+
+    Constructed as :class:`~gigaseg.inference.contract.Predictor`; ``sub_batch`` is the
+    patches per theta1 pass.
+    """
 
     def latents(self, source) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(Z ``(1, d, m, n)``, g ``(1, d)`` or None) of a whole image, read band by band."""
+        """Z and the global latent of a whole image, read band by band.
+
+        Args:
+            source: the image (an ``ImageSource``).
+
+        Returns:
+            (Z ``(1, latent_dim, m, n)``, g ``(1, latent_dim)`` or None without the global
+            patch), float32 on the device.
+        """
         model, p = self.model, self.model.patch_size
         rows, cols = model.grid((source.height, source.width))
         z = torch.empty((1, model.latent_channels, rows, cols), device=self.device)
@@ -107,6 +129,14 @@ class PatchGDImageClassifier(ClassificationPredictor):
         return z, g
 
     def predict(self, source) -> np.ndarray:
+        """Class probabilities of a whole image.
+
+        Args:
+            source: the image (an ``ImageSource``).
+
+        Returns:
+            float32 ``(num_classes,)`` summing to 1.
+        """
         z, g = self.latents(source)
         with torch.inference_mode():
             logits = self.model.classify(z, g)
@@ -114,9 +144,20 @@ class PatchGDImageClassifier(ClassificationPredictor):
 
 
 class DownsampledImageClassifier(ClassificationPredictor):
-    """The whole image read at ``input_size`` x ``input_size`` (area averaging), classified."""
+    """The whole image read at ``input_size`` x ``input_size`` (area averaging), classified.
+
+    Constructed as :class:`~gigaseg.inference.contract.Predictor`.
+    """
 
     def predict(self, source) -> np.ndarray:
+        """Class probabilities of a whole image.
+
+        Args:
+            source: the image (an ``ImageSource``).
+
+        Returns:
+            float32 ``(num_classes,)`` summing to 1.
+        """
         size = self.model.options["input_size"]
         view = source.read(out_size=(size, size), resample="area")
         with torch.inference_mode(), self.autocast():
@@ -125,7 +166,21 @@ class DownsampledImageClassifier(ClassificationPredictor):
 
 
 class PatchGDSegmentationPredictor(SegmentationPredictor):
-    """Blocks of the image from the whole-image patch grid's patches that touch them plus the global patch."""
+    """Blocks of the image from the whole-image patch grid's patches that touch them plus the global patch.
+
+    The halo is one patch. With a budget, ``prepare`` plans the patches per theta1 pass for
+    each image, leaving room for one block's buffers (:func:`segmentation_block_bytes`).
+
+    Args:
+        model: a ``patchgd_segmenter`` network.
+        normalization: how the images' pixels are normalised.
+        device: where it runs.
+        max_memory: the budget in bytes, or None.
+        precision: "32", "bf16-mixed" or "16-mixed".
+
+    Raises:
+        BudgetError: not even one patch fits ``max_memory``.
+    """
 
     def __init__(
         self,
@@ -146,6 +201,7 @@ class PatchGDSegmentationPredictor(SegmentationPredictor):
         self.halo = model.patch_size
 
     def prepare(self, source):
+        """Plans the sub-batch for this image's size and returns the global patch's features (or None)."""
         model, p = self.model, self.model.patch_size
         if self.max_memory is not None:
             # the budget also holds one block's buffers; a block is at most the image
@@ -160,6 +216,7 @@ class PatchGDSegmentationPredictor(SegmentationPredictor):
             return model.global_features(self.to_tensor(thumb)).float()
 
     def predict_block(self, source, context, window: Window) -> np.ndarray:
+        """Class probabilities of a block, from the grid's patches touching it and the global features."""
         model, p = self.model, self.model.patch_size
         r0, r1 = window.top // p, (window.bottom - 1) // p + 1
         c0, c1 = window.left // p, (window.right - 1) // p + 1

@@ -68,8 +68,21 @@ class WholeImageViews(SeededViews):
     Items: ``image`` (normalised ``(C, H, W)``), ``label`` (class id for classification
     samples, ``(H, W)`` int64 class ids for segmentation samples), ``index`` and, with
     ``global_size``, ``global``: the image resized to ``global_size`` x ``global_size`` by
-    area averaging (after augmentation), as the predictors read it. ``augment``: paired
-    flip / rot90 (off by default: it changes digits' meaning).
+    area averaging (after augmentation), as the predictors read it.
+
+    Args:
+        dataset: a classification or segmentation dataset (every image labelled).
+        normalization: how the images' pixels are normalised.
+        size: (height, width) every image is resized to by area averaging (labels by
+            nearest neighbour); None keeps full resolution.
+        global_size: the global patch's side; None adds no ``global`` item.
+        augment: paired random flip and rot90 of image and label (off by default: it changes
+            digits' meaning).
+        seed: the seed of the augmentation, with the epoch and the item's index.
+
+    Raises:
+        DatasetError: a classification dataset has unlabelled images (here), or a sample
+            without a label is read.
     """
 
     def __init__(
@@ -120,8 +133,17 @@ class WholeImageViews(SeededViews):
 
 @dataclass(frozen=True)
 class PatchPlan:
-    """Patches per image re-encoded with gradients per inner iteration (``k``), patches per
-    no-grad pass (``fill_batch``) and the estimate behind them (bytes)."""
+    """Patches per image re-encoded with gradients per inner iteration, patches per no-grad pass.
+
+    Attributes:
+        k: patches per image re-encoded with gradients per inner iteration.
+        fill_batch: patches per no-grad theta1 pass (filling ``Z``).
+        fixed: the estimate's fixed bytes (parameters, gradients, optimiser state, runtime);
+            0 without a budget.
+        data: the estimate's bytes of the batch's images (and, for segmentation, its
+            full-resolution maps); 0 without a budget.
+        per_patch: the estimated bytes of one patch's training activations; 0 without a budget.
+    """
 
     k: int
     fill_batch: int
@@ -130,6 +152,11 @@ class PatchPlan:
     per_patch: int = 0
 
     def as_dict(self) -> dict:
+        """The plan as a dict of its fields (for logging).
+
+        Returns:
+            ``{"k", "fill_batch", "fixed", "data", "per_patch"}`` -> int.
+        """
         return {
             "k": self.k,
             "fill_batch": self.fill_batch,
@@ -148,12 +175,29 @@ def plan_patches(
     optimizer: str = "adam",
     default_fill: int = DEFAULT_FILL_BATCH,
 ) -> PatchPlan:
-    """k and the fill sub-batch for ``batch`` images of ``image_shape`` (C, H, W) within ``max_memory``.
+    """k and the fill sub-batch for ``batch`` images of ``image_shape`` within ``max_memory``.
 
     Without a budget: ``k = model.num_sampled(patches)`` and ``default_fill``. With one, k is
     capped so that fixed + data + ``B x (k + global)`` patches' training activations fit in
-    90% of it (``ALLOCATOR_MARGIN``);
-    BudgetError (naming the smallest budget) when not even ``k = 1`` does.
+    90% of it (``ALLOCATOR_MARGIN``), and the fill sub-batch is the most no-grad patches
+    (at most ``MAX_FILL_BATCH``) that fit the same room. The activations are estimated from
+    shapes on the meta device.
+
+    Args:
+        model: a PatchGD classifier or segmenter.
+        image_shape: (C, H, W) of the images.
+        batch: images per mini-batch.
+        max_memory: the budget in bytes; None: no cap.
+        device: where training runs; on CPU the budget is the whole process's (its resident
+            memory now, and the next batch read while this one lives, count too).
+        optimizer: the optimiser's name (for its state per parameter).
+        default_fill: the fill sub-batch without a budget.
+
+    Returns:
+        The ``PatchPlan``.
+
+    Raises:
+        BudgetError: not even ``k = 1`` fits (the message names the smallest budget).
     """
     channels, height, width = image_shape
     rows, cols = model.grid((height, width))
@@ -186,7 +230,7 @@ def plan_patches(
         data += pixels * (16 + 4 * (3 * latent + 2 * latent + 2 * latent + 8 * max(classes, 2)))
     extra = 1 if model.options["global_patch"] else 0
     # a share of the budget is left to the allocator: a CPU process's resident size grows over
-    # training as freed blocks stay cached (measured: up to ~9% over six epochs)
+    # training as freed blocks stay cached
     available = int(max_memory * (1 - ALLOCATOR_MARGIN)) - fixed - data
     need = batch * (1 + extra) * per_patch
     if available < need:
@@ -263,7 +307,20 @@ def _inner_iterations(ctx: StepContext, batch: dict, cache: dict | None, iterate
 
 
 def classifier_step(ctx: StepContext, batch: dict, cache: dict | None = None) -> dict:
-    """PatchGD's inner-iteration loop for one mini-batch (see the module docstring)."""
+    """PatchGD's inner-iteration loop for one classification mini-batch (see the module docstring).
+
+    The latents updated in one inner iteration (detached) are those the next one starts
+    from, so refreshed patches stay refreshed.
+
+    Args:
+        ctx: the step's context (model, backward, settings).
+        batch: ``image`` ``(B, C, H, W)``, ``label`` ``(B,)`` and, with the global patch,
+            ``global`` ``(B, C, p, p)``.
+        cache: keeps the memory plan per image size across steps; None plans anew.
+
+    Returns:
+        ``{"loss": the mean cross-entropy over the inner iterations, "k": k}``.
+    """
 
     def iterate(x, global_view, z, indices):
         logits, z_new = ctx.wrapped(x, global_view, latents=z, indices=indices)
@@ -276,7 +333,21 @@ def classifier_step(ctx: StepContext, batch: dict, cache: dict | None = None) ->
 def segmentation_loss(
     model, logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
-    """BCE + Dice (two classes, single logit ``l = logits[:, 1] - logits[:, 0]``) or CE + Dice."""
+    """The segmenter's loss: BCE + Dice on a single logit, or CE + Dice.
+
+    With ``model.binary`` (two classes, single logit ``l = logits[:, 1] - logits[:, 0]``):
+    BCE + Dice on ``l``; otherwise cross-entropy + multi-class Dice. Ignored pixels count
+    nowhere; with every pixel ignored the loss is 0 (connected to the graph).
+
+    Args:
+        model: the ``patchgd_segmenter`` network (``binary``, ``num_classes``).
+        logits: ``(B, num_classes, H, W)``.
+        label: int64 class ids ``(B, H, W)``.
+        ignore_index: the label value of pixels to ignore.
+
+    Returns:
+        The scalar loss (float32).
+    """
     logits = logits.float()
     if model.binary:
         single = logits[:, 1:] - logits[:, :1]
@@ -293,7 +364,19 @@ def segmentation_loss(
 
 
 def segmenter_step(ctx: StepContext, batch: dict, cache: dict | None = None) -> dict:
-    """The segmentation framework's inner iterations: Z0 filled once, k patches replaced in a copy each time."""
+    """The segmentation framework's inner iterations: Z0 filled once, k patches replaced in a copy each time.
+
+    Every iteration starts from the filled ``Z0``, as in the paper.
+
+    Args:
+        ctx: the step's context (model, backward, settings).
+        batch: ``image`` ``(B, C, H, W)``, ``label`` ``(B, H, W)`` and, with the global
+            patch, ``global`` ``(B, C, p, p)``.
+        cache: keeps the memory plan per image size across steps; None plans anew.
+
+    Returns:
+        ``{"loss": the mean loss over the inner iterations, "k": k}``.
+    """
 
     def iterate(x, global_view, z0, indices):
         logits = ctx.wrapped(x, global_view, latents=z0, indices=indices)
@@ -303,6 +386,15 @@ def segmenter_step(ctx: StepContext, batch: dict, cache: dict | None = None) -> 
 
 
 def downsampled_step(ctx: StepContext, batch: dict) -> dict:
+    """One training step of the downsampled baseline: cross-entropy on the resized images.
+
+    Args:
+        ctx: the step's context.
+        batch: ``image`` ``(B, C, input_size, input_size)`` and ``label`` ``(B,)``.
+
+    Returns:
+        ``{"loss": the detached loss}``.
+    """
     logits = ctx.wrapped(batch["image"])
     loss = F.cross_entropy(logits.float(), batch["label"])
     ctx.backward(loss)
@@ -313,7 +405,14 @@ def downsampled_step(ctx: StepContext, batch: dict) -> dict:
 
 
 def classifier_stages(model) -> list[Stage]:
-    """PatchGD (classification): Adam 1e-3, 100 epochs, batch 4, whole images at full resolution."""
+    """PatchGD (classification): Adam 1e-3, 100 epochs, batch 4, whole images at full resolution.
+
+    Args:
+        model: the ``patchgd_classifier`` network.
+
+    Returns:
+        One stage running :func:`classifier_step`.
+    """
     cache: dict = {}
     p = model.patch_size
     return [
@@ -333,7 +432,14 @@ def classifier_stages(model) -> list[Stage]:
 
 
 def segmenter_stages(model) -> list[Stage]:
-    """The segmentation framework: AdamW 1e-4 (the paper's), 100 epochs, batch 2, paired flip/rot90."""
+    """The segmentation framework: AdamW 1e-4 (the paper's), 100 epochs, batch 2, paired flip/rot90.
+
+    Args:
+        model: the ``patchgd_segmenter`` network.
+
+    Returns:
+        One stage running :func:`segmenter_step` (weight decay 1e-2).
+    """
     cache: dict = {}
     p = model.patch_size
     return [
@@ -354,7 +460,14 @@ def segmenter_stages(model) -> list[Stage]:
 
 
 def downsampled_stages(model) -> list[Stage]:
-    """The downsampled baseline, on the same schedule as PatchGD: whole images resized to ``input_size``."""
+    """The downsampled baseline, on the same schedule as PatchGD: whole images resized to ``input_size``.
+
+    Args:
+        model: the ``downsampled_classifier`` network.
+
+    Returns:
+        One stage running :func:`downsampled_step`.
+    """
     size = model.options["input_size"]
     return [
         Stage(
