@@ -1,3 +1,5 @@
+"""``python -m gigaseg``: the ``gigaseg`` command (:func:`gigaseg.cli.main`)."""
+
 import sys
 
 from .cli import main

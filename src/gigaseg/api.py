@@ -65,15 +65,43 @@ def predict(
     progress: bool = True,
     options: dict | None = None,
 ):
-    """Segment a whole image (path, array or ImageSource) into a tiled label-mask TIFF at ``out``.
+    """Segment a whole image into a tiled label-mask TIFF at ``out``.
 
     Memory stays bounded by ``max_memory`` whatever the image size. A killed
     run restarted with the same arguments resumes from the finished bands.
-    ``info`` (class names, palette, normalisation) comes with a checkpoint; pass it
-    when giving a model object. ``on_band(window, labels)`` sees each finished
-    row band (to score it against a reference mask, say). ``options`` changes the model's
-    inference options for this prediction (``model.inference_options``: e.g. MagNet's
-    ``fast_patches``, the patch baseline's ``overlap``).
+
+    Args:
+        model_or_checkpoint: a network, a checkpoint payload, a ``.ckpt`` file or a run
+            folder (see :func:`load_model`).
+        image: a path, an array or an ``ImageSource``.
+        out: a ``.tif``/``.tiff`` path, or a folder that gets ``<image name>.tif``; None
+            writes nothing (use ``on_band``).
+        max_memory: the memory budget, bytes or a size like ``"2GB"``; None: no budget.
+        device: where the network runs.
+        precision: "32", "bf16-mixed" or "16-mixed".
+        overlay: also write ``<stem>_overlay.png``.
+        probabilities: also write the class probabilities as ``<stem>_probabilities.zarr``.
+        resume: keep the finished bands of an interrupted run at ``out``; False starts afresh.
+        normalization: how pixels are normalised; None takes the checkpoint's, else the
+            default for the image's channels and dtype.
+        info: class names, palette and normalisation; a checkpoint brings its own, so pass
+            it when giving a model object.
+        on_band: ``on_band(window, labels)`` sees each finished row band (to score it against
+            a reference mask, say).
+        progress: show a progress bar (on a terminal).
+        options: changes the model's inference options for this prediction
+            (``model.inference_options``: e.g. MagNet's ``fast_patches``, the patch baseline's
+            ``overlap``).
+
+    Returns:
+        A ``PredictionResult``: the paths written, the image size, the time and block counts.
+
+    Raises:
+        ConfigError: a bad checkpoint, size or option, an image whose channel count differs
+            from the model's, or a classification model.
+        ImageReadError: the image cannot be read.
+        BudgetError: ``max_memory`` is too small for the method.
+        GigasegError: the bands at ``out`` were made by another model or settings (resume).
     """
     from .inference.contract import SegmentationPredictor
     from .inference.fingerprint import prediction_fingerprint
@@ -139,14 +167,32 @@ def evaluate(
     progress: bool = True,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Stream every image of ``data``'s split through the predictor; per-class IoU, mIoU, F1, accuracy.
+    """Stream every image of ``data``'s split through the predictor and score it.
 
-    Two-class segmentation also gets ``binary``: the positive class's (class 1) F1, IoU,
-    sensitivity, specificity, balanced accuracy and likelihood ratios LR+ / LR-
-    (``ConfusionMatrix.binary_metrics``; NaN as None, infinity as "inf"). Image classifiers
-    (classification datasets) are scored per image: ``accuracy``, ``balanced_accuracy``,
-    per-class F1 and the confusion matrix (``binary`` too for two classes). ``options``
-    changes inference options as in :func:`predict` (e.g. MagNet's ``refine="never"``).
+    Args:
+        model_or_checkpoint: a network, a checkpoint payload, a ``.ckpt`` file or a run folder.
+        data: a dataset folder, or an opened dataset.
+        split: the split to score.
+        max_memory: the memory budget, bytes or a size like ``"2GB"``; None: no budget.
+        device: where the network runs.
+        progress: show a progress bar (on a terminal).
+        options: changes inference options as in :func:`predict` (e.g. MagNet's ``refine="never"``).
+
+    Returns:
+        ``ConfusionMatrix.summary``: per-class IoU, F1, precision and recall, mIoU, mean F1,
+        pixel and balanced accuracy (the dataset's ``exclude_from_miou`` classes left out
+        of the means). Two-class models also get ``binary``: the positive class's (class 1)
+        F1, IoU, sensitivity, specificity, balanced accuracy and likelihood ratios LR+ / LR-
+        (``ConfusionMatrix.binary_metrics``; NaN as None, infinity as "inf"). Image
+        classifiers (classification datasets) are scored per image: ``task``, ``accuracy``,
+        ``balanced_accuracy``, per-class F1, the confusion matrix and ``predictions``
+        (image name -> class index), with ``binary`` too for two classes.
+
+    Raises:
+        GigasegError: the split has no images.
+        ConfigError: a bad checkpoint or option, or a model whose task differs from the dataset's.
+        DatasetError: the dataset is malformed (or, for classifiers, has no labels).
+        BudgetError: ``max_memory`` is too small for the method.
     """
     from .data.loader import load_dataset
     from .inference.stream import predict_image
@@ -250,9 +296,31 @@ def train(
 ) -> dict:
     """Train ``method`` on the dataset at ``data``; checkpoints and metrics go to ``out``.
 
-    ``stage`` picks one of the method's stages by name (``"all"`` runs them in
-    order); ``init`` starts from another run's checkpoint (how GLNet's stages
-    hand over); ``resume`` continues this run exactly from ``out/last.ckpt``.
+    The normalisation is the default for the first training image's channels and dtype.
+    Without a ``val_split`` split the run trains without validation.
+
+    Args:
+        method: a registered method name ("glnet", "magnet", ...).
+        data: the dataset folder (its "train" split is trained on).
+        out: the run folder.
+        encoder: the backbone; None: the method's default.
+        pretrained: encoder weights: False, True (timm's from the hub) or a local weights file.
+        options: method options for ``create_model``.
+        settings: a ``TrainSettings``; None: the defaults.
+        stage: one of the method's stages by name; ``"all"`` runs them in order.
+        resume: continue this run exactly from ``out/last.ckpt``.
+        init: start from another run's checkpoint (how GLNet's stages hand over); its
+            architecture must equal this run's (inference options may differ). Ignored with ``resume``.
+        val_split: the split validated on after every epoch.
+
+    Returns:
+        ``Trainer.fit``'s ``{"history": [...], "out_dir": ...}``.
+
+    Raises:
+        ConfigError: an unknown method, stage or option, a task mismatch, an ``init``
+            checkpoint of another architecture, or a resume that does not match.
+        DatasetError: the training split is missing or malformed.
+        BudgetError: ``settings.max_memory`` is too small for a stage.
     """
     from .data.loader import load_dataset
     from .methods.registry import build_predictor, create_model, training_stages

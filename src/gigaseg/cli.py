@@ -1,8 +1,9 @@
 """The ``gigaseg`` command: one entry point, one module per subcommand.
 
-Each module in ``gigaseg.commands`` defines ``add_parser(subparsers)`` (cheap:
-no torch import) and ``run(args) -> int``. Errors the user caused
-(``GigasegError``) end with a one-line message and exit code 2, never a traceback.
+Each subcommand's module in ``gigaseg.commands`` defines ``add_parser(subparsers)``
+(cheap: no torch import), which sets a ``run(args) -> int`` as ``args.run`` (``synth``:
+one per kind). Errors the user caused (``GigasegError``) end with a one-line message and
+exit code 2, never a traceback.
 """
 
 from __future__ import annotations

@@ -15,7 +15,12 @@ class GigasegError(Exception):
 
 
 class ImageReadError(GigasegError):
-    """An image file is missing, unreadable, truncated or in an unsupported layout."""
+    """An image file is missing, unreadable, truncated or in an unsupported layout.
+
+    Args:
+        path: the file (kept as ``self.path``, a str), or None when there is none.
+        problem: what is wrong (kept as ``self.problem``); the message is ``"<path>: <problem>"``.
+    """
 
     def __init__(self, path: str | os.PathLike | None, problem: str):
         self.path = None if path is None else os.fspath(path)
@@ -25,7 +30,12 @@ class ImageReadError(GigasegError):
 
 
 class DatasetError(GigasegError):
-    """A dataset folder or one of its files is malformed (missing masks, bad labels, ...)."""
+    """A dataset folder or one of its files is malformed (missing masks, bad labels, ...).
+
+    Args:
+        path: the folder or file (kept as ``self.path``, a str), or None when there is none.
+        problem: what is wrong (kept as ``self.problem``); the message is ``"<path>: <problem>"``.
+    """
 
     def __init__(self, path: str | os.PathLike | None, problem: str):
         self.path = None if path is None else os.fspath(path)

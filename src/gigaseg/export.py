@@ -61,6 +61,13 @@ def find_conv_bn_pairs(model: nn.Module, example_inputs) -> list[tuple[str, str]
     Runs ``model`` once in eval mode (with autograd, on ``example_inputs``) on a copy, so
     ``model`` itself is untouched. Only exact ``nn.Conv2d`` and ``nn.BatchNorm2d`` modules
     with tracked running statistics are considered.
+
+    Args:
+        model: the network.
+        example_inputs: a tensor, or a tuple/list of the forward's positional arguments.
+
+    Returns:
+        ``(conv name, bn name)`` pairs, as ``named_modules`` names them.
     """
     with torch.inference_mode(False), torch.enable_grad():  # also when called under inference_mode
         return _find_pairs(copy.deepcopy(model).eval(), example_inputs)
@@ -153,11 +160,19 @@ def fold_batchnorm(
 ) -> nn.Module:
     """An eval-mode copy of ``model`` (or ``model`` itself with ``inplace``) with BNs folded into convs.
 
-    ``example_inputs`` (a tensor or a tuple) is used to find the pairs (small sizes
-    suffice: folding does not depend on the input size). With ``check`` the folded
-    network's output on the example must equal the original's within ``rtol`` of the
-    output's largest magnitude, else a ``RuntimeError``. ``folded.folded_batchnorms`` is
-    the number of BNs folded.
+    Args:
+        model: the network; left in its training mode (unless ``inplace``).
+        example_inputs: a tensor or a tuple, used to find the pairs (small sizes suffice:
+            folding does not depend on the input size).
+        inplace: fold into ``model`` itself instead of a copy.
+        check: compare the folded network's output on the example with the original's.
+        rtol: the largest allowed difference, relative to the output's largest magnitude (at least 1).
+
+    Returns:
+        The folded network in eval mode; ``folded.folded_batchnorms`` is the number of BNs folded.
+
+    Raises:
+        RuntimeError: with ``check``, folding changed the output beyond ``rtol``.
     """
     pairs = find_conv_bn_pairs(model, example_inputs)
     reference = None
@@ -188,12 +203,32 @@ def fold_batchnorm(
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
-    """``model`` with 4-D parameters in channels_last (feed it ``x.contiguous(memory_format=torch.channels_last)``)."""
+    """Move ``model``'s 4-D parameters to channels_last, in place.
+
+    Feed the result ``x.contiguous(memory_format=torch.channels_last)``.
+
+    Args:
+        model: the network.
+
+    Returns:
+        ``model`` itself.
+    """
     return model.to(memory_format=torch.channels_last)
 
 
 def compile_model(model: nn.Module, **options) -> nn.Module:
-    """``torch.compile(model, **options)`` (compilation happens at the first call)."""
+    """``torch.compile(model, **options)`` (compilation happens at the first call).
+
+    Args:
+        model: the network.
+        **options: keyword arguments of ``torch.compile``.
+
+    Returns:
+        The compiled module.
+
+    Raises:
+        ConfigError: this torch has no ``torch.compile``.
+    """
     if not hasattr(torch, "compile"):
         raise ConfigError(f"torch {torch.__version__} has no torch.compile")
     return torch.compile(model, **options)
@@ -209,9 +244,19 @@ def optimize_for_inference(
 ) -> nn.Module:
     """An eval-mode copy of ``model`` with the chosen speed options (the original is untouched).
 
-    ``example_inputs`` is needed for ``fold_bn`` (default: one 64x64 image with the
-    model's ``in_channels`` on its device). ``compile`` may be a dict of ``torch.compile``
-    options.
+    Args:
+        model: the network.
+        example_inputs: input used by ``fold_bn``; None means one random 64x64 image with
+            the model's ``in_channels`` (default 3) on its device.
+        fold_bn: fold batch norms into the convolutions (:func:`fold_batchnorm`).
+        channels_last: convert to channels_last (:func:`to_channels_last`).
+        compile: ``torch.compile`` the result; a dict gives its options.
+
+    Returns:
+        The optimized eval-mode copy.
+
+    Raises:
+        ConfigError: ``compile`` is asked for and this torch has no ``torch.compile``.
     """
     if fold_bn:
         if example_inputs is None:
@@ -242,8 +287,23 @@ def export_onnx(
     """Write the eval-mode ``model`` (BN-folded unless ``fold_bn=False``) to ``path`` as ONNX.
 
     Spatial sizes are fixed to the example's (a real-time deployment runs one frame
-    size); the batch dimension is dynamic unless ``dynamic_batch=False``. Needs the
-    ``onnx`` package (``pip install onnx``).
+    size). Needs the ``onnx`` package (``pip install onnx``).
+
+    Args:
+        model: the network (not modified).
+        path: the ``.onnx`` file to write; missing parent folders are created.
+        example_inputs: a tensor or a tuple traced through the network.
+        opset: the ONNX opset version.
+        fold_bn: fold batch norms first (:func:`fold_batchnorm`).
+        dynamic_batch: make dimension 0 of every input and output dynamic.
+        input_names: names of the graph's inputs.
+        output_names: names of the graph's outputs.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        ConfigError: the ``onnx`` package is missing.
     """
     try:
         import onnx  # noqa: F401  (the TorchScript exporter imports it)
@@ -274,7 +334,18 @@ def export_onnx(
 
 
 def run_onnx(path: str | os.PathLike, *inputs: torch.Tensor) -> list:
-    """Outputs (numpy arrays) of the ONNX file at ``path`` in onnxruntime on CPU."""
+    """Run the ONNX file at ``path`` in onnxruntime on CPU.
+
+    Args:
+        path: the ``.onnx`` file.
+        *inputs: one tensor per graph input, in order (sent as float32).
+
+    Returns:
+        The outputs, as numpy arrays.
+
+    Raises:
+        ConfigError: onnxruntime is missing.
+    """
     try:
         import onnxruntime as ort
     except ImportError:
@@ -285,7 +356,20 @@ def run_onnx(path: str | os.PathLike, *inputs: torch.Tensor) -> list:
 
 
 def onnx_max_difference(path: str | os.PathLike, model: nn.Module, example_inputs) -> float:
-    """Largest absolute difference between onnxruntime's and PyTorch's (eval-mode) outputs."""
+    """Largest absolute difference between onnxruntime's and PyTorch's (eval-mode) outputs.
+
+    Args:
+        path: the ``.onnx`` file exported from ``model``.
+        model: the PyTorch network; its training mode is restored afterwards.
+        example_inputs: a tensor or a tuple fed to both.
+
+    Returns:
+        The largest absolute difference over all outputs.
+
+    Raises:
+        ConfigError: onnxruntime is missing.
+        RuntimeError: the two give different numbers of outputs.
+    """
     example = _as_tuple(example_inputs)
     mode = model.training
     model.eval()

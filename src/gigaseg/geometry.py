@@ -53,7 +53,17 @@ __all__ = [
 
 @dataclass(frozen=True, order=True)
 class Window:
-    """Half-open pixel rectangle: rows ``top .. top+height``, columns ``left .. left+width``."""
+    """Half-open pixel rectangle: rows ``top .. top+height``, columns ``left .. left+width``.
+
+    Args:
+        top: first row (may be negative or past the image: a window is not tied to an image).
+        left: first column.
+        height: number of rows (>= 0).
+        width: number of columns (>= 0).
+
+    Raises:
+        ValueError: ``height`` or ``width`` is negative.
+    """
 
     top: int
     left: int
@@ -66,22 +76,37 @@ class Window:
 
     @classmethod
     def from_bounds(cls, top: int, left: int, bottom: int, right: int) -> Window:
+        """The window with the given edges.
+
+        Args:
+            top: first row.
+            left: first column.
+            bottom: row after the last one (exclusive).
+            right: column after the last one (exclusive).
+
+        Returns:
+            ``Window(top, left, bottom - top, right - left)``.
+        """
         return cls(top, left, bottom - top, right - left)
 
     @property
     def bottom(self) -> int:
+        """Row after the last one (exclusive)."""
         return self.top + self.height
 
     @property
     def right(self) -> int:
+        """Column after the last one (exclusive)."""
         return self.left + self.width
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(height, width)``."""
         return (self.height, self.width)
 
     @property
     def area(self) -> int:
+        """Number of pixels, ``height * width``."""
         return self.height * self.width
 
     @property
@@ -90,6 +115,14 @@ class Window:
         return (slice(self.top, self.bottom), slice(self.left, self.right))
 
     def intersection(self, other: Window) -> Window | None:
+        """The overlap of this window and ``other``.
+
+        Args:
+            other: a window in the same coordinates.
+
+        Returns:
+            The common rectangle, or None when the two do not overlap (touching edges do not).
+        """
         top, left = max(self.top, other.top), max(self.left, other.left)
         bottom, right = min(self.bottom, other.bottom), min(self.right, other.right)
         if bottom <= top or right <= left:
@@ -97,16 +130,39 @@ class Window:
         return Window.from_bounds(top, left, bottom, right)
 
     def clip(self, height: int, width: int) -> Window:
-        """This window clipped to an image of ``height x width`` (may become empty)."""
+        """This window clipped to an image of ``height x width``.
+
+        Args:
+            height: image height in pixels.
+            width: image width in pixels.
+
+        Returns:
+            The part inside ``[0, height) x [0, width)``; it may be empty (zero height or width).
+        """
         top, left = min(max(self.top, 0), height), min(max(self.left, 0), width)
         bottom, right = min(max(self.bottom, top), height), min(max(self.right, left), width)
         return Window.from_bounds(top, left, bottom, right)
 
     def relative_to(self, outer: Window) -> Window:
-        """This window in the coordinates of ``outer`` (whose top-left becomes the origin)."""
+        """This window in the coordinates of ``outer``.
+
+        Args:
+            outer: the window whose top-left becomes the origin.
+
+        Returns:
+            The same size, shifted by ``(-outer.top, -outer.left)``.
+        """
         return Window(self.top - outer.top, self.left - outer.left, self.height, self.width)
 
     def contains(self, other: Window) -> bool:
+        """Whether ``other`` lies entirely inside this window.
+
+        Args:
+            other: a window in the same coordinates.
+
+        Returns:
+            True when every pixel of ``other`` is in this window (an equal window counts).
+        """
         return (
             self.top <= other.top
             and self.left <= other.left
@@ -149,6 +205,17 @@ def glnet_starts(length: int, patch: int, min_overlap: int = 50) -> list[int]:
 
     >>> glnet_starts(2448, 508)
     [0, 388, 776, 1164, 1552, 1940]
+
+    Args:
+        length: the image side in pixels.
+        patch: the tile side in pixels.
+        min_overlap: the least overlap, in pixels, between neighbouring tiles (GLNet's 50 by default).
+
+    Returns:
+        The tile starts, ascending.
+
+    Raises:
+        ValueError: ``length`` or ``patch`` is below 1, or ``min_overlap`` is not in ``[0, patch)``.
     """
     _check_side(length, patch)
     if not 0 <= min_overlap < patch:
@@ -169,6 +236,17 @@ def ceil_starts(length: int, patch: int, flush: bool = False) -> list[int]:
     ``flush=True`` the last tile is shifted back inside (``start = length - patch``), so it
     overlaps its neighbour instead. A side shorter than the patch always gives ``[0]``,
     a tile that needs padding.
+
+    Args:
+        length: the image side in pixels.
+        patch: the tile side in pixels.
+        flush: shift the last tile back inside the image.
+
+    Returns:
+        The tile starts, ascending.
+
+    Raises:
+        ValueError: ``length`` or ``patch`` is below 1.
     """
     _check_side(length, patch)
     n = -(-length // patch)
@@ -184,6 +262,17 @@ def sliding_starts(length: int, patch: int, stride: int) -> list[int]:
     The last tile starts at ``length - patch`` (so its gap to the previous one is at most
     ``stride``). ``stride`` must be in ``1..patch`` (a larger stride would leave pixels
     uncovered). ``length <= patch`` gives ``[0]`` (pad).
+
+    Args:
+        length: the image side in pixels.
+        patch: the tile side in pixels.
+        stride: pixels between consecutive starts (before the last, flush one).
+
+    Returns:
+        The tile starts, ascending.
+
+    Raises:
+        ValueError: ``length`` or ``patch`` is below 1, or ``stride`` is not in ``1..patch``.
     """
     _check_side(length, patch)
     if not 1 <= stride <= patch:
@@ -202,7 +291,17 @@ class PatchGrid:
 
     Windows are in row-major order (all tiles of the first row band, left to right, then
     the next band). Every window is ``patch`` sized; see the module docstring for windows
-    that reach past the image border.
+    that reach past the image border. The constructors :meth:`glnet`, :meth:`ceil` and
+    :meth:`sliding` build the starts.
+
+    Args:
+        image_shape: ``(height, width)`` of the image in pixels.
+        patch: ``(height, width)`` of every window.
+        row_starts: the windows' top rows, ascending.
+        col_starts: the windows' left columns, ascending.
+
+    Raises:
+        ValueError: an axis has no start.
     """
 
     image_shape: tuple[int, int]
@@ -217,7 +316,17 @@ class PatchGrid:
     # ---- constructors
     @classmethod
     def glnet(cls, height: int, width: int, patch: int | Sequence[int], min_overlap: int = 50) -> PatchGrid:
-        """GLNet's overlapping grid (:func:`glnet_starts` on each axis)."""
+        """GLNet's overlapping grid (:func:`glnet_starts` on each axis).
+
+        Args:
+            height: image height in pixels.
+            width: image width in pixels.
+            patch: the patch side, or a ``(height, width)`` pair.
+            min_overlap: the least overlap, in pixels, between neighbouring patches.
+
+        Returns:
+            The grid.
+        """
         ph, pw = _pair(patch, "patch")
         return cls(
             (height, width),
@@ -228,7 +337,17 @@ class PatchGrid:
 
     @classmethod
     def ceil(cls, height: int, width: int, patch: int | Sequence[int], flush: bool = False) -> PatchGrid:
-        """MagNet's non-overlapping grid (:func:`ceil_starts` on each axis)."""
+        """MagNet's non-overlapping grid (:func:`ceil_starts` on each axis).
+
+        Args:
+            height: image height in pixels.
+            width: image width in pixels.
+            patch: the patch side, or a ``(height, width)`` pair.
+            flush: shift the last patch of each axis back inside the image.
+
+        Returns:
+            The grid.
+        """
         ph, pw = _pair(patch, "patch")
         return cls(
             (height, width), (ph, pw), tuple(ceil_starts(height, ph, flush)), tuple(ceil_starts(width, pw, flush))
@@ -236,7 +355,17 @@ class PatchGrid:
 
     @classmethod
     def sliding(cls, height: int, width: int, patch: int | Sequence[int], stride: int | Sequence[int]) -> PatchGrid:
-        """Sliding windows (:func:`sliding_starts` on each axis)."""
+        """Sliding windows (:func:`sliding_starts` on each axis).
+
+        Args:
+            height: image height in pixels.
+            width: image width in pixels.
+            patch: the patch side, or a ``(height, width)`` pair.
+            stride: the stride, or a ``(rows, cols)`` pair; each in ``1..patch``.
+
+        Returns:
+            The grid.
+        """
         ph, pw = _pair(patch, "patch")
         sh, sw = _pair(stride, "stride")
         return cls(
@@ -251,6 +380,7 @@ class PatchGrid:
 
     @cached_property
     def windows(self) -> list[Window]:
+        """Every window of the grid, in row-major order."""
         ph, pw = self.patch
         return [Window(top, left, ph, pw) for top in self.row_starts for left in self.col_starts]
 
@@ -277,12 +407,23 @@ class PatchGrid:
         return self.padded_shape != tuple(self.image_shape)
 
     def padding(self, window: Window) -> tuple[int, int]:
-        """(bottom, right) pixels to pad the clipped read of ``window`` back to patch size."""
+        """How much the clipped read of ``window`` must be padded back to patch size.
+
+        Args:
+            window: a window of this grid.
+
+        Returns:
+            ``(bottom, right)`` pixels; ``(0, 0)`` for a window inside the image.
+        """
         h, w = self.image_shape
         return max(0, window.bottom - h), max(0, window.right - w)
 
     def normalized_boxes(self) -> list[Box]:
-        """:func:`normalized_box` of every window, in grid order."""
+        """The windows as normalised boxes.
+
+        Returns:
+            :func:`normalized_box` of every window, in grid order.
+        """
         h, w = self.image_shape
         return [normalized_box(win, h, w) for win in self.windows]
 
@@ -295,6 +436,14 @@ def normalized_box(window: Window, image_h: int, image_w: int) -> Box:
 
     Values are in [0, 1] for windows inside the image; a window reaching past the border
     gives values > 1 (they are not clipped, so the box keeps the patch's true scale).
+
+    Args:
+        window: the window in image pixels.
+        image_h: image height in pixels.
+        image_w: image width in pixels.
+
+    Returns:
+        ``(top / image_h, left / image_w, bottom / image_h, right / image_w)``.
     """
     return (window.top / image_h, window.left / image_w, window.bottom / image_h, window.right / image_w)
 
@@ -309,6 +458,14 @@ def box_on_grid(norm_box: Sequence[float], grid_h: int, grid_w: int) -> Window:
     one cell past the map (rounding) or further (boxes past the image border); clip it with
     ``Window.clip`` where that matters. On a grid of the image's own size the round trip
     ``box_on_grid(normalized_box(win, h, w), h, w) == win`` is exact.
+
+    Args:
+        norm_box: ``(y0, x0, y1, x1)`` in units of the image side.
+        grid_h: rows of the map.
+        grid_w: columns of the map.
+
+    Returns:
+        The covered cells, unclipped.
     """
     y0, x0, y1, x1 = (float(v) for v in norm_box)
     top, left = _round_half_up(y0 * grid_h), _round_half_up(x0 * grid_w)
@@ -364,14 +521,26 @@ def crop_resize(
 ) -> torch.Tensor:
     """Crop each box's region from a global feature map and resize it to ``out_size``.
 
-    GLNet's global -> local crop. ``features`` is ``(B, C, H, W)``; box ``i`` is cut from
-    map ``batch_index[i]`` (default: map 0 when ``B == 1``, map ``i`` when ``B == N``).
-    The region is :func:`box_on_grid` on ``H x W``, clipped to the map (GLNet slices the
-    same way), then resized bilinearly (``align_corners=False``). Returns ``(N, C, oh, ow)``;
-    differentiable. Crops of equal size are resized in one call.
+    GLNet's global -> local crop. The region is :func:`box_on_grid` on ``H x W``, clipped
+    to the map (GLNet slices the same way), then resized bilinearly (``align_corners=False``).
+    Differentiable. Crops of equal size are resized in one call.
 
-    ``to_cells(box, H, W)`` replaces the clipped ``box_on_grid`` rule, for callers that
-    place boxes on the map otherwise (``models.glnet.crop_global`` keeps them inside).
+    Args:
+        features: the global maps, ``(B, C, H, W)``.
+        norm_boxes: ``N`` normalised boxes ``(y0, x0, y1, x1)`` (a sequence, an ``(N, 4)`` array or tensor).
+        out_size: the output side, or an ``(oh, ow)`` pair.
+        batch_index: box ``i`` is cut from map ``batch_index[i]``; None means map 0 when
+            ``B == 1`` and map ``i`` when ``B == N``.
+        to_cells: ``to_cells(box, H, W)`` replaces the clipped ``box_on_grid`` rule, for
+            callers that place boxes on the map otherwise
+            (``gigaseg.methods.glnet.model.crop_global`` keeps them inside).
+
+    Returns:
+        The crops, ``(N, C, oh, ow)``, in box order.
+
+    Raises:
+        ValueError: ``features`` is not 4-D, ``batch_index`` is missing or of the wrong length,
+            a box is not 4 numbers, or a box lies outside the map.
     """
     import torch
 
@@ -445,6 +614,9 @@ class PasteAverager:
     the ``out_size`` grid, adds it there (parts past the grid are dropped) and counts the
     overlap; :meth:`result` divides by the count (cells no patch covered stay 0).
     Differentiable if the patch maps are.
+
+    Args:
+        out_size: the global grid's side, or an ``(H, W)`` pair.
     """
 
     def __init__(self, out_size: int | Sequence[int]):
@@ -453,6 +625,16 @@ class PasteAverager:
         self._count: torch.Tensor | None = None
 
     def add(self, patch_maps: torch.Tensor, norm_boxes: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> None:
+        """Paste a batch of patch maps onto the grid.
+
+        Args:
+            patch_maps: ``(N, C, h, w)``; ``C`` must match earlier batches.
+            norm_boxes: the ``N`` patches' normalised boxes ``(y0, x0, y1, x1)``.
+
+        Raises:
+            ValueError: ``patch_maps`` is not 4-D, the counts of maps and boxes differ, or the
+                channel count changed.
+        """
         if patch_maps.dim() != 4:
             raise ValueError(f"patch maps must be (N, C, h, w), got shape {tuple(patch_maps.shape)}")
         boxes = _box_list(norm_boxes)
@@ -482,7 +664,15 @@ class PasteAverager:
                 self._count[:, :, rows, cols] += 1
 
     def result(self) -> torch.Tensor:
-        """``(1, C, H, W)``: the sum of the pasted maps divided by their overlap count."""
+        """The average of the pasted maps.
+
+        Returns:
+            ``(1, C, H, W)``: the sum of the pasted maps divided by their overlap count (0 where
+            no patch landed).
+
+        Raises:
+            ValueError: no patch maps were added.
+        """
         if self._sum is None or self._count is None:
             raise ValueError("no patch maps were added")
         return self._sum / self._count.clamp(min=1)
@@ -493,7 +683,16 @@ def paste_average(
     norm_boxes: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
     out_size: int | Sequence[int],
 ) -> torch.Tensor:
-    """All patch maps at once through :class:`PasteAverager`: ``(N, C, h, w) -> (1, C, H, W)``."""
+    """All patch maps at once through :class:`PasteAverager`: ``(N, C, h, w) -> (1, C, H, W)``.
+
+    Args:
+        patch_maps: ``(N, C, h, w)``.
+        norm_boxes: the ``N`` patches' normalised boxes ``(y0, x0, y1, x1)``.
+        out_size: the global grid's side, or an ``(H, W)`` pair.
+
+    Returns:
+        ``(1, C, H, W)``, averaged over overlaps.
+    """
     paster = PasteAverager(out_size)
     paster.add(patch_maps, norm_boxes)
     return paster.result()
@@ -512,6 +711,20 @@ def blend_weights(
     its maximum is 1 and clamped below at ``min_weight`` so border pixels, which may be
     covered by this patch alone, never get weight 0. Stitch as
     ``sum(w * pred) / sum(w)``; ``torch.from_numpy`` gives the tensor.
+
+    Args:
+        height: patch height in pixels.
+        width: patch width in pixels.
+        mode: ``"uniform"`` or ``"gaussian"``.
+        sigma_scale: the Gaussian's sigma as a fraction of each side.
+        min_weight: the least weight, in ``(0, 1]``.
+
+    Returns:
+        float32 ``(height, width)`` weights.
+
+    Raises:
+        ValueError: a side is below 1, ``mode`` is unknown, or ``sigma_scale``/``min_weight``
+            are out of range.
     """
     if height < 1 or width < 1:
         raise ValueError(f"blend size must be >= 1, got {height}x{width}")

@@ -26,7 +26,20 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(value: str | int | float) -> int:
-    """Bytes in ``value``: an int, or a string like ``"2GB"``, ``"1.5 GiB"``, ``"512M"``."""
+    """Bytes in a memory size.
+
+    Units are case-insensitive; k/M/G/T are decimal (``"2GB"`` is 2e9 bytes), KiB/MiB/GiB/TiB
+    binary; no unit means bytes.
+
+    Args:
+        value: a number of bytes, or a string like ``"2GB"``, ``"1.5 GiB"``, ``"512M"``.
+
+    Returns:
+        The size in bytes (fractions truncated).
+
+    Raises:
+        ConfigError: the value is not positive or cannot be read.
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value <= 0:
             raise ConfigError(f"memory size must be positive, got {value}")
@@ -42,7 +55,14 @@ def parse_size(value: str | int | float) -> int:
 
 
 def format_size(num_bytes: float) -> str:
-    """``1536000000`` -> ``'1.54 GB'`` (decimal units, as in the papers' MB figures)."""
+    """A byte count for people: ``1536000000`` -> ``'1.54 GB'``.
+
+    Args:
+        num_bytes: the size in bytes.
+
+    Returns:
+        Two decimals in GB, MB or kB (decimal units, as in the papers' MB figures), or whole bytes below 1 kB.
+    """
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(num_bytes) >= scale:
             return f"{num_bytes / scale:.2f} {unit}"

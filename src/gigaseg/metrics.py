@@ -62,7 +62,13 @@ class ConfusionMatrix:
     """Accumulates a ``num_classes x num_classes`` confusion matrix (int64).
 
     ``matrix[t, p]`` counts pixels (or samples) of target class ``t`` predicted as ``p``.
-    Target pixels equal to ``ignore_index`` are skipped (``None``: nothing is ignored).
+
+    Args:
+        num_classes: number of classes (>= 1); class ids are ``0..num_classes-1``.
+        ignore_index: target id whose pixels are skipped; None ignores nothing.
+
+    Raises:
+        ValueError: ``num_classes`` is below 1.
     """
 
     def __init__(self, num_classes: int, ignore_index: int | None = 255):
@@ -80,10 +86,19 @@ class ConfusionMatrix:
 
     # ---- accumulation
     def update(self, pred: Any, target: Any) -> ConfusionMatrix:
-        """Count one tile (numpy or torch integer arrays of equal shape, any number of dims).
+        """Count one tile.
 
-        Raises ValueError for a prediction outside ``0..num_classes-1`` or a target id that
-        is neither a class nor ``ignore_index``; the message names the bad ids.
+        Args:
+            pred: predicted class ids, a numpy or torch integer (or bool) array of any number of dims.
+            target: target class ids, the same size as ``pred``.
+
+        Returns:
+            This matrix, for chaining.
+
+        Raises:
+            ValueError: the arrays are not integer, differ in size, a prediction is outside
+                ``0..num_classes-1``, or a target id is neither a class nor ``ignore_index``;
+                the message names the bad ids.
         """
         p = _to_numpy(pred, "pred").ravel()
         t = _to_numpy(target, "target").ravel()
@@ -112,20 +127,35 @@ class ConfusionMatrix:
         return self
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
-        """Add another matrix's counts (e.g. from another worker) into this one."""
+        """Add another matrix's counts (e.g. from another worker) into this one.
+
+        Args:
+            other: a matrix with the same number of classes.
+
+        Returns:
+            This matrix, for chaining.
+
+        Raises:
+            ValueError: the class counts differ.
+        """
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes} classes into {self.num_classes}")
         self._matrix += other._matrix
         return self
 
     def reset(self) -> None:
+        """Set every count to 0."""
         self._matrix[:] = 0
 
     def all_reduce(self, fabric: Any = None) -> ConfusionMatrix:
         """Sum the counts over all processes of a distributed run, in place.
 
-        ``fabric`` is a Lightning Fabric (anything with ``world_size``, ``device`` and
-        ``all_reduce(tensor, reduce_op="sum")``); ``None`` or a single process: no-op.
+        Args:
+            fabric: a Lightning Fabric (anything with ``world_size``, ``device`` and
+                ``all_reduce(tensor, reduce_op="sum")``); None or a single process: no-op.
+
+        Returns:
+            This matrix, for chaining.
         """
         if fabric is None or fabric.world_size <= 1:
             return self
@@ -147,6 +177,7 @@ class ConfusionMatrix:
     # ---- per-class counts
     @property
     def true_positives(self) -> np.ndarray:
+        """Correct count per class (the diagonal, a copy)."""
         return np.diag(self._matrix).copy()
 
     @property
@@ -161,22 +192,38 @@ class ConfusionMatrix:
 
     # ---- per-class scores
     def iou(self) -> np.ndarray:
-        """tp / (tp + fp + fn) per class; NaN for classes absent from target and prediction."""
+        """IoU per class.
+
+        Returns:
+            float64 ``tp / (tp + fp + fn)`` per class; NaN for classes absent from target and prediction.
+        """
         tp = self.true_positives
         return _divide(tp, self.support + self.predicted - tp)
 
     def f1(self) -> np.ndarray:
-        """2 tp / (2 tp + fp + fn) per class (= Dice); NaN where undefined."""
+        """F1 (= Dice) per class; also available as ``dice``.
+
+        Returns:
+            float64 ``2 tp / (2 tp + fp + fn)`` per class; NaN where undefined.
+        """
         return _divide(2 * self.true_positives, self.support + self.predicted)
 
     dice = f1
 
     def precision(self) -> np.ndarray:
-        """tp / predicted per class; NaN for classes never predicted."""
+        """Precision per class.
+
+        Returns:
+            float64 ``tp / predicted`` per class; NaN for classes never predicted.
+        """
         return _divide(self.true_positives, self.predicted)
 
     def recall(self) -> np.ndarray:
-        """tp / support per class; NaN for classes absent from the target."""
+        """Recall per class.
+
+        Returns:
+            float64 ``tp / support`` per class; NaN for classes absent from the target.
+        """
         return _divide(self.true_positives, self.support)
 
     # ---- aggregates
@@ -189,29 +236,72 @@ class ConfusionMatrix:
         return mask
 
     def miou(self, exclude: Iterable[int] = ()) -> float:
-        """Mean IoU over classes present (in target or prediction) and not in ``exclude``."""
+        """Mean IoU over classes present (in target or prediction) and not excluded.
+
+        Args:
+            exclude: class indices left out of the mean.
+
+        Returns:
+            The mean, NaN when no class is left.
+
+        Raises:
+            ValueError: an excluded index is not a class.
+        """
         return _mean(self.iou()[~self._excluded_mask(exclude)])
 
     def mean_f1(self, exclude: Iterable[int] = ()) -> float:
-        """Mean F1 over classes present and not excluded."""
+        """Mean F1 over classes present and not excluded.
+
+        Args:
+            exclude: class indices left out of the mean.
+
+        Returns:
+            The mean, NaN when no class is left.
+
+        Raises:
+            ValueError: an excluded index is not a class.
+        """
         return _mean(self.f1()[~self._excluded_mask(exclude)])
 
     def pixel_accuracy(self) -> float:
-        """Correct / counted; NaN before anything was counted."""
+        """Overall accuracy.
+
+        Returns:
+            Correct / counted; NaN before anything was counted.
+        """
         return float(_divide(np.trace(self._matrix), self._matrix.sum()))
 
     def balanced_accuracy(self, exclude: Iterable[int] = ()) -> float:
-        """Mean recall over classes present in the target (and not excluded)."""
+        """Mean recall over classes present in the target (and not excluded).
+
+        Args:
+            exclude: class indices left out of the mean.
+
+        Returns:
+            The mean, NaN when no class is left.
+
+        Raises:
+            ValueError: an excluded index is not a class.
+        """
         return _mean(self.recall()[~self._excluded_mask(exclude)])
 
     def binary_metrics(self, positive: int = 1) -> dict[str, float]:
         """Scores of class ``positive`` against all others (the plain binary case for 2 classes).
 
-        Keys: tp, fp, fn, tn (counts); sensitivity (recall), specificity, precision, f1, iou,
-        balanced_accuracy ((sens + spec) / 2); lr_positive = sens / (1 - spec) and
-        lr_negative = (1 - sens) / spec. A ratio with denominator 0 is NaN, except a
-        likelihood ratio with a positive numerator over 0, which is inf (e.g. LR+ with no
-        false positives). Computed from counts, so ``1 - spec`` is exactly fp / (fp + tn).
+        Computed from counts, so ``1 - spec`` is exactly fp / (fp + tn).
+
+        Args:
+            positive: the class counted as positive.
+
+        Returns:
+            Keys: tp, fp, fn, tn (int counts); sensitivity (recall), specificity, precision,
+            f1, iou, balanced_accuracy ((sens + spec) / 2); lr_positive = sens / (1 - spec)
+            and lr_negative = (1 - sens) / spec. A ratio with denominator 0 is NaN, except a
+            likelihood ratio with a positive numerator over 0, which is inf (e.g. LR+ with
+            no false positives).
+
+        Raises:
+            ValueError: ``positive`` is not a class.
         """
         if not 0 <= positive < self.num_classes:
             raise ValueError(f"positive class {positive} is outside 0..{self.num_classes - 1}")
@@ -243,8 +333,18 @@ class ConfusionMatrix:
     def summary(self, class_names: Sequence[str] | None = None, exclude: Iterable[int | str] = ()) -> dict[str, Any]:
         """Everything as a strict-JSON dict (NaN -> None).
 
-        ``exclude`` takes class indices or names (names need ``class_names``); it applies to
-        the means (miou, mean_f1, balanced_accuracy), not to the per-class entries.
+        Args:
+            class_names: one name per class; None names them ``"0"``, ``"1"``, ...
+            exclude: class indices or names (names need ``class_names``) left out of the means
+                (miou, mean_f1, balanced_accuracy), not of the per-class entries.
+
+        Returns:
+            num_classes, class_names, excluded (names), ignore_index, counted,
+            pixel_accuracy, miou, mean_f1, balanced_accuracy, per_class (name -> iou, f1,
+            precision, recall, support, predicted) and matrix (nested lists).
+
+        Raises:
+            ValueError: the number of names differs from the classes, or an excluded class is unknown.
         """
         names = list(class_names) if class_names is not None else [str(k) for k in range(self.num_classes)]
         if len(names) != self.num_classes:

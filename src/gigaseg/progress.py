@@ -9,7 +9,16 @@ from collections.abc import Callable, Iterator
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows a rich bar on a TTY, nothing otherwise."""
+    """A context manager showing a rich progress bar on a TTY, nothing otherwise.
+
+    Args:
+        description: the text left of the bar.
+        total: the number of steps.
+        enabled: False shows nothing even on a terminal.
+
+    Yields:
+        ``advance(n=1)``, which moves the bar ``n`` steps (a no-op without a bar).
+    """
     if not enabled or not sys.stderr.isatty():
         yield lambda n=1: None
         return

@@ -6,6 +6,14 @@ import argparse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``bench`` subcommand.
+
+    Args:
+        subparsers: the ``gigaseg`` parser's subparsers.
+
+    Returns:
+        The subcommand's parser (its ``run`` is set as the default of ``args.run``).
+    """
     parser = subparsers.add_parser(
         "bench",
         help="compare methods on a dataset: mIoU, peak memory, speed",
@@ -33,6 +41,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    """Train and evaluate every method of ``--methods`` (``gigaseg.bench.compare``) and print the table.
+
+    Args:
+        args: the parsed ``gigaseg bench`` arguments.
+
+    Returns:
+        0; results.json, .md and .png are written to ``--out``.
+
+    Raises:
+        ConfigError: a ``--set`` that is not ``METHOD.KEY=VALUE``, or a bad ``--max-memory``.
+    """
     from ..bench.compare import MethodSpec, compare, markdown
     from ..errors import ConfigError
     from ..memory import parse_size

@@ -10,6 +10,18 @@ from ..errors import ConfigError
 
 
 def read_config(path: str | None) -> dict:
+    """Read a ``--config`` YAML file.
+
+    Args:
+        path: the file, or None.
+
+    Returns:
+        Its mapping (``encoder``, ``pretrained``, ``options``, ``settings``); ``{}`` for None
+        or an empty file.
+
+    Raises:
+        ConfigError: the file is missing, not valid YAML, or not a mapping.
+    """
     if path is None:
         return {}
     file = Path(path)
@@ -25,7 +37,11 @@ def read_config(path: str | None) -> dict:
 
 
 def add_inference_set(parser) -> None:
-    """``--set KEY=VALUE`` for a method's inference options (predict and evaluate)."""
+    """Add ``--set KEY=VALUE`` for a method's inference options (predict and evaluate).
+
+    Args:
+        parser: the subcommand's parser.
+    """
     parser.add_argument(
         "--set",
         action="append",
@@ -38,7 +54,17 @@ def add_inference_set(parser) -> None:
 
 
 def parse_options(pairs: list[str]) -> dict:
-    """``["input_size=1024", "blend=uniform"]`` -> ``{"input_size": 1024, "blend": "uniform"}`` (YAML values)."""
+    """``["input_size=1024", "blend=uniform"]`` -> ``{"input_size": 1024, "blend": "uniform"}``.
+
+    Args:
+        pairs: ``KEY=VALUE`` strings; dashes in keys become underscores, values are read as YAML.
+
+    Returns:
+        The options; a repeated key keeps its last value.
+
+    Raises:
+        ConfigError: a pair without ``=``.
+    """
     options = {}
     for pair in pairs:
         if "=" not in pair:

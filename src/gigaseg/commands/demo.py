@@ -11,6 +11,14 @@ import argparse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``demo`` subcommand.
+
+    Args:
+        subparsers: the ``gigaseg`` parser's subparsers.
+
+    Returns:
+        The subcommand's parser (its ``run`` is set as the default of ``args.run``).
+    """
     parser = subparsers.add_parser(
         "demo", help="synthetic data -> train briefly -> segment a large scene -> report", description=__doc__
     )
@@ -32,6 +40,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    """Write the synthetic data, train, segment the scene, and print its scores, speed and peak memory.
+
+    Args:
+        args: the parsed ``gigaseg demo`` arguments.
+
+    Returns:
+        0.
+    """
     import resource
     import time
     from pathlib import Path
@@ -111,7 +127,14 @@ def run(args) -> int:
 
 
 def demo_options(method: str) -> dict:
-    """Small, fast settings for the demo's CPU budget (a light 64-channel FPN decoder)."""
+    """Small, fast settings for the demo's CPU budget (a light 64-channel FPN decoder).
+
+    Args:
+        method: the method trained.
+
+    Returns:
+        Method options for "patch" and "global"; ``{}`` (the method's defaults) for the others.
+    """
     return {
         "patch": {"patch_size": 256, "overlap": 32, "crops_per_image": 8, "fpn_channels": 64},
         "global": {"input_size": 512, "fpn_channels": 64},

@@ -8,6 +8,14 @@ from .common import add_inference_set
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``evaluate`` subcommand.
+
+    Args:
+        subparsers: the ``gigaseg`` parser's subparsers.
+
+    Returns:
+        The subcommand's parser (its ``run`` is set as the default of ``args.run``).
+    """
     parser = subparsers.add_parser(
         "evaluate",
         help="score a model on a dataset split",
@@ -25,6 +33,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    """Score the checkpoint on the split (:func:`gigaseg.api.evaluate`) and print the table and peak RSS.
+
+    Args:
+        args: the parsed ``gigaseg evaluate`` arguments.
+
+    Returns:
+        0; with ``--json`` the summary (plus ``peak_rss_bytes``) is also written there.
+    """
     import json
     import resource
 
@@ -51,7 +67,14 @@ def run(args) -> int:
 
 
 def format_summary(summary: dict) -> str:
-    """A rich table of per-class scores plus the headline numbers, as plain text."""
+    """A rich table of per-class scores plus the headline numbers, as plain text.
+
+    Args:
+        summary: what :func:`gigaseg.api.evaluate` returned.
+
+    Returns:
+        The rendered table (100 columns wide); missing values show as "n/a".
+    """
     from rich.console import Console
     from rich.table import Table
 

@@ -8,6 +8,14 @@ from .common import add_inference_set
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``predict`` subcommand.
+
+    Args:
+        subparsers: the ``gigaseg`` parser's subparsers.
+
+    Returns:
+        The subcommand's parser (its ``run`` is set as the default of ``args.run``).
+    """
     parser = subparsers.add_parser(
         "predict",
         help="segment images with a trained model",
@@ -29,6 +37,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    """Segment every image into ``--out`` (:func:`gigaseg.api.predict`) and print its speed and peak RSS.
+
+    The checkpoint and the ``--set`` options are checked once, before any output.
+
+    Args:
+        args: the parsed ``gigaseg predict`` arguments.
+
+    Returns:
+        0.
+    """
     import resource
     from pathlib import Path
 

@@ -22,7 +22,17 @@ _SIZE = re.compile(r"^\s*(\d+)\s*(?:[xX×*,]\s*(\d+)\s*)?$")
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
-    """``"2448x2448"`` -> ``(2448, 2448)`` (height x width); ``"1024"`` -> ``(1024, 1024)``."""
+    """``"2448x2448"`` -> ``(2448, 2448)`` (height x width); ``"1024"`` -> ``(1024, 1024)``.
+
+    Args:
+        text: ``HxW`` (``x``, ``X``, ``×``, ``*`` or ``,`` between) or a single number.
+
+    Returns:
+        ``(height, width)``.
+
+    Raises:
+        ConfigError: the text is neither form, or a side is 0.
+    """
     match = _SIZE.match(str(text))
     if match is None:
         raise ConfigError(f"--size must be HxW or a single number of pixels (e.g. 2448x2448 or 1024), got {text!r}")
@@ -34,6 +44,14 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``synth`` subcommand, with one sub-subcommand per kind in ``KINDS``.
+
+    Args:
+        subparsers: the ``gigaseg`` parser's subparsers.
+
+    Returns:
+        The subcommand's parser (each kind sets its own ``run``).
+    """
     parser = subparsers.add_parser(
         "synth",
         help="write a synthetic benchmark dataset with known ground truth",

@@ -6,6 +6,14 @@ import argparse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``train`` subcommand.
+
+    Args:
+        subparsers: the ``gigaseg`` parser's subparsers.
+
+    Returns:
+        The subcommand's parser (its ``run`` is set as the default of ``args.run``).
+    """
     parser = subparsers.add_parser(
         "train",
         help="train a method on a dataset",
@@ -46,6 +54,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    """Train (:func:`gigaseg.api.train`) with the ``--config`` file's values under the command line's.
+
+    Options given on the command line replace the file's ``options`` and ``settings``; those
+    with a default (``--seed``, ``--workers``, ``--accelerator``, ``--devices``, ``--num-nodes``,
+    ``--strategy``, ``--precision``, ``--accumulate``) always replace the file's settings.
+
+    Args:
+        args: the parsed ``gigaseg train`` arguments.
+
+    Returns:
+        0.
+
+    Raises:
+        ConfigError: a bad config file, ``--set`` or ``--max-memory``.
+    """
     from ..api import train
     from ..memory import parse_size
     from ..training.recipe import TrainSettings

@@ -18,7 +18,17 @@ __all__ = ["prediction_fingerprint"]
 
 
 def prediction_fingerprint(model: torch.nn.Module, **settings) -> str:
-    """A hex digest of ``model``'s config and weights and the JSON-able ``settings``."""
+    """A hex digest of ``model``'s config and weights and the JSON-able ``settings``.
+
+    Args:
+        model: the network; its ``config`` attribute (else its class name) and every tensor of
+            its state dict are hashed (meta tensors by shape only).
+        **settings: what else shapes the prediction (normalisation, block size, precision);
+            values JSON cannot encode are hashed as ``str(value)``.
+
+    Returns:
+        A 32-character hex string (BLAKE2b, 16 bytes).
+    """
     digest = hashlib.blake2b(digest_size=16)
     config = getattr(model, "config", {"class": type(model).__qualname__})
     digest.update(json.dumps({"config": config, "settings": settings}, sort_keys=True, default=str).encode())

@@ -4,10 +4,11 @@ glibc serves allocations under its mmap threshold from the heap, and raises that
 (up to 32 MB) each time a larger mmap-served block is freed. A streamed prediction frees
 and reallocates block-sized buffers (tens of MB) and patch tensors (a few MB) thousands of
 times, so after the first blocks most of them come from a heap that fragments and keeps
-freed pages resident: the process's peak RSS crept from 1.61 GB (2048^2) to 2.32 GB
-(20000^2) under a 2 GB budget. Fixing the threshold at 1 MiB (large buffers always mmap-served
-and unmapped when freed) and trimming the heap after each block kept a 2048x20000 run at
-1.79 GB instead of 2.10 GB. Elsewhere (macOS, musl, Windows) these are no-ops.
+freed pages resident, and the process's peak RSS creeps up with the image size under a fixed
+budget. Fixing the threshold at 1 MiB (large buffers always mmap-served and unmapped when
+freed) and trimming the heap after each block keeps it near what the process holds;
+``benchmarks/predict_memory.py`` measures a prediction's peak RSS as the image grows.
+Elsewhere (macOS, musl, Windows) these are no-ops.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ def _glibc():
 
 @functools.lru_cache(maxsize=1)
 def bound_heap_growth() -> bool:
-    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` for this process (once); True if set."""
+    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` for this process (once; later calls are cached).
+
+    Returns:
+        True if the threshold was set (glibc), False elsewhere.
+    """
     libc = _glibc()
     return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 

@@ -42,7 +42,14 @@ def patches_touching(grid: PatchGrid, block: Window) -> list[Window]:
 
 
 def bounding_window(windows: list[Window]) -> Window:
-    """The smallest window containing every window of ``windows`` (a non-empty list)."""
+    """The smallest window containing every window of ``windows``.
+
+    Args:
+        windows: a non-empty list of windows.
+
+    Returns:
+        Their bounding window (it may reach past the image, as the windows may).
+    """
     return Window.from_bounds(
         min(w.top for w in windows),
         min(w.left for w in windows),
@@ -118,6 +125,9 @@ def stitch_block(
 
     Returns:
         float32 ``(K, block.height, block.width)``.
+
+    Raises:
+        ValueError: ``average`` is not ``"probabilities"`` or ``"logits"``.
     """
     if average not in AVERAGES:
         raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")

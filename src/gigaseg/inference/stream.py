@@ -31,6 +31,20 @@ WRITER_TILE = 512
 
 @dataclass
 class PredictionResult:
+    """What :func:`predict_image` did.
+
+    Attributes:
+        mask_path: the label-mask TIFF, or None when nothing was written (``out=None``).
+        height: image height in pixels.
+        width: image width in pixels.
+        seconds: wall time of the whole prediction.
+        blocks_predicted: blocks computed in this run.
+        blocks_resumed: blocks skipped because an earlier run had finished their bands.
+        overlay_path: the overlay PNG, when asked for.
+        probabilities_path: the ``_probabilities.zarr`` array, when asked for.
+        extra: anything else a caller wants to attach.
+    """
+
     mask_path: Path | None
     height: int
     width: int
@@ -43,17 +57,36 @@ class PredictionResult:
 
     @property
     def megapixels_per_second(self) -> float:
+        """Image megapixels per wall-clock second (resumed blocks count as done)."""
         return self.height * self.width / 1e6 / max(self.seconds, 1e-9)
 
 
 def effective_block_size(predictor, requested: int) -> int:
-    """The block side a prediction runs with: the one ``predictor`` planned its memory for
-    (``SegmentationPredictor.block_size``; duck-typed predictors may have none), else ``requested``."""
+    """The block side a prediction runs with.
+
+    Args:
+        predictor: the predictor; its ``SegmentationPredictor.block_size`` is the side it
+            planned its memory for (duck-typed predictors may have none).
+        requested: the side to use when the predictor has none.
+
+    Returns:
+        The predictor's block side, else ``requested``.
+    """
     return getattr(predictor, "block_size", None) or requested
 
 
 def block_grid(height: int, width: int, block_size: int) -> list[list[Window]]:
-    """Rows of blocks covering the image; block heights are multiples of the writer tile."""
+    """Rows of blocks covering the image.
+
+    Args:
+        height: image height in pixels.
+        width: image width in pixels.
+        block_size: the wanted block side; rounded down to a multiple of ``WRITER_TILE``
+            (at least one tile), so that block rows are whole writer bands.
+
+    Returns:
+        One list of blocks per row band, left to right; the last row and column are cut at the border.
+    """
     block = max(WRITER_TILE, (block_size // WRITER_TILE) * WRITER_TILE)
     rows = []
     for top in range(0, height, block):
@@ -77,13 +110,34 @@ def predict_image(
     progress: bool = True,
     producer: str | None = None,
 ) -> PredictionResult:
-    """Predict ``source`` into a label-mask TIFF at ``out`` (``None``: only call ``on_band``).
+    """Predict ``source`` into a label-mask TIFF at ``out``.
 
-    ``on_band(window, labels)`` receives each finished row band (e.g. to update a
-    streaming confusion matrix). With ``probabilities`` a float16 zarr array
-    ``(C, H, W)`` is written next to the mask as ``<stem>_probabilities.zarr``.
-    ``producer`` (see :func:`gigaseg.inference.fingerprint.prediction_fingerprint`) is kept
-    with the finished bands: resuming them with a different one is an error.
+    Args:
+        predictor: computes the class probabilities of each block.
+        source: the image.
+        out: the mask's path; None writes nothing and only calls ``on_band``.
+        block_size: the block side, used when the predictor planned none (see
+            :func:`effective_block_size`).
+        palette: ``(N, 3)`` uint8 colours stored as the mask's colormap (and used by the overlay).
+        class_names: stored with the mask.
+        probabilities: also write a float16 zarr array ``(C, H, W)`` next to the mask as
+            ``<stem>_probabilities.zarr`` (needs ``out``).
+        overlay: also write ``<stem>_overlay.png`` (needs ``out``).
+        resume: keep the finished bands of an interrupted run at ``out``; False starts afresh.
+        on_band: ``on_band(window, labels)`` receives each finished row band (uint8 labels,
+            e.g. to update a streaming confusion matrix); with it, every band is predicted
+            even when already done.
+        progress: show a progress bar (on a terminal).
+        producer: a :func:`gigaseg.inference.fingerprint.prediction_fingerprint`, kept with the
+            finished bands: resuming them with a different one is an error.
+
+    Returns:
+        The paths written and the counts and time.
+
+    Raises:
+        GigasegError: the bands at ``out`` cannot be resumed (another producer, other size,
+            damaged scratch files).
+        RuntimeError: the predictor returned a block of the wrong shape.
     """
     start = time.perf_counter()
     bound_heap_growth()  # see gigaseg.inference.heap: peak RSS would otherwise creep with image size

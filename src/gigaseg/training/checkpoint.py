@@ -22,7 +22,17 @@ VERSION = 1
 
 
 def data_info(dataset, normalization) -> dict:
-    """The dataset facts a model needs at prediction time (names, colours, normalisation)."""
+    """The dataset facts a model needs at prediction time (names, colours, normalisation).
+
+    Args:
+        dataset: the training dataset (``classes``, ``palette``, ``ignore_index`` and an
+            optional ``exclude_from_miou``).
+        normalization: the ``Normalization`` the model was trained with.
+
+    Returns:
+        classes, palette (nested uint8 lists), ignore_index, exclude_from_miou and
+        normalization (its ``to_dict()``), all plain JSON-able values.
+    """
     return {
         "classes": list(dataset.classes),
         "palette": np.asarray(dataset.palette, dtype=np.uint8).tolist(),
@@ -33,6 +43,12 @@ def data_info(dataset, normalization) -> dict:
 
 
 def rng_state() -> dict:
+    """The global random states of torch, numpy and Python, as checkpoint-safe values.
+
+    Returns:
+        A dict of tensors, numbers, strings and lists (loadable with ``weights_only=True``)
+        for :func:`restore_rng`.
+    """
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -49,6 +65,11 @@ def rng_state() -> dict:
 
 
 def restore_rng(state: dict) -> None:
+    """Restore the global random states of torch, numpy and Python.
+
+    Args:
+        state: what :func:`rng_state` returned.
+    """
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -62,6 +83,18 @@ def save_checkpoint(
     train_state: dict | None = None,
     metrics: dict | None = None,
 ) -> Path:
+    """Write a self-describing checkpoint atomically.
+
+    Args:
+        path: the file to write.
+        model: a gigaseg network (its ``config`` rebuilds it; its state dict holds the weights).
+        data: the dataset facts of :func:`data_info`.
+        train_state: what resuming needs (optimiser, epoch, random states), or None.
+        metrics: numbers to keep with the checkpoint (None: none).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -76,7 +109,19 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint file (or a run folder, taking its best, else last, checkpoint)."""
+    """Load a checkpoint file (or a run folder, taking its best, else last, checkpoint).
+
+    Args:
+        path: a ``.ckpt`` file or a run folder.
+
+    Returns:
+        The payload: format, version, model (config and state_dict), data, train, metrics, and
+        path (the file actually read), all on the CPU.
+
+    Raises:
+        ConfigError: the folder has no checkpoint, the file is missing, or it is not a
+            readable gigaseg checkpoint.
+    """
     path = Path(path)
     if path.is_dir():
         for name in ("best.ckpt", "last.ckpt"):

@@ -4,8 +4,9 @@ Fabric gives devices, mixed precision and DDP (one process per device, under
 ``torchrun``/SLURM or Fabric's own launcher). The loop runs a method's stages
 in order; each epoch it validates on whole images through the streaming
 predictor (the same code path users run), writes ``last.ckpt``, ``best.ckpt``
-(by validation mIoU), ``metrics.csv`` and the resolved ``config.yaml``, and can
-resume exactly from ``last.ckpt``.
+(by validation mIoU, or accuracy for image classifiers: the best epoch so far of the
+current stage, also kept as ``best-<stage>.ckpt``; every epoch when there is no validation),
+``metrics.csv`` and the resolved ``config.yaml``, and can resume exactly from ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ from .recipe import Stage, StepContext, TrainSettings
 
 
 def make_fabric(settings: TrainSettings):
+    """A Lightning Fabric for the run's accelerator, devices, nodes, strategy and precision.
+
+    With several devices or nodes and the "ddp" or "auto" strategy, DDP runs with
+    ``find_unused_parameters=True``: stages train parts of the model, and parameters a stage
+    does not use must not stall DDP.
+
+    Args:
+        settings: the run's settings.
+
+    Returns:
+        The (not yet launched) ``Fabric``.
+    """
     from lightning_fabric import Fabric
     from lightning_fabric.strategies import DDPStrategy
 
@@ -109,6 +122,21 @@ class Trainer:
 
     # ---------------------------------------------------------------- public
     def fit(self, resume: bool = False) -> dict:
+        """Run the stages in order, validating and checkpointing after every epoch.
+
+        Args:
+            resume: continue from ``out_dir/last.ckpt`` (its stage, the epoch after its own,
+                optimiser, scheduler and random states) instead of starting afresh.
+
+        Returns:
+            ``{"history": [...], "out_dir": ...}``: one row per epoch (stage, epoch, lr, seconds,
+            peak_memory in bytes, ``train_*`` losses, ``val_*`` scores), as in ``metrics.csv``.
+
+        Raises:
+            ConfigError: resuming from a missing or foreign checkpoint (no training state, other
+                model config, a stage this run lacks), or a stage trains nothing.
+            BudgetError: ``max_memory`` is too small for a stage's sub-batch of one.
+        """
         start_stage, start_epoch, state = 0, 0, None
         if resume:
             state = self._load_resume_state()
@@ -270,7 +298,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> dict:
-        """Whole-image validation through the streaming predictor; ranks split images and sum matrices."""
+        """Whole-image validation through the streaming predictor; ranks split images and sum matrices.
+
+        Returns:
+            ``{"miou", "pixel_accuracy"}`` for segmentation, ``{"accuracy", "balanced_accuracy"}``
+            for image classifiers, or ``{}`` without validation data.
+        """
         if self.val_data is None or len(self.val_data) == 0:
             return {}
         fabric = self.fabric
@@ -358,7 +391,14 @@ class Trainer:
 
 
 def evaluate_sample(predictor, sample, matrix: ConfusionMatrix, block_size: int) -> None:
-    """Predict one dataset sample band by band and add it to ``matrix`` against its mask."""
+    """Predict one dataset sample band by band and add it to ``matrix`` against its mask.
+
+    Args:
+        predictor: a ``SegmentationPredictor`` of the model.
+        sample: a dataset sample with ``image`` and ``mask`` sources.
+        matrix: the confusion matrix to update.
+        block_size: the block side when the predictor planned none.
+    """
 
     def update(window, labels):
         matrix.update(labels, sample.mask.read(window)[..., 0])

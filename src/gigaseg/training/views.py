@@ -20,11 +20,30 @@ from ..io.normalize import Normalization
 
 
 def rng_for(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random generator of one item of one epoch.
+
+    Args:
+        seed: the run's seed.
+        epoch: the epoch.
+        index: the item's index in the views dataset.
+
+    Returns:
+        A numpy generator seeded with ``[seed, epoch, index]``: the same triple gives the same draws.
+    """
     return np.random.default_rng([seed, epoch, index])
 
 
 def augment_pair(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-    """Random horizontal flip and rotation by 0/90/180/270, identical for image (HWC) and label (HW)."""
+    """Random horizontal flip and rotation by 0/90/180/270, identical for image and label.
+
+    Args:
+        image: ``(H, W, C)`` pixels.
+        label: ``(H, W)`` class ids.
+        rng: the item's generator.
+
+    Returns:
+        ``(image, label)``, C-contiguous copies (sides swapped by a 90/270 rotation).
+    """
     if rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
     k = int(rng.integers(4))
@@ -34,9 +53,17 @@ def augment_pair(image: np.ndarray, label: np.ndarray, rng: np.random.Generator)
 
 
 class SeededViews(Dataset):
-    """The base of every method's training views: ``crops_per_image`` items per sample,
-    with the dataset and normalisation they come from, and the epoch the trainer sets so
-    that ``rng_for(seed, epoch, index)`` draws new (and, on resume, the same) views."""
+    """The base of every method's training views: ``crops_per_image`` items per sample.
+
+    It keeps the dataset and normalisation the views come from, and the epoch the trainer
+    sets so that ``rng_for(seed, epoch, index)`` draws new (and, on resume, the same) views.
+
+    Args:
+        dataset: the lazy dataset.
+        normalization: how pixels are normalised for the network.
+        seed: the run's seed.
+        crops_per_image: items per sample; item ``i`` comes from sample ``i // crops_per_image``.
+    """
 
     def __init__(
         self, dataset: SegmentationDataset, normalization: Normalization, seed: int = 0, crops_per_image: int = 1
@@ -48,6 +75,7 @@ class SeededViews(Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch the views of the next items are drawn for."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -78,7 +106,18 @@ class _Views(SeededViews):
 
 
 class GlobalViews(_Views):
-    """The whole image resized to ``size`` (h, w) with its label (nearest)."""
+    """The whole image resized to ``size`` (area averaging) with its label (nearest).
+
+    Items are dicts: ``image`` float32 ``(C, h, w)``, ``label`` int64 ``(h, w)``, ``index``.
+
+    Args:
+        dataset: the lazy dataset.
+        normalization: how pixels are normalised for the network.
+        size: ``(h, w)`` of the view.
+        augment: apply :func:`augment_pair` (a 90/270 rotation swaps the sides of a non-square ``size``).
+        seed: the run's seed.
+        cache: keep each image's resized view in memory after its first read.
+    """
 
     def __init__(self, dataset, normalization, size: tuple[int, int], augment=True, seed=0, cache=True):
         super().__init__(dataset, normalization, augment, seed)
@@ -86,6 +125,14 @@ class GlobalViews(_Views):
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {} if cache else None
 
     def view(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The resized image and label of one sample, before augmentation.
+
+        Args:
+            index: the sample's index.
+
+        Returns:
+            ``(image, label)``: ``(h, w, C)`` in the source's dtype and ``(h, w)`` class ids.
+        """
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         sample = self.dataset[index]
@@ -105,7 +152,19 @@ class RandomCrops(_Views):
 
     With ``crop == out_size`` these are full-resolution local views; with a larger
     crop they are views at a coarser scale (MagNet trains its backbone that way).
-    ``crop`` may be a list of sizes, one drawn per item.
+    Items are dicts: ``image`` float32 ``(C, h, w)``, ``label`` int64 ``(h, w)``, ``index``
+    and ``box``, the crop's normalised box ``(y0, x0, y1, x1)`` in the image.
+
+    Args:
+        dataset: the lazy dataset.
+        normalization: how pixels are normalised for the network.
+        crop: the crop side, an ``(h, w)`` pair, or a list of these (one drawn per item); a
+            crop larger than the image is cut to the image.
+        out_size: ``(h, w)`` the crop is resized to (area averaging; labels nearest); None
+            keeps the crop's size.
+        crops_per_image: items per sample.
+        augment: apply :func:`augment_pair`.
+        seed: the run's seed.
     """
 
     def __init__(self, dataset, normalization, crop, out_size=None, crops_per_image=1, augment=True, seed=0):
