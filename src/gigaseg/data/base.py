@@ -45,7 +45,14 @@ _LISTED = 5
 
 
 def stem(path: str | os.PathLike) -> str:
-    """File name without its extension (``a.ome.tif`` -> ``a``)."""
+    """File name without its extension (``a.ome.tif`` -> ``a``).
+
+    Args:
+        path: a file path; only its last component is used.
+
+    Returns:
+        The name without its directory and extension (``.ome.tif`` / ``.ome.tiff`` count as one extension).
+    """
     name = os.path.basename(path)
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
@@ -54,7 +61,15 @@ def stem(path: str | os.PathLike) -> str:
 
 
 def list_images(folder: Path, suffix: str = "") -> list[Path]:
-    """Image files in ``folder`` whose stem ends with ``suffix``, sorted; hidden files skipped."""
+    """Image files in ``folder`` whose stem ends with ``suffix``, sorted; hidden files skipped.
+
+    Args:
+        folder: the folder to list (not recursive).
+        suffix: the end every stem must have (``"_sat"``); ``""`` accepts every image.
+
+    Returns:
+        The files with an extension of ``IMAGE_EXTENSIONS`` (any case), sorted by path.
+    """
     return sorted(
         p
         for p in folder.iterdir()
@@ -66,7 +81,17 @@ def list_images(folder: Path, suffix: str = "") -> list[Path]:
 
 
 def require_images(folder: Path) -> list[Path]:
-    """``list_images(folder)``; a folder without images is a DatasetError."""
+    """``list_images(folder)``; a folder without images is an error.
+
+    Args:
+        folder: the folder to list.
+
+    Returns:
+        The image files of ``folder``, sorted (never empty).
+
+    Raises:
+        DatasetError: ``folder`` holds no image file.
+    """
     files = list_images(folder)
     if not files:
         raise DatasetError(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -74,26 +99,65 @@ def require_images(folder: Path) -> list[Path]:
 
 
 def row_bands(source: ImageSource) -> Iterator[Window]:
-    """Full-width windows of ``source``, top to bottom, each about ``VALIDATE_BAND_BYTES`` decoded."""
+    """Full-width windows of ``source``, top to bottom, each about ``VALIDATE_BAND_BYTES`` decoded.
+
+    Args:
+        source: the image the bands cover.
+
+    Yields:
+        ``Window``\\ s of whole rows, covering the image once, top to bottom.
+    """
     row_bytes = source.width * source.channels * source.dtype.itemsize
     for top, bottom in band_edges(0, source.height, VALIDATE_BAND_BYTES // max(1, row_bytes)):
         yield Window(top, 0, bottom - top, source.width)
 
 
 def require_folder(folder: Path, what: str) -> Path:
+    """``folder``, checked to be an existing folder.
+
+    Args:
+        folder: the path to check.
+        what: what the folder is, for the error message (``"dataset folder"``).
+
+    Returns:
+        ``folder`` unchanged.
+
+    Raises:
+        DatasetError: ``folder`` does not exist or is not a folder.
+    """
     if not folder.is_dir():
         raise DatasetError(folder, f"{what} does not exist" if not folder.exists() else f"{what} is not a folder")
     return folder
 
 
 def listing(names: Sequence[str], limit: int = _LISTED) -> str:
-    """``a, b, c`` (and ``... and N more`` past ``limit``)."""
+    """``a, b, c`` (and ``... and N more`` past ``limit``), for error messages.
+
+    Args:
+        names: the items to list.
+        limit: how many are shown.
+
+    Returns:
+        The first ``limit`` names joined by commas, plus how many more there are.
+    """
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def index_files(files: Iterable[Path], folder: Path, suffix: str = "") -> dict[str, Path]:
-    """``{name: file}`` where name is the stem without ``suffix``; two files with one name is an error."""
+    """``{name: file}`` where name is the stem without ``suffix``.
+
+    Args:
+        files: the files to index; every stem is assumed to end with ``suffix``.
+        folder: where the files are, named by the error.
+        suffix: removed from the end of every stem (``"_mask"``).
+
+    Returns:
+        The files by name.
+
+    Raises:
+        DatasetError: two files have the same name.
+    """
     found: dict[str, Path] = {}
     for path in files:
         name = stem(path)
@@ -119,7 +183,20 @@ def match_pairs(
     image_folder: Path,
     mask_folder: Path,
 ) -> list[Pair]:
-    """Image and mask files paired by name; an image without mask or a mask without image is an error."""
+    """Image and mask files paired by name.
+
+    Args:
+        images: image files by name (``index_files``).
+        masks: mask files by name.
+        image_folder: named by the error about masks without an image.
+        mask_folder: named by the error about images without a mask.
+
+    Returns:
+        One ``Pair`` per name, in name order.
+
+    Raises:
+        DatasetError: an image has no mask or a mask has no image.
+    """
     no_mask = sorted(set(images) - set(masks))
     if no_mask:
         raise DatasetError(
@@ -136,12 +213,29 @@ def match_pairs(
 
 
 def unlabelled_pairs(images: dict[str, Path]) -> list[Pair]:
-    """Image files without masks (a test split), as pairs in name order."""
+    """Image files without masks (a test split), as pairs in name order.
+
+    Args:
+        images: image files by name.
+
+    Returns:
+        One ``Pair`` per name with ``mask`` None.
+    """
     return [Pair(name, images[name], None) for name in sorted(images)]
 
 
 def check_split(root: Path, dataset: str, split: str, splits: Sequence[str]) -> None:
-    """DatasetError unless ``split`` is one of the fixed ``splits`` of a published dataset."""
+    """Check that ``split`` is one of the fixed ``splits`` of a published dataset.
+
+    Args:
+        root: the dataset folder, named by the error.
+        dataset: the dataset's name, for the message (``"Inria"``).
+        split: the requested split.
+        splits: the dataset's splits.
+
+    Raises:
+        DatasetError: ``split`` is not in ``splits``.
+    """
     if split not in splits:
         raise DatasetError(root, f"{dataset} has no split {split!r} (splits: {', '.join(splits)})")
 
@@ -156,8 +250,20 @@ def select_split(
     """The image names of ``split``, from the ``splits`` a dataset.yaml (``source``) defines.
 
     ``"all"`` is every name (unless ``splits`` defines its own ``"all"``); without
-    ``splits`` every name is in ``"train"``. An unknown split, a split listing a
-    name with no image in ``image_folder`` and an empty split are errors naming ``source``.
+    ``splits`` every name is in ``"train"``.
+
+    Args:
+        split: the requested split.
+        splits: split name -> image names, or None when the dataset defines no splits.
+        names: the names of every image found.
+        source: the file that defines the splits, named by the errors.
+        image_folder: where the images are, named by the error about missing images.
+
+    Returns:
+        The names of the split (in the order ``splits`` lists them, else the order of ``names``).
+
+    Raises:
+        DatasetError: the split is unknown, lists a name with no image in ``image_folder``, or is empty.
     """
     if split == "all" and not (splits and "all" in splits):
         chosen = list(names)
@@ -192,6 +298,7 @@ class Sample:
     mask: LabelSource | None
 
     def close(self) -> None:
+        """Close the image and the mask (samples are also context managers)."""
         self.image.close()
         if self.mask is not None:
             self.mask.close()
@@ -208,6 +315,23 @@ class SegmentationDataset(Dataset):
 
     ``dataset[i]`` is a ``Sample`` (lazy). Subclasses find the pairs and call
     ``__init__`` with them.
+
+    Args:
+        root: the dataset folder (named by errors and ``repr``).
+        split: the split's name.
+        pairs: the samples on disk.
+        classes: one name per class id.
+        encoding: how the mask files store class ids; its ``num_classes`` must equal ``len(classes)``.
+        palette: one RGB colour per class (anything ``as_palette`` reads); None: ``default_palette``.
+        exclude_from_miou: class ids that mIoU leaves out.
+        max_memory: bytes (or a size like ``"2GB"``) a reader may decode at once, passed to ``open_image``;
+            None: no bound.
+        check: run ``validate()`` (headers only) at construction.
+
+    Raises:
+        DatasetError: the classes, encoding and palette disagree, there are no pairs, or (with ``check``)
+            a pair is broken.
+        ImageReadError: with ``check``, when the only problem found is a file that does not open.
     """
 
     def __init__(
@@ -245,10 +369,12 @@ class SegmentationDataset(Dataset):
     # --- what the labels mean -------------------------------------------------------
     @property
     def num_classes(self) -> int:
+        """Number of classes (ids ``0..num_classes-1``)."""
         return len(self.classes)
 
     @property
     def ignore_index(self) -> int:
+        """The label value of pixels that are not scored (the encoding's)."""
         return self.encoding.ignore_index
 
     @property
@@ -259,6 +385,7 @@ class SegmentationDataset(Dataset):
     # --- the samples --------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
+        """The sample names, in index order."""
         return [p.name for p in self.pairs]
 
     def __len__(self) -> int:
@@ -289,6 +416,14 @@ class SegmentationDataset(Dataset):
         Always: files open, the mask suits the encoding (channels) and image and mask
         sizes agree (headers only). With ``full``, every mask is also decoded, a band
         of rows at a time, so unknown colours and out-of-range ids are found.
+
+        Args:
+            full: also decode every mask (slow: reads every pixel).
+
+        Raises:
+            GigasegError: the one problem found (a ``DatasetError``, or an ``ImageReadError`` for a
+                file that does not open).
+            DatasetError: several problems, listed in one message.
         """
         problems: list[GigasegError] = []
         for pair in self.pairs:
@@ -331,7 +466,15 @@ def read_pair(
     """The image ``(h, w, C)`` and labels ``(h, w)`` uint8 of one window, aligned.
 
     The image is resampled with area averaging, the labels with nearest neighbour.
-    Labels are None for a sample without mask.
+
+    Args:
+        sample: the opened sample.
+        window: the region to read; None: the whole image.
+        out_size: ``(h, w)`` to resample to; None: the window's own size.
+
+    Returns:
+        ``(image, labels)``: the image in its source dtype, and the class ids, or None for a sample
+        without mask.
     """
     window = sample.image.bounds if window is None else window
     image = sample.image.read(window, out_size, resample="area")
@@ -347,7 +490,15 @@ YAML_NAME = "dataset.yaml"
 def yaml_dataset_folder(root: str | os.PathLike, why: str) -> Path:
     """The folder holding a dataset.yaml: ``root`` itself, or the folder of ``root`` when it is the yaml.
 
-    A folder without dataset.yaml is a DatasetError saying ``why`` it needs one.
+    Args:
+        root: a dataset folder or its ``dataset.yaml``.
+        why: why the dataset needs a dataset.yaml, for the error message.
+
+    Returns:
+        The dataset folder.
+
+    Raises:
+        DatasetError: the folder does not exist or holds no dataset.yaml.
     """
     root = Path(root)
     if root.is_file() and root.name == YAML_NAME:
@@ -359,7 +510,18 @@ def yaml_dataset_folder(root: str | os.PathLike, why: str) -> Path:
 
 
 def load_yaml_mapping(path: Path, keys: str) -> dict:
-    """The mapping in the yaml file ``path``; ``keys`` hints at what it should hold (``"name:, classes:"``)."""
+    """The mapping in the yaml file ``path``.
+
+    Args:
+        path: the yaml file.
+        keys: what the mapping should hold, quoted by the error when it is not a mapping (``"name:, classes:"``).
+
+    Returns:
+        The parsed mapping.
+
+    Raises:
+        DatasetError: the file cannot be read, is not valid YAML, or is not a mapping.
+    """
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
@@ -372,7 +534,18 @@ def load_yaml_mapping(path: Path, keys: str) -> dict:
 
 
 def yaml_classes(data: dict, path: Path) -> list[str]:
-    """The ``classes`` of a dataset.yaml: a non-empty list of distinct names (ids are their indices)."""
+    """The ``classes`` of a dataset.yaml: a non-empty list of distinct names (ids are their indices).
+
+    Args:
+        data: the parsed dataset.yaml.
+        path: the yaml file, named by the errors.
+
+    Returns:
+        The class names as strings (integer names are converted).
+
+    Raises:
+        DatasetError: ``classes`` is missing, empty, not a list of names, or names a class twice.
+    """
     classes = data.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int)) for c in classes):
         raise DatasetError(path, f"'classes' must be a non-empty list of names, got {classes!r}")
@@ -384,7 +557,18 @@ def yaml_classes(data: dict, path: Path) -> list[str]:
 
 
 def yaml_splits(data: dict, path: Path) -> dict[str, list[str]] | None:
-    """The optional ``splits`` of a dataset.yaml: split name -> image stems."""
+    """The optional ``splits`` of a dataset.yaml: split name -> image stems.
+
+    Args:
+        data: the parsed dataset.yaml.
+        path: the yaml file, named by the error.
+
+    Returns:
+        The splits with every stem as a string, or None when the yaml defines none.
+
+    Raises:
+        DatasetError: ``splits`` is not a mapping of names to lists.
+    """
     splits = data.get("splits")
     if splits is None:
         return None
@@ -394,7 +578,19 @@ def yaml_splits(data: dict, path: Path) -> dict[str, list[str]] | None:
 
 
 def yaml_folder(data: dict, key: str, path: Path) -> str:
-    """A folder name of a dataset.yaml (``images``, ``masks``), defaulting to ``key`` itself."""
+    """A folder name of a dataset.yaml (``images``, ``masks``), defaulting to ``key`` itself.
+
+    Args:
+        data: the parsed dataset.yaml.
+        key: the entry to read; also its default value.
+        path: the yaml file, named by the error.
+
+    Returns:
+        The folder name, relative to the dataset folder.
+
+    Raises:
+        DatasetError: the entry is not a non-empty string.
+    """
     value = data.get(key, key)
     if not isinstance(value, str) or not value:
         raise DatasetError(path, f"'{key}' must be a folder name, got {value!r}")

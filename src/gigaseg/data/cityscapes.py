@@ -80,13 +80,22 @@ MASK_SUFFIX = "_gtFine_labelIds"
 
 
 def label_id_to_train_id() -> np.ndarray:
-    """The 256-entry table labelId -> trainId (255 for ids not evaluated)."""
+    """The 256-entry table labelId -> trainId (255 for ids not evaluated).
+
+    Returns:
+        ``(256,)`` uint8: entry ``LABEL_IDS[i]`` is ``i``, every other entry ``IGNORE_INDEX``.
+    """
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     lut[list(LABEL_IDS)] = np.arange(len(LABEL_IDS))
     return lut
 
 
 def encoding() -> LookupEncoding:
+    """How Cityscapes stores classes: labelIds mapped to the 19 trainIds.
+
+    Returns:
+        A ``LookupEncoding`` of ``label_id_to_train_id()``, ignoring the other ids.
+    """
     return LookupEncoding(label_id_to_train_id(), ignore_index=IGNORE_INDEX)
 
 
@@ -97,7 +106,19 @@ def _files(folder: Path, suffix: str) -> list[Path]:
 
 
 class Cityscapes(SegmentationDataset):
-    """Cityscapes fine: ``Cityscapes(root, split)``, split ``train``, ``val`` or ``test``."""
+    """Cityscapes fine: ``Cityscapes(root, split)``, split ``train``, ``val`` or ``test``.
+
+    Args:
+        root: the folder holding ``leftImg8bit/`` and ``gtFine/``.
+        split: ``"train"``, ``"val"`` or ``"test"`` (read without masks).
+        max_memory: bytes (or a size like ``"2GB"``) a reader may decode at once, passed to ``open_image``;
+            None: no bound.
+        check: check every pair's headers at construction (``SegmentationDataset.validate``).
+
+    Raises:
+        DatasetError: an unknown split, a missing folder, no images, or an image without its
+            annotation (or the reverse).
+    """
 
     def __init__(
         self,

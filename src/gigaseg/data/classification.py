@@ -83,6 +83,7 @@ class ClassificationSample:
     mask: None = None
 
     def close(self) -> None:
+        """Close the image (samples are also context managers)."""
         self.image.close()
 
     def __enter__(self) -> ClassificationSample:
@@ -105,7 +106,18 @@ class ClassificationConfig:
 
 
 def read_classification_yaml(path: str | os.PathLike) -> ClassificationConfig:
-    """Parse and check a classification dataset.yaml (schema in the module docstring)."""
+    """Parse and check a classification dataset.yaml (schema in the module docstring).
+
+    Args:
+        path: the dataset.yaml.
+
+    Returns:
+        The parsed yaml; labels given by name are turned into class ids, and ``name`` defaults
+        to the yaml's folder's name.
+
+    Raises:
+        DatasetError: the file cannot be read or breaks a rule of the schema.
+    """
     path = Path(path)
     data = load_yaml_mapping(path, "task:, classes:, labels:")
     task = data.get("task")
@@ -158,7 +170,20 @@ def classification_yaml(
     images: str = "images",
     **extra: Any,
 ) -> dict:
-    """The dataset.yaml content (a dict for ``yaml.safe_dump``) of a classification dataset."""
+    """The dataset.yaml content (a dict for ``yaml.safe_dump``) of a classification dataset.
+
+    Args:
+        classes: the class names (a class's index is its id).
+        labels: image stem -> class id or class name.
+        splits: split name -> image stems; None: no ``splits`` entry (every image is ``train``).
+        name: the dataset's name; None: no ``name`` entry (readers use the folder's name).
+        images: the images folder, relative to the dataset folder.
+        **extra: further top-level entries, written last.
+
+    Returns:
+        The mapping, keys in schema order (``name``, ``task``, ``images``, ``classes``, ``labels``,
+        ``splits``, then ``extra``).
+    """
     content: dict[str, Any] = {}
     if name is not None:
         content["name"] = name
@@ -179,9 +204,22 @@ def classification_yaml(
 class ClassificationDataset(Dataset):
     """A classification dataset folder (see the module docstring); ``dataset[i]`` is a lazy sample.
 
-    ``split``: a name from ``splits`` (``"all"``: every image; without splits every image is
-    ``"train"``). Construction checks that every labelled stem has an image and, with
-    ``check``, that every image of the split opens (headers only).
+    Construction checks that every labelled stem has an image and, with ``check``, that
+    every image of the split opens (headers only). ``ignore_index`` (255) and
+    ``exclude_from_miou`` (empty) are unused by classification; they exist so checkpoints
+    store the same data facts as for segmentation.
+
+    Args:
+        root: the dataset folder, or its dataset.yaml.
+        split: a name from ``splits`` (``"all"``: every image; without splits every image is
+            ``"train"``).
+        max_memory: bytes (or a size like ``"2GB"``) a reader may decode at once, passed to ``open_image``;
+            None: no bound.
+        check: run ``validate()`` at construction.
+
+    Raises:
+        DatasetError: no dataset.yaml or a malformed one, no images, a labelled stem without image,
+            an unknown or empty split, or (with ``check``) images that cannot be read.
     """
 
     def __init__(
@@ -214,6 +252,7 @@ class ClassificationDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
+        """Number of classes (ids ``0..num_classes-1``)."""
         return len(self.classes)
 
     @property
@@ -222,7 +261,14 @@ class ClassificationDataset(Dataset):
         return all(label is not None for label in self.labels)
 
     def require_labels(self, what: str = "training") -> None:
-        """DatasetError listing the unlabelled images, if any."""
+        """Check that every image of the split has a label.
+
+        Args:
+            what: what needs the labels, for the message (``"training"``, ``"evaluation"``).
+
+        Raises:
+            DatasetError: some images are unlabelled (they are listed).
+        """
         unlabelled = [n for n, label in zip(self.names, self.labels) if label is None]
         if unlabelled:
             raise DatasetError(
@@ -232,7 +278,11 @@ class ClassificationDataset(Dataset):
             )
 
     def class_counts(self) -> np.ndarray:
-        """Images per class id among the labelled images."""
+        """Images per class id among the labelled images.
+
+        Returns:
+            ``(num_classes,)`` int64 counts.
+        """
         return np.bincount([label for label in self.labels if label is not None], minlength=self.num_classes)
 
     def __len__(self) -> int:
@@ -244,7 +294,11 @@ class ClassificationDataset(Dataset):
         )
 
     def validate(self) -> None:
-        """Every image of the split opens (headers only); one DatasetError lists the failures."""
+        """Check that every image of the split opens (headers only).
+
+        Raises:
+            DatasetError: some images cannot be read; one error lists them all.
+        """
         problems = []
         for path in self.files:
             try:

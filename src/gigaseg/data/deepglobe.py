@@ -56,6 +56,11 @@ _ALIASES = {"val": ("valid",), "valid": ("val",)}
 
 
 def encoding() -> PaletteEncoding:
+    """How DeepGlobe stores classes: the colour code, each channel thresholded at ``THRESHOLD``.
+
+    Returns:
+        A ``PaletteEncoding`` of ``PALETTE`` with ``threshold=THRESHOLD``.
+    """
     return PaletteEncoding(PALETTE, threshold=THRESHOLD)
 
 
@@ -64,7 +69,15 @@ def _holds_images(folder: Path) -> bool:
 
 
 def looks_like_deepglobe(path: Path) -> bool:
-    """``*_sat.<ext>`` files in ``path``, in one of its folders, or in a ``<folder>/Sat``."""
+    """Whether ``path`` holds DeepGlobe images.
+
+    Args:
+        path: a folder.
+
+    Returns:
+        True when ``*_sat.<ext>`` image files are in ``path``, in ``path/Sat``, in one of its
+        folders, or in a ``<folder>/Sat``.
+    """
     if _holds_images(path) or _holds_images(path / "Sat"):
         return True
     return any(_holds_images(sub) or _holds_images(sub / "Sat") for sub in path.iterdir() if sub.is_dir())
@@ -96,6 +109,17 @@ class DeepGlobe(SegmentationDataset):
     split (``"all"`` too), and other splits are an error. A folder without
     any mask is unlabelled (samples' ``mask`` is None); one with some masks must
     have all of them.
+
+    Args:
+        root: the DeepGlobe folder.
+        split: a split folder's name (``"train"``, ``"val"``, ``"crossvalidation"``, ...).
+        max_memory: bytes (or a size like ``"2GB"``) a reader may decode at once, passed to ``open_image``;
+            None: no bound.
+        check: check every pair's headers at construction (``SegmentationDataset.validate``).
+
+    Raises:
+        DatasetError: no such split folder, no images, or an image without its mask (or the reverse)
+            in a labelled folder.
     """
 
     def __init__(

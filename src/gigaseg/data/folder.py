@@ -2,6 +2,7 @@
 
 ``FolderPairs`` reads masks of class ids (or RGB colours listed in a ``dataset.yaml``);
 ``GigasegDataset`` is the same with gigaseg's dataset.yaml, as written by ``gigaseg synth``.
+``DatasetConfig`` describes the dataset.yaml of a segmentation dataset.
 """
 
 from __future__ import annotations
@@ -41,7 +42,29 @@ __all__ = ["DatasetConfig", "FolderPairs", "GigasegDataset", "read_dataset_yaml"
 
 @dataclass
 class DatasetConfig:
-    """A parsed dataset.yaml (see ``.notes/dataset_yaml.md`` for the schema)."""
+    """A parsed segmentation dataset.yaml (``read_dataset_yaml``).
+
+    The file is a YAML mapping; only ``classes`` is required::
+
+        name: my-scenes             # default: the dataset folder's name
+        task: segmentation          # the default; classification datasets: gigaseg.data.classification
+        images: images              # folder of the image files (default: images)
+        masks: masks                # folder of the mask files, matched to images by stem (default: masks)
+        mask_encoding: index        # index (pixels are class ids; default) or rgb (pixels are colours)
+        classes: [water, forest]    # class names; a class's index is its id
+        palette: [[0, 0, 255], [0, 255, 0]]   # one [R, G, B] per class; required for rgb
+        ignore_index: 255           # the label of pixels not scored: an integer len(classes)..255
+        ignore_color: [0, 0, 0]     # rgb only: the colour of pixels read as ignore_index
+        exclude_from_miou: [0]      # class ids that mIoU leaves out (default: none)
+        splits:                     # optional: split name -> image stems
+          train: [scene_0, scene_1]
+          val: [scene_2]
+
+    Without ``palette``, an index-encoded dataset gets ``default_palette``. With ``rgb``,
+    palette colours must be distinct and differ from ``ignore_color``. Every stem a split
+    lists must have an image. Without ``splits`` every image is in ``train``; ``"all"`` is
+    every image unless ``splits`` defines it.
+    """
 
     path: Path
     name: str
@@ -65,7 +88,18 @@ def _colour(value: Any, what: str, path: Path) -> list[int]:
 
 
 def read_dataset_yaml(path: str | os.PathLike) -> DatasetConfig:
-    """Parse and check a dataset.yaml; every problem is a DatasetError naming the file."""
+    """Parse and check a segmentation dataset.yaml (schema: ``DatasetConfig``).
+
+    Args:
+        path: the dataset.yaml.
+
+    Returns:
+        The parsed yaml, with its label encoding built (``IndexEncoding`` or ``PaletteEncoding``).
+
+    Raises:
+        DatasetError: the file cannot be read, its ``task`` is not segmentation, or an entry is
+            missing or malformed; the error names the file.
+    """
     path = Path(path)
     data = load_yaml_mapping(path, "name:, classes:, palette:")
 
@@ -160,8 +194,26 @@ class FolderPairs(SegmentationDataset):
     splits); else it is inferred from 1-channel id masks (class ``i`` named
     ``class_i``, a full read of every mask, with a warning).
 
-    ``split``: a name from ``splits``; ``"all"`` is every pair; without splits every
-    pair is ``"train"``.
+    Args:
+        root: the dataset folder.
+        split: a name from ``splits``; ``"all"`` is every pair; without splits every pair is
+            ``"train"``.
+        images: the image folder under ``root`` (replaced by the dataset.yaml's, when one is read).
+        masks: the mask folder under ``root`` (likewise).
+        classes: one name per class; None: from the dataset.yaml (read only when neither
+            ``classes`` nor ``encoding`` is given), else ``class_0``, ``class_1``, ...
+        encoding: how the masks store classes; None: an ``IndexEncoding`` of ``len(classes)``
+            classes when ``classes`` is given, else from the dataset.yaml, else inferred from the masks.
+        palette: one RGB colour per class; None: ``default_palette``.
+        exclude_from_miou: class ids that mIoU leaves out.
+        splits: split name -> image stems; None: no splits (unless the dataset.yaml defines them).
+        max_memory: bytes (or a size like ``"2GB"``) a reader may decode at once, passed to ``open_image``;
+            None: no bound.
+        check: check every pair's headers at construction (``SegmentationDataset.validate``).
+
+    Raises:
+        DatasetError: a missing folder, no images, an image without its mask (or the reverse), a
+            malformed dataset.yaml, an unknown or empty split, or (with ``check``) a broken pair.
     """
 
     def __init__(
@@ -232,8 +284,19 @@ class FolderPairs(SegmentationDataset):
 class GigasegDataset(FolderPairs):
     """gigaseg's own layout: a folder with ``dataset.yaml`` (as written by ``gigaseg synth``).
 
-    ``root`` may also be the dataset.yaml itself. Classes, palette, encoding,
-    folders and splits all come from the yaml.
+    Classes, palette, encoding, folders and splits all come from the yaml (schema:
+    ``DatasetConfig``).
+
+    Args:
+        root: the dataset folder, or its dataset.yaml.
+        split: a name from the yaml's ``splits`` (``"all"``: every pair; without splits every
+            pair is ``"train"``).
+        max_memory: bytes (or a size like ``"2GB"``) a reader may decode at once, passed to ``open_image``;
+            None: no bound.
+        check: check every pair's headers at construction (``SegmentationDataset.validate``).
+
+    Raises:
+        DatasetError: no dataset.yaml or a malformed one, or any problem ``FolderPairs`` finds.
     """
 
     def __init__(

@@ -43,13 +43,32 @@ _NUMBERED = re.compile(r"^(?P<city>.*?)(?P<number>\d+)$")
 
 
 def is_validation(name: str) -> bool:
-    """Whether ``name`` (e.g. ``"tyrol-w3"``) is one of the first five images of its city."""
+    """Whether ``name`` (e.g. ``"tyrol-w3"``) is one of the first five images of its city.
+
+    Args:
+        name: an image stem: the city and the image's number.
+
+    Returns:
+        True when the number is 1..``VAL_PER_CITY`` (False for a name without a number).
+    """
     match = _NUMBERED.match(name)
     return match is not None and 1 <= int(match.group("number")) <= VAL_PER_CITY
 
 
 class Inria(SegmentationDataset):
-    """Inria Aerial: ``Inria(root, split)`` with split ``train``, ``val``, ``all`` or ``test``."""
+    """Inria Aerial: ``Inria(root, split)`` with split ``train``, ``val``, ``all`` or ``test``.
+
+    Args:
+        root: the folder holding ``train/`` (``images/``, ``gt/``) and ``test/images/``.
+        split: ``"train"``, ``"val"``, ``"all"`` or ``"test"`` (see the module docstring).
+        max_memory: bytes (or a size like ``"2GB"``) a reader may decode at once, passed to ``open_image``;
+            None: no bound.
+        check: check every pair's headers at construction (``SegmentationDataset.validate``).
+
+    Raises:
+        DatasetError: an unknown split, a missing folder, no images, or an image without its
+            ground truth (or the reverse).
+    """
 
     def __init__(
         self,

@@ -81,7 +81,11 @@ def _one_band(raw: np.ndarray, encoding: LabelEncoding, path) -> np.ndarray:
 
 
 class LabelEncoding(ABC):
-    """How a mask file stores classes; ``encode`` maps a decoded window to class ids."""
+    """How a mask file stores classes; ``encode`` maps a decoded window to class ids.
+
+    Subclasses set ``kind`` (which registers them for ``from_dict``), ``num_classes`` and
+    ``ignore_index``.
+    """
 
     #: name used in ``to_dict`` / ``from_dict`` (and in dataset.yaml's spirit)
     kind: ClassVar[str]
@@ -107,17 +111,42 @@ class LabelEncoding(ABC):
     ) -> np.ndarray:
         """Class ids ``(h, w)`` uint8 of a decoded mask window ``raw`` (``(h, w)`` or ``(h, w, C)``).
 
-        ``path`` and ``window`` (the image window ``raw`` covers, default the whole
-        array) only serve error messages.
+        Args:
+            raw: the decoded mask pixels.
+            path: the mask file; only serves error messages.
+            window: the image window ``raw`` covers (default: the whole array); only serves error
+                messages, which locate a bad pixel in image coordinates.
+
+        Returns:
+            ``(h, w)`` uint8 class ids, ``ignore_index`` where not scored.
+
+        Raises:
+            DatasetError: ``raw`` has the wrong channels or dtype, or holds a value the encoding does
+                not know (an unknown colour, an id out of range).
         """
 
     @abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        """Plain (JSON/YAML-safe) description, with ``"type"``; ``from_dict`` inverts it."""
+        """Plain (JSON/YAML-safe) description, with ``"type"``; ``from_dict`` inverts it.
+
+        Returns:
+            ``{"type": kind, ...}`` holding the constructor's arguments.
+        """
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LabelEncoding:
-        """The encoding that ``to_dict`` described."""
+        """The encoding that ``to_dict`` described.
+
+        Args:
+            data: a ``to_dict`` result: ``"type"`` names the encoding, the other keys are its
+                constructor's arguments.
+
+        Returns:
+            A new encoding of the class ``"type"`` names.
+
+        Raises:
+            ValueError: ``"type"`` names no encoding (or one that is not a subclass of ``cls``).
+        """
         kind = data.get("type")
         sub = LabelEncoding._registry.get(kind)
         if sub is None or not issubclass(sub, cls):
@@ -144,7 +173,15 @@ class LabelEncoding(ABC):
 
 
 class IndexEncoding(LabelEncoding):
-    """The mask's pixels are the class ids ``0..num_classes-1``, or ``ignore_index``."""
+    """The mask's pixels are the class ids ``0..num_classes-1``, or ``ignore_index``.
+
+    Args:
+        num_classes: number of classes, 1..255.
+        ignore_index: the value of pixels that are not scored, ``num_classes..255``.
+
+    Raises:
+        ValueError: ``num_classes`` or ``ignore_index`` is out of range.
+    """
 
     kind = "index"
 
@@ -154,6 +191,20 @@ class IndexEncoding(LabelEncoding):
         self.ignore_index = int(ignore_index)
 
     def encode(self, raw, *, path=None, window=None):
+        """The ids of a 1-channel integer mask, checked to be in range (see ``LabelEncoding.encode``).
+
+        Args:
+            raw: the decoded mask pixels, ``(h, w)`` or ``(h, w, 1)``.
+            path: the mask file, for error messages.
+            window: the image window ``raw`` covers, for error messages.
+
+        Returns:
+            ``(h, w)`` uint8 class ids.
+
+        Raises:
+            DatasetError: ``raw`` is not a 1-channel integer mask, or holds an id that is neither a class
+                nor ``ignore_index``.
+        """
         ids = _one_band(np.asarray(raw), self, path)
         window = window or Window(0, 0, *ids.shape)
         if ids.size and (int(ids.max()) >= self.num_classes or int(ids.min()) < 0):
@@ -169,6 +220,11 @@ class IndexEncoding(LabelEncoding):
         return ids.astype(np.uint8, copy=False)
 
     def to_dict(self):
+        """Plain description (see ``LabelEncoding.to_dict``).
+
+        Returns:
+            ``{"type": "index", "num_classes": ..., "ignore_index": ...}``.
+        """
         return {"type": self.kind, "num_classes": self.num_classes, "ignore_index": self.ignore_index}
 
 
@@ -180,6 +236,17 @@ class PaletteEncoding(LabelEncoding):
     this is the official reading of DeepGlobe's masks, whose colours are slightly off
     because they went through JPEG compression before being saved as PNG. Any other
     colour is an error.
+
+    Args:
+        palette: one RGB colour per class (anything ``as_palette`` reads); colours must be distinct.
+        ignore_color: the RGB colour of pixels that are not scored; None: every pixel is a class.
+        ignore_index: the label given to ``ignore_color`` pixels, ``len(palette)..255``.
+        threshold: per-channel binarisation threshold, 1..255; None: colours must match exactly.
+            With a threshold every palette (and ignore) colour may use only 0 and 255.
+
+    Raises:
+        ValueError: two classes share a colour, ``ignore_color`` is a class's colour, or a value
+            is out of range.
     """
 
     kind = "palette"
@@ -218,6 +285,20 @@ class PaletteEncoding(LabelEncoding):
         self._lookup = lookup.astype(np.uint8)
 
     def encode(self, raw, *, path=None, window=None):
+        """The class of each pixel's colour (see ``LabelEncoding.encode``); an alpha channel is ignored.
+
+        Args:
+            raw: the decoded mask pixels, ``(h, w, 3)`` or ``(h, w, 4)`` uint8.
+            path: the mask file, for error messages.
+            window: the image window ``raw`` covers, for error messages.
+
+        Returns:
+            ``(h, w)`` uint8 class ids, ``ignore_index`` where the colour is ``ignore_color``.
+
+        Raises:
+            DatasetError: ``raw`` is not an 8-bit RGB(A) mask, or holds a colour that is neither a
+                class's nor ``ignore_color`` (after thresholding, with ``threshold``).
+        """
         raw = np.asarray(raw)
         if raw.ndim != 3 or raw.shape[2] not in (3, 4):
             channels = 1 if raw.ndim == 2 else raw.shape[2]
@@ -244,6 +325,11 @@ class PaletteEncoding(LabelEncoding):
         return labels
 
     def to_dict(self):
+        """Plain description (see ``LabelEncoding.to_dict``).
+
+        Returns:
+            ``{"type": "palette", "palette", "ignore_color", "ignore_index", "threshold"}``, colours as lists.
+        """
         return {
             "type": self.kind,
             "palette": self.palette.tolist(),
@@ -257,7 +343,15 @@ class LookupEncoding(LabelEncoding):
     """Stored value ``v`` (0..255) means class ``lut[v]``; ``ignore_index`` entries are not scored.
 
     E.g. Cityscapes' labelIds -> the 19 trainIds, everything else -> 255.
-    ``num_classes`` defaults to the largest non-ignore entry + 1.
+
+    Args:
+        lut: 256 integers in 0..255, the class id (or ``ignore_index``) of each stored value.
+        ignore_index: the table entry that marks values not scored.
+        num_classes: number of classes; None: the largest non-ignore entry + 1.
+
+    Raises:
+        ValueError: the table is not 256 integers in 0..255, ``num_classes`` is smaller than
+            the table needs, or ``ignore_index`` is a class id.
     """
 
     kind = "lookup"
@@ -278,6 +372,19 @@ class LookupEncoding(LabelEncoding):
         self.ignore_index = int(ignore_index)
 
     def encode(self, raw, *, path=None, window=None):
+        """The table entry of each stored value (see ``LabelEncoding.encode``).
+
+        Args:
+            raw: the decoded mask pixels, ``(h, w)`` or ``(h, w, 1)`` integers.
+            path: the mask file, for error messages.
+            window: the image window ``raw`` covers, for error messages.
+
+        Returns:
+            ``(h, w)`` uint8 class ids (or ``ignore_index``).
+
+        Raises:
+            DatasetError: ``raw`` is not a 1-channel integer mask, or holds a value outside 0..255.
+        """
         values = _one_band(np.asarray(raw), self, path)
         if values.dtype != np.uint8 and values.size and (int(values.max()) > 255 or int(values.min()) < 0):
             bad = (values > 255) | (values < 0)
@@ -288,6 +395,11 @@ class LookupEncoding(LabelEncoding):
         return self.lut[values]
 
     def to_dict(self):
+        """Plain description (see ``LabelEncoding.to_dict``).
+
+        Returns:
+            ``{"type": "lookup", "lut": [256 ints], "ignore_index", "num_classes"}``.
+        """
         return {
             "type": self.kind,
             "lut": self.lut.tolist(),
@@ -297,7 +409,17 @@ class LookupEncoding(LabelEncoding):
 
 
 class BinaryEncoding(LabelEncoding):
-    """Grey values ``>= threshold`` are class 1, others class 0 (Inria's 0/255 building masks)."""
+    """Grey values ``>= threshold`` are class 1, others class 0 (Inria's 0/255 building masks).
+
+    No pixel is ``ignore_index``; it is kept so that losses and metrics know which value to skip.
+
+    Args:
+        threshold: the least grey value of class 1 (at least 1).
+        ignore_index: the value reported as not scored, 2..255.
+
+    Raises:
+        ValueError: ``threshold`` < 1 or ``ignore_index`` out of range.
+    """
 
     kind = "binary"
     num_classes = 2
@@ -310,10 +432,28 @@ class BinaryEncoding(LabelEncoding):
         self.ignore_index = int(ignore_index)
 
     def encode(self, raw, *, path=None, window=None):
+        """1 where ``raw >= threshold``, else 0 (see ``LabelEncoding.encode``).
+
+        Args:
+            raw: the decoded mask pixels, ``(h, w)`` or ``(h, w, 1)`` integers (or bool).
+            path: the mask file, for error messages.
+            window: unused (no value is unknown to this encoding).
+
+        Returns:
+            ``(h, w)`` uint8 class ids 0 and 1.
+
+        Raises:
+            DatasetError: ``raw`` is not a 1-channel integer mask.
+        """
         values = _one_band(np.asarray(raw), self, path)
         return (values >= self.threshold).view(np.uint8)
 
     def to_dict(self):
+        """Plain description (see ``LabelEncoding.to_dict``).
+
+        Returns:
+            ``{"type": "binary", "threshold": ..., "ignore_index": ...}``.
+        """
         return {"type": self.kind, "threshold": self.threshold, "ignore_index": self.ignore_index}
 
 
@@ -326,6 +466,13 @@ class LabelSource(ImageSource):
     compatibility with ``ImageSource`` and always treated as ``"nearest"``.
     A paletted (1-channel) PNG read with a ``PaletteEncoding`` is first expanded
     through the file's own palette.
+
+    Args:
+        raw: the mask file, opened as an image (``open_image``); closed by ``close``.
+        encoding: how ``raw`` stores classes.
+
+    Raises:
+        DatasetError: ``raw`` has the wrong number of channels for ``encoding``.
     """
 
     def __init__(self, raw: ImageSource, encoding: LabelEncoding):
@@ -352,22 +499,27 @@ class LabelSource(ImageSource):
 
     @property
     def height(self) -> int:
+        """Rows of the mask."""
         return self.raw.height
 
     @property
     def width(self) -> int:
+        """Columns of the mask."""
         return self.raw.width
 
     @property
     def channels(self) -> int:
+        """Always 1: one class id per pixel."""
         return 1
 
     @property
     def dtype(self) -> np.dtype:
+        """Always uint8."""
         return np.dtype(np.uint8)
 
     @property
     def geo_tags(self):
+        """The raw mask file's GeoTIFF georeferencing (see ``ImageSource.geo_tags``)."""
         return self.raw.geo_tags
 
     def _encode(self, raw: np.ndarray, window: Window) -> np.ndarray:
@@ -376,11 +528,37 @@ class LabelSource(ImageSource):
         return self.encoding.encode(raw, path=self.path, window=window)[:, :, None]
 
     def read(self, window=None, out_size=None, resample="nearest"):
+        """Class ids of ``window`` (see ``ImageSource.read``), resampled with nearest neighbour.
+
+        Args:
+            window: the region to read; None: the whole mask.
+            out_size: ``(h, w)`` to resample to; None: the window's own size.
+            resample: ignored: labels are always resampled with ``"nearest"``.
+
+        Returns:
+            ``(h, w, 1)`` uint8 class ids.
+
+        Raises:
+            DatasetError: the window holds a value the encoding does not know.
+        """
         window = self.bounds if window is None else window
         return self._encode(self.raw.read(window, out_size, resample="nearest"), window)
 
     def thumbnail(self, max_side, resample="nearest"):
+        """The whole mask's class ids with the longer side scaled to ``max_side`` (nearest neighbour).
+
+        Args:
+            max_side: the longer side of the result, in pixels.
+            resample: ignored: labels are always resampled with ``"nearest"``.
+
+        Returns:
+            ``(h, w, 1)`` uint8 class ids.
+
+        Raises:
+            DatasetError: the mask holds a value the encoding does not know.
+        """
         return self._encode(self.raw.thumbnail(max_side, resample="nearest"), self.bounds)
 
     def close(self) -> None:
+        """Close the raw mask file."""
         self.raw.close()

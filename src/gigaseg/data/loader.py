@@ -24,7 +24,18 @@ __all__ = ["dataset_task", "load_dataset", "load_segmentation_dataset"]
 
 
 def dataset_task(path: str | os.PathLike) -> str:
-    """``task`` of the dataset.yaml in folder ``path`` (or the yaml itself); "segmentation" without one."""
+    """The ``task`` of a dataset's dataset.yaml.
+
+    A yaml that cannot be read or parsed also gives "segmentation": the segmentation
+    loader then reports the problem in detail.
+
+    Args:
+        path: a dataset folder, or its dataset.yaml.
+
+    Returns:
+        The yaml's ``task`` (``"classification"``, ...), or "segmentation" when there is no
+        dataset.yaml or it does not say.
+    """
     path = Path(path)
     yaml_path = path if path.is_file() else path / YAML_NAME
     if not yaml_path.is_file():
@@ -43,7 +54,18 @@ def load_segmentation_dataset(path: str | os.PathLike, split: str = "train", **o
     ``FolderPairs``; ``*_sat.jpg`` files (here, in a split folder, or in
     ``<split>/Sat``) -> ``DeepGlobe``; ``train/gt`` -> ``Inria``; ``leftImg8bit`` ->
     ``Cityscapes``.
-    ``options`` (``max_memory``, ``check``) go to the dataset's constructor.
+
+    Args:
+        path: the dataset folder (or its dataset.yaml).
+        split: the split to open ("train", "val", ...).
+        **options: passed to the dataset's constructor (``max_memory``, ``check``).
+
+    Returns:
+        The dataset of the first layout that matches.
+
+    Raises:
+        DatasetError: ``path`` is not a folder, is no layout gigaseg knows, or holds a malformed
+            dataset.
     """
     path = Path(path)
     if path.is_file() and path.name == YAML_NAME:

@@ -4,6 +4,10 @@
   downsampled global view loses and whose two vegetation classes only context farther
   than a patch tells apart (``gigaseg synth landcover``).
 - ``checks``: the self-checks proving both properties, computed band by band.
+- ``ultramnist``: UltraMNIST-style classification images, digits of very different sizes
+  on one large canvas (``gigaseg synth ultramnist``).
+- ``textures``: position-addressed texture, noise and lighting the scenes are painted with.
+- ``output``: the output folder every generator writes into.
 """
 
 from ..labels import IGNORE_INDEX

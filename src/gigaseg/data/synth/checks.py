@@ -41,8 +41,17 @@ BAND_ROWS = 512
 
 
 def patch_grid(height: int, width: int, patch: int = GLNET_PATCH) -> tuple[list[int], list[int]] | None:
-    """``(row_starts, col_starts)`` of the GLNet grid over ``height x width``, or ``None``
-    when a side is shorter than a patch (the context check is undefined there)."""
+    """The GLNet patch grid over a ``height x width`` image (``gigaseg.geometry.glnet_starts``).
+
+    Args:
+        height: image rows.
+        width: image columns.
+        patch: the patch side, in pixels.
+
+    Returns:
+        ``(row_starts, col_starts)``, patches overlapping by at least ``GLNET_MIN_OVERLAP``; or
+        None when a side is shorter than a patch (the context check is undefined there).
+    """
     if height < patch or width < patch:
         return None
     return glnet_starts(height, patch, GLNET_MIN_OVERLAP), glnet_starts(width, patch, GLNET_MIN_OVERLAP)
@@ -53,6 +62,12 @@ class FineStructureCheck:
 
     Feed full-width bands top to bottom; each band must start on a multiple of
     ``factor`` and span whole blocks (only the last band may be shorter).
+
+    Args:
+        height: mask rows.
+        width: mask columns.
+        classes: the fine classes, name -> class id.
+        factor: the down/up-sampling factor.
     """
 
     def __init__(self, height: int, width: int, classes: Mapping[str, int], factor: int = 4):
@@ -65,6 +80,15 @@ class FineStructureCheck:
         self._cols = np.minimum(np.arange(0, self.width, factor) + offset, self.width - 1)
 
     def update(self, band: np.ndarray, top: int) -> None:
+        """Add one band of the mask to the counts.
+
+        Args:
+            band: ``(rows, width)`` class ids.
+            top: the band's first row in the mask.
+
+        Raises:
+            ValueError: the band is not full-width or not aligned with the ``factor`` blocks.
+        """
         rows = band.shape[0]
         if band.shape[1] != self.width:
             raise ValueError(f"bands must span the full width {self.width}, got {band.shape[1]}")
@@ -84,11 +108,20 @@ class FineStructureCheck:
         counts[1] += int(np.count_nonzero(truth | coarse))
 
     def counts(self) -> dict[str, tuple[int, int]]:
-        """``{class name: (intersection, union)}`` in pixels, ``"all"`` for the fine classes together."""
+        """The pixel counts so far.
+
+        Returns:
+            ``{class name: (intersection, union)}`` in pixels, ``"all"`` for the fine classes together.
+        """
         return {name: (inter, union) for name, (inter, union) in self._counts.items()}
 
     def result(self) -> dict[str, float | None]:
-        """``{class name: IoU, ..., "all": IoU of the fine classes together}``; None where absent."""
+        """The IoUs so far.
+
+        Returns:
+            ``{class name: IoU, ..., "all": IoU of the fine classes together}``; None where a class
+            is absent from both the mask and its coarse copy.
+        """
         return _ious(self.counts())
 
 
@@ -102,6 +135,14 @@ class ContextCheck:
     ``update(band, top)`` takes full-resolution bands; ``update(band, ys=..., xs=...)``
     takes a band sampled at pixel coordinates ``ys x xs`` (sorted), which lets a
     coarse preview estimate the same figure.
+
+    Args:
+        height: image rows.
+        width: image columns.
+        context_classes: the context classes, name -> class id.
+        cue_classes: ids of the cue classes (water).
+        patch: the GLNet patch side, in pixels. When a side is shorter, ``defined`` is False
+            and only pixel counts are kept.
     """
 
     def __init__(
@@ -137,6 +178,17 @@ class ContextCheck:
         return cuts, cover
 
     def update(self, band: np.ndarray, top: int | None = None, *, ys=None, xs=None) -> None:
+        """Add one band (full-resolution, or sampled at ``ys x xs``) to the counts.
+
+        Args:
+            band: class ids, ``(len(ys), len(xs))``.
+            top: the band's first row, for a full-resolution band (``ys`` then is ``top, top + 1, ...``).
+            ys: the sorted image rows of the band's rows; None: from ``top``.
+            xs: the sorted image columns of the band's columns; None: ``0, 1, ...`` (full width).
+
+        Raises:
+            ValueError: ``band``'s shape does not match the coordinates.
+        """
         if not self.defined:
             for name, cls in self.context_classes.items():
                 self._pixels[name] += int(np.count_nonzero(band == cls))
@@ -181,6 +233,9 @@ class ContextCheck:
         patch-only inference even after stitching overlaps). ``fraction_any``: at least
         one covering patch is cue-free. ``None`` when the grid is undefined or the class
         is absent.
+
+        Returns:
+            ``{class name: {"pixels": int, "fraction": float | None, "fraction_any": float | None}}``.
         """
         if not self.defined:
             return {
@@ -205,7 +260,20 @@ class ContextCheck:
 
 @dataclass
 class CheckReport:
-    """Both figures for one mask, with the bounds they were held to."""
+    """Both figures for one mask, with the bounds they were held to.
+
+    Args:
+        height: mask rows (0 for a pooled report, ``combine``).
+        width: mask columns (likewise).
+        fine_counts: fine class -> (intersection, union) pixel counts ("all": the fine classes together).
+        context: ``ContextCheck.result()``.
+        context_class: the context class whose fraction is held to the bound.
+        patch: the GLNet patch side used.
+        factor: the down/up-sampling factor used.
+        fine_max_iou: the bound on every fine class's IoU.
+        context_min_fraction: the bound on ``context_fraction``.
+        notes: why a figure is undefined (an image smaller than a patch, an absent class).
+    """
 
     height: int
     width: int
@@ -227,15 +295,18 @@ class CheckReport:
 
     @property
     def fine_ok(self) -> bool | None:
+        """Every defined fine IoU (the classes and "all") is within its bound; None if none is defined."""
         values = [v for v in self.fine.values() if v is not None]
         return None if not values else all(v <= self.fine_max_iou for v in values)
 
     @property
     def context_fraction(self) -> float | None:
+        """``context_class``'s share of pixels whose every covering patch is cue-free; None if undefined."""
         return self.context.get(self.context_class, {}).get("fraction")
 
     @property
     def context_ok(self) -> bool | None:
+        """``context_fraction`` reaches its bound; None if it is undefined."""
         value = self.context_fraction
         return None if value is None else value >= self.context_min_fraction
 
@@ -245,6 +316,11 @@ class CheckReport:
         return self.fine_ok is not False and self.context_ok is not False
 
     def as_dict(self) -> dict:
+        """Every figure, count, bound and verdict as plain (JSON-safe) values, for the manifest.
+
+        Returns:
+            A dict keyed ``size``, ``fine_iou``, ``fine_pixels``, ``fine_ok``, ``context``, ``context_ok``, ...
+        """
         return {
             "size": [self.height, self.width],
             "fine_iou": self.fine,
@@ -274,7 +350,22 @@ def run_checks(
     patch: int = GLNET_PATCH,
     factor: int = 4,
 ) -> CheckReport:
-    """Run both checks over ``(top, band)`` pairs covering a ``height x width`` mask."""
+    """Run both checks over ``(top, band)`` pairs covering a ``height x width`` mask.
+
+    Args:
+        bands: full-width ``(top, band)`` pairs, top to bottom (``iter_render_bands``, ``iter_source_bands``).
+        height: mask rows.
+        width: mask columns.
+        fine_classes: the fine classes, name -> id.
+        context_classes: the context classes, name -> id.
+        cue_classes: ids of the cue classes.
+        context_class: the context class held to the bound.
+        patch: the GLNet patch side.
+        factor: the down/up-sampling factor of the fine-structure check; bands must align with it.
+
+    Returns:
+        The report, with notes on undefined figures.
+    """
     fine = FineStructureCheck(height, width, fine_classes, factor)
     context = ContextCheck(height, width, context_classes, cue_classes, patch)
     for top, band in bands:
@@ -294,14 +385,36 @@ def run_checks(
 def iter_render_bands(
     render: Callable[[Window], np.ndarray], height: int, width: int, rows: int = BAND_ROWS
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """``(top, band)`` for full-width bands of ``render(window)``."""
+    """``(top, band)`` for full-width bands of ``render(window)``.
+
+    Args:
+        render: returns the ``(h, w)`` class ids of a window.
+        height: mask rows.
+        width: mask columns.
+        rows: rows per band (the last band may be shorter).
+
+    Yields:
+        ``(top, band)``: the band's first row and its class ids, top to bottom.
+    """
     for top in range(0, height, rows):
         yield top, render(Window(top, 0, min(rows, height - top), width))
 
 
 def iter_source_bands(source, rows: int = BAND_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-    """``(top, band)`` for full-width bands of a single-channel ``ImageSource`` (e.g. a
-    tiled mask from ``gigaseg.open_image``, which decodes only each band's tiles)."""
+    """``(top, band)`` for full-width bands of a single-channel ``ImageSource``.
+
+    E.g. a tiled mask from ``gigaseg.open_image``, which decodes only each band's tiles.
+
+    Args:
+        source: the mask.
+        rows: rows per band (the last band may be shorter).
+
+    Yields:
+        ``(top, band)``: the band's first row and its ``(rows, width)`` class ids, top to bottom.
+
+    Raises:
+        ValueError: ``source`` has more than one channel.
+    """
     if source.channels != 1:
         raise ValueError(f"{source.path}: expected a single-channel label mask, got {source.channels} channels")
     for top in range(0, source.height, rows):
@@ -309,8 +422,16 @@ def iter_source_bands(source, rows: int = BAND_ROWS) -> Iterator[tuple[int, np.n
 
 
 def format_report(name: str, report: CheckReport, cue: str = "water") -> str:
-    """One line per scene: both figures, their bounds and whether they hold (``cue``
-    names the cue class in the text)."""
+    """One line per scene: both figures, their bounds and whether they hold.
+
+    Args:
+        name: the scene's name, at the start of the line.
+        report: the scene's report.
+        cue: the cue class's name in the text.
+
+    Returns:
+        The line (no newline).
+    """
     fine = ", ".join(f"{k} {_fmt(v)}" for k, v in report.fine.items() if k != "all")
     ctx = report.context.get(report.context_class, {})
     if report.context_fraction is None:
@@ -337,7 +458,17 @@ def _verdict(ok: bool | None) -> str:
 
 
 def combine(reports: Sequence[CheckReport]) -> CheckReport | None:
-    """The figures pooled over several scenes (pixel counts summed): the "overall" line."""
+    """The figures pooled over several scenes: the "overall" line.
+
+    Fine-structure pixel counts are summed; context fractions are averaged weighted by each
+    scene's context-class pixels. Bounds, patch and factor are those of the first report.
+
+    Args:
+        reports: the scenes' reports, all with the same classes.
+
+    Returns:
+        The pooled report (size 0 x 0, notes merged), or None for no reports.
+    """
     if not reports:
         return None
     first = reports[0]

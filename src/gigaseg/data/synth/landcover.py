@@ -100,7 +100,38 @@ _FIELD_TAG, _TOWN_TAG = 0x0F1E1D00, 0x70770000
 @dataclass(frozen=True)
 class LandcoverConfig:
     """Shape statistics of a scene. Counts are per reference area (``reference_side``
-    squared) or, for lines that cross the scene, per reference side; sizes are pixels."""
+    squared) or, for lines that cross the scene, per reference side; sizes are pixels.
+
+    Counts are Poisson means; ranges ``(low, high)`` are drawn uniformly.
+
+    Args:
+        context_radius: vegetation within this distance of water is ``vegetation_near_water``.
+        reference_side: side of the reference area the counts are given for.
+        lakes: lakes per reference area (at least one per scene).
+        lake_radius: the lakes' base radius.
+        rivers: rivers crossing the scene per reference side.
+        river_width: the rivers' width.
+        towns: towns per reference area.
+        town_radius: the towns' base radius.
+        street_spacing: distance between a town's streets.
+        street_width: width of a town's streets (class ``road``).
+        fields: fields per reference area.
+        field_radius: the fields' base radius.
+        parcel_size: side of a field's parcels.
+        track_width: width of the tracks between parcels (class ``road``).
+        roads: roads crossing the scene per reference side (at least one per scene).
+        road_width: the roads' width.
+        streams: streams per reference side (at least one per scene).
+        stream_width: the streams' width.
+        stream_length: the streams' length.
+        context_margin: the coarse preview of a large scene must predict the context check's
+            bound plus this margin.
+        min_class_share: each vegetation class must cover at least this share of the scene.
+        max_attempts: scenes drawn at most before the best one is kept.
+
+    Raises:
+        ConfigError: ``context_radius`` is not positive.
+    """
 
     context_radius: float = 700.0
     reference_side: int = 2448
@@ -149,6 +180,19 @@ class Blobs:
     def random(
         cls, rng: np.random.Generator, count: int, height: int, width: int, radius: tuple[float, float], wobble: float
     ) -> Blobs:
+        """``count`` blobs centred uniformly in the scene, with harmonics ``k = 2..5``.
+
+        Args:
+            rng: the random generator to draw from.
+            count: number of blobs.
+            height: scene rows (centres lie in ``[0, height)``).
+            width: scene columns.
+            radius: ``(low, high)`` range of the base radius ``r0``, in pixels.
+            wobble: the sum of the harmonics' amplitudes (relative to ``r0``): 0 gives circles.
+
+        Returns:
+            The blobs.
+        """
         k = np.arange(2, 6)
         amplitudes = rng.uniform(0, 1, (count, k.size)) / k
         amplitudes *= wobble / np.maximum(amplitudes.sum(axis=1, keepdims=True), 1e-9)
@@ -165,10 +209,21 @@ class Blobs:
 
     @property
     def rmax(self) -> np.ndarray:
+        """Per blob, a radius no point of the blob lies beyond."""
         return self.r0 * (1 + np.abs(self.coeffs).sum(axis=1))
 
     def hits(self, ys: np.ndarray, xs: np.ndarray) -> Iterator[tuple[int, slice, slice, np.ndarray]]:
-        """``(blob, rows, cols, inside)`` for every blob overlapping the grid ``ys x xs``."""
+        """The blobs' pixels on the grid ``ys x xs``.
+
+        Args:
+            ys: sorted row coordinates.
+            xs: sorted column coordinates.
+
+        Yields:
+            ``(blob, rows, cols, inside)`` for every blob whose bounding box meets the grid:
+            its index, the slices of ``ys`` and ``xs`` the box covers, and a boolean array over
+            that sub-grid, True inside the blob.
+        """
         rmax = self.rmax
         for b in range(len(self)):
             rows = _span(ys, self.cy[b] - rmax[b], self.cy[b] + rmax[b])
@@ -199,6 +254,15 @@ class Segments:
 
     @classmethod
     def from_polylines(cls, polylines: list[tuple[np.ndarray, float]]) -> Segments:
+        """The segments of thick polylines.
+
+        Args:
+            polylines: ``(points, width)`` pairs: ``(n, 2)`` (row, col) vertices and the line's
+                full width in pixels; polylines of one point are skipped.
+
+        Returns:
+            Every consecutive pair of vertices as a segment.
+        """
         p0 = [pts[:-1] for pts, _ in polylines if len(pts) > 1]
         p1 = [pts[1:] for pts, _ in polylines if len(pts) > 1]
         hw = [np.full(len(pts) - 1, width / 2) for pts, width in polylines if len(pts) > 1]
@@ -210,7 +274,15 @@ class Segments:
         return len(self.half_width)
 
     def mask(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """Boolean ``(len(ys), len(xs))``: pixels covered by any segment."""
+        """Pixels of the grid ``ys x xs`` covered by any segment.
+
+        Args:
+            ys: sorted row coordinates.
+            xs: sorted column coordinates.
+
+        Returns:
+            Boolean ``(len(ys), len(xs))``.
+        """
         out = np.zeros((ys.size, xs.size), dtype=bool)
         if not len(self) or not ys.size or not xs.size:
             return out
@@ -247,6 +319,17 @@ class Grids:
     def random(
         cls, rng: np.random.Generator, count: int, spacing: tuple[float, float], line_width: tuple[float, float]
     ) -> Grids:
+        """``count`` grids of random angle, spacing, offset and line width.
+
+        Args:
+            rng: the random generator to draw from.
+            count: number of grids (one per blob).
+            spacing: ``(low, high)`` range of the cell sides, drawn per axis, in pixels.
+            line_width: ``(low, high)`` range of the line width, in pixels.
+
+        Returns:
+            The grids.
+        """
         return cls(
             angle=rng.uniform(0, np.pi / 2, count),
             spacing=rng.uniform(*spacing, (count, 2)),
@@ -255,7 +338,17 @@ class Grids:
         )
 
     def cells(self, b: int, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(cell_u, cell_v, on_line)`` on the grid ``ys x xs`` for grid ``b``."""
+        """Grid ``b`` on the pixel grid ``ys x xs``.
+
+        Args:
+            b: the grid's index.
+            ys: row coordinates (1-D).
+            xs: column coordinates (1-D).
+
+        Returns:
+            ``(cell_u, cell_v, on_line)``, each ``(len(ys), len(xs))``: the int64 cell indices
+            along the grid's two axes, and whether the pixel lies on a grid line.
+        """
         ca, sa = math.cos(self.angle[b]), math.sin(self.angle[b])
         su, sv = self.spacing[b]
         y = ys[:, None].astype(np.float64)
@@ -381,6 +474,19 @@ class LandcoverScene:
         attempt of ``config.max_attempts`` passes (e.g. a scene too small to hold
         vegetation farther than ``context_radius`` from water), the best one is kept:
         one passing the self-checks if any, then the highest score.
+
+        Args:
+            height: scene rows.
+            width: scene columns.
+            seed: the data set's seed.
+            index: the scene's index in the data set.
+            config: shape statistics; None: ``LandcoverConfig()``.
+
+        Returns:
+            The scene, with ``assessment`` filled.
+
+        Raises:
+            ConfigError: the size is not positive.
         """
         config = config or LandcoverConfig()
         if height < 1 or width < 1:
@@ -399,7 +505,19 @@ class LandcoverScene:
     def build(
         cls, height: int, width: int, seed: int, index: int, attempt: int, config: LandcoverConfig
     ) -> LandcoverScene:
-        """Draw the shapes of one attempt (no acceptance test)."""
+        """Draw the shapes of one attempt (no acceptance test).
+
+        Args:
+            height: scene rows.
+            width: scene columns.
+            seed: the data set's seed.
+            index: the scene's index in the data set.
+            attempt: the attempt number; shapes are drawn from ``default_rng([seed, index, attempt])``.
+            config: shape statistics.
+
+        Returns:
+            The scene, with an empty ``assessment``.
+        """
         rng = np.random.default_rng([int(seed), int(index), int(attempt)])
         c = config
         area = height * width / c.reference_side**2
@@ -489,7 +607,12 @@ class LandcoverScene:
         )
 
     def describe(self) -> dict:
-        """Counts of shapes (for the manifest)."""
+        """Counts of shapes (for the manifest).
+
+        Returns:
+            The attempt, the number of each kind of shape and the ``assessment`` (floats rounded to
+            4 decimals).
+        """
         return {
             "attempt": self.attempt,
             "lakes": len(self.lakes),
@@ -556,7 +679,14 @@ class LandcoverScene:
         return dy * dy + dx * dx <= radius * radius
 
     def render_mask(self, window: Window) -> np.ndarray:
-        """The mask of ``window``: ``(h, w)`` uint8 class ids."""
+        """The mask of ``window``, rendered in blocks of ``_MASK_BLOCK`` pixels.
+
+        Args:
+            window: the region of the scene.
+
+        Returns:
+            ``(h, w)`` uint8 class ids.
+        """
         out = np.empty(window.shape, dtype=np.uint8)
         for block in _blocks(window, (_MASK_BLOCK, _MASK_BLOCK)):
             labels, _ = self._labels(np.arange(block.top, block.bottom), np.arange(block.left, block.right))
@@ -567,9 +697,18 @@ class LandcoverScene:
         return out
 
     def mask_renderer(self, rows: int = _MASK_BLOCK) -> Callable[[Window], np.ndarray]:
-        """``render(window)`` for row-major band requests: renders ``rows``-row, full-width
-        bands once and serves the windows inside them (one distance transform per block
-        instead of one per requested band)."""
+        """``render(window)`` for row-major band requests, as ``write_tiled_tiff`` makes them.
+
+        It renders ``rows``-row, full-width bands once and serves the windows inside them
+        (one distance transform per block instead of one per requested band). Only the last
+        band is kept.
+
+        Args:
+            rows: rows per rendered band.
+
+        Returns:
+            ``render(window)`` -> ``(h, w)`` uint8 class ids (a copy the caller may keep).
+        """
         cache: dict = {}
 
         def render(window: Window) -> np.ndarray:
@@ -588,7 +727,14 @@ class LandcoverScene:
     # -- image -----------------------------------------------------------------------------
 
     def render_image(self, window: Window) -> np.ndarray:
-        """The RGB image of ``window``: ``(h, w, 3)`` uint8."""
+        """The RGB image of ``window``, rendered in chunks of ``_IMAGE_CHUNK`` pixels.
+
+        Args:
+            window: the region of the scene.
+
+        Returns:
+            ``(h, w, 3)`` uint8.
+        """
         out = np.empty(window.shape + (3,), dtype=np.uint8)
         for chunk in _blocks(window, _IMAGE_CHUNK):
             out[chunk.relative_to(window).slices] = self._image_chunk(chunk)
@@ -652,7 +798,16 @@ class LandcoverScene:
     # -- preview ---------------------------------------------------------------------------
 
     def preview_labels(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Labels (near/far split, no fine classes) at every ``step``-th pixel: ``(ys, xs, labels)``."""
+        """Labels (near/far split, no fine classes) at every ``step``-th pixel.
+
+        Distances to water are computed on the coarse grid, so the near/far split is approximate.
+
+        Args:
+            step: the sampling step, in pixels (samples at ``step // 2``, ``step // 2 + step``, ...).
+
+        Returns:
+            ``(ys, xs, labels)``: the sampled rows and columns and ``(len(ys), len(xs))`` uint8 class ids.
+        """
         ys = np.arange(step // 2, self.height, step)
         xs = np.arange(step // 2, self.width, step)
         labels, _ = self._labels(ys, xs, fine=False)
@@ -672,6 +827,11 @@ class LandcoverScene:
         Larger ones are judged on a coarse preview (``preview_labels``) which predicts
         the context fraction and the shares; their fine IoU holds by construction (line
         widths of 2-3 px, averaged over many lines).
+
+        Returns:
+            ``method`` ("exact" or the preview step), ``context_fraction``, ``fine_iou``, the
+            ``share_<class>`` of both vegetation classes, ``checks_pass`` (both self-checks within
+            their bounds) and ``score``: the smallest margin to a bound (``>= 0``: accept).
         """
         c = self.config
         pixels = self.height * self.width
@@ -725,13 +885,34 @@ def _blocks(window: Window, size: tuple[int, int]) -> Iterator[Window]:
 
 
 def scene_names(count: int) -> list[str]:
+    """Names of the scenes of a data set of ``count``.
+
+    Args:
+        count: number of scenes.
+
+    Returns:
+        ``landcover_000``, ``landcover_001``, ... (at least three digits, more when ``count`` needs them).
+    """
     digits = max(3, len(str(max(count - 1, 0))))
     return [f"landcover_{i:0{digits}d}" for i in range(count)]
 
 
 def split_names(names: list[str], val_fraction: float) -> dict[str, list[str]]:
-    """The last ``round(count * val_fraction)`` scenes are "val" (at least one when the
-    fraction is positive and there are two scenes or more; never all of them)."""
+    """Split scene names into "train" and "val".
+
+    The last ``round(count * val_fraction)`` scenes are "val" (at least one when the
+    fraction is positive and there are two scenes or more; never all of them).
+
+    Args:
+        names: the scene names, in order.
+        val_fraction: share of the scenes in "val", in ``[0, 1)``.
+
+    Returns:
+        ``{"train": [...], "val": [...]}``.
+
+    Raises:
+        ConfigError: ``val_fraction`` is outside ``[0, 1)``.
+    """
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     n_val = round(len(names) * val_fraction)
@@ -742,12 +923,33 @@ def split_names(names: list[str], val_fraction: float) -> dict[str, list[str]]:
 
 
 def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
-    """``output.prepare_output_dir`` with the ``images/`` and ``masks/`` a landcover dataset fills."""
+    """``output.prepare_output_dir`` with the ``images/`` and ``masks/`` a landcover dataset fills.
+
+    Args:
+        out_dir: the output folder.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file, or a non-empty folder that is not an earlier output.
+    """
     return output.prepare_output_dir(out_dir, ("images", "masks"))
 
 
 def dataset_yaml(names: list[str], val_fraction: float) -> dict:
-    """The dataset.yaml content (see .notes/dataset_yaml.md)."""
+    """The dataset.yaml content of a landcover dataset (schema: ``gigaseg.data.folder.DatasetConfig``).
+
+    Args:
+        names: the scene names.
+        val_fraction: share of the scenes in the "val" split (``split_names``).
+
+    Returns:
+        The mapping for ``yaml.safe_dump``: index-encoded masks, ``CLASSES``, ``PALETTE``, splits.
+
+    Raises:
+        ConfigError: ``val_fraction`` is outside ``[0, 1)``.
+    """
     return {
         "name": "synthetic-landcover",
         "task": "segmentation",
@@ -763,14 +965,34 @@ def dataset_yaml(names: list[str], val_fraction: float) -> dict:
 
 
 def pyramid_levels(height: int, width: int, tile: int) -> int:
-    """How many reduced levels the writer keeps (each halving while the longer side >= tile)."""
+    """How many reduced levels the writer keeps (each halving while the longer side >= tile).
+
+    Args:
+        height: scene rows.
+        width: scene columns.
+        tile: the TIFF tile side.
+
+    Returns:
+        The number of pyramid levels below full resolution.
+    """
     from ...io.writers import pyramid_shapes
 
     return len(pyramid_shapes(height, width, tile, 64)) - 1
 
 
 def dataset_steps(count: int, height: int, width: int, tile: int, report: bool) -> int:
-    """Progress steps of ``write_landcover_dataset``: bands written (all levels) and bands checked."""
+    """Progress steps of ``write_landcover_dataset``: bands written (all levels) and bands checked.
+
+    Args:
+        count: number of scenes.
+        height: scene rows.
+        width: scene columns.
+        tile: the TIFF tile side (rows per written band).
+        report: whether each mask is read back and checked.
+
+    Returns:
+        The total number of steps ``advance`` will be given.
+    """
     from ...io.writers import pyramid_shapes
 
     per_file = sum(math.ceil(h / tile) for h, _ in pyramid_shapes(height, width, tile, 64))
@@ -799,7 +1021,27 @@ def write_landcover_dataset(
     The same arguments give the same pixels. With ``report`` each written mask is read
     back band-wise and checked (``checks.run_checks``). ``advance(n)`` counts
     ``dataset_steps`` steps; ``on_scene(name, report)`` is called after each scene.
-    Returns the manifest (also written to ``synth.json``).
+
+    Args:
+        out_dir: the output folder (see ``output.prepare_output_dir``).
+        count: number of scenes (at least 1).
+        height: scene rows.
+        width: scene columns.
+        seed: the data set's seed.
+        val_fraction: share of the scenes in the "val" split, in ``[0, 1)``.
+        tile: the TIFF tile side, a positive multiple of 16.
+        config: shape statistics; None: ``LandcoverConfig()``.
+        report: read every written mask back and run the self-checks on it.
+        advance: progress callback, called with a number of steps; None: no progress.
+        on_scene: called with each scene's name and its ``CheckReport`` (None without ``report``).
+
+    Returns:
+        The manifest (also written to ``synth.json``): arguments, classes, splits, every file,
+        each scene's shape counts and assessment, and with ``report`` the checks per scene and
+        overall.
+
+    Raises:
+        ConfigError: an argument is out of range, or ``out_dir`` cannot be written into.
     """
     from ...io.writers import write_tiled_tiff
 
@@ -903,7 +1145,15 @@ def _band_counter(advance: Callable[[int], None]) -> Callable[[], Callable[[int,
 
 
 def check_mask(path: str | os.PathLike, advance: Callable[[int], None] | None = None) -> checks.CheckReport:
-    """Both self-checks on a written land-cover mask, read back band by band."""
+    """Both self-checks on a written land-cover mask, read back band by band.
+
+    Args:
+        path: the mask file (1-channel class ids, as ``write_landcover_dataset`` writes).
+        advance: called with 1 after each band is checked (progress), or None.
+
+    Returns:
+        The ``CheckReport`` of the mask.
+    """
     from ...io.sources import open_image
 
     with open_image(path) as source:
@@ -926,7 +1176,14 @@ def check_mask(path: str | os.PathLike, advance: Callable[[int], None] | None = 
 
 
 def check_scene(scene: LandcoverScene) -> checks.CheckReport:
-    """Both self-checks on a scene's rendered mask (no file), band by band."""
+    """Both self-checks on a scene's rendered mask (no file), band by band.
+
+    Args:
+        scene: the scene to render.
+
+    Returns:
+        The ``CheckReport`` of the scene's mask.
+    """
     bands = checks.iter_render_bands(scene.mask_renderer(), scene.height, scene.width)
     return checks.run_checks(
         bands,

@@ -23,8 +23,19 @@ def prepare_output_dir(out_dir: str | os.PathLike, folders: Sequence[str]) -> Pa
     """Make ``out_dir`` ready for a synthetic dataset, with the sub-``folders`` it writes.
 
     It may be missing, empty, or an earlier ``gigaseg synth`` output (it has a
-    ``synth.json`` manifest), whose listed files are removed first so that no stale
-    image survives. Any other non-empty folder is refused.
+    ``synth.json`` manifest), whose listed files (and its dataset.yaml and manifest)
+    are removed first so that no stale image survives. Any other non-empty folder is
+    refused.
+
+    Args:
+        out_dir: the output folder; created with its parents when missing.
+        folders: sub-folders to create in it (``"images"``, ``"masks"``).
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file, or a non-empty folder that is not an earlier output.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -48,7 +59,15 @@ def prepare_output_dir(out_dir: str | os.PathLike, folders: Sequence[str]) -> Pa
 
 
 def read_manifest(out: Path) -> dict | None:
-    """The ``synth.json`` of an earlier ``gigaseg synth`` output in ``out``, else None."""
+    """The ``synth.json`` of an earlier ``gigaseg synth`` output in ``out``.
+
+    Args:
+        out: the folder to look in.
+
+    Returns:
+        The manifest, or None when there is none, it does not parse, or its ``generator`` is not
+        a ``gigaseg synth`` generator.
+    """
     try:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -59,6 +78,11 @@ def read_manifest(out: Path) -> dict | None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a reader never sees half a manifest)."""
+    """Write ``text`` to ``path`` atomically (a reader never sees half a manifest).
+
+    Args:
+        path: the file to (over)write.
+        text: its new content.
+    """
     with atomic_output(path) as tmp:
         tmp.write_text(text)

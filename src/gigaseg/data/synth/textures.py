@@ -28,7 +28,17 @@ _MASK = _SIDE - 1
 
 @functools.cache
 def texture(name: str) -> np.ndarray:
-    """``(512, 512)`` float32 photograph ``name``, mean 0 and std 1, read-only."""
+    """``(512, 512)`` float32 photograph ``name``, mean 0 and std 1, read-only (cached).
+
+    Args:
+        name: one of ``TEXTURES``.
+
+    Returns:
+        The normalised grey photograph; the same read-only array on every call.
+
+    Raises:
+        ValueError: ``name`` is not one of ``TEXTURES``.
+    """
     if name not in TEXTURES:
         raise ValueError(f"unknown texture {name!r}; choose from {TEXTURES}")
     from skimage import data  # bundled images: no network access
@@ -47,6 +57,12 @@ def hash32(*keys) -> np.ndarray:
 
     Murmur3-style finaliser over a multiplicative combination: deterministic,
     platform-independent (pure uint32 arithmetic), and cheap enough per pixel.
+
+    Args:
+        *keys: integer arrays or scalars, broadcast together; their order matters.
+
+    Returns:
+        uint32 array of the broadcast shape (0-d for scalar keys).
     """
     with np.errstate(over="ignore"):
         h = np.uint32(0x9E3779B9)
@@ -68,7 +84,14 @@ def hash32(*keys) -> np.ndarray:
 
 
 def unit_hash(*keys) -> np.ndarray:
-    """``hash32(*keys)`` mapped to float64 in ``[0, 1)``."""
+    """``hash32(*keys)`` mapped to float64 in ``[0, 1)``.
+
+    Args:
+        *keys: as for ``hash32``.
+
+    Returns:
+        float64 array of the broadcast shape.
+    """
     return hash32(*keys).astype(np.float64) / 2.0**32
 
 
@@ -78,6 +101,15 @@ def sample(name: str, rows: np.ndarray, cols: np.ndarray, region_key: np.ndarray
     Each distinct ``region_key`` (uint32 per pixel) sees the photograph tiled with its
     own shift, and one of the eight flips/transposes, so neighbouring regions do not
     show the same pattern and large areas do not look periodic.
+
+    Args:
+        name: one of ``TEXTURES``.
+        rows: absolute row of each pixel (integers).
+        cols: absolute column of each pixel (integers).
+        region_key: uint32 key of the region each pixel belongs to.
+
+    Returns:
+        float32 texture values (mean 0, std 1 over the photograph), one per pixel.
     """
     tex = texture(name)
     key = hash32(region_key, 0x7E7)
@@ -91,7 +123,17 @@ def sample(name: str, rows: np.ndarray, cols: np.ndarray, region_key: np.ndarray
 
 
 def pixel_noise(rows: np.ndarray, cols: np.ndarray, seed: int) -> np.ndarray:
-    """``(n, 3)`` float32 noise in ``[-0.5, 0.5)`` per pixel and channel (uniform)."""
+    """Uniform noise in ``[-0.5, 0.5)`` per pixel and channel, a pure function of position.
+
+    Args:
+        rows: absolute row of each pixel (integers, broadcast with ``cols``).
+        cols: absolute column of each pixel.
+        seed: the scene's noise seed.
+
+    Returns:
+        float32 array of the broadcast shape of ``rows`` and ``cols`` plus a last axis of 3
+        (``(n, 3)`` for 1-D coordinates).
+    """
     h = hash32(rows, cols, seed)
     out = np.empty(h.shape + (3,), dtype=np.float32)
     for channel in range(3):
@@ -118,8 +160,17 @@ class SmoothField:
     def random(
         cls, rng: np.random.Generator, waves: int, wavelength: tuple[float, float], amplitude: float
     ) -> SmoothField:
-        """``waves`` plane waves, random directions, wavelengths uniform in ``wavelength``;
-        their sum has standard deviation ``amplitude``."""
+        """``waves`` plane waves, random directions, wavelengths uniform in ``wavelength``.
+
+        Args:
+            rng: the random generator to draw from.
+            waves: number of plane waves.
+            wavelength: ``(low, high)`` range of the wavelengths, in pixels.
+            amplitude: standard deviation of the sum (over random positions).
+
+        Returns:
+            The field.
+        """
         angles = rng.uniform(0, 2 * np.pi, waves)
         return cls(
             directions=np.stack([np.sin(angles), np.cos(angles)], axis=1),
@@ -129,10 +180,17 @@ class SmoothField:
         )
 
     def grid(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Field values on the grid ``rows x cols`` (1-D coordinate vectors): ``(len(rows), len(cols))``.
+        """Field values on the grid ``rows x cols``.
 
         Plane waves are separable (sin(a + b) = sin a cos b + cos a sin b), so this
         costs two outer products per wave instead of one sine per pixel.
+
+        Args:
+            rows: absolute row coordinates (1-D).
+            cols: absolute column coordinates (1-D).
+
+        Returns:
+            ``(len(rows), len(cols))`` float32.
         """
         rows = np.asarray(rows, dtype=np.float64)
         cols = np.asarray(cols, dtype=np.float64)

@@ -9,7 +9,7 @@ ones, a single patch cannot see the large ones whole.
 
 Digits are rendered offline with the scalable font Pillow ships
 (``ImageFont.load_default(size=...)``, Pillow >= 10.1 with FreeType), rotated by a
-small random angle. Per image (``ImageConfig`` / :func:`generate_image`):
+small random angle. Per image (``UltraMnistConfig`` / :func:`generate_image`):
 
 - the number of digits is drawn from ``digits`` (inclusive range); values from ``values``;
 - the first digit is *large*: ink height uniform in ``large`` (fractions of the canvas
@@ -49,7 +49,20 @@ _INK_RATIO = 0.72
 
 @dataclass(frozen=True)
 class UltraMnistConfig:
-    """What an image holds. Sizes are pixels or fractions of the canvas side."""
+    """What an image holds. Sizes are pixels or fractions of the canvas side.
+
+    Args:
+        digits: ``(min, max)`` digits per image, inclusive; at least 2 (a large and a small one).
+        values: the digit values drawn from (among 0..9).
+        min_digit: the smallest digit's ink height in pixels (0: automatic, ``max(8, side // 64)``).
+        large: height range of the large (first) digit, as fractions of the canvas side (at most 0.9).
+        shapes: distracting shapes per image (-1: automatic, ``6 + side // 128``).
+        max_angle: digits are rotated by an angle uniform in ``[-max_angle, max_angle]`` degrees.
+        intensity: ``(min, max)`` grey value of digits and shapes, within 1..255.
+
+    Raises:
+        ConfigError: a value is out of range.
+    """
 
     digits: tuple[int, int] = (3, 5)
     values: tuple[int, ...] = tuple(range(10))
@@ -78,17 +91,48 @@ class UltraMnistConfig:
             raise ConfigError(f"intensity must be a range within 1..255, got {list(self.intensity)}")
 
     def smallest(self, side: int) -> int:
+        """The smallest digit's ink height on a canvas of ``side`` pixels.
+
+        Args:
+            side: the canvas side, in pixels.
+
+        Returns:
+            ``min_digit``, or ``max(8, side // 64)`` when it is 0.
+        """
         return self.min_digit if self.min_digit > 0 else max(8, side // 64)
 
     def largest(self, side: int) -> int:
+        """The largest digit's ink height on a canvas of ``side`` pixels.
+
+        Args:
+            side: the canvas side, in pixels.
+
+        Returns:
+            ``large[1] * side`` (truncated), at least ``smallest(side)``.
+        """
         return max(self.smallest(side), int(self.large[1] * side))
 
     def small_digit_heights(self, side: int) -> tuple[int, int]:
-        """The ink heights the small (second) digit is drawn between, log-uniformly."""
+        """The ink heights the small (second) digit is drawn between, log-uniformly.
+
+        Args:
+            side: the canvas side, in pixels.
+
+        Returns:
+            ``(smallest, min(3 * smallest, largest))``.
+        """
         smallest = self.smallest(side)
         return smallest, min(3 * smallest, self.largest(side))
 
     def shape_count(self, side: int) -> int:
+        """How many distracting shapes are tried on a canvas of ``side`` pixels.
+
+        Args:
+            side: the canvas side, in pixels.
+
+        Returns:
+            ``shapes``, or ``6 + side // 128`` when it is -1 (automatic).
+        """
         return self.shapes if self.shapes >= 0 else 6 + side // 128
 
 
@@ -108,6 +152,16 @@ class Digit:
 
 @dataclass
 class UltraMnistImage:
+    """One generated image: pixels, the digits drawn and the class they give.
+
+    Args:
+        pixels: ``(side, side)`` uint8 canvas.
+        digits: the digits as drawn.
+        shapes: how many distracting shapes were drawn.
+
+    ``label`` (not an argument) is ``label_of`` the digits' values.
+    """
+
     pixels: np.ndarray  # (side, side) uint8
     digits: list[Digit]
     shapes: int
@@ -118,7 +172,14 @@ class UltraMnistImage:
 
 
 def label_of(values) -> int:
-    """The class of an image holding digits ``values``: their sum modulo 10."""
+    """The class of an image holding digits ``values``: their sum modulo 10.
+
+    Args:
+        values: the digit values.
+
+    Returns:
+        The class id, 0..9.
+    """
     return int(sum(int(v) for v in values) % 10)
 
 
@@ -138,8 +199,19 @@ def _font(size: int):
 
 
 def render_digit(value: int, ink_height: int, angle: float = 0.0) -> np.ndarray:
-    """Anti-aliased ink mask (uint8, 0..255) of digit ``value``, about ``ink_height`` tall before
-    rotating by ``angle`` degrees, cropped to its ink. Deterministic."""
+    """Anti-aliased ink mask of digit ``value``, cropped to its ink. Deterministic.
+
+    Args:
+        value: the digit, 0..9.
+        ink_height: about how tall the ink is before rotating, in pixels (sets the font size).
+        angle: rotation, in degrees counter-clockwise.
+
+    Returns:
+        ``(h, w)`` uint8 ink coverage, 0..255.
+
+    Raises:
+        ConfigError: Pillow is older than 10.1 (no scalable default font).
+    """
     from PIL import Image, ImageDraw
 
     font = _font(max(4, int(round(ink_height / _INK_RATIO))))
@@ -155,7 +227,15 @@ def render_digit(value: int, ink_height: int, angle: float = 0.0) -> np.ndarray:
 
 
 def scaled(mask: np.ndarray, intensity: int) -> np.ndarray:
-    """An ink mask drawn at ``intensity`` (what the canvas holds inside a digit's box)."""
+    """An ink mask drawn at ``intensity`` (what the canvas holds inside a digit's box).
+
+    Args:
+        mask: uint8 ink coverage, 0..255.
+        intensity: the grey value of full coverage, 0..255.
+
+    Returns:
+        uint8 ``mask * intensity / 255``, rounded, of ``mask``'s shape.
+    """
     return ((mask.astype(np.uint16) * int(intensity) + 127) // 255).astype(np.uint8)
 
 
@@ -216,7 +296,20 @@ def _draw_shape(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def generate_image(side: int, seed: int = 0, index: int = 0, config: UltraMnistConfig | None = None) -> UltraMnistImage:
-    """Image ``index`` of a data set drawn from ``seed``: a ``side x side`` canvas (see the module docstring)."""
+    """Image ``index`` of a data set drawn from ``seed``: a ``side x side`` canvas (see the module docstring).
+
+    Args:
+        side: the canvas side, in pixels (at least 32).
+        seed: the data set's seed.
+        index: the image's index in the data set.
+        config: what an image holds; None: ``UltraMnistConfig()``.
+
+    Returns:
+        The image; the same arguments give the same pixels.
+
+    Raises:
+        ConfigError: ``side`` is below 32, the digits cannot be placed, or Pillow is too old.
+    """
     config = config or UltraMnistConfig()
     if side < 32:
         raise ConfigError(f"ultramnist images must be at least 32 px, got {side}")
@@ -268,6 +361,14 @@ def generate_image(side: int, seed: int = 0, index: int = 0, config: UltraMnistC
 
 
 def image_names(count: int) -> list[str]:
+    """Names of the images of a data set of ``count``.
+
+    Args:
+        count: number of images.
+
+    Returns:
+        ``img_0000``, ``img_0001``, ... (at least four digits, more when ``count`` needs them).
+    """
     digits = max(4, len(str(count - 1)))
     return [f"img_{i:0{digits}d}" for i in range(count)]
 
@@ -285,7 +386,23 @@ def write_ultramnist_dataset(
     """Write ``count`` images of ``size x size`` to ``out_dir`` (images/, dataset.yaml, synth.json).
 
     The last ``round(count * val_fraction)`` images form the ``val`` split (at least one
-    when ``val_fraction > 0`` and ``count > 1``), the rest ``train``. Returns the manifest.
+    when ``val_fraction > 0`` and ``count > 1``), the rest ``train``.
+
+    Args:
+        out_dir: the output folder (see ``output.prepare_output_dir``).
+        count: number of images (at least 1).
+        size: the images' side, in pixels (at least 32).
+        seed: the data set's seed; the same arguments give the same files.
+        val_fraction: share of the images in the ``val`` split, in ``[0, 1)``.
+        config: what an image holds; None: ``UltraMnistConfig()``.
+        advance: called with 1 after each image is written (progress), or None.
+
+    Returns:
+        The manifest, also written to ``synth.json``.
+
+    Raises:
+        ConfigError: an argument is out of range, ``out_dir`` cannot be written into, or an image
+            cannot be generated.
     """
     import tifffile
     import yaml

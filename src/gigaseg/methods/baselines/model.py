@@ -31,6 +31,7 @@ class GlobalSegmenter(FPNSegmenter):
     size_option = "input_size"
 
     def check_options(self) -> None:
+        """Positive ``input_size`` and ``fpn_channels``."""
         self._require_positive("input_size", "fpn_channels")
 
 
@@ -51,6 +52,7 @@ class PatchSegmenter(FPNSegmenter):
     size_option = "patch_size"
 
     def check_options(self) -> None:
+        """Positive ``patch_size``, ``crops_per_image`` and ``fpn_channels``; ``0 <= overlap < patch_size``."""
         self._require_positive("patch_size", "crops_per_image", "fpn_channels")
         if not 0 <= self.options["overlap"] < self.options["patch_size"]:
             raise ConfigError(

@@ -24,6 +24,7 @@ class GlobalPredictor(SegmentationPredictor):
     """Segment the thumbnail once; every block is an exact crop of its bilinear upsampling."""
 
     def prepare(self, source):
+        """The thumbnail's class probabilities ``(1, K, input_size, input_size)``, computed once."""
         size = self.model.options["input_size"]
         view = source.read(out_size=(size, size), resample="area")
         with torch.inference_mode(), self.autocast():
@@ -31,6 +32,7 @@ class GlobalPredictor(SegmentationPredictor):
         return torch.softmax(logits.float(), dim=1)
 
     def predict_block(self, source, context, window):
+        """The block's window of the bilinear upsampling of the thumbnail's probabilities."""
         with torch.inference_mode():
             probs = upsample_window(context, (source.height, source.width), window)
         return probs[0].cpu().numpy()
@@ -41,17 +43,22 @@ class PatchPredictor(SegmentationPredictor):
 
     @property
     def patch_size(self) -> int:
+        """The window side in pixels (the ``patch_size`` option)."""
         return self.model.options["patch_size"]
 
     @property
     def stride(self) -> int:
+        """Pixels between window starts: ``patch_size - overlap``, at least 1."""
         return max(1, self.patch_size - self.model.options["overlap"])
 
     def prepare(self, source):
+        """The sliding-window grid over the image, and an empty cache of logits shared between blocks."""
         grid = PatchGrid.sliding(source.height, source.width, self.patch_size, self.stride)
         return {"grid": grid, "cache": {}}
 
     def predict_block(self, source, context, window):
+        """The blended probabilities of the windows touching the block (``gigaseg.inference.stitch``)."""
+
         def logits(batch, _windows):
             with torch.inference_mode(), self.autocast():
                 return self.model(batch)
@@ -71,8 +78,21 @@ class PatchPredictor(SegmentationPredictor):
 
 
 def block_bytes(block: int, patch: int, num_classes: int, channels: int) -> int:
-    """Working memory of one streamed block: probabilities (accumulated, normalised, argmax copy),
-    blending weights, and the block's float pixels with a patch of margin on each side."""
+    """Working memory of one streamed block, in bytes.
+
+    The probabilities (accumulated, normalised, and the argmax's copy), the blending weights,
+    and the block's pixels with a patch of margin on each side (as a float32 tensor and as the
+    decoded uint8 read).
+
+    Args:
+        block: the block side in pixels.
+        patch: the window side in pixels.
+        num_classes: the class count.
+        channels: the input bands.
+
+    Returns:
+        Bytes.
+    """
     probs = 3 * num_classes * block * block * 4
     pixels = channels * (block + 2 * patch) ** 2 * (4 + 1)  # float32 tensor + the decoded uint8 read
     return probs + block * block * 4 + pixels

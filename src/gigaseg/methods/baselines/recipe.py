@@ -11,6 +11,18 @@ from ...training.views import GlobalViews, RandomCrops
 
 
 def segmentation_loss(name: str, ignore_index: int = IGNORE_INDEX):
+    """The loss a baseline trains with (its ``loss`` option).
+
+    Args:
+        name: ``"focal"`` (GLNet's focal loss, gamma 3) or ``"ce"`` (cross-entropy).
+        ignore_index: the label value the loss ignores.
+
+    Returns:
+        The loss module, called as ``loss(logits, labels)``.
+
+    Raises:
+        ValueError: an unknown ``name``.
+    """
     if name == "focal":
         return FocalLoss(gamma=3, ignore_index=ignore_index)
     if name == "ce":
@@ -23,6 +35,13 @@ def supervised_step(ctx: StepContext, batch: dict) -> dict[str, float]:
 
     Each sub-batch's mean loss is weighted by its share of the batch, so the summed
     gradients equal the whole batch's (BatchNorm aside, whose statistics are per sub-batch).
+
+    Args:
+        ctx: the step's context (``ctx.sub_batch``: views per backward).
+        batch: ``image`` (normalised views ``(B, C, H, W)``) and ``label`` (``(B, H, W)``).
+
+    Returns:
+        ``{"loss": the batch's loss}`` (the weighted sub-batch losses summed), a float.
     """
     loss_fn = segmentation_loss(ctx.model.options.get("loss", "focal"))
     images, labels = batch["image"], batch["label"]
@@ -37,7 +56,14 @@ def supervised_step(ctx: StepContext, batch: dict) -> dict[str, float]:
 
 
 def global_stages(model) -> list[Stage]:
-    """GLNet's global-branch schedule (Adam 5e-5, 120 epochs, batch 6) on whole-image views."""
+    """GLNet's global-branch schedule (Adam 5e-5, 120 epochs, batch 6) on whole-image views.
+
+    Args:
+        model: the ``global`` network (its ``input_size`` sizes the views).
+
+    Returns:
+        The one stage, ``global`` (poly schedule, weight decay 5e-4).
+    """
     size = model.options["input_size"]
     return [
         Stage(
@@ -54,7 +80,14 @@ def global_stages(model) -> list[Stage]:
 
 
 def patch_stages(model) -> list[Stage]:
-    """GLNet's local-branch schedule (Adam 2e-5, 50 epochs, batch 6) on full-resolution random crops."""
+    """GLNet's local-branch schedule (Adam 2e-5, 50 epochs, batch 6) on full-resolution random crops.
+
+    Args:
+        model: the ``patch`` network (its ``patch_size`` and ``crops_per_image`` shape the crops).
+
+    Returns:
+        The one stage, ``patch`` (poly schedule, weight decay 5e-4).
+    """
     patch = model.options["patch_size"]
     return [
         Stage(

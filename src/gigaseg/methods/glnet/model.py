@@ -1,26 +1,26 @@
 """GLNet: collaborative global-local networks (Chen et al., CVPR 2019), on any timm encoder.
 
-The network (facts: design/methods.md, section 1):
+The network, as in the paper and the authors' code:
 
 - **global branch** (``global_branch``): encoder + GLNet's FPN (``gigaseg.nn.fpn``) on the
   whole image resized to ``size_g`` x ``size_g``; logits at 1/4 of ``size_g``.
 - **local branch** (``local_branch``): encoder + an FPN whose every stage takes
   ``concat(local, global crop)`` at the four sharing points (c2..c5, the top-down sums, ps1,
   ps2; ``FPN(shared_inputs=True)``). The global crop of a patch is the rectangle it covers
-  on the global map (:func:`crop_global`, ``tiling.crop_resize`` kept inside the map), resized
-  to the local map's size.
+  on the global map (:func:`crop_global`, ``gigaseg.geometry.crop_resize`` with the cells
+  kept inside the map), resized to the local map's size.
 - **local -> global** (stage 3): ``global_ext`` holds the duplicate "_ext" layers with doubled
   inputs. The frozen local branch runs over every patch; at each sharing point its maps are
   pasted onto the global grid and averaged over overlaps (``LocalToGlobal``, built on
-  ``tiling.PasteAverager``); the global branch then runs its encoder and the ``_ext`` FPN
+  ``gigaseg.geometry.PasteAverager``); the global branch then runs its encoder and the ``_ext`` FPN
   layers on ``concat(global, merged local)``, with the stage-1 classifier (as in the
   authors' code, the classifier is shared by both global paths).
-- **ensemble**: a 3x3 conv over ``concat(ps3_local, crop of ps3_global)`` (1024 -> classes).
+- **ensemble**: a 3x3 conv over ``concat(ps3_local, crop of ps3_global)`` (1024 -> classes at the paper's FPN widths).
 - **feature-map regulariser** (stage 2): ``fmreg * MSE(ps3_local, crop of ps3_global)``,
   ``fmreg = 0.15``. Losses are focal with ``focal_gamma = 3``.
 - **global_fixed**: stage 3 retrains the global branch, while the local branch keeps being fed
   by the stage-1 global branch it was trained with. That frozen copy is part of the model
-  (so one checkpoint predicts on its own): encoder + plain FPN, 28.07 M parameters with
+  (so one checkpoint predicts on its own): encoder + plain FPN, 28.06 M parameters with
   ResNet-50 branches and 7 classes. Until stage 3 starts it shares the global branch's
   tensors (no memory, stored once in checkpoints); from stage 3 on it is a separate copy.
   The paper's count (both branches, both FPNs with their sharing layers, ensemble head:
@@ -48,12 +48,13 @@ downsample to 508 px); for a 20000 x 20000 image a 508 px global view is a 40x d
 the global branch sees a scale it never saw in training and every 508 px patch covers only
 about 3 x 3 cells of the global c2 map. The memory stays bounded either way (the global
 features are of fixed size). ``global_context="tile"`` gives each block the global view of the
-``context_tile``-px tile around it instead (``gigaseg.methods.glnet.predictor.GLNetTilePredictor``); by default the
-tile is the side of the scenes the model was trained on, which training records in the
-buffer ``scene_side`` (saved in checkpoints; 0 in older ones, which fall back to the paper's
-2448 px). Measured on scenes
-4x the training side (benchmarks/results/glnet_global_view.md): the whole-image view costs
-0.171 mIoU against the patch baseline, the tiles 0.055.
+``context_tile``-px tile around it instead (``gigaseg.methods.glnet.predictor.GLNetTilePredictor``),
+so the global branch sees images at the scale it trained at; by default the tile is the side
+of the scenes the model was trained on, which training records in the buffer ``scene_side``
+(saved in checkpoints; 0 in older ones, which fall back to the paper's 2448 px). The tiles
+cost compute, not memory: each tile predicts only its core, the part of the image no other
+tile predicts, but tiles overlap, so the pixels near core borders go through the local
+branch of two to four tiles.
 """
 
 from __future__ import annotations
@@ -86,7 +87,18 @@ _SHARED = SHARING_POINTS  # ("c", "p", "ps1", "ps2")
 
 
 def stage_number(stage: int | str) -> int:
-    """1, 2 or 3 for a stage number or name (``"global"``, ``"global2local"``, ``"local2global"``)."""
+    """The number of a training stage given by number or name.
+
+    Args:
+        stage: 0 (untrained), 1, 2 or 3, or a stage name (``"global"``, ``"global2local"``,
+            ``"local2global"``).
+
+    Returns:
+        1, 2 or 3 for a name; the number itself (0 to 3) for a number.
+
+    Raises:
+        ConfigError: an unknown name, or anything else than an int from 0 to 3 (bools included).
+    """
     if isinstance(stage, str):
         if stage not in STAGES:
             raise ConfigError(f"glnet has no stage {stage!r}; its stages are {', '.join(STAGES)}")
@@ -97,7 +109,7 @@ def stage_number(stage: int | str) -> int:
 
 
 def _cells_inside(box, height: int, width: int) -> Window:
-    """``tiling.box_on_grid`` of ``box``, shifted back inside the map where rounding pushed it out.
+    """``gigaseg.geometry.box_on_grid`` of ``box``, shifted back inside the map where rounding pushed it out.
 
     Patches near the far border of a large image can round to cells starting at the map's
     edge on coarse maps (a 508 px patch of a 20000 px image is 0.4 cells of the 16-cell c5
@@ -111,12 +123,22 @@ def _cells_inside(box, height: int, width: int) -> Window:
 
 
 def crop_global(features: torch.Tensor, boxes, out_size: Sequence[int], batch_index=None) -> torch.Tensor:
-    """GLNet's global -> local crop: ``tiling.crop_resize`` with cells kept inside the map.
+    """GLNet's global -> local crop: ``gigaseg.geometry.crop_resize`` with cells kept inside the map.
 
-    Each box's cells on the ``(H, W)`` map (``box_on_grid``, shifted inside when rounding
-    pushed them past the border) are resized bilinearly to ``out_size``; crops of equal
-    size are resized in one call. ``batch_index[i]`` picks box ``i``'s map (default: map 0
-    for a single map, map ``i`` otherwise). Differentiable.
+    Each box's cells on the ``(H, W)`` map (``gigaseg.geometry.box_on_grid``, shifted inside
+    when rounding pushed them past the border) are resized bilinearly to ``out_size``; crops
+    of equal size are resized in one call. Differentiable.
+
+    Args:
+        features: the global maps ``(B, C, H, W)``.
+        boxes: the ``N`` patches' normalised boxes ``(y0, x0, y1, x1)``
+            (``gigaseg.geometry.normalized_box``): a sequence, an array or a tensor ``(N, 4)``.
+        out_size: the crops' ``(height, width)``.
+        batch_index: ``batch_index[i]`` is the map box ``i`` is cut from; None: map 0 for a
+            single map (``B == 1``), map ``i`` when ``B == N``.
+
+    Returns:
+        The crops ``(N, C, *out_size)``, in ``features``' dtype.
     """
     return crop_resize(features, boxes, tuple(out_size), batch_index, to_cells=_cells_inside)
 
@@ -127,21 +149,33 @@ def _crop_like(features, boxes, size, dtype, batch_index) -> torch.Tensor:
 
 @dataclass
 class PatchOutput:
-    """What the local branch returns for a sub-batch of patches."""
+    """What the local branch returns for a sub-batch of patches.
 
-    local: FPNFeatures  # the local branch's maps (``logits``: local logits at 1/4)
-    ensemble: torch.Tensor | None  # ensemble logits (same size as the local logits)
-    global_ps3: torch.Tensor | None  # the crop of the global ps3 each patch was ensembled with
+    Attributes:
+        local: the local branch's maps (``logits``: the local logits at 1/4 of the patch).
+        ensemble: the ensemble logits (the local logits' size); None without the ensemble.
+        global_ps3: the crop of the global ps3 each patch was ensembled with; None without
+            the ensemble.
+    """
+
+    local: FPNFeatures
+    ensemble: torch.Tensor | None
+    global_ps3: torch.Tensor | None
 
 
 class LocalToGlobal:
     """GLNet's local -> global merge for one image: paste-averages of the local maps.
 
-    ``sizes[point]`` are the global branch's map sizes at that point (levels 2..5); every
-    local map is resized to its patch's footprint on that grid, summed there and divided by
-    the overlap count (``tiling.PasteAverager``). Use :meth:`add` for each sub-batch (or as
-    the ``visit`` of a local pass) and :meth:`result` for the ``merged`` argument of the
-    global branch. Holds one global-resolution map per point and level: bounded memory.
+    Every local map is resized to its patch's footprint on the global grid of its sharing
+    point and level, summed there and divided by the overlap count
+    (``gigaseg.geometry.PasteAverager``). Call :meth:`add` for each sub-batch (or
+    :meth:`add_point` from the ``visit`` of a local pass) and :meth:`result` for the
+    ``merged`` argument of :meth:`GLNet.global_features`. Holds one global-resolution map per
+    point and level: bounded memory whatever the image size.
+
+    Args:
+        sizes: for each sharing point (``"c"``, ``"p"``, ``"ps1"``, ``"ps2"``), the global
+            branch's map sizes ``(h, w)`` at levels 2..5.
     """
 
     def __init__(self, sizes: dict[str, list[tuple[int, int]]]):
@@ -149,23 +183,59 @@ class LocalToGlobal:
 
     @classmethod
     def like(cls, features: FPNFeatures) -> LocalToGlobal:
-        """A merger onto the grids of ``features`` (the global branch's maps of this image)."""
+        """A merger onto the grids of ``features``.
+
+        Args:
+            features: the global branch's maps of this image (only their sizes are used).
+
+        Returns:
+            An empty ``LocalToGlobal``.
+        """
         return cls({point: [tuple(m.shape[-2:]) for m in getattr(features, point)] for point in _SHARED})
 
     def add_point(self, point: str, maps: Sequence[torch.Tensor], boxes) -> None:
+        """Paste a sub-batch's local maps at one sharing point (detached: no gradient flows back).
+
+        Args:
+            point: the sharing point, ``"c"``, ``"p"``, ``"ps1"`` or ``"ps2"``.
+            maps: the local maps at levels 2..5, each ``(N, C, h, w)`` for ``N`` patches.
+            boxes: the ``N`` patches' normalised boxes on the image.
+        """
         for averager, patch_maps in zip(self.averagers[point], maps, strict=True):
             averager.add(patch_maps.detach(), boxes)
 
     def add(self, local: FPNFeatures, boxes) -> None:
+        """Paste a sub-batch's local maps at every sharing point.
+
+        Args:
+            local: the local branch's maps of ``N`` patches (``c``, ``p``, ``ps1``, ``ps2`` kept).
+            boxes: the ``N`` patches' normalised boxes on the image.
+        """
         for point in _SHARED:
             self.add_point(point, getattr(local, point), boxes)
 
     def result(self) -> dict[str, list[torch.Tensor]]:
+        """The merged maps: what was pasted, averaged over overlaps (0 where no patch landed).
+
+        Returns:
+            ``{point: [map (1, C, h, w) per level 2..5]}`` on the global branch's grids.
+
+        Raises:
+            ValueError: nothing was pasted.
+        """
         return {point: [a.result() for a in averagers] for point, averagers in self.averagers.items()}
 
 
 class GLNet(SegmentationModel):
     """GLNet's two branches, the ``_ext`` layers, the ensemble head and the frozen stage-1 copy.
+
+    Args:
+        encoder: the timm name of the branches' encoder (ResNet-50 in the paper).
+        num_classes: output classes.
+        in_channels: input bands.
+        pretrained: the global and local encoders' initial weights: False or None (random),
+            True (timm's) or a local weights file. The frozen copy starts as the global branch.
+        **options: the options below; those not given take ``default_options``.
 
     Options:
         size_g: side of the global view (the whole image resized), 508 in the paper.
@@ -184,6 +254,9 @@ class GLNet(SegmentationModel):
         fpn_channels: lateral width of every FPN (256 in the paper; the smoothing width is half).
             Narrower FPNs are for CPU-scale comparisons with the baselines' ``fpn_channels``:
             at 64 the FPN convolutions, which dominate GLNet's cost per patch, are ~16x cheaper.
+
+    Raises:
+        ConfigError: an unknown option, or an option of the wrong type or out of range.
     """
 
     default_options: dict[str, Any] = {
@@ -228,6 +301,7 @@ class GLNet(SegmentationModel):
         self._register_load_state_dict_pre_hook(_tie_or_untie_on_load, with_module=True)
 
     def check_options(self) -> None:
+        """Positive sides and width, ``0 <= min_overlap < size_p``, ``context_tile`` 0 or > ``size_p``."""
         self._require_positive("size_g", "size_p", "fpn_channels")
         if not 0 <= self.options["min_overlap"] < self.options["size_p"]:
             raise ConfigError(
@@ -251,13 +325,23 @@ class GLNet(SegmentationModel):
         return max(1, int(self.trained_stage))
 
     def set_stage(self, stage: int | str) -> None:
-        """Record the stage the weights belong to (``before_stage`` does it when a stage starts)."""
+        """Record the stage the weights belong to (``before_stage`` does it when a stage starts).
+
+        Args:
+            stage: a stage number (0 to 3) or name.
+
+        Raises:
+            ConfigError: ``stage`` is no stage (see :func:`stage_number`).
+        """
         self.trained_stage.fill_(stage_number(stage))
 
     @property
     def context_side(self) -> int:
-        """The tile side of the ``"tile"`` policy: the ``context_tile`` option, else the recorded
-        training scenes' side, else the paper's 2448 px; never smaller than a patch and a pixel."""
+        """The tile side of the ``"tile"`` policy, in pixels.
+
+        The ``context_tile`` option, else the recorded training scenes' side (``scene_side``),
+        else the paper's 2448 px; never smaller than ``size_p + 1``.
+        """
         side = int(self.options["context_tile"]) or int(self.scene_side) or PAPER_SCENE_SIDE
         return max(side, int(self.options["size_p"]) + 1)
 
@@ -295,10 +379,16 @@ class GLNet(SegmentationModel):
         self._untie_fixed()
 
     def parameter_breakdown(self) -> dict[str, int]:
-        """Parameters per part; ``"paper"`` is what the paper counts (all but ``global_fixed``).
+        """Parameters per part, and what the paper counts.
 
         The ``global_branch`` figure includes its plain FPN's classifier, which the ``_ext``
         layers share.
+
+        Returns:
+            Parameter counts keyed ``global_branch``, ``global_ext``, ``local_branch``,
+            ``ensemble``, ``global_fixed`` (counted even while it shares the global branch's
+            tensors), ``paper`` (what the paper counts: all but ``global_fixed``) and ``total``
+            (``paper + global_fixed``).
         """
         parts = {
             name: sum(p.numel() for p in getattr(self, name).parameters())
@@ -309,7 +399,15 @@ class GLNet(SegmentationModel):
         return parts
 
     def grid(self, height: int, width: int) -> PatchGrid:
-        """GLNet's patch grid over a ``height x width`` image (``size_p`` patches, ``min_overlap``)."""
+        """GLNet's patch grid over an image: ``size_p`` patches overlapping by at least ``min_overlap``.
+
+        Args:
+            height: the image height in pixels.
+            width: the image width in pixels.
+
+        Returns:
+            The grid (``PatchGrid.glnet``).
+        """
         return PatchGrid.glnet(height, width, self.options["size_p"], self.options["min_overlap"])
 
     # ------------------------------------------------------------------ the parts
@@ -317,9 +415,20 @@ class GLNet(SegmentationModel):
     def global_features(
         self, x: torch.Tensor, merged: dict[str, list[torch.Tensor]] | None = None, fixed: bool = False, keep=ALL_MAPS
     ) -> FPNFeatures:
-        """The global branch on global views ``x``; with ``merged`` through the ``_ext`` layers.
+        """The global branch on global views ``x``; with ``merged``, through the ``_ext`` layers.
 
-        ``fixed=True`` runs the frozen stage-1 copy (always under no_grad, plain FPN).
+        Args:
+            x: normalised global views ``(B, C, size_g, size_g)``.
+            merged: stage 3's merged local maps (:meth:`LocalToGlobal.result`), resized to the
+                global maps and concatenated with them at every sharing point; None: the plain FPN.
+            fixed: run the frozen stage-1 copy instead (always under no_grad, plain FPN).
+            keep: the maps to keep (``gigaseg.nn.fpn.fpn_pass``); the others are released early.
+
+        Returns:
+            The branch's maps (logits at 1/4 of the view for a ResNet encoder).
+
+        Raises:
+            ValueError: ``fixed`` with ``merged`` (the frozen copy has no ``_ext`` layers).
         """
         if fixed:
             if merged is not None:
@@ -346,9 +455,24 @@ class GLNet(SegmentationModel):
     ) -> FPNFeatures:
         """The local branch on ``patches`` fed with crops of the global ``context`` at every sharing point.
 
-        ``boxes`` are the patches' normalised boxes (``tiling.normalized_box``); crop ``i`` is
-        cut from context map ``batch_index[i]`` (see ``tiling.crop_resize``). ``visit(point,
-        own_maps)`` sees the local maps at each sharing point (the local -> global merge).
+        Each crop (:func:`crop_global`) is made when its level is computed, so without
+        autograd one crop is alive at a time.
+
+        Args:
+            patches: normalised full-resolution patches ``(N, C, size_p, size_p)``.
+            boxes: the patches' ``N`` normalised boxes on the image (``gigaseg.geometry.normalized_box``).
+            context: the global branch's maps (``c``, ``p``, ``ps1`` and ``ps2`` are used).
+            batch_index: crop ``i`` is cut from context map ``batch_index[i]`` (see
+                :func:`crop_global`); None: map 0 of a one-image context.
+            keep: the maps to keep (``gigaseg.nn.fpn.fpn_pass``).
+            visit: ``visit(point, own_maps)`` sees the local maps at each sharing point (the
+                local -> global merge); None: nothing does.
+
+        Returns:
+            The local branch's maps (logits at 1/4 of the patch for a ResNet encoder).
+
+        Raises:
+            ValueError: the context and the local branch have different numbers of levels.
         """
         c = self.local_branch.encoder(patches)
 
@@ -368,7 +492,18 @@ class GLNet(SegmentationModel):
     def ensemble_logits(
         self, local_ps3: torch.Tensor, global_ps3: torch.Tensor, boxes, batch_index=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ensemble logits, the global ps3 crop) for patches with local maps ``local_ps3``."""
+        """GLNet's ensemble head on patches' local ps3 and the matching crops of the global ps3.
+
+        Args:
+            local_ps3: the local branch's ps3 ``(N, C, h, w)``.
+            global_ps3: the global ps3 ``(B, C, H, W)`` to crop (gradients reach it).
+            boxes: the ``N`` patches' normalised boxes.
+            batch_index: the global map each crop comes from (see :func:`crop_global`).
+
+        Returns:
+            ``(logits, crop)``: the ensemble logits ``(N, num_classes, h, w)`` and the crop of
+            the global ps3 ``(N, C, h, w)`` (in ``local_ps3``'s dtype) they were computed from.
+        """
         crop = crop_global(global_ps3, boxes, local_ps3.shape[-2:], batch_index).to(local_ps3.dtype)
         return conv_cat(self.ensemble, [local_ps3, crop]), crop
 
@@ -382,7 +517,22 @@ class GLNet(SegmentationModel):
         ensemble: bool = True,
         keep=ALL_MAPS,
     ) -> PatchOutput:
-        """Local branch + ensemble for a sub-batch; the ensemble crops ``ensemble_from`` (default ``context.ps3``)."""
+        """Local branch + ensemble for a sub-batch of patches.
+
+        Args:
+            patches: normalised full-resolution patches ``(N, C, size_p, size_p)``.
+            boxes: the ``N`` patches' normalised boxes.
+            context: the global maps the local branch crops (:meth:`global_features`).
+            ensemble_from: the global ps3 the ensemble crops (stage 3: that of the ``_ext``
+                pass); None: ``context.ps3``.
+            batch_index: the context map each patch crops (see :func:`crop_global`).
+            ensemble: run the ensemble head (the local ``ps3`` is then kept whatever ``keep`` says).
+            keep: the local maps to keep (``gigaseg.nn.fpn.fpn_pass``).
+
+        Returns:
+            The local maps, and the ensemble logits with their global ps3 crops (both None
+            when ``ensemble`` is False).
+        """
         keep = set(keep) | ({"ps3"} if ensemble else set())
         local = self.local_features(patches, boxes, context, batch_index, keep=keep)
         if not ensemble:
@@ -392,7 +542,24 @@ class GLNet(SegmentationModel):
         return PatchOutput(local, logits, crop)
 
     def forward(self, x: torch.Tensor, task: str = "image", **kwargs: Any):
-        """See the module docstring: ``task`` is image, global, local or ensemble."""
+        """Run one of GLNet's computations (see the module docstring).
+
+        Training steps call the (Fabric/DDP-)wrapped module, so every part goes through here.
+
+        Args:
+            x: images for ``"image"``, global views for ``"global"``, patches for ``"local"``,
+                local ps3 maps for ``"ensemble"``.
+            task: ``"image"`` (:meth:`segment`), ``"global"`` (:meth:`global_features`),
+                ``"local"`` (:meth:`patch_forward`) or ``"ensemble"`` (:meth:`ensemble_logits`).
+            **kwargs: that method's other arguments.
+
+        Returns:
+            Logits ``(B, num_classes, H, W)`` for ``"image"``, ``FPNFeatures`` for ``"global"``,
+            a :class:`PatchOutput` for ``"local"``, the ensemble logits for ``"ensemble"``.
+
+        Raises:
+            ValueError: an unknown ``task``.
+        """
         if task == "image":
             return self.segment(x, **kwargs)
         if task == "global":
@@ -406,19 +573,32 @@ class GLNet(SegmentationModel):
     # ------------------------------------------------------------------ whole images in memory
 
     def global_view(self, x: torch.Tensor) -> torch.Tensor:
-        """Whole images resized to ``size_g`` x ``size_g`` (area when shrinking, bilinear otherwise)."""
+        """Whole images resized to ``size_g`` x ``size_g`` (area when shrinking, bilinear otherwise).
+
+        Args:
+            x: normalised images ``(B, C, H, W)``.
+
+        Returns:
+            The global views ``(B, C, size_g, size_g)``.
+        """
         size = (self.options["size_g"],) * 2
         if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
             return F.interpolate(x, size=size, mode="area")
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, K, H, W)`` of whole (normalised) images, the way the streaming predictor computes them.
+        """Logits of whole (normalised) images, computed the way the streaming predictor computes them.
 
         Stage 1: the global logits upsampled. Stages 2 and 3: the ensemble logits of every
         patch of GLNet's grid, upsampled to the patch size and averaged where patches overlap.
         Everything is held in memory: for small images, tests and reference; whole-image
         prediction of large images goes through its predictor (``gigaseg.methods.glnet.predictor``).
+
+        Args:
+            x: normalised images ``(B, C, H, W)``.
+
+        Returns:
+            Logits ``(B, num_classes, H, W)``.
         """
         stage = self.stage
         height, width = x.shape[-2:]
@@ -456,7 +636,12 @@ class GLNet(SegmentationModel):
     # ------------------------------------------------------------------ shapes
 
     def context_shapes(self) -> dict[str, list[tuple[int, ...]]]:
-        """Shapes ``(C, h, w)`` of one global view's maps at each sharing point and ps3 (meta pass)."""
+        """Shapes of one global view's maps at each sharing point and ps3, from a meta-device pass.
+
+        Returns:
+            ``{point: [(C, h, w) per level]}`` for ``"c"``, ``"p"``, ``"ps1"`` and ``"ps2"``
+            (levels 2..5), and ``"ps3"``: one shape at level 2's size.
+        """
         size = self.options["size_g"]
         meta = torch.empty((1, self.in_channels, size, size), device="meta")
         encoder = self.global_branch.encoder

@@ -69,18 +69,35 @@ _SHARED = frozenset(("c", "p", "ps1", "ps2"))
 
 @dataclass
 class GLNetContext:
-    """What ``prepare`` computes once per image (returned, never stored on the predictor)."""
+    """What ``prepare`` computes once per image (returned, never stored on the predictor).
+
+    Attributes:
+        stage: the model's stage, 1, 2 or 3.
+        image_shape: the image's ``(height, width)``.
+        probs: stage 1: the global probabilities ``(1, K, h, w)``; None otherwise.
+        grid: stages 2 and 3: GLNet's grid over the whole image; None in stage 1.
+        context: the global maps the local branch crops (stage 3: the frozen stage-1 copy's).
+        ensemble_from: the global ps3 the ensemble crops (stage 3: the ``_ext`` pass's).
+        cache: logits of the patches shared with the next block of the row.
+        output: the buffer ``predict_block`` returns its probabilities in (reused by each call).
+    """
 
     stage: int
     image_shape: tuple[int, int]
-    probs: torch.Tensor | None = None  # stage 1: global probabilities (1, K, h, w)
-    grid: PatchGrid | None = None  # stages 2, 3: GLNet's grid over the whole image
-    context: FPNFeatures | None = None  # the global maps the local branch crops
-    ensemble_from: torch.Tensor | None = None  # the global ps3 the ensemble crops
-    cache: dict = field(default_factory=dict)  # logits of patches shared with the next block of the row
-    output: torch.Tensor | None = None  # the buffer predict_block returns its probabilities in
+    probs: torch.Tensor | None = None
+    grid: PatchGrid | None = None
+    context: FPNFeatures | None = None
+    ensemble_from: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict)
+    output: torch.Tensor | None = None
 
     def nbytes(self) -> int:
+        """Bytes of the tensors kept for the image.
+
+        Returns:
+            The bytes of ``probs``, the ``context`` maps and ``ensemble_from``, each tensor
+            counted once (the ``output`` buffer and the ``cache`` are not counted).
+        """
         tensors = [self.probs, self.ensemble_from]
         if self.context is not None:
             tensors += [*self.context.c, *self.context.p, *self.context.ps1, *self.context.ps2, self.context.ps3]
@@ -101,6 +118,13 @@ class GLNetPredictor(SegmentationPredictor):
     store) before asking for the next, and the previous block's array would otherwise still be
     alive while the next one is computed (117 MB for a 2048 px block of 7 classes). Copy a
     result to keep it across calls.
+
+    Args:
+        model: a GLNet of any trained stage (its stage decides how it predicts).
+        normalization: how the images' pixels are normalised.
+        device: where the network runs.
+        sub_batch: patches per forward pass.
+        precision: "32", "bf16-mixed" or "16-mixed".
     """
 
     def __init__(self, model, normalization, device="cpu", sub_batch: int = 4, precision: str = "32"):
@@ -113,6 +137,7 @@ class GLNetPredictor(SegmentationPredictor):
         return self.to_tensor(source.read(out_size=(size, size), resample="area"))
 
     def prepare(self, source) -> GLNetContext:
+        """The image's global context (stage 3: after the local -> global pass); see the module docstring."""
         model = self.model
         shape = (source.height, source.width)
         view = self._view(source)
@@ -145,6 +170,7 @@ class GLNetPredictor(SegmentationPredictor):
         return GLNetContext(3, shape, grid=grid, context=fixed, ensemble_from=glob.ps3)
 
     def predict_block(self, source, context: GLNetContext, window: Window) -> np.ndarray:
+        """Probabilities of one block (stages 2 and 3: in the context's reused buffer, see the class docstring)."""
         if context.stage == 1:
             with torch.inference_mode():
                 probs = upsample_window(context.probs, context.image_shape, window)
@@ -184,10 +210,21 @@ class GLNetPredictor(SegmentationPredictor):
 
 
 def glnet_block_bytes(block: int, size_p: int, num_classes: int, grid_step: int) -> int:
-    """One streamed block's buffers while its patches run: logits sums (softmaxed in place into
-    the returned probabilities) and the cached logits (at 1/4 of the patch) of one column of
-    patches shared with the next block. (The driver's argmax of the probabilities comes after
-    the patches' memory is released.)"""
+    """Bytes of one streamed block's buffers while its patches run.
+
+    The logit sums (softmaxed in place into the returned probabilities) and the cached logits
+    (at 1/4 of the patch) of one column of patches shared with the next block. The driver's
+    argmax of the probabilities comes after the patches' memory is released.
+
+    Args:
+        block: the block side in pixels.
+        size_p: the patch side in pixels.
+        num_classes: the class count.
+        grid_step: pixels between patch starts on GLNet's grid (``size_p - min_overlap``).
+
+    Returns:
+        Bytes.
+    """
     column = -(-block // max(grid_step, 1)) + 1
     return 4 * num_classes * block * block + column * 4 * num_classes * (size_p // 4 + 1) ** 2
 
@@ -196,8 +233,19 @@ def inference_estimate(model, device="cpu", block_size: int = 2048) -> MemoryEst
     """Memory of GLNet prediction: fixed (process, global context, one block's buffers) + per patch.
 
     Fixed: on CPU the process's resident memory now (it already holds the weights), on CUDA
-    the weights; the global context (:func:`context_bytes`); one block's buffers. Per patch:
-    :func:`patch_bytes`. ``benchmarks/glnet_memory.py`` compares the figures with measured peaks.
+    the weights; then the global context (:func:`context_bytes`) with one block's buffers
+    (:func:`glnet_block_bytes`), or in stage 3 twice the context (``prepare`` holds the merged
+    local maps next to it) when that is more. Per patch: :func:`patch_bytes`; stage 3 adds the
+    maps ``prepare`` keeps of each patch until they are pasted into the global-resolution
+    averages. ``benchmarks/glnet_memory.py`` compares the figures with measured peaks.
+
+    Args:
+        model: a GLNet (its trained stage decides what prediction holds).
+        device: where it runs (on CPU the process's resident memory counts).
+        block_size: the side of the driver's blocks, in pixels.
+
+    Returns:
+        Bytes fixed and per patch of a sub-batch.
     """
     size_p = model.options["size_p"]
     on_cpu = torch.device(device).type == "cpu"
@@ -251,15 +299,32 @@ def inference_plan(model: GLNet, device="cpu", max_memory: int | None = None, de
 
 @dataclass(frozen=True)
 class ContextTile:
-    """``core``: the pixels this tile predicts; ``tile``: the region GLNet runs on to predict them."""
+    """A core of the "tile" policy and the tile GLNet runs on to predict it.
+
+    Attributes:
+        core: the pixels this tile predicts (image coordinates).
+        tile: the region GLNet runs on to predict them (image coordinates; it contains ``core``).
+    """
 
     core: Window
     tile: Window
 
 
 def core_size(context_tile: int, size_p: int, block_limit: int | None = None) -> int:
-    """Side of the cores: a multiple of ``WRITER_TILE`` at most ``context_tile - size_p`` (half a
-    patch of margin each side) and at most ``block_limit``; at least ``WRITER_TILE``."""
+    """Side of the cores of the "tile" policy.
+
+    The largest multiple of ``WRITER_TILE`` (the mask writer's tile) that is at most
+    ``context_tile - size_p`` (half a patch of margin each side) and at most ``block_limit``;
+    never less than ``WRITER_TILE``.
+
+    Args:
+        context_tile: the tile side in pixels.
+        size_p: the patch side in pixels.
+        block_limit: the largest block the memory plan allows; None: no limit.
+
+    Returns:
+        The core side in pixels.
+    """
     side = (context_tile - size_p) // WRITER_TILE * WRITER_TILE
     if block_limit is not None:
         side = min(side, block_limit // WRITER_TILE * WRITER_TILE)
@@ -267,11 +332,19 @@ def core_size(context_tile: int, size_p: int, block_limit: int | None = None) ->
 
 
 def axis_tiles(length: int, core: int, side: int) -> list[tuple[int, int, int, int]]:
-    """``(core_start, core_end, tile_start, tile_end)`` along an axis of ``length`` px.
+    """The cores and tiles along one axis.
 
-    Cores of ``core`` px from 0 cover the axis exactly once. Each tile is its core grown to
-    ``side`` px (half the growth before, the rest after; never shorter than its core nor longer
-    than the axis), shifted back inside ``[0, length)``.
+    Cores of ``core`` px from 0 cover the axis exactly once (the last one may be shorter).
+    Each tile is its core grown to ``side`` px (half the growth before, the rest after; never
+    shorter than its core nor longer than the axis), shifted back inside ``[0, length)``.
+
+    Args:
+        length: the axis length in pixels.
+        core: the core side in pixels.
+        side: the tile side in pixels.
+
+    Returns:
+        ``(core_start, core_end, tile_start, tile_end)`` per core, in order; ends exclusive.
     """
     out = []
     for start in range(0, length, core):
@@ -283,7 +356,17 @@ def axis_tiles(length: int, core: int, side: int) -> list[tuple[int, int, int, i
 
 
 def context_tiles(height: int, width: int, core: int, side: int) -> list[ContextTile]:
-    """Every core of an image with its tile, row-major."""
+    """Every core of an image with its tile, row-major.
+
+    Args:
+        height: the image height in pixels.
+        width: the image width in pixels.
+        core: the core side (:func:`core_size`).
+        side: the tile side.
+
+    Returns:
+        One :class:`ContextTile` per core (each axis cut by :func:`axis_tiles`).
+    """
     return [
         ContextTile(Window.from_bounds(r0, c0, r1, c1), Window.from_bounds(t0, l0, t1, l1))
         for r0, r1, t0, t1 in axis_tiles(height, core, side)
@@ -293,7 +376,16 @@ def context_tiles(height: int, width: int, core: int, side: int) -> list[Context
 
 @dataclass
 class TileState:
-    """Per image: the tiles, and the context of the last tile used (one at a time bounds memory)."""
+    """Per image: the tiles, and the context of the last tile used (one at a time bounds memory).
+
+    Attributes:
+        tiles: every core with its tile (:func:`context_tiles`).
+        current: the tile whose context is held; None before the first block.
+        context: ``GLNetPredictor.prepare``'s context of ``current``.
+        crop: ``current``'s tile of the image, as a source.
+        contexts_computed: how many tile contexts were computed so far (one per tile when the
+            driver's blocks are the cores).
+    """
 
     tiles: list[ContextTile]
     current: ContextTile | None = None
@@ -303,10 +395,18 @@ class TileState:
 
 
 class GLNetTilePredictor(GLNetPredictor):
-    """Whole-image GLNet prediction with the ``"tile"`` global-context policy (module docstring).
+    """Whole-image GLNet prediction with the ``"tile"`` global-context policy (see the module docstring).
 
-    ``block_limit``: the largest block the memory plan allows (None: no limit beyond the tile's).
-    ``block_size`` is set to the core size, so the driver's blocks are the cores.
+    ``block_size`` is set to the core size, so the driver's blocks are the cores; ``halo``
+    covers the tile around a core, on which a block's prediction depends.
+
+    Args:
+        model: a GLNet of any trained stage; its :attr:`~GLNet.context_side` is the tile side.
+        normalization: how the images' pixels are normalised.
+        device: where the network runs.
+        sub_batch: patches per forward pass.
+        precision: "32", "bf16-mixed" or "16-mixed".
+        block_limit: the largest block the memory plan allows (None: no limit beyond the tile's).
     """
 
     def __init__(
@@ -326,6 +426,7 @@ class GLNetTilePredictor(GLNetPredictor):
         self.halo = max(self.halo, (self.context_tile - self.core + 1) // 2)
 
     def prepare(self, source) -> TileState:
+        """The image's cores and tiles; a tile's context is computed when its first block comes."""
         return TileState(context_tiles(source.height, source.width, self.core, self.context_tile))
 
     def _context_of(self, source, state: TileState, tile: ContextTile):
@@ -338,6 +439,7 @@ class GLNetTilePredictor(GLNetPredictor):
         return state.crop, state.context
 
     def predict_block(self, source, state: TileState, window: Window) -> np.ndarray:
+        """Probabilities of one block, each part predicted by the tile whose core holds it."""
         parts = [(tile, part) for tile in state.tiles if (part := tile.core.intersection(window)) is not None]
         if len(parts) == 1 and parts[0][1] == window:  # the driver's blocks are cores: no copy
             tile = parts[0][0]

@@ -76,7 +76,7 @@ _SHARED = frozenset(("c", "p", "ps1", "ps2"))
 
 
 def _augment(array: np.ndarray, flip: bool, k: int) -> np.ndarray:
-    """Horizontal flip then rotation by ``k`` x 90 degrees (as ``views.augment_pair``), HW or HWC."""
+    """Horizontal flip then rotation by ``k`` x 90 degrees (as ``gigaseg.training.views.augment_pair``), HW or HWC."""
     if flip:
         array = array[:, ::-1]
     if k:
@@ -107,6 +107,16 @@ class GLNetViews(SeededViews):
     Patches reaching past the border (images smaller than a patch) are padded with the mean
     colour (normalised to about 0, as the predictor pads) and label ``255`` (ignored).
     Randomness comes from ``rng_for(seed, epoch, index)``.
+
+    Args:
+        dataset: the training samples (each with an ``image`` and a ``mask`` source).
+        normalization: how pixels are normalised (here for the global view; the step
+            normalises the patches with ``norm``).
+        size_g: the global view's side in pixels.
+        size_p: the patches' side in pixels.
+        min_overlap: the least overlap of neighbouring patches on GLNet's grid, in pixels.
+        augment: draw one random flip/rotation per item and epoch; False: none.
+        seed: the seed of the augmentation.
     """
 
     def __init__(
@@ -167,7 +177,14 @@ class GLNetViews(SeededViews):
 
 
 def image_sizes(dataset) -> list[tuple[int, int, str]]:
-    """``(height, width, name)`` of every image of ``dataset``, read once when a stage builds its data."""
+    """The size and name of every image of ``dataset``, read once when a stage builds its data.
+
+    Args:
+        dataset: the training samples (each closed once its size is read).
+
+    Returns:
+        ``(height, width, name)`` per image; the name is the image's path, else ``"image <index>"``.
+    """
     sizes = []
     for index in range(len(dataset)):
         sample = dataset[index]
@@ -180,8 +197,17 @@ def image_sizes(dataset) -> list[tuple[int, int, str]]:
 
 
 def median_longer_side(sizes: list[tuple[int, int, str]]) -> int:
-    """The median of the training images' longer sides: the scene side the model learns its
-    global view at, recorded in the weights (``GLNet.scene_side``) for the "tile" policy."""
+    """The median of the training images' longer sides.
+
+    It is the scene side the model learns its global view at, recorded in the weights
+    (``GLNet.scene_side``) for the "tile" policy.
+
+    Args:
+        sizes: ``(height, width, name)`` per image (:func:`image_sizes`).
+
+    Returns:
+        The median longer side in pixels (rounded down); 0 without images.
+    """
     return int(np.median([max(h, w) for h, w, _ in sizes])) if sizes else 0
 
 
@@ -229,7 +255,17 @@ def _sub_batch(ctx: StepContext) -> int:
 
 
 def global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
-    """Stage 1: focal loss of the global branch on the global views (in sub-batches when memory is short)."""
+    """Stage 1: focal loss of the global branch on the global views (in sub-batches when memory is short).
+
+    Each sub-batch's loss is weighted by its share of the batch, one backward each.
+
+    Args:
+        ctx: the step's context (``ctx.sub_batch``: views per backward).
+        batch: ``image`` (normalised global views) and ``label``, as ``GlobalViews`` collates them.
+
+    Returns:
+        ``{"loss": the batch's mean loss}``, detached.
+    """
     focal = _focal(ctx.model)
     images = batch["image"].shape[0]
     total = 0.0
@@ -243,7 +279,17 @@ def global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def global2local_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
-    """Stage 2: per image, frozen global features once; per patch sub-batch local + ensemble + fmreg, backward."""
+    """Stage 2: per image, frozen global features once; per patch sub-batch local + ensemble + fmreg, backward.
+
+    Each sub-batch's loss is weighted by ``patches / PAPER_SUB_BATCH`` (module docstring).
+
+    Args:
+        ctx: the step's context (patches per backward: the stage's ``sub_batch`` option).
+        batch: collated :class:`GLNetViews` items.
+
+    Returns:
+        ``loss``, ``loss_local``, ``loss_ensemble`` and ``loss_fmreg``: means per patch, detached.
+    """
     model, focal = ctx.model, _focal(ctx.model)
     fmreg = model.options["fmreg"]
     sums = {"loss": 0.0, "loss_local": 0.0, "loss_ensemble": 0.0, "loss_fmreg": 0.0}
@@ -270,7 +316,19 @@ def global2local_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def local2global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
-    """Stage 3: merged frozen local maps -> global through ``_ext``; FL(global) + per sub-batch FL(ensemble)."""
+    """Stage 3: merged frozen local maps -> global through ``_ext``; FL(global) + per sub-batch FL(ensemble).
+
+    The ensemble losses reach the global branch through one leaf tensor holding the global
+    ps3, so the global graph is backpropagated once per image (module docstring).
+
+    Args:
+        ctx: the step's context (patches per pass: the stage's ``sub_batch`` option).
+        batch: collated :class:`GLNetViews` items.
+
+    Returns:
+        ``loss_global`` (mean per image), ``loss_ensemble`` (mean per patch) and their sum
+        ``loss``, detached.
+    """
     focal = _focal(ctx.model)
     sums = {"loss_global": 0.0, "loss_ensemble": 0.0}
     images = batch["global"].shape[0]
@@ -352,7 +410,15 @@ def _starting(stage: int):
 
 
 def glnet_stages(model) -> list[Stage]:
-    """The paper's three stages (see the module docstring)."""
+    """The paper's three stages (see the module docstring).
+
+    Args:
+        model: the GLNet to train; building a stage's data records the training images' median
+            longer side in its ``scene_side`` buffer.
+
+    Returns:
+        The stages ``global``, ``global2local`` and ``local2global``, in order.
+    """
     size_g, size_p, overlap = model.options["size_g"], model.options["size_p"], model.options["min_overlap"]
     channels = model.in_channels
 
@@ -428,7 +494,17 @@ def glnet_stages(model) -> list[Stage]:
 
 
 def item_bytes(views: GLNetViews) -> int:
-    """Bytes of one training item (one image's global view and patches) as the loader batches it."""
+    """Bytes of one training item (one image's global view and patches) as the loader batches it.
+
+    Sized from the dataset's first image: the patches at 1 byte per uint8 channel value (4
+    otherwise) plus a 1-byte label, the global view as float32 with an int64 label.
+
+    Args:
+        views: the stage's training views.
+
+    Returns:
+        Bytes; 0 for an empty dataset.
+    """
     dataset = views.dataset
     if len(dataset) == 0:
         return 0
@@ -447,6 +523,16 @@ def training_estimate(model, stage: str, views: GLNetViews, batch_size: int, dev
     the items and their collated copy), one image's global features. Stage 3 adds the global
     branch's own graph (about one training patch), the merged local maps, and per patch
     only the frozen local pass (inference) plus the ensemble's small graph.
+
+    Args:
+        model: the GLNet.
+        stage: ``"global2local"`` or ``"local2global"``.
+        views: the stage's training views (they size the batch).
+        batch_size: images per batch.
+        device: where it trains (on CPU the process's resident memory counts).
+
+    Returns:
+        Bytes fixed and per patch of a sub-batch.
     """
     on_cpu = torch.device(device).type == "cpu"
     process = runtime_bytes(device) if on_cpu else parameter_bytes(model)
@@ -464,7 +550,21 @@ def training_estimate(model, stage: str, views: GLNetViews, batch_size: int, dev
 
 
 def training_sub_batch(model, stage: str, views: GLNetViews, batch_size: int, settings) -> int:
-    """Patches per backward under ``settings.max_memory`` (the paper's 6 without a budget)."""
+    """Patches per backward under ``settings.max_memory`` (the paper's 6 without a budget).
+
+    Args:
+        model: the GLNet.
+        stage: ``"global2local"`` or ``"local2global"``.
+        views: the stage's training views.
+        batch_size: images per batch.
+        settings: the training settings (``max_memory``; ``accelerator`` picks CPU or CUDA).
+
+    Returns:
+        The sub-batch, from 1 to ``PAPER_SUB_BATCH``.
+
+    Raises:
+        BudgetError: not even one patch fits ``max_memory``.
+    """
     if settings.max_memory is None:
         return PAPER_SUB_BATCH
     device = "cuda" if settings.accelerator in ("cuda", "gpu") else "cpu"
