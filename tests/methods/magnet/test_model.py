@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import gigaseg.methods.magnet.model as magnet_module
 from gigaseg.errors import ConfigError
-from gigaseg.geometry import Window, box_on_grid, crop_resize
+from gigaseg.geometry import Window, box_on_grid, crop_resize, resize
 from gigaseg.methods.magnet.model import (
     PRESETS,
     RefinementModule,
@@ -24,6 +24,12 @@ from gigaseg.methods.magnet.model import (
 from gigaseg.methods.registry import create_model
 
 from ..base import ModelTester, conv_parameters, count_parameters
+
+
+def area_resize(x, size):
+    """MagNet's resizing rule: area averaging when shrinking both sides, bilinear otherwise."""
+    return resize(x, size, area_when_shrinking=True)
+
 
 #: DeepGlobe-like shape (three scales, 1/4/16 patches), tiny sizes
 TINY = {"scales": [[16, 16], [32, 32], [64, 64]], "input_size": [32, 32], "median_kernel": 3}
@@ -50,9 +56,7 @@ def tiny(num_classes=3, **options):
 
 def tensor_reader(model, x):
     def read(windows):
-        return torch.cat(
-            [magnet_module._resize(x[:, :, w.top : w.bottom, w.left : w.right], model.input_size) for w in windows]
-        )
+        return torch.cat([area_resize(x[:, :, w.top : w.bottom, w.left : w.right], model.input_size) for w in windows])
 
     return read
 
@@ -147,7 +151,7 @@ def test_training_and_inference_pass_coarse_first():
         model.infer_frame(read, (64, 64), refine=True, sub_batch=64)
         geometry = model.frame_geometry((64, 64))
         fine = model.backbone_probs(read(geometry.windows(1)))
-        current = magnet_module._resize(model.backbone_probs(read(geometry.windows(0))), geometry.canvases[0])
+        current = area_resize(model.backbone_probs(read(geometry.windows(0))), geometry.canvases[0])
         coarse = crop_resize(current, geometry.boxes[1], model.input_size)
     torch.testing.assert_close(calls[0][1], fine)
     torch.testing.assert_close(calls[0][0], coarse)
@@ -368,7 +372,7 @@ def test_coarse_only_until_the_refinement_is_trained():
     with torch.inference_mode():
         coarse = model.infer(x, refine=False)
         expected = F.interpolate(
-            magnet_module._resize(model.backbone_probs(magnet_module._resize(x, (32, 32))), (16, 16)),
+            area_resize(model.backbone_probs(area_resize(x, (32, 32))), (16, 16)),
             size=(64, 64),
             mode="bilinear",
             align_corners=False,
@@ -394,7 +398,7 @@ def reference_two_scales(model, x):
     """MagNet with two scales written out directly: (upsampled current, refined canvas)."""
     geometry = model.frame_geometry(x.shape[-2:])
     read = tensor_reader(model, x)
-    current = magnet_module._resize(model.backbone_probs(read(geometry.windows(0))), geometry.canvases[0])
+    current = area_resize(model.backbone_probs(read(geometry.windows(0))), geometry.canvases[0])
     canvas = geometry.canvases[1]
     refined = torch.zeros(1, model.num_classes, *canvas)
     for box, window in zip(geometry.boxes[1], geometry.windows(1)):
@@ -424,8 +428,8 @@ def test_n_points_are_replaced_where_the_error_is_highest():
     with torch.inference_mode():
         out = model.infer(x, refine=True)
         upsampled, refined = reference_two_scales(model, x)
-        current = magnet_module._resize(model.backbone_probs(magnet_module._resize(x, (32, 32))), (16, 16))
-        error = error_score(refined, magnet_module._resize(uncertainty(current), (32, 32)))[0, 0]
+        current = area_resize(model.backbone_probs(area_resize(x, (32, 32))), (16, 16))
+        error = error_score(refined, area_resize(uncertainty(current), (32, 32)))[0, 0]
     from_refined = (out - refined).abs().amax(1)[0] < 1e-5
     from_current = (out - upsampled).abs().amax(1)[0] < 1e-5
     assert bool((from_refined | from_current).all())

@@ -73,7 +73,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 from ...errors import ConfigError
-from ...geometry import Box, Window, box_on_grid, crop_resize, upsample_window
+from ...geometry import Box, Window, box_on_grid, crop_resize, resize, upsample_window
 from ...nn.base import SegmentationModel
 from ...nn.encoders import PretrainedSpec
 from ...nn.segmenters import DECODERS, FPNSegmenter
@@ -297,8 +297,8 @@ def smooth_error(error: torch.Tensor, size: Sequence[int], kernel: int) -> torch
     if kernel <= 1:
         return error
     original = tuple(error.shape[-2:])
-    small = median_blur(_resize(error, size), kernel)
-    return _resize(small, original)
+    small = median_blur(resize(error, size, area_when_shrinking=True), kernel)
+    return resize(small, original, area_when_shrinking=True)
 
 
 def num_points(points: float, refined_area: int) -> int:
@@ -472,16 +472,6 @@ class FrameGeometry:
             right = max(left + 1, min(w, _round_half_up(x1 * w)))
             out.append(Window.from_bounds(top, left, bottom, right))
         return out
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Area when shrinking both sides, bilinear (align_corners=False) otherwise; no-op at size."""
-    size = (int(size[0]), int(size[1]))
-    if tuple(x.shape[-2:]) == size:
-        return x
-    if size[0] <= x.shape[-2] and size[1] <= x.shape[-1]:
-        return F.interpolate(x, size=size, mode="area")
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def _pair(value: Any, name: str) -> list[int]:
@@ -789,7 +779,11 @@ class MagNet(SegmentationModel):
             def read(windows: list[Window], image=image) -> torch.Tensor:
                 return torch.cat(
                     [
-                        _resize(image[:, :, win.top : win.bottom, win.left : win.right], self.input_size)
+                        resize(
+                            image[:, :, win.top : win.bottom, win.left : win.right],
+                            self.input_size,
+                            area_when_shrinking=True,
+                        )
                         for win in windows
                     ]
                 )
@@ -829,7 +823,7 @@ class MagNet(SegmentationModel):
         geometry = self.frame_geometry(frame)
         sub_batch = max(1, int(sub_batch))
         current = self.backbone_probs(read_patches(geometry.windows(0)), autocast)
-        current = _resize(current, geometry.canvases[0])
+        current = resize(current, geometry.canvases[0], area_when_shrinking=True)
         if trace is not None:
             trace.append({"scale": 0, "patches": [0], "points": 0})
         if not refine or geometry.num_scales == 1:
@@ -889,7 +883,7 @@ class MagNet(SegmentationModel):
         refined.div_(count.clamp_(min=1))
         del count
 
-        error = error_score(refined, _resize(current_uncertainty, canvas))
+        error = error_score(refined, resize(current_uncertainty, canvas, area_when_shrinking=True))
         error = smooth_error(error, self.input_size, self.options["median_kernel"])
         n = num_points(self.options["points"], int(covered.sum()))
         chosen = select_points(error, n, covered)
