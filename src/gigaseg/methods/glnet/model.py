@@ -581,10 +581,7 @@ class GLNet(SegmentationModel):
         Returns:
             The global views ``(B, C, size_g, size_g)``.
         """
-        size = (self.options["size_g"],) * 2
-        if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
-            return F.interpolate(x, size=size, mode="area")
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return resize(x, (self.options["size_g"],) * 2, area_when_shrinking=True)
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of whole (normalised) images, computed the way the streaming predictor computes them.
