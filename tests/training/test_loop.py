@@ -185,3 +185,19 @@ def test_init_needs_the_same_architecture_but_not_the_same_inference_options(tin
             settings=settings(epochs=1),
             init=tmp_path / "first" / "last.ckpt",
         )
+
+
+def test_a_stage_with_an_unknown_schedule_is_refused():
+    from gigaseg.errors import ConfigError
+    from gigaseg.training.loop import _schedule
+    from gigaseg.training.recipe import Stage
+
+    stage = Stage(name="s", epochs=1, lr=1.0, batch_size=1, make_data=None, step=None, schedule="polly")
+    with pytest.raises(ConfigError, match="unknown schedule 'polly'; use poly, step or constant"):
+        _schedule(stage, total_steps=10, steps_per_epoch=5)
+    assert (
+        _schedule(
+            Stage(name="s", epochs=1, lr=1.0, batch_size=1, make_data=None, step=None, schedule="constant"), 10, 5
+        )(7)
+        == 1.0
+    )

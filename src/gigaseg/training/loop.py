@@ -422,7 +422,9 @@ def _schedule(stage: Stage, total_steps: int, steps_per_epoch: int):
     if stage.schedule == "step":
         milestones = [m * steps_per_epoch for m in stage.milestones]
         return lambda step: stage.gamma ** sum(step >= m for m in milestones)
-    return lambda step: 1.0
+    if stage.schedule == "constant":
+        return lambda step: 1.0
+    raise ConfigError(f"stage {stage.name!r}: unknown schedule {stage.schedule!r}; use poly, step or constant")
 
 
 def _peak_memory(device: torch.device) -> int:

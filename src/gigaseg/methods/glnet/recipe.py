@@ -508,11 +508,17 @@ def item_bytes(views: GLNetViews) -> int:
     dataset = views.dataset
     if len(dataset) == 0:
         return 0
-    image = dataset[0].image
-    grid = PatchGrid.glnet(image.height, image.width, views.size_p, views.min_overlap)
-    pixel = np.dtype(image.dtype).itemsize if np.dtype(image.dtype) == np.uint8 else 4
-    patches = len(grid) * views.size_p**2 * (image.channels * pixel + 1)
-    return patches + views.size_g**2 * (4 * image.channels + 8)
+    with dataset[0] as sample:
+        height, width, channels, dtype = (
+            sample.image.height,
+            sample.image.width,
+            sample.image.channels,
+            np.dtype(sample.image.dtype),
+        )
+    grid = PatchGrid.glnet(height, width, views.size_p, views.min_overlap)
+    pixel = dtype.itemsize if dtype == np.uint8 else 4
+    patches = len(grid) * views.size_p**2 * (channels * pixel + 1)
+    return patches + views.size_g**2 * (4 * channels + 8)
 
 
 def training_estimate(model, stage: str, views: GLNetViews, batch_size: int, device="cpu") -> MemoryEstimate:

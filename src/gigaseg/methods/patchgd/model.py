@@ -732,8 +732,6 @@ class PatchGDClassifier(_FrameworkMixin, ClassificationModel):
         z = flat.scatter(2, index, fresh).view_as(latents)
         return self.classify(z, g), z
 
-    # ---- engine hooks
-
 
 class DownsampledClassifier(ClassificationModel):
     """Baseline: theta1 (encoder + pool + linear to ``latent_dim``) on the whole image at ``input_size``.
@@ -1043,5 +1041,3 @@ class PatchGDSegmenter(_FrameworkMixin, SegmentationModel):
             g = self.drop_global(g)
             g_up = F.interpolate(g.float(), size=(height, width), mode="bilinear", align_corners=False)
         return self.head(z, g_up)
-
-    # ---- engine hooks
