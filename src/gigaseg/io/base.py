@@ -72,14 +72,8 @@ class ImageSource(ABC):
 
     @property
     def name(self) -> str:
-        """Stem used for output files (``scene.tif`` -> ``scene``)."""
-        if self.path is None:
-            return "array"
-        base = os.path.basename(self.path)
-        for suffix in (".ome.tiff", ".ome.tif"):
-            if base.lower().endswith(suffix):
-                return base[: -len(suffix)]
-        return os.path.splitext(base)[0]
+        """Stem used for output files (``scene.v1.tif`` -> ``scene.v1``; see :func:`output_stem`)."""
+        return "array" if self.path is None else output_stem(self.path)
 
     def resolve_window(self, window: Window | None) -> Window:
         """``window`` checked against the image.
@@ -198,6 +192,25 @@ class ImageSource(ABC):
     def __repr__(self) -> str:
         where = self.path if self.path is not None else "<array>"
         return f"{type(self).__name__}({where!r}, {self.height}x{self.width}x{self.channels}, {self.dtype})"
+
+
+def output_stem(path: str | os.PathLike) -> str:
+    """The name outputs made from an image file take: the whole file name minus its image extension.
+
+    ``scene.v1.tif`` -> ``scene.v1``; ``slide.ome.tiff`` -> ``slide``; ``a.b`` -> ``a`` (any
+    other last suffix is taken as the extension too).
+
+    Args:
+        path: the image file.
+
+    Returns:
+        The stem.
+    """
+    base = os.path.basename(os.fspath(path))
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return os.path.splitext(base)[0]
 
 
 def read_resized(source: ImageSource, window: Window, size: tuple[int, int]) -> np.ndarray:
