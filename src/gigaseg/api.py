@@ -43,7 +43,9 @@ def load_model(model_or_checkpoint) -> tuple[torch.nn.Module, dict[str, Any]]:
     if isinstance(model_or_checkpoint, torch.nn.Module):
         return model_or_checkpoint, {}
     payload = model_or_checkpoint if isinstance(model_or_checkpoint, dict) else load_checkpoint(model_or_checkpoint)
-    model = create_model(**dict(payload["model"]["config"]))
+    config = dict(payload["model"]["config"])
+    config.pop("pretrained", None)  # the checkpoint's weights replace any: never reach for a hub at load
+    model = create_model(**config)
     model.load_state_dict(payload["model"]["state_dict"])
     return model.eval(), payload["data"]
 
@@ -104,9 +106,10 @@ def predict(
         GigasegError: the bands at ``out`` were made by another model or settings (resume).
     """
     from .inference.contract import SegmentationPredictor
-    from .inference.fingerprint import prediction_fingerprint
+    from .inference.fingerprint import prediction_fingerprint, source_identity
     from .inference.stream import predict_image
     from .io.base import ImageSource
+    from .io.lock import output_lock
     from .methods.registry import build_predictor
 
     budget = parse_size(max_memory) if max_memory is not None else None
@@ -115,16 +118,15 @@ def predict(
         model = model.with_inference_options(**options)
     info = info if info is not None else loaded_info
     source = image if isinstance(image, ImageSource) else open_image(image, max_memory=budget)
+    source = _match_channels(source, model.in_channels)
     if normalization is None:
         normalization = (
             Normalization.from_dict(info["normalization"])
             if "normalization" in info
             else Normalization.for_image(source.channels, source.dtype)
         )
-    if source.channels != model.in_channels:
-        raise ConfigError(
-            f"{source.path or 'image'}: has {source.channels} channels, the model expects {model.in_channels}"
-        )
+    normalization = _normalization_for(normalization, source)
+    out = None if out is None else output_path(out, source)
     model = model.to(device)
     predictor = build_predictor(model, normalization, device=device, max_memory=budget, precision=precision)
     if not isinstance(predictor, SegmentationPredictor):
@@ -133,28 +135,146 @@ def predict(
             f"mask (use gigaseg evaluate, or gigaseg.build_predictor(...).predict(image))"
         )
     palette = np.asarray(info["palette"], dtype=np.uint8) if info.get("palette") else None
-    if out is not None and Path(out).suffix.lower() not in (".tif", ".tiff"):
-        out = Path(out) / f"{source.name}.tif"
     block_size = effective_block_size(predictor, block_size_for(budget))
-    producer = None
-    if out is not None:
-        producer = prediction_fingerprint(
-            model, normalization=normalization.to_dict(), block_size=block_size, precision=precision
+
+    def run(producer: str | None):
+        return predict_image(
+            predictor,
+            source,
+            out,
+            block_size=block_size,
+            palette=palette,
+            class_names=info.get("classes"),
+            probabilities=probabilities,
+            overlay=overlay,
+            resume=resume,
+            on_band=on_band,
+            progress=progress,
+            producer=producer,
         )
-    return predict_image(
-        predictor,
-        source,
-        out,
-        block_size=block_size,
-        palette=palette,
-        class_names=info.get("classes"),
-        probabilities=probabilities,
-        overlay=overlay,
-        resume=resume,
-        on_band=on_band,
-        progress=progress,
-        producer=producer,
-    )
+
+    if out is None:
+        return run(None)
+    with output_lock(out):
+        producer = prediction_fingerprint(
+            model,
+            normalization=normalization.to_dict(),
+            block_size=block_size,
+            precision=precision,
+            input=source_identity(source),
+        )
+        return run(producer)
+
+
+def output_path(out: str | os.PathLike, source) -> Path:
+    """The mask file a prediction of ``source`` writes for ``out``, checked against the input.
+
+    Args:
+        out: a ``.tif``/``.tiff`` path, or a folder (made if missing) that gets ``<image name>.tif``.
+        source: the image (an ``ImageSource``).
+
+    Returns:
+        The mask's path.
+
+    Raises:
+        ConfigError: the mask, its overlay or its probabilities would be written over the input
+            image itself, or ``out`` names an existing file that is not a TIFF mask's place (a folder
+            was meant but a file is there).
+    """
+    out = Path(out)
+    if out.suffix.lower() in (".tif", ".tiff"):
+        mask = out
+    else:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"{out}: is a file, not a folder for the masks (give a folder or a .tif path)")
+        mask = out / f"{source.name}.tif"
+    if mask.parent.exists() and not mask.parent.is_dir():
+        raise ConfigError(f"{mask.parent}: is a file, not a folder for the masks")
+    if source.path is not None:
+        outputs = (mask, mask.with_name(f"{mask.stem}_overlay.png"), mask.with_name(f"{mask.stem}_probabilities.zarr"))
+        for path in outputs:
+            if _same_file(path, source.path):
+                raise ConfigError(f"{path}: is the input image itself; write the mask somewhere else (--out)")
+    return mask
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (resolving links); False when either does not exist yet."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _match_channels(source, channels: int):
+    """``source`` as the network's channels: a grey image is repeated for a multi-band network.
+
+    Args:
+        source: the image.
+        channels: the network's input channels.
+
+    Returns:
+        ``source``, or a ``RepeatedChannels`` view of a one-channel image (with a notice).
+
+    Raises:
+        ConfigError: any other mismatch of channel counts.
+    """
+    from .io.channels import RepeatedChannels
+
+    if source.channels == channels:
+        return source
+    if source.channels == 1:
+        notice(f"{source.path or 'image'}: a grey image; its channel is repeated for the model's {channels} channels")
+        return RepeatedChannels(source, channels)
+    raise ConfigError(f"{source.path or 'image'}: has {source.channels} channels, the model expects {channels}")
+
+
+def _normalization_for(normalization: Normalization, source) -> Normalization:
+    """``normalization`` with the scale of ``source``'s dtype, refusing floats out of [0, 1].
+
+    Integer images are divided by their dtype's maximum whatever dtype the model was trained
+    on. Float images pass as they are; a model trained on integer images expects them in
+    [0, 1], so a float image whose first pixels lie outside (e.g. 0..255) is refused rather
+    than segmented wrongly.
+
+    Args:
+        normalization: the checkpoint's (or given) normalisation.
+        source: the image.
+
+    Returns:
+        The normalisation for ``source``'s dtype.
+
+    Raises:
+        ConfigError: a float image with values outside [0, 1] for a model trained on integers.
+    """
+    adapted = normalization.for_dtype(source.dtype)
+    if np.issubdtype(source.dtype, np.floating) and normalization.scale != 1.0:
+        side = min(512, source.height), min(512, source.width)
+        top, left = (source.height - side[0]) // 2, (source.width - side[1]) // 2
+        from .geometry import Window
+
+        sample = source.read(Window(top, left, *side))
+        low, high = float(np.nanmin(sample)), float(np.nanmax(sample))
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ConfigError(
+                f"{source.path or 'image'}: a float image with values in [{low:g}, {high:g}], but the model was "
+                f"trained on integer images and reads float pixels as values in [0, 1]; divide the image by "
+                f"its maximum (e.g. 255) or save it as an integer type"
+            )
+    return adapted
+
+
+def notice(message: str) -> None:
+    """Tell the user something gigaseg decided for them (one line on stderr through the CLI).
+
+    Args:
+        message: the notice, naming the file it is about.
+    """
+    import warnings
+
+    from .errors import GigasegNotice
+
+    warnings.warn(message, GigasegNotice, stacklevel=3)
 
 
 def evaluate(

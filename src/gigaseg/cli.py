@@ -9,11 +9,13 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import warnings
 
 from . import __version__
 from .commands import bench, demo, evaluate, predict, synth, train
-from .errors import GigasegError
+from .errors import GigasegError, GigasegNotice
 
 #: the subcommands' modules, in the order ``--help`` lists them
 COMMANDS = (demo, synth, train, predict, evaluate, bench)
@@ -36,8 +38,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: OS errors that the user's environment causes (a full disk, a read-only folder, a path that is a
+#: file): reported in one line naming the path, not as a traceback
+ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENOSPC",
+        "EDQUOT",
+        "EROFS",
+        "ENOTDIR",
+        "EISDIR",
+        "EACCES",
+        "EPERM",
+        "ENOENT",
+        "EEXIST",
+        "ENAMETOOLONG",
+        "ELOOP",
+        "EMFILE",
+        "ENFILE",
+        "EFBIG",
+        "EIO",
+    )
+    if hasattr(errno, name)
+)
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OS error: the path(s) it names and the system's explanation.
+
+    Args:
+        error: the error.
+
+    Returns:
+        ``"<path>: <strerror>"`` (or ``"<path> -> <path2>: ..."`` for a rename), without a path
+        when the error names none.
+    """
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        reason += " (free some space and rerun the same command: finished parts are kept)"
+    where = error.filename
+    if where is not None and error.filename2 is not None:
+        where = f"{where} -> {error.filename2}"
+    return f"{where}: {reason}" if where is not None else reason
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``gigaseg`` command.
+
+    Errors the user caused (``GigasegError``) and OS errors of their environment (a full disk,
+    a read-only folder, a file where a folder belongs: ``ENVIRONMENT_ERRNOS``) end with one line
+    and exit code 2; notices (``GigasegNotice``) are printed as one line each.
 
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
@@ -47,14 +97,30 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def show_notice(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, GigasegNotice):
+            print(f"gigaseg {args.command}: note: {message}", file=sys.stderr)
+        else:
+            default_showwarning(message, category, filename, lineno, file, line)
+
+    default_showwarning = warnings.showwarning
+    warnings.showwarning = show_notice
     try:
         return int(args.run(args) or 0)
     except GigasegError as error:
         print(f"gigaseg {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"gigaseg {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"gigaseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = default_showwarning
 
 
 if __name__ == "__main__":

@@ -50,3 +50,7 @@ class BudgetError(GigasegError):
 
 class ConfigError(GigasegError):
     """An option or configuration value is invalid (unknown method, bad size, ...)."""
+
+
+class GigasegNotice(UserWarning):
+    """Something gigaseg decided for the user (a grey image's channel repeated, say): shown as one line."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .common import add_inference_set
 
@@ -48,16 +49,15 @@ def run(args) -> int:
         0.
     """
     import resource
-    from pathlib import Path
 
     from ..api import load_model, predict
     from ..memory import format_size
     from .common import parse_options
 
+    outputs = planned_outputs(args.images, Path(args.out))
     model, info = load_model(args.checkpoint)  # once, and a bad checkpoint fails before any output
     model = model.with_inference_options(**parse_options(args.set))  # bad options fail before any output too
-    for image in args.images:
-        out = Path(args.out) / f"{Path(image).name.split('.')[0]}.tif"
+    for image, out in zip(args.images, outputs, strict=True):
         result = predict(
             model,
             image,
@@ -80,3 +80,47 @@ def run(args) -> int:
         if result.probabilities_path:
             print(f"  probabilities: {result.probabilities_path}")
     return 0
+
+
+def planned_outputs(images: list[str], out_dir: Path) -> list[Path]:
+    """The mask each input image gets in ``out_dir``, checked before anything is predicted.
+
+    Args:
+        images: the input image paths, in order.
+        out_dir: the output folder.
+
+    Returns:
+        ``out_dir / "<stem>.tif"`` per image (``gigaseg.io.base.output_stem``: the whole file name
+        minus its image extension).
+
+    Raises:
+        ConfigError: ``out_dir`` is a file; two inputs would write one mask; or a mask would be
+            written over one of the inputs.
+    """
+    import os
+
+    from ..errors import ConfigError
+    from ..io.base import output_stem
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: --out must be a folder, and this is a file")
+    outputs: list[Path] = []
+    first: dict[Path, str] = {}
+    for image in images:
+        out = out_dir / f"{output_stem(image)}.tif"
+        key = out.resolve()
+        if key in first:
+            raise ConfigError(
+                f"{image} and {first[key]}: would both be written to {out}; predict them into different folders"
+            )
+        first[key] = image
+        outputs.append(out)
+    for out in outputs:
+        for image in images:
+            try:
+                same = os.path.samefile(out, image)
+            except OSError:
+                same = out.resolve() == Path(image).resolve()
+            if same:
+                raise ConfigError(f"{out}: is the input image {image} itself; choose another --out")
+    return outputs

@@ -1,20 +1,65 @@
 """What a resumed prediction must share with the run it continues.
 
 A killed ``gigaseg predict`` resumes from its finished bands. Those bands are only worth
-keeping if the rerun would have produced the same ones: same architecture and options,
-same weights, same normalisation, and the same block size and precision (blocks change
-the seams; precision changes the numbers). The fingerprint hashes all of that; the mask
-writer stores it with the bands and refuses to resume under a different one.
+keeping if the rerun would have produced the same ones: the same input image, the same
+architecture and options, the same weights, the same normalisation, and the same block size
+and precision (blocks change the seams; precision changes the numbers). The fingerprint
+hashes all of that; the mask writer stores it with the bands and refuses to resume under a
+different one. The input is identified by :func:`source_identity`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 
+import numpy as np
 import torch
 
-__all__ = ["prediction_fingerprint"]
+__all__ = ["HEAD_BYTES", "prediction_fingerprint", "source_identity"]
+
+#: bytes at the start of an image file hashed into its identity (its header and first pixels)
+HEAD_BYTES = 1 << 20
+#: in-memory images up to this size are hashed whole; larger ones by a sample of rows
+WHOLE_ARRAY_BYTES = 256 << 20
+
+
+def source_identity(source) -> dict:
+    """What identifies the image a prediction reads, so a resume never mixes two images.
+
+    A file is identified by its resolved path, size, modification time and a hash of its first
+    ``HEAD_BYTES`` bytes (header and first pixels); an in-memory array by its shape, dtype and
+    a hash of its pixels (all of them up to ``WHOLE_ARRAY_BYTES``, else every k-th row); a view
+    of another image (a crop, repeated channels) by its parent's identity and its own geometry.
+
+    Args:
+        source: an ``ImageSource``.
+
+    Returns:
+        A JSON-able dict.
+    """
+    parent = getattr(source, "parent", None)
+    if parent is not None:
+        window = getattr(source, "window", None)
+        return {
+            "view": type(source).__name__,
+            "parent": source_identity(parent),
+            "window": None if window is None else [window.top, window.left, window.height, window.width],
+            "channels": source.channels,
+        }
+    path = getattr(source, "path", None)
+    if path is not None and os.path.isfile(path):
+        stat = os.stat(path)
+        with open(path, "rb") as handle:
+            head = hashlib.blake2b(handle.read(HEAD_BYTES), digest_size=16).hexdigest()
+        return {"path": os.path.realpath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head": head}
+    array = np.ascontiguousarray(source.read()) if getattr(source, "array", None) is None else source.array
+    digest = hashlib.blake2b(digest_size=16)
+    step = max(1, -(-array.nbytes // WHOLE_ARRAY_BYTES))
+    for row in range(0, array.shape[0], step):
+        digest.update(np.ascontiguousarray(array[row]).tobytes())
+    return {"shape": list(array.shape), "dtype": str(array.dtype), "pixels": digest.hexdigest(), "row_step": step}
 
 
 def prediction_fingerprint(model: torch.nn.Module, **settings) -> str:

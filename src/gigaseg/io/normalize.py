@@ -136,6 +136,22 @@ class Normalization:
         """
         return cls.for_image(source.channels, source.dtype)
 
+    def for_dtype(self, dtype) -> Normalization:
+        """The same statistics for pixels of another dtype: ``scale`` follows the dtype.
+
+        The mean and std are in [0, 1] units, so a model trained on uint8 images sees a uint16
+        copy of a scene (values x 257) exactly as the uint8 one: integers are divided by their
+        dtype's maximum, floats pass as they are.
+
+        Args:
+            dtype: the pixel dtype of the image to normalise.
+
+        Returns:
+            A ``Normalization`` with ``scale = dtype_scale(dtype)`` (``self`` when it already has it).
+        """
+        scale = dtype_scale(dtype)
+        return self if scale == self.scale else Normalization(self.mean, self.std, scale)
+
     # -- serialisation (checkpoints) --------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

@@ -523,7 +523,8 @@ class MaskWriter:
             )
         if found["producer"] != self.producer:
             raise GigasegError(
-                f"{where}: its finished bands were made by another model, other options or other settings; "
+                f"{where}: its finished bands were made from another input image, by another model, other "
+                f"options or other settings; "
                 f"rerun with --restart (resume=False) to start afresh, or with what made them"
             )
         if not self._raw_path.exists():
