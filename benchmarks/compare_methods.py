@@ -1,6 +1,6 @@
 """All methods side by side on the synthetic land-cover benchmark (same encoder, same budget).
 
-Writes the synthetic dataset (unless it exists), then runs `gigaseg.bench.compare`:
+Writes the synthetic dataset (unless it exists), then runs `gigaseg.bench.compare_methods`:
 each method trains in a fresh child process and is evaluated on the validation scenes
 through the streaming predictor. Results: benchmarks/results/compare_methods.{json,md,png}.
 
@@ -11,6 +11,10 @@ stage at learning rate 1e-3. Read the figures as a smoke test of the thesis, not
 reproduction of the papers' numbers.
 
     python benchmarks/compare_methods.py [--methods global,patch,glnet,magnet,icnet] [--epochs 4]
+
+``--smoke`` runs the same path in seconds (4 scenes of 128 px, test_resnet, one epoch, MagNet
+and one of its variants unless ``--methods``), writing only to ``--data``, ``--work`` and
+``--results`` (default: temporary folders).
 """
 
 from __future__ import annotations
@@ -18,10 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
-from gigaseg.bench.compare import MethodSpec, compare, markdown, score_variants, write_results
-from gigaseg.data.synth.landcover import write_landcover_dataset
+from gigaseg.bench import (
+    MethodSpec,
+    compare_methods,
+    comparison_markdown,
+    score_variants,
+    write_landcover_dataset,
+    write_results,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,18 +64,37 @@ VARIANTS = {
     "magnet": {"backbone, coarsest scale": {"refine": "never"}, "fast": {"fast_patches": 3, "points": 0.9}},
 }
 
+#: ``--smoke``: the same methods scaled to 128-px scenes
+SMOKE_OPTIONS = {
+    "global": {"input_size": 64, "fpn_channels": 16},
+    "patch": {"patch_size": 64, "overlap": 16, "fpn_channels": 16, "crops_per_image": 2},
+    "glnet": {"size_g": 64, "size_p": 64, "min_overlap": 0, "fpn_channels": 16},
+    "magnet": {
+        "scales": [[32, 32], [64, 64], [128, 128]],
+        "input_size": [32, 32],
+        "points": 0.75,
+        "median_kernel": 3,
+        "crops_per_image": 2,
+    },
+    "icnet": {"width": 0.25, "crop_size": 64, "crops_per_image": 2, "tile_size": [128, 128], "tile_overlap": 16},
+}
+#: ``--smoke``: one variant per method (each is one more child process)
+SMOKE_VARIANTS = {method: dict(list(variants.items())[-1:]) for method, variants in VARIANTS.items()}
 
-def main() -> None:
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="global,patch,glnet,magnet,icnet")
-    parser.add_argument("--data", default="/tmp/gigaseg-compare-data")
-    parser.add_argument("--work", default="/tmp/gigaseg-compare")
+    parser.add_argument("--methods", help="comma-separated (default: global,patch,glnet,magnet,icnet; --smoke: magnet)")
+    parser.add_argument("--data", help="the synthetic dataset (default: /tmp/gigaseg-compare-data)")
+    parser.add_argument("--work", help="runs and results of this invocation (default: /tmp/gigaseg-compare)")
     parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--size", type=int, default=1536)
     parser.add_argument("--epochs", type=int, default=4, help="per training stage")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--results", type=Path, help="where the results go (default: benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true", help="tiny data and models, temporary output (a smoke run)")
     parser.add_argument(
         "--append",
         action="store_true",
@@ -76,40 +106,59 @@ def main() -> None:
         help="train nothing: score the VARIANTS of --methods from their runs in --work and add "
         "them to the committed results",
     )
-    args = parser.parse_args()
-    data = Path(args.data)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        scratch = (
+            None
+            if args.data and args.work and args.results
+            else Path(tempfile.mkdtemp(prefix="gigaseg-compare-smoke-"))
+        )
+        data = Path(args.data) if args.data else scratch / "data"
+        work = Path(args.work) if args.work else scratch / "work"
+        results_dir = args.results or scratch / "results"
+        methods, options, variants = args.methods or "magnet", SMOKE_OPTIONS, SMOKE_VARIANTS
+        scenes, size, encoder, epochs, batch_size = 4, 128, "test_resnet", 1, 2
+        if results_dir.resolve() == RESULTS.resolve():
+            parser.error("--smoke never writes to benchmarks/results")
+    else:
+        data = Path(args.data or "/tmp/gigaseg-compare-data")
+        work = Path(args.work or "/tmp/gigaseg-compare")
+        results_dir = args.results or RESULTS
+        methods, options, variants = args.methods or "global,patch,glnet,magnet,icnet", OPTIONS, VARIANTS
+        scenes, size, encoder, epochs, batch_size = args.scenes, args.size, args.encoder, args.epochs, args.batch_size
     if not (data / "dataset.yaml").exists():
-        write_landcover_dataset(data, count=args.scenes, height=args.size, width=args.size, seed=0, val_fraction=0.25)
+        write_landcover_dataset(data, count=scenes, height=size, width=size, seed=0, val_fraction=0.25)
     specs = [
         MethodSpec(
             method=m,
-            options=OPTIONS.get(m, {}),
-            epochs=args.epochs,
+            options=options.get(m, {}),
+            epochs=epochs,
             lr=args.lr,
-            batch_size=args.batch_size,
-            variants=VARIANTS.get(m, {}),
+            batch_size=batch_size,
+            variants=variants.get(m, {}),
         )
-        for m in args.methods.split(",")
+        for m in methods.split(",")
     ]
-    work = Path(args.work)
+    committed = results_dir / "compare_methods.json"
     if args.variants_only:
-        results = json.loads((RESULTS / "compare_methods.json").read_text())
+        results = json.loads(committed.read_text())
         for spec in specs:
             score_variants(spec, results, work, data, split=results["split"], max_memory=results["max_memory"])
-        write_results(results, RESULTS, stem="compare_methods")
-        print(markdown(results))
+        write_results(results, results_dir, stem="compare_methods")
+        print(comparison_markdown(results))
         return
-    results = compare(specs, data, work, encoder=args.encoder)
-    if args.append and (RESULTS / "compare_methods.json").exists():
-        earlier = json.loads((RESULTS / "compare_methods.json").read_text())
+    results = compare_methods(specs, data, work, encoder=encoder)
+    if args.append and committed.exists():
+        earlier = json.loads(committed.read_text())
         rerun = {m["name"] for m in results["methods"]}
         results["methods"] = [m for m in earlier["methods"] if m["name"] not in rerun] + results["methods"]
         results["note"] = "methods were measured in separate invocations on the same machine and data"
         write_results(results, work)
-    RESULTS.mkdir(exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
     for suffix in ("json", "md", "png"):
-        shutil.copy(work / f"results.{suffix}", RESULTS / f"compare_methods.{suffix}")
-    print(markdown(results))
+        shutil.copy(work / f"results.{suffix}", results_dir / f"compare_methods.{suffix}")
+    print(comparison_markdown(results))
+    print(f"results in {results_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ Speed (same process, interleaved): both networks in eval mode, fp32, under
 ``torch.inference_mode``; one warm-up forward each, then ``--rounds`` rounds that time one
 ICNet forward and one PSPNet forward back to back (so drift on a shared machine hits both);
 the median per network. ICNet is also timed with batch norms folded
-(``gigaseg.export.fold_batchnorm``) and folded + channels_last.
+(``gigaseg.fold_batchnorm``) and folded + channels_last.
 
-Memory (fresh child per network, ``gigaseg.bench.memory.measure``): peak RSS of a process
+Memory (fresh child per network, ``gigaseg.bench.measure``): peak RSS of a process
 that builds the network and runs one 1024x2048 forward, next to a child that only imports
 torch; the ratio is given for both the whole-process peak and the part above that baseline.
 
@@ -15,7 +15,9 @@ fp32, bf16 and fp16 autocast (BN-folded, channels_last), and ``torch.cuda.max_me
 
     python benchmarks/icnet_speed.py [--rounds 3] [--threads 2] [--classes 19] [--compile]
 
-Writes ``benchmarks/results/icnet_speed.json`` and ``.md``.
+Writes ``benchmarks/results/icnet_speed.json`` and ``.md`` (``--out`` elsewhere). ``--smoke``
+runs the same path in seconds (quarter-width networks on 64x128 frames, one round), writing
+only to ``--out`` (default: a temporary folder).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,20 +34,25 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SIZE = (1024, 2048)
 NETWORKS = {"icnet": "icnet_resnet50_half", "pspnet": "pspnet_resnet50"}
+#: ``--smoke``: frame size and network options (both networks at a quarter of their width)
+SMOKE_SIZE = (64, 128)
+SMOKE_OPTIONS = {"width": 0.25}
 
 
 # --------------------------------------------------------------------------- measured in children
 
 
-def forward_once(method: str, classes: int, threads: int, height: int = SIZE[0], width: int = SIZE[1]) -> dict:
+def forward_once(
+    method: str, classes: int, threads: int, height: int = SIZE[0], width: int = SIZE[1], options: dict | None = None
+) -> dict:
     """Build ``method`` and run one eval forward of a (1, 3, height, width) frame (for peak RSS)."""
     import torch
 
-    from gigaseg.methods.registry import create_model
+    from gigaseg import create_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = create_model(method, encoder=NETWORKS[method], num_classes=classes).eval()
+    model = create_model(method, encoder=NETWORKS[method], num_classes=classes, **(options or {})).eval()
     x = torch.randn(1, 3, height, width)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -54,7 +62,7 @@ def forward_once(method: str, classes: int, threads: int, height: int = SIZE[0],
 
 def imports_only() -> dict:
     """The measured children's common start-up: torch, gigaseg and every method module (timm, smp)."""
-    from gigaseg.methods.registry import available_methods
+    from gigaseg import available_methods
 
     return {"methods": available_methods()}
 
@@ -63,12 +71,12 @@ def imports_only() -> dict:
 
 
 def machine() -> dict:
-    """``gigaseg.bench.machine.describe()`` plus the torch threads the timings ran with."""
+    """``gigaseg.bench.describe_machine()`` plus the torch threads the timings ran with."""
     import torch
 
-    from gigaseg.bench.machine import describe
+    from gigaseg.bench import describe_machine
 
-    return {**describe(), "torch_threads": torch.get_num_threads()}
+    return {**describe_machine(), "torch_threads": torch.get_num_threads()}
 
 
 # --------------------------------------------------------------------------- timing
@@ -86,15 +94,17 @@ def timed(fn, x) -> float:
     return time.perf_counter() - start
 
 
-def cpu_speed(classes: int, rounds: int, compile_icnet: bool) -> dict:
+def cpu_speed(
+    classes: int, rounds: int, compile_icnet: bool, size: tuple[int, int] = SIZE, options: dict | None = None
+) -> dict:
     import torch
 
-    from gigaseg.export import fold_batchnorm, optimize_for_inference
-    from gigaseg.methods.registry import create_model
+    from gigaseg import create_model, fold_batchnorm, optimize_for_inference
 
     torch.manual_seed(0)
-    icnet = create_model("icnet", encoder=NETWORKS["icnet"], num_classes=classes).eval()
-    pspnet = create_model("pspnet", encoder=NETWORKS["pspnet"], num_classes=classes).eval()
+    options = options or {}
+    icnet = create_model("icnet", encoder=NETWORKS["icnet"], num_classes=classes, **options).eval()
+    pspnet = create_model("pspnet", encoder=NETWORKS["pspnet"], num_classes=classes, **options).eval()
     probe = torch.randn(1, 3, 64, 64)
     variants = {
         "icnet": (icnet, False),
@@ -104,7 +114,7 @@ def cpu_speed(classes: int, rounds: int, compile_icnet: bool) -> dict:
     }
     if compile_icnet:
         variants["icnet_folded_compiled"] = (optimize_for_inference(icnet, probe, compile=True), False)
-    x = torch.randn(1, 3, *SIZE)
+    x = torch.randn(1, 3, *size)
     xc = x.contiguous(memory_format=torch.channels_last)
     times: dict[str, list[float]] = {name: [] for name in variants}
     warmup: dict[str, float] = {}
@@ -118,7 +128,7 @@ def cpu_speed(classes: int, rounds: int, compile_icnet: bool) -> dict:
             print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()), flush=True)
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {
-        "input": [1, 3, *SIZE],
+        "input": [1, 3, *size],
         "dtype": "float32",
         "threads": torch.get_num_threads(),
         "rounds": rounds,
@@ -133,20 +143,22 @@ def cpu_speed(classes: int, rounds: int, compile_icnet: bool) -> dict:
     }
 
 
-def gpu_speed(classes: int, warmup: int = 10, repeats: int = 50) -> dict:
-    """Frames per second on CUDA at 1024x2048: fp32 and bf16/fp16 autocast, BN-folded, channels_last."""
+def gpu_speed(
+    classes: int, warmup: int = 10, repeats: int = 50, size: tuple[int, int] = SIZE, options: dict | None = None
+) -> dict:
+    """Frames per second on CUDA at ``size`` (1024x2048): fp32 and bf16/fp16 autocast, BN-folded, channels_last."""
     import torch
 
-    from gigaseg.export import optimize_for_inference
-    from gigaseg.methods.registry import create_model
+    from gigaseg import create_model, optimize_for_inference
 
     if not torch.cuda.is_available():
         return {"available": False, "note": "no GPU was available to this run: GPU figures not measured"}
     device = torch.device("cuda")
     out = {"available": True, "device": torch.cuda.get_device_name(0), "warmup": warmup, "repeats": repeats}
-    x = torch.randn(1, 3, *SIZE, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
     for method in NETWORKS:
-        model = create_model(method, encoder=NETWORKS[method], num_classes=classes).to(device).eval()
+        model = create_model(method, encoder=NETWORKS[method], num_classes=classes, **(options or {}))
+        model = model.to(device).eval()
         net = optimize_for_inference(model, torch.randn(1, 3, 64, 64, device=device), channels_last=True)
         for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
             torch.cuda.empty_cache()
@@ -169,16 +181,16 @@ def gpu_speed(classes: int, warmup: int = 10, repeats: int = 50) -> dict:
     return out
 
 
-def memory(classes: int, threads: int) -> dict:
+def memory(classes: int, threads: int, size: tuple[int, int] = SIZE, options: dict | None = None) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import icnet_speed  # this file, importable by the measuring child
-    from gigaseg.bench.memory import measure
+    from gigaseg.bench import measure
 
     imports = measure(icnet_speed.imports_only)
     out = {"imports_only_peak_rss": imports.peak_rss}
     print(imports, flush=True)
     for method in NETWORKS:
-        report = measure(icnet_speed.forward_once, method, classes, threads, *SIZE)
+        report = measure(icnet_speed.forward_once, method, classes, threads, *size, options)
         out[method] = {**report.to_dict(), **report.value, "above_imports": report.peak_rss - imports.peak_rss}
         print(report, flush=True)
     icnet, pspnet = out["icnet"], out["pspnet"]
@@ -196,13 +208,14 @@ def _gb(n: float | None) -> str:
 
 
 def markdown(result: dict) -> str:
-    from gigaseg.bench.machine import markdown_header
+    from gigaseg.bench import machine_header
 
     m, s, mem, g = result["machine"], result["cpu_speed"], result["memory"], result["gpu"]
+    height, width = s["input"][2:]
     lines = [
-        "# ICNet versus PSPNet-50 at 1024x2048, batch 1",
+        f"# ICNet versus PSPNet-50 at {height}x{width}, batch 1",
         "",
-        markdown_header(m),
+        machine_header(m),
         f"{m['usable_cores']} usable cores, shared with other users.",
         "",
         f"Networks: ICNet (`icnet_resnet50_half`, {s['parameters']['icnet']:,} parameters) and PSPNet-50 "
@@ -242,7 +255,8 @@ def markdown(result: dict) -> str:
         f"{_gb(mem['imports_only_peak_rss'])}. PSPNet-50 / ICNet: **{mem['ratio_peak_rss']:.1f}x** the whole-process "
         f"peak, **{mem['ratio_above_baseline']:.1f}x** above the torch baseline, **{mem['ratio_above_imports']:.1f}x** "
         f"above the imports baseline (the paper's claim, made for GPU memory: at least 3x). On CPU the runtime's "
-        f"fixed share is in both processes and cannot shrink, so the whole-process ratio understates the networks' ratio.",
+        f"fixed share is in both processes and cannot shrink, so the whole-process ratio understates the "
+        "networks' ratio.",
         "",
         "## GPU",
         "",
@@ -269,8 +283,16 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=19, help="classes (default 19, Cityscapes)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd ICNet (needs a C++ compiler)")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="where the results go (default: benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true", help="tiny networks and frames, temporary output (a smoke run)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        out = args.out or Path(tempfile.mkdtemp(prefix="gigaseg-icnet-smoke-"))
+        if out.resolve() == RESULTS.resolve():
+            parser.error("--smoke never writes to benchmarks/results")
+        size, options, rounds, gpu_runs = SMOKE_SIZE, SMOKE_OPTIONS, 1, {"warmup": 1, "repeats": 2}
+    else:
+        out, size, options, rounds, gpu_runs = args.out or RESULTS, SIZE, None, args.rounds, {}
 
     import torch
 
@@ -280,9 +302,11 @@ def main(argv=None) -> int:
         "machine": machine(),  # with the commit, the command line and the date
         "classes": args.classes,
     }
-    result["cpu_speed"] = cpu_speed(args.classes, args.rounds, args.compile)
-    result["memory"] = {} if args.skip_memory else memory(args.classes, args.threads)
-    result["gpu"] = gpu_speed(args.classes)
+    if options:
+        result["options"] = options
+    result["cpu_speed"] = cpu_speed(args.classes, rounds, args.compile, size, options)
+    result["memory"] = {} if args.skip_memory else memory(args.classes, args.threads, size, options)
+    result["gpu"] = gpu_speed(args.classes, size=size, options=options, **gpu_runs)
     result["claims"] = {
         "icnet_at_least_5x_faster": result["cpu_speed"]["speedup_icnet_vs_pspnet"] >= 5,
         "icnet_at_least_3x_less_peak_memory": (None if args.skip_memory else result["memory"]["ratio_peak_rss"] >= 3),
@@ -293,11 +317,12 @@ def main(argv=None) -> int:
             None if args.skip_memory else result["memory"]["ratio_above_imports"] >= 3
         ),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "icnet_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "icnet_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     if not args.skip_memory:
-        (args.out / "icnet_speed.md").write_text(markdown(result))
+        (out / "icnet_speed.md").write_text(markdown(result))
     print(json.dumps(result["claims"]), flush=True)
+    print(f"results in {out}", flush=True)
     return 0
 
 

@@ -1,7 +1,7 @@
 """PatchGD with a global patch: training memory at 4096x4096 and accuracy against its baselines.
 
 Every training and evaluation runs in a fresh child process through the CLI
-(``gigaseg train`` / ``gigaseg evaluate``) under ``gigaseg.bench.memory.measure_command``,
+(``gigaseg train`` / ``gigaseg evaluate``) under ``gigaseg.bench.measure_command``,
 so each peak RSS is exactly that process's (next to a child that only imports torch).
 No GPU is used: on CUDA the budget would count ``torch.cuda.max_memory_allocated``
 (the trainer's ``peak_memory`` column), here every figure is CPU RSS.
@@ -42,6 +42,12 @@ Parts (``--parts``, default all; each updates its own entry of the results file)
     accuracy and likelihood ratios of the positive class from ``gigaseg evaluate``.
 
     python benchmarks/patchgd.py [--parts memory,ultramnist,landcover] [--work DIR] [--keep]
+
+``--quick`` runs the parts on less data for fewer epochs; ``--smoke`` runs every part's path
+in seconds (``SMOKE``: 256-px images with 64-px patches and a test_resnet theta1, 128-px
+accuracy sets; UltraMNIST with one framework run with the global patch, land cover with the run
+without it), writing only to
+``--work`` and ``--results`` (default: temporary folders).
 """
 
 from __future__ import annotations
@@ -64,6 +70,34 @@ RESULTS = ROOT / "benchmarks" / "results"
 GB = 10**9
 PYTHON = sys.executable
 
+#: sizes of a full (or ``--quick``) run and of ``--smoke``; ``SIZES`` is the one in use
+FULL = {
+    "memory": {
+        "side": 4096,
+        "patch": 256,
+        "encoder": "resnet50",
+        "latent": 256,
+        "sizes": [4096, 2048, 1536, 1024, 768, 512, 384, 256],
+    },
+    "ultramnist": {"side": 512, "count": None, "patch": 128, "latent": 64, "batch_size": 8, "variants": None},
+    "landcover": {"size": None, "count": None, "patch": 128, "batch_size": 2, "variants": None},
+    "probe_sizes": (1024, 768, 512, 384, 256, 192, 128),
+}
+SMOKE = {
+    "memory": {"side": 256, "patch": 64, "encoder": "test_resnet", "latent": 16, "sizes": [256, 128]},
+    "ultramnist": {
+        "side": 128,
+        "count": 10,
+        "patch": 64,
+        "latent": 16,
+        "batch_size": 4,
+        "variants": ["patchgd_global"],
+    },
+    "landcover": {"size": 128, "count": 4, "patch": 64, "batch_size": 2, "variants": []},
+    "probe_sizes": (64,),
+}
+SIZES = FULL
+
 
 def gigaseg(*args) -> list[str]:
     return [PYTHON, "-m", "gigaseg", *[str(a) for a in args]]
@@ -77,7 +111,7 @@ RESUME_RUNS = False
 
 
 def run_measured(argv, what: str, timeout: float = 3600) -> dict:
-    from gigaseg.bench.memory import measure_command
+    from gigaseg.bench import measure_command
 
     print(f"[patchgd bench] {what}: {' '.join(argv[2:])}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -357,7 +391,7 @@ def rgb_ultramnist(out: Path, count: int, size: int, seed: int) -> Path:
     """An UltraMNIST-style set with the grey images replicated to RGB (tiled TIFF, 256-px tiles)."""
     import tifffile
 
-    from gigaseg.data.synth.ultramnist import write_ultramnist_dataset
+    from gigaseg.bench import write_ultramnist_dataset
 
     write_ultramnist_dataset(out, count=count, size=size, seed=seed, val_fraction=1 / count)
     for path in sorted((out / "images").glob("*.tif")):
@@ -372,8 +406,8 @@ def downsampled_estimate(size: int, encoder: str = "resnet50") -> int:
     """Estimated peak (bytes) of training the downsampled baseline at ``size`` with batch 1 (Adam)."""
     import torch
 
-    from gigaseg.budget import CPU_RUNTIME_BYTES, training_estimate
-    from gigaseg.methods.registry import create_model
+    from gigaseg import create_model
+    from gigaseg.bench import CPU_RUNTIME_BYTES, training_estimate
 
     model = create_model("downsampled_classifier", encoder=encoder, num_classes=10, input_size=size)
     estimate = training_estimate(model, (torch.zeros(2, 3, size, size),), "adam", runtime=CPU_RUNTIME_BYTES)
@@ -382,39 +416,42 @@ def downsampled_estimate(size: int, encoder: str = "resnet50") -> int:
 
 def part_memory(work: Path, quick: bool) -> dict:
     budget = "4GB"
-    data = rgb_ultramnist(work / "memory_data", count=3, size=4096, seed=7)
+    setup = SIZES["memory"]
+    side, patch, encoder, latent = setup["side"], setup["patch"], setup["encoder"], setup["latent"]
+    data = rgb_ultramnist(work / "memory_data", count=3, size=side, seed=7)
     out = {
         "budget": budget,
-        "image": "4096x4096 RGB (synthetic UltraMNIST-style digits)",
+        "image": f"{side}x{side} RGB (synthetic UltraMNIST-style digits)",
+        "side": side,
         "train_images": 2,
         "val_images": 1,
-        "patch_size": 256,
-        "encoder": "resnet50",
-        "latent_dim": 256,
+        "patch_size": patch,
+        "encoder": encoder,
+        "latent_dim": latent,
     }
     out["patchgd"] = train_and_evaluate(
         "memory_patchgd",
         "patchgd_classifier",
         data,
         work,
-        encoder="resnet50",
-        options={"patch_size": 256, "latent_dim": 256, "inner_iterations": 2 if quick else 4},
+        encoder=encoder,
+        options={"patch_size": patch, "latent_dim": latent, "inner_iterations": 2 if quick else 4},
         epochs=1,
         batch_size=1,
         lr=1e-4,
         max_memory=budget,
     )
-    # what the whole-image forward with gradients (no PatchGD) would need: 256 patches with gradients
-    from gigaseg.methods.patchgd.recipe import plan_patches
-    from gigaseg.methods.registry import create_model
+    # what the whole-image forward with gradients (no PatchGD) would need: every patch with gradients
+    from gigaseg import create_model
+    from gigaseg.bench import plan_patches
 
-    model = create_model("patchgd_classifier", encoder="resnet50", num_classes=10, patch_size=256)
-    plan = plan_patches(model, (3, 4096, 4096), 1, 10**15, device="cuda")
-    out["full_backprop_estimate_bytes"] = plan.fixed + plan.data + 257 * plan.per_patch
+    model = create_model("patchgd_classifier", encoder=encoder, num_classes=10, patch_size=patch)
+    plan = plan_patches(model, (3, side, side), 1, 10**15, device="cuda")
+    out["full_backprop_estimate_bytes"] = plan.fixed + plan.data + ((side // patch) ** 2 + 1) * plan.per_patch
     out["per_patch_estimate_bytes"] = plan.per_patch
     # the downsampled baseline: the largest input that fits the same budget
-    sizes = [4096, 2048, 1536, 1024, 768, 512, 384, 256]
-    estimates = {s: downsampled_estimate(s) for s in sizes}
+    sizes = setup["sizes"]
+    estimates = {s: downsampled_estimate(s, encoder) for s in sizes}
     out["downsampled_estimates_bytes"] = estimates
     runs = []
     limit = 4 * GB
@@ -426,8 +463,8 @@ def part_memory(work: Path, quick: bool) -> dict:
             "downsampled_classifier",
             data,
             work,
-            encoder="resnet50",
-            options={"input_size": size, "latent_dim": 256},
+            encoder=encoder,
+            options={"input_size": size, "latent_dim": latent},
             epochs=1,
             batch_size=1,
             lr=1e-4,
@@ -472,24 +509,32 @@ def add_seed_runs(
 
 
 def part_ultramnist(work: Path, quick: bool, args) -> dict:
-    from gigaseg.data.synth.ultramnist import UltraMnistConfig, write_ultramnist_dataset
+    from gigaseg.bench import UltraMnistConfig, write_ultramnist_dataset
 
-    count = args.count or (120 if quick else 1500)
-    side = args.ultramnist_size
+    setup = SIZES["ultramnist"]
+    count = args.count or setup["count"] or (120 if quick else 1500)
+    side = args.ultramnist_size or setup["side"]
     data = work / f"ultramnist_{side}"
     config = UltraMnistConfig(digits=(2, 2), values=(6, 9), min_digit=args.ultramnist_min_digit)
     manifest = data / "synth.json"
     if not manifest.exists() or json.loads(manifest.read_text())["count"] != count:
         write_ultramnist_dataset(data, count=count, size=side, seed=11, val_fraction=0.2, config=config)
     budget = args.budget or "1.4GB"
-    common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 10), batch_size=8, lr=1e-3)
+    common = dict(
+        encoder=args.encoder, epochs=args.epochs or (1 if quick else 10), batch_size=setup["batch_size"], lr=1e-3
+    )
     # with --pretrained every run's theta1 starts from the same weights file (runs um_pre_*)
     prefix = "um" if side == 512 else f"um{side}"
     if args.pretrained:
         common["pretrained"] = str(Path(args.pretrained).resolve())
         prefix += "_pre" + (f"_{args.pretrained_tag}" if args.pretrained_tag else "")
-    patch_size = 128
-    patchgd = {"patch_size": patch_size, "latent_dim": 64, "sampling_fraction": 0.25, "inner_iterations": 2}
+    patch_size = setup["patch"]
+    patchgd = {
+        "patch_size": patch_size,
+        "latent_dim": setup["latent"],
+        "sampling_fraction": 0.25,
+        "inner_iterations": 2,
+    }
     out = {
         "data": {
             "size": side,
@@ -508,7 +553,10 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
     if args.pretrained:
         report = Path(args.pretrained).with_suffix(".json")
         out["pretraining"] = json.loads(report.read_text()) if report.exists() else None
-    runs = [(key, {**patchgd, **ULTRAMNIST_VARIANTS[key]}) for key in args.ultramnist_variants]
+    variants = next(
+        v for v in (args.ultramnist_variants, setup["variants"], ULTRAMNIST_DEFAULT_VARIANTS) if v is not None
+    )
+    runs = [(key, {**patchgd, **ULTRAMNIST_VARIANTS[key]}) for key in variants]
     out.update(framework_runs(args.jobs, prefix, "patchgd_classifier", data, work, runs, budget=budget, common=common))
     add_seed_runs(
         out, args.seeds, args.jobs, prefix, "patchgd_classifier", data, work, runs, budget, common, args.seed_runs
@@ -518,9 +566,9 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
         "downsampled_classifier",
         data,
         work,
-        [s for s in (1024, 768, 512, 384, 256, 192, 128) if s <= side],
+        [s for s in SIZES["probe_sizes"] if s <= side],
         budget,
-        {"latent_dim": 64},
+        {"latent_dim": setup["latent"]},
         **common,
     )
     out["downsampled_probes"] = probes
@@ -541,7 +589,7 @@ def part_ultramnist(work: Path, quick: bool, args) -> dict:
                     "downsampled_classifier",
                     data,
                     work,
-                    options={"input_size": s, "latent_dim": 64},
+                    options={"input_size": s, "latent_dim": setup["latent"]},
                     max_memory=None,
                     **common,
                 )
@@ -693,10 +741,11 @@ def binary_landcover(source: Path, out: Path, classes=("road", "stream"), name: 
 
 
 def part_landcover(work: Path, quick: bool, args) -> dict:
-    from gigaseg.data.synth.landcover import write_landcover_dataset
+    from gigaseg.bench import write_landcover_dataset
 
-    count = args.count or (8 if quick else 40)
-    size = args.size or (512 if quick else 1024)
+    setup = SIZES["landcover"]
+    count = args.count or setup["count"] or (8 if quick else 40)
+    size = args.size or setup["size"] or (512 if quick else 1024)
     source = work / f"landcover_{size}"
     manifest = source / "synth.json"
     if (
@@ -709,11 +758,13 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
     folder = f"landcover_fine_{size}" if args.landcover_task == "fine" else f"landcover_{args.landcover_task}_{size}"
     data = binary_landcover(source, work / folder, task["classes"], task["name"])
     budget = args.budget or "1.6GB"
-    common = dict(encoder=args.encoder, epochs=args.epochs or (1 if quick else 12), batch_size=2, lr=1e-3)
+    common = dict(
+        encoder=args.encoder, epochs=args.epochs or (1 if quick else 12), batch_size=setup["batch_size"], lr=1e-3
+    )
     # the same k (recomputed patches per inner iteration) with and without the global patch, so the
     # comparison isolates the global patch: at 1024 px under 2GB the trainer plans k=1 with it (k=2 without)
-    patches = math.ceil(size / 128) ** 2
-    framework = {"patch_size": 128, "sampling_fraction": args.landcover_k / patches, "inner_iterations": 2}
+    patches = math.ceil(size / setup["patch"]) ** 2
+    framework = {"patch_size": setup["patch"], "sampling_fraction": args.landcover_k / patches, "inner_iterations": 2}
     out = {
         "data": {
             "size": size,
@@ -728,7 +779,10 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
         **common,
     }
     tag = ("lc" if size == 1024 else f"lc{size}") + ("" if args.landcover_task == "fine" else f"_{args.landcover_task}")
-    runs = [(key, {**framework, **LANDCOVER_VARIANTS[key]}) for key in args.landcover_variants]
+    variants = next(
+        v for v in (args.landcover_variants, setup["variants"], LANDCOVER_DEFAULT_VARIANTS) if v is not None
+    )
+    runs = [(key, {**framework, **LANDCOVER_VARIANTS[key]}) for key in variants]
     runs.append(("patchgd_no_global", {**framework, "global_patch": False}))
     out.update(framework_runs(args.jobs, tag, "patchgd_segmenter", data, work, runs, budget=budget, common=common))
     add_seed_runs(
@@ -740,7 +794,7 @@ def part_landcover(work: Path, quick: bool, args) -> dict:
         "global",
         data,
         work,
-        [s for s in (1024, 768, 512, 384, 256, 192, 128) if s < size],
+        [s for s in SIZES["probe_sizes"] if s < size],
         budget,
         baseline,
         **common,
@@ -772,7 +826,7 @@ def landcover_key(size: int, task: str = "fine") -> str:
 
 
 def _bytes(text: str) -> int:
-    from gigaseg.memory import parse_size
+    from gigaseg.bench import parse_size
 
     return parse_size(text)
 
@@ -780,10 +834,10 @@ def _bytes(text: str) -> int:
 # --------------------------------------------------------------------------- results
 
 
-def write_results(results: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "patchgd.json").write_text(json.dumps(results, indent=2, default=_plain))
-    (RESULTS / "patchgd.md").write_text(markdown(results))
+def write_results(results: dict, results_dir: Path = RESULTS) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "patchgd.json").write_text(json.dumps(results, indent=2, default=_plain))
+    (results_dir / "patchgd.md").write_text(markdown(results))
 
 
 def _plain(value):
@@ -962,13 +1016,13 @@ def _pretraining(pre: dict, encoder: str) -> str:
 
 
 def markdown(results: dict) -> str:
-    from gigaseg.bench import machine
+    from gigaseg.bench import machine_header
 
     commands = results.get("commands", {})
     lines = [
         "# PatchGD with a global patch (issue 7)",
         "",
-        machine.markdown_header(results["machine"]),
+        machine_header(results["machine"]),
         *(
             [
                 "Commands by part (the header names the latest run): "
@@ -979,7 +1033,7 @@ def markdown(results: dict) -> str:
             else []
         ),
         "No GPU was lent to this task: every memory figure is the peak RSS of a fresh CPU process "
-        "(`gigaseg.bench.memory.measure_command`), including the Python/torch runtime; the same figure for "
+        "(`gigaseg.bench.measure_command`), including the Python/torch runtime; the same figure for "
         f"a process that only imports torch is {_gb(results.get('torch_baseline_rss'))}. On CUDA the "
         "trainer's `peak_memory` column (torch.cuda.max_memory_allocated) is the figure to read.",
         "",
@@ -988,8 +1042,10 @@ def markdown(results: dict) -> str:
     if memory:
         p = memory["patchgd"]
         last = (p.get("history") or [{}])[-1]
+        side, patch = memory.get("side", 4096), memory["patch_size"]
+        patches = (side // patch) ** 2
         lines += [
-            "## Memory: 4096x4096 classification with 256-px patches",
+            f"## Memory: {side}x{side} classification with {patch}-px patches",
             "",
             f"{memory['image']}, {memory['train_images']} training + {memory['val_images']} validation "
             f"image(s), theta1 {memory['encoder']} (latent {memory['latent_dim']}), batch 1, "
@@ -997,7 +1053,8 @@ def markdown(results: dict) -> str:
             "",
             "| run | input | peak RSS (train) | wall | k | peak RSS (evaluate) |",
             "|---|---|---|---|---|---|",
-            f"| patchgd_classifier | 4096x4096, 256 patches of 256 px | {_gb(p['train'].get('peak_rss'))} | "
+            f"| patchgd_classifier | {side}x{side}, {patches} patches of {patch} px | "
+            f"{_gb(p['train'].get('peak_rss'))} | "
             f"{p['train'].get('wall_s', 0):.0f} s | {int(last.get('train_k', 0))} | "
             f"{_gb(p.get('evaluate', {}).get('peak_rss'))} |",
         ]
@@ -1010,10 +1067,10 @@ def markdown(results: dict) -> str:
         lines += [
             "",
             f"Largest downsampled input that trains within {memory['budget']}: "
-            f"{memory['downsampled_largest_fitting_input']} px a side (the framework reads the full 4096).",
+            f"{memory['downsampled_largest_fitting_input']} px a side (the framework reads the full {side}).",
             "Estimates (not run): the downsampled baseline at "
             + ", ".join(f"{s} px {_gb(b)}" for s, b in memory["downsampled_estimates_bytes"].items())
-            + f"; back-propagating through all 256 patches at once: "
+            + f"; back-propagating through all {patches} patches at once: "
             f"{_gb(memory['full_backprop_estimate_bytes'])} "
             f"({_gb(memory['per_patch_estimate_bytes'])} of activations per patch).",
             "",
@@ -1035,7 +1092,8 @@ def markdown(results: dict) -> str:
             f"## Synthetic UltraMNIST, {side}x{side}, theta1 {origin}",
             "",
             f"{um['data']['train']} training / {um['data']['val']} validation images; two digits (values "
-            f"6 and 9; one 30-60% of the side, one {small[0]}-{small[1]} px) among distracting shapes; class = sum mod 10 "
+            f"6 and 9; one 30-60% of the side, one {small[0]}-{small[1]} px) among distracting shapes; "
+            "class = sum mod 10 "
             f"(2, 5 or 8; chance 33%). Encoder {um['encoder']}, starting {origin}{detail}; {um['epochs']} epochs, "
             f"batch {um['batch_size']}, lr {um['lr']}; memory budget {um['budget']} (peak RSS of training).",
             "",
@@ -1052,7 +1110,8 @@ def markdown(results: dict) -> str:
             f"## Land-cover {title} as a binary task, {lc['data']['size']} px scenes",
             "",
             f"{lc['data']['count']} synthetic land-cover scenes of {lc['data']['size']}x{lc['data']['size']} "
-            f"({lc['data']['train']} train / {lc['data']['val']} val); positive class: {lc['data']['positive']}. Encoder {lc['encoder']}, "
+            f"({lc['data']['train']} train / {lc['data']['val']} val); positive class: {lc['data']['positive']}. "
+            f"Encoder {lc['encoder']}, "
             f"{lc['epochs']} epochs, batch {lc['batch_size']}, lr {lc['lr']}; budget {lc['budget']}. "
             "Scores of the positive class on the validation split.",
             "",
@@ -1083,12 +1142,16 @@ def variant_list(part: str, known: dict):
     return parse
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="memory,ultramnist,landcover")
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
-    parser.add_argument("--quick", action="store_true", help="small data and few epochs (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="less data and fewer epochs")
+    parser.add_argument(
+        "--smoke", action="store_true", help="--quick at tiny sizes, temporary output: every part's path in seconds"
+    )
+    parser.add_argument("--results", type=Path, help="where the results go (default: benchmarks/results)")
     parser.add_argument("--encoder", default="test_resnet", help="theta1 encoder of the accuracy parts")
     parser.add_argument(
         "--pretrained",
@@ -1116,14 +1179,14 @@ def main() -> int:
     parser.add_argument(
         "--landcover-variants",
         type=variant_list("land-cover", LANDCOVER_VARIANTS),
-        default=LANDCOVER_DEFAULT_VARIANTS,
-        help="which global-patch runs of the land-cover part (comma-separated results keys)",
+        help="which global-patch runs of the land-cover part (comma-separated results keys; default: "
+        f"{','.join(LANDCOVER_DEFAULT_VARIANTS)})",
     )
     parser.add_argument(
         "--ultramnist-size",
         type=int,
-        default=512,
-        help="UltraMNIST canvas side; other than 512 the part is ultramnist_<side>[_pretrained]",
+        help="UltraMNIST canvas side (default 512; --smoke 128); other than 512 the part is "
+        "ultramnist_<side>[_pretrained]",
     )
     parser.add_argument(
         "--ultramnist-min-digit",
@@ -1135,9 +1198,8 @@ def main() -> int:
     parser.add_argument(
         "--ultramnist-variants",
         type=variant_list("UltraMNIST", ULTRAMNIST_VARIANTS),
-        default=ULTRAMNIST_DEFAULT_VARIANTS,
         help="which framework runs of the UltraMNIST part (comma-separated results keys: "
-        f"{', '.join(ULTRAMNIST_VARIANTS)})",
+        f"{', '.join(ULTRAMNIST_VARIANTS)}; default: {','.join(ULTRAMNIST_DEFAULT_VARIANTS)})",
     )
     parser.add_argument(
         "--downsampled-extra",
@@ -1185,16 +1247,22 @@ def main() -> int:
         action="store_true",
         help="keep earlier results (from the results file) of runs whose settings are unchanged",
     )
-    args = parser.parse_args()
-    global RESUME_RUNS
+    args = parser.parse_args(argv)
+    global RESUME_RUNS, SIZES
     RESUME_RUNS = args.resume_runs
+    if args.smoke:
+        SIZES, args.quick = SMOKE, True
+        results_dir = args.results or Path(tempfile.mkdtemp(prefix="gigaseg-patchgd-smoke-results-"))
+        if results_dir.resolve() == RESULTS.resolve():
+            parser.error("--smoke never writes to benchmarks/results")
+    else:
+        results_dir = args.results or RESULTS
     sys.path.insert(0, str(ROOT / "src"))
-    from gigaseg.bench import machine
-    from gigaseg.bench.memory import baseline_rss
+    from gigaseg.bench import baseline_rss, describe_machine
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gigaseg-patchgd-"))
     work.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "patchgd.json"
+    path = results_dir / "patchgd.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if args.reuse:
 
@@ -1209,7 +1277,7 @@ def main() -> int:
                     collect(item)
 
         collect({k: v for k, v in results.items() if k == "memory" or k.startswith(("ultramnist", "landcover"))})
-    results["machine"] = machine.describe()
+    results["machine"] = describe_machine()
     results["torch_baseline_rss"] = baseline_rss(True)
     started = time.perf_counter()
     try:
@@ -1217,10 +1285,12 @@ def main() -> int:
             if part == "memory":
                 results["memory"] = part_memory(work, args.quick)
             elif part == "ultramnist":
-                part = ultramnist_key(args.ultramnist_size, bool(args.pretrained), args.pretrained_tag)
+                side = args.ultramnist_size or SIZES["ultramnist"]["side"]
+                part = ultramnist_key(side, bool(args.pretrained), args.pretrained_tag)
                 results[part] = part_ultramnist(work, args.quick, args)
             elif part == "landcover":
-                part = landcover_key(args.size or (512 if args.quick else 1024), args.landcover_task)
+                size = args.size or SIZES["landcover"]["size"] or (512 if args.quick else 1024)
+                part = landcover_key(size, args.landcover_task)
                 results[part] = part_landcover(work, args.quick, args)
             else:
                 raise SystemExit(f"unknown part {part!r}")
@@ -1237,11 +1307,12 @@ def main() -> int:
             current.setdefault("seconds", {})[part] = seconds
             current.setdefault("commands", {})[part] = results["machine"]["command"]
             results = current
-            write_results(results)
+            write_results(results, results_dir)
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
     print(markdown(results))
+    print(f"results in {results_dir}", flush=True)
     return 0
 
 

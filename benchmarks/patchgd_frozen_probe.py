@@ -10,7 +10,7 @@ holds the information the label needs? For each image it encodes
 - ``downsampled``: the whole image resized to ``--downsampled`` px (the downsampled baseline's
   input at the benchmark's memory budget),
 
-then trains a small head (theta2's :class:`gigaseg.methods.patchgd.model.GridHead`) on each view,
+then trains a small head (theta2's :class:`gigaseg.bench.GridHead`) on each view,
 and on the grid with the global patch concatenated to every cell, to predict the large
 digit, the small digit and the label (their sum mod 10). A view whose head cannot learn a
 target does not carry it to theta2; a global patch that adds nothing to the grid's score
@@ -18,11 +18,14 @@ brings theta2 nothing that the frozen features lack (end-to-end training of thet
 change that: benchmarks/patchgd.py measures it).
 
 Features are cached per patch size under ``--work``; the images are written with
-``gigaseg.data.synth.ultramnist`` and normalised as gigaseg normalises a grey image.
+``gigaseg.bench.write_ultramnist_dataset`` and normalised as gigaseg normalises a grey image.
 
     python benchmarks/patchgd_frozen_probe.py --pretrained digits_fonts.pth [--patch-sizes 128,64]
 
-writes benchmarks/results/patchgd_frozen_probe.json and .md.
+writes benchmarks/results/patchgd_frozen_probe.json and .md (``--results`` elsewhere). ``--smoke``
+runs the same path in seconds (20 images of 128 px, 64- and 32-px patches, 2 epochs; without
+``--pretrained``, a randomly initialised weights file of ``--encoder``), writing only to
+``--work`` and ``--results`` (default: temporary folders).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,10 +52,12 @@ VIEW_TEXT = {
     "downsampled": "downsampled image alone",
 }
 TARGET_TEXT = {"large": "large digit (6 or 9)", "small": "small digit (6 or 9)", "label": "label (sum mod 10)"}
+#: ``--smoke``: settings that replace the defaults
+SMOKE = {"count": 20, "size": 128, "patch_sizes": "64,32", "downsampled": 64, "epochs": 2}
 
 
 def write_data(data: Path, count: int, size: int, seed: int, min_digit: int) -> dict:
-    from gigaseg.data.synth.ultramnist import UltraMnistConfig, write_ultramnist_dataset
+    from gigaseg.bench import UltraMnistConfig, write_ultramnist_dataset
 
     if not (data / "synth.json").exists():
         write_ultramnist_dataset(
@@ -81,9 +87,8 @@ def encode_views(data: Path, manifest: dict, weights: str, encoder_name: str, pa
     """Pooled deepest features of theta1's encoder for the grid, the global patch and the downsample."""
     import tifffile
 
-    from gigaseg.io.normalize import Normalization
-    from gigaseg.methods.patchgd.model import gather_patches, global_view_of
-    from gigaseg.methods.registry import create_model
+    from gigaseg import Normalization, create_model
+    from gigaseg.bench import gather_patches, global_view_of
 
     model = create_model(
         "patchgd_classifier", encoder=encoder_name, num_classes=3, in_channels=1, pretrained=weights, patch_size=patch
@@ -129,7 +134,7 @@ def head_input(features: dict, view: str, index: torch.Tensor) -> torch.Tensor:
 def train_head(
     features: dict, view: str, target: np.ndarray, train: torch.Tensor, val: torch.Tensor, epochs: int, seed: int
 ) -> dict:
-    from gigaseg.methods.patchgd.model import GridHead
+    from gigaseg.bench import GridHead
 
     torch.manual_seed(seed)
     y = torch.from_numpy(target)
@@ -157,13 +162,13 @@ def train_head(
 
 
 def markdown(results: dict) -> str:
-    from gigaseg.bench.machine import markdown_header
+    from gigaseg.bench import machine_header
 
     s = results["settings"]
     lines = [
         "# What a frozen theta1 carries on UltraMNIST (issue 7 diagnostic)",
         "",
-        markdown_header(results["machine"]),
+        machine_header(results["machine"]),
         "",
         f"{s['count']} images of {s['size']}x{s['size']} ({s['train']} train / {s['val']} validation; "
         f"`gigaseg synth ultramnist` settings: digits 6 and 9, one 30-60% of the side, one from "
@@ -193,9 +198,30 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def random_weights(path: Path, encoder: str) -> str:
+    """``--smoke`` without ``--pretrained``: a randomly initialised timm classifier of ``encoder``
+    saved as a weights file, so the same loading path runs.
+
+    Args:
+        path: the file to write.
+        encoder: a timm model name.
+
+    Returns:
+        ``path`` as a string.
+    """
+    import timm
+
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(timm.create_model(encoder, pretrained=False, num_classes=10).state_dict(), path)
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pretrained", required=True, help="theta1 weights file (benchmarks/pretrain_digits.py)")
+    parser.add_argument(
+        "--pretrained", help="theta1 weights file (benchmarks/pretrain_digits.py; required but with --smoke)"
+    )
     parser.add_argument("--encoder", default="test_resnet")
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--size", type=int, default=1024)
@@ -205,11 +231,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=11, help="the data's seed (the heads use 0)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/patchgd_frozen_probe"))
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--work", type=Path, help="data and feature caches (default: /tmp/patchgd_frozen_probe)")
+    parser.add_argument("--results", type=Path, help="where the results go (default: benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true", help="tiny data, temporary output (a smoke run)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        scratch = None if args.work and args.results else Path(tempfile.mkdtemp(prefix="gigaseg-frozen-probe-smoke-"))
+        args.work, args.results = args.work or scratch / "work", args.results or scratch / "results"
+        if args.results.resolve() == RESULTS.resolve():
+            parser.error("--smoke never writes to benchmarks/results")
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        args.pretrained = args.pretrained or random_weights(args.work / f"random_{args.encoder}.pth", args.encoder)
+    elif not args.pretrained:
+        parser.error("--pretrained is required (but with --smoke)")
+    args.work = args.work or Path("/tmp/patchgd_frozen_probe")
+    args.results = args.results or RESULTS
     sys.path.insert(0, str(ROOT / "src"))
-    from gigaseg.bench.machine import describe
+    from gigaseg.bench import describe_machine
 
     torch.set_num_threads(args.threads)
     data = args.work / f"ultramnist_{args.size}"
@@ -218,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     n_val = len(manifest["splits"]["val"])  # the generator puts the val split last
     train, val = torch.arange(args.count - n_val), torch.arange(args.count - n_val, args.count)
     results = {
-        "machine": describe(),
+        "machine": describe_machine(),
         "settings": {
             "count": args.count,
             "size": args.size,
@@ -255,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "patchgd_frozen_probe.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.results / "patchgd_frozen_probe.md").write_text(markdown(results) + "\n")
+    print(f"results in {args.results}", flush=True)
     return 0
 
 

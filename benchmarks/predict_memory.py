@@ -11,6 +11,9 @@ largest image, it SIGKILLs a second run halfway (after half the bands are done),
 reruns it, and checks the resumed mask equals the uninterrupted one, band by band.
 
     python benchmarks/predict_memory.py [--sides 2048,6144,20000] [--work DIR]
+
+``--smoke`` runs the same path in seconds (one 1024-px scene, a test_resnet patch model with
+64-px patches), writing only to ``--work`` and ``--results`` (default: temporary folders).
 """
 
 from __future__ import annotations
@@ -21,17 +24,17 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from gigaseg.bench import machine
-from gigaseg.bench.memory import measure_command
-from gigaseg.io.writers import write_tiled_tiff
-from gigaseg.memory import format_size
+from gigaseg.bench import describe_machine, format_size, machine_header, measure_command, write_tiled_tiff
 
 RESULTS = Path(__file__).parent / "results"
+#: ``--smoke``: settings that replace the defaults
+SMOKE = {"sides": "1024", "encoder": "test_resnet", "patch_size": 64, "overlap": 16, "fpn_channels": 16}
 
 
 def write_scene(path: Path, side: int) -> None:
@@ -47,17 +50,15 @@ def write_scene(path: Path, side: int) -> None:
         write_tiled_tiff(path, side, side, 3, np.uint8, render, tile=512, render_width=4096)
 
 
-def make_checkpoint(path: Path, options: dict) -> None:
+def make_checkpoint(path: Path, options: dict, encoder: str = "resnet18") -> None:
     if path.exists():
         return
     import torch
 
-    from gigaseg.io.normalize import Normalization
-    from gigaseg.methods.registry import create_model
-    from gigaseg.training.checkpoint import save_checkpoint
+    from gigaseg import Normalization, create_model, save_checkpoint
 
     torch.manual_seed(0)
-    model = create_model("patch", encoder="resnet18", num_classes=7, **options)
+    model = create_model("patch", encoder=encoder, num_classes=7, **options)
     data = {
         "classes": [f"class_{i}" for i in range(7)],
         "palette": [[i * 36, 255 - i * 36, 128] for i in range(7)],
@@ -130,29 +131,40 @@ def kill_halfway_and_resume(image: Path, ckpt: Path, out: Path, budget: str, sid
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sides", default="2048,6144,20000")
     parser.add_argument("--budget", default="2GB")
-    parser.add_argument("--work", default="/tmp/gigaseg-predict-bench")
+    parser.add_argument("--work", help="scenes, checkpoint and masks (default: /tmp/gigaseg-predict-bench)")
     parser.add_argument("--skip-kill", action="store_true")
+    parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--patch-size", type=int, default=256)
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--fpn-channels", type=int, default=64)
-    args = parser.parse_args()
-    work = Path(args.work)
+    parser.add_argument("--results", type=Path, help="where the results go (default: benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true", help="a small scene and model, temporary output (a smoke run)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        scratch = None if args.work and args.results else Path(tempfile.mkdtemp(prefix="gigaseg-predict-smoke-"))
+        work, results_dir = Path(args.work) if args.work else scratch / "work", args.results or scratch / "results"
+        if results_dir.resolve() == RESULTS.resolve():
+            parser.error("--smoke never writes to benchmarks/results")
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    else:
+        work, results_dir = Path(args.work or "/tmp/gigaseg-predict-bench"), args.results or RESULTS
     work.mkdir(parents=True, exist_ok=True)
     options = {"patch_size": args.patch_size, "overlap": args.overlap, "fpn_channels": args.fpn_channels}
-    ckpt = work / f"patch-resnet18-{args.patch_size}-{args.overlap}-{args.fpn_channels}.ckpt"
-    make_checkpoint(ckpt, options)
+    ckpt = work / f"patch-{args.encoder}-{args.patch_size}-{args.overlap}-{args.fpn_channels}.ckpt"
+    make_checkpoint(ckpt, options, args.encoder)
     results = {
-        "machine": machine.describe(),
+        "machine": describe_machine(),
         "method": "patch",
-        "encoder": "resnet18",
+        "encoder": args.encoder,
         "options": options,
         "budget": args.budget,
         "runs": [],
-        "command": "benchmarks/predict_memory.py " + " ".join(sys.argv[1:]),
+        "command": "benchmarks/predict_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "threads": os.environ.get("OMP_NUM_THREADS", "all cores"),
     }
     sides = [int(s) for s in args.sides.split(",")]
@@ -172,7 +184,7 @@ def main() -> None:
         }
         results["runs"].append(run)
         print(f"{side}: peak RSS {format_size(report.peak_rss)} in {report.wall_s:.0f} s", flush=True)
-        write(results)
+        write(results, results_dir)
     if not args.skip_kill:
         side = sides[-1]
         image = work / f"scene_{side}.tif"
@@ -181,16 +193,17 @@ def main() -> None:
         results["kill_and_resume"]["identical_to_uninterrupted"] = masks_equal(
             out / f"{image.stem}.tif", work / f"pred_{side}" / f"{image.stem}.tif"
         )
-        write(results)
+        write(results, results_dir)
+    print(f"results in {results_dir}", flush=True)
 
 
-def write(results: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "predict_memory.json").write_text(json.dumps(results, indent=2))
+def write(results: dict, results_dir: Path = RESULTS) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "predict_memory.json").write_text(json.dumps(results, indent=2))
     lines = [
         "# Peak memory of `gigaseg predict` versus image size",
         "",
-        machine.markdown_header(results["machine"]),
+        machine_header(results["machine"]),
         f"Method: patch baseline, encoder {results['encoder']}, options {results['options']}, "
         f"--max-memory {results['budget']}.",
         "",
@@ -219,7 +232,7 @@ def write(results: dict) -> None:
             f"{kill['resume_seconds']:.0f} s at peak RSS {format_size(kill['resume_peak_rss'])}; resumed mask "
             f"identical to the uninterrupted one: {kill.get('identical_to_uninterrupted')}.",
         ]
-    (RESULTS / "predict_memory.md").write_text("\n".join(lines) + "\n")
+    (results_dir / "predict_memory.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ canvases' own mean and std (0.013 / 0.074), not as gigaseg feeds a grey image (0
 
     python benchmarks/pretrain_digits.py OUT.pth [--encoder test_resnet] [--steps 3000] [--fonts]
 
-writes OUT.pth and OUT.json (settings, loss, validation accuracy by digit height).
+writes OUT.pth and OUT.json (settings, loss, validation accuracy by digit height). ``--smoke``
+runs the same path in seconds (``--fonts``, 3 steps of 8 canvases, one canvas per validation
+glyph), OUT defaulting to a temporary folder.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +49,8 @@ from torch import nn
 CANVAS = 128
 HEIGHTS = (6.0, 110.0)
 TRAIN_IMAGES = 1440
+#: canvases drawn per validation glyph: handwritten, held-out fonts, the generator's font
+REPEATS = (20, 100, 300)
 
 
 def glyphs() -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +140,7 @@ def network_input(canvases) -> torch.Tensor:
     (``Normalization.for_image(1, uint8)``: /255, then mean 0.5, std 0.25), grey repeated to the
     3 channels of an ImageNet-style state dict: the weights' BatchNorm statistics then match the
     input the benchmark's networks get."""
-    from gigaseg.io.normalize import Normalization
+    from gigaseg import Normalization
 
     grey = Normalization.for_image(1, np.uint8)
     pixels = np.stack([grey.apply(c) for c in canvases])  # (N, 1, H, W) float32
@@ -168,9 +173,9 @@ def accuracy_by_height(model, draw, labels: np.ndarray, repeats: int) -> dict:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", type=Path, help="weights file to write (.pth)")
+    parser.add_argument("out", type=Path, nargs="?", help="weights file to write (.pth; required but with --smoke)")
     parser.add_argument("--encoder", default="test_resnet")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -181,7 +186,14 @@ def main() -> int:
         action="store_true",
         help="half of the canvases draw a digit of matplotlib's bundled fonts (TRAIN_FONTS)",
     )
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="a few steps and canvases (a smoke run)")
+    args = parser.parse_args(argv)
+    repeats = REPEATS
+    if args.smoke:
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="gigaseg-pretrain-smoke-")) / "digits.pth"
+        args.steps, args.batch_size, args.fonts, repeats = 3, 8, True, (1, 1, 1)
+    elif args.out is None:
+        parser.error("OUT is required (but with --smoke)")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     images, labels = glyphs()
@@ -226,14 +238,14 @@ def main() -> int:
     # validation: other writers' digits (20 canvases each), fonts never trained on, and the font
     # gigaseg synth ultramnist draws with (Pillow's default; never trained on, reported only)
     model.eval()
-    from gigaseg.data.synth.ultramnist import render_digit
+    from gigaseg.bench import render_digit
 
-    handwritten = accuracy_by_height(model, lambda r, i: canvas(r, images[val[i]]), labels[val], 20)
+    handwritten = accuracy_by_height(model, lambda r, i: canvas(r, images[val[i]]), labels[val], repeats[0])
     held_out, held_out_labels = font_glyphs(VAL_FONTS)
     # the generator's own glyphs (ink 69 px: its font at size 96, as the training fonts are drawn)
     generator, generator_labels = [render_digit(d, 69) for d in range(10)], np.arange(10)
-    fonts = accuracy_by_height(model, lambda r, i: font_canvas(r, held_out, i), held_out_labels, 100)
-    generator_font = accuracy_by_height(model, lambda r, i: font_canvas(r, generator, i), generator_labels, 300)
+    fonts = accuracy_by_height(model, lambda r, i: font_canvas(r, held_out, i), held_out_labels, repeats[1])
+    generator_font = accuracy_by_height(model, lambda r, i: font_canvas(r, generator, i), generator_labels, repeats[2])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out)
     report = {

@@ -1,6 +1,6 @@
 """Streaming benchmark of the synthetic land-cover generator and of reading its output.
 
-Measures, each in a fresh child process (``gigaseg.bench.memory.measure_command``, peak
+Measures, each in a fresh child process (``gigaseg.bench.measure_command``, peak
 RSS of exactly that process):
 
 1. ``gigaseg synth landcover big --count 1 --size 20000x20000``: peak RSS (bound 1.5 GB),
@@ -8,15 +8,19 @@ RSS of exactly that process):
 2. the self-checks read back band by band from the written mask (figures and peak RSS);
 3. ``gigaseg.open_image`` on the written image: one 1024x1024 window and a 1024-px
    thumbnail (bound 1 GB);
-4. baselines: a child that only imports the generator's modules, and one that only
-   imports torch (the benchmarks design asks for it; the generator itself never imports
-   torch).
+4. baselines: a child that only imports the generator's modules (through the public names
+   that reach them: ``gigaseg.bench.write_landcover_dataset``, ``check_mask``,
+   ``write_tiled_tiff`` and ``gigaseg.open_image``), and one that only imports torch (the
+   benchmarks design asks for it; the generator itself never imports torch).
 
 Writes ``benchmarks/results/synth_streaming.json`` and ``.md`` with the machine (CPU
 model, cores) and the git commit. The scene (about 1.4 GB) is written to a temporary
 folder that is removed afterwards unless ``--keep``.
 
     python benchmarks/synth_streaming.py [--size 20000x20000] [--work DIR] [--keep]
+
+``--smoke`` runs the same steps on a 512x512 scene in seconds, writing only to ``--work`` and
+``--results`` (default: temporary folders).
 """
 
 from __future__ import annotations
@@ -33,13 +37,20 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 GENERATE_LIMIT = 1.5e9
 READ_LIMIT = 1.0e9
+#: side of the window read from the scene's centre (smaller scenes: their side)
+READ_SIDE = 1024
+#: what the imports baseline imports: the generator's and the readers' modules, by their public names
+IMPORTS = (
+    "import gigaseg, gigaseg.bench as bench; "
+    "bench.write_landcover_dataset; bench.check_mask; bench.write_tiled_tiff; gigaseg.open_image"
+)
 
 
 # --------------------------------------------------------------------------- children
 
 
 def child_check(mask: str) -> dict:
-    from gigaseg.data.synth.landcover import check_mask
+    from gigaseg.bench import check_mask
 
     start = time.perf_counter()
     report = check_mask(mask)
@@ -48,7 +59,6 @@ def child_check(mask: str) -> dict:
 
 def child_read(image: str) -> dict:
     import gigaseg
-    from gigaseg.geometry import Window
 
     out = {}
     start = time.perf_counter()
@@ -56,9 +66,10 @@ def child_read(image: str) -> dict:
     out["open_s"] = time.perf_counter() - start
     out["shape"] = list(source.shape)
     out["levels"] = [list(level) for level in getattr(source, "levels", [])]
-    top, left = (source.height - 1024) // 2, (source.width - 1024) // 2
+    side = min(READ_SIDE, source.height, source.width)
+    top, left = (source.height - side) // 2, (source.width - side) // 2
     start = time.perf_counter()
-    window = source.read(Window(top, left, 1024, 1024))
+    window = source.read(gigaseg.Window(top, left, side, side))
     out["window_s"] = time.perf_counter() - start
     out["window"] = {"top": top, "left": left, "shape": list(window.shape), "mean": float(window.mean())}
     start = time.perf_counter()
@@ -76,14 +87,19 @@ CHILDREN = {"check": child_check, "read": child_read}
 
 
 def machine() -> dict:
-    """``gigaseg.bench.machine.describe()`` plus the versions of the libraries the streaming code uses."""
+    """``gigaseg.bench.describe_machine()`` plus the versions of the libraries the streaming code uses."""
     import numpy
     import scipy
     import tifffile
 
-    from gigaseg.bench.machine import describe
+    from gigaseg.bench import describe_machine
 
-    return {**describe(), "numpy": numpy.__version__, "scipy": scipy.__version__, "tifffile": tifffile.__version__}
+    return {
+        **describe_machine(),
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "tifffile": tifffile.__version__,
+    }
 
 
 def _last_json(text: str | None) -> dict:
@@ -99,7 +115,7 @@ def _mb(value: float | None) -> str:
 
 
 def run(size: str, work: Path, keep: bool) -> dict:
-    from gigaseg.bench.memory import baseline_rss, measure_command
+    from gigaseg.bench import baseline_rss, measure_command
 
     python = sys.executable
     out = work / "big"
@@ -115,13 +131,7 @@ def run(size: str, work: Path, keep: bool) -> dict:
     print(check, flush=True)
     read = measure_command([python, __file__, "--child", "read", str(image)], capture_output=True)
     print(read, flush=True)
-    imports = measure_command(
-        [
-            python,
-            "-c",
-            "import gigaseg.commands.synth, gigaseg.data.synth.landcover, gigaseg.io.writers, gigaseg.io.sources",
-        ]
-    )
+    imports = measure_command([python, "-c", IMPORTS])
     torch_only = baseline_rss(True)
 
     manifest = json.loads((out / "synth.json").read_text())
@@ -158,7 +168,7 @@ def run(size: str, work: Path, keep: bool) -> dict:
             "torch_import_only_peak_rss_bytes": torch_only,
         },
         "notes": [
-            "Peak RSS is ru_maxrss of the measured child alone (gigaseg.bench.memory.measure_command).",
+            "Peak RSS is ru_maxrss of the measured child alone (gigaseg.bench.measure_command).",
             "The generator and the readers never import torch; the torch baseline is for comparison with "
             "the other benchmarks only.",
         ],
@@ -169,7 +179,7 @@ def run(size: str, work: Path, keep: bool) -> dict:
 
 
 def markdown(result: dict) -> str:
-    from gigaseg.bench.machine import markdown_header
+    from gigaseg.bench import machine_header
 
     m, g, c, r, b = (result[k] for k in ("machine", "generate", "checks", "read", "baselines"))
     size = "x".join(str(v) for v in c.get("size", [])) or "?"
@@ -178,7 +188,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Synthetic land-cover scene: streaming generation and reading",
         "",
-        markdown_header(m),
+        machine_header(m),
         f"{m['usable_cores']} usable of {m['cores']} logical cores, {_mb(m['memory_bytes'])} RAM; "
         f"Python {m['python']}, numpy {m['numpy']}, tifffile {m['tifffile']}. Each row ran in a fresh child process.",
         "",
@@ -187,7 +197,8 @@ def markdown(result: dict) -> str:
         f"| `{g['command']}` | {_mb(g['peak_rss_bytes'])} | < {_mb(g['limit_bytes'])} "
         f"{'ok' if g['within_limit'] else 'EXCEEDED'} | {g['wall_s']:.0f} s |",
         f"| self-checks, mask read back band by band | {_mb(c['peak_rss_bytes'])} | | {c['wall_s']:.0f} s |",
-        f"| `open_image`: 1024x1024 window + 1024-px thumbnail | {_mb(r['peak_rss_bytes'])} | < {_mb(r['limit_bytes'])} "
+        f"| `open_image`: 1024x1024 window + 1024-px thumbnail | {_mb(r['peak_rss_bytes'])} | "
+        f"< {_mb(r['limit_bytes'])} "
         f"{'ok' if r['within_limit'] else 'EXCEEDED'} | {r['wall_s']:.1f} s "
         f"(window {r.get('window_s', float('nan')):.2f} s, thumbnail {r.get('thumbnail_s', float('nan')):.2f} s) |",
         f"| baseline: import the generator's modules only | {_mb(b['imports_only_peak_rss_bytes'])} | | |",
@@ -207,16 +218,23 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="20000x20000")
+    parser.add_argument("--size", help="scene size, HxW (default 20000x20000; --smoke 512x512)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the scene (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the generated scene")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--results", type=Path, help="where the results go (default: benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true", help="a small scene, temporary output (a smoke run)")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("path", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(CHILDREN[args.child](args.path)), flush=True)
         return 0
+    if args.smoke:
+        args.size = args.size or "512x512"
+        args.results = args.results or Path(tempfile.mkdtemp(prefix="gigaseg-synth-smoke-results-"))
+        if args.results.resolve() == RESULTS.resolve():
+            parser.error("--smoke never writes to benchmarks/results")
+    args.size, args.results = args.size or "20000x20000", args.results or RESULTS
     work = args.work or Path(tempfile.mkdtemp(prefix="gigaseg-synth-bench-"))
     try:
         result = run(args.size, work, args.keep)
@@ -227,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.results / "synth_streaming.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.results / "synth_streaming.md").write_text(markdown(result))
     print(markdown(result))
+    print(f"results in {args.results}", flush=True)
     return 0 if result["generate"]["within_limit"] and result["read"]["within_limit"] else 1
 
 

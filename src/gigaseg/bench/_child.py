@@ -25,7 +25,11 @@ RSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 
 def peak_rss() -> int:
-    """Peak RSS in bytes of this process or of any of its waited-for children, whichever is larger."""
+    """Peak RSS of this process or of any of its waited-for children, whichever is larger.
+
+    Returns:
+        The peak resident set size in bytes.
+    """
     return RSS_UNIT * max(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     )
@@ -87,6 +91,12 @@ def _run(payload_path: str) -> dict[str, Any]:
 
 
 def main(payload_path: str, result_path: str) -> None:
+    """Run the pickled call of ``payload_path`` and write its outcome to ``result_path``.
+
+    Args:
+        payload_path: the payload file the parent wrote (see the module docstring).
+        result_path: the file the outcome dict is pickled to (the parent reads it).
+    """
     outcome = _run(payload_path)
     try:
         data = pickle.dumps(outcome)

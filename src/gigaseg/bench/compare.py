@@ -25,7 +25,18 @@ from .memory import measure_call
 
 @dataclass
 class MethodSpec:
-    """One entry of a comparison: a method with its options and training budget."""
+    """One entry of a comparison: a method with its options and training budget.
+
+    Attributes:
+        method: a registered method name.
+        label: the row's name (None: the method's).
+        options: method options (``create_model``'s).
+        stage: the stage to train (``"all"``: every stage in order).
+        epochs: epochs per stage (None: the recipe's).
+        batch_size: batch size (None: the recipe's).
+        lr: learning rate (None: the recipe's).
+        variants: extra rows scored from the same trained weights: label -> inference options.
+    """
 
     method: str
     label: str | None = None
@@ -40,11 +51,24 @@ class MethodSpec:
 
     @property
     def name(self) -> str:
+        """The row's name: ``label``, else ``method``."""
         return self.label or self.method
 
 
 def train_job(spec: dict, data: str, run_dir: str, encoder: str, seed: int, max_memory: int | None) -> dict:
-    """Child-process job: train one method, return its history."""
+    """Child-process job: train one method.
+
+    Args:
+        spec: a :class:`MethodSpec` as a dict (``dataclasses.asdict``).
+        data: the dataset folder.
+        run_dir: the run folder (checkpoints, metrics).
+        encoder: the encoder every method gets.
+        seed: the random seed.
+        max_memory: the memory budget in bytes (None: none).
+
+    Returns:
+        ``history`` (the trainer's per-epoch rows) and ``seconds`` (the training's wall time).
+    """
     import torch
 
     from ..api import train
@@ -67,8 +91,18 @@ def train_job(spec: dict, data: str, run_dir: str, encoder: str, seed: int, max_
 
 
 def evaluate_job(run_dir: str, data: str, split: str, max_memory: int | None, options: dict | None = None) -> dict:
-    """Child-process job: evaluate a checkpoint on ``split`` (with inference ``options``), timing the
-    streaming prediction."""
+    """Child-process job: evaluate a checkpoint on ``split``, timing the streaming prediction.
+
+    Args:
+        run_dir: a run folder or checkpoint.
+        data: the dataset folder.
+        split: the split to score.
+        max_memory: the memory budget in bytes (None: none).
+        options: inference options for this evaluation (None: the checkpoint's).
+
+    Returns:
+        ``summary`` (``gigaseg.evaluate``'s), ``seconds`` and ``megapixels_per_second``.
+    """
     from ..api import evaluate
     from ..data.loader import load_dataset
 
@@ -81,7 +115,14 @@ def evaluate_job(run_dir: str, data: str, split: str, max_memory: int | None, op
 
 
 def class_groups(data: str) -> dict[str, list[str]]:
-    """Named groups of classes whose mean IoU is reported (the synthetic benchmark's failure modes)."""
+    """Named groups of classes whose mean IoU is reported (the synthetic benchmark's failure modes).
+
+    Args:
+        data: the dataset folder.
+
+    Returns:
+        ``{"fine": [...], "context": [...]}`` for the synthetic land-cover classes, else ``{}``.
+    """
     from ..data.loader import load_dataset
     from ..data.synth import landcover
 
@@ -102,6 +143,25 @@ def compare(
     split: str = "val",
     timeout: float | None = None,
 ) -> dict:
+    """Train and score each method of ``specs`` in fresh child processes.
+
+    Results are written to ``out`` (``results.json``, ``.md``, ``.png``) after every method,
+    so a long run leaves partial results; the runs go to ``out/runs/<name>``.
+
+    Args:
+        specs: the methods, in table order.
+        data: the dataset folder (with a train split and ``split``).
+        out: the output folder.
+        encoder: the encoder every method gets.
+        seed: the random seed.
+        max_memory: the memory budget in bytes for training and prediction (None: none).
+        split: the split scored.
+        timeout: seconds any one child may run (None: no limit).
+
+    Returns:
+        The results: ``machine``, the settings, ``class_groups`` and one ``methods`` row per
+        method and variant (scores, peak RSS of training and prediction, speed).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     groups = class_groups(str(data))
@@ -143,7 +203,21 @@ def score(
     groups: dict[str, list[str]],
     timeout: float | None = None,
 ) -> dict:
-    """One row: ``run_dir``'s checkpoint scored on ``split`` in a fresh child (with a variant's options)."""
+    """One row: ``run_dir``'s checkpoint scored on ``split`` in a fresh child.
+
+    Args:
+        spec: the method.
+        variant: one of ``spec.variants`` (its inference options are used), or None.
+        run_dir: the run folder.
+        data: the dataset folder.
+        split: the split scored.
+        max_memory: the memory budget in bytes (None: none).
+        groups: class groups whose mean IoU is reported (:func:`class_groups`).
+        timeout: seconds the child may run (None: no limit).
+
+    Returns:
+        The row: scores, per-class and per-group IoU, peak RSS and speed of the prediction.
+    """
     options = spec.variants[variant] if variant else None
     scored = measure_call(evaluate_job, (str(run_dir), str(data), split, max_memory, options), timeout=timeout)
     summary = scored.value["summary"]
@@ -174,9 +248,21 @@ def score_variants(
     max_memory: int | None = None,
     timeout: float | None = None,
 ) -> None:
-    """Add (or replace) the rows of ``spec.variants``, scored from the weights of its trained row
-    (which must be in ``results``; its run folder under ``out/runs``). Their training figures are
-    the trained row's: the weights are the same."""
+    """Add (or replace) the rows of ``spec.variants``, scored from the weights of its trained row.
+
+    The trained row must be in ``results`` and its run folder under ``out/runs``. The
+    variants' training figures are the trained row's: the weights are the same. The results
+    are written to ``out`` after every variant.
+
+    Args:
+        spec: the method whose variants are scored.
+        results: what :func:`compare` returned (changed in place).
+        out: the output folder of that comparison.
+        data: the dataset folder.
+        split: the split scored.
+        max_memory: the memory budget in bytes (None: none).
+        timeout: seconds any one child may run (None: no limit).
+    """
     trained = next(m for m in results["methods"] if m["name"] == spec.name)
     # the training figures and budget are the trained row's (spec may come from another invocation)
     training = {k: trained[k] for k in ("train_seconds", "train_peak_rss", "train_cuda_peak", "epochs_run")}
@@ -204,6 +290,14 @@ def _fmt(value, digits=3) -> str:
 
 
 def markdown(results: dict) -> str:
+    """The comparison as a Markdown report.
+
+    Args:
+        results: what :func:`compare` returned.
+
+    Returns:
+        The provenance header, the table of methods, per-class IoU, options and notes.
+    """
     groups = list(results["class_groups"])
     lines = [
         "# Methods compared",
@@ -272,6 +366,12 @@ def _options_line(m: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    """A bar chart of per-class IoU, one bar per method, written atomically as PNG.
+
+    Args:
+        results: what :func:`compare` returned (at least one method).
+        path: the PNG file to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,7 +395,13 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write_results(results: dict, out: Path, stem: str = "results") -> None:
-    """``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` in ``out``."""
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (with at least one method) to ``out``.
+
+    Args:
+        results: what :func:`compare` returned.
+        out: the folder.
+        stem: the files' name without suffix.
+    """
     with atomic_output(out / f"{stem}.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     with atomic_output(out / f"{stem}.md") as tmp:

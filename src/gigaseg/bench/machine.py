@@ -10,6 +10,11 @@ from datetime import UTC, datetime
 
 
 def cpu_model() -> str:
+    """The CPU's model name.
+
+    Returns:
+        Linux's ``/proc/cpuinfo`` model name, else ``platform.processor()`` or the machine type.
+    """
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -21,12 +26,20 @@ def cpu_model() -> str:
 
 
 def usable_cores() -> int | None:
-    """Cores this process may run on (fewer than ``os.cpu_count()`` under a CPU mask or container)."""
+    """Cores this process may run on (fewer than ``os.cpu_count()`` under a CPU mask or container).
+
+    Returns:
+        The number of usable cores, or None where unknown.
+    """
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def memory_bytes() -> int | None:
-    """Physical memory of the machine (Linux ``/proc/meminfo``), or None where unknown."""
+    """Physical memory of the machine (Linux ``/proc/meminfo``).
+
+    Returns:
+        The memory in bytes, or None where unknown.
+    """
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -38,6 +51,11 @@ def memory_bytes() -> int | None:
 
 
 def gpu_name() -> str | None:
+    """The name of the first CUDA device, if torch sees one.
+
+    Returns:
+        The device name, or None without torch, CUDA or a working driver.
+    """
     try:
         import torch
 
@@ -47,6 +65,12 @@ def gpu_name() -> str | None:
 
 
 def git_commit() -> str | None:
+    """The commit of the gigaseg checkout this module runs from.
+
+    Returns:
+        The short hash, with ``-dirty`` when tracked files have changes; None outside a git
+        checkout or without git.
+    """
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -68,7 +92,13 @@ def git_commit() -> str | None:
 
 
 def describe() -> dict:
-    """Machine and provenance facts stamped on every benchmark result."""
+    """Machine and provenance facts stamped on every benchmark result.
+
+    Returns:
+        A JSON-ready dict: ``cpu``, ``cores``, ``usable_cores``, ``memory_bytes``, ``gpu``,
+        ``platform``, ``python``, ``torch`` (None without torch), ``commit``, ``command`` (this
+        process's command line) and ``date`` (UTC, ISO 8601).
+    """
     try:
         import torch
 
@@ -91,6 +121,14 @@ def describe() -> dict:
 
 
 def markdown_header(machine: dict) -> str:
+    """The provenance lines that open a benchmark's Markdown report.
+
+    Args:
+        machine: what :func:`describe` returned (as stored in the results).
+
+    Returns:
+        Machine, GPU, torch version, commit and date on one line, then the command line.
+    """
     gpu = machine["gpu"] or "none (CPU only)"
     return (
         f"Machine: {machine['cpu']}, {machine['cores']} cores; GPU: {gpu}; torch {machine['torch']}; "

@@ -55,7 +55,11 @@ class ChildError(RuntimeError):
 
 
 class ChildTraceback(Exception):
-    """Carries the child's traceback text; set as ``__cause__`` of a re-raised exception."""
+    """Carries the child's traceback text; set as ``__cause__`` of a re-raised exception.
+
+    Args:
+        text: the traceback as the child formatted it.
+    """
 
     def __init__(self, text: str):
         super().__init__(text)
@@ -87,10 +91,17 @@ class MemoryReport:
 
     @property
     def rss_above_baseline(self) -> int | None:
+        """``peak_rss - baseline_rss`` in bytes, None without a baseline."""
         return None if self.baseline_rss is None else self.peak_rss - self.baseline_rss
 
     def to_dict(self) -> dict[str, Any]:
-        """The figures as a JSON-ready dict (without the return value or captured output)."""
+        """The figures as a JSON-ready dict.
+
+        Returns:
+            ``target``, ``peak_rss``, ``baseline_rss``, ``rss_above_baseline``, ``cuda_peak``,
+            ``cuda_peak_reserved``, ``wall_s`` and ``returncode`` (not the return value or the
+            captured output).
+        """
         return {
             "target": self.target,
             "peak_rss": self.peak_rss,
@@ -259,10 +270,26 @@ def measure_call(
     ``sys.path``. Importing ``fn``'s module is part of the measured work, so keep measured
     functions in small modules.
 
-    ``import_torch`` imports torch in the child before ``fn`` (the default, so every
-    child carries the same runtime share as the baseline); ``baseline`` attaches
-    :func:`baseline_rss` for the same ``import_torch`` setting. ``timeout`` (seconds)
-    kills the child and raises ``subprocess.TimeoutExpired``.
+    Args:
+        fn: the function the child runs.
+        args: its positional arguments.
+        kwargs: its keyword arguments (None: none).
+        baseline: attach :func:`baseline_rss` for the same ``import_torch`` setting.
+        import_torch: import torch in the child before ``fn`` (the default, so every child
+            carries the same runtime share as the baseline).
+        timeout: seconds after which the child is killed (None: no limit).
+        env: the child's environment (None: the caller's).
+
+    Returns:
+        The child's figures, with ``fn``'s return value as ``value``.
+
+    Raises:
+        TypeError: ``fn`` is defined in ``__main__``, or it or its arguments cannot be pickled.
+        ChildError: the child died before it reported (out of memory?), or raised an
+            exception that cannot be re-created here.
+        subprocess.TimeoutExpired: the child ran past ``timeout``.
+        Exception: whatever ``fn`` raised in the child, re-raised here with the child's
+            traceback as its ``__cause__``.
     """
     target = _describe(fn)
     if getattr(getattr(fn, "func", fn), "__module__", None) == "__main__":
@@ -312,8 +339,21 @@ def measure(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> MemoryRepor
     """Run ``fn(*args, **kwargs)`` in a fresh child process and report its peak memory.
 
     Defaults of :func:`measure_call`: torch imported in the child, baseline attached, no
-    timeout. ``report.value`` is the return value, ``report.wall_s`` the function's own
-    run time (without the child's start-up).
+    timeout.
+
+    Args:
+        fn: a top-level function of an importable module (see :func:`measure_call`).
+        *args: its positional arguments.
+        **kwargs: its keyword arguments.
+
+    Returns:
+        The child's figures: ``value`` is the return value, ``wall_s`` the function's own run
+        time (without the child's start-up).
+
+    Raises:
+        TypeError: ``fn`` cannot be sent to a child (see :func:`measure_call`).
+        ChildError: the child died before it reported.
+        Exception: whatever ``fn`` raised in the child.
     """
     return measure_call(fn, args, kwargs)
 
@@ -322,6 +362,12 @@ def baseline_rss(import_torch: bool = True) -> int:
     """Peak RSS of a measurement child that does nothing (but import torch, by default).
 
     Measured once per process and setting, then cached.
+
+    Args:
+        import_torch: whether the child imports torch (as :func:`measure_call`'s children do).
+
+    Returns:
+        The child's peak RSS in bytes.
     """
     return _cached_baseline(bool(import_torch))
 
@@ -346,12 +392,24 @@ def measure_command(
 ) -> MemoryReport:
     """Run a command line and report its peak RSS, exit code and wall time.
 
-    ``argv`` is a list (a string is split with ``shlex.split``). Output goes to the
-    caller's stdout/stderr unless ``capture_output``, which stores it as text in the
-    report. A non-zero exit is reported in ``returncode``; ``check=True`` raises
-    ``subprocess.CalledProcessError`` instead. ``baseline=True`` attaches
-    :func:`baseline_rss` (torch import) for comparison. ``timeout`` kills the command
-    (and its process group) and raises ``subprocess.TimeoutExpired``.
+    Args:
+        argv: the command as a list (a string is split with ``shlex.split``).
+        timeout: seconds after which the command and its process group are killed (None: no limit).
+        capture_output: store stdout and stderr as text in the report (else they go to the
+            caller's).
+        check: raise on a non-zero exit instead of reporting it in ``returncode``.
+        baseline: attach :func:`baseline_rss` (torch import) for comparison.
+        env: the command's environment (None: the caller's).
+        cwd: its working folder (None: the caller's).
+
+    Returns:
+        The command's figures (``value`` is None).
+
+    Raises:
+        ValueError: ``argv`` is empty.
+        OSError: the command cannot be started.
+        subprocess.CalledProcessError: with ``check``, a non-zero exit.
+        subprocess.TimeoutExpired: the command ran past ``timeout``.
     """
     argv = shlex.split(argv) if isinstance(argv, str) else [os.fspath(a) for a in argv]
     if not argv:
