@@ -6,9 +6,8 @@ decoded array (``decoded_bytes = H * W * C * itemsize``): Pillow holds its own i
 bytes per pixel for RGB) while the numpy array is filled, and its decoders have buffers of their
 own. This script measures that multiple.
 
-Each image (PNG: RGB, grey, 16-bit grey, palette; JPEG: RGB, grey, each also progressive; square
-sides up to 8000 px;
-smooth content with mild noise) is decoded in a fresh child process
+Each image (PNG: RGB, grey, 16-bit grey, palette; JPEG: RGB and grey, each also progressive;
+square sides up to 8000 px; smooth content with mild noise) is decoded in a fresh child process
 (``gigaseg.bench.measure_command``: the peak RSS of exactly that process) that opens it with
 ``gigaseg.open_image`` and reads a 1x1 window, which decodes the whole image into the source and
 returns almost nothing (a whole-image ``read()`` would add one copy of ``decoded_bytes`` held by the
@@ -293,7 +292,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     colours = {"PNG": "tab:blue", "JPEG": "tab:orange", "JPEG (progressive)": "tab:red"}
     markers = ["o", "s", "^", "D"]
     for index, kind in enumerate(KINDS):
@@ -315,7 +314,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("peak RSS above baseline / decoded size")
     ax.set_title("Pillow decode peak through gigaseg.open_image")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -189,6 +189,15 @@ def work_and_results(folder: Path) -> list[str]:
     return ["--work", str(folder / "work"), "--results", str(folder / "results")]
 
 
+def check_pillow_decode(folder: Path) -> None:
+    data = read_json(folder / "results" / "pillow_decode.json")
+    assert {"machine", "runs", "fit", "baseline_rss"} <= set(data)
+    assert set(returncodes(data["runs"])) == {0} and all(r["peak_rss"] > 0 for r in data["runs"])
+    assert set(data["fit"]["formats"]) == {"PNG", "JPEG", "JPEG (progressive)"}
+    check_markdown(folder / "results" / "pillow_decode.md", "# Peak memory of decoding PNG and JPEG")
+    check_png(folder / "results" / "pillow_decode.png")
+
+
 SMOKES = {
     "compare_fine_structure": Smoke(work_and_results, check_compare_fine_structure, 20),
     "compare_methods": Smoke(lambda f: ["--data", str(f / "data"), *work_and_results(f)], check_compare_methods, 25),
@@ -198,6 +207,7 @@ SMOKES = {
     "magnet_inference": Smoke(work_and_results, check_magnet_inference, 35),
     "patchgd": Smoke(work_and_results, check_patchgd, 75),
     "patchgd_frozen_probe": Smoke(work_and_results, check_patchgd_frozen_probe, 7),
+    "pillow_decode": Smoke(lambda f: ["--out", str(f / "results")], check_pillow_decode, 8),
     "predict_memory": Smoke(work_and_results, check_predict_memory, 25),
     "pretrain_digits": Smoke(lambda f: [str(f / "results" / "digits.pth")], check_pretrain_digits, 8),
     "synth_streaming": Smoke(work_and_results, check_synth_streaming, 7),

@@ -465,7 +465,9 @@ class LabelSource(ImageSource):
     Labels are never averaged: the ``resample`` argument is accepted for
     compatibility with ``ImageSource`` and always treated as ``"nearest"``.
     A paletted (1-channel) PNG read with a ``PaletteEncoding`` is first expanded
-    through the file's own palette.
+    through the file's own palette. Masks are read as palette indices: a paletted
+    ``raw`` opened with its colours (``open_image``'s default) is reopened with
+    ``palette="indices"``.
 
     Args:
         raw: the mask file, opened as an image (``open_image``); closed by ``close``.
@@ -476,6 +478,9 @@ class LabelSource(ImageSource):
     """
 
     def __init__(self, raw: ImageSource, encoding: LabelEncoding):
+        if getattr(raw, "palette_mode", None) == "colors" and getattr(raw, "palette", None) is not None:
+            raw, colours = raw.with_palette("indices"), raw  # masks keep their palette indices
+            colours.close()
         self.raw = raw
         self.encoding = encoding
         self.path = raw.path

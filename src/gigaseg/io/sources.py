@@ -6,6 +6,12 @@ the suffix only to word the error for files that are not what they claim:
 * TIFF / BigTIFF (``.tif``, ``.tiff``, ``.btf``, ``.ome.tif(f)``, ...) -> ``TiffSource``
 * PNG, JPEG and other formats Pillow identifies -> ``PillowSource``
 
+Both refuse, when the file is opened, a file whose header declares more than one
+decode may take (``max_memory``, else ``GIGASEG_MAX_DECODE``, else half the
+machine's memory, capped; see ``gigaseg.io.pillow``): a whole PNG or JPEG, or
+one strip or tile of a TIFF. Palette PNGs are expanded to their colours unless
+``palette="indices"`` asks for the indices (what label masks need).
+
 A numpy array (``(H, W)`` or ``(H, W, C)``) becomes an ``ArraySource``; an
 ``ImageSource`` is returned unchanged.
 """
@@ -16,10 +22,10 @@ import os
 
 import numpy as np
 
-from ..errors import ImageReadError
+from ..errors import ConfigError, ImageReadError
 from .array import ArraySource
 from .base import ImageSource, check_image_file
-from .pillow import PILLOW_SUFFIXES, PillowSource
+from .pillow import PALETTE_CHOICES, PILLOW_SUFFIXES, PillowSource
 from .tiff import TIFF_SUFFIXES, TiffSource
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -51,7 +57,7 @@ def sniff(path: str | os.PathLike) -> str | None:
     return None
 
 
-def open_image(source, *, max_memory: int | str | None = None) -> ImageSource:
+def open_image(source, *, max_memory: int | str | None = None, palette: str = "colors") -> ImageSource:
     """Open ``source`` (a path, an array or an ``ImageSource``) for lazy, windowed reading.
 
     Args:
@@ -59,9 +65,18 @@ def open_image(source, *, max_memory: int | str | None = None) -> ImageSource:
             an object with ``__array__``) of shape ``(H, W)`` or ``(H, W, C)``, or
             an ``ImageSource``, which is returned unchanged.
         max_memory: bytes, or e.g. ``"2GB"``, that a file reader may decode at
-            once: PNG/JPEG images larger than it are refused (they can only be
-            decoded whole), and TIFF resampled reads and thumbnails stream in bands
-            of 1/8 of it (between 1 MiB and ``BAND_BYTES``). None means no bound.
+            once: PNG/JPEG images whose estimated decode peak exceeds it are
+            refused (they can only be decoded whole), so are TIFFs with a strip or
+            tile larger than it, and TIFF resampled reads and thumbnails stream in
+            bands of 1/8 of it (between 1 MiB and ``BAND_BYTES``). None means the
+            decode cap (``GIGASEG_MAX_DECODE``, else half the machine's memory,
+            capped) for those checks and ``BAND_BYTES`` bands. Ignored for arrays
+            and ``ImageSource`` objects.
+        palette: how Pillow palette images (PNG modes ``P``/``PA``) are read:
+            ``"colors"`` expands them to RGB (RGBA with transparency), what a
+            network needs; ``"indices"`` returns the indices with the colours in
+            ``.palette``, what label masks need. TIFF files with a colour map are
+            always read as indices (gigaseg's predicted masks are such files).
             Ignored for arrays and ``ImageSource`` objects.
 
     Returns:
@@ -71,11 +86,14 @@ def open_image(source, *, max_memory: int | str | None = None) -> ImageSource:
     Raises:
         ImageReadError: for every problem with a file (missing, a directory,
             empty, unreadable, not the format its suffix claims, unsupported,
-            too large for ``max_memory``), naming it.
-        ConfigError: when ``max_memory`` is not a valid positive size.
+            declaring more than the decode budget), naming it.
+        ConfigError: when ``max_memory`` is not a valid positive size, ``palette``
+            is not ``"colors"`` or ``"indices"``, or ``GIGASEG_MAX_DECODE`` is invalid.
         TypeError: when ``source`` is none of the accepted kinds.
         ValueError: when an array has a bad shape or dtype, or is empty.
     """
+    if palette not in PALETTE_CHOICES:
+        raise ConfigError(f"palette must be 'colors' or 'indices', got {palette!r}")
     if isinstance(source, ImageSource):
         return source
     if isinstance(source, np.ndarray):
@@ -93,7 +111,7 @@ def open_image(source, *, max_memory: int | str | None = None) -> ImageSource:
     if kind == "tiff":
         return TiffSource(path, max_memory=max_memory)
     if kind in ("png", "jpeg"):
-        return PillowSource(path, max_memory=max_memory)
+        return PillowSource(path, max_memory=max_memory, palette=palette)
     lower = path.lower()
     if os.path.getsize(path) == 0:
         raise ImageReadError(path, "file is empty")
@@ -103,4 +121,4 @@ def open_image(source, *, max_memory: int | str | None = None) -> ImageSource:
         what = "PNG" if lower.endswith(".png") else "JPEG"
         raise ImageReadError(path, f"not a {what} file (its content does not start with a {what} signature)")
     # other formats: let Pillow try (BMP, WebP, GIF, ...); it raises ImageReadError if it cannot
-    return PillowSource(path, max_memory=max_memory)
+    return PillowSource(path, max_memory=max_memory, palette=palette)

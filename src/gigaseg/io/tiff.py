@@ -16,6 +16,17 @@ Reads with ``out_size`` and thumbnails use the coarsest level that still has at
 least the requested resolution over the window, and stream it in row bands
 (see ``gigaseg.io.resample``), so a thumbnail of a 20000 x 20000 image never
 holds more than one band plus the output.
+
+The image's total size is not capped (only the chunks a window touches are
+decoded), but one chunk is always decoded whole: a stripped TIFF written as a
+single strip decodes the whole image for every window. So a file whose strip or
+tile (all channels) is larger than the decode budget (``max_memory``, else the
+decode cap of ``gigaseg.io.pillow.decode_budget``) is refused when it is opened,
+with the command that converts it to a tiled TIFF; such a chunk in a reduced
+pyramid level drops that level and the ones after it (with a warning). Chunks
+of at least ``CACHE_MIN_CHUNK_BYTES`` that are allowed are kept once decoded, at
+most ``CACHED_CHUNKS`` of them and at most a quarter of the budget, so windows
+read one after another from the same large strip decode it once.
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +44,7 @@ from ..geometry import Window
 from ..memory import format_size
 from . import resample as rs
 from .base import FileSource, check_image_file
+from .pillow import decode_budget, raise_hint
 
 #: GeoTIFF / GDAL tags copied by ``geo_tags`` (code -> name)
 GEO_TAGS = {
@@ -51,6 +64,12 @@ _log = logging.getLogger(__name__)
 
 #: threads decoding tiles of one read (tifffile alone would use 1 below 3 cores)
 _DECODE_THREADS = min(8, max(2, os.cpu_count() or 2))
+#: decoded chunks (strip or tile, all channels) at least this large are cached once decoded ...
+CACHE_MIN_CHUNK_BYTES = 16 * 2**20
+#: ... at most this many of them per level (a window may straddle two strips) ...
+CACHED_CHUNKS = 2
+#: ... and at most the decode budget divided by this
+CACHE_BUDGET_DIVISOR = 4
 
 
 @dataclass
@@ -68,6 +87,10 @@ class _Level:
     chunk_height: int
     series: object  # tifffile.TiffPageSeries
     memmap: tuple[int, np.dtype] | None  # (offset, dtype) of contiguous uncompressed data
+    chunk: tuple[int, int] = (1, 1)  # (height, width) of a strip or tile
+    chunk_bytes: int = 0  # one chunk decoded, all channels
+    cache_slots: int = 0  # decoded chunks kept (0: none, decode per read)
+    cache: OrderedDict = field(default_factory=OrderedDict)  # (row, col) of a chunk -> its (h, w, C) pixels
     array: object | None = None  # zarr.Array, opened on first use
     store: object | None = None
     extents: tuple[np.ndarray, np.ndarray] | None = None  # (offsets, ends) of each page's chunks
@@ -146,14 +169,19 @@ class TiffSource(FileSource):
 
     Args:
         path: the TIFF file.
-        max_memory: bytes, or a string like ``"2GB"``: the row bands used for
-            streamed resampling are 1/8 of it, but at least 1 MiB and at most
-            ``BAND_BYTES``. None means ``BAND_BYTES``.
+        max_memory: bytes, or a string like ``"2GB"``: the most one strip or tile
+            may take decoded (a file with larger ones is refused), and the row
+            bands used for streamed resampling are 1/8 of it, but at least 1 MiB
+            and at most ``BAND_BYTES``. None means the decode cap
+            (``GIGASEG_MAX_DECODE``, else half the machine's memory, capped) for
+            the strips and tiles, and ``BAND_BYTES`` bands.
 
     Raises:
-        ImageReadError: when the file is missing, not a readable TIFF, or its
-            first series has an unsupported sample type or layout.
-        ConfigError: when ``max_memory`` is not a valid positive size.
+        ImageReadError: when the file is missing, not a readable TIFF, its first
+            series has an unsupported sample type or layout, or one strip or tile
+            of full resolution decodes to more than the budget.
+        ConfigError: when ``max_memory`` is not a valid positive size, or
+            ``GIGASEG_MAX_DECODE`` is invalid.
     """
 
     def __init__(self, path: str | os.PathLike, *, max_memory: int | str | None = None):
@@ -176,7 +204,7 @@ class TiffSource(FileSource):
         except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError) as exc:
             raise ImageReadError(self.path, f"cannot open TIFF file ({type(exc).__name__}: {exc})") from exc
         try:
-            self._levels = self._inspect()
+            self._levels = self._check_chunks(self._inspect())
         except ImageReadError:
             self._tif.close()
             raise
@@ -223,11 +251,13 @@ class TiffSource(FileSource):
                 _log.warning("%s: pyramid level %d is larger than the image; levels ignored", self.path, index)
                 break
             keyframe = level.keyframe
-            chunk_height = _chunk_shape(keyframe)[0]
+            chunk = _chunk_shape(keyframe)
+            chunk_height = chunk[0]
             memmap = None
             if level.dataoffset is not None and keyframe.is_memmappable and keyframe.compression == 1:
                 memmap = (int(level.dataoffset), np.dtype(level.dtype).newbyteorder(self._tif.byteorder))
                 chunk_height = 1
+            channels = 1 if c_axis is None else shape[c_axis]
             levels.append(
                 _Level(
                     index,
@@ -241,9 +271,61 @@ class TiffSource(FileSource):
                     chunk_height,
                     level,
                     memmap,
+                    chunk=chunk,
+                    chunk_bytes=chunk[0] * chunk[1] * channels * dtype.itemsize,
                 )
             )
         return levels
+
+    def _check_chunks(self, levels: list[_Level]) -> list[_Level]:
+        """Refuse a full resolution whose strips or tiles exceed the decode budget; set up the chunk caches.
+
+        A reduced level with such chunks is dropped with the levels after it. Memory-mapped
+        levels decode nothing and are not checked.
+        """
+        budget, words = decode_budget(self._max_memory)
+        kept = []
+        for level in levels:
+            if level.memmap is None and budget is not None and level.chunk_bytes > budget:
+                if level.index == 0:
+                    raise self._chunk_too_large(level, budget, words)
+                _log.warning(
+                    "%s: a %s of pyramid level %d decodes to %s, more than %s; levels ignored",
+                    self.path,
+                    self._chunk_word(level),
+                    level.index,
+                    format_size(level.chunk_bytes),
+                    words,
+                )
+                break
+            if level.memmap is None and level.chunk_bytes >= CACHE_MIN_CHUNK_BYTES:
+                room = (budget // CACHE_BUDGET_DIVISOR) if budget is not None else None
+                slots = CACHED_CHUNKS if room is None else min(CACHED_CHUNKS, room // level.chunk_bytes)
+                level.cache_slots = int(slots)
+            kept.append(level)
+        return kept
+
+    @staticmethod
+    def _chunk_word(level: _Level) -> str:
+        return "tile" if level.series.keyframe.is_tiled else "strip"
+
+    def _chunk_too_large(self, level: _Level, budget: int, words: str) -> ImageReadError:
+        word = self._chunk_word(level)
+        dtype = np.dtype(self._tif.series[0].dtype)
+        channels = 1 if level.c_axis is None else level.shape[level.c_axis]
+        whole = level.chunk[0] >= level.height and level.chunk[1] >= level.width
+        unit = f"as one {word}" if whole else f"in {word}s of {level.chunk[0]}x{level.chunk[1]}"
+        name = os.path.basename(self.path)
+        stem = name[: -len(".tif")] if name.lower().endswith(".tif") else os.path.splitext(name)[0]
+        return ImageReadError(
+            self.path,
+            f"its header declares a {level.height}x{level.width}x{channels} {dtype} image stored {unit} "
+            f"(one {word} is {format_size(level.chunk_bytes)} decoded, in a file of "
+            f"{format_size(os.path.getsize(self.path))}), more than {words}; every window read decodes whole "
+            f"{word}s. Convert it to a tiled TIFF, which is read tile by tile (e.g. `gdal_translate -co TILED=YES "
+            f"-co COMPRESS=DEFLATE {name} {stem}_tiled.tif` or tifffile.imwrite(..., tile=(512, 512))), or, if the "
+            f"image is genuine and the machine has the memory, {raise_hint(level.chunk_bytes, self._max_memory)}",
+        )
 
     # -- properties ----------------------------------------------------------------
 
@@ -353,6 +435,43 @@ class TiffSource(FileSource):
         """Pixels ``[top:bottom, left:right]`` of ``level`` as ``(h, w, C)``, source dtype."""
         if level.memmap is not None:
             return level.to_yxc(self._read_memmap(level, top, bottom, left, right))
+        if level.cache_slots:
+            return self._read_cached(level, top, bottom, left, right)
+        return self._read_zarr(level, top, bottom, left, right)
+
+    def _read_cached(self, level: _Level, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+        """Like ``_read_zarr``, assembled from whole decoded chunks kept in ``level.cache``."""
+        chunk_h, chunk_w = level.chunk
+        out = np.empty((bottom - top, right - left, self.channels), dtype=self.dtype)
+        for row in range(top // chunk_h, (bottom - 1) // chunk_h + 1):
+            for col in range(left // chunk_w, (right - 1) // chunk_w + 1):
+                y0, x0 = row * chunk_h, col * chunk_w
+                pixels = self._cached_chunk(level, row, col)
+                y1, y2 = max(top, y0), min(bottom, y0 + chunk_h)
+                x1, x2 = max(left, x0), min(right, x0 + chunk_w)
+                out[y1 - top : y2 - top, x1 - left : x2 - left] = pixels[y1 - y0 : y2 - y0, x1 - x0 : x2 - x0]
+                del pixels  # so an evicted chunk is freed before the next one is decoded
+        return out
+
+    def _cached_chunk(self, level: _Level, row: int, col: int) -> np.ndarray:
+        """The decoded chunk at ``(row, col)`` of ``level``'s chunk grid, from the cache or decoded into it."""
+        key = (row, col)
+        with self._lock:
+            pixels = level.cache.get(key)
+            if pixels is not None:
+                level.cache.move_to_end(key)
+                return pixels
+            chunk_h, chunk_w = level.chunk
+            top, left = row * chunk_h, col * chunk_w
+            bottom, right = min(level.height, top + chunk_h), min(level.width, left + chunk_w)
+            while len(level.cache) >= level.cache_slots:
+                level.cache.popitem(last=False)  # free before decoding the next one
+            pixels = self._read_zarr(level, top, bottom, left, right)
+            level.cache[key] = pixels
+            return pixels
+
+    def _read_zarr(self, level: _Level, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+        """Pixels ``[top:bottom, left:right]`` of ``level`` decoded through zarr (whole chunks), ``(h, w, C)``."""
         sel = level.selection(top, bottom, left, right)
         self._check_extents(level, top, bottom, left, right)
         try:
@@ -454,6 +573,7 @@ class TiffSource(FileSource):
                 except Exception:  # noqa: BLE001
                     pass
             level.array = level.store = None
+            level.cache.clear()
         tif = getattr(self, "_tif", None)
         if tif is not None:
             tif.close()
