@@ -81,7 +81,15 @@ def test_data_folder_without_masks(capsys, tmp_path, tiny_dataset):
 
 def test_bad_memory_size(capsys, tmp_path, checkpoint):
     code, err = run_cli(
-        capsys, "predict", tmp_path / "x.tif", "--checkpoint", checkpoint, "--out", tmp_path / "out", "--max-memory", "lots"
+        capsys,
+        "predict",
+        tmp_path / "x.tif",
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        tmp_path / "out",
+        "--max-memory",
+        "lots",
     )
     assert_one_line_error(code, err, "cannot read memory size 'lots'")
 

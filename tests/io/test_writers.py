@@ -366,7 +366,9 @@ def test_maskwriter_resumes_only_bands_of_the_same_producer(tmp_path):
         with MaskWriter(tmp_path / "m.tif", 300, 200, tile=128, producer="model-a") as writer:
             writer.write_band(0, np.ones((128, 200), np.uint8))
             raise RuntimeError
-    with pytest.raises(GigasegError, match=r"m.tif: cannot resume.*made from another input image, by another model.*--restart"):
+    with pytest.raises(
+        GigasegError, match=r"m.tif: cannot resume.*made from another input image, by another model.*--restart"
+    ):
         MaskWriter(tmp_path / "m.tif", 300, 200, tile=128, resume=True, producer="model-b")
     writer = MaskWriter(tmp_path / "m.tif", 300, 200, tile=128, resume=True, producer="model-a")
     assert writer.done_bands == [0]
