@@ -310,7 +310,8 @@ def evaluate(
 
     Raises:
         GigasegError: the split has no images.
-        ConfigError: a bad checkpoint or option, or a model whose task differs from the dataset's.
+        ConfigError: a bad checkpoint or option, or a model whose task, class count or input
+            channels differ from the dataset's (checked before any image is predicted).
         DatasetError: the dataset is malformed (or, for classifiers, has no labels).
         BudgetError: ``max_memory`` is too small for the method.
     """
@@ -367,12 +368,34 @@ def _json_binary(metrics: dict) -> dict:
 
 
 def _check_task(model, dataset, data) -> None:
-    """A classifier needs a classification dataset and a segmenter a segmentation one."""
+    """Check, before any image is predicted, that ``dataset`` suits ``model``.
+
+    A classifier needs a classification dataset and a segmenter a segmentation one; the class
+    counts must be equal and the images (the first one's header: a dataset checks that its
+    images agree) must have the model's channels. Raises a one-line ``ConfigError`` naming the
+    dataset and both values.
+    """
+    from .data.base import image_layout
     from .data.classification import ClassificationDataset
 
+    where = getattr(dataset, "root", data)
     data_task = "classification" if isinstance(dataset, ClassificationDataset) else "segmentation"
     if model.task != data_task:
-        raise ConfigError(f"{data}: is a {data_task} dataset but {model.method_name} is a {model.task} method")
+        raise ConfigError(f"{where}: is a {data_task} dataset but {model.method_name} is a {model.task} method")
+    classes = len(dataset.classes)
+    if classes != model.num_classes:
+        raise ConfigError(
+            f"{where}: the dataset has {classes} classes but the model has {model.num_classes}; "
+            f"a model scores only data with its own classes"
+        )
+    if len(dataset) > 0:
+        with dataset[0] as sample:
+            channels, dtype, name = sample.image.channels, sample.image.dtype, sample.name
+        if channels != model.in_channels:
+            raise ConfigError(
+                f"{where}: its images have {image_layout(channels, dtype)} ({name}) but the model expects "
+                f"{model.in_channels} channel{'' if model.in_channels == 1 else 's'}"
+            )
 
 
 def _evaluate_classification(model, dataset, normalization, split, device, budget, progress) -> dict[str, Any]:
@@ -413,11 +436,14 @@ def train(
     resume: bool = False,
     init: str | os.PathLike | None = None,
     val_split: str = "val",
+    force: bool = False,
 ) -> dict:
     """Train ``method`` on the dataset at ``data``; checkpoints and metrics go to ``out``.
 
     The normalisation is the default for the first training image's channels and dtype.
-    Without a ``val_split`` split the run trains without validation.
+    Without a ``val_split`` split the run trains without validation. A folder that already
+    holds a run (``last.ckpt``, ``best.ckpt`` or ``config.yaml``) is refused before anything
+    else unless ``resume`` or ``force`` says what to do with it.
 
     Args:
         method: a registered method name ("glnet", "magnet", ...).
@@ -432,36 +458,57 @@ def train(
         init: start from another run's checkpoint (how GLNet's stages hand over); its
             architecture must equal this run's (inference options may differ). Ignored with ``resume``.
         val_split: the split validated on after every epoch.
+        force: train over the run already in ``out`` (its files are overwritten as the new run
+            writes its own).
 
     Returns:
         ``Trainer.fit``'s ``{"history": [...], "out_dir": ...}``.
 
     Raises:
-        ConfigError: an unknown method, stage or option, a task mismatch, an ``init``
-            checkpoint of another architecture, or a resume that does not match.
-        DatasetError: the training split is missing or malformed.
+        ConfigError: ``out`` already holds a run (without ``resume`` or ``force``), an unknown
+            method, stage or option, a task mismatch, an ``init`` checkpoint of another
+            architecture, or a resume that does not match.
+        DatasetError: the training split is missing, empty or malformed, or the validation
+            images' channels or dtype differ from the training images'.
         BudgetError: ``settings.max_memory`` is too small for a stage.
+        TrainingDiverged: the loss, gradients or weights became non-finite; the checkpoints
+            keep the last good epoch.
     """
+    from .data.base import image_layout
     from .data.loader import load_dataset
+    from .errors import DatasetError
     from .methods.registry import build_predictor, create_model, training_stages
     from .training.checkpoint import load_checkpoint
-    from .training.loop import Trainer
+    from .training.loop import Trainer, check_run_folder
     from .training.recipe import TrainSettings
 
+    # before anything is read or written (every process of a DDP run checks before they connect)
+    check_run_folder(out, resume=resume, force=force)
     settings = settings or TrainSettings()
     train_data = load_dataset(data, split="train")
+    if len(train_data) == 0:
+        raise DatasetError(getattr(train_data, "root", data), "the 'train' split has no images")
     try:
         val_data = load_dataset(data, split=val_split)
     except GigasegError:
         val_data = None  # no validation split: train without validation
-    first = train_data[0].image
-    normalization = Normalization.for_image(first.channels, first.dtype)
+    with train_data[0] as sample:
+        channels, dtype = sample.image.channels, sample.image.dtype
+    if val_data is not None and len(val_data) > 0:
+        with val_data[0] as sample:  # the split itself checked that its images agree
+            if (sample.image.channels, sample.image.dtype) != (channels, dtype):
+                raise DatasetError(
+                    sample.image.path or sample.name,
+                    f"has {image_layout(sample.image.channels, sample.image.dtype)} but the 'train' split's "
+                    f"images have {image_layout(channels, dtype)}; the {val_split!r} split needs the same",
+                )
+    normalization = Normalization.for_image(channels, dtype)
     torch.manual_seed(settings.seed)  # the same seed gives the same initial weights
     model = create_model(
         method,
         encoder=encoder,
         num_classes=len(train_data.classes),
-        in_channels=first.channels,
+        in_channels=channels,
         pretrained=pretrained,
         **(options or {}),
     )

@@ -54,3 +54,10 @@ class ConfigError(GigasegError):
 
 class GigasegNotice(UserWarning):
     """Something gigaseg decided for the user (a grey image's channel repeated, say): shown as one line."""
+
+
+class TrainingDiverged(GigasegError):
+    """Training produced a non-finite loss, gradients or weights; the run stopped without saving them.
+
+    The message names the stage, epoch and step, what was not finite and the likely causes.
+    """

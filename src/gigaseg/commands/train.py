@@ -33,14 +33,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--max-memory", help="memory budget, e.g. 4GB: sets sub-batch sizes")
-    parser.add_argument("--devices", default="1", help="devices per node (number or 'auto')")
-    parser.add_argument("--num-nodes", type=int, default=1)
-    parser.add_argument("--accelerator", default="auto", help="cpu, cuda, mps or auto")
-    parser.add_argument("--strategy", default="auto", help="auto, ddp, ...")
-    parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed")
-    parser.add_argument("--accumulate", type=int, default=1, help="optimiser step every N batches")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    # no argparse defaults for settings: a flag given overrides --config's settings, which override
+    # TrainSettings' defaults (named in the help)
+    parser.add_argument("--devices", help="devices per node (number or 'auto'; default: 1)")
+    parser.add_argument("--num-nodes", type=int, help="nodes (default: 1)")
+    parser.add_argument("--accelerator", help="cpu, cuda, mps or auto (default: auto)")
+    parser.add_argument("--strategy", help="auto, ddp, ... (default: auto)")
+    parser.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed (default: 32-true)")
+    parser.add_argument("--accumulate", type=int, help="optimiser step every N batches (default: 1)")
+    parser.add_argument("--seed", type=int, help="seeds weights, data order and crops (default: 0)")
+    parser.add_argument("--workers", type=int, help="data loader worker processes (default: 0)")
     parser.add_argument(
         "--set",
         action="append",
@@ -49,6 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="method option, e.g. --set input_size=1024 (repeatable)",
     )
     parser.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.ckpt")
+    parser.add_argument(
+        "--force", action="store_true", help="train over the run already in OUT (otherwise such a folder is refused)"
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -56,9 +61,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Train (:func:`gigaseg.api.train`) with the ``--config`` file's values under the command line's.
 
-    Options given on the command line replace the file's ``options`` and ``settings``; those
-    with a default (``--seed``, ``--workers``, ``--accelerator``, ``--devices``, ``--num-nodes``,
-    ``--strategy``, ``--precision``, ``--accumulate``) always replace the file's settings.
+    Each value comes from the first of: the flag when it is given on the command line, the
+    file's ``options`` / ``settings``, the default (``TrainSettings``'). A flag given with its
+    default value (``--seed 0``) still overrides the file.
 
     Args:
         args: the parsed ``gigaseg train`` arguments.
@@ -67,17 +72,19 @@ def run(args) -> int:
         0.
 
     Raises:
-        ConfigError: a bad config file, ``--set`` or ``--max-memory``.
+        ConfigError: a bad config file (its ``options`` or ``settings`` not a mapping, an unknown
+            or invalid setting: the file is named), ``--set``, ``--max-memory`` or setting flag.
     """
     from ..api import train
+    from ..errors import ConfigError
     from ..memory import parse_size
-    from ..training.recipe import TrainSettings
     from .common import parse_options, read_config
 
     config = read_config(args.config)
-    options = {**config.get("options", {}), **parse_options(args.set)}
-    settings = TrainSettings(**config.get("settings", {}))
-    overrides = {
+    if not isinstance(config.get("options") or {}, dict):
+        raise ConfigError(f"{args.config}: 'options' must be a mapping of method options to values")
+    options = {**(config.get("options") or {}), **parse_options(args.set)}
+    given = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -91,9 +98,8 @@ def run(args) -> int:
         "precision": args.precision,
         "accumulate": args.accumulate,
     }
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(settings, key, value)
+    given = {key: value for key, value in given.items() if value is not None}
+    settings = _settings(config.get("settings") or {}, given, args.config)
     pretrained = {"imagenet": True, None: config.get("pretrained", False)}.get(args.pretrained, args.pretrained)
     result = train(
         args.method,
@@ -106,6 +112,7 @@ def run(args) -> int:
         stage=args.stage,
         resume=args.resume,
         init=args.init,
+        force=args.force,
     )
     last = result["history"][-1] if result["history"] else {}
     if last:
@@ -116,3 +123,26 @@ def run(args) -> int:
             f"{float(value):.4f}; checkpoints in {args.out}"
         )
     return 0
+
+
+def _settings(from_file, given: dict, config_path):
+    """``TrainSettings`` from the file's settings under the flags given; errors name their source."""
+    import dataclasses
+
+    from ..errors import ConfigError
+    from ..training.recipe import TrainSettings
+
+    if not isinstance(from_file, dict):
+        raise ConfigError(f"{config_path}: 'settings' must be a mapping of setting names to values")
+    known = {field.name for field in dataclasses.fields(TrainSettings)}
+    unknown = sorted(str(key) for key in from_file if key not in known)
+    if unknown:
+        raise ConfigError(
+            f"{config_path}: unknown setting(s) {', '.join(map(repr, unknown))} in 'settings' "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    try:  # the file's own values, where no flag replaces them
+        TrainSettings(**{key: value for key, value in from_file.items() if key not in given})
+    except ConfigError as error:
+        raise ConfigError(f"{config_path}: in 'settings': {error}") from None
+    return TrainSettings(**{**from_file, **given})

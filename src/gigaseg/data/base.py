@@ -7,9 +7,10 @@ ids, ``ignore_index`` and the classes ``exclude_from_miou``. Indexing opens a pa
 read, so a dataset of gigapixel scenes costs only file handles. Datasets hold only paths, so
 they pickle into DataLoader workers.
 
-Construction checks from file headers (cheap) that every image has its mask and that their
-sizes match; ``validate(full=True)`` also decodes every mask band by band and reports unknown
-colours and out-of-range ids. Problems are ``DatasetError``\\ s naming the file.
+Construction checks from file headers (cheap) that every image has its mask, that their
+sizes match and that every image of the split has the same channels and dtype (a model and its
+normalisation are made for one kind of image); ``validate(full=True)`` also decodes every mask
+band by band and reports unknown colours and out-of-range ids. Problems are ``DatasetError``\\ s naming the file.
 
 The formats (``folder``, ``deepglobe``, ``inria``, ``cityscapes``, ``classification``) import
 this module; it imports none of them. ``gigaseg.data.loader.load_dataset`` recognises them.
@@ -166,6 +167,46 @@ def index_files(files: Iterable[Path], folder: Path, suffix: str = "") -> dict[s
             raise DatasetError(folder, f"two files have the name {name!r}: {found[name].name} and {path.name}")
         found[name] = path
     return found
+
+
+def image_layout(channels: int, dtype) -> str:
+    """``"3 channels of uint8"``: an image's channels and dtype, for messages.
+
+    Args:
+        channels: the image's channel count.
+        dtype: its sample type (anything ``np.dtype`` reads).
+
+    Returns:
+        The description.
+    """
+    return f"{channels} channel{'' if channels == 1 else 's'} of {np.dtype(dtype).name}"
+
+
+def mixed_layouts(layouts: Sequence[tuple[Path, int, np.dtype]]) -> DatasetError | None:
+    """The error for images whose channels or dtype differ from the first image's, if any do.
+
+    Args:
+        layouts: ``(file, channels, dtype)`` of every image, in dataset order (from headers).
+
+    Returns:
+        A ``DatasetError`` naming the first file that differs, what it has and what the first
+        image has (plus how many more differ), or None when all agree.
+    """
+    if not layouts:
+        return None
+    first, channels, dtype = layouts[0]
+    differ = [(path, c, d) for path, c, d in layouts[1:] if (c, np.dtype(d)) != (channels, np.dtype(dtype))]
+    if not differ:
+        return None
+    path, c, d = differ[0]
+    more = ""
+    if len(differ) > 1:
+        more = f"; {len(differ) - 1} more differ: {listing([p.name for p, _, _ in differ[1:]])}"
+    return DatasetError(
+        path,
+        f"has {image_layout(c, d)} but {first.name}, the split's first image, has {image_layout(channels, dtype)}; "
+        f"every image of a dataset needs the same channels and dtype{more}",
+    )
 
 
 @dataclass(frozen=True)
@@ -402,7 +443,7 @@ class SegmentationDataset(Dataset):
         return Sample(pair.name, image, mask)
 
     def _open_mask(self, path: Path) -> LabelSource:
-        raw = open_image(path, max_memory=self.max_memory)
+        raw = open_image(path, max_memory=self.max_memory, palette="indices")
         try:
             return LabelSource(raw, self.encoding)
         except BaseException:
@@ -413,9 +454,10 @@ class SegmentationDataset(Dataset):
     def validate(self, full: bool = False) -> None:
         """Check every pair; raise one ``DatasetError`` listing the problems found.
 
-        Always: files open, the mask suits the encoding (channels) and image and mask
-        sizes agree (headers only). With ``full``, every mask is also decoded, a band
-        of rows at a time, so unknown colours and out-of-range ids are found.
+        Always: files open, the mask suits the encoding (channels), image and mask sizes
+        agree, and every image has the channels and dtype of the first (headers only). With
+        ``full``, every mask is also decoded, a band of rows at a time, so unknown colours and
+        out-of-range ids are found.
 
         Args:
             full: also decode every mask (slow: reads every pixel).
@@ -426,11 +468,15 @@ class SegmentationDataset(Dataset):
             DatasetError: several problems, listed in one message.
         """
         problems: list[GigasegError] = []
+        layouts = []
         for pair in self.pairs:
             try:
-                self._check_pair(pair, full)
+                layouts.append((pair.image, *self._check_pair(pair, full)))
             except GigasegError as error:
                 problems.append(error)
+        mixed = mixed_layouts(layouts)
+        if mixed is not None:
+            problems.append(mixed)
         if len(problems) == 1:
             raise problems[0]
         if problems:
@@ -438,10 +484,11 @@ class SegmentationDataset(Dataset):
             more = f"; and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
             raise DatasetError(self.root, f"{len(problems)} problems in split {self.split!r}: {shown}{more}")
 
-    def _check_pair(self, pair: Pair, full: bool) -> None:
+    def _check_pair(self, pair: Pair, full: bool) -> tuple[int, np.dtype]:
+        """Check one pair; return its image's channels and dtype."""
         with open_image(pair.image, max_memory=self.max_memory) as image:
             if pair.mask is None:
-                return
+                return image.channels, image.dtype
             with self._open_mask(pair.mask) as mask:
                 if mask.shape[:2] != image.shape[:2]:
                     raise DatasetError(
@@ -452,6 +499,7 @@ class SegmentationDataset(Dataset):
                 if full:
                     for band in row_bands(mask.raw):
                         mask.read(band)
+            return image.channels, image.dtype
 
     def __repr__(self) -> str:
         return (

@@ -52,6 +52,7 @@ from .base import (
     index_files,
     listing,
     load_yaml_mapping,
+    mixed_layouts,
     require_folder,
     require_images,
     select_split,
@@ -205,7 +206,7 @@ class ClassificationDataset(Dataset):
     """A classification dataset folder (see the module docstring); ``dataset[i]`` is a lazy sample.
 
     Construction checks that every labelled stem has an image and, with ``check``, that
-    every image of the split opens (headers only). ``ignore_index`` (255) and
+    every image of the split opens and has the same channels and dtype (headers only). ``ignore_index`` (255) and
     ``exclude_from_miou`` (empty) are unused by classification; they exist so checkpoints
     store the same data facts as for segmentation.
 
@@ -219,7 +220,8 @@ class ClassificationDataset(Dataset):
 
     Raises:
         DatasetError: no dataset.yaml or a malformed one, no images, a labelled stem without image,
-            an unknown or empty split, or (with ``check``) images that cannot be read.
+            an unknown or empty split, or (with ``check``) images that cannot be read or whose
+            channels or dtype differ.
     """
 
     def __init__(
@@ -294,22 +296,27 @@ class ClassificationDataset(Dataset):
         )
 
     def validate(self) -> None:
-        """Check that every image of the split opens (headers only).
+        """Check that every image of the split opens and has the channels and dtype of the first (headers only).
 
         Raises:
-            DatasetError: some images cannot be read; one error lists them all.
+            DatasetError: some images cannot be read (one error lists them all), or an image's
+                channels or dtype differ from the first image's (the first that differs is named).
         """
         problems = []
+        layouts = []
         for path in self.files:
             try:
-                with open_image(path, max_memory=self.max_memory):
-                    pass
+                with open_image(path, max_memory=self.max_memory) as image:
+                    layouts.append((path, image.channels, image.dtype))
             except GigasegError as error:
                 problems.append(str(error))
         if problems:
             raise DatasetError(
                 self.root, f"{len(problems)} image(s) of split {self.split!r} cannot be read: {listing(problems)}"
             )
+        mixed = mixed_layouts(layouts)
+        if mixed is not None:
+            raise mixed
 
     def __repr__(self) -> str:
         return (

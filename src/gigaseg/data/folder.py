@@ -168,7 +168,7 @@ def _infer_index_encoding(masks: Iterable[Path], root: Path) -> IndexEncoding:
     """Class count of 1-channel id masks from the largest id present (a full, band-wise read)."""
     highest = 0
     for path in masks:
-        with open_image(path) as raw:
+        with open_image(path, palette="indices") as raw:
             if raw.channels != 1:
                 raise DatasetError(
                     path,

@@ -22,7 +22,8 @@ Pretrained weights:
   ignored) or a ``features_only`` state dict (``Encoder(...).model.state_dict()``).
   Checkpoint wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and ``module.``
   prefixes are undone as timm does. Any other missing or unexpected key, or a shape that
-  does not match, is an error naming the keys: nothing is silently left random.
+  does not match, is an error naming the keys: nothing is silently left random. The file is
+  read with ``torch.load(weights_only=True)`` (or safetensors): loading it cannot run code.
 
 With ``in_channels != 3`` the 3-channel pretrained first convolution is adapted as timm does
 (``timm.models.adapt_input_conv``: summed for 1 channel, repeated and rescaled otherwise).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 from collections.abc import Sequence
 
 import timm
@@ -212,6 +214,43 @@ def _plain(key: str) -> str:
     return key.replace(".", "_")
 
 
+#: entries of a training checkpoint that hold its state dict, in the order timm looks for them (EMA first)
+_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+#: prefixes of wrapped modules (DDP, torch.compile), removed as timm's ``clean_state_dict`` does
+_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")
+
+
+def _read_weights(path: str):
+    """A weights file's state dict, read as timm's ``load_state_dict`` reads it, but never unpickling code.
+
+    ``.safetensors`` files go through safetensors; anything else through ``torch.load(...,
+    weights_only=True)`` (stated here, not left to timm's or torch's default). A checkpoint
+    wrapper (``state_dict_ema``, ``model_ema``, ``state_dict``, ``model``) is unwrapped and
+    ``module.`` / ``_orig_mod.`` prefixes are removed.
+    """
+    if path.lower().endswith(".safetensors"):
+        try:
+            import safetensors.torch
+        except ImportError:
+            raise ConfigError(f"{path}: reading .safetensors weights needs the safetensors package") from None
+        state = safetensors.torch.load_file(path, device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict):
+        wrapper = next((key for key in _WRAPPERS if state.get(key) is not None), None)
+        state = state[wrapper] if wrapper is not None else state
+    if isinstance(state, dict):
+        cleaned = {}
+        for key, value in state.items():
+            if isinstance(key, str) and key.startswith(_PREFIXES):
+                for prefix in _PREFIXES:
+                    key = key.removeprefix(prefix)
+            cleaned[key] = value
+        state = cleaned
+    return state
+
+
 def load_weights_file(model: nn.Module, name: str, path: str | os.PathLike, kwargs: dict) -> None:
     """Load a local classification or features_only state dict into timm feature model ``model``.
 
@@ -232,9 +271,18 @@ def load_weights_file(model: nn.Module, name: str, path: str | os.PathLike, kwar
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: pretrained weights file not found")
     try:
-        state = timm.models.load_state_dict(path)
+        state = _read_weights(path)
+    except ConfigError:
+        raise
     except Exception as error:  # zip, pickle, safetensors errors: all mean "not a weights file"
-        raise ConfigError(f"{path}: not a readable weights file ({type(error).__name__}: {error})") from None
+        if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+            why = (
+                "it holds pickled objects other than tensors, which could run code when loaded; "
+                "save a plain state dict, e.g. torch.save(model.state_dict(), path)"
+            )
+        else:
+            why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        raise ConfigError(f"{path}: not a readable weights file ({why})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path}: does not hold a state dict of tensors")
 

@@ -2,7 +2,8 @@
 
 A checkpoint holds only tensors, numbers, strings, lists and dicts, so it loads
 with ``torch.load(weights_only=True)``, and it is written atomically (a killed
-save never leaves a truncated file under the final name).
+save never leaves a truncated file under the final name). Weights that are not finite
+(NaN or infinite: a run that diverged) are never saved.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged
 from ..io.atomic import atomic_output
 
 FORMAT = "gigaseg-checkpoint"
@@ -76,6 +77,21 @@ def restore_rng(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), None))
 
 
+def non_finite_entry(state_dict: dict) -> str | None:
+    """The first floating-point tensor of a state dict holding a NaN or an infinity.
+
+    Args:
+        state_dict: a module's ``state_dict()`` (weights and buffers).
+
+    Returns:
+        Its key, or None when every floating-point tensor is finite.
+    """
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: torch.nn.Module,
@@ -94,11 +110,20 @@ def save_checkpoint(
 
     Returns:
         ``path`` as a ``Path``.
+
+    Raises:
+        TrainingDiverged: a weight or buffer of ``model`` is not finite; nothing is written (a
+            previous file at ``path`` stays as it was).
     """
+    state_dict = model.state_dict()
+    key = non_finite_entry(state_dict)
+    if key is not None:
+        kept = "the file keeps its previous content" if Path(path).exists() else "nothing was written"
+        raise TrainingDiverged(f"{path}: refusing to save non-finite weights ({key} is not finite); {kept}")
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "model": {"config": dict(model.config), "state_dict": model.state_dict()},
+        "model": {"config": dict(model.config), "state_dict": state_dict},
         "data": data,
         "train": train_state,
         "metrics": metrics or {},

@@ -7,6 +7,12 @@ predictor (the same code path users run), writes ``last.ckpt``, ``best.ckpt``
 (by validation mIoU, or accuracy for image classifiers: the best epoch so far of the
 current stage, also kept as ``best-<stage>.ckpt``; every epoch when there is no validation),
 ``metrics.csv`` and the resolved ``config.yaml``, and can resume exactly from ``last.ckpt``.
+
+A run that diverges stops with a ``TrainingDiverged`` naming the stage, epoch and step: a
+non-finite loss, non-finite gradients (one check of the total gradient norm before each
+optimiser step; skipped under a GradScaler, ``16-mixed``, which skips such steps itself) or
+non-finite weights at the end of an epoch. Nothing non-finite is ever saved: ``last.ckpt`` and
+``best.ckpt`` keep the last good epoch, so ``--resume`` (with a lower ``--lr``) continues from it.
 """
 
 from __future__ import annotations
@@ -25,14 +31,80 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..budget import plan_sub_batch, runtime_bytes, training_estimate
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged
 from ..inference.contract import ClassificationPredictor, Predictor
 from ..inference.stream import predict_image
 from ..io.normalize import Normalization
 from ..metrics import ConfusionMatrix
 from ..progress import progress_bar
-from .checkpoint import data_info, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .checkpoint import data_info, load_checkpoint, non_finite_entry, restore_rng, rng_state, save_checkpoint
 from .recipe import Stage, StepContext, TrainSettings
+
+#: files whose presence marks a folder as holding a run
+RUN_FILES = ("last.ckpt", "best.ckpt", "config.yaml")
+
+
+def check_run_folder(out_dir, resume: bool = False, force: bool = False) -> None:
+    """Refuse to start a run in a folder that already holds one, unless resuming it or told to overwrite it.
+
+    Called before anything is written (in every process of a distributed run, before they
+    connect, so no process can see another's new files).
+
+    Args:
+        out_dir: the run folder.
+        resume: the run continues the folder's run (its files are expected).
+        force: overwrite the folder's run.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file, or holds ``last.ckpt``, ``best.ckpt`` or ``config.yaml``
+            while neither ``resume`` nor ``force`` is set.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: is a file, not a run folder")
+    if resume or force:
+        return
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        raise ConfigError(
+            f"{out}: already holds a run ({', '.join(found)}); continue it with --resume (resume=True) "
+            f"or overwrite it with --force (force=True)"
+        )
+
+
+def divergence_message(
+    stage: str, epoch: int, epochs: int, step: int, steps: int, problem: str, lr: float, precision: str, out_dir
+) -> str:
+    """The one-line message of a ``TrainingDiverged``: where, what, the likely causes and what was kept.
+
+    Args:
+        stage: the stage's name.
+        epoch: the epoch (0-based; shown 1-based as in the progress bar).
+        epochs: the stage's epochs.
+        step: the batch within the epoch (0-based; shown 1-based).
+        steps: batches per epoch.
+        problem: what was not finite (``"the loss 'loss' is nan"``).
+        lr: the learning rate in use.
+        precision: the run's precision (fp16 overflow is a likely cause under ``16-mixed``).
+        out_dir: the run folder.
+
+    Returns:
+        The message.
+    """
+    causes = [f"a learning rate too high (lr {lr:.3g}: lower --lr)"]
+    if str(precision) in ("16-mixed", "16", "16-true"):
+        causes.append(f"fp16 overflow with --precision {precision} (try bf16-mixed or 32-true)")
+    causes.append("bad input values (NaN or infinite pixels)")
+    out = Path(out_dir)
+    kept = (
+        f"{out / 'last.ckpt'} and best.ckpt keep the last good epoch (--resume continues from it)"
+        if (out / "last.ckpt").exists()
+        else f"no checkpoint was saved (to start again in {out}, add --force)"
+    )
+    return (
+        f"training diverged in stage {stage!r}, epoch {epoch + 1}/{epochs}, step {step + 1}/{steps}: {problem}; "
+        f"likely causes: {', '.join(causes[:-1])} or {causes[-1]}; {kept}"
+    )
 
 
 def make_fabric(settings: TrainSettings):
@@ -126,7 +198,9 @@ class Trainer:
 
         Args:
             resume: continue from ``out_dir/last.ckpt`` (its stage, the epoch after its own,
-                optimiser, scheduler and random states) instead of starting afresh.
+                optimiser, scheduler and random states) instead of starting afresh. A
+                ``settings.lr`` that differs from the run's own replaces its rate (the schedule
+                goes on from where it stopped), e.g. to continue a run that diverged.
 
         Returns:
             ``{"history": [...], "out_dir": ...}``: one row per epoch (stage, epoch, lr, seconds,
@@ -136,6 +210,8 @@ class Trainer:
             ConfigError: resuming from a missing or foreign checkpoint (no training state, other
                 model config, a stage this run lacks), or a stage trains nothing.
             BudgetError: ``max_memory`` is too small for a stage's sub-batch of one.
+            TrainingDiverged: a loss, the gradients or the weights became non-finite (NaN or
+                infinite); the checkpoints keep the last good epoch.
         """
         start_stage, start_epoch, state = 0, 0, None
         if resume:
@@ -179,10 +255,13 @@ class Trainer:
             scheduler.load_state_dict(state["scheduler"])
             restore_rng(state["rng"])
             best = state.get("best_miou", -1.0)
+            if self.settings.lr is not None and self.settings.lr != (state.get("settings") or {}).get("lr"):
+                _set_base_lr(optimizer, scheduler, self.settings.lr)
         ctx = StepContext(fabric, model, wrapped, sub_batch, stage, self.settings)
         for epoch in range(first_epoch, self._epochs(stage)):
             started = time.perf_counter()
-            losses = self._train_epoch(ctx, data, batch_size, optimizer, scheduler, epoch, index)
+            losses, steps = self._train_epoch(ctx, data, batch_size, optimizer, scheduler, epoch, index)
+            self._check_weights(ctx, scheduler, epoch, steps)  # never validate or save non-finite weights
             val = self.validate()
             self._train_modes(stage)  # validation switched the model to eval mode
             row = {
@@ -252,7 +331,8 @@ class Trainer:
             maximum=default if stage.sub_batch is None else 64,
         )
 
-    def _train_epoch(self, ctx: StepContext, data, batch_size, optimizer, scheduler, epoch, stage_index) -> dict:
+    def _train_epoch(self, ctx: StepContext, data, batch_size, optimizer, scheduler, epoch, stage_index):
+        """One epoch; returns the mean logged values and the number of batches."""
         fabric = self.fabric
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)
@@ -260,24 +340,73 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         accumulate = self.settings.accumulate
+        steps = len(loader)
+        bad_loss: tuple[str, int] | None = None  # the first non-finite loss of the group and its batch
         with progress_bar(
             f"{ctx.stage.name} epoch {epoch + 1}",
-            len(loader),
+            steps,
             enabled=self.settings.progress and fabric.global_rank == 0,
         ) as advance:
             for i, batch in enumerate(loader):
-                last_in_group = (i + 1) % accumulate == 0 or i + 1 == len(loader)
+                last_in_group = (i + 1) % accumulate == 0 or i + 1 == steps
                 with fabric.no_backward_sync(ctx.wrapped, enabled=not last_in_group), fabric.autocast():
                     logged = ctx.stage.step(ctx, batch)
+                values = {key: float(value) for key, value in logged.items()}
+                if bad_loss is None:
+                    key = next((k for k, v in values.items() if k.startswith("loss") and not math.isfinite(v)), None)
+                    if key is not None:
+                        bad_loss = (f"the loss {key!r} is {values[key]}", i)
                 if last_in_group:
+                    self._check_step(ctx, optimizer, scheduler, bad_loss, i, steps, epoch)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
-                for key, value in logged.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
+                for key, value in values.items():
+                    sums[key] = sums.get(key, 0.0) + value
                 count += 1
                 advance(1)
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        return {k: v / max(count, 1) for k, v in sums.items()}, steps
+
+    # ---------------------------------------------------------------- divergence
+    def _check_step(self, ctx: StepContext, optimizer, scheduler, bad_loss, step: int, steps: int, epoch: int) -> None:
+        """Before an optimiser step: stop on a non-finite loss of the group or non-finite gradients.
+
+        The gradients are checked with one ``isfinite`` of their total norm, unless a GradScaler
+        (``16-mixed``) runs the step: it skips steps with non-finite gradients and lowers its scale.
+        Under DDP the verdict is shared, so every process stops at the same step.
+        """
+        fabric = self.fabric
+        problem, where = bad_loss if bad_loss is not None else (None, step)
+        if problem is None and _grad_scaler(fabric) is None:
+            norm = _grad_norm(optimizer)
+            if norm is not None and not bool(torch.isfinite(norm)):
+                problem = f"the gradients are not finite (their total norm is {float(norm)})"
+        if fabric.world_size > 1:
+            flag = torch.tensor([0.0 if problem is None else 1.0], device=fabric.device)
+            if float(fabric.all_reduce(flag, reduce_op="sum")[0]) > 0 and problem is None:
+                problem = "the loss or the gradients were not finite in another process"
+        if problem is not None:
+            raise TrainingDiverged(self._divergence(ctx, scheduler, epoch, where, steps, problem))
+
+    def _check_weights(self, ctx: StepContext, scheduler, epoch: int, steps: int) -> None:
+        """After an epoch: stop when a weight or buffer is not finite (before validating or saving it)."""
+        key = non_finite_entry(self.model.state_dict())
+        if key is not None:
+            problem = f"the weights are not finite at the end of the epoch ({key})"
+            raise TrainingDiverged(self._divergence(ctx, scheduler, epoch, steps - 1, steps, problem))
+
+    def _divergence(self, ctx: StepContext, scheduler, epoch: int, step: int, steps: int, problem: str) -> str:
+        return divergence_message(
+            ctx.stage.name,
+            epoch,
+            self._epochs(ctx.stage),
+            step,
+            steps,
+            problem,
+            scheduler.get_last_lr()[0],
+            self.settings.precision,
+            self.out_dir,
+        )
 
     def _loader(self, data, batch_size, epoch, stage_index) -> DataLoader:
         fabric = self.fabric
@@ -404,6 +533,36 @@ def evaluate_sample(predictor, sample, matrix: ConfusionMatrix, block_size: int)
         matrix.update(labels, sample.mask.read(window)[..., 0])
 
     predict_image(predictor, sample.image, None, block_size=block_size, on_band=update, progress=False)
+
+
+def _grad_scaler(fabric):
+    """The precision plugin's GradScaler (``16-mixed``), or None."""
+    return getattr(getattr(getattr(fabric, "strategy", None), "precision", None), "scaler", None)
+
+
+def _grad_norm(optimizer) -> torch.Tensor | None:
+    """The total 2-norm of the optimiser's gradients (float32, so fp16 gradients do not overflow), or None."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return None
+    device = grads[0].device
+    norms = []
+    wide = [g for g in grads if g.dtype != torch.float16]
+    if wide and hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: foreach kernels
+        norms.append(torch.nn.utils.get_total_norm(wide).float().to(device))
+    else:
+        norms += [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in wide]
+    norms += [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads if g.dtype == torch.float16]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _set_base_lr(optimizer, scheduler, lr: float) -> None:
+    """Give a resumed run the base rate ``lr``; the schedule's factor stays where it stopped."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _optimizer(stage: Stage, params, lr: float) -> torch.optim.Optimizer:

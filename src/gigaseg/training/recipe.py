@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -9,10 +10,52 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError
+
+#: the precisions Lightning Fabric accepts (``Fabric(precision=...)``), with its short aliases
+PRECISIONS = (
+    "32-true",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "32",
+    "16",
+    "bf16",
+    "64",
+)
+
+#: the ``gigaseg train`` flag of each setting that has one
+_FLAGS = {
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "max_memory": "--max-memory",
+    "accelerator": "--accelerator",
+    "devices": "--devices",
+    "num_nodes": "--num-nodes",
+    "strategy": "--strategy",
+    "precision": "--precision",
+    "accumulate": "--accumulate",
+    "seed": "--seed",
+    "num_workers": "--workers",
+}
+
+#: the largest seed Fabric's ``seed_everything`` takes (numpy's limit); larger ones it replaces by a random seed
+_MAX_SEED = 2**32 - 1
+
 
 @dataclass
 class TrainSettings:
     """Run-wide knobs from the command line or a config file (method-independent).
+
+    Every value is checked when the settings are made (also by ``dataclasses.replace``); an
+    invalid one is a ``ConfigError`` naming the setting and its ``gigaseg train`` flag.
+    ``lr`` may be given as a numeric string (PyYAML reads ``1e-3`` as one) and ``max_memory``
+    as a size like ``"4GB"``; both are converted.
 
     Attributes:
         epochs: overrides every stage's epochs (None: the stages' own).
@@ -30,6 +73,13 @@ class TrainSettings:
         val_block_size: block side of the streamed validation predictions.
         max_val_images: validate on at most this many images (None: all).
         progress: show progress bars.
+
+    Raises:
+        ConfigError: ``epochs``, ``batch_size``, ``accumulate``, ``num_nodes`` or
+            ``max_val_images`` below 1 or not integers, ``lr`` not a positive finite number,
+            ``max_memory`` not a positive size, ``num_workers`` negative, ``seed`` not an integer
+            in 0..2**32-1, ``val_block_size`` below one writer tile (512), or ``precision`` not
+            one of :data:`PRECISIONS`.
     """
 
     epochs: int | None = None  # override every stage's epochs
@@ -47,6 +97,65 @@ class TrainSettings:
     val_block_size: int = 2048
     max_val_images: int | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        from ..inference.stream import WRITER_TILE
+        from ..memory import parse_size
+
+        for name in ("epochs", "batch_size", "max_val_images"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name), 1, "or None")
+        for name in ("accumulate", "num_nodes"):
+            _require_int(name, getattr(self, name), 1)
+        _require_int("num_workers", self.num_workers, 0)
+        _require_int("seed", self.seed, 0, maximum=_MAX_SEED)
+        if not _is_int(self.val_block_size) or self.val_block_size < WRITER_TILE:
+            raise _invalid(
+                "val_block_size",
+                f"an integer of at least {WRITER_TILE} (the prediction writer's tile; blocks are whole tiles)",
+                self.val_block_size,
+            )
+        if self.lr is not None:
+            lr = self.lr
+            if isinstance(lr, str):
+                try:
+                    lr = float(lr)
+                except ValueError:
+                    pass
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+                raise _invalid("lr", "a positive finite number, or None", self.lr)
+            self.lr = float(lr)
+        if self.max_memory is not None:
+            if isinstance(self.max_memory, bool) or not isinstance(self.max_memory, (int, float, str)):
+                raise _invalid("max_memory", "a positive size (bytes, or like '4GB'), or None", self.max_memory)
+            try:
+                self.max_memory = parse_size(self.max_memory)
+            except ConfigError:
+                raise _invalid(
+                    "max_memory", "a positive size (bytes, or like '4GB'), or None", self.max_memory
+                ) from None
+        if _is_int(self.precision) and str(self.precision) in PRECISIONS:
+            self.precision = str(self.precision)  # YAML reads "precision: 16" as a number
+        if self.precision not in PRECISIONS:
+            raise _invalid("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        if not isinstance(self.progress, bool):
+            raise _invalid("progress", "true or false", self.progress)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_int(name: str, value, minimum: int, extra: str = "", maximum: int | None = None) -> None:
+    if _is_int(value) and value >= minimum and (maximum is None or value <= maximum):
+        return
+    what = f"an integer of at least {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+    raise _invalid(name, f"{what} {extra}".strip(), value)
+
+
+def _invalid(name: str, what: str, value) -> ConfigError:
+    flag = f" ({_FLAGS[name]})" if name in _FLAGS else ""
+    return ConfigError(f"setting {name}{flag} must be {what}, got {value!r}")
 
 
 @dataclass
