@@ -127,7 +127,7 @@ def smoke_runs(work: Path) -> tuple[Path, Path]:
     settings = TrainSettings(epochs=1, batch_size=2, lr=1e-3, progress=False)
     for method, options in SMOKE_RUNS.items():
         if not (runs / method / "last.ckpt").exists():
-            train(method, data, runs / method, encoder="test_resnet", options=options, settings=settings)
+            train(method, data, runs / method, encoder="test_resnet", options=options, settings=settings, force=True)
     return data, runs
 
 

@@ -277,7 +277,15 @@ def child_train(
     gigaseg.register("glnet", model=glnet.model, recipe=recipe, predictor=glnet.predictor)
     settings = gigaseg.TrainSettings(epochs=1, batch_size=batch_size, max_memory=parse_size(max_memory), progress=False)
     gigaseg.train(
-        "glnet", data, out, encoder=encoder, options=options, stage="global2local", init=init, settings=settings
+        "glnet",
+        data,
+        out,
+        encoder=encoder,
+        options=options,
+        stage="global2local",
+        init=init,
+        settings=settings,
+        force=True,
     )
     return {"log": log}
 

@@ -243,3 +243,57 @@ def test_disk_full_mid_write_is_one_line_keeps_the_scratch_and_the_rerun_resumes
     assert code == 0, err
     reference = predict(checkpoint, image, tmp_path / "reference" / "scene.tif")
     np.testing.assert_array_equal(tifffile.imread(out / "scene.tif"), tifffile.imread(reference.mask_path))
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_instead_of_painting_class_0(tmp_path, checkpoint):
+    payload = load_checkpoint(checkpoint)
+    key = next(k for k, v in payload["model"]["state_dict"].items() if v.is_floating_point())
+    payload["model"]["state_dict"][key] = torch.full_like(payload["model"]["state_dict"][key], float("nan"))
+    torch.save(payload | {"path": None}, tmp_path / "diverged.ckpt")
+    with pytest.raises(ConfigError, match=f"weight '{key}' holds NaN or infinite values"):
+        gigaseg.load_model(tmp_path / "diverged.ckpt")
+    with pytest.raises(ConfigError, match="diverged"):
+        predict(tmp_path / "diverged.ckpt", scene(), tmp_path / "mask.tif")
+    assert not (tmp_path / "mask.tif").exists()
+
+
+def test_a_broken_validation_split_is_an_error_not_training_without_validation(tmp_path, tiny_dataset):
+    import yaml
+
+    from gigaseg.errors import DatasetError
+
+    config = yaml.safe_load((tiny_dataset / "dataset.yaml").read_text())
+    config["splits"]["val"] = ["scene_003", "no_such_scene"]  # lists an image that does not exist
+    (tiny_dataset / "dataset.yaml").write_text(yaml.safe_dump(config))
+    settings = gigaseg.TrainSettings(epochs=1, batch_size=2, progress=False)
+    with pytest.raises(DatasetError, match="split 'val' lists 1 stem"):
+        gigaseg.train(
+            "global",
+            tiny_dataset,
+            tmp_path / "run",
+            encoder="test_resnet",
+            options={"input_size": 64},
+            settings=settings,
+        )
+    del config["splits"]["val"]  # no validation split at all: training runs without validation
+    (tiny_dataset / "dataset.yaml").write_text(yaml.safe_dump(config))
+    result = gigaseg.train(
+        "global", tiny_dataset, tmp_path / "run2", encoder="test_resnet", options={"input_size": 64}, settings=settings
+    )
+    assert "val_miou" not in result["history"][0]
+
+
+def test_evaluate_repeats_a_grey_dataset_for_an_rgb_model_with_one_notice(tmp_path, checkpoint):
+    import yaml
+
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for name in ("a", "b"):
+        tifffile.imwrite(root / "images" / f"{name}.tif", scene(7)[..., 0])
+        tifffile.imwrite(root / "masks" / f"{name}.tif", np.arange(160 * 144).reshape(160, 144).astype(np.uint8) % 3)
+    (root / "dataset.yaml").write_text(yaml.safe_dump({"task": "segmentation", "classes": ["a", "b", "c"]}))
+    with pytest.warns(GigasegNotice) as notices:
+        summary = gigaseg.evaluate(checkpoint, root, split="train", progress=False)
+    assert len([n for n in notices if issubclass(n.category, GigasegNotice)]) == 1
+    assert summary["counted"] == 2 * 160 * 144

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError, GigasegError
+from .errors import ConfigError, GigasegError, SplitNotFound
 from .inference.planner import block_size_for
 from .inference.stream import effective_block_size
 from .io.normalize import Normalization
@@ -35,10 +35,11 @@ def load_model(model_or_checkpoint) -> tuple[torch.nn.Module, dict[str, Any]]:
         normalisation it was trained with.
 
     Raises:
-        ConfigError: the file is missing or not a gigaseg checkpoint, or names an unknown method.
+        ConfigError: the file is missing or not a gigaseg checkpoint, names an unknown method, or
+            holds non-finite weights (a diverged run's).
     """
     from .methods.registry import create_model
-    from .training.checkpoint import load_checkpoint
+    from .training.checkpoint import load_checkpoint, non_finite_entry
 
     if isinstance(model_or_checkpoint, torch.nn.Module):
         return model_or_checkpoint, {}
@@ -46,6 +47,13 @@ def load_model(model_or_checkpoint) -> tuple[torch.nn.Module, dict[str, Any]]:
     config = dict(payload["model"]["config"])
     config.pop("pretrained", None)  # the checkpoint's weights replace any: never reach for a hub at load
     model = create_model(**config)
+    broken = non_finite_entry(payload["model"]["state_dict"])
+    if broken is not None:
+        where = payload.get("path", "checkpoint")
+        raise ConfigError(
+            f"{where}: weight {broken!r} holds NaN or infinite values (a diverged training run saved it); "
+            f"retrain, or resume from a checkpoint of an epoch before the divergence"
+        )
     model.load_state_dict(payload["model"]["state_dict"])
     return model.eval(), payload["data"]
 
@@ -206,12 +214,13 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-def _match_channels(source, channels: int):
+def _match_channels(source, channels: int, notify: bool = True):
     """``source`` as the network's channels: a grey image is repeated for a multi-band network.
 
     Args:
         source: the image.
         channels: the network's input channels.
+        notify: emit the one-line notice when the channel is repeated.
 
     Returns:
         ``source``, or a ``RepeatedChannels`` view of a one-channel image (with a notice).
@@ -224,7 +233,10 @@ def _match_channels(source, channels: int):
     if source.channels == channels:
         return source
     if source.channels == 1:
-        notice(f"{source.path or 'image'}: a grey image; its channel is repeated for the model's {channels} channels")
+        if notify:
+            notice(
+                f"{source.path or 'image'}: a grey image; its channel is repeated for the model's {channels} channels"
+            )
         return RepeatedChannels(source, channels)
     raise ConfigError(f"{source.path or 'image'}: has {source.channels} channels, the model expects {channels}")
 
@@ -337,15 +349,14 @@ def evaluate(
     with progress_bar(f"evaluate {split}", len(dataset), enabled=progress) as advance:
         for index in range(len(dataset)):
             sample = dataset[index]
-            norm = normalization or Normalization.for_image(sample.image.channels, sample.image.dtype)
+            image = _match_channels(sample.image, model.in_channels, notify=index == 0)
+            norm = _normalization_for(normalization or Normalization.for_source(image), image)
             predictor = build_predictor(model, norm, device=device, max_memory=budget)
 
             def update(window, labels, sample=sample):
                 matrix.update(labels, sample.mask.read(window)[..., 0])
 
-            predict_image(
-                predictor, sample.image, None, block_size=block_size_for(budget), on_band=update, progress=False
-            )
+            predict_image(predictor, image, None, block_size=block_size_for(budget), on_band=update, progress=False)
             advance(1)
     exclude = getattr(dataset, "exclude_from_miou", ())
     summary = matrix.summary(class_names=list(dataset.classes), exclude=exclude)
@@ -391,7 +402,7 @@ def _check_task(model, dataset, data) -> None:
     if len(dataset) > 0:
         with dataset[0] as sample:
             channels, dtype, name = sample.image.channels, sample.image.dtype, sample.name
-        if channels != model.in_channels:
+        if channels != model.in_channels and channels != 1:  # a grey image is repeated (as in predict)
             raise ConfigError(
                 f"{where}: its images have {image_layout(channels, dtype)} ({name}) but the model expects "
                 f"{model.in_channels} channel{'' if model.in_channels == 1 else 's'}"
@@ -410,9 +421,10 @@ def _evaluate_classification(model, dataset, normalization, split, device, budge
     with progress_bar(f"evaluate {split}", len(dataset), enabled=progress) as advance:
         for index in range(len(dataset)):
             with dataset[index] as sample:
-                norm = normalization or Normalization.for_image(sample.image.channels, sample.image.dtype)
+                image = _match_channels(sample.image, model.in_channels, notify=index == 0)
+                norm = _normalization_for(normalization or Normalization.for_source(image), image)
                 classifier = build_predictor(model, norm, device=device, max_memory=budget)
-                predicted = int(classifier.predict(sample.image).argmax())
+                predicted = int(classifier.predict(image).argmax())
                 matrix.update(np.array([predicted]), np.array([sample.label]))
                 predictions[sample.name] = predicted
             advance(1)
@@ -490,8 +502,8 @@ def train(
         raise DatasetError(getattr(train_data, "root", data), "the 'train' split has no images")
     try:
         val_data = load_dataset(data, split=val_split)
-    except GigasegError:
-        val_data = None  # no validation split: train without validation
+    except SplitNotFound:
+        val_data = None  # no validation split: train without validation (a broken one is an error)
     with train_data[0] as sample:
         channels, dtype = sample.image.channels, sample.image.dtype
     if val_data is not None and len(val_data) > 0:

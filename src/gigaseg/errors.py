@@ -44,6 +44,10 @@ class DatasetError(GigasegError):
         super().__init__(f"{where}{problem}")
 
 
+class SplitNotFound(DatasetError):
+    """A dataset has no such split, or the split holds no images (a broken split is a plain DatasetError)."""
+
+
 class BudgetError(GigasegError):
     """A memory budget is too small for the requested work."""
 

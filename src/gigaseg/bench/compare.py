@@ -84,8 +84,15 @@ def train_job(spec: dict, data: str, run_dir: str, encoder: str, seed: int, max_
         progress=False,
     )
     started = time.perf_counter()
-    result = train(
-        spec["method"], data, run_dir, encoder=encoder, options=spec["options"], settings=settings, stage=spec["stage"]
+    result = train(  # the comparison owns its run folders: a rerun trains afresh
+        spec["method"],
+        data,
+        run_dir,
+        encoder=encoder,
+        options=spec["options"],
+        settings=settings,
+        stage=spec["stage"],
+        force=True,
     )
     return {"history": result["history"], "seconds": time.perf_counter() - started}
 

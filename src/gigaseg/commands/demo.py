@@ -86,7 +86,9 @@ def run(args) -> int:
     # from scratch on a CPU in minutes: a far higher learning rate than the papers' fine-tuning rates
     settings = TrainSettings(epochs=args.epochs, lr=1e-3, batch_size=8, seed=args.seed, progress=True)
     options = demo_options(args.method)
-    result = train(args.method, out / "data", out / "run", encoder=args.encoder, options=options, settings=settings)
+    result = train(
+        args.method, out / "data", out / "run", encoder=args.encoder, options=options, settings=settings, force=True
+    )  # the demo owns its folder: a rerun trains afresh
     val = result["history"][-1].get("val_miou") if result["history"] else None
     say(f"    trained; validation mIoU {float(val):.3f}" if val is not None else "    trained")
 

@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 from torch.utils.data import Dataset
 
-from ..errors import DatasetError, GigasegError
+from ..errors import DatasetError, GigasegError, SplitNotFound
 from ..geometry import Window
 from ..io.base import ImageSource
 from ..io.palette import as_palette, default_palette
@@ -278,7 +278,7 @@ def check_split(root: Path, dataset: str, split: str, splits: Sequence[str]) -> 
         DatasetError: ``split`` is not in ``splits``.
     """
     if split not in splits:
-        raise DatasetError(root, f"{dataset} has no split {split!r} (splits: {', '.join(splits)})")
+        raise SplitNotFound(root, f"{dataset} has no split {split!r} (splits: {', '.join(splits)})")
 
 
 def select_split(
@@ -310,13 +310,13 @@ def select_split(
         chosen = list(names)
     elif splits is None:
         if split != "train":
-            raise DatasetError(
+            raise SplitNotFound(
                 source, f"no split {split!r}: no splits are defined, so every image is in 'train' (or 'all')"
             )
         chosen = list(names)
     else:
         if split not in splits:
-            raise DatasetError(source, f"no split {split!r} (splits: {', '.join(splits)})")
+            raise SplitNotFound(source, f"no split {split!r} (splits: {', '.join(splits)})")
         chosen = splits[split]
         available = set(names)
         missing = [name for name in chosen if name not in available]
@@ -326,7 +326,7 @@ def select_split(
                 f"split {split!r} lists {len(missing)} stem(s) with no image in {image_folder}: {listing(missing)}",
             )
     if not chosen:
-        raise DatasetError(source, f"no images for split {split!r}")
+        raise SplitNotFound(source, f"no images for split {split!r}")
     return chosen
 
 
@@ -403,7 +403,7 @@ class SegmentationDataset(Dataset):
         if len(self.palette) != len(self.classes):
             raise DatasetError(self.root, f"{len(self.palette)} palette colours for {len(self.classes)} classes")
         if not self.pairs:
-            raise DatasetError(self.root, f"no images for split {split!r}")
+            raise SplitNotFound(self.root, f"no images for split {split!r}")
         if check:
             self.validate()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import SplitNotFound
 from .base import (
     SegmentationDataset,
     check_split,
@@ -133,7 +133,7 @@ class Cityscapes(SegmentationDataset):
         image_folder = require_folder(root / "leftImg8bit" / split, "Cityscapes image folder")
         images = index_files(_files(image_folder, IMAGE_SUFFIX), image_folder, IMAGE_SUFFIX)
         if not images:
-            raise DatasetError(image_folder, f"no images (<city>/*{IMAGE_SUFFIX}.png) for split {split!r}")
+            raise SplitNotFound(image_folder, f"no images (<city>/*{IMAGE_SUFFIX}.png) for split {split!r}")
         if split == "test":
             pairs = unlabelled_pairs(images)
         else:

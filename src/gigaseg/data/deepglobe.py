@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import DatasetError
+from ..errors import SplitNotFound
 from .base import (
     IMAGE_EXTENSIONS,
     SegmentationDataset,
@@ -90,11 +90,11 @@ def _split_folder(root: Path, split: str) -> Path:
     if _holds_images(root) or _holds_images(root / "Sat"):
         if split in ("train", "all"):
             return root  # a flat folder: all its pairs are "train", as in FolderPairs
-        raise DatasetError(
+        raise SplitNotFound(
             root, f"no split {split!r}: this folder holds the pairs itself, so they are all 'train' (or 'all')"
         )
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
-    raise DatasetError(
+    raise SplitNotFound(
         root / split,
         f"missing DeepGlobe split folder (found: {', '.join(found) or 'none'}), and {root} holds no "
         f"*{IMAGE_SUFFIX}.jpg itself",
@@ -138,7 +138,7 @@ class DeepGlobe(SegmentationDataset):
             image_folder = mask_folder = folder
         image_files = list_images(image_folder, IMAGE_SUFFIX)
         if not image_files:
-            raise DatasetError(image_folder, f"no DeepGlobe images (*{IMAGE_SUFFIX}.jpg) for split {split!r}")
+            raise SplitNotFound(image_folder, f"no DeepGlobe images (*{IMAGE_SUFFIX}.jpg) for split {split!r}")
         images = index_files(image_files, image_folder, IMAGE_SUFFIX)
         masks = {}
         if mask_folder.is_dir():

@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import DatasetError
+from ..errors import SplitNotFound
 from .base import (
     SegmentationDataset,
     check_split,
@@ -92,7 +92,7 @@ class Inria(SegmentationDataset):
             found = match_pairs(images, index_files(list_images(gt_folder), gt_folder), folder, gt_folder)
             pairs = [p for p in found if split == "all" or is_validation(p.name) == (split == "val")]
         if not pairs:
-            raise DatasetError(folder, f"no images for split {split!r}")
+            raise SplitNotFound(folder, f"no images for split {split!r}")
         super().__init__(
             root,
             split,
