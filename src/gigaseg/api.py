@@ -201,17 +201,26 @@ def output_path(out: str | os.PathLike, source) -> Path:
     if source.path is not None:
         outputs = (mask, mask.with_name(f"{mask.stem}_overlay.png"), mask.with_name(f"{mask.stem}_probabilities.zarr"))
         for path in outputs:
-            if _same_file(path, source.path):
+            if same_file(path, source.path):
                 raise ConfigError(f"{path}: is the input image itself; write the mask somewhere else (--out)")
     return mask
 
 
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two paths name one file (resolving links); False when either does not exist yet."""
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file, following links.
+
+    Args:
+        a: a path (it need not exist yet).
+        b: another path.
+
+    Returns:
+        ``os.path.samefile`` when both exist; otherwise whether their resolved paths are equal
+        (``os.path.realpath``, which stops at a loop of links instead of raising).
+    """
     try:
         return os.path.samefile(a, b)
     except OSError:
-        return Path(a).resolve() == Path(b).resolve()
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _match_channels(source, channels: int, notify: bool = True):

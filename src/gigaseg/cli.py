@@ -63,19 +63,21 @@ ENVIRONMENT_ERRNOS = frozenset(
 )
 
 
-def describe_os_error(error: OSError) -> str:
+def describe_os_error(error: OSError, command: str = "") -> str:
     """One line for an OS error: the path(s) it names and the system's explanation.
 
     Args:
         error: the error.
+        command: the subcommand that failed, for the hint after a full disk.
 
     Returns:
         ``"<path>: <strerror>"`` (or ``"<path> -> <path2>: ..."`` for a rename), without a path
         when the error names none.
     """
     reason = error.strerror or str(error)
-    if error.errno == errno.ENOSPC:
-        reason += " (free some space and rerun the same command: finished parts are kept)"
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        rerun = "rerun with --resume" if command == "train" else "rerun the same command"
+        reason += f" (free some space and {rerun}: finished parts are kept)"
     where = error.filename
     if where is not None and error.filename2 is not None:
         where = f"{where} -> {error.filename2}"
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         if error.errno not in ENVIRONMENT_ERRNOS:
             raise
-        print(f"gigaseg {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        print(f"gigaseg {args.command}: error: {describe_os_error(error, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gigaseg {args.command}: interrupted", file=sys.stderr)

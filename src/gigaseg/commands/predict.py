@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .common import add_inference_set
@@ -97,18 +98,17 @@ def planned_outputs(images: list[str], out_dir: Path) -> list[Path]:
         ConfigError: ``out_dir`` is a file; two inputs would write one mask; or a mask would be
             written over one of the inputs.
     """
-    import os
-
+    from ..api import same_file
     from ..errors import ConfigError
     from ..io.base import output_stem
 
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: --out must be a folder, and this is a file")
     outputs: list[Path] = []
-    first: dict[Path, str] = {}
+    first: dict[str, str] = {}
     for image in images:
         out = out_dir / f"{output_stem(image)}.tif"
-        key = out.resolve()
+        key = os.path.realpath(out)  # stops at a loop of links (Path.resolve raises before Python 3.13)
         if key in first:
             raise ConfigError(
                 f"{image} and {first[key]}: would both be written to {out}; predict them into different folders"
@@ -117,10 +117,6 @@ def planned_outputs(images: list[str], out_dir: Path) -> list[Path]:
         outputs.append(out)
     for out in outputs:
         for image in images:
-            try:
-                same = os.path.samefile(out, image)
-            except OSError:
-                same = out.resolve() == Path(image).resolve()
-            if same:
+            if same_file(out, image):
                 raise ConfigError(f"{out}: is the input image {image} itself; choose another --out")
     return outputs

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DatasetError, GigasegError, SplitNotFound
 from ..geometry import Window
-from ..io.base import ImageSource
+from ..io.base import ImageSource, broken_link_problem
 from ..io.palette import as_palette, default_palette
 from ..io.resample import band_edges
 from ..io.sources import open_image
@@ -70,15 +70,20 @@ def list_images(folder: Path, suffix: str = "") -> list[Path]:
 
     Returns:
         The files with an extension of ``IMAGE_EXTENSIONS`` (any case), sorted by path.
+
+    Raises:
+        DatasetError: an entry named like an image is not a file (a symbolic link that leads
+            nowhere, or a folder): skipping it would shrink the dataset without a word.
     """
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.suffix.lower() in IMAGE_EXTENSIONS
-        and stem(p).endswith(suffix)
-    )
+    found = []
+    for p in sorted(folder.iterdir()):  # the first bad entry by name, whatever the directory's order
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS or not stem(p).endswith(suffix):
+            continue
+        if not p.is_file():
+            problem = "is a folder, not an image file" if p.is_dir() else "is not a regular file"
+            raise DatasetError(p, broken_link_problem(p) or problem)
+        found.append(p)
+    return found
 
 
 def require_images(folder: Path) -> list[Path]:

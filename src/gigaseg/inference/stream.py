@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import GigasegError, ImageReadError
 from ..geometry import Window
 from ..io.base import ImageSource
 from ..io.writers import MaskWriter
@@ -136,8 +137,13 @@ def predict_image(
 
     Raises:
         GigasegError: the bands at ``out`` cannot be resumed (another producer, other size,
-            damaged scratch files).
+            damaged scratch files), or a block's class scores are not finite (an
+            ``ImageReadError`` when the image holds NaN or infinite pixels there): such a
+            block has no class, and no mask is painted from it.
         RuntimeError: the predictor returned a block of the wrong shape.
+
+    After an error the finished bands stay in the scratch folder for a resume; a run that
+    finished none leaves no scratch folder behind.
     """
     start = time.perf_counter()
     bound_heap_growth()  # see gigaseg.inference.heap: peak RSS would otherwise creep with image size
@@ -158,6 +164,32 @@ def predict_image(
             producer=producer,
         )
     probs_store = _ProbabilityStore(out, predictor.num_classes, source, resume) if probabilities and out else None
+    try:
+        predicted, resumed = _predict_rows(predictor, source, rows, writer, probs_store, on_band, progress)
+    except BaseException:
+        # the finished bands stay for a resume; a run that finished none leaves nothing behind
+        if writer is not None and not writer.done_bands:
+            writer.discard()
+        if probs_store is not None and not probs_store.has_done_bands():
+            probs_store.discard()
+        raise
+    result = PredictionResult(None, source.height, source.width, 0.0, predicted, resumed)
+    if writer is not None:
+        writer.close()
+        result.mask_path = out
+    if probs_store is not None:
+        result.probabilities_path = probs_store.finish()
+    if overlay and out is not None:
+        from ..io.overlay import write_overlay_png
+
+        result.overlay_path = out.with_name(f"{out.stem}_overlay.png")
+        write_overlay_png(result.overlay_path, source, out, palette)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _predict_rows(predictor, source, rows, writer, probs_store, on_band, progress) -> tuple[int, int]:
+    """Predict every row of blocks not finished yet; (blocks predicted, blocks resumed)."""
     context = predictor.prepare(source)
     predicted = resumed = 0
     total_blocks = sum(len(r) for r in rows)
@@ -181,6 +213,8 @@ def predict_image(
                     raise RuntimeError(
                         f"{type(predictor).__name__} returned {probs.shape} for block {block}, expected {expected}"
                     )
+                if not np.isfinite(probs.max()):  # max propagates NaN: one pass, no temporary
+                    raise _non_finite_scores(source, block)
                 labels[:, block.left : block.right] = probs.argmax(axis=0)
                 if probs_store is not None:
                     probs_store.write(block, probs)
@@ -194,19 +228,23 @@ def predict_image(
                 _write_band(writer, band, labels)
             if on_band is not None:
                 on_band(band, labels)
-    result = PredictionResult(None, source.height, source.width, 0.0, predicted, resumed)
-    if writer is not None:
-        writer.close()
-        result.mask_path = out
-    if probs_store is not None:
-        result.probabilities_path = probs_store.finish()
-    if overlay and out is not None:
-        from ..io.overlay import write_overlay_png
+    return predicted, resumed
 
-        result.overlay_path = out.with_name(f"{out.stem}_overlay.png")
-        write_overlay_png(result.overlay_path, source, out, palette)
-    result.seconds = time.perf_counter() - start
-    return result
+
+def _non_finite_scores(source: ImageSource, block: Window) -> GigasegError:
+    """The error for a block whose class scores hold NaN or infinity: bad pixels, or the model overflowing."""
+    pixels = source.read(block)
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        count = int(np.count_nonzero(~np.isfinite(pixels)))
+        return ImageReadError(
+            source.path,
+            f"holds {count} NaN or infinite pixel values in {block} (no-data?), which give no class; "
+            f"fill them (e.g. with 0) or crop them out before predicting",
+        )
+    return GigasegError(
+        f"{source.path or 'image'}: the model's class scores are not finite in {block} although its pixels are; "
+        f"the network overflows (under --precision 16-mixed, try bf16-mixed or 32)"
+    )
 
 
 def _band_done(writer: MaskWriter, band: Window) -> bool:
@@ -249,6 +287,12 @@ class _ProbabilityStore:
 
     def mark_done(self, band: Window) -> None:
         (self._done_dir / str(band.top)).touch()
+
+    def has_done_bands(self) -> bool:
+        return self._done_dir.is_dir() and any(self._done_dir.iterdir())
+
+    def discard(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
 
     def finish(self) -> Path:
         shutil.rmtree(self._done_dir)

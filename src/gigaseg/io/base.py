@@ -9,6 +9,7 @@ in the source's own dtype (uint8, uint16, float32, ...); see
 
 from __future__ import annotations
 
+import errno
 import os
 from abc import ABC, abstractmethod
 
@@ -24,6 +25,7 @@ __all__ = [
     "FileSource",
     "ImageSource",
     "InMemorySource",
+    "broken_link_problem",
     "check_image_file",
     "read_resized",
     "thumbnail_size",
@@ -256,12 +258,33 @@ def check_image_file(path: str) -> None:
         path: the image file.
 
     Raises:
-        ImageReadError: when the file does not exist or is a directory.
+        ImageReadError: when the file does not exist (a symbolic link that leads nowhere, or
+            into a loop of links, says so) or is a directory.
     """
     if not os.path.exists(path):
-        raise ImageReadError(path, "file not found")
+        raise ImageReadError(path, broken_link_problem(path) or "file not found")
     if os.path.isdir(path):
         raise ImageReadError(path, "is a directory, not an image file")
+
+
+def broken_link_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with ``path`` when it is a symbolic link that does not lead to a file.
+
+    Args:
+        path: a path that does not exist (``os.path.exists`` is False).
+
+    Returns:
+        "is a symbolic link in a loop of links ..." or "is a symbolic link to <target>, which does
+        not exist"; None when ``path`` is not a symbolic link.
+    """
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link in a loop of links (it never reaches a file)"
+    return f"is a symbolic link to {os.readlink(path)}, which does not exist"
 
 
 class InMemorySource(ImageSource):

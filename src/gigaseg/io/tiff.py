@@ -31,10 +31,12 @@ read one after another from the same large strip decode it once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -132,6 +134,41 @@ def _chunk_shape(page) -> tuple[int, int]:
     return int(min(rows, page.imagelength)), int(page.imagewidth)
 
 
+@contextlib.contextmanager
+def _tifffile_warnings() -> Iterator[list[logging.LogRecord]]:
+    """Hold back what tifffile logs while a file is opened.
+
+    tifffile logs what it finds wrong in a file (an IFD offset past the end, say) as warnings, which
+    Python prints on stderr next to gigaseg's own one-line error. Held back here, they go into that
+    error when the file is refused, and are logged as before when it opens.
+
+    Yields:
+        The records tifffile logged, filled in as the block runs.
+    """
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger, handler = logging.getLogger("tifffile"), Collect(logging.WARNING)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    failed = False
+    try:
+        yield records
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        if not failed:
+            for record in records:
+                logger.handle(record)
+
+
 def _drain_zarr(timeout: float = 10.0) -> None:
     """After a failed zarr read, let its other in-flight chunk reads finish quietly.
 
@@ -197,20 +234,25 @@ class TiffSource(FileSource):
 
         check_image_file(self.path)
         self._pid = os.getpid()
-        try:
-            self._tif = tifffile.TiffFile(self.path)
-        except tifffile.TiffFileError as exc:
-            raise ImageReadError(self.path, f"not a readable TIFF file ({exc})") from exc
-        except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError) as exc:
-            raise ImageReadError(self.path, f"cannot open TIFF file ({type(exc).__name__}: {exc})") from exc
-        try:
-            self._levels = self._check_chunks(self._inspect())
-        except ImageReadError:
-            self._tif.close()
-            raise
-        except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file
-            self._tif.close()
-            raise ImageReadError(self.path, f"cannot read the TIFF structure ({type(exc).__name__}: {exc})") from exc
+        with _tifffile_warnings() as warned:
+            try:
+                self._tif = tifffile.TiffFile(self.path)
+            except tifffile.TiffFileError as exc:
+                raise ImageReadError(self.path, f"not a readable TIFF file ({exc})") from exc
+            except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError) as exc:
+                raise ImageReadError(self.path, f"cannot open TIFF file ({type(exc).__name__}: {exc})") from exc
+            try:
+                self._levels = self._check_chunks(self._inspect())
+            except ImageReadError as exc:
+                self._tif.close()
+                if not warned:
+                    raise
+                raise ImageReadError(self.path, f"{exc.problem} (tifffile: {warned[0].getMessage()})") from exc
+            except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file
+                self._tif.close()
+                raise ImageReadError(
+                    self.path, f"cannot read the TIFF structure ({type(exc).__name__}: {exc})"
+                ) from exc
         base = self._levels[0]
         self._height, self._width = base.height, base.width
         self._channels = 1 if base.c_axis is None else base.shape[base.c_axis]

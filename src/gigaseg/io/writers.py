@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -200,7 +199,11 @@ def write_tiled_tiff(
         tmp = stack.enter_context(atomic_output(final))
         scratch = None
         if len(shapes) > 1:
-            scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".pyramid", dir=final.parent))
+            # one fixed name per output (as its partial file has): a run killed while writing the levels
+            # leaves it behind, and the next run for the same output clears it instead of adding another
+            scratch = pyramid_scratch(final)
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir()
             stack.callback(shutil.rmtree, scratch, ignore_errors=True)
         with tifffile.TiffWriter(tmp, bigtiff=True) as writer:
             source: Render = render
@@ -222,6 +225,19 @@ def write_tiled_tiff(
                     source = _raw_render(reader, shapes[level + 1][1], channels, dtype)
                     chunk = None  # a raw level is read a whole band at a time
     return final
+
+
+def pyramid_scratch(path: str | os.PathLike) -> Path:
+    """The folder where :func:`write_tiled_tiff` keeps the raw reduced levels of ``path`` while it writes it.
+
+    Args:
+        path: the final output file.
+
+    Returns:
+        ``<folder>/.<name>.pyramid`` for ``path = <folder>/<name>``.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.pyramid")
 
 
 def _level_tiles(

@@ -34,6 +34,7 @@ from ..budget import plan_sub_batch, runtime_bytes, training_estimate
 from ..errors import ConfigError, TrainingDiverged
 from ..inference.contract import ClassificationPredictor, Predictor
 from ..inference.stream import predict_image
+from ..io.atomic import atomic_output
 from ..io.normalize import Normalization
 from ..metrics import ConfusionMatrix
 from ..progress import progress_bar
@@ -289,11 +290,14 @@ class Trainer:
                 "settings": _plain(asdict(self.settings)),
             }
             if fabric.global_rank == 0:
+                # last.ckpt, what --resume continues from, comes after this epoch's metrics row and best
+                # checkpoints: a run killed before it is in place redoes the epoch and writes them again
+                # (the resume drops the metrics rows after last.ckpt's epoch), never the other way round
                 self._log(row)
-                save_checkpoint(self.out_dir / "last.ckpt", model, self.data, train_state, row)
                 if improved or math.isnan(miou):
                     save_checkpoint(self.out_dir / f"best-{stage.name}.ckpt", model, self.data, None, row)
                     save_checkpoint(self.out_dir / "best.ckpt", model, self.data, None, row)
+                save_checkpoint(self.out_dir / "last.ckpt", model, self.data, train_state, row)
             fabric.barrier()
 
     def _freeze_for(self, stage: Stage) -> list[torch.nn.Parameter]:
@@ -479,7 +483,7 @@ class Trainer:
         if config != dict(self.model.config):
             raise ConfigError(f"{self.out_dir / 'last.ckpt'}: was trained with {config}, not {dict(self.model.config)}")
         self.model.load_state_dict(payload["model"]["state_dict"])
-        self._read_history()
+        self._read_history(payload["train"])
         return payload["train"]
 
     def _write_config(self) -> None:
@@ -501,22 +505,37 @@ class Trainer:
             ],
             **self.run_config,
         }
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        with atomic_output(self.out_dir / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def _log(self, row: dict) -> None:
         path = self.out_dir / "metrics.csv"
         fields = list(dict.fromkeys(k for r in self.history for k in r))
-        with open(path, "w", newline="") as handle:  # rewritten whole: columns may grow between stages
+        # rewritten whole (columns may grow between stages), under a temporary name: a kill mid-write
+        # must not leave a truncated file for --resume to read its history from
+        with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(self.history)
         _tensorboard(self.out_dir, row, len(self.history))
 
-    def _read_history(self) -> None:
+    def _read_history(self, state: dict) -> None:
+        """The metrics rows of the epochs up to the resumed checkpoint's (stage, epoch).
+
+        Rows of later epochs are left out: a run killed after it logged an epoch but before that epoch's
+        ``last.ckpt`` was in place trains the epoch again, and logs it again.
+        """
         path = self.out_dir / "metrics.csv"
-        if path.exists():
-            with open(path, newline="") as handle:
-                self.history = [dict(r) for r in csv.DictReader(handle)]
+        if not path.exists():
+            return
+        with open(path, newline="") as handle:
+            rows = [dict(r) for r in csv.DictReader(handle)]
+        stopped = [
+            i
+            for i, r in enumerate(rows)
+            if r.get("stage") == state.get("stage") and r.get("epoch") == str(state.get("epoch"))
+        ]
+        self.history = rows[: stopped[-1] + 1] if stopped else rows
 
 
 def evaluate_sample(predictor, sample, matrix: ConfusionMatrix, block_size: int) -> None:
