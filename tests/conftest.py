@@ -10,8 +10,11 @@ import yaml
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def write_tiny_dataset(root, count=4, size=96, seed=0):
-    """``count`` RGB images whose class is readable from colour, plus index masks and a dataset.yaml."""
+def write_tiny_dataset(root, count=4, size=96, seed=0, val=True):
+    """``count`` RGB images whose class is readable from colour, plus index masks and a dataset.yaml.
+
+    The last image is the ``val`` split and the others ``train``; with ``val=False`` all are ``train``.
+    """
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -36,14 +39,14 @@ def write_tiny_dataset(root, count=4, size=96, seed=0):
                 "classes": ["red", "green", "blue"],
                 "palette": colours.tolist(),
                 "ignore_index": 255,
-                "splits": {"train": names[:-1], "val": names[-1:]},
+                "splits": {"train": names[:-1], "val": names[-1:]} if val else {"train": names},
             }
         )
     )
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_tiny_dataset():
     """The writer itself, for tests that need other sizes (tests/ is not a package, so it cannot be imported)."""
     return write_tiny_dataset
@@ -52,3 +55,31 @@ def make_tiny_dataset():
 @pytest.fixture
 def tiny_dataset(tmp_path):
     return write_tiny_dataset(tmp_path / "data")
+
+
+#: a patch model small enough that a child process predicts a 7000 x 256 scene in about a second
+TINY_PATCH_OPTIONS = {"patch_size": 64, "overlap": 16, "fpn_channels": 16}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A patch model on test_resnet with fixed random weights, sharpened so the classes differ across a scene."""
+    import torch
+
+    import gigaseg
+    from gigaseg.io.normalize import Normalization
+    from gigaseg.training.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = gigaseg.create_model("patch", encoder="test_resnet", num_classes=3, **TINY_PATCH_OPTIONS)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(20)
+    data = {
+        "classes": ["a", "b", "c"],
+        "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+        "ignore_index": 255,
+        "exclude_from_miou": [],
+        "normalization": Normalization.for_image(3, np.uint8).to_dict(),
+    }
+    return save_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny.ckpt", model, data)

@@ -12,9 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
-import yaml
 
 #: the folder whose sitecustomize.py gives a child its fault points (see hook/sitecustomize.py)
 HOOK_DIR = Path(__file__).parent / "hook"
@@ -203,44 +201,3 @@ def scene(height: int, width: int, seed: int = 0) -> np.ndarray:
     pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
     pixels[: height // 2] //= 4
     return pixels
-
-
-def write_dataset(root: Path, count: int = 4, size: int = 96, seed: int = 0, val: bool = True) -> Path:
-    """A tiny segmentation dataset: ``count`` RGB images whose class reads from colour, index masks, a dataset.yaml.
-
-    The last image is the ``val`` split, the others ``train`` (all of them without ``val``).
-
-    Args:
-        root: the dataset folder (made).
-        count: images.
-        size: their side.
-        seed: the noise's seed.
-        val: keep the last image as a ``val`` split.
-
-    Returns:
-        ``root``.
-    """
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    names = [f"scene_{i:03d}" for i in range(count)]
-    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
-    for name in names:
-        labels = np.zeros((size, size), np.uint8)
-        labels[:, size // 3 :] = 1
-        labels[size // 2 :, 2 * size // 3 :] = 2
-        labels = np.rot90(labels, int(rng.integers(4))).copy()
-        image = colours[labels] + rng.integers(-30, 30, (size, size, 3))
-        tifffile.imwrite(root / "images" / f"{name}.tif", image.clip(0, 255).astype(np.uint8), tile=(32, 32))
-        tifffile.imwrite(root / "masks" / f"{name}.tif", labels, tile=(32, 32))
-    (root / "dataset.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "task": "segmentation",
-                "classes": ["red", "green", "blue"],
-                "palette": colours.tolist(),
-                "splits": {"train": names[:-1], "val": names[-1:]} if val else {"train": names},
-            }
-        )
-    )
-    return root

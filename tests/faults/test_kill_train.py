@@ -21,7 +21,7 @@ import torch
 
 from gigaseg.cli import main
 
-from .helpers import Child, one_line_error, run_child, write_dataset
+from .helpers import Child, one_line_error, run_child
 
 EPOCHS = 3
 CHECKPOINTS = ("last.ckpt", "best.ckpt", "best-global.ckpt")
@@ -51,9 +51,9 @@ def command(data, out, *more) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(tmp_path_factory, make_tiny_dataset):
     """Three training images (two steps per epoch) and no validation split."""
-    return write_dataset(tmp_path_factory.mktemp("train") / "data", count=3, val=False)
+    return make_tiny_dataset(tmp_path_factory.mktemp("train") / "data", count=3, val=False)
 
 
 @pytest.fixture(scope="module")
