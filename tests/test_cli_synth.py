@@ -125,3 +125,75 @@ def test_synth_needs_a_kind(capsys):
     with pytest.raises(SystemExit):
         main(["synth"])
     assert "landcover" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- vessels
+
+
+def test_vessels_end_to_end_with_report(tmp_path, capsys):
+    out = tmp_path / "v"
+    argv = ["synth", "vessels", str(out), "--count", "2", "--size", "1024x1100", "--seed", "3", "--tile", "256"]
+    code = main([*argv, "--val-fraction", "0.5", "--report"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = [line for line in captured.out.splitlines() if line.strip()]
+    assert [line.split(":")[0] for line in lines] == ["vessels_000", "vessels_001", "overall"]
+    for line in lines:
+        assert "vessel share" in line and "thin (<= 2 px)" in line and "constant over 4x4 cells" in line
+        assert "FAIL" not in line and line.count(" ok") == 3
+    assert "wrote 2 scene(s) of 1024x1100" in captured.err
+
+    content = yaml.safe_load((out / "dataset.yaml").read_text())
+    assert content["classes"] == ["background", "vessel"]
+    assert content["splits"] == {"train": ["vessels_000"], "val": ["vessels_001"]}
+    for stem in ("vessels_000", "vessels_001"):
+        image = tifffile.imread(out / "images" / f"{stem}.tif")
+        mask = tifffile.imread(out / "masks" / f"{stem}.tif")
+        assert image.shape == (1024, 1100, 3) and image.dtype == np.uint8
+        assert mask.shape == (1024, 1100) and set(np.unique(mask).tolist()) == {0, 1}
+    manifest = json.loads((out / "synth.json").read_text())
+    assert manifest["generator"] == "gigaseg synth vessels" and manifest["complete"]
+    overall = manifest["checks_overall"]
+    assert 0.02 <= overall["vessel_share"] <= 0.15 and overall["thin_share"] >= 0.4
+    assert overall["ceiling_f1_thin"] <= 0.6 and overall["full_resolution_f1"] == 1.0 and overall["passed"]
+
+    # running again into its own output is allowed and gives the same pixels
+    first = tifffile.imread(out / "images" / "vessels_001.tif")
+    assert main([*argv, "--val-fraction", "0.5"]) == 0
+    assert np.array_equal(tifffile.imread(out / "images" / "vessels_001.tif"), first)
+
+
+def test_vessels_small_scene_leaves_the_share_bounds_out(tmp_path, capsys):
+    code = main(["synth", "vessels", str(tmp_path / "s"), "--count", "1", "--size", "256", "--report"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "share bounds n/a below 1024x1024" in captured.out and "FAIL" not in captured.out
+    assert tifffile.imread(tmp_path / "s" / "masks" / "vessels_000.tif").shape == (256, 256)
+
+
+@pytest.mark.parametrize("size", ["abc", "0x5", "12x", "-3", "1.5x2", "10x10x3"])
+def test_vessels_bad_size_is_a_one_line_error(tmp_path, capsys, size):
+    code = main(["synth", "vessels", str(tmp_path / "x"), "--size", size])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "--size" in captured.err and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_vessels_bad_count_tile_val_fraction_and_seed(tmp_path, capsys):
+    assert main(["synth", "vessels", str(tmp_path / "a"), "--count", "0"]) == 2
+    assert main(["synth", "vessels", str(tmp_path / "b"), "--size", "64", "--tile", "100"]) == 2
+    assert main(["synth", "vessels", str(tmp_path / "c"), "--size", "64", "--tile", "0"]) == 2
+    assert main(["synth", "vessels", str(tmp_path / "d"), "--size", "64", "--val-fraction", "1"]) == 2
+    assert main(["synth", "vessels", str(tmp_path / "e"), "--size", "64", "--seed", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--count" in err and "--tile" in err and "--val-fraction" in err and "--seed" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 5
+    assert not any(tmp_path.iterdir())
+
+
+def test_synth_lists_the_vessels_kind(capsys):
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    assert "vessels" in capsys.readouterr().out

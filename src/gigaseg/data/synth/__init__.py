@@ -3,7 +3,9 @@
 - ``landcover``: aerial-style land-cover scenes whose fine classes (roads, streams) a
   downsampled global view loses and whose two vegetation classes only context farther
   than a patch tells apart (``gigaseg synth landcover``).
-- ``checks``: the self-checks proving both properties, computed band by band.
+- ``checks``: the land-cover self-checks proving both properties, computed band by band.
+- ``vessels``: DRIVE-style binary thin-structure scenes, branching vessels 1-5 px wide that
+  a downsampled view loses, with their self-check (``gigaseg synth vessels``).
 - ``ultramnist``: UltraMNIST-style classification images, digits of very different sizes
   on one large canvas (``gigaseg synth ultramnist``).
 - ``textures``: position-addressed texture, noise and lighting the scenes are painted with.
@@ -24,6 +26,7 @@ from .landcover import (
     check_scene,
     write_landcover_dataset,
 )
+from .vessels import VesselConfig, VesselReport, VesselScene, write_vessels_dataset
 
 __all__ = [
     "CLASSES",
@@ -35,8 +38,12 @@ __all__ = [
     "CheckReport",
     "LandcoverConfig",
     "LandcoverScene",
+    "VesselConfig",
+    "VesselReport",
+    "VesselScene",
     "check_mask",
     "check_scene",
     "run_checks",
     "write_landcover_dataset",
+    "write_vessels_dataset",
 ]
