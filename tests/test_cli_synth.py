@@ -97,6 +97,14 @@ def test_bad_size_is_a_one_line_error(tmp_path, capsys, size):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("option, value", [("--tile", "0"), ("--tile", "24"), ("--seed", "-1")])
+def test_landcover_bad_tile_or_seed_is_a_one_line_error(tmp_path, capsys, option, value):
+    code = main(["synth", "landcover", str(tmp_path / "x"), "--size", "64", option, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and option in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
 def test_foreign_non_empty_folder_is_refused(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("precious")
     code = main(["synth", "landcover", str(tmp_path), "--count", "1", "--size", "256"])

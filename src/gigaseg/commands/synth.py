@@ -117,6 +117,10 @@ def _run_landcover(args) -> int:
     height, width = parse_image_size(args.size)
     if args.count < 1:
         raise ConfigError(f"--count must be at least 1, got {args.count}")
+    if args.tile <= 0 or args.tile % 16:
+        raise ConfigError(f"--tile must be a positive multiple of 16, got {args.tile}")
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be non-negative, got {args.seed}")
     config = LandcoverConfig(context_radius=args.context_radius)
     reports = []
 

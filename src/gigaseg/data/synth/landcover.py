@@ -1051,6 +1051,8 @@ def write_landcover_dataset(
         raise ConfigError(f"scene size must be positive, got {height}x{width}")
     if tile <= 0 or tile % 16:
         raise ConfigError(f"--tile must be a positive multiple of 16, got {tile}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be non-negative, got {seed}")
     config = config or LandcoverConfig()
     names = scene_names(count)
     yaml_content = dataset_yaml(names, val_fraction)
