@@ -135,3 +135,28 @@ def test_resnet50_fpn_parameter_count():
     assert fpn == 4_556_807
     assert count_parameters(model.net.fpn) == fpn
     assert model.num_parameters() == encoder + fpn == 28_064_839
+
+
+def test_fpn_without_classifier_ends_at_ps3():
+    """num_classes=None: no classifier (a head on ps3 makes the logits), the other layers as GLNet's."""
+    torch.manual_seed(0)
+    with_classifier = FPN(CHANNELS, num_classes=5)
+    torch.manual_seed(0)
+    fpn = FPN(CHANNELS, num_classes=None)
+    assert fpn.classifier is None and fpn.merged_channels == 512
+    assert set(with_classifier.state_dict()) - set(fpn.state_dict()) == {"classifier.weight", "classifier.bias"}
+    fpn.load_state_dict({k: v for k, v in with_classifier.state_dict().items() if not k.startswith("classifier.")})
+    c = pyramid()
+    out = fpn(c, return_features=True)
+    assert out.logits is None
+    torch.testing.assert_close(out.ps3, with_classifier(c, return_features=True).ps3)
+    with pytest.raises(ValueError, match="no classifier"):
+        fpn(c)
+    with pytest.raises(ValueError, match="without a classifier"):
+        fpn.classify(out.ps3)
+
+
+def test_branch_output_stride_1_gives_input_size_logits_for_odd_sizes():
+    branch = FPNBranch("test_resnet", num_classes=4, output_stride=1)
+    assert branch.output_stride == 1
+    assert tuple(branch(torch.randn(1, 3, 101, 99)).shape) == (1, 4, 101, 99)

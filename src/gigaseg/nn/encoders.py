@@ -27,6 +27,16 @@ Pretrained weights:
 
 With ``in_channels != 3`` the 3-channel pretrained first convolution is adapted as timm does
 (``timm.models.adapt_input_conv``: summed for 1 channel, repeated and rescaled otherwise).
+
+The stride-2 level (for decoders that predict finer than 1/4, ``gigaseg.nn.decoders``):
+``Encoder(name, stride2=True)`` also extracts the deepest feature level with reduction 2 that
+lies before the returned levels (a ResNet's stem activation ``act1``, an EfficientNet's
+``blocks.0``), when the model has one; :meth:`Encoder.forward_with_stride2` returns it with
+the usual maps, and ``stride2_channels`` gives its width (None when the model has no such
+level: ConvNeXt, Swin, ViT). That level is computed on the way to the others, so the
+extractor's modules, state dict and other maps are exactly those of ``stride2=False``;
+``forward``, ``out_indices``, ``out_channels`` and ``reductions`` still describe only the
+usual levels.
 """
 
 from __future__ import annotations
@@ -77,6 +87,8 @@ class Encoder(nn.Module):
         out_indices: timm feature levels to return (default: see the module docstring).
         output_stride: dilate the last stages so the coarsest map is at this stride
             (timm's ``output_stride``; 8, 16 or 32 where the model supports it).
+        stride2: also extract the level with reduction 2 when the model has one (see the
+            module docstring and :meth:`forward_with_stride2`).
 
     Raises:
         ConfigError: an unknown name, bad ``in_channels``, a model timm cannot build as a
@@ -91,6 +103,7 @@ class Encoder(nn.Module):
         pretrained: PretrainedSpec = False,
         out_indices: Sequence[int] | None = None,
         output_stride: int | None = None,
+        stride2: bool = False,
     ):
         super().__init__()
         check_encoder_name(name)
@@ -101,9 +114,15 @@ class Encoder(nn.Module):
         kwargs: dict = {"in_chans": in_channels}
         if output_stride is not None:
             kwargs["output_stride"] = output_stride
+        levels = _feature_levels(name, kwargs) if out_indices is None or stride2 else None
         if out_indices is None:
-            out_indices = default_out_indices(_feature_levels(name, kwargs))
-        kwargs["out_indices"] = tuple(int(i) for i in out_indices)
+            out_indices = default_out_indices(levels)
+        out_indices = tuple(int(i) for i in out_indices)
+        #: the timm index of the extra stride-2 level, or None
+        self._stride2_index: int | None = _stride2_index(levels, out_indices) if stride2 else None
+        if self._stride2_index is not None:
+            out_indices = (self._stride2_index, *out_indices)
+        kwargs["out_indices"] = out_indices
 
         if pretrained is True:
             self.model = _create_with_timm_weights(name, kwargs)
@@ -115,9 +134,12 @@ class Encoder(nn.Module):
                 load_weights_file(self.model, name, pretrained, kwargs)
 
         info = self.model.feature_info
-        self.out_indices: tuple[int, ...] = tuple(info.out_indices)
-        self.out_channels: list[int] = list(info.channels())
-        self.reductions: list[int] = list(info.reduction())
+        skip = 0 if self._stride2_index is None else 1  # the extra stride-2 level comes first
+        self.out_indices: tuple[int, ...] = tuple(info.out_indices)[skip:]
+        self.out_channels: list[int] = list(info.channels())[skip:]
+        self.reductions: list[int] = list(info.reduction())[skip:]
+        #: channels of the stride-2 level (``stride2=True`` and the model has one), else None
+        self.stride2_channels: int | None = info.channels()[0] if skip else None
         fmt = getattr(self.model, "output_fmt", "NCHW")
         self._channels_last_output = getattr(fmt, "value", fmt) == "NHWC"
 
@@ -141,13 +163,38 @@ class Encoder(nn.Module):
             One NCHW map per level of ``out_indices``, fine to coarse (``out_channels`` channels,
             ``reductions`` times smaller than ``x``).
         """
-        features = self.model(x)
+        return self.forward_with_stride2(x)[1]
+
+    def forward_with_stride2(self, x: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The stride-2 map and the usual feature maps of ``x``, from one pass.
+
+        Args:
+            x: images ``(B, in_channels, H, W)``.
+
+        Returns:
+            ``(stride2, maps)``: ``stride2`` is the ``(B, stride2_channels, ~H/2, ~W/2)`` map
+            (its exact size is the encoder's: ``ceil(H / 2)`` for a ResNet stem), or None when
+            the encoder was built without ``stride2`` or the model has no such level; ``maps``
+            is what :meth:`forward` returns.
+        """
+        features = list(self.model(x))
         if self._channels_last_output:
             features = [f.permute(0, 3, 1, 2) for f in features]
-        return list(features)
+        if self._stride2_index is None:
+            return None, features
+        return features[0], features[1:]
 
 
 # ------------------------------------------------------------------------- building
+
+
+def _stride2_index(levels: Sequence[dict], out_indices: Sequence[int]) -> int | None:
+    """The deepest level with reduction 2 before the first of ``out_indices``, or None."""
+    if not levels or not out_indices:
+        return None
+    first = min(i % len(levels) for i in out_indices)  # timm accepts negative indices
+    found = [i for i, level in enumerate(levels[:first]) if level["reduction"] == 2]
+    return found[-1] if found else None
 
 
 def check_encoder_name(name: str) -> None:

@@ -26,6 +26,13 @@ the own maps' sizes). The stages are also public methods (``laterals``, ``top_do
 and ``return_features=True`` returns every intermediate as an :class:`FPNFeatures`.
 
 Upsampling is ``F.interpolate(..., mode="bilinear", align_corners=False)`` throughout.
+
+Finer logits: ``FPN(..., num_classes=None)`` builds no classifier (ps3 is then the pass's
+output), and ``FPNBranch(..., output_stride=1 or 2)`` puts a
+:class:`~gigaseg.nn.decoders.FullResolutionHead` on ps3 instead, fed with the encoder's
+stride-2 map (``Encoder(..., stride2=True)``) and the pixels: logits at full or half
+resolution. ``output_stride=4`` (the default) is GLNet's head, unchanged (the same modules,
+state dict and outputs).
 """
 
 from __future__ import annotations
@@ -40,9 +47,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..geometry import resize
+from .decoders import FullResolutionHead
 from .encoders import Encoder, PretrainedSpec
 
-__all__ = ["FPN", "FPNBranch", "FPNFeatures", "SHARING_POINTS", "Share"]
+__all__ = ["FPN", "FPNBranch", "FPNFeatures", "OUTPUT_STRIDES", "SHARING_POINTS", "Share"]
+
+#: the output strides an FPNBranch predicts at: 4 (GLNet's head on p2's level), 2 and 1 (FullResolutionHead)
+OUTPUT_STRIDES = (1, 2, 4)
 
 #: the four points where GLNet shares feature maps between branches, in forward order
 SHARING_POINTS = ("c", "p", "ps1", "ps2")
@@ -68,7 +79,7 @@ class FPNFeatures:
     ps1: list[torch.Tensor]  # after the first smoothing, lateral_channels each
     ps2: list[torch.Tensor]  # after the second smoothing, smooth_channels each
     ps3: torch.Tensor  # merged at p2's size, 4 * smooth_channels
-    logits: torch.Tensor  # num_classes at p2's size
+    logits: torch.Tensor  # num_classes at p2's size (FPNBranch with a FullResolutionHead: at the head's)
 
 
 def init_conv(cin: int, cout: int, kernel: int) -> nn.Conv2d:
@@ -150,9 +161,10 @@ def fpn_pass(
     concatenate at each sharing point (``fpn`` must have ``shared_inputs``); ``share`` also
     sees this branch's own maps there (the local -> global merge reads them that way).
     ``classifier`` replaces ``fpn.classifier`` (the global ``_ext`` layers use the stage-1
-    classifier). Maps not in ``keep`` are released as soon as the pass no longer needs them
-    and, without autograd, concatenations are never built (:func:`conv_cat`); both lower the
-    inference peak. Without ``"ps3"`` and ``"logits"`` in ``keep`` the pass stops after ps2
+    classifier); with neither (an FPN built with ``num_classes=None``) no logits are made.
+    Maps not in ``keep`` are released as soon as the pass no longer needs them and, without
+    autograd, concatenations are never built (:func:`conv_cat`); both lower the inference
+    peak. Without ``"ps3"`` and ``"logits"`` in ``keep`` the pass stops after ps2
     (the merge conv is its costliest layer).
 
     Args:
@@ -166,7 +178,7 @@ def fpn_pass(
 
     Returns:
         The kept maps as :class:`FPNFeatures`; dropped list fields are empty lists, dropped
-        ``ps3``/``logits`` are None.
+        ``ps3``/``logits`` are None (``logits`` also without a classifier).
 
     Raises:
         ValueError: ``share`` given for an FPN without ``shared_inputs`` or missing for one
@@ -227,7 +239,8 @@ def fpn_pass(
         del parts
         ps3 = conv_cat(fpn.merge_conv, flat, size)
         del flat
-    logits = (classifier if classifier is not None else fpn.classifier)(ps3) if "logits" in keep else None
+    head = classifier if classifier is not None else fpn.classifier
+    logits = head(ps3) if "logits" in keep and head is not None else None
     return FPNFeatures(
         c=out["c"], p=out["p"], ps1=out["ps1"], ps2=out["ps2"], ps3=ps3 if "ps3" in keep else None, logits=logits
     )
@@ -238,7 +251,7 @@ class FPN(nn.Module):
 
     Args:
         in_channels: channels of c2..c5 (a ResNet-50: ``[256, 512, 1024, 2048]``).
-        num_classes: output logits.
+        num_classes: output logits; None: no classifier (a head on ps3 makes the logits).
         lateral_channels: width of the laterals and ps1 (256 in GLNet).
         smooth_channels: width of ps2 (128 in GLNet); ps3 has four times this.
         shared_inputs: every stage takes ``concat(own, shared)`` (GLNet feature sharing).
@@ -247,7 +260,7 @@ class FPN(nn.Module):
     def __init__(
         self,
         in_channels: Sequence[int],
-        num_classes: int,
+        num_classes: int | None,
         lateral_channels: int = 256,
         smooth_channels: int = 128,
         shared_inputs: bool = False,
@@ -265,7 +278,9 @@ class FPN(nn.Module):
         self.smooth1_convs = nn.ModuleList(init_conv(k * lateral_channels, lateral_channels, 3) for _ in in_channels)
         self.smooth2_convs = nn.ModuleList(init_conv(k * lateral_channels, smooth_channels, 3) for _ in in_channels)
         self.merge_conv = init_conv(k * merged, merged, 3) if shared_inputs else None
-        self.classifier = init_conv(merged, num_classes, 3)
+        #: ps3's channels (4 * smooth_channels)
+        self.merged_channels = merged
+        self.classifier = init_conv(merged, num_classes, 3) if num_classes is not None else None
 
     # ---- stages (lists are ordered fine to coarse: level 2, 3, 4, 5)
 
@@ -337,7 +352,12 @@ class FPN(nn.Module):
 
         Returns:
             Logits ``(B, num_classes, h, w)`` at ps3's size.
+
+        Raises:
+            ValueError: the FPN was built without a classifier (``num_classes=None``).
         """
+        if self.classifier is None:
+            raise ValueError("this FPN was built without a classifier (num_classes=None)")
         return self.classifier(ps3)
 
     # ---- the whole pass
@@ -356,7 +376,9 @@ class FPN(nn.Module):
             Logits ``(B, num_classes, h, w)`` at c2's size, or :class:`FPNFeatures`.
 
         Raises:
-            ValueError: not four maps, or ``share`` given or missing against ``shared_inputs``.
+            ValueError: not four maps, ``share`` given or missing against ``shared_inputs``, or
+                logits asked of an FPN without a classifier (``num_classes=None``: use
+                ``return_features=True`` and its ps3).
         """
         c = list(c)
         if len(c) != 4:
@@ -365,16 +387,23 @@ class FPN(nn.Module):
             raise ValueError("this FPN was built with shared_inputs=True: pass share=")
         if share is not None and not self.shared_inputs:
             raise ValueError("share= needs an FPN built with shared_inputs=True")
+        if self.classifier is None and not return_features:
+            raise ValueError("this FPN has no classifier (num_classes=None): pass return_features=True and use its ps3")
 
         features = fpn_pass(self, c, share)
         return features if return_features else features.logits
 
 
 class FPNBranch(nn.Module):
-    """Encoder + FPN: one GLNet branch (ResNet-50 + FPN by default), logits at 1/4.
+    """Encoder + FPN: one GLNet branch (ResNet-50 + FPN by default), logits at 1/4, 1/2 or 1.
 
     ``forward(x, share=None, return_features=False)`` passes ``share`` and
-    ``return_features`` on to :meth:`FPN.forward`.
+    ``return_features`` on to the FPN pass. With ``output_stride`` 4 the FPN's own classifier
+    makes the logits (GLNet's head, at c2's resolution: 1/4 for a ResNet, 1/16 for a plain
+    ViT); with 2 or 1 the FPN has no classifier and ``head``, a
+    :class:`~gigaseg.nn.decoders.FullResolutionHead`, turns ps3, the encoder's stride-2 map
+    (or its own stride-2 stem when the encoder has none) and the pixels into logits at 1/2 or
+    full resolution.
 
     Args:
         encoder: a timm model name.
@@ -384,6 +413,10 @@ class FPNBranch(nn.Module):
         shared_inputs: every FPN stage takes ``concat(own, shared)`` (GLNet feature sharing).
         lateral_channels: width of the laterals and ps1.
         smooth_channels: width of ps2.
+        output_stride: 4 (GLNet's head), 2 or 1 (the full-resolution head).
+
+    Raises:
+        ConfigError: an output stride other than 1, 2 or 4, or a bad encoder.
     """
 
     def __init__(
@@ -396,33 +429,63 @@ class FPNBranch(nn.Module):
         shared_inputs: bool = False,
         lateral_channels: int = 256,
         smooth_channels: int = 128,
+        output_stride: int = 4,
     ):
         super().__init__()
-        self.encoder = Encoder(encoder, in_channels=in_channels, pretrained=pretrained)
+        if isinstance(output_stride, bool) or output_stride not in OUTPUT_STRIDES:
+            raise ConfigError(
+                f"output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride!r}"
+            )
+        fine = output_stride < 4
+        self.encoder = Encoder(encoder, in_channels=in_channels, pretrained=pretrained, stride2=fine)
         self.fpn = FPN(
             self.encoder.out_channels,
-            num_classes,
+            None if fine else num_classes,
             lateral_channels=lateral_channels,
             smooth_channels=smooth_channels,
             shared_inputs=shared_inputs,
         )
+        #: the full-resolution head (output_stride 1 or 2), else None (the FPN's classifier)
+        self.head: FullResolutionHead | None = None
+        if fine:
+            self.head = FullResolutionHead(
+                self.fpn.merged_channels,
+                num_classes,
+                image_channels=in_channels,
+                skip_channels=self.encoder.stride2_channels,
+                output_stride=output_stride,
+            )
 
     @property
     def output_stride(self) -> int:
-        """Input pixels per logit pixel (the finest encoder level's reduction: 4 for a ResNet)."""
-        return self.encoder.reductions[0]
+        """Input pixels per logit pixel: the head's (1 or 2), else the finest encoder level's (4 for a ResNet)."""
+        return self.head.output_stride if self.head is not None else self.encoder.reductions[0]
 
     def forward(
         self, x: torch.Tensor, share: Share | None = None, return_features: bool = False
     ) -> torch.Tensor | FPNFeatures:
-        """Encoder, then one FPN pass.
+        """Encoder, then one FPN pass (and the full-resolution head, when built).
 
         Args:
             x: images ``(B, in_channels, H, W)``.
-            share: passed on to :meth:`FPN.forward`.
-            return_features: passed on to :meth:`FPN.forward`.
+            share: passed on to the FPN pass (:meth:`FPN.forward`).
+            return_features: return every intermediate instead of the logits.
 
         Returns:
-            Logits at ``output_stride`` (1/4 for a ResNet), or :class:`FPNFeatures`.
+            Logits at ``output_stride`` (1/4 for a ResNet with GLNet's head; the input's size
+            for output stride 1; ``ceil(H / 2)`` x ``ceil(W / 2)`` for 2 with a ResNet), or
+            :class:`FPNFeatures` (whose ``logits`` are those logits).
+
+        Raises:
+            ValueError: ``share`` given or missing against ``shared_inputs``.
         """
-        return self.fpn(self.encoder(x), share=share, return_features=return_features)
+        if self.head is None:
+            return self.fpn(self.encoder(x), share=share, return_features=return_features)
+        skip, c = self.encoder.forward_with_stride2(x)
+        features = fpn_pass(self.fpn, c, share, keep=ALL_MAPS if return_features else frozenset({"ps3"}))
+        del c
+        logits = self.head(features.ps3, x, skip if self.head.uses_encoder_skip else None)
+        if not return_features:
+            return logits
+        features.logits = logits
+        return features

@@ -3,16 +3,22 @@
 :class:`FPNSegmenter` is a timm encoder with a segmentation decoder, chosen by its
 ``decoder`` option:
 
-- ``"fpn"`` (default): GLNet's FPN (``gigaseg.nn.fpn``), logits at 1/4 of the input;
+- ``"fpn"`` (default): GLNet's FPN (``gigaseg.nn.fpn``). Its ``output_stride`` option says
+  where the logits are made: 4 (the default, the papers' head: the FPN's classifier at 1/4 of
+  the input, kept for reproducing them), 2 or 1 (a
+  :class:`~gigaseg.nn.decoders.FullResolutionHead` on the FPN's ps3 with the encoder's
+  stride-2 map and the pixels: logits at 1/2 or full resolution, which thin structures such
+  as 2-px roads need);
 - ``"smp_unet"`` / ``"smp_fpn"``: segmentation_models_pytorch's U-Net / FPN on the same timm
-  encoder (``encoder_name="tu-<timm name>"``), logits at full resolution. smp's FPN needs
-  sides divisible by the encoder's output stride (32), so the network's input side must be
-  a multiple of it (e.g. 512).
+  encoder (``encoder_name="tu-<timm name>"``), logits at full resolution: ``output_stride``
+  is 1 for them (the value they take when it is not given; 2 and 4 are refused). smp's FPN
+  needs sides divisible by the encoder's output stride (32), so the network's input side
+  must be a multiple of it (e.g. 512).
 
 ``forward(x)`` returns logits at the input's resolution (bilinear from the decoder's
-resolution); ``decode(x)`` returns them at the decoder's own resolution (1/``output_stride``),
-for losses computed there. The ``global`` and ``patch`` baselines are FPNSegmenters, and so is
-MagNet's backbone.
+resolution); ``decode(x)`` returns them at the decoder's own resolution (1/``output_stride``,
+the ``output_stride`` attribute), for losses computed there. The ``global`` and ``patch``
+baselines are FPNSegmenters, and so is MagNet's backbone.
 
 :func:`smp_network` builds any segmentation_models_pytorch architecture on a timm encoder,
 with pretrained weights loaded through :class:`~gigaseg.nn.encoders.Encoder` (timm's or a
@@ -31,9 +37,9 @@ from ..errors import ConfigError
 from ..geometry import resize
 from .base import SegmentationModel
 from .encoders import Encoder, PretrainedSpec, check_encoder_name
-from .fpn import FPNBranch
+from .fpn import OUTPUT_STRIDES, FPNBranch
 
-__all__ = ["DECODERS", "SMP_ARCHITECTURES", "FPNSegmenter", "smp_network"]
+__all__ = ["DECODERS", "OUTPUT_STRIDES", "SMP_ARCHITECTURES", "FPNSegmenter", "smp_network"]
 
 #: the decoders of FPNSegmenter
 DECODERS = ("fpn", "smp_unet", "smp_fpn")
@@ -92,15 +98,17 @@ class FPNSegmenter(SegmentationModel):
         num_classes: output classes.
         in_channels: input bands.
         pretrained: False, True or a local weights file for the encoder.
-        **options: ``decoder`` and ``fpn_channels`` (the FPN's lateral width; its smoothing
-            width is half), and a subclass's own options.
+        **options: ``decoder``, ``fpn_channels`` (the FPN's lateral width; its smoothing
+            width is half) and ``output_stride`` (1, 2 or 4 with "fpn"; 1 with the smp
+            decoders), and a subclass's own options.
 
     Raises:
-        ConfigError: bad options, or an input side (``size_option``) the decoder cannot take.
+        ConfigError: bad options, an output stride the decoder cannot give, or an input side
+            (``size_option``) the decoder cannot take.
     """
 
-    default_options: dict[str, Any] = {"decoder": "fpn", "fpn_channels": 256}
-    option_choices = {"decoder": DECODERS}
+    default_options: dict[str, Any] = {"decoder": "fpn", "fpn_channels": 256, "output_stride": 4}
+    option_choices = {"decoder": DECODERS, "output_stride": OUTPUT_STRIDES}
     #: the option holding the network's input side, checked against ``size_multiple``
     size_option: ClassVar[str | None] = None
 
@@ -115,6 +123,12 @@ class FPNSegmenter(SegmentationModel):
     ):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         decoder = self.options["decoder"]
+        stride = self.options.get("output_stride", 4)
+        if decoder != "fpn" and stride != 1:
+            raise ConfigError(
+                f"{self.method_name or type(self).__name__}: decoder {decoder!r} predicts at full resolution, "
+                f"so output_stride must be 1, got {stride}"
+            )
         if decoder == "fpn":
             # GLNet's FPN: 256 lateral / 128 smoothing channels; smaller widths make a light CPU decoder
             width = self.options["fpn_channels"]
@@ -125,6 +139,7 @@ class FPNSegmenter(SegmentationModel):
                 pretrained=pretrained,
                 lateral_channels=width,
                 smooth_channels=max(1, width // 2),
+                output_stride=stride,
             )
             #: input pixels per logit pixel of ``decode``
             self.output_stride: int = self.net.output_stride
@@ -142,6 +157,19 @@ class FPNSegmenter(SegmentationModel):
                 f"multiple of {self.size_multiple}, got {size}"
             )
 
+    @classmethod
+    def _resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The smp decoders' ``output_stride`` is 1 when not given (their only value)."""
+        decoder = options.get("decoder", cls.default_options.get("decoder"))
+        if (
+            "output_stride" in cls.default_options
+            and "output_stride" not in options
+            and isinstance(decoder, str)
+            and decoder.startswith("smp_")
+        ):
+            options = {**options, "output_stride": 1}
+        return super()._resolve_options(options)
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the decoder's resolution.
 
@@ -149,8 +177,9 @@ class FPNSegmenter(SegmentationModel):
             x: normalised images ``(B, in_channels, H, W)``.
 
         Returns:
-            Logits ``(B, num_classes, H / output_stride, W / output_stride)``: 1/4 of ``x``
-            for "fpn" (with a ResNet), ``x``'s size for smp.
+            Logits ``(B, num_classes, ~H / output_stride, ~W / output_stride)``: 1/4 of ``x``
+            for "fpn" with output_stride 4 (with a ResNet), ``ceil(H / 2)`` x ``ceil(W / 2)``
+            for 2, ``x``'s size for 1 and for smp.
         """
         return self.net(x)
 

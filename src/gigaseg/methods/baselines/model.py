@@ -8,14 +8,17 @@
   see ``gigaseg.geometry.blend_weights``). Training uses ``crops_per_image`` random crops per
   image and epoch. Defaults follow GLNet's local stage: 50 epochs, lr 2e-5, batch 6.
 
-Both take ``loss`` ("focal": GLNet's focal loss with gamma 3, or "ce") and ``decoder``
-(see ``gigaseg.nn.segmenters``).
+Both take ``loss`` ("focal": GLNet's focal loss with gamma 3, or "ce"), ``decoder`` and
+``output_stride`` (see ``gigaseg.nn.segmenters``): with the "fpn" decoder 4 (the default, GLNet's
+head at 1/4 of the input), 2 or 1 (``gigaseg.nn.decoders.FullResolutionHead``: logits at 1/2 or
+full resolution, for thin structures); the smp decoders are at full resolution (1, their only
+value). A checkpoint written before the option existed loads as output stride 4 (1 for smp).
 """
 
 from __future__ import annotations
 
 from ...errors import ConfigError
-from ...nn.segmenters import DECODERS, FPNSegmenter
+from ...nn.segmenters import DECODERS, OUTPUT_STRIDES, FPNSegmenter
 
 __all__ = ["BLEND_MODES", "LOSSES", "GlobalSegmenter", "PatchSegmenter"]
 
@@ -26,8 +29,8 @@ BLEND_MODES = ("gaussian", "uniform")
 class GlobalSegmenter(FPNSegmenter):
     """Global-only baseline: the whole image at ``input_size`` x ``input_size``."""
 
-    default_options = {"input_size": 508, "decoder": "fpn", "fpn_channels": 256, "loss": "focal"}
-    option_choices = {"decoder": DECODERS, "loss": LOSSES}
+    default_options = {"input_size": 508, "decoder": "fpn", "fpn_channels": 256, "output_stride": 4, "loss": "focal"}
+    option_choices = {"decoder": DECODERS, "output_stride": OUTPUT_STRIDES, "loss": LOSSES}
     size_option = "input_size"
 
     def check_options(self) -> None:
@@ -44,10 +47,11 @@ class PatchSegmenter(FPNSegmenter):
         "blend": "gaussian",
         "decoder": "fpn",
         "fpn_channels": 256,
+        "output_stride": 4,
         "loss": "focal",
         "crops_per_image": 8,
     }
-    option_choices = {"decoder": DECODERS, "loss": LOSSES, "blend": BLEND_MODES}
+    option_choices = {"decoder": DECODERS, "output_stride": OUTPUT_STRIDES, "loss": LOSSES, "blend": BLEND_MODES}
     inference_options = ("overlap", "blend")
     size_option = "patch_size"
 
