@@ -22,25 +22,42 @@ FORMAT = "gigaseg-checkpoint"
 VERSION = 1
 
 
-def data_info(dataset, normalization) -> dict:
-    """The dataset facts a model needs at prediction time (names, colours, normalisation).
+def data_info(dataset, normalization, class_frequencies=None) -> dict:
+    """The dataset facts a model needs at prediction time (names, colours, normalisation), and what it was trained on.
 
     Args:
         dataset: the training dataset (``classes``, ``palette``, ``ignore_index`` and an
             optional ``exclude_from_miou``).
         normalization: the ``Normalization`` the model was trained with.
+        class_frequencies: each class's share of the training set's labelled pixels
+            (``gigaseg.data.statistics.class_frequencies``), or None when not measured.
 
     Returns:
         classes, palette (nested uint8 lists), ignore_index, exclude_from_miou and
-        normalization (its ``to_dict()``), all plain JSON-able values.
+        normalization (its ``to_dict()``), all plain JSON-able values; plus
+        ``class_frequencies`` (a list of floats, one per class) when given. Checkpoints
+        without that key (older ones, or runs that did not measure it) read as unknown:
+        ``data.get("class_frequencies")`` is None.
+
+    Raises:
+        ValueError: ``class_frequencies`` has not one finite, non-negative value per class.
     """
-    return {
+    info = {
         "classes": list(dataset.classes),
         "palette": np.asarray(dataset.palette, dtype=np.uint8).tolist(),
         "ignore_index": int(dataset.ignore_index),
         "exclude_from_miou": [int(c) for c in getattr(dataset, "exclude_from_miou", ())],
         "normalization": normalization.to_dict(),
     }
+    if class_frequencies is not None:
+        frequencies = np.asarray(class_frequencies, dtype=np.float64).reshape(-1)
+        if frequencies.size != len(info["classes"]) or not np.isfinite(frequencies).all() or (frequencies < 0).any():
+            raise ValueError(
+                f"class_frequencies must hold one finite, non-negative value per class ({len(info['classes'])}), "
+                f"got {frequencies.tolist()}"
+            )
+        info["class_frequencies"] = [float(f) for f in frequencies]
+    return info
 
 
 def rng_state() -> dict:

@@ -6,6 +6,12 @@ at an intermediate scale. These datasets produce them as normalised tensors
 with the labels resampled by NEAREST, and apply the same random flip/rotation
 to image and label (GLNet's paired augmentation). Randomness is derived from
 (seed, epoch, index) so a resumed run draws the same crops.
+
+Crops are placed uniformly, or class-balanced (``RandomCrops(sampling="balanced")``) so
+that thin, rare classes are in a fixed share of the crops. A method with its own crop
+views balances them the same way: ``class_statistics(dataset)`` once, then per item
+``statistics.draw(rng, probabilities)``, ``locate_in_cell`` on the mask read at the drawn
+cell, and :func:`window_around` the pixel found.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.base import SegmentationDataset
+from ..data.statistics import ClassStatistics, class_statistics, locate_in_cell
+from ..errors import ConfigError
 from ..geometry import Window
 from ..io.normalize import Normalization
 
@@ -147,6 +155,33 @@ class GlobalViews(_Views):
         return self._pack(image, label, rng_for(self.seed, self.epoch, index), index=index)
 
 
+#: how :class:`RandomCrops` places its crops
+SAMPLINGS = ("uniform", "balanced")
+
+
+def window_around(
+    row: int, col: int, crop: tuple[int, int], image_size: tuple[int, int], rng: np.random.Generator
+) -> Window:
+    """A ``crop``-sized window holding pixel ``(row, col)``, drawn uniformly among those inside the image.
+
+    Args:
+        row: the pixel's row.
+        col: the pixel's column.
+        crop: ``(h, w)`` of the window, at most the image's size.
+        image_size: ``(height, width)`` of the image.
+        rng: the item's generator (two numbers are drawn).
+
+    Returns:
+        The window: every placement inside the image that holds the pixel is equally likely.
+    """
+    (ch, cw), (height, width) = crop, image_size
+    low_top, high_top = max(0, row - ch + 1), min(row, height - ch)
+    low_left, high_left = max(0, col - cw + 1), min(col, width - cw)
+    top = low_top + int(rng.integers(high_top - low_top + 1))
+    left = low_left + int(rng.integers(high_left - low_left + 1))
+    return Window(top, left, ch, cw)
+
+
 class RandomCrops(_Views):
     """``crops_per_image`` random crops per image of ``crop`` source pixels, resized to ``out_size``.
 
@@ -154,6 +189,24 @@ class RandomCrops(_Views):
     crop they are views at a coarser scale (MagNet trains its backbone that way).
     Items are dicts: ``image`` float32 ``(C, h, w)``, ``label`` int64 ``(h, w)``, ``index``
     and ``box``, the crop's normalised box ``(y0, x0, y1, x1)`` in the image.
+
+    Two samplings:
+
+    - ``"uniform"``: item ``i`` is a crop of image ``i // crops_per_image`` at a uniformly
+      drawn position. A class covering 0.1% of the pixels is in few crops.
+    - ``"balanced"``: each item first draws a class (``ClassStatistics.class_probabilities``:
+      uniformly among the classes present in the training set, not counting the dataset's
+      ``exclude_from_miou`` classes, or with ``temperature`` between uniform and their
+      frequency), then a pixel of that class uniformly over the whole training set (its image,
+      a cell of the class-count grid, the pixel within the cell), then a crop uniformly among
+      those holding that pixel. So every crop holds the class drawn (before resizing to
+      ``out_size``), and the rare classes are in a share of the crops set by the draw, not by
+      their area. The image is the draw's, not ``i // crops_per_image``: ``crops_per_image``
+      only sets how many items an epoch has. The class-count grids are computed once
+      (``gigaseg.data.statistics.class_statistics``: every training mask read band by band)
+      unless ``statistics`` is given.
+
+    Both are deterministic from ``rng_for(seed, epoch, index)``: a resumed run draws the same crops.
 
     Args:
         dataset: the lazy dataset.
@@ -165,22 +218,67 @@ class RandomCrops(_Views):
         crops_per_image: items per sample.
         augment: apply :func:`augment_pair`.
         seed: the run's seed.
+        sampling: ``"uniform"`` or ``"balanced"``.
+        temperature: with ``"balanced"``, the exponent of the class frequencies in the class
+            draw: 0 uniform over classes, 1 in proportion to their pixels, in between both.
+        statistics: with ``"balanced"``, the dataset's ``ClassStatistics`` (None: computed here).
+
+    Raises:
+        ConfigError: an unknown ``sampling`` or a ``temperature`` outside [0, 1].
+        DatasetError: with ``"balanced"``, a sample without mask or a dataset without labelled pixels.
     """
 
-    def __init__(self, dataset, normalization, crop, out_size=None, crops_per_image=1, augment=True, seed=0):
+    def __init__(
+        self,
+        dataset,
+        normalization,
+        crop,
+        out_size=None,
+        crops_per_image=1,
+        augment=True,
+        seed=0,
+        sampling: str = "uniform",
+        temperature: float = 0.0,
+        statistics: ClassStatistics | None = None,
+    ):
         super().__init__(dataset, normalization, augment, seed, crops_per_image)
         self.crops = [
             tuple(c) if isinstance(c, (tuple, list)) else (c, c) for c in (crop if isinstance(crop, list) else [crop])
         ]
         self.out_size = tuple(out_size) if out_size is not None else None
+        if sampling not in SAMPLINGS:
+            raise ConfigError(f"unknown crop sampling {sampling!r}; use one of {', '.join(SAMPLINGS)}")
+        if not 0.0 <= float(temperature) <= 1.0:
+            raise ConfigError(
+                f"crop sampling temperature must lie in [0, 1] (0 uniform over classes, 1 by frequency), "
+                f"got {temperature}"
+            )
+        self.sampling = sampling
+        self.temperature = float(temperature)
+        self.statistics = None
+        self.class_probabilities = None
+        if sampling == "balanced":
+            self.statistics = statistics if statistics is not None else class_statistics(dataset)
+            self.class_probabilities = self.statistics.class_probabilities(
+                self.temperature, exclude=getattr(dataset, "exclude_from_miou", ())
+            )
 
     def __getitem__(self, index: int) -> dict:
         rng = rng_for(self.seed, self.epoch, index)
-        sample = self.dataset[index // self.crops_per_image]
-        ch, cw = self.crops[int(rng.integers(len(self.crops)))]
-        ch, cw = min(ch, sample.image.height), min(cw, sample.image.width)
-        top = int(rng.integers(sample.image.height - ch + 1))
-        left = int(rng.integers(sample.image.width - cw + 1))
+        if self.sampling == "uniform":
+            sample = self.dataset[index // self.crops_per_image]
+            ch, cw = self.crops[int(rng.integers(len(self.crops)))]
+            ch, cw = min(ch, sample.image.height), min(cw, sample.image.width)
+            top = int(rng.integers(sample.image.height - ch + 1))
+            left = int(rng.integers(sample.image.width - cw + 1))
+        else:
+            ch, cw = self.crops[int(rng.integers(len(self.crops)))]
+            draw = self.statistics.draw(rng, self.class_probabilities)
+            sample = self.dataset[draw.sample]
+            ch, cw = min(ch, sample.image.height), min(cw, sample.image.width)
+            row, col = locate_in_cell(sample.mask.read(draw.cell)[..., 0], draw, sample.mask.path)
+            placed = window_around(row, col, (ch, cw), (sample.image.height, sample.image.width), rng)
+            top, left = placed.top, placed.left
         window = Window(top, left, ch, cw)
         out = self.out_size if self.out_size is not None else (ch, cw)
         image = sample.image.read(window, out_size=out if out != (ch, cw) else None, resample="area")
