@@ -142,7 +142,11 @@ def test_sub_batches_sum_to_the_whole_batch_gradient():
         model.zero_grad()
         calls.clear()
         ctx = SimpleNamespace(
-            model=model, wrapped=model, sub_batch=sub_batch, backward=lambda loss: (calls.append(1), loss.backward())
+            model=model,
+            wrapped=model,
+            sub_batch=sub_batch,
+            stage=SimpleNamespace(options={}),
+            backward=lambda loss: (calls.append(1), loss.backward()),
         )
         logged = baselines.supervised_step(ctx, batch)["loss"]
         return logged, [p.grad.clone() for p in model.parameters() if p.grad is not None]

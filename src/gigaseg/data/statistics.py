@@ -46,6 +46,10 @@ __all__ = [
 #: side of a grid cell, in pixels
 DEFAULT_CELL = 64
 
+#: how training crops are drawn (``gigaseg.training.views.RandomCrops``'s ``sampling``): uniformly over
+#: the image, or balanced over the classes with these statistics
+CROP_SAMPLINGS = ("uniform", "balanced")
+
 #: the most cells one image's grid has; larger images get wider cells
 MAX_CELLS = 2**20
 

@@ -186,7 +186,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.settings = settings
         self.normalization = normalization
-        self.data = data_info(train_data, normalization)
+        self.data = data_info(train_data, normalization, _class_frequencies(train_data))
         self.run_config = run_config or {}
         self.fabric = make_fabric(settings)
         self.fabric.launch()
@@ -582,6 +582,14 @@ def _set_base_lr(optimizer, scheduler, lr: float) -> None:
         group["initial_lr"] = lr
         group["lr"] = lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _class_frequencies(dataset):
+    """The training masks' class frequencies, stored with the run (None for image-level labels)."""
+    from ..data.base import SegmentationDataset
+    from ..data.statistics import class_frequencies
+
+    return class_frequencies(dataset) if isinstance(dataset, SegmentationDataset) else None
 
 
 def _optimizer(stage: Stage, params, lr: float) -> torch.optim.Optimizer:

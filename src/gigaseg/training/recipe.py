@@ -240,3 +240,57 @@ class Stage:
     sample_inputs: Callable[[nn.Module], tuple] | None = None  # for memory estimates
     before_stage: Callable[[nn.Module], None] | None = None  # e.g. copy weights between branches
     options: dict = field(default_factory=dict)
+
+
+def prepare_class_balance(stage: Stage, dataset, loss: str, sampling: str = "uniform"):
+    """Measure what a rare-class loss or a balanced crop sampler needs, once per stage's data.
+
+    Stores in ``stage.options``: ``ignore_index`` (the dataset's) and, when ``loss`` weights its
+    classes, ``class_weights`` (``gigaseg.nn.losses.class_weights`` of the training frequencies).
+    The masks are read at most once per process (``gigaseg.data.statistics`` caches them), so the
+    trainer's own measurement and this one share a pass.
+
+    Args:
+        stage: the stage whose ``make_data`` is building its views.
+        dataset: the training dataset.
+        loss: the model's ``loss`` option (``gigaseg.nn.losses.LOSSES``).
+        sampling: the model's crop sampling (``gigaseg.data.statistics.CROP_SAMPLINGS``).
+
+    Returns:
+        The dataset's ``ClassStatistics`` when ``sampling`` is ``"balanced"`` (for ``RandomCrops``),
+        else None.
+
+    Raises:
+        ConfigError: an unknown ``sampling``.
+    """
+    from ..data.statistics import CROP_SAMPLINGS, class_statistics
+    from ..nn.losses import WEIGHTED_LOSSES, class_weights
+
+    if sampling not in CROP_SAMPLINGS:
+        raise ConfigError(f"unknown crop sampling {sampling!r}; use one of {', '.join(CROP_SAMPLINGS)}")
+    stage.options["ignore_index"] = int(getattr(dataset, "ignore_index", 255))
+    statistics = class_statistics(dataset) if loss in WEIGHTED_LOSSES or sampling == "balanced" else None
+    if loss in WEIGHTED_LOSSES:
+        stage.options["class_weights"] = [float(w) for w in class_weights(statistics.frequencies)]
+    return statistics if sampling == "balanced" else None
+
+
+def stage_loss(ctx: StepContext, name: str) -> nn.Module:
+    """The training loss ``name`` for the stage that is running, with its class weights and ignore index.
+
+    Args:
+        ctx: the step's context (``ctx.stage.options`` as :func:`prepare_class_balance` left them).
+        name: the model's ``loss`` option.
+
+    Returns:
+        ``gigaseg.nn.losses.segmentation_loss(name, ...)``, called as ``loss(logits, labels)``.
+
+    Raises:
+        ConfigError: an unknown loss, or a weighted loss whose weights were not prepared.
+    """
+    from ..nn.losses import segmentation_loss
+
+    options = ctx.stage.options
+    return segmentation_loss(
+        name, int(ctx.model.num_classes), options.get("class_weights"), int(options.get("ignore_index", 255))
+    )

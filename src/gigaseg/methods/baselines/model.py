@@ -17,12 +17,13 @@ value). A checkpoint written before the option existed loads as output stride 4 
 
 from __future__ import annotations
 
+from ...data.statistics import CROP_SAMPLINGS
 from ...errors import ConfigError
+from ...nn.losses import LOSSES
 from ...nn.segmenters import DECODERS, OUTPUT_STRIDES, FPNSegmenter
 
 __all__ = ["BLEND_MODES", "LOSSES", "GlobalSegmenter", "PatchSegmenter"]
 
-LOSSES = ("focal", "ce")
 BLEND_MODES = ("gaussian", "uniform")
 
 
@@ -50,14 +51,27 @@ class PatchSegmenter(FPNSegmenter):
         "output_stride": 4,
         "loss": "focal",
         "crops_per_image": 8,
+        "crop_sampling": "uniform",
+        "sampling_temperature": 0.0,
     }
-    option_choices = {"decoder": DECODERS, "output_stride": OUTPUT_STRIDES, "loss": LOSSES, "blend": BLEND_MODES}
+    option_choices = {
+        "decoder": DECODERS,
+        "output_stride": OUTPUT_STRIDES,
+        "loss": LOSSES,
+        "blend": BLEND_MODES,
+        "crop_sampling": CROP_SAMPLINGS,
+    }
     inference_options = ("overlap", "blend")
     size_option = "patch_size"
 
     def check_options(self) -> None:
         """Positive ``patch_size``, ``crops_per_image`` and ``fpn_channels``; ``0 <= overlap < patch_size``."""
         self._require_positive("patch_size", "crops_per_image", "fpn_channels")
+        if not 0.0 <= self.options["sampling_temperature"] <= 1.0:
+            raise ConfigError(
+                f"patch: option sampling_temperature must be in [0, 1] (0: classes drawn uniformly, 1: by "
+                f"frequency), got {self.options['sampling_temperature']}"
+            )
         if not 0 <= self.options["overlap"] < self.options["patch_size"]:
             raise ConfigError(
                 f"patch: option overlap must be in [0, patch_size={self.options['patch_size']}), "

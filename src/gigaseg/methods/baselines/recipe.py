@@ -4,30 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ...data.labels import IGNORE_INDEX
-from ...nn.losses import FocalLoss
-from ...training.recipe import Stage, StepContext
+from ...training.recipe import Stage, StepContext, prepare_class_balance, stage_loss
 from ...training.views import GlobalViews, RandomCrops
-
-
-def segmentation_loss(name: str, ignore_index: int = IGNORE_INDEX):
-    """The loss a baseline trains with (its ``loss`` option).
-
-    Args:
-        name: ``"focal"`` (GLNet's focal loss, gamma 3) or ``"ce"`` (cross-entropy).
-        ignore_index: the label value the loss ignores.
-
-    Returns:
-        The loss module, called as ``loss(logits, labels)``.
-
-    Raises:
-        ValueError: an unknown ``name``.
-    """
-    if name == "focal":
-        return FocalLoss(gamma=3, ignore_index=ignore_index)
-    if name == "ce":
-        return torch.nn.CrossEntropyLoss(ignore_index=ignore_index)
-    raise ValueError(f"unknown loss {name!r}; use 'focal' or 'ce'")
 
 
 def supervised_step(ctx: StepContext, batch: dict) -> dict[str, float]:
@@ -43,7 +21,7 @@ def supervised_step(ctx: StepContext, batch: dict) -> dict[str, float]:
     Returns:
         ``{"loss": the batch's loss}`` (the weighted sub-batch losses summed), a float.
     """
-    loss_fn = segmentation_loss(ctx.model.options.get("loss", "focal"))
+    loss_fn = stage_loss(ctx, ctx.model.options.get("loss", "focal"))
     images, labels = batch["image"], batch["label"]
     total = images.shape[0]
     logged = 0.0
@@ -65,18 +43,23 @@ def global_stages(model) -> list[Stage]:
         The one stage, ``global`` (poly schedule, weight decay 5e-4).
     """
     size = model.options["input_size"]
-    return [
-        Stage(
-            name="global",
-            epochs=120,
-            lr=5e-5,
-            batch_size=6,
-            weight_decay=5e-4,
-            make_data=lambda data, norm, settings: GlobalViews(data, norm, (size, size), seed=settings.seed),
-            step=supervised_step,
-            sample_inputs=lambda m: (torch.zeros(1, m.in_channels, size, size),),
-        )
-    ]
+    stage = Stage(
+        name="global",
+        epochs=120,
+        lr=5e-5,
+        batch_size=6,
+        weight_decay=5e-4,
+        make_data=None,
+        step=supervised_step,
+        sample_inputs=lambda m: (torch.zeros(1, m.in_channels, size, size),),
+    )
+
+    def make_data(data, norm, settings):
+        prepare_class_balance(stage, data, model.options["loss"])
+        return GlobalViews(data, norm, (size, size), seed=settings.seed)
+
+    stage.make_data = make_data
+    return [stage]
 
 
 def patch_stages(model) -> list[Stage]:
@@ -89,17 +72,30 @@ def patch_stages(model) -> list[Stage]:
         The one stage, ``patch`` (poly schedule, weight decay 5e-4).
     """
     patch = model.options["patch_size"]
-    return [
-        Stage(
-            name="patch",
-            epochs=50,
-            lr=2e-5,
-            batch_size=6,
-            weight_decay=5e-4,
-            make_data=lambda data, norm, settings: RandomCrops(
-                data, norm, crop=patch, crops_per_image=model.options["crops_per_image"], seed=settings.seed
-            ),
-            step=supervised_step,
-            sample_inputs=lambda m: (torch.zeros(1, m.in_channels, patch, patch),),
+    stage = Stage(
+        name="patch",
+        epochs=50,
+        lr=2e-5,
+        batch_size=6,
+        weight_decay=5e-4,
+        make_data=None,
+        step=supervised_step,
+        sample_inputs=lambda m: (torch.zeros(1, m.in_channels, patch, patch),),
+    )
+
+    def make_data(data, norm, settings):
+        sampling = model.options["crop_sampling"]
+        statistics = prepare_class_balance(stage, data, model.options["loss"], sampling)
+        return RandomCrops(
+            data,
+            norm,
+            crop=patch,
+            crops_per_image=model.options["crops_per_image"],
+            seed=settings.seed,
+            sampling=sampling,
+            temperature=model.options["sampling_temperature"],
+            statistics=statistics,
         )
-    ]
+
+    stage.make_data = make_data
+    return [stage]
