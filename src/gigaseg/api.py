@@ -307,6 +307,7 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
     options: dict[str, Any] | None = None,
+    detail: bool = True,
 ) -> dict[str, Any]:
     """Stream every image of ``data``'s split through the predictor and score it.
 
@@ -318,13 +319,17 @@ def evaluate(
         device: where the network runs.
         progress: show a progress bar (on a terminal).
         options: changes inference options as in :func:`predict` (e.g. MagNet's ``refine="never"``).
+        detail: also score segmentations for detail: boundary F1 and thin-structure recall
+            (``gigaseg.metrics.DetailMetrics``), under ``detail``.
 
     Returns:
         ``ConfusionMatrix.summary``: per-class IoU, F1, precision and recall, mIoU, mean F1,
         pixel and balanced accuracy (the dataset's ``exclude_from_miou`` classes left out
-        of the means). Two-class models also get ``binary``: the positive class's (class 1)
-        F1, IoU, sensitivity, specificity, balanced accuracy and likelihood ratios LR+ / LR-
-        (``ConfusionMatrix.binary_metrics``; NaN as None, infinity as "inf"). Image
+        of the means); with ``detail``, ``detail``: ``DetailMetrics.summary`` (per-class and mean
+        boundary F1 at a 2-px tolerance, thin-structure recall). Two-class models also get
+        ``binary``: the positive class's (class 1) F1, IoU, sensitivity, specificity, balanced
+        accuracy and likelihood ratios LR+ / LR- (``ConfusionMatrix.binary_metrics``; NaN as
+        None, infinity as "inf"). Image
         classifiers (classification datasets) are scored per image: ``task``, ``accuracy``,
         ``balanced_accuracy``, per-class F1, the confusion matrix and ``predictions``
         (image name -> class index), with ``binary`` too for two classes.
@@ -339,7 +344,7 @@ def evaluate(
     from .data.loader import load_dataset
     from .inference.stream import predict_image
     from .methods.registry import build_predictor
-    from .metrics import ConfusionMatrix
+    from .metrics import ConfusionMatrix, DetailMetrics
     from .progress import progress_bar
 
     budget = parse_size(max_memory) if max_memory is not None else None
@@ -355,6 +360,7 @@ def evaluate(
     if model.task == "classification":
         return _evaluate_classification(model, dataset, normalization, split, device, budget, progress)
     matrix = ConfusionMatrix(model.num_classes, ignore_index=dataset.ignore_index)
+    details = DetailMetrics(model.num_classes, ignore_index=dataset.ignore_index) if detail else None
     with progress_bar(f"evaluate {split}", len(dataset), enabled=progress) as advance:
         for index in range(len(dataset)):
             sample = dataset[index]
@@ -362,13 +368,18 @@ def evaluate(
             norm = _normalization_for(normalization or Normalization.for_source(image), image)
             predictor = build_predictor(model, norm, device=device, max_memory=budget)
 
-            def update(window, labels, sample=sample):
-                matrix.update(labels, sample.mask.read(window)[..., 0])
+            def update(window, labels, sample=sample, height=image.height):
+                target = sample.mask.read(window)[..., 0]
+                matrix.update(labels, target)
+                if details is not None:
+                    details.update(window, labels, target, image_height=height)
 
             predict_image(predictor, image, None, block_size=block_size_for(budget), on_band=update, progress=False)
             advance(1)
     exclude = getattr(dataset, "exclude_from_miou", ())
     summary = matrix.summary(class_names=list(dataset.classes), exclude=exclude)
+    if details is not None:
+        summary["detail"] = details.summary(class_names=list(dataset.classes), exclude=exclude)
     if model.num_classes == 2:
         summary["binary"] = _json_binary(matrix.binary_metrics(positive=1))
     return summary

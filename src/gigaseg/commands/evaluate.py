@@ -73,7 +73,7 @@ def format_summary(summary: dict) -> str:
         summary: what :func:`gigaseg.api.evaluate` returned.
 
     Returns:
-        The rendered table (100 columns wide); missing values show as "n/a".
+        The rendered table (120 columns wide); missing values show as "n/a".
     """
     from rich.console import Console
     from rich.table import Table
@@ -104,12 +104,24 @@ def format_summary(summary: dict) -> str:
             f"{number(binary['balanced_accuracy'])}, LR+ {ratio(binary['lr_positive'])}, "
             f"LR- {ratio(binary['lr_negative'])}"
         )
+    detail = summary.get("detail")
+    if detail:
+        title += (
+            f"\ndetail: mean boundary F1 {number(detail['mean_boundary_f1'])} (tolerance {detail['tolerance']} px), "
+            f"mean thin-structure recall {number(detail['mean_thin_recall'])}"
+        )
     table = Table(title=title)
-    for column in ("class", "IoU", "F1", "precision", "recall", "images" if classification else "pixels"):
+    columns = ["class", "IoU", "F1", "precision", "recall"]
+    if detail:
+        columns += ["boundary F1", "thin recall"]
+    for column in (*columns, "images" if classification else "pixels"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, row in summary["per_class"].items():
-        table.add_row(name, *(number(row[k]) for k in ("iou", "f1", "precision", "recall")), str(row["support"]))
-    console = Console(width=100, record=True)
+        cells = [number(row[k]) for k in ("iou", "f1", "precision", "recall")]
+        if detail:
+            cells += [number(detail["per_class"][name][k]) for k in ("boundary_f1", "thin_recall")]
+        table.add_row(name, *cells, str(row["support"]))
+    console = Console(width=120, record=True)
     with console.capture() as capture:
         console.print(table)
     return capture.get()
