@@ -26,6 +26,27 @@ The network, as in the paper and the authors' code:
   The paper's count (both branches, both FPNs with their sharing layers, ensemble head:
   79.2 M) does not include it; :meth:`GLNet.parameter_breakdown` lists both.
 
+Full-resolution logits (option ``output_stride``): every head of the paper predicts at 1/4 of
+its input (c2's resolution), which cannot draw a structure narrower than a few 1/4 cells (a
+2-px road). ``output_stride=4`` (the default) is the paper's network, unchanged (the same
+modules, state dict and outputs: checkpoints written before the option load as 4). With 1 (or
+2) each head is a :class:`~gigaseg.nn.decoders.FullResolutionHead` instead, fed with the
+encoder's stride-2 map and the pixels of the view it predicts, and the losses compare logits at
+that resolution with labels at that resolution (at 1: the labels themselves):
+
+- the global branch (``FPNBranch(output_stride=...)``): ``global_branch.head`` on the global
+  ps3, the global encoder's stride-2 map and the global view: logits at ``size_g`` (stage 1);
+  the ``_ext`` pass of stage 3 shares that head as it shares the stage-1 classifier at 4;
+- the local branch: ``local_branch.head`` on the local ps3, the patch's stride-2 map and the
+  patch pixels: local logits at ``size_p`` (its stage-2 loss);
+- the ensemble: a head whose input is the ensemble's, ``concat(ps3_local, crop of ps3_global)``
+  (twice ps3's channels), with the patch's stride-2 map and pixels: ensemble logits at ``size_p``.
+
+The feature sharing, the local -> global merge and the feature-map regulariser stay at the FPN's
+1/4 resolution, as in the paper. Without autograd the heads' concatenations are never built
+(:func:`head_logits`: sums of convolutions over the weight's channel slices, as
+``gigaseg.nn.fpn.conv_cat`` does for the FPN).
+
 Stages (``STAGES``): 1 ``global``, 2 ``global2local``, 3 ``local2global``. The stage a model
 was trained in lives in the buffer ``trained_stage`` (saved in checkpoints; 0 = untrained,
 which predicts like stage 1), so a checkpoint predicts the way its stage defines: stage 1 the
@@ -40,7 +61,8 @@ the merged local maps) as arguments and returns what it computed. ``forward`` di
 - ``forward(x, "global", merged=None, fixed=False)`` -> :class:`FPNFeatures` of the global
   branch (``merged``: the stage-3 local->global maps; ``fixed``: the frozen stage-1 copy);
 - ``forward(patches, "local", boxes=..., context=..., ensemble=True)`` -> :class:`PatchOutput`;
-- ``forward(local_ps3, "ensemble", global_ps3=..., boxes=...)`` -> ensemble logits.
+- ``forward(local_ps3, "ensemble", global_ps3=..., boxes=..., image=..., skip=...)`` -> ensemble
+  logits (``image``, the patches, and ``skip``, their stride-2 map, for full-resolution heads).
 
 Huge images: with ``global_context="image"`` (the default, as the paper) the global view is
 the whole image resized to ``size_g``. GLNet was trained with 2448 px scenes (a 4.8x
@@ -71,10 +93,21 @@ from torch import nn
 from ...errors import ConfigError
 from ...geometry import PasteAverager, PatchGrid, Window, box_on_grid, crop_resize, resize
 from ...nn.base import SegmentationModel
+from ...nn.decoders import FullResolutionHead
 from ...nn.encoders import Encoder, PretrainedSpec
-from ...nn.fpn import ALL_MAPS, FPN, SHARING_POINTS, FPNBranch, FPNFeatures, conv_cat, fpn_pass, init_conv
+from ...nn.fpn import (
+    ALL_MAPS,
+    FPN,
+    OUTPUT_STRIDES,
+    SHARING_POINTS,
+    FPNBranch,
+    FPNFeatures,
+    conv_cat,
+    fpn_pass,
+    init_conv,
+)
 
-__all__ = ["GLNet", "STAGES", "PatchOutput", "LocalToGlobal", "crop_global", "stage_number"]
+__all__ = ["GLNet", "STAGES", "PatchOutput", "LocalToGlobal", "crop_global", "head_logits", "stage_number"]
 
 #: the tile side of the "tile" policy when neither the option nor the weights give one: the paper's scenes
 PAPER_SCENE_SIDE = 2448
@@ -147,20 +180,74 @@ def _crop_like(features, boxes, size, dtype, batch_index) -> torch.Tensor:
     return crop_global(features, boxes, size, batch_index).to(dtype)
 
 
+def head_logits(
+    head: FullResolutionHead, features: list, image: torch.Tensor, skip: torch.Tensor | None
+) -> torch.Tensor:
+    """``head(torch.cat(features, 1), image, skip)``, without building concatenations when autograd is off.
+
+    With autograd it is the head's own forward on the concatenated features. Without it, each
+    convolution that takes a concatenation (``reduce`` over the features, ``fuse2`` over the
+    upsampled features and the stride-2 map, ``fuse1`` over the upsampled features and the
+    full-resolution pixel stem) is computed as a sum of convolutions over its weight's
+    input-channel slices (``gigaseg.nn.fpn.conv_cat``), one part resized or made at a time, so
+    the full-resolution concatenation never exists: the same numbers (up to float summation
+    order) at a lower peak.
+
+    Args:
+        head: the head (in eval mode when autograd is off: its BatchNorms then use their running
+            statistics, as the head's forward would).
+        features: the 1/4-resolution maps to concatenate, all of one size (items may be
+            zero-argument callables that make them; without autograd the list's items are set
+            to None as they are used).
+        image: the pixels the head predicts ``(N, image_channels, H, W)``.
+        skip: the encoder's stride-2 map; ignored (may be None) when the head makes its own.
+
+    Returns:
+        Logits ``(N, num_classes, H, W)`` (output stride 1) or at the stride-2 map's size (2).
+
+    Raises:
+        ValueError: ``skip`` missing for a head built to use the encoder's stride-2 map.
+    """
+    skip = skip if head.uses_encoder_skip else None
+    if torch.is_grad_enabled():
+        parts = [x() if callable(x) else x for x in features]
+        return head(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), image, skip)
+    if skip is None:
+        if head.uses_encoder_skip:
+            raise ValueError("this head was built with skip_channels: pass the encoder's stride-2 map as skip")
+        skip = head.stem2(image)
+    x = _conv_bn_relu(head.reduce, features)
+    x = _conv_bn_relu(head.fuse2, [x, skip], skip.shape[-2:])
+    del skip
+    if head.fuse1 is not None:
+        x = _conv_bn_relu(head.fuse1, [x, functools.partial(head.stem1, image)], image.shape[-2:])
+    return head.classifier(x)
+
+
+def _conv_bn_relu(block: nn.Sequential, parts: list, size=None) -> torch.Tensor:
+    """A conv-BN-ReLU block on the concatenation of ``parts``, its conv as :func:`conv_cat`'s sum."""
+    conv, norm, act = block
+    return act(norm(conv_cat(conv, parts, size)))
+
+
 @dataclass
 class PatchOutput:
     """What the local branch returns for a sub-batch of patches.
 
     Attributes:
-        local: the local branch's maps (``logits``: the local logits at 1/4 of the patch).
+        local: the local branch's maps (``logits``: the local logits at 1/``output_stride`` of
+            the patch: 1/4 with the paper's heads, the patch's size at output stride 1).
         ensemble: the ensemble logits (the local logits' size); None without the ensemble.
-        global_ps3: the crop of the global ps3 each patch was ensembled with; None without
-            the ensemble.
+        global_ps3: the crop of the global ps3 each patch was ensembled with (at ps3's 1/4
+            resolution, whatever the output stride); None without the ensemble.
+        skip: the local encoder's stride-2 map of the patches, when ``"skip"`` was in ``keep``
+            and the heads use it (output stride 1 or 2); else None.
     """
 
     local: FPNFeatures
     ensemble: torch.Tensor | None
     global_ps3: torch.Tensor | None
+    skip: torch.Tensor | None = None
 
 
 class LocalToGlobal:
@@ -254,6 +341,9 @@ class GLNet(SegmentationModel):
         fpn_channels: lateral width of every FPN (256 in the paper; the smoothing width is half).
             Narrower FPNs are for CPU-scale comparisons with the baselines' ``fpn_channels``:
             at 64 the FPN convolutions, which dominate GLNet's cost per patch, are ~16x cheaper.
+        output_stride: input pixels per logit pixel of every head: 4 (the paper's heads, the
+            default), 2 or 1 (full-resolution heads, see the module docstring). It shapes the
+            network, so it cannot change after training.
 
     Raises:
         ConfigError: an unknown option, or an option of the wrong type or out of range.
@@ -268,8 +358,9 @@ class GLNet(SegmentationModel):
         "global_context": "image",
         "fpn_channels": 256,
         "context_tile": 0,
+        "output_stride": 4,
     }
-    option_choices = {"global_context": ("image", "tile")}
+    option_choices = {"global_context": ("image", "tile"), "output_stride": OUTPUT_STRIDES}
     inference_options = ("min_overlap", "global_context", "context_tile")
 
     def __init__(
@@ -283,15 +374,28 @@ class GLNet(SegmentationModel):
     ):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         width = self.options["fpn_channels"]
+        stride = self.options["output_stride"]
         widths = {"lateral_channels": width, "smooth_channels": max(1, width // 2)}
-        kw = {"num_classes": num_classes, "in_channels": in_channels, **widths}
+        kw = {"num_classes": num_classes, "in_channels": in_channels, "output_stride": stride, **widths}
         self.global_branch = FPNBranch(encoder, pretrained=pretrained, **kw)
         self.local_branch = FPNBranch(encoder, pretrained=pretrained, shared_inputs=True, **kw)
         channels = self.global_branch.encoder.out_channels
-        self.global_ext = FPN(channels, num_classes, shared_inputs=True, **widths)
-        self.global_ext.classifier = None  # stage 3 classifies with the stage-1 classifier
-        merged = self.global_branch.fpn.classifier.in_channels  # ps3 channels (512 at the paper's widths)
-        self.ensemble = init_conv(2 * merged, num_classes, 3)
+        merged = self.global_branch.fpn.merged_channels  # ps3 channels (512 at the paper's widths)
+        #: the ensemble head: the paper's 3x3 conv (output stride 4) or a full-resolution head
+        self.ensemble: nn.Module
+        if stride == 4:
+            self.global_ext = FPN(channels, num_classes, shared_inputs=True, **widths)
+            self.global_ext.classifier = None  # stage 3 classifies with the stage-1 classifier
+            self.ensemble = init_conv(2 * merged, num_classes, 3)
+        else:  # stage 3 classifies with the global branch's head
+            self.global_ext = FPN(channels, None, shared_inputs=True, **widths)
+            self.ensemble = FullResolutionHead(
+                2 * merged,
+                num_classes,
+                image_channels=in_channels,
+                skip_channels=self.local_branch.encoder.stride2_channels,
+                output_stride=stride,
+            )
         with torch.device("meta"):  # its tensors are the global branch's until stage 3 starts
             self.global_fixed = FPNBranch(encoder, pretrained=False, **kw)
         self._tie_fixed()
@@ -381,8 +485,9 @@ class GLNet(SegmentationModel):
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameters per part, and what the paper counts.
 
-        The ``global_branch`` figure includes its plain FPN's classifier, which the ``_ext``
-        layers share.
+        The ``global_branch`` figure includes its plain FPN's classifier (output stride 4) or
+        its full-resolution head (1 or 2), which the ``_ext`` layers share; ``ensemble`` is
+        the paper's 3x3 conv or the ensemble's full-resolution head.
 
         Returns:
             Parameter counts keyed ``global_branch``, ``global_ext``, ``local_branch``,
@@ -425,7 +530,9 @@ class GLNet(SegmentationModel):
             keep: the maps to keep (``gigaseg.nn.fpn.fpn_pass``); the others are released early.
 
         Returns:
-            The branch's maps (logits at 1/4 of the view for a ResNet encoder).
+            The branch's maps. The logits are the stage-1 classifier's at 1/4 of the view (a
+            ResNet encoder, output stride 4), or the global branch's full-resolution head's at
+            1/``output_stride`` of the view; the ``_ext`` pass shares that classifier or head.
 
         Raises:
             ValueError: ``fixed`` with ``merged`` (the frozen copy has no ``_ext`` layers).
@@ -434,15 +541,27 @@ class GLNet(SegmentationModel):
             if merged is not None:
                 raise ValueError("the frozen stage-1 global copy has no _ext layers")
             with torch.no_grad():
-                return fpn_pass(self.global_fixed.fpn, self.global_fixed.encoder(x), keep=keep)
-        c = self.global_branch.encoder(x)
+                return self._branch_pass(self.global_fixed, self.global_fixed.fpn, x, None, None, keep)
         if merged is None:
-            return fpn_pass(self.global_branch.fpn, c, keep=keep)
+            return self._branch_pass(self.global_branch, self.global_branch.fpn, x, None, None, keep)
 
         def share(point: str, own: list[torch.Tensor]) -> list[torch.Tensor]:
             return [resize(m.to(o.dtype), o.shape[-2:]) for m, o in zip(merged[point], own, strict=True)]
 
-        return fpn_pass(self.global_ext, c, share, classifier=self.global_branch.fpn.classifier, keep=keep)
+        return self._branch_pass(self.global_branch, self.global_ext, x, share, self.global_branch.fpn.classifier, keep)
+
+    def _branch_pass(self, branch: FPNBranch, fpn: FPN, x, share, classifier, keep) -> FPNFeatures:
+        """``branch``'s encoder, then ``fpn``'s pass; with a full-resolution head, its logits when kept."""
+        head = branch.head
+        if head is None or "logits" not in keep:
+            return fpn_pass(fpn, branch.encoder(x), share, classifier=classifier, keep=keep)
+        skip, c = branch.encoder.forward_with_stride2(x)
+        features = fpn_pass(fpn, c, share, keep=set(keep) | {"ps3"})
+        del c
+        features.logits = head_logits(head, [features.ps3], x, skip)
+        if "ps3" not in keep:
+            features.ps3 = None
+        return features
 
     def local_features(
         self,
@@ -469,12 +588,26 @@ class GLNet(SegmentationModel):
                 local -> global merge); None: nothing does.
 
         Returns:
-            The local branch's maps (logits at 1/4 of the patch for a ResNet encoder).
+            The local branch's maps (logits at 1/4 of the patch for a ResNet encoder with the
+            paper's head, at 1/``output_stride`` with a full-resolution head).
 
         Raises:
             ValueError: the context and the local branch have different numbers of levels.
         """
-        c = self.local_branch.encoder(patches)
+        return self._local_pass(patches, boxes, context, batch_index, keep, visit, need_skip=False)[0]
+
+    def _local_pass(
+        self, patches, boxes, context: FPNFeatures, batch_index, keep, visit, need_skip: bool
+    ) -> tuple[FPNFeatures, torch.Tensor | None]:
+        """:meth:`local_features`, and the local encoder's stride-2 map when ``need_skip`` (None without one)."""
+        head = self.local_branch.head
+        logits = head is not None and "logits" in keep
+        if head is None:
+            skip, c = None, self.local_branch.encoder(patches)
+        else:
+            skip, c = self.local_branch.encoder.forward_with_stride2(patches)
+            if not (logits or need_skip):
+                skip = None  # released before the FPN pass
 
         def share(point: str, own: list[torch.Tensor]) -> list:
             if visit is not None:
@@ -487,10 +620,22 @@ class GLNet(SegmentationModel):
                 functools.partial(_crop_like, g, boxes, o.shape[-2:], o.dtype, batch_index) for g, o in zip(maps, own)
             ]
 
-        return fpn_pass(self.local_branch.fpn, c, share, keep=keep)
+        features = fpn_pass(self.local_branch.fpn, c, share, keep=set(keep) | ({"ps3"} if logits else set()))
+        del c
+        if logits:
+            features.logits = head_logits(head, [features.ps3], patches, skip)
+            if "ps3" not in keep:
+                features.ps3 = None
+        return features, skip if need_skip else None
 
     def ensemble_logits(
-        self, local_ps3: torch.Tensor, global_ps3: torch.Tensor, boxes, batch_index=None
+        self,
+        local_ps3: torch.Tensor,
+        global_ps3: torch.Tensor,
+        boxes,
+        batch_index=None,
+        image: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """GLNet's ensemble head on patches' local ps3 and the matching crops of the global ps3.
 
@@ -499,13 +644,28 @@ class GLNet(SegmentationModel):
             global_ps3: the global ps3 ``(B, C, H, W)`` to crop (gradients reach it).
             boxes: the ``N`` patches' normalised boxes.
             batch_index: the global map each crop comes from (see :func:`crop_global`).
+            image: the normalised patches ``(N, in_channels, size_p, size_p)``; needed by a
+                full-resolution ensemble head (output stride 1 or 2), unused at 4.
+            skip: the local encoder's stride-2 map of the patches (:class:`PatchOutput`'s
+                ``skip``); needed by a full-resolution head whose encoder has that level.
 
         Returns:
-            ``(logits, crop)``: the ensemble logits ``(N, num_classes, h, w)`` and the crop of
-            the global ps3 ``(N, C, h, w)`` (in ``local_ps3``'s dtype) they were computed from.
+            ``(logits, crop)``: the ensemble logits ``(N, num_classes, h, w)`` at ps3's size
+            (output stride 4) or at 1/``output_stride`` of ``image``, and the crop of the global
+            ps3 ``(N, C, h, w)`` (in ``local_ps3``'s dtype) they were computed from.
+
+        Raises:
+            ValueError: a full-resolution ensemble head without ``image`` (or without ``skip``
+                when it uses the encoder's stride-2 map).
         """
         crop = crop_global(global_ps3, boxes, local_ps3.shape[-2:], batch_index).to(local_ps3.dtype)
-        return conv_cat(self.ensemble, [local_ps3, crop]), crop
+        if not isinstance(self.ensemble, FullResolutionHead):
+            return conv_cat(self.ensemble, [local_ps3, crop]), crop
+        if image is None:
+            raise ValueError(
+                f"glnet's ensemble at output_stride {self.options['output_stride']} needs the patches' pixels (image=)"
+            )
+        return head_logits(self.ensemble, [local_ps3, crop], image, skip), crop
 
     def patch_forward(
         self,
@@ -527,19 +687,24 @@ class GLNet(SegmentationModel):
                 pass); None: ``context.ps3``.
             batch_index: the context map each patch crops (see :func:`crop_global`).
             ensemble: run the ensemble head (the local ``ps3`` is then kept whatever ``keep`` says).
-            keep: the local maps to keep (``gigaseg.nn.fpn.fpn_pass``).
+            keep: the local maps to keep (``gigaseg.nn.fpn.fpn_pass``), and ``"skip"``: return
+                the local encoder's stride-2 map (for a later :meth:`ensemble_logits` call at
+                output stride 1 or 2).
 
         Returns:
             The local maps, and the ensemble logits with their global ps3 crops (both None
             when ``ensemble`` is False).
         """
         keep = set(keep) | ({"ps3"} if ensemble else set())
-        local = self.local_features(patches, boxes, context, batch_index, keep=keep)
+        want_skip = "skip" in keep
+        keep.discard("skip")
+        need_skip = want_skip or (ensemble and isinstance(self.ensemble, FullResolutionHead))
+        local, skip = self._local_pass(patches, boxes, context, batch_index, keep, None, need_skip=need_skip)
         if not ensemble:
-            return PatchOutput(local, None, None)
+            return PatchOutput(local, None, None, skip if want_skip else None)
         source = ensemble_from if ensemble_from is not None else context.ps3
-        logits, crop = self.ensemble_logits(local.ps3, source, boxes, batch_index)
-        return PatchOutput(local, logits, crop)
+        logits, crop = self.ensemble_logits(local.ps3, source, boxes, batch_index, image=patches, skip=skip)
+        return PatchOutput(local, logits, crop, skip if want_skip else None)
 
     def forward(self, x: torch.Tensor, task: str = "image", **kwargs: Any):
         """Run one of GLNet's computations (see the module docstring).
@@ -587,7 +752,8 @@ class GLNet(SegmentationModel):
         """Logits of whole (normalised) images, computed the way the streaming predictor computes them.
 
         Stage 1: the global logits upsampled. Stages 2 and 3: the ensemble logits of every
-        patch of GLNet's grid, upsampled to the patch size and averaged where patches overlap.
+        patch of GLNet's grid, upsampled to the patch size (already there at output stride 1)
+        and averaged where patches overlap.
         Everything is held in memory: for small images, tests and reference; whole-image
         prediction of large images goes through its predictor (``gigaseg.methods.glnet.predictor``).
 

@@ -184,7 +184,8 @@ class GLNetPredictor(SegmentationPredictor):
                 out = model.patch_forward(
                     batch, boxes, context.context, ensemble_from=context.ensemble_from, keep=frozenset()
                 )
-            return out.ensemble.float()  # at 1/4 of the patch: stitch_block upsamples each when adding it
+            # at 1/output_stride of the patch (1/4: the paper's): stitch_block upsamples each when adding it
+            return out.ensemble.float()
 
         needed = self.num_classes * window.height * window.width
         if context.output is None or context.output.numel() < needed:
@@ -209,24 +210,27 @@ class GLNetPredictor(SegmentationPredictor):
 # --------------------------------------------------------------------------- memory
 
 
-def glnet_block_bytes(block: int, size_p: int, num_classes: int, grid_step: int) -> int:
+def glnet_block_bytes(block: int, size_p: int, num_classes: int, grid_step: int, output_stride: int = 4) -> int:
     """Bytes of one streamed block's buffers while its patches run.
 
     The logit sums (softmaxed in place into the returned probabilities) and the cached logits
-    (at 1/4 of the patch) of one column of patches shared with the next block. The driver's
-    argmax of the probabilities comes after the patches' memory is released.
+    (at 1/``output_stride`` of the patch: 1/4 with the paper's heads, the patch's size at 1)
+    of one column of patches shared with the next block. The driver's argmax of the
+    probabilities comes after the patches' memory is released.
 
     Args:
         block: the block side in pixels.
         size_p: the patch side in pixels.
         num_classes: the class count.
         grid_step: pixels between patch starts on GLNet's grid (``size_p - min_overlap``).
+        output_stride: input pixels per logit pixel of the ensemble (the model's option).
 
     Returns:
         Bytes.
     """
     column = -(-block // max(grid_step, 1)) + 1
-    return 4 * num_classes * block * block + column * 4 * num_classes * (size_p // 4 + 1) ** 2
+    side = size_p // output_stride + 1
+    return 4 * num_classes * block * block + column * 4 * num_classes * side**2
 
 
 def inference_estimate(model, device="cpu", block_size: int = 2048) -> MemoryEstimate:
@@ -234,10 +238,12 @@ def inference_estimate(model, device="cpu", block_size: int = 2048) -> MemoryEst
 
     Fixed: on CPU the process's resident memory now (it already holds the weights), on CUDA
     the weights; then the global context (:func:`context_bytes`) with one block's buffers
-    (:func:`glnet_block_bytes`), or in stage 3 twice the context (``prepare`` holds the merged
-    local maps next to it) when that is more. Per patch: :func:`patch_bytes`; stage 3 adds the
-    maps ``prepare`` keeps of each patch until they are pasted into the global-resolution
-    averages. ``benchmarks/glnet_memory.py`` compares the figures with measured peaks.
+    (:func:`glnet_block_bytes`, its cache of logits at the ensemble's resolution), or in stage 3
+    twice the context (``prepare`` holds the merged local maps next to it) when that is more.
+    Per patch: :func:`patch_bytes` (with the full-resolution ensemble head's term at output
+    stride 1 or 2); stage 3 adds the maps ``prepare`` keeps of each patch until they are
+    pasted into the global-resolution averages. ``benchmarks/glnet_memory.py`` compares the
+    figures with measured peaks.
 
     Args:
         model: a GLNet (its trained stage decides what prediction holds).
@@ -252,7 +258,7 @@ def inference_estimate(model, device="cpu", block_size: int = 2048) -> MemoryEst
     process = runtime_bytes(device) if on_cpu else parameter_bytes(model)
     step = size_p - model.options["min_overlap"]
     context = context_bytes(model)
-    blocks = context + glnet_block_bytes(block_size, size_p, model.num_classes, step)
+    blocks = context + glnet_block_bytes(block_size, size_p, model.num_classes, step, model.options["output_stride"])
     fixed = process + max(blocks, 2 * context if model.stage == 3 else 0)
     per_patch = patch_bytes(model, training=False)
     if model.stage == 3:

@@ -25,8 +25,10 @@ them with GLNet's own estimate (:func:`training_estimate`) when their data is bu
 ``BudgetError`` before training when even one patch does not fit; stage 1 splits its batch of
 global views by the training loop's plan. Each sub-batch loss is weighted by ``patches / 6``
 (stage 1: ``views / batch``), so the gradient equals the paper's whatever sub-batch the budget
-allows (up to BatchNorm's batch statistics). Losses (focal, gamma 3, labels nearest-resized to
-the logits):
+allows (up to BatchNorm's batch statistics). Losses (focal, gamma 3) compare the logits with
+the labels at the logits' resolution: nearest-resized to 1/4 with the paper's heads (output
+stride 4), the items' own labels at output stride 1 (the patches' full-resolution labels and
+the global view's label at ``size_g``; ``GLNetViews`` carries both), nearest-resized to 1/2 at 2:
 
 - stage 1: FL(global);
 - stage 2: per sub-batch FL(local) + FL(ensemble) + fmreg * MSE(ps3_local, ps3_global crop);
@@ -34,7 +36,10 @@ the logits):
   its maps are merged onto the global grid; then FL(global through the ``_ext`` layers) and,
   per sub-batch, FL(ensemble). The ensemble losses reach the global branch through one
   leaf tensor holding the global ps3, so the global graph is backpropagated once per image
-  (no ``retain_graph``); the local maps are recomputed for the ensemble instead of being kept.
+  (no ``retain_graph``); the local maps are recomputed for the ensemble instead of being kept
+  (with a full-resolution ensemble head, the local stride-2 map with them).
+
+The feature-map regulariser compares the 1/4-resolution ps3 maps whatever the output stride.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from ...io.resample import resize as resize_array
 from ...nn.losses import FocalLoss
 from ...training.recipe import Stage, StepContext
 from ...training.views import GlobalViews, SeededViews, rng_for
-from .memory import context_bytes, patch_bytes, unit_bytes
+from .memory import context_bytes, head_bytes, patch_bytes, skip_bytes, unit_bytes
 from .model import STAGES, LocalToGlobal
 
 __all__ = [
@@ -361,16 +366,14 @@ def local2global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
         leaf_grad = torch.zeros_like(leaf)
         for part in _chunks(count, _sub_batch(ctx)):
             boxes = batch["boxes"][i, part]
+            patches = _normalise(batch["patches"][i, part], norm)
             with torch.no_grad():
                 local = ctx.wrapped(
-                    _normalise(batch["patches"][i, part], norm),
-                    "local",
-                    boxes=boxes,
-                    context=fixed,
-                    ensemble=False,
-                    keep=frozenset({"ps3"}),
+                    patches, "local", boxes=boxes, context=fixed, ensemble=False, keep=frozenset({"ps3", "skip"})
                 )
-            logits = ctx.wrapped(local.local.ps3, "ensemble", global_ps3=leaf, boxes=boxes)
+            logits = ctx.wrapped(
+                local.local.ps3, "ensemble", global_ps3=leaf, boxes=boxes, image=patches, skip=local.skip
+            )
             labels = _labels_like(batch["patch_labels"][i, part], logits)
             loss = focal(logits, labels)
             weighted = loss * (logits.shape[0] / PAPER_SUB_BATCH)
@@ -528,7 +531,10 @@ def training_estimate(model, stage: str, views: GLNetViews, batch_size: int, dev
     the weights), gradients and Adam's two states of the trainable weights, the batch (twice:
     the items and their collated copy), one image's global features. Stage 3 adds the global
     branch's own graph (about one training patch), the merged local maps, and per patch
-    only the frozen local pass (inference) plus the ensemble's small graph.
+    only the frozen local pass (inference) plus the ensemble's small graph. At output
+    stride 1 or 2 the per-patch figures include the full-resolution heads
+    (``gigaseg.methods.glnet.memory.head_bytes``): stage 2 the graphs of the local and
+    ensemble heads, stage 3 the ensemble head's graph and the local stride-2 map it reads.
 
     Args:
         model: the GLNet.
@@ -552,7 +558,10 @@ def training_estimate(model, stage: str, views: GLNetViews, batch_size: int, dev
     if stage == "global2local":
         return MemoryEstimate(fixed=fixed, per_sample=patch_bytes(model, training=True))
     fixed += patch_bytes(model, training=True) + context  # the global graph, the merged maps
-    return MemoryEstimate(fixed=fixed, per_sample=patch_bytes(model, training=False) + 6 * unit_bytes(model))
+    per_patch = patch_bytes(model, training=False) + 6 * unit_bytes(model)
+    # a full-resolution ensemble head runs with autograd here, on the kept stride-2 map (0 at output stride 4)
+    per_patch += head_bytes(model, "ensemble", training=True) + skip_bytes(model)
+    return MemoryEstimate(fixed=fixed, per_sample=per_patch)
 
 
 def training_sub_batch(model, stage: str, views: GLNetViews, batch_size: int, settings) -> int:
