@@ -43,7 +43,7 @@ def test_bench_trains_scores_and_reports_each_method(tmp_path, tiny_dataset, cap
     assert results["methods"][1]["spec"]["options"] == {"patch_size": 64, "overlap": 16, "crops_per_image": 2}
     table = (out / "results.md").read_text()
     assert "| global |" in table and "| patch |" in table and "epochs per stage" in table
-    assert "| method | mIoU | train peak RSS |" in table  # no class groups: no empty column
+    assert "| method | mIoU | boundary F1 | thin recall | train peak RSS |" in table  # no class groups: no empty column
     assert '- patch: `{"patch_size": 64, "overlap": 16, "crops_per_image": 2}`' in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -229,6 +229,7 @@ def score(
     scored = measure_call(evaluate_job, (str(run_dir), str(data), split, max_memory, options), timeout=timeout)
     summary = scored.value["summary"]
     per_class = {name: row["iou"] for name, row in summary["per_class"].items()}
+    detail = summary.get("detail") or {}
     return {
         "name": f"{spec.name} ({variant})" if variant else spec.name,
         "spec": asdict(spec),
@@ -238,6 +239,12 @@ def score(
         "mean_f1": summary["mean_f1"],
         "per_class_iou": per_class,
         "group_iou": {g: _mean([per_class[c] for c in members]) for g, members in groups.items()},
+        "boundary_f1": detail.get("mean_boundary_f1"),
+        "thin_recall": detail.get("mean_thin_recall"),
+        "per_class_detail": {
+            name: {"boundary_f1": row["boundary_f1"], "thin_recall": row["thin_recall"]}
+            for name, row in detail.get("per_class", {}).items()
+        },
         "predict_peak_rss": scored.peak_rss,
         "predict_cuda_peak": scored.cuda_peak,
         "megapixels_per_second": scored.value["megapixels_per_second"],
@@ -314,10 +321,12 @@ def markdown(results: dict) -> str:
         f"seed {results['seed']}.",
         "",
     ]
+    detail = any(m.get("boundary_f1") is not None for m in results["methods"])
     columns = [
         "method",
         "mIoU",
         *(f"{g} IoU" for g in groups),
+        *(("boundary F1", "thin recall") if detail else ()),
         "train peak RSS",
         "predict peak RSS",
         "Mpx/s",
@@ -331,6 +340,7 @@ def markdown(results: dict) -> str:
             m["name"],
             _fmt(m["miou"]),
             *(_fmt(m["group_iou"][g]) for g in groups),
+            *((_fmt(m.get("boundary_f1")), _fmt(m.get("thin_recall"))) if detail else ()),
             format_size(m["train_peak_rss"]),
             format_size(m["predict_peak_rss"]),
             _fmt(m["megapixels_per_second"], 2),
