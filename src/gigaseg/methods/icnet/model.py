@@ -20,10 +20,45 @@ Three branches on three resolutions of the input, fused coarse to fine:
 - Auxiliary 1x1 classifiers on each CFF's upsampled F1 (1/16 and 1/8) exist only for the
   cascade label guidance loss: in eval mode they are not run (and not exported).
 
-``forward`` in training mode returns :class:`CascadeOutputs` ``(x16, x8, x4)`` — the logits
-at 1/16, 1/8 and 1/4, matched with the loss weights 0.16, 0.4, 1.0; in eval mode it returns
-the 1/4 logits upsampled bilinearly to the input size (what ``predict``, the whole-image
-predictor and the ONNX export use). ``decode(x)`` gives the 1/4 logits in either mode.
+What resolution the branches really yield: the finest features of the cascade are sub1's
+and the last CFF's, at 1/8 of the input (sub1's three stride-2 convs; its first conv makes
+a 1/2 map on the way). The 1/4 logits are a 1x1 classifier on those 1/8 features upsampled
+x2, which equals the 1/8 logits upsampled x2 (a 1x1 convolution commutes with bilinear
+interpolation, whose weights sum to 1; a test checks it): the paper's output carries 1/8
+detail, upsampled x8 in all at inference. A structure narrower than a few 1/8 cells (a 2-px
+road is a quarter of one) cannot be drawn.
+
+Output stride (option ``output_stride``):
+
+- 4 (the default): the paper's network, unchanged (the same modules, state dict and outputs).
+  ``forward`` in training mode returns :class:`CascadeOutputs` ``(x16, x8, x4)`` — the logits
+  at 1/16, 1/8 and 1/4, matched with ``loss_weights`` 0.16, 0.4, 1.0; in eval mode it
+  returns the 1/4 logits upsampled bilinearly to the input size (what ``predict``, the
+  whole-image predictor and the ONNX export use).
+- 1 (or 2): ``head``, the shared :class:`gigaseg.nn.decoders.FullResolutionHead`, on the
+  final fused 1/4 features (the last CFF's output upsampled x2, what the 1/4 classifier
+  reads), with the full-resolution branch's stride-2 map (sub1's first conv) as its skip and
+  the pixels: logits at the input's size (at 1/2 for 2). The encoder's own stride-2 level
+  (``Encoder(stride2=True)``) is not used: the encoder runs on the 1/2 image, so that level
+  lies at 1/4 of the input; sub1's first map is the only stride-2 map of the input the
+  network computes. In training mode ``forward`` returns :class:`HeadCascadeOutputs`
+  ``(x16, x8, x4, head)``: the cascade's three outputs, still supervised (the 1/4 classifier
+  is kept for that, and run only in training), and the head's logits. Eval mode: the head's
+  logits at the input's size. The head adds ``C*w + 9*(w + k2)*w + 9*k*s + 9*(w + s)*f + f*K
+  + K`` weights and ``2*(2*w + s + f)`` BatchNorm parameters (``C`` the CFF width, ``k2``
+  sub1's first width, ``k`` the bands, ``K`` the classes, ``w = 32``, ``f = s = 16``): about
+  30 thousand on the published network (6.7 million).
+
+``decode(x)`` gives the logits at 1/``output_stride`` (the ``output_stride`` attribute) in
+either mode.
+
+Cascade label guidance (``gigaseg.methods.icnet.recipe``): ``loss_weights`` holds the
+paper's three weights (0.16, 0.4, 1.0 for 1/16, 1/8, 1/4) at every output stride. At 1 and
+2 the head's output adds a fourth term, cross-entropy against the labels at its own size
+(the crop's labels themselves at 1), weighted by a fourth ``loss_weights`` entry, 1.0 when
+not given: the head's output is the prediction, so it gets the main output's weight, and
+the cascade stays supervised exactly as in the paper (the head reads the same fused
+features the 1/4 classifier reads).
 
 Encoders: ``"icnet_resnet50_half"`` (default) is the faithful backbone above. Any other
 name is a timm encoder (``gigaseg.nn.encoders.Encoder``) built with ``output_stride=8``
@@ -36,9 +71,9 @@ stage (not a ``FeatureDictNet``, or NHWC features) run twice instead: on the 1/2
 sub2 and on the 1/4 image for sub4 (same resolutions, no sharing).
 
 ``width`` (default 1.0 = the published network) scales every channel count of the
-faithful backbone, the light branch, the 256-channel reduction and the CFF's 128: tests
-use 0.25. Training views and loss live in ``gigaseg.methods.icnet.recipe``, the predictor in
-``gigaseg.methods.icnet.predictor``.
+faithful backbone, the light branch, the 256-channel reduction and the CFF's 128 (not the
+full-resolution head's): tests use 0.25. Training views and loss live in
+``gigaseg.methods.icnet.recipe``, the predictor in ``gigaseg.methods.icnet.predictor``.
 """
 
 from __future__ import annotations
@@ -50,7 +85,9 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...nn.base import SegmentationModel
+from ...nn.decoders import FullResolutionHead
 from ...nn.encoders import PretrainedSpec
+from ...nn.segmenters import OUTPUT_STRIDES
 from .pspnet import (
     PYRAMID_BINS,
     ConvBN,
@@ -67,6 +104,7 @@ from .pspnet import (
 __all__ = [
     "ICNet",
     "CascadeOutputs",
+    "HeadCascadeOutputs",
     "CascadeFeatureFusion",
     "PyramidPoolingSum",
     "ICNetResNet50Half",
@@ -77,6 +115,8 @@ __all__ = [
 
 #: the loss weights of the 1/16, 1/8 and 1/4 outputs (cascade label guidance)
 LOSS_WEIGHTS = (0.16, 0.4, 1.0)
+#: the loss weight of the full-resolution head's output (output_stride 1 or 2) when ``loss_weights`` has three
+HEAD_LOSS_WEIGHT = 1.0
 
 
 class CascadeOutputs(NamedTuple):
@@ -85,6 +125,27 @@ class CascadeOutputs(NamedTuple):
     x16: torch.Tensor
     x8: torch.Tensor
     x4: torch.Tensor
+
+
+class HeadCascadeOutputs(NamedTuple):
+    """ICNet's training outputs with the full-resolution head: the cascade's three and the head's logits.
+
+    ``head`` is at 1/``output_stride`` of the input: its size for output stride 1.
+    """
+
+    x16: torch.Tensor
+    x8: torch.Tensor
+    x4: torch.Tensor
+    head: torch.Tensor
+
+
+class _Cascade(NamedTuple):
+    """One pass's logits; those a mode does not need are None."""
+
+    logits4: torch.Tensor | None
+    aux8: torch.Tensor | None
+    aux16: torch.Tensor | None
+    head: torch.Tensor | None
 
 
 def half_size(x: torch.Tensor) -> tuple[int, int]:
@@ -261,7 +322,8 @@ class ICNet(SegmentationModel):
         in_channels: input channels.
         pretrained: for ``"icnet_resnet50_half"`` False/None or a local file holding the
             backbone's state dict; for a timm encoder also True (timm's weights).
-        **options: ``width``, ``loss_weights`` (1/16, 1/8, 1/4), the training views'
+        **options: ``width``, ``output_stride`` (4, 2 or 1), ``loss_weights`` (1/16, 1/8,
+            1/4, and optionally the head's at output stride 1 or 2), the training views'
             ``crop_size``, ``scale_min``, ``scale_max``, ``crops_per_image``, and the
             predictor's ``tile_size``, ``tile_overlap``, ``blend``.
 
@@ -273,6 +335,7 @@ class ICNet(SegmentationModel):
     default_encoder: ClassVar[str] = "icnet_resnet50_half"
     default_options: dict[str, Any] = {
         "width": 1.0,
+        "output_stride": 4,
         "loss_weights": list(LOSS_WEIGHTS),
         "crop_size": 768,
         "scale_min": 0.5,
@@ -282,10 +345,8 @@ class ICNet(SegmentationModel):
         "tile_overlap": 128,
         "blend": "gaussian",
     }
-    option_choices = {"blend": ("gaussian", "uniform")}
+    option_choices = {"blend": ("gaussian", "uniform"), "output_stride": OUTPUT_STRIDES}
     inference_options = ("tile_size", "tile_overlap", "blend")
-    #: input pixels per pixel of ``decode``'s logits
-    output_stride: ClassVar[int] = 4
 
     def __init__(
         self,
@@ -314,41 +375,92 @@ class ICNet(SegmentationModel):
         self.cff_sub24 = CascadeFeatureFusion(c_sub4, self.backbone.sub2_channels, c_cff, num_classes)
         self.cff_sub12 = CascadeFeatureFusion(c_cff, c_sub1, c_cff, num_classes)
         self.classifier = nn.Conv2d(c_cff, num_classes, 1)
+        stride = self.options["output_stride"]
+        #: the full-resolution head (output_stride 1 or 2), else None (the paper's 1/4 classifier)
+        self.head: FullResolutionHead | None = None
+        if stride < 4:
+            self.head = FullResolutionHead(
+                c_cff,
+                num_classes,
+                image_channels=in_channels,
+                skip_channels=self.sub1[0][0].out_channels,
+                output_stride=stride,
+            )
+        #: input pixels per pixel of ``decode``'s logits (the option ``output_stride``)
+        self.output_stride: int = stride
 
     def check_options(self) -> None:
-        """Check ``width``, the three ``loss_weights`` and the options shared with PSPNet."""
+        """Check ``width``, ``loss_weights`` (three, or four with the head) and the options shared with PSPNet."""
         self._require_positive("width")
         weights = self.options["loss_weights"]
+        head = self.options["output_stride"] < 4
         if (
             not isinstance(weights, list)
-            or len(weights) != 3
+            or len(weights) not in ((3, 4) if head else (3,))
             or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)
         ):
             raise ConfigError(
-                f"icnet: option loss_weights must be three non-negative numbers (1/16, 1/8, 1/4), got {weights!r}"
+                f"icnet: option loss_weights must be three non-negative numbers (1/16, 1/8, 1/4), or four at "
+                f"output_stride 1 or 2 (the fourth for the full-resolution head), got {weights!r} at output_stride "
+                f"{self.options['output_stride']}"
             )
         check_common_options(self)
 
-    def _cascade(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    @property
+    def cascade_loss_weights(self) -> tuple[float, ...]:
+        """The weights of the training outputs' cross-entropies, in their order.
+
+        Returns:
+            ``loss_weights`` (1/16, 1/8, 1/4), and with the head its weight (the fourth
+            ``loss_weights`` entry, :data:`HEAD_LOSS_WEIGHT` when there are three).
+        """
+        weights = tuple(float(w) for w in self.options["loss_weights"])
+        if self.head is None:
+            return weights
+        return weights if len(weights) == 4 else (*weights, HEAD_LOSS_WEIGHT)
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """The names of the training outputs' loss terms, in their order.
+
+        Returns:
+            ``("loss_16", "loss_8", "loss_4")``, and with the head ``loss_1`` (or ``loss_2``).
+        """
+        names = ("loss_16", "loss_8", "loss_4")
+        return names if self.head is None else (*names, f"loss_{self.output_stride}")
+
+    def _cascade(self, x: torch.Tensor) -> _Cascade:
         sub2, sub4 = self.backbone(upsample_to(x, half_size(x)))
         sub4 = self.reduce(self.pyramid(sub4))
-        sub1 = self.sub1(x)
+        if self.head is None:
+            skip, sub1 = None, self.sub1(x)
+        else:
+            skip = self.sub1[0](x)  # the full-resolution branch's stride-2 map: the head's skip
+            sub1 = self.sub1[1:](skip)
         fused16, aux16 = self.cff_sub24(sub4, sub2)
+        del sub2, sub4
         fused8, aux8 = self.cff_sub12(fused16, sub1)
+        del fused16, sub1
         h, w = fused8.shape[-2:]
-        logits4 = self.classifier(upsample_to(fused8, (2 * h, 2 * w)))
-        return logits4, aux8, aux16
+        features4 = upsample_to(fused8, (2 * h, 2 * w))
+        del fused8
+        # with the head the 1/4 classifier only feeds the cascade loss (training)
+        logits4 = self.classifier(features4) if self.head is None or self.training else None
+        head = self.head(features4, x, skip) if self.head is not None else None
+        return _Cascade(logits4, aux8, aux16, head)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits at 1/4 of the input (the auxiliary heads run only in training mode).
+        """Logits at 1/``output_stride`` of the input (the auxiliary heads run only in training mode).
 
         Args:
             x: normalised images ``(N, C_in, H, W)``.
 
         Returns:
-            Logits ``(N, num_classes, h, w)``, about ``H/4 x W/4``.
+            Logits ``(N, num_classes, h, w)``: about ``H/4 x W/4`` for output stride 4 (the
+            paper's), ``H x W`` for 1, ``ceil(H/2) x ceil(W/2)`` for 2.
         """
-        return self._cascade(x)[0]
+        out = self._cascade(x)
+        return out.logits4 if self.head is None else out.head
 
     def forward(self, x: torch.Tensor):
         """ICNet's outputs (see the module docstring).
@@ -357,10 +469,13 @@ class ICNet(SegmentationModel):
             x: normalised images ``(N, C_in, H, W)``.
 
         Returns:
-            Training mode: :class:`CascadeOutputs` (logits at 1/16, 1/8, 1/4). Eval mode:
-            logits ``(N, num_classes, H, W)``.
+            Training mode: :class:`CascadeOutputs` (logits at 1/16, 1/8, 1/4), or with the
+            head :class:`HeadCascadeOutputs` (those and the head's logits). Eval mode: logits
+            ``(N, num_classes, H, W)``.
         """
-        logits4, aux8, aux16 = self._cascade(x)
+        out = self._cascade(x)
         if self.training:
-            return CascadeOutputs(aux16, aux8, logits4)
-        return upsample_to(logits4, x.shape[-2:])
+            if self.head is None:
+                return CascadeOutputs(out.aux16, out.aux8, out.logits4)
+            return HeadCascadeOutputs(out.aux16, out.aux8, out.logits4, out.head)
+        return upsample_to(out.logits4 if self.head is None else out.head, x.shape[-2:])

@@ -20,6 +20,8 @@ upsampled bilinearly to the input. A training-only auxiliary classifier on ``con
 any other name is a timm encoder built with ``output_stride=8`` whose last feature level
 feeds the pyramid and whose second-to-last feeds the auxiliary head.
 ``width`` scales every channel count (1.0 = the published network; smaller for tests).
+PSPNet has no ``output_stride`` option: as the reference for ICNet it keeps the paper's
+classifier at 1/8 (ICNet's full-resolution head is not offered here).
 """
 
 from __future__ import annotations

@@ -10,7 +10,12 @@ image and epoch (1 as on Cityscapes; more for a few very large images).
 Loss (cascade label guidance, :func:`cascade_label_guidance_loss`):
 ``0.16 CE(1/16) + 0.4 CE(1/8) + 1.0 CE(1/4)`` with the labels downsampled to each
 output's size by NEAREST (a label is never interpolated) and the dataset's ignore index
-masked. PSPNet's loss is ``CE(main) + 0.4 CE(aux)`` on logits upsampled to the labels.
+masked. With ICNet's full-resolution head (``output_stride`` 1 or 2) a fourth term adds the
+head's output: ``+ 1.0 CE(head)`` against the crop's labels themselves at output stride 1
+(at 2 downsampled by nearest to its size), logged as ``loss_1`` (``loss_2``); its weight is
+a fourth ``loss_weights`` entry, 1.0 when not given, and the cascade's three keep the
+paper's (see ``gigaseg.methods.icnet.model``). PSPNet's loss is ``CE(main) + 0.4 CE(aux)``
+on logits upsampled to the labels.
 """
 
 from __future__ import annotations
@@ -65,28 +70,38 @@ def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
 
 
 def cascade_label_guidance_loss(
-    outputs, labels: torch.Tensor, weights=(0.16, 0.4, 1.0), ignore_index: int = IGNORE_INDEX
+    outputs,
+    labels: torch.Tensor,
+    weights=(0.16, 0.4, 1.0),
+    ignore_index: int = IGNORE_INDEX,
+    names=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``sum_i weights[i] * CE(outputs[i], nearest(labels, outputs[i]'s size))``.
 
-    A term whose labels are all ``ignore_index`` contributes 0.
+    A term whose labels are all ``ignore_index`` contributes 0. An output at the labels' size
+    (the full-resolution head's) is compared with the labels themselves.
 
     Args:
-        outputs: the logits at 1/16, 1/8 and 1/4 (``CascadeOutputs``), each ``(B, C, h, w)``.
+        outputs: the logits at 1/16, 1/8 and 1/4 (``CascadeOutputs``), and the head's
+            (``HeadCascadeOutputs``), each ``(B, C, h, w)``.
         labels: full-resolution labels ``(B, H, W)``.
-        weights: one weight per output (the paper's 0.16, 0.4, 1.0).
+        weights: one weight per output (the paper's 0.16, 0.4, 1.0; ``ICNet.cascade_loss_weights``).
         ignore_index: the label excluded from the loss.
+        names: one name per term (``ICNet.loss_names``); None: ``loss_16``, ``loss_8``,
+            ``loss_4`` for three outputs, ``loss_0``, ``loss_1``, ... for other counts.
 
     Returns:
-        ``(total, parts)``: the weighted float32 sum and the detached unweighted terms
-        ``loss_16``, ``loss_8``, ``loss_4`` (``loss_0``, ``loss_1``, ... for other counts).
+        ``(total, parts)``: the weighted float32 sum and the detached unweighted terms by name.
 
     Raises:
-        ValueError: ``outputs`` and ``weights`` differ in length.
+        ValueError: ``outputs``, ``weights`` (or ``names``) differ in length.
     """
     if len(outputs) != len(weights):
         raise ValueError(f"{len(outputs)} outputs but {len(weights)} loss weights")
-    names = ("loss_16", "loss_8", "loss_4") if len(outputs) == 3 else [f"loss_{i}" for i in range(len(outputs))]
+    if names is None:
+        names = ("loss_16", "loss_8", "loss_4") if len(outputs) == 3 else [f"loss_{i}" for i in range(len(outputs))]
+    elif len(names) != len(outputs):
+        raise ValueError(f"{len(outputs)} outputs but {len(names)} loss names")
     total = outputs[0].new_zeros((), dtype=torch.float32)
     parts = {}
     for name, logits, weight in zip(names, outputs, weights):
@@ -192,13 +207,14 @@ def icnet_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
         batch: a collated batch of :class:`ScaledCrops` items.
 
     Returns:
-        The detached batch ``loss`` and its terms ``loss_16``, ``loss_8``, ``loss_4``.
+        The detached batch ``loss`` and its terms ``loss_16``, ``loss_8``, ``loss_4`` (and
+        the full-resolution head's ``loss_1`` or ``loss_2``).
     """
-    weights = ctx.model.options["loss_weights"]
+    weights, names = ctx.model.cascade_loss_weights, ctx.model.loss_names
     ignore = ctx.stage.options.get("ignore_index", IGNORE_INDEX)
     logged: dict[str, torch.Tensor] = {}
     for images, labels, fraction in _sub_batches(ctx, batch):
-        loss, parts = cascade_label_guidance_loss(ctx.wrapped(images), labels, weights, ignore)
+        loss, parts = cascade_label_guidance_loss(ctx.wrapped(images), labels, weights, ignore, names)
         ctx.backward(loss * fraction)
         for key, value in {"loss": loss.detach(), **parts}.items():
             logged[key] = logged.get(key, 0.0) + value * fraction
@@ -264,6 +280,8 @@ def _stage(model, name: str, step) -> Stage:
 
 def icnet_stages(model) -> list[Stage]:
     """ICNet's training: one stage, ``"icnet"``, the whole network with the cascade label guidance loss.
+
+    With the full-resolution head the loss has the head's term too (see the module docstring).
 
     Args:
         model: the ICNet to train.

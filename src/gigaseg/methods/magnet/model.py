@@ -5,6 +5,18 @@ The network is a backbone segmenter and a small refinement module:
 - ``backbone``: :class:`gigaseg.nn.segmenters.FPNSegmenter` (an encoder with GLNet's FPN,
   i.e. GLNet's global branch; ResNet-50 + FPN is MagNet's DeepGlobe backbone). ``decoder``
   may also pick smp's U-Net / FPN on the same encoder.
+- ``output_stride``: where the backbone's logits are made (FPNSegmenter's option). 4 (the
+  default, the paper's backbone: the FPN's classifier at 1/4 of the input patch, upsampled
+  bilinearly to it), 2 or 1 (:class:`gigaseg.nn.decoders.FullResolutionHead` on the FPN's
+  ps3, the encoder's stride-2 map and the pixels: logits at 1/2 or at the patch's own
+  resolution). The smp decoders are at full resolution (1, their only value, the default
+  with them). Everything downstream already works at the input size: the backbone's
+  probabilities of a patch are at ``input_size`` whatever the stride, and so are the coarse
+  crops, the refinement module and its labels. So with output stride 1 the refinement that
+  reaches the finest scale (where a patch is read at or near native resolution) refines
+  full-resolution backbone predictions instead of 1/4 ones upsampled, and a 2-px road can be
+  drawn. The backbone stage's loss is at the patch's resolution against its labels read at
+  that size (nearest), at every stride; at 4 the logits are upsampled to it first.
 - ``refinement``: :class:`RefinementModule`, which refines the fine (patch) prediction with
   the coarse prediction cropped to the patch.
 
@@ -76,7 +88,7 @@ from ...errors import ConfigError
 from ...geometry import Box, Window, box_on_grid, crop_resize, resize, upsample_window
 from ...nn.base import SegmentationModel
 from ...nn.encoders import PretrainedSpec
-from ...nn.segmenters import DECODERS, FPNSegmenter
+from ...nn.segmenters import DECODERS, OUTPUT_STRIDES, FPNSegmenter
 
 __all__ = [
     "MagNet",
@@ -512,21 +524,28 @@ class MagNet(SegmentationModel):
         pretrained: the encoder's weights: False/None random, True timm's, or a local weights file.
         **options: the options of the module docstring (``preset``, ``scales``,
             ``input_size``, ``points``, ``median_kernel``, ``fast_patches``, ``decoder``,
-            ``crops_per_image``, ``refine``); ``preset`` fills those not given.
+            ``output_stride``, ``crops_per_image``, ``refine``); ``preset`` fills those not given.
 
     Raises:
-        ConfigError: an unknown preset or option, an option out of range, fewer than 2 classes, or an
-            ``input_size`` that is not a multiple of the decoder's size multiple.
+        ConfigError: an unknown preset or option, an option out of range, fewer than 2 classes, an
+            output stride other than 1 with an smp decoder, or an ``input_size`` that is not a
+            multiple of the decoder's size multiple.
     """
 
     default_options: dict[str, Any] = {
         "preset": "deepglobe",
         **copy.deepcopy(_DEEPGLOBE),
         "decoder": "fpn",
+        "output_stride": 4,
         "crops_per_image": 1,
         "refine": "auto",
     }
-    option_choices = {"preset": tuple(PRESETS), "decoder": DECODERS, "refine": REFINE_MODES}
+    option_choices = {
+        "preset": tuple(PRESETS),
+        "decoder": DECODERS,
+        "output_stride": OUTPUT_STRIDES,
+        "refine": REFINE_MODES,
+    }
     inference_options = ("points", "fast_patches", "median_kernel", "refine")
 
     def __init__(
@@ -547,6 +566,7 @@ class MagNet(SegmentationModel):
             in_channels=in_channels,
             pretrained=pretrained,
             decoder=self.options["decoder"],
+            output_stride=self.options["output_stride"],
         )
         multiple = self.backbone.size_multiple
         if any(side % multiple for side in self.input_size):
@@ -564,11 +584,22 @@ class MagNet(SegmentationModel):
         preset = options.get("preset", cls.default_options["preset"])
         if preset not in PRESETS:
             raise ConfigError(f"magnet: option preset={preset!r} is not one of {', '.join(repr(p) for p in PRESETS)}")
+        decoder = options.get("decoder", cls.default_options["decoder"])
+        if "output_stride" not in options and isinstance(decoder, str) and decoder.startswith("smp_"):
+            options = {**options, "output_stride": 1}  # the smp decoders' only stride (and an old config's)
         return super()._resolve_options({**copy.deepcopy(PRESETS[preset]), **options})
 
     def check_options(self) -> None:
-        """Check scales, input size, points, kernel, fast patches and crops; scales and input size become [h, w]."""
+        """Check scales, input size, points, kernel, fast patches, crops and the decoder's output stride.
+
+        Scales and input size become [h, w].
+        """
         opts = self.options
+        if opts["decoder"] != "fpn" and opts["output_stride"] != 1:
+            raise ConfigError(
+                f"magnet: decoder {opts['decoder']!r} predicts at full resolution, so output_stride must be 1, "
+                f"got {opts['output_stride']}"
+            )
         scales = opts["scales"]
         if not isinstance(scales, (list, tuple)) or not scales:
             raise ConfigError(f"magnet: scales must be a non-empty list of [h, w] sizes, got {scales!r}")

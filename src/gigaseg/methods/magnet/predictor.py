@@ -26,7 +26,10 @@ mode, at most 1.5625x it in whole-image mode):
   (``4 C`` bytes per block pixel); in whole-image mode the kept float16 prediction
   (``2 C H W``);
 - the backbone and the refinement module on ``sub_batch`` input-size patches (1 on the CPU
-  without a budget).
+  without a budget). The backbone's share is its own estimate on an input-size patch (a
+  forward pass on the meta device), so a full-resolution backbone (option ``output_stride``
+  1: its head's maps at the patch's size) is counted without anything here knowing of it;
+  the canvases above are at the frame's resolution whatever the backbone's stride.
 
 Coarser scales' canvases are 1/4, 1/16, ... of the finest and are freed as the next scale
 is built, so more scales add at most a third to the canvases' share of the peak; they

@@ -5,13 +5,18 @@ Training (``gigaseg train --method magnet --stage backbone|refinement|all``):
 1. ``backbone``: the backbone alone on :class:`BackboneCrops` — random crops at a random
    scale (any of them, the coarsest being the whole frame) resized to the network input —
    with cross-entropy. Defaults are the authors' backbone run: SGD lr 1e-3, momentum 0.9,
-   weight decay 5e-4, batch 12, 484 epochs, poly schedule.
+   weight decay 5e-4, batch 12, 484 epochs, poly schedule. The loss is at the input size,
+   against the crop's labels read at that size (nearest), whatever the backbone's
+   ``output_stride``: at 4 its 1/4 logits are upsampled to the labels first
+   (``FPNSegmenter.forward``), at 1 they are made at that size.
 2. ``refinement``: the backbone frozen (eval mode), the refinement module trained on
    :class:`RefinementPairs` — the coarse view (the whole frame at input size) and a fine
    crop at a random finer scale resized to input size; the coarse probabilities are
    cropped to the fine box (``gigaseg.geometry.crop_resize``) and resized to input size;
-   loss: OHEM cross-entropy (threshold 0.7, at least 100000 pixels). SGD lr 1e-3, momentum
-   0.9, weight decay 5e-4, batch 8, 50 epochs, lr x0.1 at epochs 10/20/30/40/45.
+   loss: OHEM cross-entropy (threshold 0.7, at least 100000 pixels) at the input size, where
+   the refinement module predicts (the backbone's probabilities of both views are at the
+   input size too: made there at ``output_stride`` 1, upsampled from 1/4 at 4). SGD lr 1e-3,
+   momentum 0.9, weight decay 5e-4, batch 8, 50 epochs, lr x0.1 at epochs 10/20/30/40/45.
    Starting the stage sets the model's ``refinement_trained`` flag, so validation (and
    prediction) switch from the backbone alone to the whole method.
 
