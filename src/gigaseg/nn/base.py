@@ -105,6 +105,15 @@ class GigasegModel(nn.Module):
                     f"{self.method_name or type(self).__name__}: option {name} must be > 0, got {self.options[name]!r}"
                 )
 
+    def _require_sampling_temperature(self) -> None:
+        """The option ``sampling_temperature`` of a method with class-balanced crops lies in [0, 1]."""
+        value = self.options["sampling_temperature"]
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(
+                f"{self.method_name or type(self).__name__}: option sampling_temperature must be in [0, 1] "
+                f"(0: classes drawn uniformly, 1: by frequency), got {value}"
+            )
+
     @property
     def config(self) -> dict[str, Any]:
         """``create_model(**config)`` rebuilds this architecture (a fresh copy each time)."""

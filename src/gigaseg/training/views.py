@@ -9,9 +9,11 @@ to image and label (GLNet's paired augmentation). Randomness is derived from
 
 Crops are placed uniformly, or class-balanced (``RandomCrops(sampling="balanced")``) so
 that thin, rare classes are in a fixed share of the crops. A method with its own crop
-views balances them the same way: ``class_statistics(dataset)`` once, then per item
-``statistics.draw(rng, probabilities)``, ``locate_in_cell`` on the mask read at the drawn
-cell, and :func:`window_around` the pixel found.
+views balances them the same way: :func:`crop_sampler` once (``class_statistics(dataset)``
+and the class probabilities), then per item :meth:`BalancedPixels.draw` (a class, then one
+of its pixels: ``statistics.draw(rng, probabilities)`` and ``locate_in_cell`` on the mask
+read at the drawn cell) and :func:`window_around` the pixel found, at whatever crop size the
+view draws for that image.
 """
 
 from __future__ import annotations
@@ -182,6 +184,85 @@ def window_around(
     return Window(top, left, ch, cw)
 
 
+class BalancedPixels:
+    """Class-balanced draws of a labelled pixel: the class first, then one of its pixels over the dataset.
+
+    What every balanced crop view shares (:class:`RandomCrops`, and the methods' own crop views):
+    the views then place a crop of their own size around the pixel (:func:`window_around`).
+    Holds only the statistics and the probabilities (plain arrays), so it pickles into
+    DataLoader workers.
+
+    Args:
+        dataset: the training dataset (its ``exclude_from_miou`` classes are never drawn).
+        temperature: the exponent of the class frequencies in the class draw
+            (``ClassStatistics.class_probabilities``): 0 uniform over classes, 1 by frequency.
+        statistics: the dataset's ``ClassStatistics`` (None: computed here).
+
+    Raises:
+        ConfigError: ``temperature`` outside [0, 1].
+        DatasetError: a sample without mask or a dataset without labelled pixels.
+    """
+
+    def __init__(self, dataset, temperature: float = 0.0, statistics: ClassStatistics | None = None):
+        _check_temperature(temperature)
+        self.statistics = statistics if statistics is not None else class_statistics(dataset)
+        self.probabilities = self.statistics.class_probabilities(
+            float(temperature), exclude=getattr(dataset, "exclude_from_miou", ())
+        )
+
+    def draw(self, dataset, rng: np.random.Generator) -> tuple[object, int, int]:
+        """Draw a class, then a pixel of it uniformly over the dataset, and open its sample.
+
+        Consumes two numbers of ``rng`` and reads one grid cell of the drawn image's mask.
+
+        Args:
+            dataset: the dataset the statistics were computed from.
+            rng: the item's generator.
+
+        Returns:
+            ``(sample, row, col)``: the drawn image's sample (``dataset[i]``) and the pixel's
+            position in the image.
+
+        Raises:
+            DatasetError: the mask changed since the statistics were computed.
+        """
+        draw = self.statistics.draw(rng, self.probabilities)
+        sample = dataset[draw.sample]
+        row, col = locate_in_cell(sample.mask.read(draw.cell)[..., 0], draw, sample.mask.path)
+        return sample, row, col
+
+
+def _check_temperature(temperature: float) -> None:
+    if not 0.0 <= float(temperature) <= 1.0:
+        raise ConfigError(
+            f"crop sampling temperature must lie in [0, 1] (0 uniform over classes, 1 by frequency), got {temperature}"
+        )
+
+
+def crop_sampler(
+    dataset, sampling: str = "uniform", temperature: float = 0.0, statistics: ClassStatistics | None = None
+) -> BalancedPixels | None:
+    """How a crop view places its crops: None for ``"uniform"``, the balanced draws for ``"balanced"``.
+
+    Args:
+        dataset: the training dataset.
+        sampling: ``"uniform"`` or ``"balanced"`` (:data:`SAMPLINGS`).
+        temperature: with ``"balanced"``, the class draw's exponent (checked for both samplings).
+        statistics: with ``"balanced"``, the dataset's ``ClassStatistics`` (None: computed).
+
+    Returns:
+        None (uniform placement: no mask is read up front) or a :class:`BalancedPixels`.
+
+    Raises:
+        ConfigError: an unknown ``sampling`` or a ``temperature`` outside [0, 1].
+        DatasetError: with ``"balanced"``, a sample without mask or a dataset without labelled pixels.
+    """
+    if sampling not in SAMPLINGS:
+        raise ConfigError(f"unknown crop sampling {sampling!r}; use one of {', '.join(SAMPLINGS)}")
+    _check_temperature(temperature)
+    return BalancedPixels(dataset, temperature, statistics) if sampling == "balanced" else None
+
+
 class RandomCrops(_Views):
     """``crops_per_image`` random crops per image of ``crop`` source pixels, resized to ``out_size``.
 
@@ -246,22 +327,11 @@ class RandomCrops(_Views):
             tuple(c) if isinstance(c, (tuple, list)) else (c, c) for c in (crop if isinstance(crop, list) else [crop])
         ]
         self.out_size = tuple(out_size) if out_size is not None else None
-        if sampling not in SAMPLINGS:
-            raise ConfigError(f"unknown crop sampling {sampling!r}; use one of {', '.join(SAMPLINGS)}")
-        if not 0.0 <= float(temperature) <= 1.0:
-            raise ConfigError(
-                f"crop sampling temperature must lie in [0, 1] (0 uniform over classes, 1 by frequency), "
-                f"got {temperature}"
-            )
+        self.balanced = crop_sampler(dataset, sampling, temperature, statistics)
         self.sampling = sampling
         self.temperature = float(temperature)
-        self.statistics = None
-        self.class_probabilities = None
-        if sampling == "balanced":
-            self.statistics = statistics if statistics is not None else class_statistics(dataset)
-            self.class_probabilities = self.statistics.class_probabilities(
-                self.temperature, exclude=getattr(dataset, "exclude_from_miou", ())
-            )
+        self.statistics = self.balanced.statistics if self.balanced is not None else None
+        self.class_probabilities = self.balanced.probabilities if self.balanced is not None else None
 
     def __getitem__(self, index: int) -> dict:
         rng = rng_for(self.seed, self.epoch, index)
@@ -273,10 +343,8 @@ class RandomCrops(_Views):
             left = int(rng.integers(sample.image.width - cw + 1))
         else:
             ch, cw = self.crops[int(rng.integers(len(self.crops)))]
-            draw = self.statistics.draw(rng, self.class_probabilities)
-            sample = self.dataset[draw.sample]
+            sample, row, col = self.balanced.draw(self.dataset, rng)
             ch, cw = min(ch, sample.image.height), min(cw, sample.image.width)
-            row, col = locate_in_cell(sample.mask.read(draw.cell)[..., 0], draw, sample.mask.path)
             placed = window_around(row, col, (ch, cw), (sample.image.height, sample.image.width), rng)
             top, left = placed.top, placed.left
         window = Window(top, left, ch, cw)

@@ -284,10 +284,10 @@ def batch_of(dataset_dir, stage, count=1):
 def focal_calls(monkeypatch):
     """Every (logits shape, target) the steps' focal losses see."""
     calls = []
-    real = method._focal
+    real = method._loss
 
-    def recording(model):
-        focal = real(model)
+    def recording(ctx):
+        focal = real(ctx)
 
         def call(logits, target):
             calls.append((tuple(logits.shape), target.clone()))
@@ -295,7 +295,7 @@ def focal_calls(monkeypatch):
 
         return call
 
-    monkeypatch.setattr(method, "_focal", recording)
+    monkeypatch.setattr(method, "_loss", recording)
     return calls
 
 

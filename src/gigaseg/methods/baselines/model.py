@@ -67,11 +67,7 @@ class PatchSegmenter(FPNSegmenter):
     def check_options(self) -> None:
         """Positive ``patch_size``, ``crops_per_image`` and ``fpn_channels``; ``0 <= overlap < patch_size``."""
         self._require_positive("patch_size", "crops_per_image", "fpn_channels")
-        if not 0.0 <= self.options["sampling_temperature"] <= 1.0:
-            raise ConfigError(
-                f"patch: option sampling_temperature must be in [0, 1] (0: classes drawn uniformly, 1: by "
-                f"frequency), got {self.options['sampling_temperature']}"
-            )
+        self._require_sampling_temperature()
         if not 0 <= self.options["overlap"] < self.options["patch_size"]:
             raise ConfigError(
                 f"patch: option overlap must be in [0, patch_size={self.options['patch_size']}), "

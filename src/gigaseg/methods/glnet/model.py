@@ -17,7 +17,8 @@ The network, as in the paper and the authors' code:
   authors' code, the classifier is shared by both global paths).
 - **ensemble**: a 3x3 conv over ``concat(ps3_local, crop of ps3_global)`` (1024 -> classes at the paper's FPN widths).
 - **feature-map regulariser** (stage 2): ``fmreg * MSE(ps3_local, crop of ps3_global)``,
-  ``fmreg = 0.15``. Losses are focal with ``focal_gamma = 3``.
+  ``fmreg = 0.15``. Losses are focal with ``focal_gamma = 3`` (the option ``loss`` picks another
+  of ``gigaseg.nn.losses.LOSSES`` for every stage, e.g. ``weighted_ce`` for rare classes).
 - **global_fixed**: stage 3 retrains the global branch, while the local branch keeps being fed
   by the stage-1 global branch it was trained with. That frozen copy is part of the model
   (so one checkpoint predicts on its own): encoder + plain FPN, 28.06 M parameters with
@@ -106,6 +107,7 @@ from ...nn.fpn import (
     fpn_pass,
     init_conv,
 )
+from ...nn.losses import LOSSES
 
 __all__ = ["GLNet", "STAGES", "PatchOutput", "LocalToGlobal", "crop_global", "head_logits", "stage_number"]
 
@@ -329,7 +331,12 @@ class GLNet(SegmentationModel):
         size_p: side of the full-resolution local patches, 508 in the paper.
         min_overlap: GLNet's patch grid overlaps neighbouring patches by at least this (50 px).
         fmreg: weight of the stage-2 feature-map regulariser (0.15).
-        focal_gamma: gamma of the focal loss (3).
+        focal_gamma: gamma of the focal loss (3), used when ``loss`` is ``"focal"``.
+        loss: the loss of every stage's segmentation terms (``gigaseg.nn.losses.LOSSES``):
+            ``"focal"`` (the paper's, with ``focal_gamma``; the default), ``"ce"``,
+            ``"weighted_ce"`` (class weights from the training masks), ``"ce_dice"``,
+            ``"lovasz"`` or ``"ce_lovasz"``. A checkpoint written before the option loads as
+            ``"focal"``.
         global_context: how prediction gives patches their global view. ``"image"``: the whole
             image at ``size_g``, whatever the image size (see the module docstring). ``"tile"``:
             the thumbnail of a ``context_tile``-px tile around each block, so images far larger
@@ -355,12 +362,13 @@ class GLNet(SegmentationModel):
         "min_overlap": 50,
         "fmreg": 0.15,
         "focal_gamma": 3.0,
+        "loss": "focal",
         "global_context": "image",
         "fpn_channels": 256,
         "context_tile": 0,
         "output_stride": 4,
     }
-    option_choices = {"global_context": ("image", "tile"), "output_stride": OUTPUT_STRIDES}
+    option_choices = {"global_context": ("image", "tile"), "output_stride": OUTPUT_STRIDES, "loss": LOSSES}
     inference_options = ("min_overlap", "global_context", "context_tile")
 
     def __init__(

@@ -25,10 +25,11 @@ them with GLNet's own estimate (:func:`training_estimate`) when their data is bu
 ``BudgetError`` before training when even one patch does not fit; stage 1 splits its batch of
 global views by the training loop's plan. Each sub-batch loss is weighted by ``patches / 6``
 (stage 1: ``views / batch``), so the gradient equals the paper's whatever sub-batch the budget
-allows (up to BatchNorm's batch statistics). Losses (focal, gamma 3) compare the logits with
-the labels at the logits' resolution: nearest-resized to 1/4 with the paper's heads (output
-stride 4), the items' own labels at output stride 1 (the patches' full-resolution labels and
-the global view's label at ``size_g``; ``GLNetViews`` carries both), nearest-resized to 1/2 at 2:
+allows (up to BatchNorm's batch statistics). Losses (FL below: the option ``loss``, by default
+the paper's focal loss with ``focal_gamma`` 3) compare the logits with the labels at the logits'
+resolution: nearest-resized to 1/4 with the paper's heads (output stride 4), the items' own
+labels at output stride 1 (the patches' full-resolution labels and the global view's label at
+``size_g``; ``GLNetViews`` carries both), nearest-resized to 1/2 at 2:
 
 - stage 1: FL(global);
 - stage 2: per sub-batch FL(local) + FL(ensemble) + fmreg * MSE(ps3_local, ps3_global crop);
@@ -40,6 +41,12 @@ the global view's label at ``size_g``; ``GLNetViews`` carries both), nearest-res
   (with a full-resolution ensemble head, the local stride-2 map with them).
 
 The feature-map regulariser compares the 1/4-resolution ps3 maps whatever the output stride.
+
+Rare classes: ``loss`` may be any of ``gigaseg.nn.losses.LOSSES`` (one loss for every term of
+every stage); each stage's data prepares what it needs (``prepare_class_balance``: the dataset's
+ignore index and, for ``weighted_ce``, the class weights of the training masks). There is no
+``crop_sampling`` option: every stage trains on every patch of GLNet's grid of every image
+(stage 1 on the whole image), so no crop is placed that a class-balanced draw could move.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ from ...geometry import PatchGrid
 from ...io.normalize import Normalization
 from ...io.resample import resize as resize_array
 from ...nn.losses import FocalLoss
-from ...training.recipe import Stage, StepContext
+from ...training.recipe import Stage, StepContext, prepare_class_balance, stage_loss
 from ...training.views import GlobalViews, SeededViews, rng_for
 from .memory import context_bytes, head_bytes, patch_bytes, skip_bytes, unit_bytes
 from .model import STAGES, LocalToGlobal
@@ -110,7 +117,8 @@ class GLNetViews(SeededViews):
     the step normalises as ``x * norm[0] - norm[1]``), ``index``.
 
     Patches reaching past the border (images smaller than a patch) are padded with the mean
-    colour (normalised to about 0, as the predictor pads) and label ``255`` (ignored).
+    colour (normalised to about 0, as the predictor pads) and the dataset's ignore index
+    (``255`` unless it says otherwise), which every loss ignores.
     Randomness comes from ``rng_for(seed, epoch, index)``.
 
     Args:
@@ -135,6 +143,7 @@ class GLNetViews(SeededViews):
         seed: int = 0,
     ):
         super().__init__(dataset, normalization, seed)
+        self.ignore_index = int(getattr(dataset, "ignore_index", IGNORE_INDEX))
         self.size_g = int(size_g)
         self.size_p = int(size_p)
         self.min_overlap = int(min_overlap)
@@ -161,7 +170,7 @@ class GLNetViews(SeededViews):
             padded[...] = _pad_value(self.normalization, image.dtype)
             padded[:height, :width] = image
             image = padded
-            padded_label = np.full((ph, pw), IGNORE_INDEX, dtype=label.dtype)
+            padded_label = np.full((ph, pw), self.ignore_index, dtype=label.dtype)
             padded_label[:height, :width] = label
             label = padded_label
         patches = np.stack([image[w.slices] for w in grid.windows]).transpose(0, 3, 1, 2)
@@ -233,8 +242,14 @@ def _same_sized(sizes: list[tuple[int, int, str]], batch_size: int) -> None:
 # --------------------------------------------------------------------------- steps
 
 
-def _focal(model) -> FocalLoss:
-    return FocalLoss(gamma=model.options["focal_gamma"], ignore_index=IGNORE_INDEX)
+def _loss(ctx: StepContext):
+    """The stage's segmentation loss: the option ``loss``; ``"focal"`` is the paper's, with ``focal_gamma``."""
+    name = ctx.model.options.get("loss", "focal")
+    if name == "focal":  # segmentation_loss's focal loss has gamma 3; GLNet's gamma is an option
+        options = ctx.stage.options if ctx.stage is not None else {}  # needs no stage, as before the option
+        ignore_index = int(options.get("ignore_index", IGNORE_INDEX))
+        return FocalLoss(gamma=ctx.model.options["focal_gamma"], ignore_index=ignore_index)
+    return stage_loss(ctx, name)
 
 
 def _labels_like(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -260,7 +275,7 @@ def _sub_batch(ctx: StepContext) -> int:
 
 
 def global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
-    """Stage 1: focal loss of the global branch on the global views (in sub-batches when memory is short).
+    """Stage 1: the loss (option ``loss``) of the global branch on the global views (sub-batches when memory is short).
 
     Each sub-batch's loss is weighted by its share of the batch, one backward each.
 
@@ -271,12 +286,12 @@ def global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
     Returns:
         ``{"loss": the batch's mean loss}``, detached.
     """
-    focal = _focal(ctx.model)
+    criterion = _loss(ctx)
     images = batch["image"].shape[0]
     total = 0.0
     for part in _chunks(images, ctx.sub_batch):
         features = ctx.wrapped(batch["image"][part], "global", keep=frozenset({"logits"}))
-        loss = focal(features.logits, _labels_like(batch["label"][part], features.logits))
+        loss = criterion(features.logits, _labels_like(batch["label"][part], features.logits))
         n = features.logits.shape[0]
         ctx.backward(loss * (n / images))
         total += float(loss.detach()) * n
@@ -295,7 +310,7 @@ def global2local_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
     Returns:
         ``loss``, ``loss_local``, ``loss_ensemble`` and ``loss_fmreg``: means per patch, detached.
     """
-    model, focal = ctx.model, _focal(ctx.model)
+    model, criterion = ctx.model, _loss(ctx)
     fmreg = model.options["fmreg"]
     sums = {"loss": 0.0, "loss_local": 0.0, "loss_ensemble": 0.0, "loss_fmreg": 0.0}
     total = 0
@@ -308,8 +323,8 @@ def global2local_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
             boxes = batch["boxes"][i, part]
             out = ctx.wrapped(patches, "local", boxes=boxes, context=context, keep=frozenset({"ps3", "logits"}))
             labels = _labels_like(batch["patch_labels"][i, part], out.local.logits)
-            local = focal(out.local.logits, labels)
-            ensemble = focal(out.ensemble, labels)
+            local = criterion(out.local.logits, labels)
+            ensemble = criterion(out.ensemble, labels)
             reg = F.mse_loss(out.local.ps3.float(), out.global_ps3.float())
             loss = local + ensemble + fmreg * reg
             n = patches.shape[0]
@@ -334,7 +349,7 @@ def local2global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
         ``loss_global`` (mean per image), ``loss_ensemble`` (mean per patch) and their sum
         ``loss``, detached.
     """
-    focal = _focal(ctx.model)
+    criterion = _loss(ctx)
     sums = {"loss_global": 0.0, "loss_ensemble": 0.0}
     images = batch["global"].shape[0]
     patches_seen = 0
@@ -360,7 +375,7 @@ def local2global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
             merged = merger.result()
             del merger
         glob = ctx.wrapped(view, "global", merged=merged, keep=frozenset({"ps3", "logits"}))
-        loss_global = focal(glob.logits, _labels_like(batch["global_label"][i : i + 1], glob.logits))
+        loss_global = criterion(glob.logits, _labels_like(batch["global_label"][i : i + 1], glob.logits))
         # the ensemble losses reach the global branch through this leaf: one backward of the global graph
         leaf = glob.ps3.detach().requires_grad_(True)
         leaf_grad = torch.zeros_like(leaf)
@@ -375,7 +390,7 @@ def local2global_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
                 local.local.ps3, "ensemble", global_ps3=leaf, boxes=boxes, image=patches, skip=local.skip
             )
             labels = _labels_like(batch["patch_labels"][i, part], logits)
-            loss = focal(logits, labels)
+            loss = criterion(logits, labels)
             weighted = loss * (logits.shape[0] / PAPER_SUB_BATCH)
             (grad,) = torch.autograd.grad(weighted, leaf, retain_graph=True)
             leaf_grad += grad
@@ -425,12 +440,17 @@ def glnet_stages(model) -> list[Stage]:
     size_g, size_p, overlap = model.options["size_g"], model.options["size_p"], model.options["min_overlap"]
     channels = model.in_channels
 
-    def global_views(data, norm, settings):
-        model.scene_side.fill_(median_longer_side(image_sizes(data)))
-        return GlobalViews(data, norm, (size_g, size_g), seed=settings.seed)
+    def global_views(stage: Stage):
+        def make(data, norm, settings):
+            prepare_class_balance(stage, data, model.options["loss"])
+            model.scene_side.fill_(median_longer_side(image_sizes(data)))
+            return GlobalViews(data, norm, (size_g, size_g), seed=settings.seed)
+
+        return make
 
     def patch_views(stage: Stage):
         def make(data, norm, settings):
+            prepare_class_balance(stage, data, model.options["loss"])
             batch_size = settings.batch_size or stage.batch_size
             sizes = image_sizes(data)
             _same_sized(sizes, batch_size)
@@ -454,7 +474,7 @@ def glnet_stages(model) -> list[Stage]:
             name="global",
             epochs=120,
             lr=5e-5,
-            make_data=global_views,
+            make_data=None,
             step=global_step,
             trainable=lambda m: [m.global_branch],
             # not global_fixed: until stage 3 it shares the global branch's tensors (freezing it would
@@ -488,6 +508,7 @@ def glnet_stages(model) -> list[Stage]:
             **common,
         ),
     ]
+    stages[0].make_data = global_views(stages[0])
     for stage in stages[1:]:
         stage.make_data = patch_views(stage)
     return stages

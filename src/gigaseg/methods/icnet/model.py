@@ -60,6 +60,13 @@ not given: the head's output is the prediction, so it gets the main output's wei
 the cascade stays supervised exactly as in the paper (the head reads the same fused
 features the 1/4 classifier reads).
 
+Rare classes: the option ``loss`` (``gigaseg.nn.losses.LOSSES``; ``"ce"``, the paper's, by
+default) is the loss of every term of the cascade label guidance, with the same weights and
+the labels nearest-downsampled to each output as before; ``crop_sampling="balanced"`` (with
+``sampling_temperature``) places the training crops class-balanced
+(``gigaseg.methods.icnet.recipe.ScaledCrops``). Checkpoints written before these options load
+with their defaults (``"ce"``, ``"uniform"``, 0).
+
 Encoders: ``"icnet_resnet50_half"`` (default) is the faithful backbone above. Any other
 name is a timm encoder (``gigaseg.nn.encoders.Encoder``) built with ``output_stride=8``
 (dilated last stages, as the paper's); channel counts come from timm's ``feature_info``.
@@ -83,10 +90,12 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from ...data.statistics import CROP_SAMPLINGS
 from ...errors import ConfigError
 from ...nn.base import SegmentationModel
 from ...nn.decoders import FullResolutionHead
 from ...nn.encoders import PretrainedSpec
+from ...nn.losses import LOSSES
 from ...nn.segmenters import OUTPUT_STRIDES
 from .pspnet import (
     PYRAMID_BINS,
@@ -323,9 +332,11 @@ class ICNet(SegmentationModel):
         pretrained: for ``"icnet_resnet50_half"`` False/None or a local file holding the
             backbone's state dict; for a timm encoder also True (timm's weights).
         **options: ``width``, ``output_stride`` (4, 2 or 1), ``loss_weights`` (1/16, 1/8,
-            1/4, and optionally the head's at output stride 1 or 2), the training views'
-            ``crop_size``, ``scale_min``, ``scale_max``, ``crops_per_image``, and the
-            predictor's ``tile_size``, ``tile_overlap``, ``blend``.
+            1/4, and optionally the head's at output stride 1 or 2), ``loss`` (every term's,
+            ``gigaseg.nn.losses.LOSSES``), the training views' ``crop_size``, ``scale_min``,
+            ``scale_max``, ``crops_per_image``, ``crop_sampling`` (``"uniform"`` or
+            ``"balanced"``), ``sampling_temperature`` (0 to 1), and the predictor's
+            ``tile_size``, ``tile_overlap``, ``blend``.
 
     Raises:
         ConfigError: an unknown option or one out of range, an unusable encoder, or an
@@ -337,15 +348,23 @@ class ICNet(SegmentationModel):
         "width": 1.0,
         "output_stride": 4,
         "loss_weights": list(LOSS_WEIGHTS),
+        "loss": "ce",
         "crop_size": 768,
         "scale_min": 0.5,
         "scale_max": 2.0,
         "crops_per_image": 1,
+        "crop_sampling": "uniform",
+        "sampling_temperature": 0.0,
         "tile_size": [1024, 2048],
         "tile_overlap": 128,
         "blend": "gaussian",
     }
-    option_choices = {"blend": ("gaussian", "uniform"), "output_stride": OUTPUT_STRIDES}
+    option_choices = {
+        "blend": ("gaussian", "uniform"),
+        "output_stride": OUTPUT_STRIDES,
+        "loss": LOSSES,
+        "crop_sampling": CROP_SAMPLINGS,
+    }
     inference_options = ("tile_size", "tile_overlap", "blend")
 
     def __init__(
@@ -390,8 +409,9 @@ class ICNet(SegmentationModel):
         self.output_stride: int = stride
 
     def check_options(self) -> None:
-        """Check ``width``, ``loss_weights`` (three, or four with the head) and the options shared with PSPNet."""
+        """Check ``width``, ``loss_weights`` (three, or four with the head), ``sampling_temperature`` and PSPNet's."""
         self._require_positive("width")
+        self._require_sampling_temperature()
         weights = self.options["loss_weights"]
         head = self.options["output_stride"] < 4
         if (

@@ -16,6 +16,13 @@ head's output: ``+ 1.0 CE(head)`` against the crop's labels themselves at output
 a fourth ``loss_weights`` entry, 1.0 when not given, and the cascade's three keep the
 paper's (see ``gigaseg.methods.icnet.model``). PSPNet's loss is ``CE(main) + 0.4 CE(aux)``
 on logits upsampled to the labels.
+
+Rare classes (ICNet's options): ``loss`` replaces CE in every term above by another of
+``gigaseg.nn.losses.LOSSES`` (same weights, same nearest-downsampled labels; ``weighted_ce``
+with the class weights of the training masks), and ``crop_sampling="balanced"`` places the
+crops of :class:`ScaledCrops` around a pixel of a class drawn uniformly over the classes
+(``sampling_temperature`` between that and by frequency). PSPNet, the reference, keeps CE and
+uniform crops.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ import torch.nn.functional as F
 
 from ...data.labels import IGNORE_INDEX
 from ...geometry import Window
-from ...training.recipe import Stage, StepContext
-from ...training.views import SeededViews, rng_for
+from ...nn.losses import CrossEntropy
+from ...training.recipe import Stage, StepContext, prepare_class_balance, stage_loss
+from ...training.views import SeededViews, crop_sampler, rng_for, window_around
 
 __all__ = ["ScaledCrops", "cascade_label_guidance_loss", "downsample_labels", "icnet_stages", "pspnet_stages"]
 
@@ -75,11 +83,13 @@ def cascade_label_guidance_loss(
     weights=(0.16, 0.4, 1.0),
     ignore_index: int = IGNORE_INDEX,
     names=None,
+    loss=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``sum_i weights[i] * CE(outputs[i], nearest(labels, outputs[i]'s size))``.
+    """``sum_i weights[i] * loss(outputs[i], nearest(labels, outputs[i]'s size))``, CE by default.
 
     A term whose labels are all ``ignore_index`` contributes 0. An output at the labels' size
-    (the full-resolution head's) is compared with the labels themselves.
+    (the full-resolution head's) is compared with the labels themselves. Each term is computed
+    on float32 logits.
 
     Args:
         outputs: the logits at 1/16, 1/8 and 1/4 (``CascadeOutputs``), and the head's
@@ -89,6 +99,9 @@ def cascade_label_guidance_loss(
         ignore_index: the label excluded from the loss.
         names: one name per term (``ICNet.loss_names``); None: ``loss_16``, ``loss_8``,
             ``loss_4`` for three outputs, ``loss_0``, ``loss_1``, ... for other counts.
+        loss: the loss of every term, called as ``loss(logits, labels)`` (e.g.
+            ``gigaseg.nn.losses.segmentation_loss``'s, which ignore the same ``ignore_index``);
+            None: cross-entropy ignoring ``ignore_index``.
 
     Returns:
         ``(total, parts)``: the weighted float32 sum and the detached unweighted terms by name.
@@ -102,20 +115,20 @@ def cascade_label_guidance_loss(
         names = ("loss_16", "loss_8", "loss_4") if len(outputs) == 3 else [f"loss_{i}" for i in range(len(outputs))]
     elif len(names) != len(outputs):
         raise ValueError(f"{len(outputs)} outputs but {len(names)} loss names")
+    loss_fn = CrossEntropy(ignore_index=ignore_index) if loss is None else loss
     total = outputs[0].new_zeros((), dtype=torch.float32)
     parts = {}
     for name, logits, weight in zip(names, outputs, weights):
         target = downsample_labels(labels, logits.shape[-2:])
-        loss = _cross_entropy(logits, target, ignore_index)
-        parts[name] = loss.detach()
-        total = total + float(weight) * loss
+        term = loss_fn(logits.float(), target)
+        parts[name] = term.detach()
+        total = total + float(weight) * term
     return total, parts
 
 
 def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    if not bool((target != ignore_index).any()):
-        return logits.sum() * 0.0  # keeps the graph; CE's mean over no pixels would be NaN
-    return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index)
+    """Cross-entropy of float32 logits; 0 (in the graph, not NaN) when every pixel is ignored."""
+    return CrossEntropy(ignore_index=ignore_index)(logits.float(), target)
 
 
 # --------------------------------------------------------------------------- training views
@@ -131,6 +144,17 @@ class ScaledCrops(SeededViews):
     ``(seed, epoch, index)`` as in ``gigaseg.training.views``. Items: ``image``, ``label``,
     ``index`` and ``scale``.
 
+    Two samplings (as ``gigaseg.training.views.RandomCrops``'s):
+
+    - ``"uniform"`` (the paper's): item ``i`` comes from image ``i // crops_per_image``, its
+      scale and then the crop's position drawn uniformly.
+    - ``"balanced"``: each item first draws a class and one of its pixels over the whole
+      training set (``gigaseg.training.views.BalancedPixels``), then the scale, and places the
+      crop's source window (``crop / scale`` pixels, cut to the image) uniformly among those
+      holding that pixel (``window_around``). So every crop's source window holds the class
+      drawn; a thin class can still vanish when the window is shrunk (nearest resampling of a
+      1-px line at scale below 1). ``crops_per_image`` only sets how many items an epoch has.
+
     Args:
         dataset: the training dataset.
         normalization: how its pixels are normalised.
@@ -141,6 +165,14 @@ class ScaledCrops(SeededViews):
         seed: seed of the per-(seed, epoch, index) randomness.
         ignore_index: the label padding gets; None: the dataset's ``ignore_index``
             (``gigaseg.data.labels.IGNORE_INDEX`` when it has none).
+        sampling: ``"uniform"`` or ``"balanced"``.
+        temperature: with ``"balanced"``, the exponent of the class frequencies in the class
+            draw (0 uniform over classes, 1 by frequency).
+        statistics: with ``"balanced"``, the dataset's ``ClassStatistics`` (None: computed here).
+
+    Raises:
+        ConfigError: an unknown ``sampling`` or a ``temperature`` outside [0, 1].
+        DatasetError: with ``"balanced"``, a sample without mask or a dataset without labelled pixels.
     """
 
     def __init__(
@@ -153,8 +185,13 @@ class ScaledCrops(SeededViews):
         mirror: bool = True,
         seed: int = 0,
         ignore_index: int | None = None,
+        sampling: str = "uniform",
+        temperature: float = 0.0,
+        statistics=None,
     ):
         super().__init__(dataset, normalization, seed, crops_per_image)
+        self.sampling = sampling
+        self.balanced = crop_sampler(dataset, sampling, temperature, statistics)
         self.crop = int(crop)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.mirror = mirror
@@ -164,14 +201,18 @@ class ScaledCrops(SeededViews):
 
     def __getitem__(self, index: int) -> dict:
         rng = rng_for(self.seed, self.epoch, index)
-        sample = self.dataset[index // self.crops_per_image]
+        if self.balanced is None:
+            sample = self.dataset[index // self.crops_per_image]
+        else:
+            sample, row, col = self.balanced.draw(self.dataset, rng)
         height, width = sample.image.height, sample.image.width
         scale = float(rng.uniform(*self.scale_range))
         src_h = min(height, max(1, round(self.crop / scale)))
         src_w = min(width, max(1, round(self.crop / scale)))
-        top = int(rng.integers(height - src_h + 1))
-        left = int(rng.integers(width - src_w + 1))
-        window = Window(top, left, src_h, src_w)
+        if self.balanced is None:
+            window = Window(int(rng.integers(height - src_h + 1)), int(rng.integers(width - src_w + 1)), src_h, src_w)
+        else:
+            window = window_around(row, col, (src_h, src_w), (height, width), rng)
         out = (min(self.crop, max(1, round(src_h * scale))), min(self.crop, max(1, round(src_w * scale))))
         resize = None if out == (src_h, src_w) else out
         image = sample.image.read(window, out_size=resize, resample="area" if scale <= 1 else "bilinear")
@@ -200,7 +241,7 @@ def _sub_batches(ctx: StepContext, batch: dict):
 
 
 def icnet_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
-    """Cascade label guidance over sub-batches (loss scaled by each chunk's share of the batch).
+    """Cascade label guidance with the option ``loss`` over sub-batches (scaled by each chunk's share of the batch).
 
     Args:
         ctx: the step's context (wrapped model, backward, sub-batch size, stage options).
@@ -212,9 +253,10 @@ def icnet_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
     """
     weights, names = ctx.model.cascade_loss_weights, ctx.model.loss_names
     ignore = ctx.stage.options.get("ignore_index", IGNORE_INDEX)
+    loss_fn = stage_loss(ctx, ctx.model.options.get("loss", "ce"))
     logged: dict[str, torch.Tensor] = {}
     for images, labels, fraction in _sub_batches(ctx, batch):
-        loss, parts = cascade_label_guidance_loss(ctx.wrapped(images), labels, weights, ignore, names)
+        loss, parts = cascade_label_guidance_loss(ctx.wrapped(images), labels, weights, ignore, names, loss_fn)
         ctx.backward(loss * fraction)
         for key, value in {"loss": loss.detach(), **parts}.items():
             logged[key] = logged.get(key, 0.0) + value * fraction
@@ -264,7 +306,9 @@ def _stage(model, name: str, step) -> Stage:
     )
 
     def make_data(dataset, normalization, settings):
-        stage.options["ignore_index"] = int(dataset.ignore_index)
+        # PSPNet has no loss or crop sampling options: CE and uniform crops
+        sampling = model.options.get("crop_sampling", "uniform")
+        statistics = prepare_class_balance(stage, dataset, model.options.get("loss", "ce"), sampling)
         return ScaledCrops(
             dataset,
             normalization,
@@ -272,6 +316,9 @@ def _stage(model, name: str, step) -> Stage:
             (model.options["scale_min"], model.options["scale_max"]),
             crops_per_image=model.options.get("crops_per_image", 1),
             seed=settings.seed,
+            sampling=sampling,
+            temperature=model.options.get("sampling_temperature", 0.0),
+            statistics=statistics,
         )
 
     stage.make_data = make_data

@@ -34,6 +34,14 @@ Configuration (options; ``preset`` fills every option not given explicitly):
   patches by the mean uncertainty of the current prediction inside them and refines only
   the ``n`` MOST uncertain ones (the authors' code keeps the least uncertain).
 - ``crops_per_image``: training views per image and epoch.
+- ``loss``: the backbone stage's loss (``gigaseg.nn.losses.LOSSES``; ``"ce"``, cross-entropy,
+  the default and MagNet's). The refinement stage keeps the paper's OHEM cross-entropy.
+- ``crop_sampling``: how the backbone stage places its crops: ``"uniform"`` (the default, the
+  paper's) or ``"balanced"`` (each crop holds a pixel of a class drawn uniformly over the
+  classes, so rare thin classes are in a fixed share of the crops), with
+  ``sampling_temperature`` between uniform over classes (0) and by frequency (1). See
+  ``gigaseg.methods.magnet.recipe.BackboneCrops``. Checkpoints written before these options
+  load with their defaults.
 
 Presets (:data:`PRESETS`): ``"deepglobe"`` (the default: 612/1224/2448 on 508 inputs,
 0.75 of the area, kernel 11), ``"deepglobe_fast"`` (0.9, top 3 patches), ``"cityscapes"``
@@ -84,10 +92,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
+from ...data.statistics import CROP_SAMPLINGS
 from ...errors import ConfigError
 from ...geometry import Box, Window, box_on_grid, crop_resize, resize, upsample_window
 from ...nn.base import SegmentationModel
 from ...nn.encoders import PretrainedSpec
+from ...nn.losses import LOSSES
 from ...nn.segmenters import DECODERS, OUTPUT_STRIDES, FPNSegmenter
 
 __all__ = [
@@ -524,7 +534,8 @@ class MagNet(SegmentationModel):
         pretrained: the encoder's weights: False/None random, True timm's, or a local weights file.
         **options: the options of the module docstring (``preset``, ``scales``,
             ``input_size``, ``points``, ``median_kernel``, ``fast_patches``, ``decoder``,
-            ``output_stride``, ``crops_per_image``, ``refine``); ``preset`` fills those not given.
+            ``output_stride``, ``crops_per_image``, ``loss``, ``crop_sampling``,
+            ``sampling_temperature``, ``refine``); ``preset`` fills those not given.
 
     Raises:
         ConfigError: an unknown preset or option, an option out of range, fewer than 2 classes, an
@@ -538,6 +549,9 @@ class MagNet(SegmentationModel):
         "decoder": "fpn",
         "output_stride": 4,
         "crops_per_image": 1,
+        "loss": "ce",
+        "crop_sampling": "uniform",
+        "sampling_temperature": 0.0,
         "refine": "auto",
     }
     option_choices = {
@@ -545,6 +559,8 @@ class MagNet(SegmentationModel):
         "decoder": DECODERS,
         "output_stride": OUTPUT_STRIDES,
         "refine": REFINE_MODES,
+        "loss": LOSSES,
+        "crop_sampling": CROP_SAMPLINGS,
     }
     inference_options = ("points", "fast_patches", "median_kernel", "refine")
 
@@ -590,7 +606,7 @@ class MagNet(SegmentationModel):
         return super()._resolve_options({**copy.deepcopy(PRESETS[preset]), **options})
 
     def check_options(self) -> None:
-        """Check scales, input size, points, kernel, fast patches, crops and the decoder's output stride.
+        """Check scales, input size, points, kernel, fast patches, crops, sampling temperature and output stride.
 
         Scales and input size become [h, w].
         """
@@ -624,6 +640,7 @@ class MagNet(SegmentationModel):
                 f"magnet: option fast_patches must be null (MagNet) or a positive integer (MagNet-Fast), got {fast!r}"
             )
         self._require_positive("crops_per_image")
+        self._require_sampling_temperature()
 
     @property
     def scales(self) -> list[tuple[int, int]]:

@@ -4,7 +4,9 @@ Training (``gigaseg train --method magnet --stage backbone|refinement|all``):
 
 1. ``backbone``: the backbone alone on :class:`BackboneCrops` — random crops at a random
    scale (any of them, the coarsest being the whole frame) resized to the network input —
-   with cross-entropy. Defaults are the authors' backbone run: SGD lr 1e-3, momentum 0.9,
+   with cross-entropy (the option ``loss`` picks another of ``gigaseg.nn.losses.LOSSES``, e.g.
+   ``weighted_ce`` with the training masks' class weights; ``crop_sampling="balanced"`` places
+   the crops class-balanced). Defaults are the authors' backbone run: SGD lr 1e-3, momentum 0.9,
    weight decay 5e-4, batch 12, 484 epochs, poly schedule. The loss is at the input size,
    against the crop's labels read at that size (nearest), whatever the backbone's
    ``output_stride``: at 4 its 1/4 logits are upsampled to the labels first
@@ -15,7 +17,9 @@ Training (``gigaseg train --method magnet --stage backbone|refinement|all``):
    cropped to the fine box (``gigaseg.geometry.crop_resize``) and resized to input size;
    loss: OHEM cross-entropy (threshold 0.7, at least 100000 pixels) at the input size, where
    the refinement module predicts (the backbone's probabilities of both views are at the
-   input size too: made there at ``output_stride`` 1, upsampled from 1/4 at 4). SGD lr 1e-3,
+   input size too: made there at ``output_stride`` 1, upsampled from 1/4 at 4), whatever the
+   option ``loss``; its pairs are placed uniformly (a fine crop inside a frame: the options
+   ``crop_sampling`` and ``sampling_temperature`` are the backbone stage's). SGD lr 1e-3,
    momentum 0.9, weight decay 5e-4, batch 8, 50 epochs, lr x0.1 at epochs 10/20/30/40/45.
    Starting the stage sets the model's ``refinement_trained`` flag, so validation (and
    prediction) switch from the backbone alone to the whole method.
@@ -35,10 +39,10 @@ from ...errors import ConfigError
 from ...geometry import Window, crop_resize
 from ...io.base import read_resized
 from ...nn.losses import FocalLoss, ohem_cross_entropy
-from ...training.recipe import Stage, StepContext
-from ...training.views import SeededViews, rng_for
+from ...training.recipe import Stage, StepContext, prepare_class_balance, stage_loss
+from ...training.views import SeededViews, crop_sampler, rng_for, window_around
 
-__all__ = ["BackboneCrops", "RefinementPairs", "backbone_step", "magnet_stages", "refinement_step"]
+__all__ = ["BackboneCrops", "RefinementPairs", "backbone_loss", "backbone_step", "magnet_stages", "refinement_step"]
 
 #: OHEM settings of the refinement loss (MagNet, after HRNet-OCR)
 OHEM_THRESH = 0.7
@@ -86,6 +90,17 @@ class BackboneCrops(_MagNetViews):
     ``label``, ``index``, ``scale`` and ``window`` (the crop as image pixels
     ``[top, left, height, width]``).
 
+    Two samplings (as ``gigaseg.training.views.RandomCrops``'s):
+
+    - ``"uniform"`` (the paper's): item ``i`` is a crop of image ``i // crops_per_image``, its
+      scale and then its position drawn uniformly.
+    - ``"balanced"``: each item first draws a class and one of its pixels over the whole
+      training set (``gigaseg.training.views.BalancedPixels``), then the scale uniformly, and
+      places the crop of that scale's size uniformly among those inside the image that hold
+      the pixel (``window_around``). So every crop holds the class drawn (before it is resized
+      to the input size), whatever its scale; ``crops_per_image`` only sets how many items an
+      epoch has.
+
     Args:
         dataset: the training dataset.
         normalization: how its pixels are normalised.
@@ -93,16 +108,46 @@ class BackboneCrops(_MagNetViews):
         crops_per_image: items per image and epoch.
         augment: whether to apply the random flips and rotations.
         seed: seed of the per-(seed, epoch, index) randomness.
+        sampling: ``"uniform"`` or ``"balanced"``.
+        temperature: with ``"balanced"``, the exponent of the class frequencies in the class
+            draw (0 uniform over classes, 1 by frequency).
+        statistics: with ``"balanced"``, the dataset's ``ClassStatistics`` (None: computed here).
+
+    Raises:
+        ConfigError: an unknown ``sampling`` or a ``temperature`` outside [0, 1].
+        DatasetError: with ``"balanced"``, a sample without mask or a dataset without labelled pixels.
     """
+
+    def __init__(
+        self,
+        dataset,
+        normalization,
+        model,
+        crops_per_image: int = 1,
+        augment: bool = True,
+        seed: int = 0,
+        sampling: str = "uniform",
+        temperature: float = 0.0,
+        statistics=None,
+    ):
+        super().__init__(dataset, normalization, model, crops_per_image, augment, seed)
+        self.sampling = sampling
+        self.balanced = crop_sampler(dataset, sampling, temperature, statistics)
 
     def __getitem__(self, index: int) -> dict:
         rng = rng_for(self.seed, self.epoch, index)
-        sample = self.dataset[index // self.crops_per_image]
+        if self.balanced is None:
+            sample = self.dataset[index // self.crops_per_image]
+        else:
+            sample, row, col = self.balanced.draw(self.dataset, rng)
         height, width = sample.image.height, sample.image.width
         geometry = self.model.frame_geometry(self.model.frame_size(height, width))
         scale = int(rng.integers(geometry.num_scales))
         ch, cw = geometry.windows(scale)[0].shape
-        window = Window(int(rng.integers(height - ch + 1)), int(rng.integers(width - cw + 1)), ch, cw)
+        if self.balanced is None:
+            window = Window(int(rng.integers(height - ch + 1)), int(rng.integers(width - cw + 1)), ch, cw)
+        else:
+            window = window_around(row, col, (ch, cw), (height, width), rng)
         image, label = self._read(sample, window)
         if self.augment:
             if rng.random() < 0.5:
@@ -181,8 +226,31 @@ class RefinementPairs(_MagNetViews):
 # --------------------------------------------------------------------------- steps
 
 
+def backbone_loss(ctx: StepContext):
+    """The backbone stage's loss: the model's option ``loss`` (``"ce"``, MagNet's, by default).
+
+    ``"ce"`` is :class:`~gigaseg.nn.losses.FocalLoss` with gamma 0, exactly cross-entropy and the
+    loss this stage has always computed (to the last bit); the other names are
+    ``gigaseg.training.recipe.stage_loss``'s.
+
+    Args:
+        ctx: the step's context (the stage's options hold the ignore index and class weights).
+
+    Returns:
+        The loss module, called as ``loss(logits, labels)``.
+
+    Raises:
+        ConfigError: an unknown loss, or a weighted loss whose weights were not prepared.
+    """
+    name = ctx.model.options.get("loss", "ce")
+    if name == "ce":  # needs no stage options: a context without a stage trains as before
+        options = ctx.stage.options if ctx.stage is not None else {}
+        return FocalLoss(gamma=0, ignore_index=int(options.get("ignore_index", IGNORE_INDEX)))
+    return stage_loss(ctx, name)
+
+
 def backbone_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
-    """Cross-entropy of the backbone's logits (training-mode forward), sub-batch by sub-batch.
+    """The backbone's loss (option ``loss``) on its logits (training-mode forward), sub-batch by sub-batch.
 
     Each sub-batch's loss is weighted by its share of the batch and backpropagated at once.
 
@@ -194,7 +262,7 @@ def backbone_step(ctx: StepContext, batch: dict) -> dict[str, torch.Tensor]:
         ``{"loss": ...}``, the detached batch loss.
     """
     images, labels = batch["image"], batch["label"]
-    loss_fn = FocalLoss(gamma=0, ignore_index=IGNORE_INDEX)  # exactly cross-entropy, 0 when all is ignored
+    loss_fn = backbone_loss(ctx)
     total = images.new_zeros(())
     size = images.shape[0]
     for start in range(0, size, ctx.sub_batch):
@@ -254,26 +322,39 @@ def magnet_stages(model) -> list[Stage]:
     """
     ih, iw = model.input_size
     crops = model.options["crops_per_image"]
-    stages = [
-        Stage(
-            name="backbone",
-            epochs=484,
-            lr=1e-3,
-            batch_size=12,
-            optimizer="sgd",
-            momentum=0.9,
-            weight_decay=5e-4,
-            schedule="poly",
-            sub_batch=12,
-            make_data=lambda data, norm, settings: BackboneCrops(
-                data, norm, model, crops_per_image=crops, seed=settings.seed
-            ),
-            step=backbone_step,
-            trainable=lambda m: [m.backbone],
-            frozen_eval=lambda m: [m.refinement],
-            sample_inputs=lambda m: (torch.zeros(1, m.in_channels, ih, iw),),
+    backbone = Stage(
+        name="backbone",
+        epochs=484,
+        lr=1e-3,
+        batch_size=12,
+        optimizer="sgd",
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="poly",
+        sub_batch=12,
+        make_data=None,
+        step=backbone_step,
+        trainable=lambda m: [m.backbone],
+        frozen_eval=lambda m: [m.refinement],
+        sample_inputs=lambda m: (torch.zeros(1, m.in_channels, ih, iw),),
+    )
+
+    def backbone_crops(data, norm, settings):
+        sampling = model.options["crop_sampling"]
+        statistics = prepare_class_balance(backbone, data, model.options["loss"], sampling)
+        return BackboneCrops(
+            data,
+            norm,
+            model,
+            crops_per_image=crops,
+            seed=settings.seed,
+            sampling=sampling,
+            temperature=model.options["sampling_temperature"],
+            statistics=statistics,
         )
-    ]
+
+    backbone.make_data = backbone_crops
+    stages = [backbone]
     if model.num_scales > 1:
         stages.append(
             Stage(
