@@ -10,7 +10,10 @@ fresh child process and records its peak RSS, wall time and megapixels per secon
 largest image, it SIGKILLs a second run halfway (after half the bands are done),
 reruns it, and checks the resumed mask equals the uninterrupted one, band by band.
 
-    python benchmarks/predict_memory.py [--sides 2048,6144,20000] [--work DIR]
+    python benchmarks/predict_memory.py [--sides 2048,6144,20000] [--work DIR] [--output-stride 1]
+
+``--output-stride 1`` (or 2) predicts with the full-resolution head instead of the paper
+heads' 1/4 logits and writes ``predict_memory_stride1.{json,md}`` beside the stride-4 results.
 
 ``--smoke`` runs the same path in seconds (one 1024-px scene, a test_resnet patch model with
 64-px patches), writing only to ``--work`` and ``--results`` (default: temporary folders).
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch-size", type=int, default=256)
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--fpn-channels", type=int, default=64)
+    parser.add_argument("--output-stride", type=int, default=4, choices=(1, 2, 4), help="where the logits are made")
     parser.add_argument("--results", type=Path, help="where the results go (default: benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="a small scene and model, temporary output (a smoke run)")
     args = parser.parse_args(argv)
@@ -155,7 +159,12 @@ def main(argv: list[str] | None = None) -> None:
         work, results_dir = Path(args.work or "/tmp/gigaseg-predict-bench"), args.results or RESULTS
     work.mkdir(parents=True, exist_ok=True)
     options = {"patch_size": args.patch_size, "overlap": args.overlap, "fpn_channels": args.fpn_channels}
-    ckpt = work / f"patch-{args.encoder}-{args.patch_size}-{args.overlap}-{args.fpn_channels}.ckpt"
+    if args.output_stride != 4:  # stride 4 keeps the options of the results committed before the option existed
+        options["output_stride"] = args.output_stride
+    stem = "predict_memory" if args.output_stride == 4 else f"predict_memory_stride{args.output_stride}"
+    ckpt = (
+        work / f"patch-{args.encoder}-{args.patch_size}-{args.overlap}-{args.fpn_channels}-s{args.output_stride}.ckpt"
+    )
     make_checkpoint(ckpt, options, args.encoder)
     results = {
         "machine": describe_machine(),
@@ -166,12 +175,13 @@ def main(argv: list[str] | None = None) -> None:
         "runs": [],
         "command": "benchmarks/predict_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "threads": os.environ.get("OMP_NUM_THREADS", "all cores"),
+        "stem": stem,
     }
     sides = [int(s) for s in args.sides.split(",")]
     for side in sides:
         image = work / f"scene_{side}.tif"
         write_scene(image, side)
-        out = work / f"pred_{side}"
+        out = work / f"pred_{side}_s{args.output_stride}"
         report = measure_command(predict_argv(image, ckpt, out, args.budget) + ["--restart"], baseline=True)
         run = {
             "side": side,
@@ -188,10 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_kill:
         side = sides[-1]
         image = work / f"scene_{side}.tif"
-        out = work / f"pred_{side}_killed"
+        out = work / f"pred_{side}_s{args.output_stride}_killed"
         results["kill_and_resume"] = kill_halfway_and_resume(image, ckpt, out, args.budget, side)
         results["kill_and_resume"]["identical_to_uninterrupted"] = masks_equal(
-            out / f"{image.stem}.tif", work / f"pred_{side}" / f"{image.stem}.tif"
+            out / f"{image.stem}.tif", work / f"pred_{side}_s{args.output_stride}" / f"{image.stem}.tif"
         )
         write(results, results_dir)
     print(f"results in {results_dir}", flush=True)
@@ -199,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def write(results: dict, results_dir: Path = RESULTS) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "predict_memory.json").write_text(json.dumps(results, indent=2))
+    stem = results.get("stem", "predict_memory")
+    (results_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
     lines = [
         "# Peak memory of `gigaseg predict` versus image size",
         "",
@@ -232,7 +243,7 @@ def write(results: dict, results_dir: Path = RESULTS) -> None:
             f"{kill['resume_seconds']:.0f} s at peak RSS {format_size(kill['resume_peak_rss'])}; resumed mask "
             f"identical to the uninterrupted one: {kill.get('identical_to_uninterrupted')}.",
         ]
-    (results_dir / "predict_memory.md").write_text("\n".join(lines) + "\n")
+    (results_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,15 @@ def check_compare_fine_structure(folder: Path) -> None:
     check_comparison(folder / "results", "compare_fine_structure", ["glnet"])
 
 
+def check_thin_structures(folder: Path) -> None:
+    check_comparison(folder / "results", "thin_structures", ["patch_s1", "global", "patch_s4"])
+    rows = read_json(folder / "results" / "thin_structures.json")["methods"]
+    for row in rows:
+        assert set(row["per_class_f1"]) == {"background", "vessel"} and row["boundary_f1"] is not None
+    assert rows[0]["spec"]["options"]["output_stride"] == 1 and rows[2]["spec"]["options"]["output_stride"] == 4
+    assert "Per-class F1" in (folder / "results" / "thin_structures.md").read_text()
+
+
 def check_compare_methods(folder: Path) -> None:
     check_comparison(folder / "results", "compare_methods", ["magnet", "magnet (fast)"])
 
@@ -211,6 +220,7 @@ SMOKES = {
     "predict_memory": Smoke(work_and_results, check_predict_memory, 25),
     "pretrain_digits": Smoke(lambda f: [str(f / "results" / "digits.pth")], check_pretrain_digits, 8),
     "synth_streaming": Smoke(work_and_results, check_synth_streaming, 7),
+    "thin_structures": Smoke(work_and_results, check_thin_structures, 25),
 }
 
 

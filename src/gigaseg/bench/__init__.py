@@ -19,7 +19,7 @@ Sizes and memory estimates that benchmarks report next to measured peaks:
     ``CPU_RUNTIME_BYTES`` (:mod:`gigaseg.budget`), ``block_size_for`` (the streaming driver's
     block side under a budget, :mod:`gigaseg.inference.planner`).
 Synthetic data (:mod:`gigaseg.data.synth`, :mod:`gigaseg.io.writers`):
-    ``write_landcover_dataset``, ``check_mask``, ``write_ultramnist_dataset``,
+    ``write_landcover_dataset``, ``write_vessels_dataset``, ``check_mask``, ``write_ultramnist_dataset``,
     ``UltraMnistConfig``, ``render_digit``, ``write_tiled_tiff``.
 Method internals that benchmarks measure:
     ``MAGNET_PRESETS`` (MagNet's published configurations by preset name,
@@ -67,6 +67,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "check_mask": ("gigaseg.data.synth.landcover", "check_mask"),
     "render_digit": ("gigaseg.data.synth.ultramnist", "render_digit"),
     "write_landcover_dataset": ("gigaseg.data.synth.landcover", "write_landcover_dataset"),
+    "write_vessels_dataset": ("gigaseg.data.synth.vessels", "write_vessels_dataset"),
     "write_tiled_tiff": ("gigaseg.io.writers", "write_tiled_tiff"),
     "write_ultramnist_dataset": ("gigaseg.data.synth.ultramnist", "write_ultramnist_dataset"),
     # MagNet and PatchGD internals

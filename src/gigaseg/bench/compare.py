@@ -238,6 +238,7 @@ def score(
         "pixel_accuracy": summary["pixel_accuracy"],
         "mean_f1": summary["mean_f1"],
         "per_class_iou": per_class,
+        "per_class_f1": {name: row.get("f1") for name, row in summary["per_class"].items()},
         "group_iou": {g: _mean([per_class[c] for c in members]) for g, members in groups.items()},
         "boundary_f1": detail.get("mean_boundary_f1"),
         "thin_recall": detail.get("mean_thin_recall"),
@@ -359,6 +360,11 @@ def markdown(results: dict) -> str:
         ]
         for m in results["methods"]:
             lines.append(f"| {m['name']} | " + " | ".join(_fmt(m["per_class_iou"][c]) for c in classes) + " |")
+        if all(m.get("per_class_f1") for m in results["methods"]):  # rows from before F1 was kept have none
+            lines += ["", "Per-class F1 (Dice):", "", "| method | " + " | ".join(classes) + " |"]
+            lines.append("|---" * (1 + len(classes)) + "|")
+            for m in results["methods"]:
+                lines.append(f"| {m['name']} | " + " | ".join(_fmt(m["per_class_f1"][c]) for c in classes) + " |")
     if results["methods"]:
         lines += ["", "Options:", ""] + [_options_line(m) for m in results["methods"]]
     for note in results.get("notes", []):
