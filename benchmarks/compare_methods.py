@@ -12,6 +12,10 @@ reproduction of the papers' numbers.
 
     python benchmarks/compare_methods.py [--methods global,patch,glnet,magnet,icnet] [--epochs 4]
 
+``--output-stride 1`` trains every method with its full-resolution settings instead (rows
+labelled "(stride 1)": ``FULL_RESOLUTION``'s options on top of ``OPTIONS``); with
+``--append`` the stride-4 rows stay beside them.
+
 ``--smoke`` runs the same path in seconds (4 scenes of 128 px, test_resnet, one epoch, MagNet
 and one of its variants unless ``--methods``), writing only to ``--data``, ``--work`` and
 ``--results`` (default: temporary folders).
@@ -57,6 +61,16 @@ OPTIONS = {
     "icnet": {"crop_size": 768, "crops_per_image": 4, "tile_size": [1536, 1536], "tile_overlap": 128},
 }
 
+#: ``--output-stride 1|2``: what each method adds for fine structures (logits at that stride,
+#: class-weighted CE, crops centred on classes drawn uniformly where the method samples crops)
+FULL_RESOLUTION = {
+    "global": {"loss": "weighted_ce"},
+    "patch": {"loss": "weighted_ce", "crop_sampling": "balanced", "sampling_temperature": 0.0},
+    "glnet": {"loss": "weighted_ce"},
+    "magnet": {"loss": "weighted_ce", "crop_sampling": "balanced", "sampling_temperature": 0.0},
+    "icnet": {"loss": "weighted_ce", "crop_sampling": "balanced", "sampling_temperature": 0.0},
+}
+
 #: rows scored from a method's trained weights with other inference options
 VARIANTS = {
     # MagNet's own baseline (issue 5: MagNet must beat its backbone run at the coarsest scale alone)
@@ -96,6 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, help="where the results go (default: benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and models, temporary output (a smoke run)")
     parser.add_argument(
+        "--output-stride",
+        type=int,
+        choices=(1, 2, 4),
+        default=4,
+        help="4: the papers' heads; 1 or 2: every method with FULL_RESOLUTION's settings, rows labelled so",
+    )
+    parser.add_argument(
         "--append",
         action="store_true",
         help="keep the other methods of the committed results (same data, machine and settings)",
@@ -128,10 +149,14 @@ def main(argv: list[str] | None = None) -> None:
         scenes, size, encoder, epochs, batch_size = args.scenes, args.size, args.encoder, args.epochs, args.batch_size
     if not (data / "dataset.yaml").exists():
         write_landcover_dataset(data, count=scenes, height=size, width=size, seed=0, val_fraction=0.25)
+    fine = args.output_stride != 4
     specs = [
         MethodSpec(
             method=m,
-            options=options.get(m, {}),
+            label=f"{m} (stride {args.output_stride})" if fine else None,
+            options={**options.get(m, {}), **FULL_RESOLUTION[m], "output_stride": args.output_stride}
+            if fine
+            else options.get(m, {}),
             epochs=epochs,
             lr=args.lr,
             batch_size=batch_size,
