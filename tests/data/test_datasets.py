@@ -130,6 +130,19 @@ def test_lookup_and_binary_encodings():
     assert BinaryEncoding().encode(np.array([[0, 255, 127, 128]], dtype=np.uint8)).tolist() == [[0, 1, 0, 1]]
 
 
+def test_binary_encoding_rejects_a_threshold_outside_the_masks_range():
+    # uint8 masks hold 0..255: a threshold of 256 or more would make every pixel background
+    with pytest.raises(DatasetError, match=r"m\.png: binary threshold 256 is outside the range of this uint8 mask"):
+        BinaryEncoding(threshold=256).encode(np.full((2, 2), 255, np.uint8), path="m.png")
+    with pytest.raises(DatasetError, match=r"threshold 2 is outside .* bool mask \(values 0\.\.1\).* in 1\.\.1"):
+        BinaryEncoding(threshold=2).encode(np.ones((2, 2), bool))
+    wide = np.array([[0, 255, 256, 1000]], dtype=np.uint16)
+    assert BinaryEncoding(threshold=256).encode(wide).tolist() == [[0, 0, 1, 1]]
+    for bad in (0, -1, True, 127.5):
+        with pytest.raises(ValueError, match=rf"threshold must be an integer >= 1, got {bad!r}"):
+            BinaryEncoding(threshold=bad)
+
+
 @pytest.mark.parametrize(
     "encoding",
     [
@@ -280,6 +293,21 @@ def test_folder_pairs_with_explicit_classes_and_without_yaml(tmp_path):
         FolderPairs(root, "val", classes=CLASSES)
 
 
+def test_inferred_classes_skip_the_shared_ignore_index(tmp_path, monkeypatch):
+    # the value skipped while inferring is the IGNORE_INDEX constant, the same the encoding keeps
+    from gigaseg.data import folder
+
+    monkeypatch.setattr(folder, "IGNORE_INDEX", 250, raising=False)
+    root = write_gigaseg(tmp_path / "ds", stems=("scene_000",))
+    (root / "dataset.yaml").unlink()
+    mask = ids_mask(0)
+    mask[:8, :8] = 250
+    Image.fromarray(mask).save(root / "masks" / "scene_000.png")
+    with pytest.warns(UserWarning, match="inferred 3 classes"):
+        dataset = FolderPairs(root)
+    assert dataset.encoding == IndexEncoding(3, ignore_index=250)
+
+
 def test_images_and_masks_folders_win_over_deepglobe_names(tmp_path):
     root = tmp_path / "own"
     (root / "images").mkdir(parents=True)
@@ -399,6 +427,12 @@ def test_unknown_colour_found_by_full_validation(tmp_path):
         ({"mask_encoding": "stripes"}, r"dataset\.yaml: mask_encoding must be 'index' or 'rgb'"),
         ({"ignore_index": 1}, r"dataset\.yaml: ignore_index must lie in 3\.\.255"),
         ({"exclude_from_miou": [5]}, r"dataset\.yaml: 'exclude_from_miou' must list class ids 0\.\.2"),
+        # YAML's true loads as True, which Python counts as 1: not a class id
+        (
+            {"exclude_from_miou": [True]},
+            r"dataset\.yaml: 'exclude_from_miou' must list class ids 0\.\.2 .*got \[True\]",
+        ),
+        ({"ignore_index": True}, r"dataset\.yaml: 'ignore_index' must be an integer 3\.\.255, got True"),
         ({"task": "classification"}, r"dataset\.yaml: task is 'classification'"),
         (
             {"splits": {"train": ["scene_000", "ghost"]}},

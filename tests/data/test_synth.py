@@ -293,3 +293,16 @@ def test_split_names():
     assert split_names(names, 0.0)["val"] == []
     with pytest.raises(ConfigError):
         split_names(names, 1.0)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_config_rejects_max_attempts_below_one(bad):
+    # 0 (or fewer) attempts would draw no scene at all: generate() would return None
+    with pytest.raises(ConfigError, match=rf"max_attempts must be an integer >= 1 .*got {bad!r}"):
+        LandcoverConfig(max_attempts=bad)
+    assert LandcoverConfig(max_attempts=1).max_attempts == 1
+
+
+def test_config_rejects_a_radius_that_is_not_positive():
+    with pytest.raises(ConfigError, match="context radius must be positive, got 0"):
+        LandcoverConfig(context_radius=0)

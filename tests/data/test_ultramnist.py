@@ -13,6 +13,7 @@ from gigaseg.cli import main
 from gigaseg.data.classification import ClassificationDataset
 from gigaseg.data.folder import GigasegDataset
 from gigaseg.data.loader import dataset_task, load_dataset
+from gigaseg.data.synth import ultramnist
 from gigaseg.data.synth.ultramnist import (
     UltraMnistConfig,
     generate_image,
@@ -79,6 +80,21 @@ def test_label_rule_and_value_subset():
         UltraMnistConfig(digits=(1, 3))
     with pytest.raises(ConfigError, match="0..9"):
         UltraMnistConfig(values=(3, 12))
+
+
+def test_digits_that_cannot_fit_give_up_with_a_clear_error(monkeypatch):
+    # 40 digits of at least 8 px cannot fit on 32 x 32; the placement loop used to retry forever
+    calls = [0]
+    place = ultramnist._place
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        assert calls[0] < 5000, "the placement loop does not give up"
+        return place(*args, **kwargs)
+
+    monkeypatch.setattr(ultramnist, "_place", counted)
+    with pytest.raises(ConfigError, match=r"cannot place 40 digits on a 32x32 canvas: .*use fewer digits \(got 40-40"):
+        generate_image(32, config=UltraMnistConfig(digits=(40, 40)))
 
 
 def test_written_dataset_loads_as_classification(tmp_path):

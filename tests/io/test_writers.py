@@ -397,6 +397,23 @@ def test_maskwriter_missing_bands_are_listed(tmp_path):
     assert (tmp_path / ".n.tif.scratch").is_dir()
 
 
+@pytest.mark.parametrize(
+    "palette, message",
+    [
+        ([[300, 0, 0]], r"integers 0\.\.255, got 300 in entry 0 \(\[300, 0, 0\]\)"),
+        ([[0, 0, 0], [1, -1, 2]], r"integers 0\.\.255, got -1 in entry 1"),
+        ([[0.5, 0, 0]], r"integers 0\.\.255, got 0\.5 in entry 0"),
+        ([[0, 0]], r"\(N, 3\) array with 1 <= N <= 256, got shape \(1, 2\)"),
+        (np.zeros((257, 3), np.uint8), r"got shape \(257, 3\)"),
+    ],
+)
+def test_maskwriter_rejects_palette_colours_a_colormap_would_wrap(tmp_path, palette, message):
+    # 300 used to be stored as 44 (300 % 256) and -1 as 255 in the TIFF ColorMap
+    with pytest.raises(ValueError, match=message):
+        MaskWriter(tmp_path / "m.tif", H, W, tile=T, palette=palette)
+    assert not (tmp_path / ".m.tif.scratch").exists()
+
+
 def test_maskwriter_checks_bands(tmp_path):
     writer = mask_writer(tmp_path / "m.tif")
     with pytest.raises(ValueError, match="multiple of 128"):

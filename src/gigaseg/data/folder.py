@@ -35,7 +35,7 @@ from .base import (
     yaml_folder,
     yaml_splits,
 )
-from .labels import IndexEncoding, LabelEncoding, PaletteEncoding
+from .labels import IGNORE_INDEX, IndexEncoding, LabelEncoding, PaletteEncoding
 
 __all__ = ["DatasetConfig", "FolderPairs", "GigasegDataset", "read_dataset_yaml"]
 
@@ -77,12 +77,13 @@ class DatasetConfig:
     splits: dict[str, list[str]] | None
 
 
+def _is_int(value: Any) -> bool:
+    """An integer of the yaml, not a boolean (YAML's ``true`` loads as ``True``, which Python counts as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _colour(value: Any, what: str, path: Path) -> list[int]:
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 3
-        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)
-    ):
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_int(v) and 0 <= v <= 255 for v in value):
         raise DatasetError(path, f"{what} must be an [R, G, B] triple of integers 0..255, got {value!r}")
     return list(value)
 
@@ -127,9 +128,9 @@ def read_dataset_yaml(path: str | os.PathLike) -> DatasetConfig:
             raise DatasetError(path, f"'palette' has {len(palette)} colours but 'classes' has {n} names")
         palette = np.array([_colour(c, f"palette entry {i}", path) for i, c in enumerate(palette)], np.uint8)
 
-    ignore_index = data.get("ignore_index", 255)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise DatasetError(path, f"'ignore_index' must be an integer, got {ignore_index!r}")
+    ignore_index = data.get("ignore_index", IGNORE_INDEX)
+    if not _is_int(ignore_index):
+        raise DatasetError(path, f"'ignore_index' must be an integer {n}..255, got {ignore_index!r}")
     ignore_color = data.get("ignore_color")
     if ignore_color is not None:
         if kind != "rgb":
@@ -144,8 +145,10 @@ def read_dataset_yaml(path: str | os.PathLike) -> DatasetConfig:
         raise DatasetError(path, str(error)) from None
 
     exclude = data.get("exclude_from_miou") or []
-    if not isinstance(exclude, list) or not all(isinstance(c, int) and 0 <= c < n for c in exclude):
-        raise DatasetError(path, f"'exclude_from_miou' must list class ids 0..{n - 1}, got {exclude!r}")
+    if not isinstance(exclude, list) or not all(_is_int(c) and 0 <= c < n for c in exclude):
+        raise DatasetError(
+            path, f"'exclude_from_miou' must list class ids 0..{n - 1} (integers, not true/false), got {exclude!r}"
+        )
 
     splits = yaml_splits(data, path)
     images = yaml_folder(data, "images", path)
@@ -165,7 +168,11 @@ def read_dataset_yaml(path: str | os.PathLike) -> DatasetConfig:
 
 
 def _infer_index_encoding(masks: Iterable[Path], root: Path) -> IndexEncoding:
-    """Class count of 1-channel id masks from the largest id present (a full, band-wise read)."""
+    """Class count of 1-channel id masks from the largest id present (a full, band-wise read).
+
+    Pixels equal to ``IGNORE_INDEX`` are not scored and name no class; the encoding keeps it as its
+    ``ignore_index``.
+    """
     highest = 0
     for path in masks:
         with open_image(path, palette="indices") as raw:
@@ -177,11 +184,11 @@ def _infer_index_encoding(masks: Iterable[Path], root: Path) -> IndexEncoding:
                 )
             for band in row_bands(raw):
                 ids = raw.read(band)
-                ids = ids[ids != 255]
+                ids = ids[ids != IGNORE_INDEX]
                 if ids.size:
                     highest = max(highest, int(ids.max()))
     try:
-        return IndexEncoding(highest + 1)
+        return IndexEncoding(highest + 1, ignore_index=IGNORE_INDEX)
     except ValueError as error:
         raise DatasetError(root, f"cannot infer the classes from the masks: {error}") from None
 

@@ -414,19 +414,20 @@ class BinaryEncoding(LabelEncoding):
     No pixel is ``ignore_index``; it is kept so that losses and metrics know which value to skip.
 
     Args:
-        threshold: the least grey value of class 1 (at least 1).
+        threshold: the least grey value of class 1: an integer, at least 1 and at most the largest
+            value of the masks' dtype (255 for uint8 masks; checked by ``encode``).
         ignore_index: the value reported as not scored, 2..255.
 
     Raises:
-        ValueError: ``threshold`` < 1 or ``ignore_index`` out of range.
+        ValueError: ``threshold`` is not an integer >= 1, or ``ignore_index`` is out of range.
     """
 
     kind = "binary"
     num_classes = 2
 
     def __init__(self, threshold: int = 128, ignore_index: int = IGNORE_INDEX):
-        if threshold < 1:
-            raise ValueError(f"threshold must be >= 1, got {threshold}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 1:
+            raise ValueError(f"threshold must be an integer >= 1, got {threshold!r}")
         self._check_ignore(2, int(ignore_index))
         self.threshold = int(threshold)
         self.ignore_index = int(ignore_index)
@@ -443,9 +444,18 @@ class BinaryEncoding(LabelEncoding):
             ``(h, w)`` uint8 class ids 0 and 1.
 
         Raises:
-            DatasetError: ``raw`` is not a 1-channel integer mask.
+            DatasetError: ``raw`` is not a 1-channel integer mask, or ``threshold`` is above the
+                largest value its dtype holds (every pixel would be class 0).
         """
-        values = _one_band(np.asarray(raw), self, path)
+        raw = np.asarray(raw)
+        values = _one_band(raw, self, path)
+        top = 1 if raw.dtype == bool else int(np.iinfo(values.dtype).max)
+        if self.threshold > top:
+            raise DatasetError(
+                path,
+                f"binary threshold {self.threshold} is outside the range of this {raw.dtype} mask "
+                f"(values 0..{top}), so every pixel would be class 0; use a threshold in 1..{top}",
+            )
         return (values >= self.threshold).view(np.uint8)
 
     def to_dict(self):

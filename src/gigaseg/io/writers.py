@@ -734,7 +734,17 @@ class MaskWriter:
 
 
 def _checked_palette(palette) -> np.ndarray:
+    """``palette`` as ``(N, 3)`` uint8, or a ValueError: a colour outside 0..255 would wrap in the ColorMap."""
     array = np.asarray(palette)
     if array.ndim != 2 or array.shape[1] != 3 or not 0 < len(array) <= 256:
-        raise ValueError(f"palette must be an (N, 3) array with N <= 256, got shape {array.shape}")
+        raise ValueError(f"palette must be an (N, 3) array with 1 <= N <= 256, got shape {array.shape}")
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"palette colours must be integers 0..255, got dtype {array.dtype}")
+    bad = (array < 0) | (array > 255) | (array != np.round(array))
+    if bad.any():
+        row, channel = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"palette colours must be integers 0..255, got {array[row, channel].item()!r} in entry {row} "
+            f"({array[row].tolist()})"
+        )
     return array.astype(np.uint8)

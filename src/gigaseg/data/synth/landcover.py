@@ -130,7 +130,7 @@ class LandcoverConfig:
         max_attempts: scenes drawn at most before the best one is kept.
 
     Raises:
-        ConfigError: ``context_radius`` is not positive.
+        ConfigError: ``context_radius`` is not positive, or ``max_attempts`` is not an integer >= 1.
     """
 
     context_radius: float = 700.0
@@ -161,6 +161,9 @@ class LandcoverConfig:
     def __post_init__(self) -> None:
         if not self.context_radius > 0:
             raise ConfigError(f"context radius must be positive, got {self.context_radius}")
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, (int, np.integer)) or attempts < 1:
+            raise ConfigError(f"max_attempts must be an integer >= 1 (scenes drawn at most), got {attempts!r}")
 
 
 # ----------------------------------------------------------------------------------

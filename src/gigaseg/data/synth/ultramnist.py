@@ -42,6 +42,8 @@ from .output import MANIFEST, prepare_output_dir, write_text
 
 GENERATOR = "gigaseg synth ultramnist"
 FORMAT_VERSION = 1
+#: tries (each a new angle and up to 200 positions) a digit gets at its smallest height before giving up
+_PLACE_TRIES_AT_FLOOR = 20
 CLASSES = tuple(str(d) for d in range(10))
 #: ink height / font size of Pillow's default font's digits (measured; only sets the font size)
 _INK_RATIO = 0.72
@@ -324,6 +326,9 @@ def generate_image(side: int, seed: int = 0, index: int = 0, config: UltraMnistC
     digits: list[Digit | None] = [None] * count
     for i in order:
         ink = heights[i]
+        # a failed digit is redrawn smaller, down to this height, then tried a bounded number of times more
+        floor = config.smallest(side) if i != 0 else 2
+        tries_at_floor = 0
         while True:
             angle = float(np.round(rng.uniform(-config.max_angle, config.max_angle), 2))
             mask = render_digit(values[i], ink, angle)
@@ -331,7 +336,16 @@ def generate_image(side: int, seed: int = 0, index: int = 0, config: UltraMnistC
             place = _place(rng, side, h, w, boxes, margin=max(2, ink // 10))
             if place is not None:
                 break
-            ink = max(config.smallest(side) if i != 0 else 2, int(ink * 0.85))
+            if ink <= floor:
+                tries_at_floor += 1
+                if tries_at_floor >= _PLACE_TRIES_AT_FLOOR:
+                    raise ConfigError(
+                        f"cannot place {count} digits on a {side}x{side} canvas: only {len(boxes)} fit, the next "
+                        f"found no free spot at the smallest ink height ({ink} px) in {_PLACE_TRIES_AT_FLOOR} tries; "
+                        f"use fewer digits (got {config.digits[0]}-{config.digits[1]}, at least 2), "
+                        "a smaller min_digit or a larger canvas"
+                    )
+            ink = max(floor, int(ink * 0.85))
             if ink <= 2:
                 raise ConfigError(f"cannot place {count} digits on a {side}x{side} canvas; use fewer digits")
         top, left = place
