@@ -14,7 +14,8 @@ reproduction of the papers' numbers.
 
 ``--output-stride 1`` trains every method with its full-resolution settings instead (rows
 labelled "(stride 1)": ``FULL_RESOLUTION``'s options on top of ``OPTIONS``); with
-``--append`` the stride-4 rows stay beside them.
+``--append`` the stride-4 rows stay beside them. ``--stride-only`` changes only the head
+(each method's default loss and crops), which separates the two causes.
 
 ``--smoke`` runs the same path in seconds (4 scenes of 128 px, test_resnet, one epoch, MagNet
 and one of its variants unless ``--methods``), writing only to ``--data``, ``--work`` and
@@ -117,6 +118,12 @@ def main(argv: list[str] | None = None) -> None:
         help="4: the papers' heads; 1 or 2: every method with FULL_RESOLUTION's settings, rows labelled so",
     )
     parser.add_argument(
+        "--stride-only",
+        action="store_true",
+        help="with --output-stride 1|2: keep each method's default loss and crops (rows labelled "
+        "'(stride N, default loss)'), to separate the head from the rare-class training",
+    )
+    parser.add_argument(
         "--append",
         action="store_true",
         help="keep the other methods of the committed results (same data, machine and settings)",
@@ -150,11 +157,19 @@ def main(argv: list[str] | None = None) -> None:
     if not (data / "dataset.yaml").exists():
         write_landcover_dataset(data, count=scenes, height=size, width=size, seed=0, val_fraction=0.25)
     fine = args.output_stride != 4
+    if args.stride_only and not fine:
+        parser.error("--stride-only needs --output-stride 1 or 2")
     specs = [
         MethodSpec(
             method=m,
-            label=f"{m} (stride {args.output_stride})" if fine else None,
-            options={**options.get(m, {}), **FULL_RESOLUTION[m], "output_stride": args.output_stride}
+            label=(f"{m} (stride {args.output_stride}" + (", default loss)" if args.stride_only else ")"))
+            if fine
+            else None,
+            options={
+                **options.get(m, {}),
+                **({} if args.stride_only else FULL_RESOLUTION[m]),
+                "output_stride": args.output_stride,
+            }
             if fine
             else options.get(m, {}),
             epochs=epochs,
@@ -173,11 +188,14 @@ def main(argv: list[str] | None = None) -> None:
         print(comparison_markdown(results))
         return
     results = compare_methods(specs, data, work, encoder=encoder)
+    for row in results["methods"]:  # rows from several invocations keep their own provenance
+        row["measured"] = {key: results["machine"][key] for key in ("commit", "date", "command")}
     if args.append and committed.exists():
         earlier = json.loads(committed.read_text())
         rerun = {m["name"] for m in results["methods"]}
         results["methods"] = [m for m in earlier["methods"] if m["name"] not in rerun] + results["methods"]
-        results["note"] = "methods were measured in separate invocations on the same machine and data"
+        results["commands"] = earlier.get("commands", []) + ["python " + results["machine"]["command"]]
+        results["notes"] = earlier.get("notes", [])  # hand-written after earlier runs; updated by hand
         write_results(results, work)
     results_dir.mkdir(parents=True, exist_ok=True)
     for suffix in ("json", "md", "png"):

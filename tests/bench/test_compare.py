@@ -75,3 +75,44 @@ def test_variants_are_scored_from_the_same_weights(tmp_path, tiny_dataset):
     assert [m["name"] for m in results["methods"]] == ["patch", "patch (uniform blend)"]
     assert results["methods"][1]["spec"]["epochs"] == 1 and results["methods"][1]["spec"]["batch_size"] == 2
     assert json.loads((out / "results.json").read_text())["methods"][1]["miou"] == results["methods"][1]["miou"]
+
+
+def test_rows_from_separate_runs_name_their_own_run():
+    from gigaseg.bench.compare import markdown
+
+    def row(name, commit):
+        return {
+            "name": name,
+            "spec": {"epochs": 2, "options": {}, "batch_size": 2, "lr": 1e-3},
+            "miou": 0.5,
+            "group_iou": {},
+            "per_class_iou": {"a": 0.5},
+            "train_peak_rss": 2**30,
+            "predict_peak_rss": 2**30,
+            "megapixels_per_second": 1.0,
+            "train_seconds": 10.0,
+            "measured": {"commit": commit, "date": "2026-12-03", "command": f"compare --methods {name}"},
+        }
+
+    results = {
+        "machine": {
+            "cpu": "test",
+            "cores": 2,
+            "gpu": None,
+            "torch": "2",
+            "commit": "bbb",
+            "command": "compare --methods b",
+            "date": "2026-12-03",
+        },
+        "data": "d",
+        "split": "val",
+        "encoder": "e",
+        "seed": 0,
+        "class_groups": {},
+        "methods": [row("a", "aaa"), row("b", "bbb")],
+        "notes": ["A note written by hand."],
+    }
+    text = markdown(results)
+    assert "- a: commit aaa, 2026-12-03, `compare --methods a`" in text
+    assert "- b: commit bbb, 2026-12-03, `compare --methods b`" in text
+    assert text.index("Measured (rows from separate runs") < text.index("A note written by hand.")

@@ -367,6 +367,13 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {m['name']} | " + " | ".join(_fmt(m["per_class_f1"][c]) for c in classes) + " |")
     if results["methods"]:
         lines += ["", "Options:", ""] + [_options_line(m) for m in results["methods"]]
+    measured = [m for m in results["methods"] if m.get("measured")]
+    if measured:  # rows appended by several invocations
+        lines += ["", "Measured (rows from separate runs: compare times only within one run):", ""]
+        lines += [
+            f"- {m['name']}: commit {m['measured']['commit']}, {m['measured']['date']}, `{m['measured']['command']}`"
+            for m in measured
+        ]
     for note in results.get("notes", []):
         lines += ["", note]
     baseline = results["methods"][0].get("runtime_baseline_rss") if results["methods"] else None
