@@ -43,6 +43,7 @@ class PredictionResult:
         blocks_resumed: blocks skipped because an earlier run had finished their bands.
         overlay_path: the overlay PNG, when asked for.
         probabilities_path: the ``_probabilities.zarr`` array, when asked for.
+        vector_path: the polygons (GeoPackage or GeoJSON), when asked for.
         extra: anything else a caller wants to attach.
     """
 
@@ -54,6 +55,7 @@ class PredictionResult:
     blocks_resumed: int
     overlay_path: Path | None = None
     probabilities_path: Path | None = None
+    vector_path: Path | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -159,6 +161,7 @@ def predict_image(
             palette=palette,
             tile=WRITER_TILE,
             geo_tags=source.geo_tags,
+            ome=getattr(source, "ome_pixel_size", None),  # an OME-TIFF input gets an OME-TIFF mask
             class_names=class_names,
             resume=resume,
             producer=producer,

@@ -182,6 +182,16 @@ class ImageSource(ABC):
         """
         return []
 
+    @property
+    def ome_pixel_size(self) -> dict[str, object] | None:
+        """The physical pixel size of an OME-TIFF, as OME ``Pixels`` attributes.
+
+        ``PhysicalSizeX``, ``PhysicalSizeXUnit``, ``PhysicalSizeY``, ``PhysicalSizeYUnit`` (those
+        the file states; ``{}`` for an OME image that states none); None when the source is
+        not OME. Mask writers copy these so a mask of a slide keeps its scale.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - sources without file handles have nothing to release
         """Release file handles (sources are also context managers)."""
 

@@ -65,6 +65,11 @@ class RepeatedChannels(ImageSource):
         """The parent's georeferencing."""
         return self.parent.geo_tags
 
+    @property
+    def ome_pixel_size(self) -> dict | None:
+        """The parent's OME physical pixel size."""
+        return self.parent.ome_pixel_size
+
     def read(
         self, window: Window | None = None, out_size: tuple[int, int] | None = None, resample: str = "area"
     ) -> np.ndarray:

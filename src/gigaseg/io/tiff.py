@@ -396,6 +396,30 @@ class TiffSource(FileSource):
             tags.append((int(code), int(tag.dtype), int(tag.count), value))
         return tags
 
+    @property
+    def ome_pixel_size(self) -> dict[str, object] | None:
+        """The OME-XML ``Pixels`` physical size of the first image (see ``ImageSource.ome_pixel_size``)."""
+        if not self._tif.is_ome:
+            return None
+        import xml.etree.ElementTree as ElementTree
+
+        try:
+            root = ElementTree.fromstring(self._tif.ome_metadata)
+        except ElementTree.ParseError:
+            return {}
+        pixels = next((e for e in root.iter() if e.tag.endswith("}Pixels") or e.tag == "Pixels"), None)
+        if pixels is None:
+            return {}
+        size: dict[str, object] = {}
+        for axis in "XY":
+            value = pixels.get(f"PhysicalSize{axis}")
+            if value is None:
+                continue
+            with contextlib.suppress(ValueError):
+                size[f"PhysicalSize{axis}"] = float(value)
+                size[f"PhysicalSize{axis}Unit"] = pixels.get(f"PhysicalSize{axis}Unit", "µm")  # OME's default
+        return size
+
     # -- reading -------------------------------------------------------------------
 
     def _band_bytes(self) -> int:

@@ -32,6 +32,7 @@ import tifffile
 from ..errors import GigasegError
 from ..geometry import Window
 from .atomic import atomic_output
+from .cog import relayout_cog
 
 #: render(window) -> (window.height, window.width[, channels]) array
 Render = Callable[[Window], np.ndarray]
@@ -39,6 +40,10 @@ Render = Callable[[Window], np.ndarray]
 Progress = Callable[[int, int], None]
 
 PYRAMID_RESAMPLING = ("area", "nearest")
+#: where reduced levels go: SubIFDs of the first page, or the main IFD chain in the COG order
+PYRAMID_LAYOUTS = ("subifds", "cog")
+#: namespace of the OME-XML MapAnnotation that holds an OME-TIFF mask's class names (index -> name)
+OME_CLASSES_NAMESPACE = "gigaseg/classes"
 _COMPRESSIONS = {
     None: None,
     "none": None,
@@ -98,6 +103,8 @@ def write_tiled_tiff(
     description: str | None = None,
     progress: Progress | None = None,
     render_width: int | None = None,
+    pyramid_layout: str = "subifds",
+    ome_metadata: dict | None = None,
 ) -> Path:
     """Stream a ``height x width x channels`` raster to a tiled, compressed BigTIFF.
 
@@ -123,8 +130,9 @@ def write_tiled_tiff(
         colormap: an ``(N, 3)`` uint8 palette (N <= 256) for a single-channel uint8
             label mask, stored as the TIFF ColorMap (photometric palette); None for none.
         pyramid_levels: at most this many reduced levels (each half the previous,
-            stored as SubIFDs with ``subfiletype=1``), stopping before a level
-            whose longer side is below ``tile``; 0 for none.
+            ``subfiletype=1``, stored as ``pyramid_layout`` says), stopping before a
+            level whose longer side is below ``tile`` (with ``"cog"``, an image larger
+            than one tile keeps at least one level); 0 for none.
         pyramid_resample: ``"area"`` (2x2 mean, rounded, for images) or
             ``"nearest"`` (for label masks).
         geo_tags: tifffile extratags ``(code, dtype, count, value)`` written to the
@@ -137,14 +145,24 @@ def write_tiled_tiff(
         render_width: column chunk width, a multiple of ``tile``; it also bounds
             memory to one chunk (use it for very wide images). None renders full
             width.
+        pyramid_layout: ``"subifds"``: reduced levels as SubIFDs of the first page
+            (OME-TIFF's pyramid); ``"cog"``: reduced levels in the main IFD chain and
+            the file in the cloud-optimized GeoTIFF order (every IFD first, then the
+            tiles from the smallest level to full resolution; see
+            :mod:`gigaseg.io.cog`), which GDAL reads as internal overviews.
+        ome_metadata: write an OME-TIFF: these OME-XML attributes (e.g.
+            ``PhysicalSizeX``, ``PhysicalSizeXUnit``, ``MapAnnotation``) go to
+            tifffile's OME writer, whose OME-XML replaces ``description``; needs
+            ``pyramid_layout="subifds"``. None for a plain TIFF.
 
     Returns:
         ``path`` as a ``Path``.
 
     Raises:
         ValueError: for a bad size, ``tile``, ``render_width``,
-            ``pyramid_resample``, ``compression`` or ``colormap``, or when
-            ``render`` returns the wrong shape or dtype.
+            ``pyramid_resample``, ``pyramid_layout``, ``compression`` or
+            ``colormap``, OME metadata with the COG layout, or when ``render``
+            returns the wrong shape or dtype.
     """
     final = Path(path)
     dtype = np.dtype(dtype)
@@ -156,6 +174,10 @@ def write_tiled_tiff(
         raise ValueError(f"render_width must be a positive multiple of tile ({tile}), got {render_width}")
     if pyramid_resample not in PYRAMID_RESAMPLING:
         raise ValueError(f"pyramid_resample must be one of {PYRAMID_RESAMPLING}, got {pyramid_resample!r}")
+    if pyramid_layout not in PYRAMID_LAYOUTS:
+        raise ValueError(f"pyramid_layout must be one of {PYRAMID_LAYOUTS}, got {pyramid_layout!r}")
+    if ome_metadata is not None and pyramid_layout != "subifds":
+        raise ValueError("an OME-TIFF keeps its pyramid in SubIFDs: ome_metadata needs pyramid_layout='subifds'")
     key = compression.lower() if isinstance(compression, str) else compression
     if key not in _COMPRESSIONS:
         raise ValueError(f"unknown compression {compression!r}; use one of {sorted(k for k in _COMPRESSIONS if k)}")
@@ -170,6 +192,10 @@ def write_tiled_tiff(
         photometric = "palette" if tiff_colormap is not None else ("rgb" if channels == 3 else "minisblack")
 
     shapes = pyramid_shapes(height, width, tile, max(0, int(pyramid_levels)))
+    if pyramid_layout == "cog" and pyramid_levels > 0 and len(shapes) == 1 and max(height, width) > tile:
+        # a COG larger than one tile gets at least one overview (GDAL's COG driver makes one; rio-cogeo warns
+        # without it), even where the rule above would write none
+        shapes.append(((height + 1) // 2, (width + 1) // 2))
     total_bands = sum(math.ceil(h / tile) for h, _ in shapes)
     done = [0]
 
@@ -189,11 +215,14 @@ def write_tiled_tiff(
         # encode at most one band (or one render chunk) of tiles at a time
         buffersize=tile * tile * channels * dtype.itemsize * math.ceil(min(width, render_width or width) / tile),
     )
+    cog = pyramid_layout == "cog" and len(shapes) > 1  # one level written in order is already COG-ordered
     first_page = dict(
-        description=description,
+        description=description if ome_metadata is None else None,
         extratags=[_extratag(tag) for tag in geo_tags],
-        subifds=len(shapes) - 1 if len(shapes) > 1 else None,
+        subifds=len(shapes) - 1 if len(shapes) > 1 and pyramid_layout == "subifds" else None,
     )
+    if ome_metadata is not None:
+        first_page["metadata"] = {"axes": "YXS" if channels > 1 else "YX", **ome_metadata}
 
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_output(final))
@@ -205,7 +234,9 @@ def write_tiled_tiff(
             shutil.rmtree(scratch, ignore_errors=True)
             scratch.mkdir()
             stack.callback(shutil.rmtree, scratch, ignore_errors=True)
-        with tifffile.TiffWriter(tmp, bigtiff=True) as writer:
+        # the COG order is made by a second pass that copies the encoded tiles (gigaseg.io.cog)
+        levels_file = scratch / "levels.tif" if cog else tmp
+        with tifffile.TiffWriter(levels_file, bigtiff=True, ome=ome_metadata is not None) as writer:
             source: Render = render
             chunk = render_width
             reader = None
@@ -215,7 +246,7 @@ def write_tiled_tiff(
                     down = stack.enter_context(open(scratch / f"level{level + 1}.raw", "wb"))
                 tiles = _level_tiles(h, w, channels, dtype, tile, source, chunk, down, pyramid_resample, band_done)
                 extra = first_page if level == 0 else dict(subfiletype=1)
-                writer.write(tiles, shape=(h, w, channels) if channels > 1 else (h, w), **options, **extra)
+                writer.write(tiles, shape=(h, w, channels) if channels > 1 else (h, w), **{**options, **extra})
                 if reader is not None:  # this level's raw file is spent: free the disk now
                     reader.close()
                     os.unlink(reader.name)
@@ -224,6 +255,9 @@ def write_tiled_tiff(
                     reader = stack.enter_context(open(down.name, "rb"))
                     source = _raw_render(reader, shapes[level + 1][1], channels, dtype)
                     chunk = None  # a raw level is read a whole band at a time
+        if cog:
+            relayout_cog(levels_file, tmp)
+            os.unlink(levels_file)
     return final
 
 
@@ -431,6 +465,14 @@ class MaskWriter:
     scratch folder is removed. After an exception in the ``with`` block the scratch
     folder is kept and nothing appears under ``path``.
 
+    The TIFF is a cloud-optimized GeoTIFF (pyramid as reduced IFDs in the main chain, every
+    IFD before the tiles, the smallest level's tiles first: :mod:`gigaseg.io.cog`), which is
+    what GIS tools stream best. With ``ome`` it is an OME-TIFF instead: OME-XML (with the
+    physical pixel size and the class names, as a ``MapAnnotation`` in namespace
+    :data:`OME_CLASSES_NAMESPACE`) as ImageDescription and the pyramid in SubIFDs, as
+    OME-TIFF wants; napari and QuPath read it. :func:`mask_classes` reads the class names
+    back from either.
+
     Args:
         path: the output TIFF.
         height: rows of the mask.
@@ -450,6 +492,10 @@ class MaskWriter:
             written, as in :func:`write_tiled_tiff`.
         producer: fingerprint of what makes the bands (model, options, settings);
             a resume requires the same one.
+        ome: write an OME-TIFF with these OME ``Pixels`` attributes (``PhysicalSizeX``,
+            ``PhysicalSizeXUnit``, ``PhysicalSizeY``, ``PhysicalSizeYUnit``; what
+            ``ImageSource.ome_pixel_size`` gives for an OME-TIFF input, ``{}`` for
+            none); None for the cloud-optimized GeoTIFF.
 
     Raises:
         ValueError: for a bad size or ``tile``, or a bad palette.
@@ -475,6 +521,7 @@ class MaskWriter:
         resume: bool = False,
         progress: Progress | None = None,
         producer: str | None = None,
+        ome: dict | None = None,
     ):
         if height <= 0 or width <= 0:
             raise ValueError(f"cannot write a mask of size {height}x{width}")
@@ -491,6 +538,7 @@ class MaskWriter:
         # what makes the bands (a fingerprint of model, options and settings): a resume by anything
         # else would stitch two different predictions into one mask
         self.producer = producer
+        self.ome = None if ome is None else dict(ome)
         self.scratch_dir = self.path.with_name(f".{self.path.name}.scratch")
         self._raw_path = self.scratch_dir / "labels.raw"
         self._progress_path = self.scratch_dir / "progress.json"
@@ -676,8 +724,13 @@ class MaskWriter:
                 f"{self.path}: mask incomplete, {len(missing)} of {len(self._tops())} bands missing: "
                 f"rows {rows}{more} were never written (finished bands are kept in {self.scratch_dir})"
             )
-        description = None
-        if self.class_names is not None:
+        description = ome = None
+        if self.ome is not None:
+            ome = dict(self.ome)
+            if self.class_names is not None:
+                names = {str(index): name for index, name in enumerate(self.class_names)}
+                ome["MapAnnotation"] = {"Namespace": OME_CLASSES_NAMESPACE, **names}
+        elif self.class_names is not None:
             description = json.dumps({"classes": self.class_names})
         write_tiled_tiff(
             self.path,
@@ -694,6 +747,8 @@ class MaskWriter:
             geo_tags=self.geo_tags,
             description=description,
             progress=self.progress,
+            pyramid_layout="cog" if ome is None else "subifds",
+            ome_metadata=ome,
         )
         self._release()
         shutil.rmtree(self.scratch_dir, ignore_errors=True)
@@ -731,6 +786,60 @@ class MaskWriter:
         return (
             f"MaskWriter({str(self.path)!r}, {self.height}x{self.width}, {len(self._done)}/{len(self._tops())} bands)"
         )
+
+
+def mask_classes(tif) -> list[str] | None:
+    """The class names a :class:`MaskWriter` stored in a mask TIFF.
+
+    Args:
+        tif: the mask, an open ``tifffile.TiffFile``.
+
+    Returns:
+        The names by class index: from the ``{"classes": [...]}`` ImageDescription, or from an
+        OME-TIFF's ``MapAnnotation`` in :data:`OME_CLASSES_NAMESPACE`; None when the file holds
+        neither (a mask written without names, or by another program).
+    """
+    if tif.is_ome:
+        import xml.etree.ElementTree as ElementTree
+
+        try:
+            root = ElementTree.fromstring(tif.ome_metadata)
+        except ElementTree.ParseError:
+            return None
+        for element in root.iter():
+            if element.tag.endswith("MapAnnotation") and element.get("Namespace") == OME_CLASSES_NAMESPACE:
+                pairs = {m.get("K"): m.text or "" for m in element.iter() if m.tag.endswith("}M") or m.tag == "M"}
+                if pairs and all(k is not None and k.isdigit() for k in pairs):
+                    names = [""] * (max(int(k) for k in pairs) + 1)
+                    for key, name in pairs.items():
+                        names[int(key)] = name
+                    return names
+        return None
+    try:
+        stored = json.loads(tif.pages[0].description or "null")
+    except ValueError:
+        return None
+    if isinstance(stored, dict) and isinstance(stored.get("classes"), list):
+        return [str(name) for name in stored["classes"]]
+    return None
+
+
+def mask_palette(tif) -> np.ndarray | None:
+    """The class colours of a mask TIFF: its ColorMap as ``(256, 3)`` uint8, or None without one.
+
+    Args:
+        tif: the mask, an open ``tifffile.TiffFile``.
+
+    Returns:
+        Row ``i`` is class ``i``'s colour.
+    """
+    colormap = tif.pages[0].colormap
+    if colormap is None:
+        return None
+    colormap = np.asarray(colormap)
+    if colormap.dtype == np.uint16:
+        colormap = colormap // 257
+    return colormap.T.astype(np.uint8)
 
 
 def _checked_palette(palette) -> np.ndarray:
