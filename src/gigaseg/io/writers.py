@@ -234,9 +234,7 @@ def write_tiled_tiff(
             shutil.rmtree(scratch, ignore_errors=True)
             scratch.mkdir()
             stack.callback(shutil.rmtree, scratch, ignore_errors=True)
-        # the COG order is made by a second pass that copies the encoded tiles (gigaseg.io.cog)
-        levels_file = scratch / "levels.tif" if cog else tmp
-        with tifffile.TiffWriter(levels_file, bigtiff=True, ome=ome_metadata is not None) as writer:
+        with tifffile.TiffWriter(tmp, bigtiff=True, ome=ome_metadata is not None) as writer:
             source: Render = render
             chunk = render_width
             reader = None
@@ -256,8 +254,9 @@ def write_tiled_tiff(
                     source = _raw_render(reader, shapes[level + 1][1], channels, dtype)
                     chunk = None  # a raw level is read a whole band at a time
         if cog:
-            relayout_cog(levels_file, tmp)
-            os.unlink(levels_file)
+            # the COG order is made by a second pass that copies the encoded tiles (gigaseg.io.cog)
+            relaid = relayout_cog(tmp, scratch / "cog.tif")
+            os.replace(relaid, tmp)
     return final
 
 
