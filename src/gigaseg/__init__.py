@@ -12,7 +12,8 @@ The names below are the public API (``__all__``); everything else is internal an
   ``method_spec`` (network class, recipe and predictor factory) and ``register`` (add a method,
   or re-register a method's class with another recipe or predictor).
 - Whole-image work: ``train``, ``predict``, ``evaluate``; ``predict_image`` drives any
-  predictor (``build_predictor``'s, or a wrapper of it) over an image, block by block.
+  predictor (``build_predictor``'s, or a wrapper of it) over an image, block by block;
+  ``vectorize_mask`` streams a mask's polygons into a GeoPackage or GeoJSON file.
 - Data and checkpoints: ``open_image``, ``load_dataset``, ``Normalization``, ``Window``,
   ``save_checkpoint`` / ``load_checkpoint`` and ``data_info`` (the dataset facts a checkpoint keeps).
 - Settings, scores, deployment, errors: ``TrainSettings``, ``ConfusionMatrix``,
@@ -44,6 +45,7 @@ _EXPORTS = {
     "evaluate": "gigaseg.api",
     "load_model": "gigaseg.api",
     "predict_image": "gigaseg.inference.stream",
+    "vectorize_mask": "gigaseg.io.vector",
     "load_dataset": "gigaseg.data.loader",
     "save_checkpoint": "gigaseg.training.checkpoint",
     "load_checkpoint": "gigaseg.training.checkpoint",

@@ -74,6 +74,8 @@ def predict(
     on_band=None,
     progress: bool = True,
     options: dict | None = None,
+    vector: str | None = None,
+    vector_options: dict | None = None,
 ):
     """Segment a whole image into a tiled label-mask TIFF at ``out``.
 
@@ -102,6 +104,10 @@ def predict(
         options: changes the model's inference options for this prediction
             (``model.inference_options``: e.g. MagNet's ``fast_patches``, the patch baseline's
             ``overlap``).
+        vector: also write the mask's polygons next to it, ``"gpkg"`` (``<stem>.gpkg``) or
+            ``"geojson"`` (``<stem>.geojson``), streamed from the finished mask
+            (:func:`gigaseg.io.vector.vectorize_mask`); needs ``out``.
+        vector_options: ``simplify``, ``min_area``, ``skip_classes`` for the polygons.
 
     Returns:
         A ``PredictionResult``: the paths written, the image size, the time and block counts.
@@ -135,6 +141,11 @@ def predict(
         )
     normalization = _normalization_for(normalization, source)
     out = None if out is None else output_path(out, source)
+    if vector is not None and out is not None:  # bad polygon settings fail before anything is predicted
+        from .io.vector import check_polygon_options
+
+        vector_path(out, vector)
+        check_polygon_options(**(vector_options or {}))
     model = model.to(device)
     predictor = build_predictor(model, normalization, device=device, max_memory=budget, precision=precision)
     if not isinstance(predictor, SegmentationPredictor):
@@ -162,6 +173,8 @@ def predict(
         )
 
     if out is None:
+        if vector is not None:
+            raise ConfigError("polygons (vector=...) are made from the mask file: give out= as well")
         return run(None)
     with output_lock(out):
         producer = prediction_fingerprint(
@@ -171,7 +184,15 @@ def predict(
             precision=precision,
             input=source_identity(source),
         )
-        return run(producer)
+        result = run(producer)
+        if vector is not None:
+            from .io.vector import vectorize_mask
+
+            polygons = vectorize_mask(
+                result.mask_path, vector_path(out, vector), format=vector, **(vector_options or {})
+            )
+            result.vector_path = polygons.path
+        return result
 
 
 def output_path(out: str | os.PathLike, source) -> Path:
@@ -199,11 +220,38 @@ def output_path(out: str | os.PathLike, source) -> Path:
     if mask.parent.exists() and not mask.parent.is_dir():
         raise ConfigError(f"{mask.parent}: is a file, not a folder for the masks")
     if source.path is not None:
-        outputs = (mask, mask.with_name(f"{mask.stem}_overlay.png"), mask.with_name(f"{mask.stem}_probabilities.zarr"))
+        outputs = (
+            mask,
+            mask.with_name(f"{mask.stem}_overlay.png"),
+            mask.with_name(f"{mask.stem}_probabilities.zarr"),
+            vector_path(mask, "gpkg"),
+            vector_path(mask, "geojson"),
+        )
         for path in outputs:
             if same_file(path, source.path):
                 raise ConfigError(f"{path}: is the input image itself; write the mask somewhere else (--out)")
     return mask
+
+
+def vector_path(mask: str | os.PathLike, fmt: str) -> Path:
+    """Where ``predict(..., vector=fmt)`` writes the polygons of ``mask``.
+
+    Args:
+        mask: the mask's path.
+        fmt: ``"gpkg"`` or ``"geojson"``.
+
+    Returns:
+        ``<stem>.gpkg`` or ``<stem>.geojson`` next to the mask.
+
+    Raises:
+        ConfigError: an unknown format.
+    """
+    from .io.vector import VECTOR_FORMATS
+
+    if fmt not in VECTOR_FORMATS:
+        raise ConfigError(f"unknown vector format {fmt!r}; use one of {', '.join(VECTOR_FORMATS)}")
+    mask = Path(mask)
+    return mask.with_name(f"{mask.stem}{VECTOR_FORMATS[fmt][1]}")
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -14,11 +14,11 @@ import sys
 import warnings
 
 from . import __version__
-from .commands import bench, demo, evaluate, predict, synth, train
+from .commands import bench, demo, evaluate, predict, synth, train, vectorize
 from .errors import GigasegError, GigasegNotice
 
 #: the subcommands' modules, in the order ``--help`` lists them
-COMMANDS = (demo, synth, train, predict, evaluate, bench)
+COMMANDS = (demo, synth, train, predict, vectorize, evaluate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,3 +72,46 @@ def parse_options(pairs: list[str]) -> dict:
         key, value = pair.split("=", 1)
         options[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return options
+
+
+def add_polygon_options(parser) -> None:
+    """Add ``--simplify``, ``--min-area`` and ``--skip-classes`` (how masks become polygons).
+
+    Args:
+        parser: the subcommand's parser (``vectorize``, or ``predict`` for ``--vector``).
+    """
+    group = parser.add_argument_group("polygons")
+    group.add_argument(
+        "--simplify",
+        type=float,
+        default=0.0,
+        metavar="TOL",
+        help="simplify outlines (Douglas-Peucker) with this tolerance in pixels; 0 (default) keeps pixel edges",
+    )
+    group.add_argument(
+        "--min-area",
+        type=float,
+        default=0.0,
+        metavar="PX",
+        help="leave out polygons, and fill holes, smaller than this many pixels (default 0: keep all)",
+    )
+    group.add_argument(
+        "--skip-classes",
+        action="append",
+        default=[],
+        metavar="NAMES",
+        help="classes to leave out, by name or id, comma-separated or repeated (e.g. background); default: none",
+    )
+
+
+def polygon_options(args) -> dict:
+    """The keyword arguments of :func:`gigaseg.io.vector.vectorize_mask` that :func:`add_polygon_options` parsed.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        ``{"simplify": ..., "min_area": ..., "skip_classes": [...]}``.
+    """
+    skip = [name.strip() for item in args.skip_classes for name in item.split(",") if name.strip()]
+    return {"simplify": args.simplify, "min_area": args.min_area, "skip_classes": skip}

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import add_inference_set
+from .common import add_inference_set, add_polygon_options
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,7 +33,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     parser.add_argument("--probabilities", action="store_true", help="also write <name>_probabilities.zarr")
     parser.add_argument("--restart", action="store_true", help="ignore finished bands of an interrupted run")
+    parser.add_argument(
+        "--vector",
+        choices=("gpkg", "geojson"),
+        help="also write the mask's polygons per class as <name>.gpkg (GeoPackage) or <name>.geojson, in the "
+        "input's CRS when it is georeferenced (see gigaseg vectorize; --simplify, --min-area, --skip-classes)",
+    )
     add_inference_set(parser)
+    add_polygon_options(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -53,7 +60,7 @@ def run(args) -> int:
 
     from ..api import load_model, predict
     from ..memory import format_size
-    from .common import parse_options
+    from .common import parse_options, polygon_options
 
     outputs = planned_outputs(args.images, Path(args.out))
     model, info = load_model(args.checkpoint)  # once, and a bad checkpoint fails before any output
@@ -70,6 +77,8 @@ def run(args) -> int:
             overlay=args.overlay,
             probabilities=args.probabilities,
             resume=not args.restart,
+            vector=args.vector,
+            vector_options=polygon_options(args) if args.vector else None,
         )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(
@@ -80,6 +89,8 @@ def run(args) -> int:
             print(f"  overlay: {result.overlay_path}")
         if result.probabilities_path:
             print(f"  probabilities: {result.probabilities_path}")
+        if result.vector_path:
+            print(f"  polygons: {result.vector_path}")
     return 0
 
 
