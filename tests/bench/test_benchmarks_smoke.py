@@ -207,6 +207,17 @@ def check_pillow_decode(folder: Path) -> None:
     check_png(folder / "results" / "pillow_decode.png")
 
 
+def check_vectorize(folder: Path) -> None:
+    data = read_json(folder / "results" / "vectorize.json")
+    assert {"machine", "runs", "imports_peak_rss", "band_rows"} <= set(data)
+    (run,) = data["runs"]
+    assert run["side"] == 512 and run["returncode"] == 0 and run["peak_rss"] > 0 and run["polygons"] > 0
+    assert run["pixels_match"] is True and run["polygons_match_regions"] is True
+    assert sum(row["mask_pixels"] for row in run["per_class"].values()) == 512 * 512
+    check_markdown(folder / "results" / "vectorize.md", "# Polygonising land-cover masks")
+    check_png(folder / "results" / "vectorize.png")
+
+
 SMOKES = {
     "compare_fine_structure": Smoke(work_and_results, check_compare_fine_structure, 20),
     "compare_methods": Smoke(lambda f: ["--data", str(f / "data"), *work_and_results(f)], check_compare_methods, 25),
@@ -221,6 +232,7 @@ SMOKES = {
     "pretrain_digits": Smoke(lambda f: [str(f / "results" / "digits.pth")], check_pretrain_digits, 8),
     "synth_streaming": Smoke(work_and_results, check_synth_streaming, 7),
     "thin_structures": Smoke(work_and_results, check_thin_structures, 25),
+    "vectorize": Smoke(work_and_results, check_vectorize, 8),
 }
 
 
