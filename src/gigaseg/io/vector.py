@@ -1,7 +1,7 @@
 """Polygons of a label mask, streamed band by band into a GeoPackage or GeoJSON file.
 
-Whole-array vectorisation of a 20000 x 20000 mask runs out of memory in the field's tools; here
-the mask is read one band of rows at a time from its tiled TIFF (rasterio), and only what is
+Vectorising a 20000 x 20000 mask whole is a known pain (the array, its labels and every polygon
+at once); here the mask is read one band of rows at a time from its tiled TIFF (rasterio), and only what is
 still growing is kept:
 
 1. each band's pixels of every kept class are split into 4-connected components
@@ -12,14 +12,15 @@ still growing is kept:
    components it meets there (same class, side by side across the border), read straight off
    the two rows at the border; linked pieces form one region, however many bands it spans;
 3. a region none of whose pieces reaches the current band's lower border is complete: its
-   pieces are merged (``shapely.union_all``, which closes rings into polygons with holes),
-   optionally cleaned (holes and polygons under ``min_area`` pixels, Douglas-Peucker
-   simplification), moved from pixel to map coordinates, and appended to the output
-   (``pyogrio``) in batches.
+   pieces, which tile it and meet along band borders, are merged by dropping their shared edges
+   (``shapely.coverage_union_all``, which closes rings into polygons with holes), optionally
+   cleaned (holes and polygons under ``min_area`` pixels, Douglas-Peucker simplification),
+   moved from pixel to map coordinates, and appended to the output (``pyogrio``) in batches.
 
 Memory holds one band (its classes and component ids), the polygons of the regions that touch
 the band's lower border, and one batch of finished features: it grows with the outline of the
-largest region still open, not with the image's area.
+largest region still open, not with the image's area. GDAL's block cache is held to
+:data:`GDAL_CACHE_MB` while the mask is read (by default it would keep every decoded tile).
 
 The output is built under a temporary name and renamed into place when complete
 (:func:`gigaseg.io.atomic.atomic_output`); the mask is only read.
@@ -48,6 +49,8 @@ _SUFFIXES = {".gpkg": "gpkg", ".geojson": "geojson", ".json": "geojson"}
 DEFAULT_BAND_ROWS = 512
 #: finished polygons written per append
 BATCH = 5000
+#: GDAL's block cache while a mask is read, in MB (a band of 512-px tiles of a 20000-px wide mask is 10 MB)
+GDAL_CACHE_MB = 64
 #: attributes of every polygon, in the output's column order
 FIELDS = ("class_id", "class_name", "pixels", "area", "color")
 
@@ -193,43 +196,47 @@ def vectorize_mask(
 
     stored_names, palette = _stored_metadata(mask)
     names = list(class_names) if class_names is not None else stored_names
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            src = rasterio.open(mask)
-    except rasterio.errors.RasterioError as error:
-        raise ImageReadError(mask, f"not a readable raster ({_one_line(error)})") from None
-    with src:
-        if src.count != 1 or np.dtype(src.dtypes[0]).kind not in "ui":
-            raise ImageReadError(
-                mask,
-                f"is not a label mask: {src.count} band(s) of {src.dtypes[0]}; polygons are made from "
-                f"single-band integer masks",
+    # every band is read once: GDAL's block cache (5% of the machine's memory by default) would only keep the
+    # decoded mask, growing with the rows read
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                src = rasterio.open(mask)
+        except rasterio.errors.RasterioError as error:
+            raise ImageReadError(mask, f"not a readable raster ({_one_line(error)})") from None
+        with src:
+            if src.count != 1 or np.dtype(src.dtypes[0]).kind not in "ui":
+                raise ImageReadError(
+                    mask,
+                    f"is not a label mask: {src.count} band(s) of {src.dtypes[0]}; polygons are made from "
+                    f"single-band integer masks",
+                )
+            skip = _skipped_ids(skip_classes, names, mask)
+            georeferenced = src.crs is not None or not src.transform.is_identity
+            crs = None if src.crs is None else src.crs.to_string()
+            transform = src.transform if georeferenced else None
+            writer = _BatchWriter(path, fmt, crs)
+            polygonizer = _Polygonizer(
+                width=src.width,
+                band_rows=band_rows,
+                skip=skip,
+                finish=lambda geom, class_id: writer.add(
+                    geom, class_id, _name(names, class_id), _colour(palette, class_id), simplify, min_area, transform
+                ),
             )
-        skip = _skipped_ids(skip_classes, names, mask)
-        georeferenced = src.crs is not None or not src.transform.is_identity
-        crs = None if src.crs is None else src.crs.to_string()
-        transform = src.transform if georeferenced else None
-        writer = _BatchWriter(path, fmt, crs)
-        polygonizer = _Polygonizer(
-            width=src.width,
-            skip=skip,
-            finish=lambda geom, class_id: writer.add(
-                geom, class_id, _name(names, class_id), _colour(palette, class_id), simplify, min_area, transform
-            ),
-        )
-        total = -(-src.height // band_rows)
-        with atomic_output(path) as tmp:
-            tmp.unlink(missing_ok=True)  # a killed run's temporary file: start afresh, never append to it
-            writer.open(tmp, layer=path.stem)
-            for index, top in enumerate(range(0, src.height, band_rows)):
-                rows = min(band_rows, src.height - top)
-                classes = _read_band(src, mask, top, rows)
-                polygonizer.add_band(classes, top, last=top + rows >= src.height)
-                del classes
-                if progress is not None:
-                    progress(index + 1, total)
-            writer.close()
+            total = -(-src.height // band_rows)
+            with atomic_output(path) as tmp:
+                tmp.unlink(missing_ok=True)  # a killed run's temporary file: start afresh, never append to it
+                writer.open(tmp, layer=path.stem)
+                for index, top in enumerate(range(0, src.height, band_rows)):
+                    rows = min(band_rows, src.height - top)
+                    classes = _read_band(src, mask, top, rows)
+                    polygonizer.add_band(classes, top, last=top + rows >= src.height)
+                    del classes
+                    if progress is not None:
+                        progress(index + 1, total)
+                writer.close()
     return VectorizeResult(
         path=path,
         format=fmt,
@@ -314,12 +321,14 @@ class _Polygonizer:
 
     Args:
         width: columns of the mask.
+        band_rows: rows per band (bands start at multiples of it).
         skip: class ids to leave out.
         finish: ``finish(polygon, class_id)`` for each complete region (pixel coordinates).
     """
 
-    def __init__(self, width: int, skip: set[int], finish: Callable[[object, int], None]):
+    def __init__(self, width: int, band_rows: int, skip: set[int], finish: Callable[[object, int], None]):
         self.width = width
+        self.band_rows = band_rows
         self.skip = skip
         self.finish = finish
         self.parent: dict[int, int] = {}
@@ -392,11 +401,82 @@ class _Polygonizer:
             open_roots = set(np.unique(self.border_ids).tolist()) - {0}
         for root in [r for r in self.pieces if r not in open_roots]:
             parts = self.pieces.pop(root)
-            polygon = parts[0] if len(parts) == 1 else shapely.simplify(shapely.union_all(parts), 0.0)
-            self.finish(polygon, self.region_class[root])
+            self.finish(parts[0] if len(parts) == 1 else self._merge(parts), self.region_class[root])
         # only the open regions' roots are ever looked up again (border_ids holds roots)
         self.parent = {}
         self.region_class = {root: self.region_class[root] for root in open_roots}
+
+    def _merge(self, parts: list):
+        """One polygon from the band pieces of a region.
+
+        The pieces tile the region without overlapping, meeting along band borders. With a vertex
+        at every pixel corner of their edges on those borders, the shared edges match exactly, and
+        ``shapely.coverage_union_all`` merges them by dropping the shared edges: linear in the
+        vertices, and a fraction of the memory a general union (an overlay) takes on regions with
+        a million vertices. The extra vertices, and those where pieces met, go again
+        (:func:`_without_collinear_vertices`). Should the result not be one polygon, the general
+        ``union_all`` decides.
+        """
+        import shapely
+
+        merged = shapely.coverage_union_all([_with_border_vertices(part, self.band_rows) for part in parts])
+        if merged.geom_type != "Polygon":
+            merged = shapely.union_all(parts)
+        return _without_collinear_vertices(merged) if merged.geom_type == "Polygon" else merged
+
+
+def _with_border_vertices(polygon, band_rows: int):
+    """``polygon`` with a vertex at every integer x of its horizontal edges on multiples of ``band_rows``.
+
+    Args:
+        polygon: a band piece in pixel coordinates (integer vertices).
+        band_rows: rows per band: its edges on the band borders get the vertices.
+
+    Returns:
+        The same polygon (same area and shape) with those edges cut into 1-px segments.
+    """
+    import shapely
+
+    rings = []
+    for ring in (polygon.exterior, *polygon.interiors):
+        xy = shapely.get_coordinates(ring)
+        start, end = xy[:-1], xy[1:]
+        dx = end[:, 0] - start[:, 0]
+        border = (start[:, 1] == end[:, 1]) & (start[:, 1] % band_rows == 0) & (np.abs(dx) > 1)
+        if border.any():
+            steps = np.where(border, np.abs(dx).astype(np.int64), 1)  # points each segment starts
+            points = np.repeat(start, steps, axis=0)
+            offset = np.arange(steps.sum()) - np.repeat(np.cumsum(steps) - steps, steps)
+            points[:, 0] += offset * np.repeat(np.sign(dx), steps)
+            xy = np.vstack([points, xy[-1:]])
+        rings.append(xy)
+    return shapely.Polygon(rings[0], rings[1:])
+
+
+def _without_collinear_vertices(polygon):
+    """``polygon`` without the vertices that lie on a straight line between their neighbours.
+
+    The same point set with fewer vertices (``shapely.simplify(polygon, 0)`` does the same through
+    a topology-preserving simplifier that takes hundreds of MB on a million vertices).
+
+    Args:
+        polygon: a polygon.
+
+    Returns:
+        The polygon with every ring's collinear (and repeated) vertices removed.
+    """
+    import shapely
+
+    rings = []
+    for ring in (polygon.exterior, *polygon.interiors):
+        xy = shapely.get_coordinates(ring)[:-1]
+        before, after = np.roll(xy, 1, axis=0), np.roll(xy, -1, axis=0)
+        turn = (xy[:, 0] - before[:, 0]) * (after[:, 1] - xy[:, 1]) - (xy[:, 1] - before[:, 1]) * (
+            after[:, 0] - xy[:, 0]
+        )
+        xy = xy[turn != 0]
+        rings.append(np.vstack([xy, xy[:1]]))
+    return shapely.Polygon(rings[0], rings[1:])
 
 
 def _components(classes: np.ndarray, skip: set[int]) -> tuple[np.ndarray, np.ndarray]:
