@@ -9,13 +9,12 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 import warnings
 
 from . import __version__
 from .commands import bench, demo, evaluate, predict, synth, train, vectorize
-from .errors import GigasegError, GigasegNotice
+from .errors import ENVIRONMENT_ERRNOS, GigasegError, GigasegNotice, describe_os_error
 
 #: the subcommands' modules, in the order ``--help`` lists them
 COMMANDS = (demo, synth, train, predict, vectorize, evaluate, bench)
@@ -36,52 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMANDS:
         module.add_parser(subparsers)
     return parser
-
-
-#: OS errors that the user's environment causes (a full disk, a read-only folder, a path that is a
-#: file): reported in one line naming the path, not as a traceback
-ENVIRONMENT_ERRNOS = frozenset(
-    getattr(errno, name)
-    for name in (
-        "ENOSPC",
-        "EDQUOT",
-        "EROFS",
-        "ENOTDIR",
-        "EISDIR",
-        "EACCES",
-        "EPERM",
-        "ENOENT",
-        "EEXIST",
-        "ENAMETOOLONG",
-        "ELOOP",
-        "EMFILE",
-        "ENFILE",
-        "EFBIG",
-        "EIO",
-    )
-    if hasattr(errno, name)
-)
-
-
-def describe_os_error(error: OSError, command: str = "") -> str:
-    """One line for an OS error: the path(s) it names and the system's explanation.
-
-    Args:
-        error: the error.
-        command: the subcommand that failed, for the hint after a full disk.
-
-    Returns:
-        ``"<path>: <strerror>"`` (or ``"<path> -> <path2>: ..."`` for a rename), without a path
-        when the error names none.
-    """
-    reason = error.strerror or str(error)
-    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        rerun = "rerun with --resume" if command == "train" else "rerun the same command"
-        reason += f" (free some space and {rerun}: finished parts are kept)"
-    where = error.filename
-    if where is not None and error.filename2 is not None:
-        where = f"{where} -> {error.filename2}"
-    return f"{where}: {reason}" if where is not None else reason
 
 
 def main(argv: list[str] | None = None) -> int:

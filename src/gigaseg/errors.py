@@ -7,6 +7,7 @@ never shows a traceback for these. Messages name the file and the problem.
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -28,6 +29,10 @@ class ImageReadError(GigasegError):
         where = f"{self.path}: " if self.path is not None else ""
         super().__init__(f"{where}{problem}")
 
+    def __reduce__(self):
+        # rebuilt from its two arguments, so it survives pickling (e.g. from a Dask worker to the client)
+        return type(self), (self.path, self.problem)
+
 
 class DatasetError(GigasegError):
     """A dataset folder or one of its files is malformed (missing masks, bad labels, ...).
@@ -42,6 +47,9 @@ class DatasetError(GigasegError):
         self.problem = problem
         where = f"{self.path}: " if self.path is not None else ""
         super().__init__(f"{where}{problem}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.problem)
 
 
 class SplitNotFound(DatasetError):
@@ -65,3 +73,49 @@ class TrainingDiverged(GigasegError):
 
     The message names the stage, epoch and step, what was not finite and the likely causes.
     """
+
+
+#: OS errors that the user's environment causes (a full disk, a read-only folder, a path that is a
+#: file): reported in one line naming the path, not as a traceback
+ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENOSPC",
+        "EDQUOT",
+        "EROFS",
+        "ENOTDIR",
+        "EISDIR",
+        "EACCES",
+        "EPERM",
+        "ENOENT",
+        "EEXIST",
+        "ENAMETOOLONG",
+        "ELOOP",
+        "EMFILE",
+        "ENFILE",
+        "EFBIG",
+        "EIO",
+    )
+    if hasattr(errno, name)
+)
+
+
+def describe_os_error(error: OSError, command: str = "") -> str:
+    """One line for an OS error: the path(s) it names and the system's explanation.
+
+    Args:
+        error: the error.
+        command: the subcommand that failed, for the hint after a full disk.
+
+    Returns:
+        ``"<path>: <strerror>"`` (or ``"<path> -> <path2>: ..."`` for a rename), without a path
+        when the error names none.
+    """
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        rerun = "rerun with --resume" if command == "train" else "rerun the same command"
+        reason += f" (free some space and {rerun}: finished parts are kept)"
+    where = error.filename
+    if where is not None and error.filename2 is not None:
+        where = f"{where} -> {error.filename2}"
+    return f"{where}: {reason}" if where is not None else reason
