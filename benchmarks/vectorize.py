@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", help="scenes and polygons (default: /tmp/gigaseg-vectorize-bench)")
     parser.add_argument("--results", type=Path, help="where the results go (default: benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="one 512-px scene, temporary output (a smoke run)")
+    parser.add_argument("--note", help="a line for the report on the conditions (e.g. what else ran)")
     args = parser.parse_args(argv)
     if args.smoke:
         scratch = None if args.work and args.results else Path(tempfile.mkdtemp(prefix="gigaseg-vectorize-smoke-"))
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": os.environ.get("OMP_NUM_THREADS", "all cores"),
         "band_rows": args.band_rows,
         "imports_peak_rss": baseline.peak_rss,
+        "note": args.note,
         "runs": [],
     }
     for side in (int(s) for s in args.sides.split(",")):
@@ -179,6 +181,8 @@ def write(results: dict, results_dir: Path = RESULTS) -> None:
             f"{format_size(run['peak_rss'])} | {run['seconds']:.1f} | {run['polygons']:,} | "
             f"{format_size(run['output_bytes'])} | {run['pixels_match']} | {run['polygons_match_regions']} |"
         )
+    if results.get("note"):
+        lines += ["", f"Note: {results['note']}"]
     lines += [
         "",
         f"A child that only imports the modules (`{IMPORTS}`) peaks at {format_size(results['imports_peak_rss'])}.",
