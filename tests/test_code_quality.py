@@ -180,7 +180,7 @@ def test_each_method_is_one_package_with_model_recipe_predictor(method):
 
 
 #: methods that implement a contract documented on its base class (their Args/Returns are there)
-CONTRACT_METHODS = {"prepare", "predict_block", "check_options", "extra_repr", "set_epoch"}
+CONTRACT_METHODS = {"prepare", "band_context", "predict_block", "check_options", "extra_repr", "set_epoch"}
 
 
 def _returns_value(function: ast.FunctionDef) -> bool:

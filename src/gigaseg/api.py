@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +77,26 @@ def predict(
     options: dict | None = None,
     vector: str | None = None,
     vector_options: dict | None = None,
+    format: str = "tiff",  # noqa: A002 - the CLI's --format
+    client=None,
 ):
-    """Segment a whole image into a tiled label-mask TIFF at ``out``.
+    """Segment a whole image into a tiled label-mask TIFF at ``out`` (or an OME-Zarr store, or both).
 
     Memory stays bounded by ``max_memory`` whatever the image size. A killed
     run restarted with the same arguments resumes from the finished bands.
 
+    ``image`` may also be a collection (a folder, a glob pattern, a list of paths): each image is
+    predicted into the folder ``out`` and a bad image fails alone; a
+    ``gigaseg.inference.distributed.CollectionResult`` is returned. With ``client`` (a
+    ``dask.distributed.Client``) the rows of blocks of every image are predicted on its cluster's
+    workers (``gigaseg.inference.distributed``): each worker loads the checkpoint itself (a file or
+    run folder, not a model object) and opens the images by path, so both must be paths the workers
+    see; the masks are the same bits as without a client.
+
     Args:
         model_or_checkpoint: a network, a checkpoint payload, a ``.ckpt`` file or a run
             folder (see :func:`load_model`).
-        image: a path, an array or an ``ImageSource``.
+        image: a path, an array or an ``ImageSource``; or a folder, glob pattern or list of paths.
         out: a ``.tif``/``.tiff`` path, or a folder that gets ``<image name>.tif``; None
             writes nothing (use ``on_band``).
         max_memory: the memory budget, bytes or a size like ``"2GB"``; None: no budget.
@@ -108,9 +119,14 @@ def predict(
             ``"geojson"`` (``<stem>.geojson``), streamed from the finished mask
             (:func:`gigaseg.io.vector.vectorize_mask`); needs ``out``.
         vector_options: ``simplify``, ``min_area``, ``skip_classes`` for the polygons.
+        format: ``"tiff"`` (the tiled, cloud-optimized GeoTIFF at ``out``), ``"ome-zarr"`` (an
+            OME-NGFF label store ``<stem>.ome.zarr`` next to it, with the probabilities inside when
+            asked for: ``gigaseg.io.omezarr``) or ``"tiff,ome-zarr"``.
+        client: a ``dask.distributed.Client``: predict on its cluster (see above); None: in this process.
 
     Returns:
-        A ``PredictionResult``: the paths written, the image size, the time and block counts.
+        A ``PredictionResult``: the paths written, the image size, the time and block counts; for a
+        collection, a ``CollectionResult`` (results and failures by image).
 
     Raises:
         ConfigError: a bad checkpoint, size or option, an image whose channel count differs
@@ -119,42 +135,46 @@ def predict(
         BudgetError: ``max_memory`` is too small for the method.
         GigasegError: the bands at ``out`` were made by another model or settings (resume).
     """
-    from .inference.contract import SegmentationPredictor
-    from .inference.fingerprint import prediction_fingerprint, source_identity
-    from .inference.stream import predict_image
-    from .io.base import ImageSource
+    from .inference.stream import parse_formats, predict_image
     from .io.lock import output_lock
-    from .methods.registry import build_predictor
 
+    formats = parse_formats(format)
+    if vector is not None and "tiff" not in formats:
+        raise ConfigError("polygons (vector=...) are made from the TIFF mask: add it (format='tiff,ome-zarr')")
+    if client is not None or _is_collection(image):
+        return _predict_many(
+            model_or_checkpoint,
+            image,
+            out,
+            client=client,
+            max_memory=max_memory,
+            device=device,
+            precision=precision,
+            overlay=overlay,
+            probabilities=probabilities,
+            resume=resume,
+            normalization=normalization,
+            info=info,
+            progress=progress,
+            options=options,
+            vector=vector,
+            vector_options=vector_options,
+            formats=formats,
+        )
     budget = parse_size(max_memory) if max_memory is not None else None
     model, loaded_info = load_model(model_or_checkpoint)
     if options:
         model = model.with_inference_options(**options)
     info = info if info is not None else loaded_info
-    source = image if isinstance(image, ImageSource) else open_image(image, max_memory=budget)
-    source = _match_channels(source, model.in_channels)
-    if normalization is None:
-        normalization = (
-            Normalization.from_dict(info["normalization"])
-            if "normalization" in info
-            else Normalization.for_image(source.channels, source.dtype)
-        )
-    normalization = _normalization_for(normalization, source)
+    source, normalization = _open_for_prediction(model, info, image, budget, normalization)
     out = None if out is None else output_path(out, source)
     if vector is not None and out is not None:  # bad polygon settings fail before anything is predicted
         from .io.vector import check_polygon_options
 
         vector_path(out, vector)
         check_polygon_options(**(vector_options or {}))
-    model = model.to(device)
-    predictor = build_predictor(model, normalization, device=device, max_memory=budget, precision=precision)
-    if not isinstance(predictor, SegmentationPredictor):
-        raise ConfigError(
-            f"{model.method_name} is a {model.task} method: it gives one class per image, not a "
-            f"mask (use gigaseg evaluate, or gigaseg.build_predictor(...).predict(image))"
-        )
-    palette = np.asarray(info["palette"], dtype=np.uint8) if info.get("palette") else None
-    block_size = effective_block_size(predictor, block_size_for(budget))
+    setup = _prediction_setup(model, info, source, normalization, budget, device, precision)
+    predictor, palette, block_size = setup.predictor, setup.palette, setup.block_size
 
     def run(producer: str | None):
         return predict_image(
@@ -170,6 +190,7 @@ def predict(
             on_band=on_band,
             progress=progress,
             producer=producer,
+            formats=formats,
         )
 
     if out is None:
@@ -177,14 +198,7 @@ def predict(
             raise ConfigError("polygons (vector=...) are made from the mask file: give out= as well")
         return run(None)
     with output_lock(out):
-        producer = prediction_fingerprint(
-            model,
-            normalization=normalization.to_dict(),
-            block_size=block_size,
-            precision=precision,
-            input=source_identity(source),
-        )
-        result = run(producer)
+        result = run(setup.producer())
         if vector is not None:
             from .io.vector import vectorize_mask
 
@@ -193,6 +207,334 @@ def predict(
             )
             result.vector_path = polygons.path
         return result
+
+
+def _open_for_prediction(model, info: dict, image, budget: int | None, normalization: Normalization | None):
+    """The image opened lazily as the network's channels, and the normalisation for its dtype.
+
+    Args:
+        model: the network.
+        info: the checkpoint's dataset facts (its normalisation).
+        image: a path, an array or an ``ImageSource``.
+        budget: the memory budget in bytes (caps what a reader may decode at once), or None.
+        normalization: the normalisation given by the caller; None takes the checkpoint's, else
+            the default for the image.
+
+    Returns:
+        ``(source, normalization)``.
+
+    Raises:
+        ImageReadError: the image cannot be read.
+        ConfigError: its channels do not fit the model, or a float image out of [0, 1].
+    """
+    from .io.base import ImageSource
+
+    source = image if isinstance(image, ImageSource) else open_image(image, max_memory=budget)
+    source = _match_channels(source, model.in_channels)
+    if normalization is None:
+        normalization = (
+            Normalization.from_dict(info["normalization"])
+            if "normalization" in info
+            else Normalization.for_image(source.channels, source.dtype)
+        )
+    return source, _normalization_for(normalization, source)
+
+
+def _prediction_setup(model, info: dict, source, normalization: Normalization, budget, device: str, precision: str):
+    """The predictor of ``model`` for ``source`` and what a prediction of it is written with.
+
+    Args:
+        model: the network.
+        info: the checkpoint's dataset facts (class names, palette).
+        source: the opened image (:func:`_open_for_prediction`).
+        normalization: its normalisation.
+        budget: the memory budget in bytes, or None.
+        device: where the network runs.
+        precision: "32", "bf16-mixed" or "16-mixed".
+
+    Returns:
+        A ``gigaseg.inference.distributed.PredictionSetup`` (its fingerprint covers the weights,
+        options, normalisation, block size, precision and the image's identity).
+
+    Raises:
+        ConfigError: a classification model.
+        BudgetError: ``budget`` is too small for the method.
+    """
+    from .inference.contract import SegmentationPredictor
+    from .inference.distributed import PredictionSetup
+    from .inference.fingerprint import prediction_fingerprint, source_identity
+    from .methods.registry import build_predictor
+
+    model = model.to(device)
+    predictor = build_predictor(model, normalization, device=device, max_memory=budget, precision=precision)
+    if not isinstance(predictor, SegmentationPredictor):
+        raise ConfigError(
+            f"{model.method_name} is a {model.task} method: it gives one class per image, not a "
+            f"mask (use gigaseg evaluate, or gigaseg.build_predictor(...).predict(image))"
+        )
+    palette = np.asarray(info["palette"], dtype=np.uint8) if info.get("palette") else None
+    block_size = effective_block_size(predictor, block_size_for(budget))
+
+    def fingerprint() -> str:
+        return prediction_fingerprint(
+            model,
+            normalization=normalization.to_dict(),
+            block_size=block_size,
+            precision=precision,
+            input=source_identity(source),
+        )
+
+    return PredictionSetup(predictor, source, block_size, palette, info.get("classes"), fingerprint)
+
+
+@dataclass(frozen=True)
+class CheckpointJob:
+    """How a Dask worker sets up the prediction of an image (``gigaseg.inference.distributed.PredictionJob``).
+
+    Picklable and hashable: the workers receive it with every task and key their caches on it.
+
+    Attributes:
+        checkpoint: the checkpoint file (a run folder's best, else last, as resolved by the client).
+        stamp: the file's ``(size, mtime_ns)`` when the prediction started: a worker refuses a file
+            that changed since (another model would write into the same masks).
+        options: the inference options, as JSON (sorted keys).
+        max_memory: the memory budget of each worker, in bytes, or None.
+        device: where the network runs.
+        precision: "32", "bf16-mixed" or "16-mixed".
+        normalization: the normalisation given to :func:`predict`, as JSON; None for the checkpoint's.
+    """
+
+    checkpoint: str
+    stamp: tuple[int, int]
+    options: str = "{}"
+    max_memory: int | None = None
+    device: str = "cpu"
+    precision: str = "32"
+    normalization: str | None = None
+
+    def setup(self, image: str):
+        """Open ``image`` and build its predictor, with the model this process loaded once.
+
+        Args:
+            image: the image's path.
+
+        Returns:
+            Its ``PredictionSetup``.
+        """
+        import json
+
+        model, info = _worker_model(self.checkpoint, self.stamp, self.options, self.device)
+        given = None if self.normalization is None else Normalization.from_dict(json.loads(self.normalization))
+        source, normalization = _open_for_prediction(model, info, image, self.max_memory, given)
+        return _prediction_setup(model, info, source, normalization, self.max_memory, self.device, self.precision)
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_model(checkpoint: str, stamp: tuple[int, int], options: str, device: str):
+    """The network of ``checkpoint`` with ``options``, loaded once per process (and ``stamp``)."""
+    import json
+
+    stat = os.stat(checkpoint)
+    if (stat.st_size, stat.st_mtime_ns) != tuple(stamp):
+        raise ConfigError(f"{checkpoint}: the checkpoint changed after the prediction started; rerun it")
+    model, info = load_model(checkpoint)
+    if json.loads(options):
+        model = model.with_inference_options(**json.loads(options))
+    return model.to(device), info
+
+
+def _checkpoint_file(model_or_checkpoint) -> Path:
+    """The checkpoint file workers load: a ``.ckpt`` as it is, a run folder's best, else last."""
+    if not isinstance(model_or_checkpoint, (str, os.PathLike)):
+        raise ConfigError(
+            "distributed prediction (client=...) needs a checkpoint file or run folder, which every worker "
+            "loads itself; save the model with gigaseg.save_checkpoint first"
+        )
+    path = Path(model_or_checkpoint)
+    if path.is_dir():
+        for name in ("best.ckpt", "last.ckpt"):
+            if (path / name).is_file():
+                return (path / name).resolve()
+    return path.resolve()
+
+
+def _is_collection(image) -> bool:
+    """Whether ``image`` names several images: a list, a folder of images, or a glob pattern."""
+    import glob
+
+    if isinstance(image, (list, tuple)):
+        return True
+    if not isinstance(image, (str, os.PathLike)):
+        return False
+    text = os.fspath(image)
+    if os.path.isdir(text):
+        return not _has_image_suffix(text)  # a folder named like an image is refused as one
+    return not os.path.lexists(text) and glob.has_magic(text)
+
+
+def _has_image_suffix(path: str) -> bool:
+    from .io.pillow import PILLOW_SUFFIXES
+    from .io.tiff import TIFF_SUFFIXES
+
+    return path.lower().rstrip("/").endswith(TIFF_SUFFIXES + PILLOW_SUFFIXES)
+
+
+def image_inputs(inputs) -> list[str]:
+    """The image files that prediction inputs name, in order.
+
+    Args:
+        inputs: a path, or a list of them; each is an image file (kept as it is, even when missing:
+            it then fails alone), a folder (its image files, sorted; a folder whose own name has an
+            image suffix is taken as an image, and refused as one) or a glob pattern (its matches, sorted).
+
+    Returns:
+        The image paths.
+
+    Raises:
+        ConfigError: a folder without images, or a pattern that matches nothing.
+    """
+    import glob
+
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    images: list[str] = []
+    for item in items:
+        text = os.fspath(item)
+        if os.path.isdir(text) and not _has_image_suffix(text):
+            found = sorted(
+                str(p) for p in Path(text).iterdir() if not p.name.startswith(".") and _has_image_suffix(p.name)
+            )
+            if not found:
+                raise ConfigError(f"{text}: a folder with no images (.tif, .tiff, .png, .jpg, ...)")
+            images += found
+        elif not os.path.lexists(text) and glob.has_magic(text):
+            found = sorted(glob.glob(text))
+            if not found:
+                raise ConfigError(f"{text}: no file matches this pattern")
+            images += found
+        else:
+            images.append(text)
+    return images
+
+
+def planned_outputs(images: list[str], out_dir: Path) -> list[Path]:
+    """The mask each input image gets in ``out_dir``, checked before anything is predicted.
+
+    Args:
+        images: the input image paths, in order.
+        out_dir: the output folder.
+
+    Returns:
+        ``out_dir / "<stem>.tif"`` per image (``gigaseg.io.base.output_stem``: the whole file name
+        minus its image extension); its OME-Zarr store is ``<stem>.ome.zarr``.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file; two inputs would write one mask; or a mask (or store)
+            would be written over one of the inputs.
+    """
+    from .io.base import output_stem
+    from .io.omezarr import ome_zarr_path
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: --out must be a folder, and this is a file")
+    outputs: list[Path] = []
+    first: dict[str, str] = {}
+    for image in images:
+        out = out_dir / f"{output_stem(image)}.tif"
+        key = os.path.realpath(out)  # stops at a loop of links (Path.resolve raises before Python 3.13)
+        if key in first:
+            raise ConfigError(
+                f"{image} and {first[key]}: would both be written to {out}; predict them into different folders"
+            )
+        first[key] = image
+        outputs.append(out)
+    for out in outputs:
+        for image in images:
+            for path in (out, ome_zarr_path(out)):
+                if same_file(path, image):
+                    raise ConfigError(f"{path}: is the input image {image} itself; choose another --out")
+    return outputs
+
+
+def _predict_many(model_or_checkpoint, image, out, *, client, formats, vector, vector_options, **settings):
+    """:func:`predict` of a collection, or of anything on a Dask cluster (``client``); see there."""
+    import json
+
+    from .inference.distributed import CollectionResult, ImageTask, predict_collection
+    from .io.lock import output_lock
+
+    if out is None:
+        raise ConfigError("predicting a collection, or on a cluster, needs out=: the folder of the masks")
+    images = image_inputs(image)
+    if not _is_collection(image) and Path(out).suffix.lower() in (".tif", ".tiff"):
+        masks = [Path(out)]
+        planned_outputs(images, Path(out).parent)  # the same checks against the input
+    else:
+        masks = planned_outputs(images, Path(out))
+    if vector is not None:
+        from .io.vector import check_polygon_options
+
+        check_polygon_options(**(vector_options or {}))
+    if client is None:
+        outcome = CollectionResult()
+        model, info = load_model(model_or_checkpoint)  # once; a bad checkpoint fails before any image
+        settings["info"] = settings["info"] if settings["info"] is not None else info
+        for path, mask in zip(images, masks, strict=True):
+            try:
+                outcome.results[path] = predict(
+                    model,
+                    path,
+                    mask,
+                    format=",".join(formats),
+                    vector=vector,
+                    vector_options=vector_options,
+                    **settings,
+                )
+            except (GigasegError, OSError) as error:
+                outcome.failures[path] = error
+        return outcome
+    checkpoint = _checkpoint_file(model_or_checkpoint)
+    model, _ = load_model(checkpoint)  # a bad checkpoint or option fails here, before any worker starts
+    options = settings["options"] or {}
+    model.with_inference_options(**options)
+    del model
+    stat = checkpoint.stat()
+    normalization = settings["normalization"]
+    job = CheckpointJob(
+        str(checkpoint),
+        (stat.st_size, stat.st_mtime_ns),
+        json.dumps(options, sort_keys=True, default=str),
+        parse_size(settings["max_memory"]) if settings["max_memory"] is not None else None,
+        settings["device"],
+        settings["precision"],
+        None if normalization is None else json.dumps(normalization.to_dict(), sort_keys=True),
+    )
+    tasks = [
+        ImageTask(
+            str(Path(path).resolve()) if os.path.exists(path) else path,
+            str(mask.resolve()),
+            formats,
+            settings["probabilities"],
+            settings["overlay"],
+            settings["resume"],
+            None
+            if vector is None
+            else (vector, str(vector_path(mask, vector).resolve()), tuple(sorted((vector_options or {}).items()))),
+        )
+        for path, mask in zip(images, masks, strict=True)
+    ]
+    outcome = predict_collection(
+        client, job, tasks, progress=settings["progress"], lock=output_lock, on_notice=lambda m: notice(m)
+    )
+    # keyed by the paths as given
+    names = {task.image: path for task, path in zip(tasks, images, strict=True)}
+    outcome.results = {names[k]: v for k, v in outcome.results.items()}
+    outcome.failures = {names[k]: v for k, v in outcome.failures.items()}
+    if not _is_collection(image):  # one image on a cluster: its result, or its error
+        if outcome.failures:
+            raise next(iter(outcome.failures.values()))
+        return next(iter(outcome.results.values()))
+    return outcome
 
 
 def output_path(out: str | os.PathLike, source) -> Path:

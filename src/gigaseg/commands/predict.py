@@ -1,9 +1,15 @@
-"""``gigaseg predict``: segment whole images of any size into tiled mask TIFFs."""
+"""``gigaseg predict``: segment whole images of any size into tiled mask TIFFs (or OME-Zarr stores).
+
+In this process, or on a Dask cluster (``--cluster local:N``, ``--scheduler ADDRESS``:
+``gigaseg.inference.distributed``). Every input is attempted: a bad image fails alone with its
+one-line error, and a summary names the failed ones (exit code 2).
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import sys
 from pathlib import Path
 
 from .common import add_inference_set, add_polygon_options
@@ -22,9 +28,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "predict",
         help="segment images with a trained model",
         description="Segment images of any size window by window; writes OUT/<name>.tif (tiled, colour map, "
-        "georeferencing kept). A killed run restarted with the same command resumes.",
+        "georeferencing kept) and/or OUT/<name>.ome.zarr (OME-NGFF labels). A killed run restarted with the same "
+        "command resumes. Every image is attempted: one that fails is named, and the exit code is 2.",
     )
-    parser.add_argument("images", nargs="+", help="image files (TIFF/BigTIFF/OME/GeoTIFF, PNG, JPEG)")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        help="image files (TIFF/BigTIFF/OME/GeoTIFF, PNG, JPEG), folders of images, or glob patterns (quoted)",
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--max-memory", help="memory budget, e.g. 2GB")
@@ -33,6 +44,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     parser.add_argument("--probabilities", action="store_true", help="also write <name>_probabilities.zarr")
     parser.add_argument("--restart", action="store_true", help="ignore finished bands of an interrupted run")
+    parser.add_argument(
+        "--format",
+        default="tiff",
+        help="mask format: tiff (default: tiled cloud-optimized GeoTIFF), ome-zarr (OME-NGFF multiscale labels "
+        "with class names and colours, <name>.ome.zarr; --probabilities go inside it), or tiff,ome-zarr",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cluster",
+        metavar="local:N",
+        help="predict on a Dask LocalCluster of N worker processes (torch threads: cores / N each); each worker "
+        "stays within --max-memory",
+    )
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="predict on an existing Dask cluster (e.g. tcp://host:8786 from dask-jobqueue's SLURMCluster); "
+        "its workers must see the checkpoint, the images and --out at the same paths",
+    )
     parser.add_argument(
         "--vector",
         choices=("gpkg", "geojson"),
@@ -48,86 +78,152 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Segment every image into ``--out`` (:func:`gigaseg.api.predict`) and print its speed and peak RSS.
 
-    The checkpoint and the ``--set`` options are checked once, before any output.
+    The checkpoint, the ``--set`` options, the formats and the output names are checked once,
+    before any output. Then every image is attempted; one that fails prints its one-line error
+    and the others go on.
 
     Args:
         args: the parsed ``gigaseg predict`` arguments.
 
     Returns:
-        0.
+        0, or 2 when an image failed (after a summary naming them).
+
+    Raises:
+        GigasegError: a bad checkpoint, option, format or output folder (nothing was predicted), or
+            the only image failed.
     """
     import resource
 
-    from ..api import load_model, predict
+    from ..api import image_inputs, load_model, planned_outputs, predict
+    from ..errors import ConfigError
+    from ..inference.stream import parse_formats
     from ..memory import format_size
     from .common import parse_options, polygon_options
 
-    outputs = planned_outputs(args.images, Path(args.out))
+    formats = parse_formats(args.format)
+    if args.vector and "tiff" not in formats:
+        raise ConfigError("--vector makes the polygons from the TIFF mask: use --format tiff,ome-zarr")
+    images = image_inputs(args.images)
+    outputs = planned_outputs(images, Path(args.out))
     model, info = load_model(args.checkpoint)  # once, and a bad checkpoint fails before any output
-    model = model.with_inference_options(**parse_options(args.set))  # bad options fail before any output too
-    for image, out in zip(args.images, outputs, strict=True):
-        result = predict(
-            model,
-            image,
-            out,
-            info=info,
-            max_memory=args.max_memory,
-            device=args.device,
-            precision=args.precision,
-            overlay=args.overlay,
-            probabilities=args.probabilities,
-            resume=not args.restart,
-            vector=args.vector,
-            vector_options=polygon_options(args) if args.vector else None,
-        )
+    options = parse_options(args.set)
+    model = model.with_inference_options(**options)  # bad options fail before any output too
+    settings = dict(
+        max_memory=args.max_memory,
+        device=args.device,
+        precision=args.precision,
+        overlay=args.overlay,
+        probabilities=args.probabilities,
+        resume=not args.restart,
+        vector=args.vector,
+        vector_options=polygon_options(args) if args.vector else None,
+        format=",".join(formats),
+    )
+    if args.cluster or args.scheduler:
+        del model
+        return _run_on_cluster(args, images, options, settings)
+    failures: dict[str, BaseException] = {}
+    for image, out in zip(images, outputs, strict=True):
+        try:
+            result = predict(model, image, out, info=info, **settings)
+        except Exception as error:
+            if len(images) == 1 or not _user_error(error):
+                raise
+            _report(error)
+            failures[image] = error
+            continue
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(
-            f"{image}: {result.height}x{result.width} -> {result.mask_path} "
-            f"({result.megapixels_per_second:.2f} Mpx/s, peak RSS {format_size(peak)})"
-        )
-        if result.overlay_path:
-            print(f"  overlay: {result.overlay_path}")
-        if result.probabilities_path:
-            print(f"  probabilities: {result.probabilities_path}")
-        if result.vector_path:
-            print(f"  polygons: {result.vector_path}")
-    return 0
+        _print_result(image, result, f"peak RSS {format_size(peak)}")
+    return _summary(failures, len(images))
 
 
-def planned_outputs(images: list[str], out_dir: Path) -> list[Path]:
-    """The mask each input image gets in ``out_dir``, checked before anything is predicted.
-
-    Args:
-        images: the input image paths, in order.
-        out_dir: the output folder.
-
-    Returns:
-        ``out_dir / "<stem>.tif"`` per image (``gigaseg.io.base.output_stem``: the whole file name
-        minus its image extension).
-
-    Raises:
-        ConfigError: ``out_dir`` is a file; two inputs would write one mask; or a mask would be
-            written over one of the inputs.
-    """
-    from ..api import same_file
+def _run_on_cluster(args, images: list[str], options: dict, settings: dict) -> int:
+    """Predict ``images`` on the cluster of ``--cluster`` / ``--scheduler``; print each result and the summary."""
+    from ..api import predict
     from ..errors import ConfigError
-    from ..io.base import output_stem
+    from ..inference.distributed import connect, dashboard_link, local_cluster
+    from ..memory import format_size
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir}: --out must be a folder, and this is a file")
-    outputs: list[Path] = []
-    first: dict[str, str] = {}
-    for image in images:
-        out = out_dir / f"{output_stem(image)}.tif"
-        key = os.path.realpath(out)  # stops at a loop of links (Path.resolve raises before Python 3.13)
-        if key in first:
-            raise ConfigError(
-                f"{image} and {first[key]}: would both be written to {out}; predict them into different folders"
-            )
-        first[key] = image
-        outputs.append(out)
-    for out in outputs:
-        for image in images:
-            if same_file(out, image):
-                raise ConfigError(f"{out}: is the input image {image} itself; choose another --out")
-    return outputs
+    with contextlib.ExitStack() as stack:
+        if args.cluster:
+            kind, _, count = args.cluster.partition(":")
+            if kind != "local" or not count.isdigit() or int(count) < 1:
+                raise ConfigError(f"--cluster {args.cluster}: expected local:N with N >= 1 worker processes")
+            from distributed import Client
+
+            cluster = stack.enter_context(local_cluster(int(count), preload=("gigaseg.api", "gigaseg.methods")))
+            client = stack.enter_context(Client(cluster))
+        else:
+            client = stack.enter_context(connect(args.scheduler))
+        link = dashboard_link(client)
+        if link:
+            print(f"dashboard: {link}", flush=True)
+        outcome = predict(args.checkpoint, images, args.out, client=client, options=options, **settings)
+        peaks = _worker_peaks(client)
+    workers = f"workers' peak RSS {format_size(max(peaks))}" if peaks else "workers' peak RSS unknown"
+    for image, result in outcome.results.items():
+        _print_result(image, result, workers)
+    unexpected = [error for error in outcome.failures.values() if not _user_error(error)]
+    if len(images) == 1 and outcome.failures:  # as in this process: the one error, in one line
+        raise next(iter(outcome.failures.values()))
+    for error in outcome.failures.values():
+        _report(error)
+    print(
+        f"{len(outcome.results)} of {len(images)} images in {outcome.seconds:.1f} s: {outcome.units} rows of blocks "
+        f"predicted, {outcome.units_resumed} resumed; {workers}",
+        flush=True,
+    )
+    if unexpected:
+        raise unexpected[0]
+    return _summary(outcome.failures, len(images))
+
+
+def _worker_peaks(client) -> list[int]:
+    """Each worker's peak RSS in bytes (what ``ru_maxrss`` says in the worker process)."""
+    try:
+        return [int(peak) for peak in client.run(_peak_rss).values()]
+    except Exception:  # noqa: BLE001 - a cluster that cannot say: report none
+        return []
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _print_result(image: str, result, memory: str) -> None:
+    mask = result.mask_path or result.ome_zarr_path
+    print(f"{image}: {result.height}x{result.width} -> {mask} ({result.megapixels_per_second:.2f} Mpx/s, {memory})")
+    if result.mask_path and result.ome_zarr_path:
+        print(f"  ome-zarr: {result.ome_zarr_path}")
+    if result.overlay_path:
+        print(f"  overlay: {result.overlay_path}")
+    if result.probabilities_path:
+        print(f"  probabilities: {result.probabilities_path}")
+    if result.vector_path:
+        print(f"  polygons: {result.vector_path}")
+
+
+def _user_error(error: BaseException) -> bool:
+    """Whether ``error`` is one the CLI reports in one line (gigaseg's errors, the environment's OS errors)."""
+    from ..errors import ENVIRONMENT_ERRNOS, GigasegError
+
+    return isinstance(error, GigasegError) or (isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS)
+
+
+def _report(error: BaseException) -> None:
+    """Print a failed image's one-line error, as the CLI prints any error."""
+    from ..errors import describe_os_error
+
+    message = describe_os_error(error, "predict") if isinstance(error, OSError) else str(error)
+    print(f"gigaseg predict: error: {message}", file=sys.stderr, flush=True)
+
+
+def _summary(failures: dict[str, BaseException], total: int) -> int:
+    """Print which images failed (when any did) and return the exit code: 0, or 2."""
+    if not failures:
+        return 0
+    names = ", ".join(failures)
+    print(f"gigaseg predict: {len(failures)} of {total} images failed: {names}", file=sys.stderr, flush=True)
+    return 2

@@ -107,6 +107,25 @@ class SegmentationPredictor(Predictor, ABC):
         """
         return None
 
+    def band_context(self, context: Any) -> Any:
+        """The context one row band of blocks starts from.
+
+        The driver calls it at the start of every row band with what ``prepare`` returned, so a
+        band's probabilities never depend on the bands predicted before it in the same process:
+        a resumed run, and a band predicted by another process (``gigaseg.inference.distributed``)
+        with a copy of the context, give what an uninterrupted run gives. A predictor whose context
+        carries state from block to block (a cache of the patches shared with the next block, a
+        reused output buffer) returns a context with that state fresh and the image-wide parts
+        shared; the default returns ``context`` itself (a context that is only read).
+
+        Args:
+            context: what ``prepare`` returned for this image.
+
+        Returns:
+            The context for the band's blocks, left to right.
+        """
+        return context
+
     @abstractmethod
     def predict_block(self, source: ImageSource, context: Any, window: Window) -> np.ndarray:
         """Class probabilities of one block.

@@ -4,7 +4,14 @@ Memory: one row of blocks of labels (``block_size`` rows x image width, uint8),
 one block of probabilities, and whatever the predictor holds (its context and
 one block's work). Nothing scales with the image's area. Finished row bands go
 to ``MaskWriter``, which keeps them in a scratch area, so a killed run resumes
-where it stopped and its result equals an uninterrupted run.
+where it stopped and its result equals an uninterrupted run. With the ``ome-zarr``
+format they go to an OME-Zarr store instead (``gigaseg.io.omezarr``), from which a TIFF
+mask, when also asked for, is converted by streaming when every band is there.
+
+A row of blocks is predicted by :func:`predict_band` from the predictor's
+``band_context``, so it does not depend on the rows predicted before it: the
+distributed driver (``gigaseg.inference.distributed``) predicts rows in other
+processes with the same function and gets the same labels.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GigasegError, ImageReadError
+from ..errors import ConfigError, GigasegError, ImageReadError
 from ..geometry import Window
 from ..io.base import ImageSource
+from ..io.omezarr import OmeZarrMaskWriter, ome_zarr_path
 from ..io.writers import MaskWriter
 from ..progress import progress_bar
 from .contract import SegmentationPredictor
@@ -28,6 +36,32 @@ from .heap import bound_heap_growth, release_free_memory
 
 #: bands handed to the mask writer are multiples of its tile height
 WRITER_TILE = 512
+#: mask formats: the tiled (cloud-optimized) GeoTIFF and the OME-Zarr label store
+MASK_FORMATS = ("tiff", "ome-zarr")
+
+
+def parse_formats(formats) -> tuple[str, ...]:
+    """The mask formats asked for, checked.
+
+    Args:
+        formats: ``"tiff"``, ``"ome-zarr"``, a comma-separated list of them (``"tiff,ome-zarr"``)
+            or a sequence of them.
+
+    Returns:
+        The formats, each once, in the order of :data:`MASK_FORMATS`.
+
+    Raises:
+        ConfigError: an unknown format, or none.
+    """
+    names = formats.split(",") if isinstance(formats, str) else list(formats)
+    names = [str(n).strip().lower() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in MASK_FORMATS]
+    if unknown or not names:
+        raise ConfigError(
+            f"unknown mask format {', '.join(map(repr, unknown)) or repr(formats)}; use {' or '.join(MASK_FORMATS)} "
+            f"or both, comma-separated"
+        )
+    return tuple(f for f in MASK_FORMATS if f in names)
 
 
 @dataclass
@@ -44,6 +78,8 @@ class PredictionResult:
         overlay_path: the overlay PNG, when asked for.
         probabilities_path: the ``_probabilities.zarr`` array, when asked for.
         vector_path: the polygons (GeoPackage or GeoJSON), when asked for.
+        ome_zarr_path: the OME-Zarr store (labels, and probabilities when asked for), with the
+            ``ome-zarr`` format.
         extra: anything else a caller wants to attach.
     """
 
@@ -56,6 +92,7 @@ class PredictionResult:
     overlay_path: Path | None = None
     probabilities_path: Path | None = None
     vector_path: Path | None = None
+    ome_zarr_path: Path | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -112,8 +149,9 @@ def predict_image(
     on_band: Callable[[Window, np.ndarray], None] | None = None,
     progress: bool = True,
     producer: str | None = None,
+    formats=("tiff",),
 ) -> PredictionResult:
-    """Predict ``source`` into a label-mask TIFF at ``out``.
+    """Predict ``source`` into a label-mask TIFF at ``out`` (and/or an OME-Zarr store next to it).
 
     Args:
         predictor: computes the class probabilities of each block.
@@ -133,6 +171,11 @@ def predict_image(
         progress: show a progress bar (on a terminal).
         producer: a :func:`gigaseg.inference.fingerprint.prediction_fingerprint`, kept with the
             finished bands: resuming them with a different one is an error.
+        formats: the mask formats (:func:`parse_formats`): ``"tiff"`` writes ``out``;
+            ``"ome-zarr"`` writes the store ``<stem>.ome.zarr`` next to it
+            (:func:`gigaseg.io.omezarr.ome_zarr_path`), which then also keeps the bands of an
+            interrupted run and the probabilities (as its ``probabilities`` image, instead of
+            ``<stem>_probabilities.zarr``); with both, the TIFF is converted from the store.
 
     Returns:
         The paths written and the counts and time.
@@ -150,29 +193,41 @@ def predict_image(
     start = time.perf_counter()
     bound_heap_growth()  # see gigaseg.inference.heap: peak RSS would otherwise creep with image size
     out = Path(out) if out is not None else None
+    formats = parse_formats(formats)
     block_size = effective_block_size(predictor, block_size)
     rows = block_grid(source.height, source.width, block_size)
-    writer = None
-    if out is not None:
-        writer = MaskWriter(
-            out,
+    writer = store = None
+    if out is not None and "ome-zarr" in formats:
+        store = OmeZarrMaskWriter(
+            ome_zarr_path(out),
             source.height,
             source.width,
             palette=palette,
-            tile=WRITER_TILE,
-            geo_tags=source.geo_tags,
-            ome=getattr(source, "ome_pixel_size", None),  # an OME-TIFF input gets an OME-TIFF mask
             class_names=class_names,
+            chunk=WRITER_TILE,
+            num_classes=predictor.num_classes if probabilities else None,
             resume=resume,
             producer=producer,
+            name=source.name,
         )
-    probs_store = _ProbabilityStore(out, predictor.num_classes, source, resume) if probabilities and out else None
+    elif out is not None:
+        writer = mask_writer(out, source, palette=palette, class_names=class_names, resume=resume, producer=producer)
+    probs_store = None
+    if probabilities and out is not None and store is None:
+        probs_store = _ProbabilityStore(out, predictor.num_classes, source, resume)
+    on_block = probs_store.write if probs_store is not None else None
+    if store is not None and probabilities:
+        on_block = store.write_probabilities
     try:
-        predicted, resumed = _predict_rows(predictor, source, rows, writer, probs_store, on_band, progress)
+        predicted, resumed = _predict_rows(
+            predictor, source, rows, writer or store, probs_store, on_band, progress, on_block
+        )
     except BaseException:
         # the finished bands stay for a resume; a run that finished none leaves nothing behind
         if writer is not None and not writer.done_bands:
             writer.discard()
+        if store is not None and not store.has_done_bands():
+            store.discard()
         if probs_store is not None and not probs_store.has_done_bands():
             probs_store.discard()
         raise
@@ -180,18 +235,184 @@ def predict_image(
     if writer is not None:
         writer.close()
         result.mask_path = out
+    if store is not None:
+        finish_store(store, result, out, source, formats, palette=palette, class_names=class_names, producer=producer)
     if probs_store is not None:
         result.probabilities_path = probs_store.finish()
     if overlay and out is not None:
-        from ..io.overlay import write_overlay_png
-
-        result.overlay_path = out.with_name(f"{out.stem}_overlay.png")
-        write_overlay_png(result.overlay_path, source, out, palette)
+        write_overlay(result, out, source, palette)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _predict_rows(predictor, source, rows, writer, probs_store, on_band, progress) -> tuple[int, int]:
+def mask_writer(
+    out: Path,
+    source: ImageSource,
+    *,
+    palette: np.ndarray | None,
+    class_names: list[str] | None,
+    resume: bool,
+    producer: str | None,
+) -> MaskWriter:
+    """The writer of the TIFF mask of ``source`` at ``out``, as every prediction makes it.
+
+    Args:
+        out: the mask's path.
+        source: the image (its georeferencing and OME pixel size are copied).
+        palette: the class colours.
+        class_names: the class names.
+        resume: keep the finished bands of an interrupted run.
+        producer: the prediction's fingerprint.
+
+    Returns:
+        The ``MaskWriter`` (bands of ``WRITER_TILE`` rows).
+    """
+    return MaskWriter(
+        out,
+        source.height,
+        source.width,
+        palette=palette,
+        tile=WRITER_TILE,
+        geo_tags=source.geo_tags,
+        ome=getattr(source, "ome_pixel_size", None),  # an OME-TIFF input gets an OME-TIFF mask
+        class_names=class_names,
+        resume=resume,
+        producer=producer,
+    )
+
+
+def finish_store(
+    store: OmeZarrMaskWriter,
+    result: PredictionResult,
+    out: Path,
+    source: ImageSource,
+    formats: tuple[str, ...],
+    *,
+    palette: np.ndarray | None,
+    class_names: list[str] | None,
+    producer: str | None,
+) -> None:
+    """Turn a store whose bands are all there into the outputs asked for.
+
+    With ``"tiff"`` the TIFF mask is converted from the store band by band (through the same
+    ``MaskWriter`` as a direct prediction, so the file is the same); then, with ``"ome-zarr"``, the
+    store is finished (pyramid, metadata, renamed into place), else it is deleted (it only held the
+    bands). The TIFF comes first: a run killed in between still has the complete partial store, and
+    its rerun converts again without predicting.
+
+    Args:
+        store: the writer of the store, every band written.
+        result: filled in: ``mask_path``, ``ome_zarr_path``, ``probabilities_path``.
+        out: the TIFF mask's path.
+        source: the image.
+        formats: the formats asked for (:func:`parse_formats`).
+        palette: the class colours.
+        class_names: the class names.
+        producer: the prediction's fingerprint (kept by the TIFF's scratch bands).
+
+    Raises:
+        GigasegError: bands are missing from the store.
+    """
+    missing = store.missing_bands
+    if missing:
+        store.close()  # raises, naming the missing rows
+    if "tiff" in formats:
+        # from scratch: the store has every band, and an older conversion's scratch may be another run's
+        writer = mask_writer(out, source, palette=palette, class_names=class_names, resume=False, producer=producer)
+        labels = store.labels(0)
+        for top in writer.band_tops:
+            window = writer.band_window(top)
+            writer.write_band(top, labels[window.top : window.bottom])
+        result.mask_path = writer.close()
+    if "ome-zarr" in formats:
+        result.ome_zarr_path = store.close()
+        if store.num_classes is not None:
+            result.probabilities_path = result.ome_zarr_path / "probabilities"
+    else:
+        store.discard()
+
+
+def write_overlay(result: PredictionResult, out: Path, source: ImageSource, palette: np.ndarray | None) -> Path:
+    """Write ``<stem>_overlay.png`` next to ``out`` from the finished mask (the TIFF, else the OME-Zarr store).
+
+    Args:
+        result: the prediction's result, with ``mask_path`` or ``ome_zarr_path``; ``overlay_path`` is set.
+        out: the TIFF mask's path (names the overlay).
+        source: the image.
+        palette: the class colours.
+
+    Returns:
+        The overlay's path.
+    """
+    from ..io.overlay import write_overlay_png
+
+    result.overlay_path = out.with_name(f"{out.stem}_overlay.png")
+    if result.mask_path is not None:
+        labels = result.mask_path
+    else:  # the store's smallest level that still has the overlay's size (a few MB at most)
+        import zarr
+
+        group = zarr.open_group(str(result.ome_zarr_path), mode="r")
+        levels = sorted((k for k in group.array_keys() if k.isdigit()), key=int)
+        level = next((k for k in reversed(levels) if max(group[k].shape) >= 2048), levels[0])
+        labels = np.asarray(group[level][:])
+    write_overlay_png(result.overlay_path, source, labels, palette)
+    return result.overlay_path
+
+
+def predict_band(
+    predictor: SegmentationPredictor,
+    source: ImageSource,
+    context,
+    row: list[Window],
+    *,
+    on_block: Callable[[Window, np.ndarray], None] | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """The labels of one row of blocks (the unit of work, in this process or on a Dask worker).
+
+    The blocks are predicted left to right from ``predictor.band_context(context)``, so the result
+    does not depend on what this process predicted before.
+
+    Args:
+        predictor: the predictor.
+        source: the image.
+        context: what ``predictor.prepare(source)`` returned.
+        row: the row's blocks, left to right (one row of :func:`block_grid`).
+        on_block: ``on_block(block, probs)`` sees each block's probabilities (to store them).
+        advance: ``advance(1)`` after each block (a progress bar).
+
+    Returns:
+        uint8 labels of the band, ``(row height, image width)``.
+
+    Raises:
+        GigasegError: a block's class scores are not finite (see :func:`predict_image`).
+        RuntimeError: the predictor returned a block of the wrong shape.
+    """
+    band = Window(row[0].top, 0, row[0].height, source.width)
+    band_context = getattr(predictor, "band_context", None)  # duck-typed predictors may have none
+    context = band_context(context) if band_context is not None else context
+    labels = np.empty(band.shape, dtype=np.uint8)
+    for block in row:
+        probs = predictor.predict_block(source, context, block)
+        expected = (predictor.num_classes, block.height, block.width)
+        if probs.shape != expected:
+            raise RuntimeError(
+                f"{type(predictor).__name__} returned {probs.shape} for block {block}, expected {expected}"
+            )
+        if not np.isfinite(probs.max()):  # max propagates NaN: one pass, no temporary
+            raise _non_finite_scores(source, block)
+        labels[:, block.left : block.right] = probs.argmax(axis=0)
+        if on_block is not None:
+            on_block(block, probs)
+        del probs
+        release_free_memory()
+        if advance is not None:
+            advance(1)
+    return labels
+
+
+def _predict_rows(predictor, source, rows, writer, probs_store, on_band, progress, on_block) -> tuple[int, int]:
     """Predict every row of blocks not finished yet; (blocks predicted, blocks resumed)."""
     context = predictor.prepare(source)
     predicted = resumed = 0
@@ -202,33 +423,18 @@ def _predict_rows(predictor, source, rows, writer, probs_store, on_band, progres
             if (
                 writer is not None
                 and not on_band
-                and _band_done(writer, band)
+                and band_done(writer, band)
                 and (probs_store is None or probs_store.is_done(band))
             ):
                 resumed += len(row)
                 advance(len(row))
                 continue
-            labels = np.empty(band.shape, dtype=np.uint8)
-            for block in row:
-                probs = predictor.predict_block(source, context, block)
-                expected = (predictor.num_classes, block.height, block.width)
-                if probs.shape != expected:
-                    raise RuntimeError(
-                        f"{type(predictor).__name__} returned {probs.shape} for block {block}, expected {expected}"
-                    )
-                if not np.isfinite(probs.max()):  # max propagates NaN: one pass, no temporary
-                    raise _non_finite_scores(source, block)
-                labels[:, block.left : block.right] = probs.argmax(axis=0)
-                if probs_store is not None:
-                    probs_store.write(block, probs)
-                del probs
-                release_free_memory()
-                predicted += 1
-                advance(1)
+            labels = predict_band(predictor, source, context, row, on_block=on_block, advance=advance)
+            predicted += len(row)
             if probs_store is not None:
                 probs_store.mark_done(band)
             if writer is not None:
-                _write_band(writer, band, labels)
+                write_band_rows(writer, band, labels)
             if on_band is not None:
                 on_band(band, labels)
     return predicted, resumed
@@ -250,11 +456,27 @@ def _non_finite_scores(source: ImageSource, block: Window) -> GigasegError:
     )
 
 
-def _band_done(writer: MaskWriter, band: Window) -> bool:
+def band_done(writer: MaskWriter | OmeZarrMaskWriter, band: Window) -> bool:
+    """Whether every writer band inside a row of blocks is stored.
+
+    Args:
+        writer: the mask's writer.
+        band: the row of blocks, full width.
+
+    Returns:
+        True when the row needs no prediction.
+    """
     return all(writer.is_done(top) for top in range(band.top, band.bottom, writer.band_height))
 
 
-def _write_band(writer: MaskWriter, band: Window, labels: np.ndarray) -> None:
+def write_band_rows(writer: MaskWriter | OmeZarrMaskWriter, band: Window, labels: np.ndarray) -> None:
+    """Hand the labels of a row of blocks to the writer, one of its bands at a time (those not stored yet).
+
+    Args:
+        writer: the mask's writer (its bands divide the row).
+        band: the row, full width.
+        labels: the row's labels.
+    """
     for top in range(band.top, band.bottom, writer.band_height):
         if not writer.is_done(top):
             writer.write_band(top, labels[top - band.top : top - band.top + writer.band_height])

@@ -56,6 +56,10 @@ class PatchPredictor(SegmentationPredictor):
         grid = PatchGrid.sliding(source.height, source.width, self.patch_size, self.stride)
         return {"grid": grid, "cache": {}}
 
+    def band_context(self, context):
+        """The image's grid with an empty cache: a band never reuses the patches of the band above."""
+        return {"grid": context["grid"], "cache": {}}
+
     def predict_block(self, source, context, window):
         """The blended probabilities of the windows touching the block (``gigaseg.inference.stitch``)."""
 

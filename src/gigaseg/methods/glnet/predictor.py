@@ -33,7 +33,7 @@ a tile is not seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -168,6 +168,10 @@ class GLNetPredictor(SegmentationPredictor):
             del merged
         release_free_memory()
         return GLNetContext(3, shape, grid=grid, context=fixed, ensemble_from=glob.ps3)
+
+    def band_context(self, context: GLNetContext) -> GLNetContext:
+        """The image's maps with an empty cache of logits and an output buffer of the band's own."""
+        return replace(context, cache={}, output=None)
 
     def predict_block(self, source, context: GLNetContext, window: Window) -> np.ndarray:
         """Probabilities of one block (stages 2 and 3: in the context's reused buffer, see the class docstring)."""
@@ -434,6 +438,10 @@ class GLNetTilePredictor(GLNetPredictor):
     def prepare(self, source) -> TileState:
         """The image's cores and tiles; a tile's context is computed when its first block comes."""
         return TileState(context_tiles(source.height, source.width, self.core, self.context_tile))
+
+    def band_context(self, context: TileState) -> TileState:
+        """The image's tiles with no tile context held yet (a band's cores compute their own)."""
+        return TileState(context.tiles)
 
     def _context_of(self, source, state: TileState, tile: ContextTile):
         if state.current != tile:
