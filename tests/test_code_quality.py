@@ -131,6 +131,7 @@ LAYERS = (
     ("gigaseg.data",),
     ("gigaseg.data.labels",),
     ("gigaseg.metrics", "gigaseg.budget", "gigaseg.export"),
+    ("gigaseg.viewer",),
     ("gigaseg.io",),
     ("gigaseg.geometry",),
     ("gigaseg.errors", "gigaseg.memory", "gigaseg.progress"),

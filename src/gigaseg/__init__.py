@@ -13,7 +13,8 @@ The names below are the public API (``__all__``); everything else is internal an
   or re-register a method's class with another recipe or predictor).
 - Whole-image work: ``train``, ``predict``, ``evaluate``; ``predict_image`` drives any
   predictor (``build_predictor``'s, or a wrapper of it) over an image, block by block;
-  ``vectorize_mask`` streams a mask's polygons into a GeoPackage or GeoJSON file.
+  ``vectorize_mask`` streams a mask's polygons into a GeoPackage or GeoJSON file; ``view`` shows
+  an image and its masks in the browser (a local tile server) and returns the page's URL.
 - Data and checkpoints: ``open_image``, ``load_dataset``, ``Normalization``, ``Window``,
   ``save_checkpoint`` / ``load_checkpoint`` and ``data_info`` (the dataset facts a checkpoint keeps).
 - Settings, scores, deployment, errors: ``TrainSettings``, ``ConfusionMatrix``,
@@ -46,6 +47,7 @@ _EXPORTS = {
     "load_model": "gigaseg.api",
     "predict_image": "gigaseg.inference.stream",
     "vectorize_mask": "gigaseg.io.vector",
+    "view": "gigaseg.viewer",
     "load_dataset": "gigaseg.data.loader",
     "save_checkpoint": "gigaseg.training.checkpoint",
     "load_checkpoint": "gigaseg.training.checkpoint",

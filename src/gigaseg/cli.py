@@ -13,11 +13,11 @@ import sys
 import warnings
 
 from . import __version__
-from .commands import bench, demo, evaluate, predict, synth, train, vectorize
+from .commands import bench, demo, evaluate, predict, synth, train, vectorize, view
 from .errors import ENVIRONMENT_ERRNOS, GigasegError, GigasegNotice, describe_os_error
 
 #: the subcommands' modules, in the order ``--help`` lists them
-COMMANDS = (demo, synth, train, predict, vectorize, evaluate, bench)
+COMMANDS = (demo, synth, train, predict, vectorize, view, evaluate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

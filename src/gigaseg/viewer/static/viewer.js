@@ -1,0 +1,253 @@
+/* gigaseg view: the page's logic. OpenSeadragon and this file come from the gigaseg package;
+   the page loads nothing from any other server. State is kept on window.gigaseg (for the
+   browser console and the end-to-end tests). */
+(function () {
+  "use strict";
+
+  var $ = function (id) { return document.getElementById(id); };
+  var state = {
+    info: null,        // /api/info
+    viewer: null,      // the OpenSeadragon viewer
+    items: {},         // mask id -> its TiledImage
+    current: null,     // id of the mask shown, or null for the image alone
+    opacity: 0.5,      // of the mask shown
+    areas: {},         // /api/areas
+    ready: false,      // the image and every mask are open
+    error: null,
+  };
+  window.gigaseg = state;
+
+  function fetchJSON(url) {
+    return fetch(url, { cache: "no-store" }).then(function (response) {
+      if (!response.ok) { throw new Error(url + ": HTTP " + response.status); }
+      return response.json();
+    });
+  }
+
+  function showError(error) {
+    state.error = String(error && error.message || error);
+    $("legend-state").textContent = "error: " + state.error;
+    if (window.console) { console.error(error); }
+  }
+
+  function maskInfo(id) {
+    return state.info.masks.filter(function (m) { return m.id === id; })[0] || null;
+  }
+
+  // -- masks: the choice, the opacity ------------------------------------------------------
+
+  function buildMaskChoices(info) {
+    var box = $("masks");
+    var choices = [{ id: "", name: "image only" }].concat(info.masks);
+    choices.forEach(function (mask) {
+      var label = document.createElement("label");
+      var input = document.createElement("input");
+      input.type = "radio";
+      input.name = "mask";
+      input.value = mask.id;
+      input.id = "mask-" + (mask.id || "none");
+      input.addEventListener("change", function () { selectMask(mask.id || null); });
+      label.appendChild(input);
+      label.appendChild(document.createTextNode(" " + mask.name));
+      box.appendChild(label);
+    });
+    $("opacity").addEventListener("input", function (event) {
+      state.opacity = Number(event.target.value) / 100;
+      $("opacity-value").textContent = event.target.value + "%";
+      applyOpacity();
+    });
+  }
+
+  function applyOpacity() {
+    Object.keys(state.items).forEach(function (id) {
+      state.items[id].setOpacity(id === state.current ? state.opacity : 0);
+    });
+  }
+
+  function selectMask(id) {
+    state.current = id && state.items[id] ? id : null;
+    var radio = $("mask-" + (state.current || "none"));
+    if (radio) { radio.checked = true; }
+    applyOpacity();
+    renderLegend();
+    showCursorClass();
+  }
+  state.selectMask = selectMask;
+
+  // -- the legend: colours, names and exact areas -----------------------------------------
+
+  function renderLegend() {
+    var body = $("legend").tBodies[0];
+    body.textContent = "";
+    var note = "";
+    var mask = state.current && maskInfo(state.current);
+    if (!mask) {
+      $("legend-state").textContent = state.error ? "error: " + state.error : "(no mask shown)";
+      return;
+    }
+    var status = state.areas[mask.id];
+    var classes = mask.classes;
+    if (status && status.done) {
+      classes = status.classes;
+    } else if (status && status.error) {
+      note = "counting failed: " + status.error;
+    } else {
+      note = "counting " + Math.floor(100 * (status ? status.progress : 0)) + "%";
+    }
+    classes.forEach(function (cls) {
+      var row = body.insertRow();
+      row.dataset.classId = cls.id;
+      var swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatch.style.background = cls.color;
+      row.insertCell().appendChild(swatch);
+      row.insertCell().textContent = cls.name;
+      var pixels = row.insertCell();
+      var share = row.insertCell();
+      pixels.className = share.className = "num";
+      pixels.textContent = cls.pixels === undefined ? "…" : cls.pixels.toLocaleString("en-US");
+      share.textContent = cls.fraction === undefined ? "" : (100 * cls.fraction).toFixed(2) + "%";
+    });
+    $("legend-state").textContent = state.error ? "error: " + state.error : note;
+  }
+
+  function pollAreas() {
+    fetchJSON("/api/areas").then(function (areas) {
+      state.areas = areas;
+      renderLegend();
+      var waiting = Object.keys(areas).some(function (id) { return !areas[id].done && !areas[id].error; });
+      if (waiting) { setTimeout(pollAreas, 400); }
+    }).catch(showError);
+  }
+
+  // -- the cursor: pixel coordinates and the class under it ------------------------------
+
+  var cursor = { x: null, y: null, labels: null, asked: null, busy: false };
+
+  function onPointerMove(event) {
+    var image = state.viewer && state.viewer.world.getItemAt(0);
+    if (!image) { return; }
+    var rect = state.viewer.element.getBoundingClientRect();
+    var point = new OpenSeadragon.Point(event.clientX - rect.left, event.clientY - rect.top);
+    var p = image.viewerElementToImageCoordinates(point);
+    var x = Math.floor(p.x), y = Math.floor(p.y);
+    if (x < 0 || y < 0 || x >= state.info.image.width || y >= state.info.image.height) {
+      onPointerLeave();
+      return;
+    }
+    if (x === cursor.x && y === cursor.y) { return; }
+    cursor.x = x;
+    cursor.y = y;
+    cursor.labels = null;
+    $("cursor-xy").textContent = "x " + x + ", y " + y;
+    showCursorClass();
+    askPixel();
+  }
+
+  function onPointerLeave() {
+    cursor.x = cursor.y = cursor.labels = null;
+    $("cursor-xy").textContent = "—";
+    $("cursor-class").textContent = "";
+  }
+
+  function askPixel() {
+    // one request at a time, always for the latest position
+    if (cursor.busy || cursor.x === null || !state.info.masks.length) { return; }
+    var x = cursor.x, y = cursor.y;
+    cursor.busy = true;
+    fetchJSON("/api/pixel?x=" + x + "&y=" + y).then(function (answer) {
+      cursor.busy = false;
+      if (answer.x === cursor.x && answer.y === cursor.y) {
+        cursor.labels = answer.labels;
+        showCursorClass();
+      } else {
+        askPixel();
+      }
+    }).catch(function (error) { cursor.busy = false; showError(error); });
+  }
+
+  function showCursorClass() {
+    var out = $("cursor-class");
+    out.textContent = "";
+    delete out.dataset.classId;
+    if (cursor.x === null || !state.current) { return; }
+    var label = cursor.labels && cursor.labels[state.current];
+    if (!label) { out.textContent = "…"; return; }
+    var swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = label.color;
+    var name = document.createElement("span");
+    name.className = "name";
+    name.textContent = label.name;
+    out.appendChild(swatch);
+    out.appendChild(name);
+    out.dataset.classId = label.id;
+  }
+
+  // -- start ------------------------------------------------------------------------------
+
+  /* True when every shown layer has the tiles of the current view and is drawn (for tests). */
+  state.isIdle = function () {
+    var viewer = state.viewer;
+    if (!state.ready || !viewer) { return false; }
+    var shown = [viewer.world.getItemAt(0)];
+    if (state.current) { shown.push(state.items[state.current]); }
+    var loaded = shown.every(function (item) { return item.getFullyLoaded() && !item.needsDraw(); });
+    var vp = viewer.viewport;
+    var still = vp.getZoom(true) === vp.getZoom(false) && vp.getCenter(true).equals(vp.getCenter(false));
+    return loaded && still;
+  };
+
+  function start(info) {
+    state.info = info;
+    document.title = info.image.name + " · gigaseg view";
+    $("title").textContent = info.image.name;
+    $("size").textContent = info.image.width + " × " + info.image.height + " px, " +
+      info.image.channels + " × " + info.image.dtype;
+    buildMaskChoices(info);
+    var viewer = OpenSeadragon({
+      id: "osd",
+      prefixUrl: "/static/images/",
+      tileSources: info.image.dzi,
+      drawer: "canvas",
+      imageSmoothingEnabled: false,
+      showNavigator: true,
+      navigatorPosition: "BOTTOM_RIGHT",
+      showRotationControl: false,
+      maxZoomPixelRatio: 8,
+      visibilityRatio: 0.5,
+      timeout: 120000,
+      gestureSettingsMouse: { clickToZoom: false },
+    });
+    state.viewer = viewer;
+    viewer.addOnceHandler("open-failed", function (event) { showError(new Error(event.message)); });
+    viewer.addOnceHandler("open", function () {
+      var pending = info.masks.length;
+      var done = function () {
+        state.ready = true;
+        selectMask(info.masks.length ? info.masks[0].id : null);
+      };
+      if (!pending) { done(); }
+      info.masks.forEach(function (mask, i) {
+        viewer.addTiledImage({
+          tileSource: mask.dzi,
+          index: i + 1,
+          opacity: 0,
+          preload: false,
+          success: function (event) {
+            state.items[mask.id] = event.item;
+            pending -= 1;
+            if (pending === 0) { done(); }
+          },
+          error: function (event) { showError(new Error(mask.name + ": " + event.message)); },
+        });
+      });
+    });
+    viewer.element.addEventListener("pointermove", onPointerMove);
+    viewer.element.addEventListener("pointerleave", onPointerLeave);
+    renderLegend();
+    if (info.masks.length) { pollAreas(); }
+  }
+
+  fetchJSON("/api/info").then(start).catch(showError);
+})();
