@@ -69,6 +69,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="also write the mask's polygons per class as <name>.gpkg (GeoPackage) or <name>.geojson, in the "
         "input's CRS when it is georeferenced (see gigaseg vectorize; --simplify, --min-area, --skip-classes)",
     )
+    parser.add_argument(
+        "--view",
+        action="store_true",
+        help="at the end, show each image with its mask in the browser (see gigaseg view) until Ctrl-C",
+    )
     add_inference_set(parser)
     add_polygon_options(parser)
     parser.set_defaults(run=run)
@@ -99,10 +104,13 @@ def run(args) -> int:
     from ..inference.stream import parse_formats
     from ..memory import format_size
     from .common import parse_options, polygon_options
+    from .view import view_predictions
 
     formats = parse_formats(args.format)
     if args.vector and "tiff" not in formats:
         raise ConfigError("--vector makes the polygons from the TIFF mask: use --format tiff,ome-zarr")
+    if args.view and "tiff" not in formats:
+        raise ConfigError("--view shows the TIFF mask: use --format tiff,ome-zarr")
     images = image_inputs(args.images)
     outputs = planned_outputs(images, Path(args.out))
     model, info = load_model(args.checkpoint)  # once, and a bad checkpoint fails before any output
@@ -121,7 +129,7 @@ def run(args) -> int:
     )
     if args.cluster or args.scheduler:
         del model
-        return _run_on_cluster(args, images, options, settings)
+        return view_predictions(args, images, outputs, _run_on_cluster(args, images, options, settings))
     failures: dict[str, BaseException] = {}
     for image, out in zip(images, outputs, strict=True):
         try:
@@ -134,7 +142,7 @@ def run(args) -> int:
             continue
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         _print_result(image, result, f"peak RSS {format_size(peak)}")
-    return _summary(failures, len(images))
+    return view_predictions(args, images, outputs, _summary(failures, len(images)))
 
 
 def _run_on_cluster(args, images: list[str], options: dict, settings: dict) -> int:
