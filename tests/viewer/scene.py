@@ -78,10 +78,9 @@ _NOISE = np.random.default_rng(1).integers(-3, 4, (64, 64)).astype(np.int16)
 
 
 def write_scene(folder: Path, size: int = 8192, *, tile: int = 512, cell: int = 384, seed: int = 0) -> Scene:
-    """Write ``image.tif`` (RGB, JPEG-compressed, with a pyramid) and two masks ``a/scene.tif``, ``b/scene.tif``.
-
-    The masks are written by ``MaskWriter`` as ``gigaseg predict`` writes them (palette, class
-    names, pyramid), in folders ``method_a`` and ``method_b`` under the same file name.
+    """Write ``image.tif`` (RGB, JPEG-compressed, with a pyramid) and two masks, ``method_a/scene.tif`` and
+    ``method_b/scene.tif``, written by ``MaskWriter`` as ``gigaseg predict`` writes them (palette, class
+    names, pyramid).
     """
     rng = np.random.default_rng(seed)
     labels_a = _field(rng, size, cell, len(CLASSES))

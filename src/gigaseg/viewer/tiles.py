@@ -49,6 +49,8 @@ NO_CLASS = 255
 #: bytes of mask rows :class:`ClassCounter` reads at once (at least one row of file tiles or strips)
 COUNT_BAND_BYTES = 16 * 2**20
 IMAGE_FORMATS = ("jpeg", "png")
+#: labels counted by one ``np.bincount`` call
+_COUNT_PIECE = 2**20
 
 
 @dataclass(frozen=True)
@@ -564,7 +566,7 @@ class ClassCounter:
 
     The mask's full resolution is read once, band by band (:data:`COUNT_BAND_BYTES` of rows,
     rounded to whole rows of file tiles), and every band's labels are counted with
-    ``np.bincount``; memory is one band. A mask given as a file is read through its own file
+    ``np.bincount``, a million at a time; memory is one band. A mask given as a file is read through its own file
     handle, so counting does not hold up the tiles.
 
     Args:
@@ -621,7 +623,9 @@ class ClassCounter:
                 window = Window(top, 0, min(rows, source.height - top), source.width)
                 with lock:
                     band = source.read(window)
-                counts += np.bincount(band.reshape(-1).view(np.uint8), minlength=256)[:256]
+                flat = band.reshape(-1).view(np.uint8)
+                for start in range(0, flat.size, _COUNT_PIECE):  # bincount casts to int64: 8x its input
+                    counts += np.bincount(flat[start : start + _COUNT_PIECE], minlength=256)[:256]
                 self.rows_done = window.bottom
                 del band
             self.counts = counts
