@@ -226,6 +226,65 @@ def test_a_rerun_after_the_client_is_killed_resumes_without_recomputing_finished
     assert sorted(os.listdir(out)) == ["scene.ome.zarr"]
 
 
+def _glnet(stage):
+    model = gigaseg.create_model(
+        "glnet", encoder="test_resnet", num_classes=3, size_g=64, size_p=128, min_overlap=16, fpn_channels=16
+    )
+    model.set_stage(stage)
+    return model
+
+
+METHODS = {
+    "patch": lambda: gigaseg.create_model("patch", encoder="test_resnet", num_classes=3, patch_size=64, overlap=16),
+    "global": lambda: gigaseg.create_model("global", encoder="test_resnet", num_classes=3, input_size=64),
+    "glnet-1": lambda: _glnet(1),
+    "glnet-2": lambda: _glnet(2),
+    "glnet-3": lambda: _glnet(3),
+    "magnet": lambda: gigaseg.create_model(
+        "magnet",
+        encoder="test_resnet",
+        num_classes=3,
+        scales=[[24, 24], [48, 48], [96, 96]],
+        input_size=[32, 32],
+        median_kernel=3,
+    ),
+    "icnet": lambda: gigaseg.create_model("icnet", encoder="test_resnet", num_classes=3, width=0.25),
+    "patchgd": lambda: gigaseg.create_model("patchgd_segmenter", encoder="test_resnet", num_classes=3, patch_size=32),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_methods_context_survives_the_trip_to_another_worker(method):
+    """What Dask does to a context made on one worker: pickle it; rows predicted from the copy, in any order, match."""
+    import pickle
+
+    from gigaseg.inference.stream import block_grid, predict_band
+
+    torch.manual_seed(0)
+    predictor = gigaseg.build_predictor(METHODS[method]().eval(), Normalization.for_image(3, np.uint8))
+    source = gigaseg.open_image(scene(1100, 300, seed=3))
+    context = predictor.prepare(source)
+    copy = pickle.loads(pickle.dumps((context, predictor.sub_batch)))[0]
+    rows = block_grid(source.height, source.width, 512)
+    assert len(rows) == 3
+
+    def predict(rows, context):
+        found = {}
+        for row in rows:
+            probs = []
+            labels = predict_band(
+                predictor, source, context, row, on_block=lambda b, p, kept=probs: kept.append(p.copy())
+            )
+            found[row[0].top] = labels, probs
+        return found
+
+    in_order, shipped_reversed = predict(rows, context), predict(rows[::-1], copy)
+    for top, (labels, probs) in in_order.items():
+        np.testing.assert_array_equal(labels, shipped_reversed[top][0])
+        for a, b in zip(probs, shipped_reversed[top][1], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_a_cluster_needs_a_checkpoint_path_and_image_paths(tiny_checkpoint, tmp_path):
     model = gigaseg.load_model(tiny_checkpoint)[0]
     with pytest.raises(ConfigError, match="needs a checkpoint file or run folder"):

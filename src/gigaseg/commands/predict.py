@@ -168,7 +168,8 @@ def _run_on_cluster(args, images: list[str], options: dict, settings: dict) -> i
             print(f"dashboard: {link}", flush=True)
         outcome = predict(args.checkpoint, images, args.out, client=client, options=options, **settings)
         peaks = _worker_peaks(client)
-    workers = f"workers' peak RSS {format_size(max(peaks))}" if peaks else "workers' peak RSS unknown"
+    workers = f"workers' peak RSS up to {format_size(max(peaks))}" if peaks else "workers' peak RSS unknown"
+    each = ", ".join(format_size(peak) for peak in peaks) or "unknown"
     for image, result in outcome.results.items():
         _print_result(image, result, workers)
     unexpected = [error for error in outcome.failures.values() if not _user_error(error)]
@@ -178,7 +179,7 @@ def _run_on_cluster(args, images: list[str], options: dict, settings: dict) -> i
         _report(error)
     print(
         f"{len(outcome.results)} of {len(images)} images in {outcome.seconds:.1f} s: {outcome.units} rows of blocks "
-        f"predicted, {outcome.units_resumed} resumed; {workers}",
+        f"predicted, {outcome.units_resumed} resumed; workers' peak RSS: {each}",
         flush=True,
     )
     if unexpected:

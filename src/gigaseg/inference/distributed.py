@@ -535,7 +535,6 @@ def predict_collection(
     start = time.perf_counter()
     outcome = CollectionResult()
     pending = deque(enumerate(tasks))
-    window = 2 * _worker_count(client)
     active: dict[str, _Image] = {}
     kinds: dict[str, tuple[str, str]] = {}  # future key -> (kind, image)
     finished = as_completed([], with_results=False)
@@ -548,6 +547,7 @@ def predict_collection(
         return future
 
     def admit() -> None:
+        window = 2 * _worker_count(client)  # asked each time: a cluster may grow (adaptive dask-jobqueue)
         while pending and len(active) < window:
             order, task = pending.popleft()
             locks = contextlib.ExitStack()
