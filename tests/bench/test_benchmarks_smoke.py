@@ -207,6 +207,21 @@ def check_pillow_decode(folder: Path) -> None:
     check_png(folder / "results" / "pillow_decode.png")
 
 
+def check_distributed(folder: Path) -> None:
+    data = read_json(folder / "results" / "distributed.json")
+    assert {"machine", "workloads", "dask_round_trip", "budget"} <= set(data)
+    assert len(data["workloads"]) == 2
+    for rows in data["workloads"].values():
+        assert {"single, tiff", "single, tiff+ome-zarr", "local:1", "local:2"} <= set(rows)
+        assert set(returncodes(rows)) == {0}, "a gigaseg predict child failed: see the JSON's stderr_tail"
+        assert len(rows["local:1"]["worker_peak_rss"]) == 1 and len(rows["local:2"]["worker_peak_rss"]) == 2
+        assert all(peak > 0 for peak in rows["local:2"]["worker_peak_rss"])
+        assert rows["local:2"]["units"] >= 1 and "overhead_per_unit_s" in rows
+    assert data["dask_round_trip"]["sequential_s"] > 0
+    check_markdown(folder / "results" / "distributed.md", "# Distributed prediction on one machine")
+    check_png(folder / "results" / "distributed.png")
+
+
 def check_vectorize(folder: Path) -> None:
     data = read_json(folder / "results" / "vectorize.json")
     assert {"machine", "runs", "imports_peak_rss", "band_rows"} <= set(data)
@@ -220,6 +235,7 @@ def check_vectorize(folder: Path) -> None:
 
 SMOKES = {
     "compare_fine_structure": Smoke(work_and_results, check_compare_fine_structure, 20),
+    "distributed": Smoke(work_and_results, check_distributed, 100),
     "compare_methods": Smoke(lambda f: ["--data", str(f / "data"), *work_and_results(f)], check_compare_methods, 25),
     "glnet_global_view": Smoke(work_and_results, check_glnet_global_view, 50),
     "glnet_memory": Smoke(work_and_results, check_glnet_memory, 30),
