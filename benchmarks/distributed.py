@@ -11,10 +11,12 @@ scenes of 2048x2048 (synthetic tiled TIFFs: content does not change memory or sp
   on all cores, two workers with half the cores each.
 
 A worker's peak RSS is what the CLI reads from each worker at the end (``ru_maxrss``); the
-child's own figure is the largest process of its tree. The scheduler's per-unit overhead is
-``(distributed prediction time with 1 worker - single-process time with the same output) / units``,
-with the same torch threads in both, cluster start-up excluded (reported apart); a unit is a row
-of 1024-px blocks (``--max-memory 1.5GB``). Dask's own round trip per task (a no-op) is measured too.
+child's own figure is the largest process of its tree. The per-unit overhead of the distribution is
+what the CLI reports from Dask's task stream: ``(prediction time x workers - time inside gigaseg's
+tasks) / units``, the worker time per unit spent scheduling, moving data, or idle while another
+worker finishes; a unit is a row of 1024-px blocks (``--max-memory 1.5GB``). Measured inside each
+run, it holds up better than a difference of wall times when other work shares the machine. Dask's
+own round trip per task (a no-op) is measured too.
 
 The model is the patch baseline on a small encoder (``--encoder``, default test_resnet, 128-px
 patches): compute per pixel is small, so the overhead is a large share of it here; with resnet18
@@ -43,6 +45,7 @@ from gigaseg.bench import describe_machine, format_size, machine_header, measure
 
 RESULTS = Path(__file__).parent / "results"
 BUDGET = "1.5GB"  # 1024-px blocks: the rows of blocks are the work units
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MODES = (
     ("single, tiff", [], "tiff"),
     ("single, tiff+ome-zarr", [], "tiff,ome-zarr"),
@@ -85,6 +88,13 @@ def make_checkpoint(path: Path, encoder: str) -> None:
     save_checkpoint(path, model, data)
 
 
+def torch_threads(workers: int | None) -> int:
+    """Torch's threads per process: one process takes OMP_NUM_THREADS or every core; a worker, cores / workers."""
+    if workers is None:
+        return int(os.environ.get("OMP_NUM_THREADS") or CORES)
+    return int(os.environ.get("GIGASEG_TORCH_THREADS") or 0) or max(1, CORES // workers)
+
+
 def parse_output(stdout: str) -> dict:
     """What the CLI printed: per-image Mpx/s (one process) or the cluster's summary line."""
     found: dict = {}
@@ -96,6 +106,10 @@ def parse_output(stdout: str) -> dict:
     if summary:
         found["predict_seconds"] = float(summary.group(1))
         found["units"] = int(summary.group(2)) + int(summary.group(3))
+    busy = re.search(r"busy (\d+)% of the time \(([\d.]+) s of worker time per row", stdout)
+    if busy:
+        found["busy_share"] = int(busy.group(1)) / 100
+        found["overhead_per_unit_s"] = float(busy.group(2))
     peaks = re.search(r"workers' peak RSS: (.+)$", stdout, re.MULTILINE)
     if peaks and "unknown" not in peaks.group(1):
         found["worker_peak_rss"] = [parse_size(p.strip()) for p in peaks.group(1).split(",")]
@@ -182,12 +196,10 @@ def main(argv: list[str] | None = None) -> None:
         for mode, extra, formats in MODES:
             row = run_mode(images, ckpt, work / "out" / mode.replace(" ", "_").replace(",", ""), extra, formats)
             row["megapixels"] = pixels / 1e6
+            row["threads"] = torch_threads(int(extra[1].split(":")[1]) if extra else None)
             rows[mode] = row
             print(f"{name}, {mode}: {row['wall_s']:.1f} s, peaks {row.get('worker_peak_rss')}", flush=True)
             write(results, results_dir)
-        base, one = rows["single, tiff+ome-zarr"], rows["local:1"]
-        if "predict_seconds" in base and "predict_seconds" in one and one.get("units"):
-            rows["overhead_per_unit_s"] = (one["predict_seconds"] - base["predict_seconds"]) / one["units"]
         write(results, results_dir)
     results["dask_round_trip"] = dask_round_trip(20 if args.smoke else 200)
     write(results, results_dir)
@@ -201,7 +213,6 @@ def write(results: dict, results_dir: Path = RESULTS) -> None:
         "# Distributed prediction on one machine (Dask LocalCluster)",
         "",
         machine_header(results["machine"]),
-        "",
         f"Model: patch baseline, encoder {results['encoder']}, 128-px patches (16 overlap), --max-memory "
         f"{results['budget']} (1024-px blocks: a unit of work is a row of them). Each run is a fresh "
         f"`gigaseg predict` child; `local:N` is `--cluster local:N` (N workers, cores / N torch threads each). "
@@ -217,8 +228,9 @@ def write(results: dict, results_dir: Path = RESULTS) -> None:
             "",
             f"## {name}",
             "",
-            "| run | wall (whole command) | prediction | peak RSS per worker | largest process | load avg |",
-            "|---|---|---|---|---|---|",
+            "| run | torch threads | wall (whole command) | prediction | workers busy | overhead per unit "
+            "| peak RSS per worker | largest process | load avg |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for mode, row in rows.items():
             if not isinstance(row, dict):
@@ -227,18 +239,15 @@ def write(results: dict, results_dir: Path = RESULTS) -> None:
             workers = ", ".join(format_size(p) for p in peaks) if peaks else "(one process)"
             predict = f"{row['predict_seconds']:.1f} s" if "predict_seconds" in row else "?"
             failed = f" (exit {row['returncode']})" if row.get("returncode") else ""
-            lines.append(
-                f"| {mode}{failed} | {row['wall_s']:.1f} s | {predict} | {workers} | "
-                f"{format_size(row['tree_peak_rss'])} | {row['load_before']:.1f} -> {row['load_after']:.1f} |"
+            busy = f"{row['busy_share']:.0%}" if "busy_share" in row else "-"
+            overhead = (
+                f"{row['overhead_per_unit_s']:.2f} s x {row.get('units')}" if "overhead_per_unit_s" in row else "-"
             )
-        if "overhead_per_unit_s" in rows:
-            units = rows["local:1"].get("units")
-            lines += [
-                "",
-                f"Per-unit overhead of the scheduler: {rows['overhead_per_unit_s']:.2f} s per unit over {units} units "
-                f"(local:1 against one process writing the same OME-Zarr store and TIFF, same torch threads; "
-                f"start-up excluded: the difference of whole-command and prediction times above).",
-            ]
+            lines.append(
+                f"| {mode}{failed} | {row.get('threads', '?')} | {row['wall_s']:.1f} s | {predict} | {busy} | "
+                f"{overhead} | {workers} | {format_size(row['tree_peak_rss'])} | "
+                f"{row['load_before']:.1f} -> {row['load_after']:.1f} |"
+            )
     trip = results.get("dask_round_trip")
     if trip:
         lines += [

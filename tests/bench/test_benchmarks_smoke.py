@@ -216,7 +216,8 @@ def check_distributed(folder: Path) -> None:
         assert set(returncodes(rows)) == {0}, "a gigaseg predict child failed: see the JSON's stderr_tail"
         assert len(rows["local:1"]["worker_peak_rss"]) == 1 and len(rows["local:2"]["worker_peak_rss"]) == 2
         assert all(peak > 0 for peak in rows["local:2"]["worker_peak_rss"])
-        assert rows["local:2"]["units"] >= 1 and "overhead_per_unit_s" in rows
+        assert rows["local:2"]["units"] >= 1 and 0 < rows["local:2"]["busy_share"] <= 1
+        assert "overhead_per_unit_s" in rows["local:1"] and "overhead_per_unit_s" in rows["local:2"]
     assert data["dask_round_trip"]["sequential_s"] > 0
     check_markdown(folder / "results" / "distributed.md", "# Distributed prediction on one machine")
     check_png(folder / "results" / "distributed.png")

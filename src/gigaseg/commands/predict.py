@@ -177,9 +177,15 @@ def _run_on_cluster(args, images: list[str], options: dict, settings: dict) -> i
         raise next(iter(outcome.failures.values()))
     for error in outcome.failures.values():
         _report(error)
+    busy = ""
+    if outcome.busy_seconds is not None and outcome.seconds > 0:
+        share = outcome.busy_seconds / (outcome.seconds * outcome.workers)
+        busy = f"; {outcome.workers} workers busy {share:.0%} of the time"
+        if outcome.overhead_per_unit is not None:
+            busy += f" ({outcome.overhead_per_unit:.2f} s of worker time per row outside the tasks)"
     print(
         f"{len(outcome.results)} of {len(images)} images in {outcome.seconds:.1f} s: {outcome.units} rows of blocks "
-        f"predicted, {outcome.units_resumed} resumed; workers' peak RSS: {each}",
+        f"predicted, {outcome.units_resumed} resumed{busy}; workers' peak RSS: {each}",
         flush=True,
     )
     if unexpected:

@@ -198,6 +198,9 @@ class CollectionResult:
         seconds: wall time.
         units: rows of blocks predicted in this run, over all images.
         units_resumed: rows an earlier run had finished.
+        workers: the cluster's workers at the end.
+        busy_seconds: the time the workers spent in this prediction's tasks (Dask's task stream,
+            summed over workers), or None where the scheduler could not say.
     """
 
     results: dict[str, PredictionResult] = field(default_factory=dict)
@@ -205,11 +208,25 @@ class CollectionResult:
     seconds: float = 0.0
     units: int = 0
     units_resumed: int = 0
+    workers: int = 0
+    busy_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
         """True when no image failed."""
         return not self.failures
+
+    @property
+    def overhead_per_unit(self) -> float | None:
+        """Worker time per row predicted not spent in this prediction's tasks, in seconds.
+
+        ``(seconds x workers - busy_seconds) / units``: scheduling, transfers, and workers idle
+        while others finish (a serial last step, rows that do not divide among the workers).
+        None without the task stream or without units.
+        """
+        if self.busy_seconds is None or not self.units:
+            return None
+        return (self.seconds * self.workers - self.busy_seconds) / self.units
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -528,7 +545,7 @@ def predict_collection(
     Raises:
         KeyboardInterrupt: the client was interrupted (the partial stores stay for a resume).
     """
-    from distributed import as_completed
+    from distributed import as_completed, get_task_stream
 
     from ..progress import progress_counter
 
@@ -537,11 +554,13 @@ def predict_collection(
     pending = deque(enumerate(tasks))
     active: dict[str, _Image] = {}
     kinds: dict[str, tuple[str, str]] = {}  # future key -> (kind, image)
+    ours: set[str] = set()
     finished = as_completed([], with_results=False)
 
     def submit(state: _Image, kind: str, function, *args, priority: int = 0):
         future = client.submit(function, *args, pure=False, priority=priority - 1000 * state.order)
         kinds[future.key] = (kind, state.task.image)
+        ours.add(future.key)
         state.futures.append(future)
         finished.add(future)
         return future
@@ -574,7 +593,8 @@ def predict_collection(
         state.locks.close()
         active.pop(state.task.image, None)
 
-    with progress_counter(f"predict {len(tasks)} image{'s' * (len(tasks) != 1)}", 0, progress) as bar:
+    description = f"predict {len(tasks)} image{'s' * (len(tasks) != 1)}"
+    with progress_counter(description, 0, progress) as bar, _task_stream(client, get_task_stream) as stream:
         try:
             admit()
             for future in finished:
@@ -621,7 +641,32 @@ def predict_collection(
     outcome.results = dict(sorted(outcome.results.items(), key=lambda item: order[item[0]]))
     outcome.failures = dict(sorted(outcome.failures.items(), key=lambda item: order[item[0]]))
     outcome.seconds = time.perf_counter() - start
+    outcome.workers = _worker_count(client)
+    if stream is not None and stream.data:
+        outcome.busy_seconds = sum(
+            part["stop"] - part["start"]
+            for record in stream.data
+            if record.get("key") in ours
+            for part in record.get("startstops", ())
+            if part.get("action") == "compute"
+        )
     return outcome
+
+
+@contextlib.contextmanager
+def _task_stream(client, get_task_stream):
+    """Dask's record of every task's start and stop while the block runs, or None if the scheduler refuses."""
+    try:
+        recorder = get_task_stream(client)
+        stream = recorder.__enter__()
+    except Exception:  # noqa: BLE001 - an older or restricted scheduler: no figures, the prediction goes on
+        yield None
+        return
+    try:
+        yield stream
+    finally:
+        with contextlib.suppress(Exception):
+            recorder.__exit__(None, None, None)
 
 
 def _described(error: BaseException, image: str) -> BaseException:
