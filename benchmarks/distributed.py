@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, help="where the results go (default: benchmarks/results)")
     parser.add_argument("--encoder", default="test_resnet")
     parser.add_argument("--note", default="", help="conditions worth recording (e.g. other work on the machine)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each mode; the fastest is reported")
     parser.add_argument("--smoke", action="store_true", help="small scenes, temporary output (a smoke run)")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
@@ -191,16 +192,24 @@ def main(argv: list[str] | None = None) -> None:
         "note": args.note,
         "workloads": {},
     }
+    results["repeat"] = args.repeat
     for name, (images, pixels) in workloads.items():
         rows = results["workloads"][name] = {}
-        for mode, extra, formats in MODES:
-            row = run_mode(images, ckpt, work / "out" / mode.replace(" ", "_").replace(",", ""), extra, formats)
-            row["megapixels"] = pixels / 1e6
-            row["threads"] = torch_threads(int(extra[1].split(":")[1]) if extra else None)
-            rows[mode] = row
-            print(f"{name}, {mode}: {row['wall_s']:.1f} s, peaks {row.get('worker_peak_rss')}", flush=True)
-            write(results, results_dir)
-        write(results, results_dir)
+        for attempt in range(args.repeat):  # the modes interleaved, so a busy spell of the machine hits them all
+            for mode, extra, formats in MODES:
+                out = work / "out" / mode.replace(" ", "_").replace(",", "")
+                row = run_mode(images, ckpt, out, extra, formats)
+                row["megapixels"] = pixels / 1e6
+                row["threads"] = torch_threads(int(extra[1].split(":")[1]) if extra else None)
+                row["walls_s"] = rows.get(mode, {}).get("walls_s", []) + [row["wall_s"]]
+                if mode not in rows or row["wall_s"] < rows[mode]["wall_s"]:  # keep the fastest run's figures
+                    rows[mode] = row
+                rows[mode]["walls_s"] = row["walls_s"]
+                print(
+                    f"{name}, {mode} ({attempt + 1}): {row['wall_s']:.1f} s, peaks {row.get('worker_peak_rss')}",
+                    flush=True,
+                )
+                write(results, results_dir)
     results["dask_round_trip"] = dask_round_trip(20 if args.smoke else 200)
     write(results, results_dir)
     print(f"results in {results_dir}", flush=True)
@@ -221,6 +230,11 @@ def write(results: dict, results_dir: Path = RESULTS) -> None:
         f"(for a cluster) the workers' start-up. 'Largest process' is the peak of the command's process tree "
         f"(the client holds torch and the model: it loads the checkpoint to check it).",
     ]
+    if results.get("repeat", 1) > 1:
+        lines += [
+            "",
+            f"Each run {results['repeat']} times, interleaved; the table shows the fastest (all: JSON `walls_s`).",
+        ]
     if results.get("note"):
         lines += ["", f"Conditions: {results['note']}"]
     for name, rows in results["workloads"].items():
