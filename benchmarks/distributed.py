@@ -275,6 +275,7 @@ def write(results: dict, results_dir: Path = RESULTS) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Wall and prediction time per run (left), each process's peak RSS against the budget (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,29 +284,32 @@ def plot(results: dict, path: Path) -> None:
     workloads = list(results["workloads"].items())
     if not workloads:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    ticks, labels = [], []
     for index, (name, rows) in enumerate(workloads):
         modes = [m for m, r in rows.items() if isinstance(r, dict)]
-        walls = [rows[m]["wall_s"] for m in modes]
-        predicts = [rows[m].get("predict_seconds", 0.0) for m in modes]
         x = np.arange(len(modes)) + index * (len(modes) + 1)
-        axes[0].bar(x, walls, color="#bbbbbb", label="whole command" if index == 0 else None)
-        axes[0].bar(x, predicts, color="#4477aa", label="prediction" if index == 0 else None)
+        axes[0].bar(
+            x, [rows[m]["wall_s"] for m in modes], color="#bbbbbb", label="whole command" if not index else None
+        )
+        predicts = [rows[m].get("predict_seconds", 0.0) for m in modes]
+        axes[0].bar(x, predicts, color="#4477aa", label="prediction" if not index else None)
         for xi, mode in zip(x, modes, strict=True):
-            axes[0].text(xi, 0, mode, rotation=90, ha="center", va="bottom", fontsize=7, color="white")
             peaks = rows[mode].get("worker_peak_rss") or [rows[mode]["tree_peak_rss"]]
-            for k, peak in enumerate(peaks):
-                axes[1].bar(xi + 0.4 * k - 0.2 * (len(peaks) - 1), peak / 2**30, width=0.4, color="#cc6677")
-        axes[0].text(x.mean(), max(walls) * 1.02, name, ha="center", fontsize=8)
-    budget = parse_size(results["budget"]) / 2**30
+            width = 0.8 / len(peaks)
+            for k, peak in enumerate(peaks):  # one bar per worker (one process: its whole tree)
+                axes[1].bar(xi - 0.4 + width * (k + 0.5), peak / 1e9, width=width * 0.9, color="#cc6677")
+        ticks += list(x)
+        labels += [f"{mode}\n({name})" if k == 0 else mode for k, mode in enumerate(modes)]
+    budget = parse_size(results["budget"]) / 1e9
     axes[1].axhline(budget, color="black", linestyle="--", linewidth=1, label=f"--max-memory {results['budget']}")
     axes[0].set_ylabel("seconds")
-    axes[1].set_ylabel("peak RSS per process (GiB)")
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
+    axes[1].set_ylabel("peak RSS (GB): one bar per worker")
     for ax in axes:
-        ax.set_xticks([])
-    fig.suptitle("gigaseg predict: one process vs --cluster local:1 / local:2", fontsize=10)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.legend(fontsize=8)
+    fig.suptitle("gigaseg predict: one process vs --cluster local:1 / local:2 (2 cores)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
