@@ -61,11 +61,16 @@ def client():
     """A LocalCluster of 2 worker processes, one torch thread each, as ``--cluster local:2`` makes it."""
     from distributed import Client
 
-    with (
-        local_cluster(2, threads=1, dashboard=False, preload=("gigaseg.api", "gigaseg.methods", "zarr")) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
+    environment = dict(os.environ)  # Dask's nannies set MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS... in this process
+    try:
+        with (
+            local_cluster(2, threads=1, dashboard=False, preload=("gigaseg.api", "gigaseg.methods", "zarr")) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+    finally:  # the later tests' children (tests/inference/test_heap.py's glibc probe) get the environment they had
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 @pytest.fixture(scope="module")

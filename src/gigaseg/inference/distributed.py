@@ -89,7 +89,7 @@ __all__ = [
 #: setups (predictor and opened image) a worker process keeps, most recently used first
 _SETUP_CACHE = 8
 #: environment variable of a worker: torch's threads in it (:func:`local_cluster` sets it; set it for workers
-#: started elsewhere, e.g. to the cores of their slot, when torch's default, all the node's cores, is too many)
+#: started elsewhere to the cores each may use: a Dask nanny starts its worker with OMP_NUM_THREADS=1)
 THREADS_VARIABLE = "GIGASEG_TORCH_THREADS"
 
 
