@@ -62,24 +62,38 @@ TINY_PATCH_OPTIONS = {"patch_size": 64, "overlap": 16, "fpn_channels": 16}
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A patch model on test_resnet with fixed random weights, sharpened so the classes differ across a scene."""
+def sharpened_checkpoint(tmp_path_factory):
+    """A factory of checkpoints of 3-class models on test_resnet with fixed random weights (seed 0),
+    sharpened (every weight times 20) so the classes differ across a scene.
+
+    Called as ``sharpened_checkpoint(method, name, **options)``: ``create_model``'s method and options;
+    the checkpoint is written to a new temporary folder as ``<name>.ckpt`` and its path returned.
+    """
     import torch
 
     import gigaseg
     from gigaseg.io.normalize import Normalization
     from gigaseg.training.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
-    model = gigaseg.create_model("patch", encoder="test_resnet", num_classes=3, **TINY_PATCH_OPTIONS)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(20)
-    data = {
-        "classes": ["a", "b", "c"],
-        "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
-        "ignore_index": 255,
-        "exclude_from_miou": [],
-        "normalization": Normalization.for_image(3, np.uint8).to_dict(),
-    }
-    return save_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny.ckpt", model, data)
+    def make(method: str, name: str, **options):
+        torch.manual_seed(0)
+        model = gigaseg.create_model(method, encoder="test_resnet", num_classes=3, **options)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(20)
+        data = {
+            "classes": ["a", "b", "c"],
+            "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+            "ignore_index": 255,
+            "exclude_from_miou": [],
+            "normalization": Normalization.for_image(3, np.uint8).to_dict(),
+        }
+        return save_checkpoint(tmp_path_factory.mktemp(name) / f"{name}.ckpt", model, data)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(sharpened_checkpoint):
+    """A patch model on test_resnet with fixed random weights, sharpened so the classes differ across a scene."""
+    return sharpened_checkpoint("patch", "tiny", **TINY_PATCH_OPTIONS)

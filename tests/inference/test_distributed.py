@@ -28,7 +28,6 @@ from gigaseg.errors import ConfigError, ImageReadError
 from gigaseg.inference.distributed import CollectionResult, local_cluster
 from gigaseg.inference.stream import PredictionResult
 from gigaseg.io.normalize import Normalization
-from gigaseg.training.checkpoint import save_checkpoint
 
 #: 1024-px blocks (block_size_for(1.5 GB)): a 4096-row image is 4 rows of blocks, each 2 bands of 512 rows
 BUDGET = "1.5GB"
@@ -74,21 +73,9 @@ def client():
 
 
 @pytest.fixture(scope="module")
-def global_checkpoint(tmp_path_factory):
+def global_checkpoint(sharpened_checkpoint):
     """The downsampled global baseline: its context (the thumbnail's probabilities) is computed once and shared."""
-    torch.manual_seed(0)
-    model = gigaseg.create_model("global", encoder="test_resnet", num_classes=3, input_size=128)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(20)
-    data = {
-        "classes": ["a", "b", "c"],
-        "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
-        "ignore_index": 255,
-        "exclude_from_miou": [],
-        "normalization": Normalization.for_image(3, np.uint8).to_dict(),
-    }
-    return save_checkpoint(tmp_path_factory.mktemp("global") / "global.ckpt", model, data)
+    return sharpened_checkpoint("global", "global", input_size=128)
 
 
 @pytest.fixture(scope="module")
