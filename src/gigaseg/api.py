@@ -79,6 +79,9 @@ def predict(
     vector_options: dict | None = None,
     format: str = "tiff",  # noqa: A002 - the CLI's --format
     client=None,
+    fast=False,
+    backend: str = "torch",
+    compile: bool = False,  # noqa: A002 - the CLI's --compile
 ):
     """Segment a whole image into a tiled label-mask TIFF at ``out`` (or an OME-Zarr store, or both).
 
@@ -123,6 +126,13 @@ def predict(
             OME-NGFF label store ``<stem>.ome.zarr`` next to it, with the probabilities inside when
             asked for: ``gigaseg.io.omezarr``) or ``"tiff,ome-zarr"``.
         client: a ``dask.distributed.Client``: predict on its cluster (see above); None: in this process.
+        fast: the fast path (``gigaseg.inference.fast``): True (BatchNorm folded, channels_last, the next
+            block decoded in a background thread, sub-batches full across block borders), a dict of
+            ``FastOptions`` fields, or False (the plain network, unless ``backend`` or ``compile`` ask
+            for the fast path).
+        backend: ``"torch"`` or ``"onnxruntime"`` (the method's patch networks in ONNX Runtime on the CPU;
+            needs ``pip install 'gigaseg[onnx]'``; implies ``fast``).
+        compile: ``torch.compile`` the patch networks (implies ``fast``).
 
     Returns:
         A ``PredictionResult``: the paths written, the image size, the time and block counts; for a
@@ -135,12 +145,15 @@ def predict(
         BudgetError: ``max_memory`` is too small for the method.
         GigasegError: the bands at ``out`` were made by another model or settings (resume).
     """
+    from .inference.fast import check_precision, fast_options
     from .inference.stream import parse_formats, predict_image
     from .io.lock import output_lock
 
     formats = parse_formats(format)
     if vector is not None and "tiff" not in formats:
         raise ConfigError("polygons (vector=...) are made from the TIFF mask: add it (format='tiff,ome-zarr')")
+    precision = check_precision(precision)
+    fast = fast_options(fast, backend=backend, compile=compile)
     if client is not None or _is_collection(image):
         return _predict_many(
             model_or_checkpoint,
@@ -160,6 +173,7 @@ def predict(
             vector=vector,
             vector_options=vector_options,
             formats=formats,
+            fast=fast,
         )
     budget = parse_size(max_memory) if max_memory is not None else None
     model, loaded_info = load_model(model_or_checkpoint)
@@ -173,7 +187,7 @@ def predict(
 
         vector_path(out, vector)
         check_polygon_options(**(vector_options or {}))
-    setup = _prediction_setup(model, info, source, normalization, budget, device, precision)
+    setup = _prediction_setup(model, info, source, normalization, budget, device, precision, fast)
     predictor, palette, block_size = setup.predictor, setup.palette, setup.block_size
 
     def run(producer: str | None):
@@ -240,7 +254,9 @@ def _open_for_prediction(model, info: dict, image, budget: int | None, normaliza
     return source, _normalization_for(normalization, source)
 
 
-def _prediction_setup(model, info: dict, source, normalization: Normalization, budget, device: str, precision: str):
+def _prediction_setup(
+    model, info: dict, source, normalization: Normalization, budget, device: str, precision: str, fast=None
+):
     """The predictor of ``model`` for ``source`` and what a prediction of it is written with.
 
     Args:
@@ -251,10 +267,11 @@ def _prediction_setup(model, info: dict, source, normalization: Normalization, b
         budget: the memory budget in bytes, or None.
         device: where the network runs.
         precision: "32", "bf16-mixed" or "16-mixed".
+        fast: a ``gigaseg.inference.fast.FastOptions`` for the fast path, or None.
 
     Returns:
         A ``gigaseg.inference.distributed.PredictionSetup`` (its fingerprint covers the weights,
-        options, normalisation, block size, precision and the image's identity).
+        options, normalisation, block size, precision, the fast path's options and the image's identity).
 
     Raises:
         ConfigError: a classification model.
@@ -266,7 +283,7 @@ def _prediction_setup(model, info: dict, source, normalization: Normalization, b
     from .methods.registry import build_predictor
 
     model = model.to(device)
-    predictor = build_predictor(model, normalization, device=device, max_memory=budget, precision=precision)
+    predictor = build_predictor(model, normalization, device=device, max_memory=budget, precision=precision, fast=fast)
     if not isinstance(predictor, SegmentationPredictor):
         raise ConfigError(
             f"{model.method_name} is a {model.task} method: it gives one class per image, not a "
@@ -276,12 +293,14 @@ def _prediction_setup(model, info: dict, source, normalization: Normalization, b
     block_size = effective_block_size(predictor, block_size_for(budget))
 
     def fingerprint() -> str:
+        extra = {} if fast is None else {"fast": fast.to_dict()}  # the plain path's fingerprint as before
         return prediction_fingerprint(
             model,
             normalization=normalization.to_dict(),
             block_size=block_size,
             precision=precision,
             input=source_identity(source),
+            **extra,
         )
 
     return PredictionSetup(predictor, source, block_size, palette, info.get("classes"), fingerprint)
@@ -302,6 +321,7 @@ class CheckpointJob:
         device: where the network runs.
         precision: "32", "bf16-mixed" or "16-mixed".
         normalization: the normalisation given to :func:`predict`, as JSON; None for the checkpoint's.
+        fast: the fast path's options (``gigaseg.inference.fast.FastOptions``) as JSON; None: the plain path.
     """
 
     checkpoint: str
@@ -311,6 +331,7 @@ class CheckpointJob:
     device: str = "cpu"
     precision: str = "32"
     normalization: str | None = None
+    fast: str | None = None
 
     def setup(self, image: str):
         """Open ``image`` and build its predictor, with the model this process loaded once.
@@ -326,7 +347,12 @@ class CheckpointJob:
         model, info = _worker_model(self.checkpoint, self.stamp, self.options, self.device)
         given = None if self.normalization is None else Normalization.from_dict(json.loads(self.normalization))
         source, normalization = _open_for_prediction(model, info, image, self.max_memory, given)
-        return _prediction_setup(model, info, source, normalization, self.max_memory, self.device, self.precision)
+        fast = None
+        if self.fast is not None:
+            from .inference.fast import FastOptions
+
+            fast = FastOptions(**json.loads(self.fast))
+        return _prediction_setup(model, info, source, normalization, self.max_memory, self.device, self.precision, fast)
 
 
 @functools.lru_cache(maxsize=2)
@@ -508,6 +534,7 @@ def _predict_many(model_or_checkpoint, image, out, *, client, formats, vector, v
         settings["device"],
         settings["precision"],
         None if normalization is None else json.dumps(normalization.to_dict(), sort_keys=True),
+        None if settings["fast"] is None else json.dumps(settings["fast"].to_dict(), sort_keys=True),
     )
     tasks = [
         ImageTask(

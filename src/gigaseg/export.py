@@ -147,12 +147,11 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    grad = conv.weight.requires_grad
     new_bias = (bias - bn.running_mean) * scale + shift
-    if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
-    else:
-        conv.bias.copy_(new_bias)
+    # new parameters, not written in place: a tensor the conv shares with another module stays as it was
+    conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=grad)
+    conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=grad)
 
 
 def fold_batchnorm(

@@ -50,6 +50,10 @@ class Predictor:
         self.device = torch.device(device)
         self.sub_batch = max(1, int(sub_batch))
         self.precision = precision
+        #: the fast path's options once :meth:`accelerate` ran (None: the plain path)
+        self.fast = None
+        #: the model as given (``model`` is the fast copy after :meth:`accelerate`)
+        self.plain_model = self.model
 
     @property
     def num_classes(self) -> int:
@@ -66,6 +70,53 @@ class Predictor:
             The normalised float tensor ``(1, C, H, W)`` on the device.
         """
         return torch.from_numpy(self.normalization.apply(array_hwc)).unsqueeze(0).to(self.device)
+
+    def fast_networks(self) -> dict[str, Any]:
+        """The networks this predictor runs on patches, for the fast path (``gigaseg.inference.fast``).
+
+        Returns:
+            Dotted attribute path of ``model`` (``""``: the model's own forward) -> an example input
+            (a tensor or a tuple of positional arguments, on the model's device). Default: none.
+        """
+        return {}
+
+    def onnx_networks(self) -> tuple[str, ...]:
+        """The paths of :meth:`fast_networks` that ONNX Runtime can run (plain tensors in and out).
+
+        Returns:
+            Default: none.
+        """
+        return ()
+
+    def accelerate(self, options) -> Predictor:
+        """Switch to the fast path: ``model`` becomes ``gigaseg.inference.fast.accelerate_model``'s copy.
+
+        Args:
+            options: a ``gigaseg.inference.fast.FastOptions``.
+
+        Returns:
+            This predictor.
+
+        Raises:
+            ConfigError: ``backend="onnxruntime"`` with a precision other than 32, with no network
+                ONNX Runtime can run, or without onnx / onnxruntime installed.
+        """
+        from ..errors import ConfigError
+        from .fast import accelerate_model
+
+        networks = self.fast_networks()
+        if options.backend == "onnxruntime":
+            if self.precision not in ("32", "32-true"):
+                raise ConfigError(f"--backend onnxruntime runs float32: use --precision 32, not {self.precision}")
+            if not self.onnx_networks():
+                raise ConfigError(
+                    f"{self.model.method_name} has no network ONNX Runtime can run on its own (its patches take "
+                    f"per-image context); use --backend torch"
+                )
+        self.plain_model = self.model
+        self.model = accelerate_model(self.model, networks, options, onnx=self.onnx_networks())
+        self.fast = options
+        return self
 
     def autocast(self):
         """The mixed-precision context of ``precision``.
@@ -95,6 +146,14 @@ class SegmentationPredictor(Predictor, ABC):
     halo: int = 0
     #: the block side this predictor planned its memory for (None: the driver's choice by budget)
     block_size: int | None = None
+
+    def read_margin(self) -> int:
+        """Pixels around a block that ``predict_block`` reads at full resolution (the fast path prefetches them).
+
+        Returns:
+            Default: ``halo``.
+        """
+        return int(self.halo)
 
     def prepare(self, source: ImageSource) -> Any:
         """Per-image context, computed once before the blocks.

@@ -99,6 +99,7 @@ def stitch_block(
     read_per_sub_batch: bool = False,
     cache: dict | None = None,
     out: torch.Tensor | None = None,
+    lookahead: list[Window] | None = None,
 ) -> np.ndarray:
     """Class probabilities of ``block`` from the grid's patches that touch it.
 
@@ -122,6 +123,9 @@ def stitch_block(
             the (probabilities or logits) of patches shared with the next block of the row.
         out: a flat float32 CPU tensor of at least ``K * h * w`` elements to hold the result
             (the returned array is then a view of it).
+        lookahead: windows of the grid that the next block of the row will need (with ``cache``):
+            when the block's last sub-batch is short, it is filled with those not computed yet, and
+            their values wait in ``cache`` for that block (sub-batches stay full across block borders).
 
     Returns:
         float32 ``(K, block.height, block.width)``.
@@ -134,6 +138,10 @@ def stitch_block(
     windows = patches_touching(grid, block)
     cached = cache if cache is not None else {}
     todo = [w for w in windows if w not in cached]
+    short = (-len(todo)) % sub_batch
+    if lookahead and cache is not None and todo and short:
+        touching = set(windows)
+        todo += [w for w in lookahead if w not in cached and w not in touching][:short]
     ph, pw = grid.patch
     size = num_classes * block.height * block.width
     if out is None or out.numel() < size:
@@ -144,6 +152,8 @@ def stitch_block(
 
     def add(window: Window, value: torch.Tensor) -> None:
         inside = window.intersection(block)
+        if inside is None:  # a lookahead patch: it waits in the cache for the next block
+            return
         src, dst = inside.relative_to(window), inside.relative_to(block)
         full = resize(value[None], (ph, pw))[0]
         if weights is None:

@@ -393,8 +393,8 @@ def predict_band(
     band_context = getattr(predictor, "band_context", None)  # duck-typed predictors may have none
     context = band_context(context) if band_context is not None else context
     labels = np.empty(band.shape, dtype=np.uint8)
-    for block in row:
-        probs = predictor.predict_block(source, context, block)
+    for block, reader in _blocks_with_reader(predictor, source, row):
+        probs = predictor.predict_block(reader, context, block)
         expected = (predictor.num_classes, block.height, block.width)
         if probs.shape != expected:
             raise RuntimeError(
@@ -410,6 +410,41 @@ def predict_band(
         if advance is not None:
             advance(1)
     return labels
+
+
+#: the fast path prefetches a block's pixels only when their region (block and read margin) is at most
+#: this many times the block's area (MagNet's frames around a block would be many times more)
+PREFETCH_MAX_AREA = 4
+
+
+def _blocks_with_reader(predictor, source: ImageSource, row: list[Window]):
+    """``(block, source to read it from)`` for each block of the row.
+
+    On the fast path (``predictor.fast.prefetch``) the next block's pixels, with the predictor's
+    read margin, are decoded in a background thread while the current block is predicted
+    (``gigaseg.inference.fast.prefetch``); otherwise every block reads ``source`` itself.
+    """
+    fast = getattr(predictor, "fast", None)
+    margin = predictor.read_margin() if hasattr(predictor, "read_margin") else 0
+    block_area = max(1, row[0].height * row[0].width)
+    if (
+        fast is None
+        or not fast.prefetch
+        or (row[0].height + 2 * margin) * (row[0].width + 2 * margin) > (PREFETCH_MAX_AREA * block_area)
+    ):
+        for block in row:
+            yield block, source
+        return
+    from .fast import PrefetchedSource, prefetch
+
+    reader = PrefetchedSource(source, margin)
+    try:
+        for block, loaded in prefetch(row, reader.load):
+            reader.use(loaded)
+            yield block, reader
+            reader.use(None)
+    finally:
+        reader.use(None)
 
 
 def _predict_rows(predictor, source, rows, writer, probs_store, on_band, progress, on_block) -> tuple[int, int]:

@@ -194,6 +194,7 @@ def build_predictor(
     device: str = "cpu",
     max_memory: int | None = None,
     precision: str = "32",
+    fast=None,
     **options: Any,
 ) -> Predictor:
     """The whole-image predictor of ``model``'s method.
@@ -204,6 +205,8 @@ def build_predictor(
         device: where the network runs.
         max_memory: a memory budget in bytes that sets sub-batch and block sizes (None: none).
         precision: "32", "bf16-mixed" or "16-mixed".
+        fast: a ``gigaseg.inference.fast.FastOptions``: the predictor runs the fast path
+            (``Predictor.accelerate``); None: the plain network.
         **options: method-specific predictor settings (MagNet's ``refine``, say).
 
     Returns:
@@ -213,6 +216,9 @@ def build_predictor(
     Raises:
         BudgetError: ``max_memory`` is too small for even one patch.
     """
-    return method_spec(model).predictor(
+    predictor = method_spec(model).predictor(
         model, normalization, device=device, max_memory=max_memory, precision=precision, **options
     )
+    if fast is not None:
+        predictor.accelerate(fast)
+    return predictor

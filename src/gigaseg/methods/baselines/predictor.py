@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ...budget import MemoryEstimate, inference_estimate, runtime_bytes
-from ...geometry import PatchGrid, upsample_window
+from ...geometry import PatchGrid, Window, upsample_window
 from ...inference.contract import SegmentationPredictor
 from ...inference.planner import plan_inference
-from ...inference.stitch import stitch_block
+from ...inference.stitch import patches_touching, stitch_block
 from ...io.normalize import Normalization
 from .model import GlobalSegmenter, PatchSegmenter
 
@@ -22,6 +22,23 @@ __all__ = ["GlobalPredictor", "PatchPredictor", "block_bytes", "global_predictor
 
 class GlobalPredictor(SegmentationPredictor):
     """Segment the thumbnail once; every block is an exact crop of its bilinear upsampling."""
+
+    def fast_networks(self):
+        """The network's forward on an ``input_size`` thumbnail.
+
+        Returns:
+            Dotted path -> example input (``Predictor.fast_networks``).
+        """
+        size = self.model.options["input_size"]
+        return {"": torch.zeros(1, self.model.in_channels, size, size, device=self.device)}
+
+    def onnx_networks(self):
+        """The network itself (image in, logits out).
+
+        Returns:
+            The paths ONNX Runtime runs (``Predictor.onnx_networks``).
+        """
+        return ("",)
 
     def prepare(self, source):
         """The thumbnail's class probabilities ``(1, K, input_size, input_size)``, computed once."""
@@ -51,6 +68,30 @@ class PatchPredictor(SegmentationPredictor):
         """Pixels between window starts: ``patch_size - overlap``, at least 1."""
         return max(1, self.patch_size - self.model.options["overlap"])
 
+    def read_margin(self):
+        """Pixels around a block that its windows read: up to a window's side.
+
+        Returns:
+            Pixels.
+        """
+        return self.patch_size
+
+    def fast_networks(self):
+        """The network's forward on ``patch_size`` windows.
+
+        Returns:
+            Dotted path -> example input (``Predictor.fast_networks``).
+        """
+        return {"": torch.zeros(1, self.model.in_channels, self.patch_size, self.patch_size, device=self.device)}
+
+    def onnx_networks(self):
+        """The network itself (windows in, logits out).
+
+        Returns:
+            The paths ONNX Runtime runs (``Predictor.onnx_networks``).
+        """
+        return ("",)
+
     def prepare(self, source):
         """The sliding-window grid over the image, and an empty cache of logits shared between blocks."""
         grid = PatchGrid.sliding(source.height, source.width, self.patch_size, self.stride)
@@ -67,6 +108,10 @@ class PatchPredictor(SegmentationPredictor):
             with torch.inference_mode(), self.autocast():
                 return self.model(batch)
 
+        lookahead = None
+        if self.fast is not None and self.fast.full_batches and window.right < source.width:
+            following = Window(window.top, window.right, window.height, min(window.width, source.width - window.right))
+            lookahead = patches_touching(context["grid"], following)
         with torch.inference_mode():
             return stitch_block(
                 source,
@@ -78,6 +123,7 @@ class PatchPredictor(SegmentationPredictor):
                 self.sub_batch,
                 blend=self.model.options["blend"],
                 cache=context["cache"],
+                lookahead=lookahead,
             )
 
 

@@ -132,6 +132,26 @@ class GLNetPredictor(SegmentationPredictor):
         self.stage = model.stage
         self.halo = model.options["size_p"] if self.stage > 1 else 0
 
+    def fast_networks(self):
+        """The encoders of the global and local branches (and stage 3's frozen global copy).
+
+        Returns:
+            Dotted path -> example input (``Predictor.fast_networks``).
+        """
+        x = torch.zeros(1, self.model.in_channels, 64, 64, device=self.device)
+        names = ["global_branch.encoder", "local_branch.encoder"]
+        if self.stage == 3:
+            names.append("global_fixed.encoder")
+        return {name: x for name in names}
+
+    def onnx_networks(self):
+        """The encoders (an image in, its feature maps out).
+
+        Returns:
+            The paths ONNX Runtime runs (``Predictor.onnx_networks``).
+        """
+        return tuple(self.fast_networks())
+
     def _view(self, source) -> torch.Tensor:
         size = self.model.options["size_g"]
         return self.to_tensor(source.read(out_size=(size, size), resample="area"))

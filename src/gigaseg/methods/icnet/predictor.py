@@ -71,6 +71,36 @@ class TilePredictor(SegmentationPredictor):
             model, example, fold_bn=fold_bn, channels_last=self.channels_last, compile=compile
         )
 
+    def fast_networks(self):
+        """The network on a tile (it is folded and channels_last already unless told otherwise).
+
+        Returns:
+            Dotted path -> example input (``Predictor.fast_networks``).
+        """
+        return {"": torch.zeros(1, self.model.in_channels, 64, 64, device=self.device)}
+
+    def onnx_networks(self):
+        """The network itself (tiles in, logits out).
+
+        Returns:
+            The paths ONNX Runtime runs (``Predictor.onnx_networks``).
+        """
+        return ("",)
+
+    def accelerate(self, options):
+        """The fast path (``Predictor.accelerate``): ``net`` becomes the fast copy of the network.
+
+        Args:
+            options: a ``gigaseg.inference.fast.FastOptions``.
+
+        Returns:
+            This predictor.
+        """
+        super().accelerate(options)
+        self.net, self.model = self.model, self.plain_model
+        self.channels_last = False  # the fast copy converts its inputs itself
+        return self
+
     def grid(self, height: int, width: int) -> PatchGrid:
         """The whole-image tile grid.
 

@@ -210,6 +210,28 @@ class MagNetPredictor(SegmentationPredictor):
         self.frames: list[dict] = []
         self.keep_trace = False
 
+    def fast_networks(self):
+        """The backbone on input-size patches and the refinement module on two predictions of them.
+
+        Returns:
+            Dotted path -> example input (``Predictor.fast_networks``).
+        """
+        ih, iw = self.model.input_size
+        k = self.model.num_classes
+        probs = torch.full((1, k, ih, iw), 1.0 / k, device=self.device)
+        return {
+            "backbone": torch.zeros(1, self.model.in_channels, ih, iw, device=self.device),
+            "refinement": (probs, probs.clone()),
+        }
+
+    def onnx_networks(self):
+        """Both (plain tensors in and out).
+
+        Returns:
+            The paths ONNX Runtime runs (``Predictor.onnx_networks``).
+        """
+        return ("backbone", "refinement")
+
     def prepare(self, source):
         """Whole-image mode: MagNet on the whole image, kept as float16 on the CPU; else the frame size."""
         height, width = source.height, source.width

@@ -94,7 +94,19 @@ def segmentation_block_bytes(model, block: int) -> int:
     return margin * (model.in_channels * 5 + c * 4) + block * block * 4 * (3 * c + 4 * model.num_classes)
 
 
-class PatchGDImageClassifier(ClassificationPredictor):
+class _Theta1Fast:
+    """The fast path of the PatchGD predictors: theta1 on ``patch_size`` patches (the global patch,
+    whose BatchNorm statistics may be its own, runs on the plain model)."""
+
+    def fast_networks(self):
+        p = self.model.patch_size
+        return {"theta1": torch.zeros(1, self.model.in_channels, p, p, device=self.device)}
+
+    def onnx_networks(self):
+        return ("theta1",)
+
+
+class PatchGDImageClassifier(_Theta1Fast, ClassificationPredictor):
     """Fill Z without gradients, one row band of patches at a time, add the global patch, classify.
 
     Constructed as :class:`~gigaseg.inference.contract.Predictor`; ``sub_batch`` is the
@@ -125,7 +137,7 @@ class PatchGDImageClassifier(ClassificationPredictor):
             g = None
             if model.options["global_patch"]:
                 thumb = source.read(out_size=(p, p), resample="area")
-                g = model.encode_global(self.to_tensor(thumb)).float()
+                g = self.plain_model.encode_global(self.to_tensor(thumb)).float()
         return z, g
 
     def predict(self, source) -> np.ndarray:
@@ -149,6 +161,23 @@ class DownsampledImageClassifier(ClassificationPredictor):
     Constructed as :class:`~gigaseg.inference.contract.Predictor`.
     """
 
+    def fast_networks(self):
+        """theta1 on the ``input_size`` view.
+
+        Returns:
+            Dotted path -> example input (``Predictor.fast_networks``).
+        """
+        size = self.model.options["input_size"]
+        return {"theta1": torch.zeros(1, self.model.in_channels, size, size, device=self.device)}
+
+    def onnx_networks(self):
+        """theta1 (a view in, its latent vector out).
+
+        Returns:
+            The paths ONNX Runtime runs (``Predictor.onnx_networks``).
+        """
+        return ("theta1",)
+
     def predict(self, source) -> np.ndarray:
         """Class probabilities of a whole image.
 
@@ -165,7 +194,7 @@ class DownsampledImageClassifier(ClassificationPredictor):
         return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
 
 
-class PatchGDSegmentationPredictor(SegmentationPredictor):
+class PatchGDSegmentationPredictor(_Theta1Fast, SegmentationPredictor):
     """Blocks of the image from the whole-image patch grid's patches that touch them plus the global patch.
 
     The halo is one patch. With a budget, ``prepare`` plans the patches per theta1 pass for
@@ -213,7 +242,7 @@ class PatchGDSegmentationPredictor(SegmentationPredictor):
             return None
         thumb = source.read(out_size=(p, p), resample="area")
         with torch.inference_mode(), self.autocast():
-            return model.global_features(self.to_tensor(thumb)).float()
+            return self.plain_model.global_features(self.to_tensor(thumb)).float()
 
     def predict_block(self, source, context, window: Window) -> np.ndarray:
         """Class probabilities of a block, from the grid's patches touching it and the global features."""
