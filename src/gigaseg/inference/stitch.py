@@ -100,6 +100,7 @@ def stitch_block(
     cache: dict | None = None,
     out: torch.Tensor | None = None,
     lookahead: list[Window] | None = None,
+    below: dict | None = None,
 ) -> np.ndarray:
     """Class probabilities of ``block`` from the grid's patches that touch it.
 
@@ -126,6 +127,9 @@ def stitch_block(
         lookahead: windows of the grid that the next block of the row will need (with ``cache``):
             when the block's last sub-batch is short, it is filled with those not computed yet, and
             their values wait in ``cache`` for that block (sub-batches stay full across block borders).
+        below: a dict that receives the values of the patches computed here that reach below the block,
+            for the caller to start the next row of blocks' ``cache`` with (they are then not computed
+            again there).
 
     Returns:
         float32 ``(K, block.height, block.width)``.
@@ -185,14 +189,16 @@ def stitch_block(
             values = values.cpu()
             for window, value in zip(chunk, values):
                 add(window, value)
-                if window.right > block.right:
-                    keep[window] = value.clone()  # not a view that holds the whole sub-batch
+                if window.right > block.right or (below is not None and window.bottom > block.bottom):
+                    kept = keep[window] = value.clone()  # not a view that holds the whole sub-batch
+                    if below is not None and window.bottom > block.bottom:
+                        below[window] = kept
             del values
     if cache is not None:
         kept_before = {w: p for w, p in cache.items() if w.right > block.right}
         cache.clear()
         cache.update(kept_before)
-        cache.update(keep)
+        cache.update({w: v for w, v in keep.items() if w.right > block.right})
     if weight_sum is not None:
         accum /= weight_sum.clamp_min(1e-12)
     else:  # uniform weights on a product grid: the overlap count is rows covered x columns covered

@@ -95,11 +95,21 @@ class PatchPredictor(SegmentationPredictor):
     def prepare(self, source):
         """The sliding-window grid over the image, and an empty cache of logits shared between blocks."""
         grid = PatchGrid.sliding(source.height, source.width, self.patch_size, self.stride)
-        return {"grid": grid, "cache": {}}
+        return {"grid": grid, "cache": {}, "below": {}}
 
     def band_context(self, context):
-        """The image's grid with an empty cache: a band never reuses the patches of the band above."""
-        return {"grid": context["grid"], "cache": {}}
+        """The image's grid with an empty cache: a band never reuses the patches of the band above.
+
+        On the fast path (``fast.full_batches``) the cache starts with the patches the band predicted
+        before this one in this process left reaching into it (the values of those windows, whichever
+        band computed them), so they are not computed twice; they are then handed over once.
+        """
+        below = context.get("below")
+        if self.fast is None or not self.fast.full_batches or below is None:
+            return {"grid": context["grid"], "cache": {}}
+        cache = dict(below)
+        below.clear()
+        return {"grid": context["grid"], "cache": cache, "below": below}
 
     def predict_block(self, source, context, window):
         """The blended probabilities of the windows touching the block (``gigaseg.inference.stitch``)."""
@@ -124,6 +134,7 @@ class PatchPredictor(SegmentationPredictor):
                 blend=self.model.options["blend"],
                 cache=context["cache"],
                 lookahead=lookahead,
+                below=context.get("below"),
             )
 
 
