@@ -16,6 +16,8 @@ Conventions:
   image); it moves a window between the full image, a downsampled global view and feature
   maps of any stride.
 - Rounding is half up (``floor(x + 0.5)``) everywhere, never banker's rounding.
+- :class:`Detections` are the objects found in an image: ``(x0, y0, x1, y1)`` boxes in its
+  full-resolution pixel coordinates (pixel edges: a box over pixels 0..9 has x0=0, x1=10).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ Box = tuple[float, float, float, float]
 
 __all__ = [
     "Box",
+    "Detections",
     "Window",
     "resize",
     "PatchGrid",
@@ -742,3 +745,33 @@ def blend_weights(
     weights = np.outer(axis(height), axis(width))
     weights /= weights.max()
     return np.maximum(weights, min_weight).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """The objects found in one image, in its full-resolution pixel coordinates.
+
+    Attributes:
+        boxes: float32 ``(N, 4)``, ``(x0, y0, x1, y1)`` with ``x0 <= x1`` and ``y0 <= y1``.
+        scores: float32 ``(N,)``, the confidence of each box.
+        labels: int64 ``(N,)``, the class of each box.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if not len(boxes) == len(scores) == len(labels):
+            raise ValueError(f"{len(boxes)} boxes, {len(scores)} scores and {len(labels)} labels: one each per object")
+        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+            raise ValueError("a box must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
+        object.__setattr__(self, "boxes", boxes)
+        object.__setattr__(self, "scores", scores)
+        object.__setattr__(self, "labels", labels)
+
+    def __len__(self) -> int:
+        return len(self.scores)

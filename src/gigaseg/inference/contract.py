@@ -13,13 +13,12 @@ of its network's task. Nothing here keeps per-image state between images.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..geometry import Window
+from ..geometry import Detections, Window
 from ..io.base import ImageSource
 from ..io.normalize import Normalization
 
@@ -212,36 +211,6 @@ class ClassificationPredictor(Predictor, ABC):
         Returns:
             float32 ``(num_classes,)`` summing to 1.
         """
-
-
-@dataclass(frozen=True)
-class Detections:
-    """The objects found in one image, in its full-resolution pixel coordinates.
-
-    Attributes:
-        boxes: float32 ``(N, 4)``, ``(x0, y0, x1, y1)`` with ``x0 <= x1`` and ``y0 <= y1``.
-        scores: float32 ``(N,)``, the confidence of each box.
-        labels: int64 ``(N,)``, the class of each box.
-    """
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-
-    def __post_init__(self) -> None:
-        boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
-        scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
-        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        if not len(boxes) == len(scores) == len(labels):
-            raise ValueError(f"{len(boxes)} boxes, {len(scores)} scores and {len(labels)} labels: one each per object")
-        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
-            raise ValueError("a box must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
-        object.__setattr__(self, "boxes", boxes)
-        object.__setattr__(self, "scores", scores)
-        object.__setattr__(self, "labels", labels)
-
-    def __len__(self) -> int:
-        return len(self.scores)
 
 
 class DetectionPredictor(Predictor, ABC):

@@ -13,7 +13,8 @@ which ``gigaseg predict --set`` may change.
 architecture with fresh weights.
 
 The task subclasses say what a network's ``predict`` returns: ``SegmentationModel``
-class logits per pixel, ``ClassificationModel`` class logits per image. The method's name
+class logits per pixel, ``ClassificationModel`` class logits per image;
+``DetectionModel`` returns losses when given targets and finds objects with ``detect``. The method's name
 (``method_name``) is set when ``gigaseg.methods.registry.register`` registers the class.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -28,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..geometry import Detections
 
-__all__ = ["ClassificationModel", "GigasegModel", "SegmentationModel"]
+__all__ = ["ClassificationModel", "DetectionModel", "GigasegModel", "SegmentationModel"]
 
 
 class GigasegModel(nn.Module):
@@ -286,6 +289,124 @@ class ClassificationModel(GigasegModel):
                 return self(x)
         finally:
             self.train(was_training)
+
+
+class DetectionModel(GigasegModel):
+    """A network that finds objects: losses with targets, :class:`Detections` from ``detect``.
+
+    A subclass builds ``self.heads`` (a :class:`gigaseg.nn.fcos.FCOSHeads`, or anything with
+    its ``losses(features, targets)`` and ``detections(features, image_sizes, ...)``) and
+    implements :meth:`features`; ``forward`` and ``detect`` then come from here. A network that
+    computes its pyramid otherwise (the patch-global detector) overrides ``forward`` and
+    :meth:`detect_tensors` instead.
+
+    Boxes everywhere are ``(x0, y0, x1, y1)`` in the input images' pixel coordinates, labels
+    0-based class indices.
+    """
+
+    task: ClassVar[str] = "detection"
+    #: the detection heads (set by the subclass)
+    heads: nn.Module
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The per-level feature maps the heads run on, finest first (a subclass implements it).
+
+        Args:
+            images: normalised images ``(B, C, H, W)``.
+
+        Returns:
+            One map ``(B, d, H_l, W_l)`` per level of ``heads``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement features() or override forward()")
+
+    def forward(
+        self, images: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]] | None = None
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Losses for training, or detections.
+
+        Args:
+            images: normalised images ``(B, C, H, W)``.
+            targets: B dicts ``{"boxes": float (N, 4), "labels": int64 (N,)}`` in the images'
+                pixel coordinates (N may be 0); None: detect.
+
+        Returns:
+            With targets, named scalar losses whose sum is trained (FCOS: "classification",
+            "bbox_regression", "bbox_ctrness"); without, :meth:`detect_tensors`'s dicts at the
+            default thresholds.
+        """
+        if targets is None:
+            return self.detect_tensors(images)
+        return self.heads.losses(self.features(images), targets)
+
+    def detect_tensors(
+        self,
+        images: torch.Tensor,
+        *,
+        score_threshold: float = 0.05,
+        nms_threshold: float = 0.6,
+        max_detections: int = 100,
+    ) -> list[dict[str, torch.Tensor]]:
+        """The objects of each image as tensors (in the current mode, with autograd as set by the caller).
+
+        Args:
+            images: normalised images ``(B, C, H, W)``.
+            score_threshold: candidates scoring at most this are dropped.
+            nms_threshold: the IoU above which class-wise NMS drops the lower-scoring box.
+            max_detections: the most objects kept per image.
+
+        Returns:
+            B dicts with ``boxes`` float ``(N, 4)`` (clipped to the image), ``scores`` ``(N,)``
+            and ``labels`` int64 ``(N,)``, best first.
+        """
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        return self.heads.detections(
+            self.features(images),
+            [size] * images.shape[0],
+            score_threshold=score_threshold,
+            nms_threshold=nms_threshold,
+            max_detections=max_detections,
+        )
+
+    def detect(
+        self,
+        images: torch.Tensor,
+        *,
+        score_threshold: float = 0.05,
+        nms_threshold: float = 0.6,
+        max_detections: int = 100,
+    ) -> list[Detections]:
+        """The objects of each image, in eval mode under inference_mode.
+
+        Args:
+            images: normalised images ``(B, C, H, W)``.
+            score_threshold: candidates scoring at most this are dropped.
+            nms_threshold: the IoU above which class-wise NMS drops the lower-scoring box.
+            max_detections: the most objects kept per image.
+
+        Returns:
+            One :class:`Detections` per image, boxes in that image's pixel coordinates (clipped
+            to it), best first; the module's train/eval mode is restored afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                found = self.detect_tensors(
+                    images,
+                    score_threshold=score_threshold,
+                    nms_threshold=nms_threshold,
+                    max_detections=max_detections,
+                )
+        finally:
+            self.train(was_training)
+        return [
+            Detections(
+                boxes=d["boxes"].float().cpu().numpy(),
+                scores=d["scores"].float().cpu().numpy(),
+                labels=d["labels"].cpu().numpy(),
+            )
+            for d in found
+        ]
 
 
 def _check_type(label: str, name: str, value: Any, default: Any) -> Any:
