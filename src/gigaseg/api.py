@@ -145,7 +145,7 @@ def predict(
         BudgetError: ``max_memory`` is too small for the method.
         GigasegError: the bands at ``out`` were made by another model or settings (resume).
     """
-    from .inference.fast import check_precision, fast_options
+    from .inference.fast import bf16_supported, check_precision, fast_options
     from .inference.stream import parse_formats, predict_image
     from .io.lock import output_lock
 
@@ -153,6 +153,10 @@ def predict(
     if vector is not None and "tiff" not in formats:
         raise ConfigError("polygons (vector=...) are made from the TIFF mask: add it (format='tiff,ome-zarr')")
     precision = check_precision(precision)
+    if precision in ("bf16-mixed", "bf16") and not bf16_supported(device):
+        notice(
+            f"{device} has no native bfloat16 (AVX512-BF16, AMX or a bf16 GPU): bf16-mixed precision is emulated there"
+        )
     fast = fast_options(fast, backend=backend, compile=compile)
     if client is not None or _is_collection(image):
         return _predict_many(

@@ -4,7 +4,9 @@
 detection); ``stream.predict_image`` drives a segmentation predictor block by block and hands
 finished row bands to the mask writer; ``stitch`` merges overlapping patches; ``planner``
 turns a memory budget into sub-batch and block sizes; ``heap`` bounds the allocator;
-``fingerprint`` identifies what produced a mask, so a resumed prediction never mixes two.
+``fingerprint`` identifies what produced a mask, so a resumed prediction never mixes two;
+``fast`` is the fast path a predictor can take (folded, channels_last, compiled or ONNX Runtime
+networks, the next block decoded in a background thread).
 """
 
 from .contract import ClassificationPredictor, DetectionPredictor, Detections, Predictor, SegmentationPredictor
