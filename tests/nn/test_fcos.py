@@ -182,3 +182,14 @@ def test_overfitting_one_box_lowers_the_loss_and_finds_the_box():
     assert found.labels[0] == 1
     assert box_iou(torch.from_numpy(found.boxes[:1]), target[0]["boxes"]).item() > 0.7
     assert model.task == "detection"
+
+
+def test_forward_without_targets_gives_the_raw_outputs():
+    model = TinyDetector(num_classes=2)
+    out = model(torch.zeros(2, 3, 64, 48))
+    points = 8 * 6 + 4 * 3 + 2 * 2
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "cls_logits": (2, points, 2),
+        "bbox_regression": (2, points, 4),
+        "bbox_ctrness": (2, points, 1),
+    }

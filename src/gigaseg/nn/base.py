@@ -321,22 +321,26 @@ class DetectionModel(GigasegModel):
 
     def forward(
         self, images: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]] | None = None
-    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
-        """Losses for training, or detections.
+    ) -> dict[str, torch.Tensor]:
+        """Losses for training, or the heads' raw outputs.
 
         Args:
             images: normalised images ``(B, C, H, W)``.
             targets: B dicts ``{"boxes": float (N, 4), "labels": int64 (N,)}`` in the images'
-                pixel coordinates (N may be 0); None: detect.
+                pixel coordinates (N may be 0); None: the raw outputs.
 
         Returns:
             With targets, named scalar losses whose sum is trained (FCOS: "classification",
-            "bbox_regression", "bbox_ctrness"); without, :meth:`detect_tensors`'s dicts at the
-            default thresholds.
+            "bbox_regression", "bbox_ctrness"); without, the heads' outputs (FCOS:
+            ``cls_logits`` ``(B, P, num_classes)``, ``bbox_regression`` ``(B, P, 4)``,
+            ``bbox_ctrness`` ``(B, P, 1)`` over all points) with no post-processing, so the
+            pass has fixed shapes (memory estimates on the meta device, exports). Use
+            :meth:`detect` for objects.
         """
+        features = self.features(images)
         if targets is None:
-            return self.detect_tensors(images)
-        return self.heads.losses(self.features(images), targets)
+            return self.heads(features)
+        return self.heads.losses(features, targets)
 
     def detect_tensors(
         self,
