@@ -346,15 +346,16 @@ class DetectionModel(GigasegModel):
         self,
         images: torch.Tensor,
         *,
-        score_threshold: float = 0.05,
-        nms_threshold: float = 0.6,
-        max_detections: int = 100,
+        score_threshold: float | None = None,
+        nms_threshold: float | None = None,
+        max_detections: int | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """The objects of each image as tensors (in the current mode, with autograd as set by the caller).
 
         Args:
             images: normalised images ``(B, C, H, W)``.
-            score_threshold: candidates scoring at most this are dropped.
+            score_threshold: candidates scoring at most this are dropped (None: see
+                :meth:`detection_settings`).
             nms_threshold: the IoU above which class-wise NMS drops the lower-scoring box.
             max_detections: the most objects kept per image.
 
@@ -366,24 +367,46 @@ class DetectionModel(GigasegModel):
         return self.heads.detections(
             self.features(images),
             [size] * images.shape[0],
-            score_threshold=score_threshold,
-            nms_threshold=nms_threshold,
-            max_detections=max_detections,
+            **self.detection_settings(score_threshold, nms_threshold, max_detections),
         )
+
+    def detection_settings(
+        self,
+        score_threshold: float | None = None,
+        nms_threshold: float | None = None,
+        max_detections: int | None = None,
+    ) -> dict[str, Any]:
+        """The post-processing settings: each value given, else the model's option of that name, else the default.
+
+        Args:
+            score_threshold: None: the ``score_threshold`` option, else 0.05.
+            nms_threshold: None: the ``nms_threshold`` option, else 0.6.
+            max_detections: None: the ``max_detections`` option, else 100.
+
+        Returns:
+            ``{"score_threshold", "nms_threshold", "max_detections"}``.
+        """
+        given = {"score_threshold": score_threshold, "nms_threshold": nms_threshold, "max_detections": max_detections}
+        defaults = {"score_threshold": 0.05, "nms_threshold": 0.6, "max_detections": 100}
+        return {
+            name: value if value is not None else self.options.get(name, defaults[name])
+            for name, value in given.items()
+        }
 
     def detect(
         self,
         images: torch.Tensor,
         *,
-        score_threshold: float = 0.05,
-        nms_threshold: float = 0.6,
-        max_detections: int = 100,
+        score_threshold: float | None = None,
+        nms_threshold: float | None = None,
+        max_detections: int | None = None,
     ) -> list[Detections]:
         """The objects of each image, in eval mode under inference_mode.
 
         Args:
             images: normalised images ``(B, C, H, W)``.
-            score_threshold: candidates scoring at most this are dropped.
+            score_threshold: candidates scoring at most this are dropped (None: see
+                :meth:`detection_settings`).
             nms_threshold: the IoU above which class-wise NMS drops the lower-scoring box.
             max_detections: the most objects kept per image.
 
