@@ -26,8 +26,9 @@ def data_info(dataset, normalization, class_frequencies=None) -> dict:
     """The dataset facts a model needs at prediction time (names, colours, normalisation), and what it was trained on.
 
     Args:
-        dataset: the training dataset (``classes``, ``palette``, ``ignore_index`` and an
-            optional ``exclude_from_miou``).
+        dataset: the training dataset (``classes``, ``palette``, and the optional
+            ``ignore_index`` (255 when absent), ``exclude_from_miou`` and ``category_ids``
+            (a detection dataset's COCO category id of each class)).
         normalization: the ``Normalization`` the model was trained with.
         class_frequencies: each class's share of the training set's labelled pixels
             (``gigaseg.data.statistics.class_frequencies``), or None when not measured.
@@ -35,7 +36,8 @@ def data_info(dataset, normalization, class_frequencies=None) -> dict:
     Returns:
         classes, palette (nested uint8 lists), ignore_index, exclude_from_miou and
         normalization (its ``to_dict()``), all plain JSON-able values; plus
-        ``class_frequencies`` (a list of floats, one per class) when given. Checkpoints
+        ``category_ids`` when the dataset has them and ``class_frequencies`` (a list of floats,
+        one per class) when given. Checkpoints
         without that key (older ones, or runs that did not measure it) read as unknown:
         ``data.get("class_frequencies")`` is None.
 
@@ -45,10 +47,12 @@ def data_info(dataset, normalization, class_frequencies=None) -> dict:
     info = {
         "classes": list(dataset.classes),
         "palette": np.asarray(dataset.palette, dtype=np.uint8).tolist(),
-        "ignore_index": int(dataset.ignore_index),
+        "ignore_index": int(getattr(dataset, "ignore_index", 255)),  # detection datasets have none
         "exclude_from_miou": [int(c) for c in getattr(dataset, "exclude_from_miou", ())],
         "normalization": normalization.to_dict(),
     }
+    if getattr(dataset, "category_ids", None) is not None:
+        info["category_ids"] = [int(c) for c in dataset.category_ids]
     if class_frequencies is not None:
         frequencies = np.asarray(class_frequencies, dtype=np.float64).reshape(-1)
         if frequencies.size != len(info["classes"]) or not np.isfinite(frequencies).all() or (frequencies < 0).any():

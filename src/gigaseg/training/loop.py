@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..budget import plan_sub_batch, runtime_bytes, training_estimate
 from ..errors import ConfigError, TrainingDiverged
-from ..inference.contract import ClassificationPredictor, Predictor
+from ..inference.contract import ClassificationPredictor, DetectionPredictor, Predictor
 from ..inference.stream import predict_image
 from ..io.atomic import atomic_output
 from ..io.normalize import Normalization
@@ -275,8 +275,8 @@ class Trainer:
                 **{f"val_{k}": v for k, v in val.items()},
             }
             self.history.append(row)
-            # the score that picks best.ckpt: mIoU, or accuracy for image classifiers
-            miou = val.get("miou", val.get("accuracy", float("nan")))
+            # the score that picks best.ckpt: mIoU, accuracy for image classifiers, AP for detectors
+            miou = val.get("miou", val.get("accuracy", val.get("AP", float("nan"))))
             improved = not math.isnan(miou) and miou > best
             best = max(best, miou) if not math.isnan(miou) else best
             train_state = {
@@ -426,7 +426,13 @@ class Trainer:
         else:
             generator = torch.Generator().manual_seed(self.settings.seed * 100003 + 1000 * stage_index + epoch)
             sampler = RandomSampler(data, generator=generator)
-        loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=self.settings.num_workers)
+        loader = DataLoader(
+            data,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.settings.num_workers,
+            collate_fn=getattr(data, "collate", None),  # detection views batch variable box counts
+        )
         return fabric.setup_dataloaders(loader, use_distributed_sampler=False)
 
     # ---------------------------------------------------------------- validation
@@ -435,7 +441,8 @@ class Trainer:
 
         Returns:
             ``{"miou", "pixel_accuracy"}`` for segmentation, ``{"accuracy", "balanced_accuracy"}``
-            for image classifiers, or ``{}`` without validation data.
+            for image classifiers, COCO's ``{"AP", "AP50", "AP75", "AP_small", "AP_medium",
+            "AP_large", "AR100"}`` for detectors, or ``{}`` without validation data.
         """
         if self.val_data is None or len(self.val_data) == 0:
             return {}
@@ -443,6 +450,8 @@ class Trainer:
         predictor = self.make_predictor(self.normalization, device=fabric.device, max_memory=self.settings.max_memory)
         if isinstance(predictor, ClassificationPredictor):
             return self._validate_classification(predictor)
+        if isinstance(predictor, DetectionPredictor):
+            return self._validate_detection(predictor)
         matrix = ConfusionMatrix(self.model.num_classes, ignore_index=self.data["ignore_index"])
         count = (
             len(self.val_data)
@@ -473,6 +482,43 @@ class Trainer:
                     matrix.update(np.array([int(classifier.predict(sample.image).argmax())]), np.array([sample.label]))
         matrix.all_reduce(fabric)
         return {"accuracy": float(matrix.pixel_accuracy()), "balanced_accuracy": float(matrix.balanced_accuracy())}
+
+    def _validate_detection(self, detector: DetectionPredictor) -> dict:
+        """Detectors: every validation image's detections scored by COCO's evaluator (pycocotools).
+
+        Rank 0 detects and scores all images (COCO's matching needs them in one evaluator) and
+        shares the scores with the other ranks.
+        """
+        from ..detection_metrics import DetectionEvaluator
+
+        fabric = self.fabric
+        scores: dict = {}
+        if fabric.global_rank == 0:
+            evaluator = DetectionEvaluator(list(self.val_data.classes))
+            count = (
+                len(self.val_data)
+                if self.settings.max_val_images is None
+                else min(len(self.val_data), self.settings.max_val_images)
+            )
+            self.model.eval()
+            for index in range(count):
+                sample = self.val_data[index]
+                with sample.open() as source:
+                    found = detector.predict(source)
+                evaluator.add(
+                    sample.name,
+                    int(sample.width),
+                    int(sample.height),
+                    sample.boxes,
+                    sample.labels,
+                    found,
+                    gt_iscrowd=getattr(sample, "iscrowd", None),
+                )
+            computed = evaluator.compute()
+            scores = {key: float(value) for key, value in computed.items() if isinstance(value, (int, float))}
+        if fabric.world_size > 1:
+            scores = fabric.broadcast(scores, src=0)
+        return scores
 
     # ---------------------------------------------------------------- files
     def _load_resume_state(self) -> dict:

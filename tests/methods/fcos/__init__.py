@@ -1,0 +1,1 @@
+"""Tests of the fcos method: network, training views, recipe and training end to end."""
