@@ -8,7 +8,7 @@ from gigaseg.errors import ConfigError
 from gigaseg.geometry import Detections
 from gigaseg.methods.fcos.model import FCOSDetector
 
-TINY = {"fpn_channels": 32, "head_convs": 1, "input_size": 64, "crop_size": 64, "overlap": 16}
+TINY = {"fpn_channels": 32, "head_convs": 1, "input_size": 64, "crop_size": 64}
 
 
 def tiny(**options):
@@ -61,15 +61,16 @@ def test_losses_and_detect():
 def test_options():
     model = tiny()
     assert model.tile_size == 64 and tiny(tile_size=48).tile_size == 48
-    with pytest.raises(ConfigError, match="overlap must be below the tile size 64"):
-        tiny(overlap=64)
+    assert model.overlap == 13 and tiny(tile_size=100, overlap_ratio=0.25).overlap == 25
+    with pytest.raises(ConfigError, match=r"overlap_ratio must be in \[0, 1\)"):
+        tiny(overlap_ratio=1.0)
     with pytest.raises(ConfigError, match="mode=.*is not one of"):
         tiny(mode="tiles")
     with pytest.raises(ConfigError, match="min_level=4"):
         tiny(min_level=4)
     with pytest.raises(ConfigError, match="score_threshold must be in"):
         tiny(score_threshold=1.5)
-    other = model.with_inference_options(mode="sliced", overlap=8, merge="nmm", full_image_size=64)
+    other = model.with_inference_options(mode="sliced", overlap_ratio=0.5, merge="nmm", full_image_size=64)
     assert other.options["mode"] == "sliced" and all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values())
     )

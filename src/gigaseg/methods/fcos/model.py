@@ -18,10 +18,11 @@ How it is trained and run (``mode``):
   baseline); prediction resizes it the same way
   (``gigaseg.inference.sliced.WholeImageDetectionPredictor``).
 - ``"sliced"``: random ``crop_size`` crops at full resolution (``crops_per_image`` per image
-  and epoch); prediction runs overlapping tiles (``tile_size``, 0: ``crop_size``; ``overlap``
-  pixels) and merges the tiles' detections (``merge`` "nms" or "nmm", by ``merge_metric``
-  "iou" or "ios" above ``merge_threshold``, ``class_agnostic`` or per class), optionally with
-  a downsampled whole-image pass (``full_image_size`` > 0, SAHI's standard prediction)
+  and epoch); prediction runs overlapping tiles (``tile_size``, 0: ``crop_size``; neighbours
+  share ``overlap_ratio`` of it, SAHI's 0.2 by default) and merges the tiles' detections
+  (``merge`` "nms" or "nmm", by ``merge_metric`` "iou" or "ios" above ``merge_threshold``,
+  ``class_agnostic`` or per class), optionally with a downsampled whole-image pass
+  (``full_image_size`` > 0, SAHI's standard prediction)
   (``gigaseg.inference.sliced.SlicedDetectionPredictor``).
 
 ``score_threshold``, ``nms_threshold`` and ``max_detections`` set the network's
@@ -74,7 +75,7 @@ class FCOSDetector(DetectionModel):
         "center_sampling_radius": 1.5,
         "min_visible": 0.5,
         "tile_size": 0,
-        "overlap": 128,
+        "overlap_ratio": 0.2,
         "full_image_size": 0,
         "merge": "nms",
         "merge_metric": "iou",
@@ -94,7 +95,7 @@ class FCOSDetector(DetectionModel):
     inference_options = (
         "mode",
         "tile_size",
-        "overlap",
+        "overlap_ratio",
         "full_image_size",
         "merge",
         "merge_metric",
@@ -145,10 +146,10 @@ class FCOSDetector(DetectionModel):
         )
 
     def check_options(self) -> None:
-        """Positive sizes and counts, thresholds in range, an overlap below the tile."""
+        """Positive sizes and counts, thresholds and the overlap ratio in range."""
         o = self.options
         self._require_positive("input_size", "crop_size", "crops_per_image", "fpn_channels", "max_detections")
-        for name in ("head_convs", "tile_size", "overlap", "full_image_size"):
+        for name in ("head_convs", "tile_size", "full_image_size"):
             if o[name] < 0:
                 raise ConfigError(f"fcos: option {name} must be >= 0, got {o[name]}")
         for name in ("min_visible", "merge_threshold", "score_threshold", "nms_threshold"):
@@ -156,8 +157,13 @@ class FCOSDetector(DetectionModel):
                 raise ConfigError(f"fcos: option {name} must be in [0, 1], got {o[name]}")
         if o["center_sampling_radius"] <= 0:
             raise ConfigError(f"fcos: option center_sampling_radius must be > 0, got {o['center_sampling_radius']}")
-        if o["overlap"] >= self.tile_size:
-            raise ConfigError(f"fcos: option overlap must be below the tile size {self.tile_size}, got {o['overlap']}")
+        if not 0.0 <= o["overlap_ratio"] < 1.0:
+            raise ConfigError(f"fcos: option overlap_ratio must be in [0, 1), got {o['overlap_ratio']}")
+
+    @property
+    def overlap(self) -> int:
+        """Pixels shared by neighbouring tiles: ``overlap_ratio`` of :attr:`tile_size`, rounded half up."""
+        return int(self.options["overlap_ratio"] * self.tile_size + 0.5)
 
     @property
     def strides(self) -> tuple[int, ...]:

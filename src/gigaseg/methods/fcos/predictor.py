@@ -3,7 +3,7 @@
 ``mode="whole"``: ``gigaseg.inference.sliced.WholeImageDetectionPredictor`` at ``input_size``
 (the image's longer side resized to it, boxes scaled back). ``mode="sliced"``:
 ``gigaseg.inference.sliced.SlicedDetectionPredictor`` with ``tile_size`` tiles (``crop_size``
-when 0) ``overlap`` pixels apart, the tiles' detections merged by the model's merge options
+when 0) sharing ``overlap_ratio`` of their side, the tiles' detections merged by the model's merge options
 and, with ``full_image_size`` > 0, a downsampled whole-image pass merged in.
 
 Under ``max_memory`` the tiles per forward pass are planned from the network's measured
@@ -102,7 +102,7 @@ def fcos_predictor(
         model,
         normalization,
         tile_size=tile,
-        overlap=o["overlap"],
+        overlap=model.overlap,
         merge=merge,
         full_image_size=full,
         sub_batch=plan.sub_batch,
