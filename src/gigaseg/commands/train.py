@@ -116,8 +116,8 @@ def run(args) -> int:
     )
     last = result["history"][-1] if result["history"] else {}
     if last:
-        score = "accuracy" if "val_accuracy" in last else "mIoU"
-        value = last.get("val_accuracy", last.get("val_miou", float("nan")))
+        score = "accuracy" if "val_accuracy" in last else "AP" if "val_AP" in last else "mIoU"
+        value = last.get("val_accuracy", last.get("val_AP", last.get("val_miou", float("nan"))))
         print(
             f"trained {args.method}: {len(result['history'])} epochs, last val {score} "
             f"{float(value):.4f}; checkpoints in {args.out}"
