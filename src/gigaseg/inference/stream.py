@@ -402,7 +402,7 @@ def predict_band(
             )
         if not np.isfinite(probs.max()):  # max propagates NaN: one pass, no temporary
             raise _non_finite_scores(source, block)
-        labels[:, block.left : block.right] = probs.argmax(axis=0)
+        labels[:, block.left : block.right] = _argmax(probs)
         if on_block is not None:
             on_block(block, probs)
         del probs
@@ -410,6 +410,16 @@ def predict_band(
         if advance is not None:
             advance(1)
     return labels
+
+
+def _argmax(probs: np.ndarray) -> np.ndarray:
+    """``probs.argmax(axis=0)`` (the first class of a tie, as numpy), with torch's threads."""
+    import torch
+
+    try:
+        return torch.from_numpy(probs).argmax(dim=0).numpy()
+    except (ValueError, TypeError):  # strides torch cannot view (negative), a dtype it lacks
+        return probs.argmax(axis=0)
 
 
 #: the fast path prefetches a block's pixels only when their region (block and read margin) is at most

@@ -30,7 +30,8 @@ class GlobalPredictor(SegmentationPredictor):
             Dotted path -> example input (``Predictor.fast_networks``).
         """
         size = self.model.options["input_size"]
-        return {"": torch.zeros(1, self.model.in_channels, size, size, device=self.device)}
+        size = min(size, 64)  # folding does not depend on the size
+        return {"": torch.rand(1, self.model.in_channels, size, size, device=self.device)}
 
     def onnx_networks(self):
         """The network itself (image in, logits out).
@@ -82,7 +83,8 @@ class PatchPredictor(SegmentationPredictor):
         Returns:
             Dotted path -> example input (``Predictor.fast_networks``).
         """
-        return {"": torch.zeros(1, self.model.in_channels, self.patch_size, self.patch_size, device=self.device)}
+        size = min(self.patch_size, 64)  # folding does not depend on the size
+        return {"": torch.rand(1, self.model.in_channels, size, size, device=self.device)}
 
     def onnx_networks(self):
         """The network itself (windows in, logits out).

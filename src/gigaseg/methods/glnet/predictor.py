@@ -138,7 +138,7 @@ class GLNetPredictor(SegmentationPredictor):
         Returns:
             Dotted path -> example input (``Predictor.fast_networks``).
         """
-        x = torch.zeros(1, self.model.in_channels, 64, 64, device=self.device)
+        x = torch.rand(1, self.model.in_channels, 64, 64, device=self.device)
         names = ["global_branch.encoder", "local_branch.encoder"]
         if self.stage == 3:
             names.append("global_fixed.encoder")

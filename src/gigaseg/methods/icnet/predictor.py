@@ -77,7 +77,7 @@ class TilePredictor(SegmentationPredictor):
         Returns:
             Dotted path -> example input (``Predictor.fast_networks``).
         """
-        return {"": torch.zeros(1, self.model.in_channels, 64, 64, device=self.device)}
+        return {"": torch.rand(1, self.model.in_channels, 64, 64, device=self.device)}
 
     def onnx_networks(self):
         """The network itself (tiles in, logits out).

@@ -220,7 +220,7 @@ class MagNetPredictor(SegmentationPredictor):
         k = self.model.num_classes
         probs = torch.full((1, k, ih, iw), 1.0 / k, device=self.device)
         return {
-            "backbone": torch.zeros(1, self.model.in_channels, ih, iw, device=self.device),
+            "backbone": torch.rand(1, self.model.in_channels, ih, iw, device=self.device),
             "refinement": (probs, probs.clone()),
         }
 

@@ -100,7 +100,7 @@ class _Theta1Fast:
 
     def fast_networks(self):
         p = self.model.patch_size
-        return {"theta1": torch.zeros(1, self.model.in_channels, p, p, device=self.device)}
+        return {"theta1": torch.rand(1, self.model.in_channels, p, p, device=self.device)}
 
     def onnx_networks(self):
         return ("theta1",)
@@ -168,7 +168,7 @@ class DownsampledImageClassifier(ClassificationPredictor):
             Dotted path -> example input (``Predictor.fast_networks``).
         """
         size = self.model.options["input_size"]
-        return {"theta1": torch.zeros(1, self.model.in_channels, size, size, device=self.device)}
+        return {"theta1": torch.rand(1, self.model.in_channels, size, size, device=self.device)}
 
     def onnx_networks(self):
         """theta1 (a view in, its latent vector out).
