@@ -416,3 +416,14 @@ def test_cli_backend_without_onnxruntime_exits_2(capsys, monkeypatch, tmp_path, 
     )
     err = captured.err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install 'gigaseg[onnx]'" in err, err
+
+
+def test_block_argmax_equals_numpys_with_ties():
+    from gigaseg.inference.stream import _argmax
+
+    probs = np.random.default_rng(0).random((5, 40, 30)).astype(np.float32)
+    probs[1, :8] = probs[3, :8] = 2.0  # a tie: the first class wins, as numpy's argmax
+    probs[4, 8:10] = probs[0, 8:10] = 3.0
+    for view in (probs, probs[:, ::3, 1:], probs[:, :, ::-1]):
+        assert np.array_equal(_argmax(view), view.argmax(axis=0))
+    assert (_argmax(probs)[:8] == 1).all() and (_argmax(probs)[8:10] == 0).all()
