@@ -152,9 +152,11 @@ class FCOSDetector(DetectionModel):
         for name in ("head_convs", "tile_size", "full_image_size"):
             if o[name] < 0:
                 raise ConfigError(f"fcos: option {name} must be >= 0, got {o[name]}")
-        for name in ("min_visible", "merge_threshold", "score_threshold", "nms_threshold"):
+        for name in ("min_visible", "score_threshold", "nms_threshold"):
             if not 0.0 <= o[name] <= 1.0:
                 raise ConfigError(f"fcos: option {name} must be in [0, 1], got {o[name]}")
+        if not 0.0 <= o["merge_threshold"] < 1.0:
+            raise ConfigError(f"fcos: option merge_threshold must be in [0, 1), got {o['merge_threshold']}")
         if o["center_sampling_radius"] <= 0:
             raise ConfigError(f"fcos: option center_sampling_radius must be > 0, got {o['center_sampling_radius']}")
         if not 0.0 <= o["overlap_ratio"] < 1.0:
