@@ -130,7 +130,7 @@ LAYERS = (
     ("gigaseg.data.synth",),
     ("gigaseg.data",),
     ("gigaseg.data.labels",),
-    ("gigaseg.metrics", "gigaseg.budget", "gigaseg.export"),
+    ("gigaseg.metrics", "gigaseg.detection_metrics", "gigaseg.budget", "gigaseg.export"),
     ("gigaseg.viewer",),
     ("gigaseg.io",),
     ("gigaseg.geometry",),
