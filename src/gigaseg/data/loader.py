@@ -1,7 +1,9 @@
 """Open any dataset gigaseg knows, recognising its task and layout from the folder.
 
 :func:`load_dataset` returns a ``ClassificationDataset`` when the folder's dataset.yaml says
-``task: classification``, otherwise a segmentation dataset of the first layout that matches.
+``task: classification``, a ``DetectionDataset`` when it says ``task: detection`` (or the folder
+holds an Ultralytics YOLO data.yaml instead), otherwise a segmentation dataset of the first
+layout that matches.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from .cityscapes import Cityscapes
 from .classification import TASK as CLASSIFICATION
 from .classification import ClassificationDataset
 from .deepglobe import DeepGlobe, looks_like_deepglobe
+from .detection import TASK as DETECTION
+from .detection import DetectionDataset, find_detection_yaml
 from .folder import FolderPairs, GigasegDataset
 from .inria import Inria
 
@@ -33,10 +37,13 @@ def dataset_task(path: str | os.PathLike) -> str:
         path: a dataset folder, or its dataset.yaml.
 
     Returns:
-        The yaml's ``task`` (``"classification"``, ...), or "segmentation" when there is no
-        dataset.yaml or it does not say.
+        The yaml's ``task`` (``"classification"``, ``"detection"``, ...); "detection" for a folder
+        (or yaml) of an Ultralytics YOLO dataset; "segmentation" when there is no dataset.yaml or
+        it does not say.
     """
     path = Path(path)
+    if find_detection_yaml(path) is not None:
+        return DETECTION
     yaml_path = path if path.is_file() else path / YAML_NAME
     if not yaml_path.is_file():
         return "segmentation"
@@ -94,7 +101,7 @@ def load_segmentation_dataset(path: str | os.PathLike, split: str = "train", **o
 
 def load_dataset(
     path: str | os.PathLike, split: str = "train", **options
-) -> SegmentationDataset | ClassificationDataset:
+) -> SegmentationDataset | ClassificationDataset | DetectionDataset:
     """Open the dataset at ``path``, whatever its task and layout.
 
     Args:
@@ -103,12 +110,16 @@ def load_dataset(
         **options: passed to the dataset's constructor (``max_memory``, ``check``).
 
     Returns:
-        A ``ClassificationDataset`` when the dataset.yaml says ``task: classification``,
-        else ``load_segmentation_dataset(path, split, **options)``.
+        A ``ClassificationDataset`` when the dataset.yaml says ``task: classification``, a
+        ``DetectionDataset`` for ``task: detection`` or a YOLO data.yaml, else
+        ``load_segmentation_dataset(path, split, **options)``.
 
     Raises:
         DatasetError: not a layout gigaseg knows, or a malformed file.
     """
-    if dataset_task(path) == CLASSIFICATION:
+    task = dataset_task(path)
+    if task == CLASSIFICATION:
         return ClassificationDataset(path, split, **options)
+    if task == DETECTION:
+        return DetectionDataset(path, split, **options)
     return load_segmentation_dataset(path, split, **options)
