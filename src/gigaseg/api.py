@@ -822,16 +822,23 @@ def _json_binary(metrics: dict) -> dict:
 def _check_task(model, dataset, data) -> None:
     """Check, before any image is predicted, that ``dataset`` suits ``model``.
 
-    A classifier needs a classification dataset and a segmenter a segmentation one; the class
-    counts must be equal and the images (the first one's header: a dataset checks that its
-    images agree) must have the model's channels. Raises a one-line ``ConfigError`` naming the
+    A classifier needs a classification dataset, a detector a detection one and a segmenter a
+    segmentation one; the class counts must be equal and the images (the first one's header: a
+    dataset checks that its images agree) must have the model's channels. Raises a one-line ``ConfigError`` naming the
     dataset and both values.
     """
     from .data.base import image_layout
     from .data.classification import ClassificationDataset
+    from .data.detection import DetectionDataset
 
     where = getattr(dataset, "root", data)
-    data_task = "classification" if isinstance(dataset, ClassificationDataset) else "segmentation"
+    data_task = (
+        "classification"
+        if isinstance(dataset, ClassificationDataset)
+        else "detection"
+        if isinstance(dataset, DetectionDataset)
+        else "segmentation"
+    )
     if model.task != data_task:
         raise ConfigError(f"{where}: is a {data_task} dataset but {model.method_name} is a {model.task} method")
     classes = len(dataset.classes)
