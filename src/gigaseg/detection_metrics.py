@@ -1,8 +1,8 @@
 """COCO detection metrics from the field's evaluator (pycocotools' ``COCOeval``), in memory.
 
 :class:`DetectionEvaluator` collects each image's ground truth and detections and scores them
-as the COCO benchmark does: AP averaged over IoU thresholds 0.50:0.05:0.95 ("AP"), at IoU 0.50
-("AP50") and 0.75 ("AP75", the one number the Resource Efficient Perception paper's code
+as the COCO benchmark does: AP averaged over the ten overlap thresholds .50, .55, ... .95 ("AP"), at
+an overlap of .50 ("AP50") and .75 ("AP75", the one number the Resource Efficient Perception paper's code
 reports), per object size (COCO's areas: small < 32², medium < 96², large), and the average
 recall with up to ``max_detections`` boxes per image. A value pycocotools reports as -1 (no
 ground truth of that size range, say) is NaN here.
