@@ -14,7 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "gigaseg"
 
 #: the packages of gigaseg that make up a method, below gigaseg.methods
-METHOD_PACKAGES = ("baselines", "glnet", "icnet", "magnet", "patchgd")
+METHOD_PACKAGES = ("baselines", "fcos", "glnet", "icnet", "magnet", "patchgd")
 
 #: modules above the methods: they may import them (the user's entry points)
 ENTRY_POINTS = ("gigaseg.api", "gigaseg.cli", "gigaseg.commands", "gigaseg.bench", "gigaseg.methods")

@@ -146,7 +146,7 @@ def test_recipe_and_predictor_come_from_the_registration(toy):
 
 
 def test_every_method_registers_a_recipe_and_a_predictor_of_its_task():
-    from gigaseg.inference.contract import ClassificationPredictor, SegmentationPredictor
+    from gigaseg.inference.contract import ClassificationPredictor, DetectionPredictor, SegmentationPredictor
     from gigaseg.io.normalize import Normalization
 
     tiny = {
@@ -159,9 +159,14 @@ def test_every_method_registers_a_recipe_and_a_predictor_of_its_task():
         "patchgd_classifier": {"patch_size": 32, "latent_dim": 16},
         "downsampled_classifier": {"input_size": 48, "latent_dim": 16},
         "patchgd_segmenter": {"patch_size": 32},
+        "fcos": {"input_size": 64, "crop_size": 64, "fpn_channels": 32, "head_convs": 1},
     }
     assert sorted(tiny) == available_methods()
-    contracts = {"segmentation": SegmentationPredictor, "classification": ClassificationPredictor}
+    contracts = {
+        "segmentation": SegmentationPredictor,
+        "classification": ClassificationPredictor,
+        "detection": DetectionPredictor,
+    }
     for name, options in tiny.items():
         model = create_model(name, encoder="test_resnet", num_classes=2, **options)
         assert model.method_name == name

@@ -51,7 +51,8 @@ class TinyDetector(DetectionModel):
 
 def test_shapes_and_points():
     heads = FCOSHeads(16, 3, num_convs=2, strides=(4, 8))
-    assert heads.head.classification_head.conv[1].num_groups == 16  # 32 does not divide 16 channels
+    assert heads.head.classification_head.conv[1].num_groups == 2  # groups of 8 channels, as 256 / 32
+    assert FCOSHeads(256, 3).head.regression_head.conv[1].num_groups == 32
     features = [torch.randn(2, 16, 10, 12), torch.randn(2, 16, 5, 6)]
     out = heads(features)
     points = 10 * 12 + 5 * 6
@@ -95,7 +96,7 @@ def reference_pair():
     with torch.no_grad():
         for p in reference.head.parameters():  # away from the init, so scores and boxes vary
             p.add_(torch.randn_like(p) * 0.2)
-    heads = FCOSHeads(32, 3, strides=STRIDES)
+    heads = FCOSHeads(32, 3, strides=STRIDES, norm_groups=32)  # torchvision always uses 32 groups
     heads.head.load_state_dict(reference.head.state_dict())
     return backbone, reference, heads
 

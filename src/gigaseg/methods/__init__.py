@@ -5,7 +5,7 @@ training recipe and predictor with ``gigaseg.methods.registry`` (as timm's ``mod
 package does). A new method is one more folder here and one more line below.
 """
 
-from . import baselines, glnet, icnet, magnet, patchgd
+from . import baselines, fcos, glnet, icnet, magnet, patchgd
 from .registry import METHODS, available_methods, build_predictor, create_model, method_spec, register, training_stages
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "baselines",
     "build_predictor",
     "create_model",
+    "fcos",
     "glnet",
     "icnet",
     "magnet",

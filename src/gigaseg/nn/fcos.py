@@ -84,8 +84,9 @@ class FCOSHeads(nn.Module):
         center_sampling_radius: a point is positive only within this many strides of a box's
             centre (FCOS's centre sampling).
         topk_candidates: the best scoring candidates kept per level before NMS.
-        norm_groups: GroupNorm groups in the towers; None: 32 where ``in_channels`` allows it
-            (torchvision's choice), else the largest divisor of ``in_channels`` up to 32.
+        norm_groups: GroupNorm groups in the towers; None: the most groups up to 32 that divide
+            ``in_channels`` into groups of at least 8 channels (32 for 256 channels, torchvision's
+            choice; 4 for 32), else 1 (a group of a few channels normalises a 1x1 map too).
 
     Raises:
         ValueError: no strides, strides not increasing, or channels GroupNorm cannot split.
@@ -107,7 +108,7 @@ class FCOSHeads(nn.Module):
         if not strides or any(s < 1 for s in strides) or any(b <= a for a, b in zip(strides, strides[1:])):
             raise ValueError(f"strides must be positive and increasing, finest first, got {strides}")
         if norm_groups is None:
-            norm_groups = max(g for g in range(1, 33) if in_channels % g == 0)
+            norm_groups = max(g for g in range(1, 33) if in_channels % g == 0 and (in_channels // g >= 8 or g == 1))
         if in_channels % norm_groups:
             raise ValueError(f"GroupNorm cannot split {in_channels} channels into {norm_groups} groups")
         self.in_channels = int(in_channels)

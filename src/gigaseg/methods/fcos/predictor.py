@@ -69,7 +69,7 @@ def fcos_predictor(
     o = model.options
     common = {
         "score_threshold": o["score_threshold"],
-        "max_detections": o["max_detections"],
+        "max_detections": o["image_max_detections"],
         "device": device,
         "precision": precision,
     }
