@@ -8,6 +8,11 @@ freed pages resident, and the process's peak RSS creeps up with the image size u
 budget. Fixing the threshold at 1 MiB (large buffers always mmap-served and unmapped when
 freed) and trimming the heap after each block keeps it near what the process holds;
 ``benchmarks/predict_memory.py`` measures a prediction's peak RSS as the image grows.
+The price is a fresh mapping, and its page faults, for every activation above 1 MiB of every
+forward pass; the fast path (``gigaseg.inference.fast``) fixes the threshold at glibc's largest,
+``FAST_MMAP_THRESHOLD`` (32 MiB) instead: a network's activations are then reused from the heap,
+block-sized buffers are still mapped and unmapped, and the heap is still trimmed after each
+block (``benchmarks/peer_sliding_window.py`` measures its peak RSS as the image grows).
 Elsewhere (macOS, musl, Windows) these are no-ops.
 """
 
@@ -17,10 +22,12 @@ import ctypes
 import ctypes.util
 import functools
 
-__all__ = ["MMAP_THRESHOLD", "bound_heap_growth", "release_free_memory"]
+__all__ = ["FAST_MMAP_THRESHOLD", "MMAP_THRESHOLD", "bound_heap_growth", "release_free_memory"]
 
 #: allocations at least this large are served by mmap and returned to the system when freed
 MMAP_THRESHOLD = 1 << 20
+#: the fast path's threshold: glibc's largest (``4 * 1024 * 1024 * sizeof(long)``)
+FAST_MMAP_THRESHOLD = 32 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
@@ -34,15 +41,17 @@ def _glibc():
         return None
 
 
-@functools.lru_cache(maxsize=1)
-def bound_heap_growth() -> bool:
-    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` for this process (once; later calls are cached).
+def bound_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold for this process (each prediction sets its own).
+
+    Args:
+        threshold: bytes; ``MMAP_THRESHOLD``, or ``FAST_MMAP_THRESHOLD`` for the fast path.
 
     Returns:
         True if the threshold was set (glibc), False elsewhere.
     """
     libc = _glibc()
-    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 def release_free_memory() -> None:

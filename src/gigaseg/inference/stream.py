@@ -32,7 +32,7 @@ from ..io.omezarr import OmeZarrMaskWriter, ome_zarr_path
 from ..io.writers import MaskWriter
 from ..progress import progress_bar
 from .contract import SegmentationPredictor
-from .heap import bound_heap_growth, release_free_memory
+from .heap import FAST_MMAP_THRESHOLD, MMAP_THRESHOLD, bound_heap_growth, release_free_memory
 
 #: bands handed to the mask writer are multiples of its tile height
 WRITER_TILE = 512
@@ -191,7 +191,8 @@ def predict_image(
     finished none leaves no scratch folder behind.
     """
     start = time.perf_counter()
-    bound_heap_growth()  # see gigaseg.inference.heap: peak RSS would otherwise creep with image size
+    # see gigaseg.inference.heap: peak RSS would otherwise creep with image size
+    bound_heap_growth(FAST_MMAP_THRESHOLD if getattr(predictor, "fast", None) is not None else MMAP_THRESHOLD)
     out = Path(out) if out is not None else None
     formats = parse_formats(formats)
     block_size = effective_block_size(predictor, block_size)
