@@ -70,3 +70,47 @@ class Squares:
 
     def __getitem__(self, index):
         return self.samples[index]
+
+
+def write_coco(root: Path, splits: dict[str, Squares]) -> Path:
+    """Write ``splits`` (name -> Squares) as a COCO-layout gigaseg detection dataset (tiled TIFFs) under ``root``."""
+    import json
+
+    import tifffile
+    import yaml
+
+    from gigaseg.data.detection import detection_yaml
+
+    entries = {}
+    for split, data in splits.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations").mkdir(exist_ok=True)
+        images, annotations = [], []
+        for sample in data.samples:
+            tifffile.imwrite(root / "images" / split / f"{sample.name}.tif", sample.pixels)
+            images.append(
+                {
+                    "id": sample.image_id,
+                    "file_name": f"{sample.name}.tif",
+                    "width": sample.width,
+                    "height": sample.height,
+                }
+            )
+            for box, label in zip(sample.boxes.tolist(), sample.labels.tolist()):
+                x0, y0, x1, y1 = box
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": sample.image_id,
+                        "category_id": data.category_ids[label],
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "area": (x1 - x0) * (y1 - y0),
+                        "iscrowd": 0,
+                    }
+                )
+        categories = [{"id": i, "name": n} for i, n in zip(data.category_ids, data.classes)]
+        path = root / "annotations" / f"instances_{split}.json"
+        path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+        entries[split] = {"images": f"images/{split}", "annotations": f"annotations/instances_{split}.json"}
+    (root / "dataset.yaml").write_text(yaml.safe_dump(detection_yaml(entries, name="squares")))
+    return root
