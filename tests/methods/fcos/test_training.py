@@ -101,3 +101,37 @@ def test_sub_batches_weight_each_part_by_its_share(sub_batch):
     )
     for got, want in zip(grads, (p.grad for p in model.parameters())):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_sliced_mode_trains_on_crops_and_validates_on_merged_tiles(tmp_path):
+    from gigaseg.data.loader import load_dataset
+    from gigaseg.inference.sliced import SlicedDetectionPredictor
+    from gigaseg.methods.registry import build_predictor, training_stages
+    from gigaseg.training.detection_views import RandomDetectionCrops
+    from gigaseg.training.loop import Trainer
+
+    data = write_coco(tmp_path / "data", {"train": Squares(count=4, seed=0), "val": Squares(count=2, seed=1)})
+    train, val = load_dataset(data, split="train"), load_dataset(data, split="val")
+    torch.manual_seed(0)
+    model = create_model(
+        "fcos",
+        encoder="test_resnet",
+        num_classes=2,
+        **{**TINY, "mode": "sliced", "crop_size": 48, "crops_per_image": 3},
+    )
+    stages = training_stages(model)
+    views = stages[0].make_data(train, NORM, settings())
+    assert isinstance(views, RandomDetectionCrops) and len(views) == 12 and views[0]["image"].shape == (3, 48, 48)
+    made = []
+
+    def make_predictor(normalization, **kw):
+        made.append(build_predictor(model, normalization, **kw))
+        return made[-1]
+
+    trainer = Trainer(
+        model, stages, train, val, tmp_path / "run", settings(epochs=1, batch_size=4), NORM, make_predictor
+    )
+    (row,) = trainer.fit()["history"]
+    assert isinstance(made[0], SlicedDetectionPredictor) and made[0].tile_size == 48
+    assert 0.0 <= row["val_AP"] <= 1.0 and row["train_loss"] > 0
+    assert (tmp_path / "run" / "best.ckpt").exists()
