@@ -12,6 +12,11 @@ Kinds (one function pair each, so a new generator is one more entry in ``KINDS``
 - ``ultramnist``: classification images (tiled TIFF + classification dataset.yaml) with
   digits from a few pixels to most of the canvas among distracting shapes; the class is
   the sum of the digits modulo 10.
+- ``objects``: detection scenes (tiled TIFF + COCO instances json + dataset.yaml) with many
+  small objects of four classes (vehicles, ring and cross markers, digits) among distractors
+  on textured canvases, some across tile borders.
+- ``coco-mosaic``: a local detection dataset's images pasted 36 at a time on 4096 x 4096
+  canvases (the paper's COCO-mosaic), as a COCO-layout dataset.
 """
 
 from __future__ import annotations
@@ -314,5 +319,126 @@ def _run_vessels(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------
+# objects
+
+
+def _add_objects(kinds) -> None:
+    parser = kinds.add_parser(
+        "objects",
+        help="detection: many small objects (vehicles, markers, digits) among distractors on large canvases",
+        description=(
+            "Small-object detection scenes as tiled BigTIFF (images/<split>/*.tif RGB) plus COCO instances json "
+            "(annotations/instances_<split>.json), dataset.yaml (task: detection) and synth.json. Objects of "
+            "four classes (vehicle, ring_marker, cross_marker, digit) from --min-size to --max-size pixels, "
+            "never overlapping, among unannotated distractors (boxes without windows, discs, triangles, letters) "
+            "on textured parcels; a share is placed across multiples of 512 px (tile borders). The same seed gives "
+            "the same pixels and boxes; any size streams with bounded memory."
+        ),
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (new, empty, or an earlier synth output)")
+    parser.add_argument("--count", type=int, default=8, help="number of scenes (default: 8)")
+    parser.add_argument("--size", default="4096", help="scene size HxW or N for NxN (default: 4096)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.25,
+        help="share of scenes in the val split, the last ones (default: 0.25)",
+    )
+    parser.add_argument("--density", type=float, default=40.0, help="annotated objects per megapixel (default: 40)")
+    parser.add_argument(
+        "--distractors", type=float, default=0.5, help="unannotated distractors per object (default: 0.5)"
+    )
+    parser.add_argument("--min-size", type=int, default=6, help="smallest object size in pixels (default: 6)")
+    parser.add_argument("--max-size", type=int, default=60, help="largest object size in pixels (default: 60)")
+    parser.add_argument("--tile", type=int, default=512, help="TIFF tile side, a multiple of 16 (default: 512)")
+    parser.set_defaults(run=_run_objects)
+
+
+def _run_objects(args) -> int:
+    from ..data.synth.objects import ObjectsConfig, write_objects_dataset
+    from ..progress import progress_bar
+
+    height, width = parse_image_size(args.size)
+    if args.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    config = ObjectsConfig(density=args.density, distractors=args.distractors, sizes=(args.min_size, args.max_size))
+    with progress_bar(f"synth objects {height}x{width}", args.count) as advance:
+        manifest = write_objects_dataset(
+            args.out_dir,
+            count=args.count,
+            height=height,
+            width=width,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            tile=args.tile,
+            config=config,
+            advance=advance,
+        )
+    splits = ", ".join(f"{len(v)} {k}" for k, v in manifest["splits"].items())
+    objects = sum(sum(s["objects"][c] for c in manifest["classes"]) for s in manifest["scenes"])
+    print(
+        f"wrote {args.count} scene(s) of {height}x{width} ({splits}) with {objects} objects to {args.out_dir}: "
+        f"images/, annotations/, dataset.yaml, synth.json",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------
+# coco-mosaic
+
+
+def _add_coco_mosaic(kinds) -> None:
+    parser = kinds.add_parser(
+        "coco-mosaic",
+        help="detection: a local COCO (or any detection) dataset's images pasted 36 per 4096x4096 canvas",
+        description=(
+            "The paper's COCO-mosaic: the images of SRC (a detection dataset: dataset.yaml with task: detection "
+            "pointing at COCO's images and instances json, or a YOLO data.yaml) pasted --per-canvas at a time in "
+            "a grid on blank --canvas squares (shrunk only where larger than their cell), boxes moved with them; "
+            "written as a COCO-layout dataset (tiled TIFF canvases, instances json, dataset.yaml, synth.json)."
+        ),
+    )
+    parser.add_argument("source", metavar="SRC", help="the detection dataset to paste from")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (new, empty, or an earlier synth output)")
+    parser.add_argument("--per-canvas", type=int, default=36, help="images per canvas (default: 36)")
+    parser.add_argument("--canvas", type=int, default=4096, help="canvas side in pixels (default: 4096)")
+    parser.add_argument("--splits", default="train,val", help="splits of SRC to build (default: train,val)")
+    parser.add_argument("--limit", type=int, help="at most this many canvases per split (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: image order and offsets (default: 0)")
+    parser.add_argument("--tile", type=int, default=512, help="TIFF tile side, a multiple of 16 (default: 512)")
+    parser.set_defaults(run=_run_coco_mosaic)
+
+
+def _run_coco_mosaic(args) -> int:
+    from ..data.synth.mosaic import write_coco_mosaic
+    from ..progress import progress_bar
+
+    splits = [s.strip() for s in str(args.splits).split(",") if s.strip()]
+    if not splits:
+        raise ConfigError(f"--splits names no split: {args.splits!r}")
+    with progress_bar("synth coco-mosaic", None) as advance:
+        manifest = write_coco_mosaic(
+            args.source,
+            args.out_dir,
+            splits=splits,
+            per_canvas=args.per_canvas,
+            canvas=args.canvas,
+            seed=args.seed,
+            tile=args.tile,
+            limit=args.limit,
+            advance=advance,
+        )
+    made = ", ".join(f"{len(v)} {k}" for k, v in manifest["splits"].items())
+    print(
+        f"wrote {made} canvas(es) of {args.canvas}x{args.canvas} to {args.out_dir}: "
+        f"images/, annotations/, dataset.yaml, synth.json",
+        file=sys.stderr,
+    )
+    return 0
+
+
 #: ``add(kinds)`` per generator kind; each sets ``run`` on its parser
-KINDS = (_add_landcover, _add_vessels, _add_ultramnist)
+KINDS = (_add_landcover, _add_vessels, _add_ultramnist, _add_objects, _add_coco_mosaic)

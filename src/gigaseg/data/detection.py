@@ -127,7 +127,12 @@ class DetectionSample:
     _image: ImageSource | None = field(default=None, repr=False, compare=False)
 
     def open(self) -> ImageSource:
-        """A new lazy ``ImageSource`` of the image (the caller closes it; it is a context manager)."""
+        """Open the image lazily (nothing is decoded until a window is read).
+
+        Returns:
+            A new ``ImageSource`` the caller closes (it is a context manager); a one-channel image
+            is presented with ``channels`` channels when those are more.
+        """
         source = open_image(self.path, max_memory=self.max_memory)
         if self.channels is not None and source.channels == 1 and self.channels > 1:
             return RepeatedChannels(source, self.channels)
@@ -354,7 +359,11 @@ class DetectionDataset(Dataset):
         )
 
     def object_count(self) -> int:
-        """How many objects the split holds (crowd boxes included)."""
+        """Count the split's objects.
+
+        Returns:
+            How many boxes the split holds (crowd boxes included).
+        """
         return sum(len(r.labels) for r in self._records)
 
     def coco_ground_truth(self) -> dict:
