@@ -135,3 +135,23 @@ def test_sliced_mode_trains_on_crops_and_validates_on_merged_tiles(tmp_path):
     assert isinstance(made[0], SlicedDetectionPredictor) and made[0].tile_size == 48
     assert 0.0 <= row["val_AP"] <= 1.0 and row["train_loss"] > 0
     assert (tmp_path / "run" / "best.ckpt").exists()
+
+
+def test_max_memory_splits_a_training_batch_into_sub_batches(tmp_path):
+    from gigaseg.budget import runtime_bytes, training_estimate
+    from gigaseg.errors import BudgetError
+    from gigaseg.training.loop import Trainer
+
+    model = create_model("fcos", encoder="test_resnet", num_classes=2, **{**TINY, "input_size": 512})
+    (stage,) = fcos_stages(model)
+    estimate = training_estimate(model, stage.sample_inputs(model), "adamw", runtime=runtime_bytes("cpu"))
+    assert estimate.per_sample > 40 * 2**20  # a 512-px view's activations, measured on the meta device
+
+    def sub_batch(budget):
+        trainer = Trainer(model, [stage], Squares(2), None, tmp_path, settings(max_memory=budget), NORM, None)
+        return trainer._sub_batch(stage, 8)
+
+    assert sub_batch(None) == 8
+    assert sub_batch(estimate.total(3) + estimate.per_sample // 2) == 3  # half a sample of room for RSS drift
+    with pytest.raises(BudgetError, match="too small for training stage 'fcos'"):
+        sub_batch(estimate.fixed)
