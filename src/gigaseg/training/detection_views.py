@@ -18,6 +18,8 @@ with the boxes in the view's pixel coordinates, and :func:`collate_detections` b
   window and a box keeping less than ``min_visible`` of its area (or less than ``min_side``
   pixels across) is dropped.
 
+Crowd regions (``sample.iscrowd``) are not trained on (:func:`training_boxes`).
+
 Both flip horizontally and vertically at random (boxes flipped with the pixels). Randomness comes
 from ``rng_for(seed, epoch, index)``: a resumed run draws the same views.
 """
@@ -39,6 +41,7 @@ __all__ = [
     "clip_boxes",
     "collate_detections",
     "flip_boxes",
+    "training_boxes",
 ]
 
 
@@ -69,6 +72,24 @@ def clip_boxes(
     area = (moved[:, 2] - moved[:, 0]) * (moved[:, 3] - moved[:, 1])
     keep = (w >= min_side) & (h >= min_side) & (w * h >= min_visible * np.maximum(area, 1e-6))
     return clipped[keep], labels[keep]
+
+
+def training_boxes(sample) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's boxes and labels to train on: its crowd regions left out (as torchvision's COCO references do).
+
+    Args:
+        sample: a detection sample (``boxes``, ``labels`` and optional ``iscrowd``).
+
+    Returns:
+        float32 ``(N, 4)`` boxes and int64 ``(N,)`` labels.
+    """
+    boxes = np.asarray(sample.boxes, dtype=np.float32).reshape(-1, 4)
+    labels = np.asarray(sample.labels, dtype=np.int64).reshape(-1)
+    crowd = getattr(sample, "iscrowd", None)
+    if crowd is not None:
+        keep = ~np.asarray(crowd, dtype=bool).reshape(-1)
+        boxes, labels = boxes[keep], labels[keep]
+    return boxes, labels
 
 
 def flip_boxes(boxes: np.ndarray, width: int, height: int, horizontal: bool, vertical: bool) -> np.ndarray:
@@ -179,8 +200,8 @@ class WholeImageDetections(_DetectionViews):
             if self._cache is not None:
                 self._cache[index] = image
         scale = np.array([w / sample.width, h / sample.height] * 2, dtype=np.float32)
-        boxes = np.asarray(sample.boxes, dtype=np.float32).reshape(-1, 4) * scale
-        return (image, *clip_boxes(boxes, sample.labels, Window(0, 0, h, w), 0.0, self.min_side))
+        boxes, labels = training_boxes(sample)
+        return (image, *clip_boxes(boxes * scale, labels, Window(0, 0, h, w), 0.0, self.min_side))
 
     def __getitem__(self, index: int) -> dict:
         image, boxes, labels = self.view(index)
@@ -236,7 +257,7 @@ class RandomDetectionCrops(_DetectionViews):
         """
         height, width = int(sample.height), int(sample.width)
         ch, cw = min(self.side, height), min(self.side, width)
-        boxes = np.asarray(sample.boxes, dtype=np.float32).reshape(-1, 4)
+        boxes = training_boxes(sample)[0]
         if len(boxes) and rng.random() < self.object_share:
             x0, y0, x1, y1 = boxes[int(rng.integers(len(boxes)))]
             top = _start_holding(y0, y1, ch, height, rng)
@@ -251,7 +272,7 @@ class RandomDetectionCrops(_DetectionViews):
         window = self.window(sample, rng)
         with sample.open() as source:
             image = source.read(window)
-        boxes, labels = clip_boxes(sample.boxes, sample.labels, window, self.min_visible, self.min_side)
+        boxes, labels = clip_boxes(*training_boxes(sample), window, self.min_visible, self.min_side)
         return self._pack(image, boxes, labels, rng, index)
 
 

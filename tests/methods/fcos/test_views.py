@@ -12,6 +12,7 @@ from gigaseg.training.detection_views import (
     clip_boxes,
     collate_detections,
     flip_boxes,
+    training_boxes,
 )
 from gigaseg.training.views import rng_for
 
@@ -114,3 +115,15 @@ def test_crops_larger_than_the_image_are_padded_and_collated():
     assert batch["targets"][0]["boxes"].dtype == torch.float32 and batch["targets"][0]["labels"].dtype == torch.int64
     assert torch.all(batch["image"][:, :, 32:] == 0)
     assert crops.collate is collate_detections
+
+
+def test_crowd_regions_are_not_trained_on():
+    data = Squares(count=1, size=96)
+    sample = data[0]
+    sample.boxes = np.array([[10, 10, 30, 30], [50, 50, 70, 70]], np.float32)
+    sample.labels = np.array([0, 1])
+    sample.iscrowd = np.array([0, 1])
+    assert training_boxes(sample)[1].tolist() == [0]
+    assert WholeImageDetections(data, NORM, 96, augment=False)[0]["boxes"].tolist() == [[10, 10, 30, 30]]
+    crops = RandomDetectionCrops(data, NORM, 96, augment=False)
+    assert crops[0]["labels"].tolist() == [0]
