@@ -4,8 +4,8 @@ Fabric gives devices, mixed precision and DDP (one process per device, under
 ``torchrun``/SLURM or Fabric's own launcher). The loop runs a method's stages
 in order; each epoch it validates on whole images through the streaming
 predictor (the same code path users run), writes ``last.ckpt``, ``best.ckpt``
-(by validation mIoU, or accuracy for image classifiers: the best epoch so far of the
-current stage, also kept as ``best-<stage>.ckpt``; every epoch when there is no validation),
+(by validation mIoU, accuracy for image classifiers or COCO AP for detectors: the best epoch
+so far of the current stage, also kept as ``best-<stage>.ckpt``; every epoch when there is no validation),
 ``metrics.csv`` and the resolved ``config.yaml``, and can resume exactly from ``last.ckpt``.
 
 A run that diverges stops with a ``TrainingDiverged`` naming the stage, epoch and step: a
