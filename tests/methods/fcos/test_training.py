@@ -155,3 +155,16 @@ def test_max_memory_splits_a_training_batch_into_sub_batches(tmp_path):
     assert sub_batch(estimate.total(3) + estimate.per_sample // 2) == 3  # half a sample of room for RSS drift
     with pytest.raises(BudgetError, match="too small for training stage 'fcos'"):
         sub_batch(estimate.fixed)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_dataset, capsys):
+    squares = write_coco(tmp_path / "squares", {"train": Squares(count=2)})
+    base = ["train", "--method", "fcos", "--encoder", "test_resnet", "--out", str(tmp_path / "run")]
+    for argv, message in (
+        ([*base, "--data", str(tiny_dataset)], "is a segmentation dataset but fcos is a detection method"),
+        ([*base, "--data", str(squares), "--set", "mode=tiles"], "fcos: option mode='tiles' is not one of"),
+        ([*base, "--data", str(squares), "--set", "min_level=1"], "min_level=1 is not one of"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
