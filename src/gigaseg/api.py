@@ -7,6 +7,7 @@ the same behaviour (and the same errors) as the command line.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,9 +135,16 @@ def predict(
             needs ``pip install 'gigaseg[onnx]'``; implies ``fast``).
         compile: ``torch.compile`` the patch networks (implies ``fast``).
 
+    A detector (``model.task == "detection"``) writes its boxes instead of a mask: ``<name>.json``
+    (COCO results: image id 1, the checkpoint's category ids) and ``<name>.geojson`` (box polygons
+    in the image's map coordinates when it is georeferenced, else pixel coordinates), plus
+    ``<name>_overlay.png`` (boxes on the overview) with ``overlay`` (``out``: a folder or a ``.json``
+    path); ``probabilities``, ``vector``, ``ome-zarr``, the fast path and clusters are for segmentation.
+
     Returns:
         A ``PredictionResult``: the paths written, the image size, the time and block counts; for a
-        collection, a ``CollectionResult`` (results and failures by image).
+        detector, a ``gigaseg.inference.detections.DetectionResult`` (the detections and the files);
+        for a collection, a ``CollectionResult`` (results and failures by image).
 
     Raises:
         ConfigError: a bad checkpoint, size or option, an image whose channel count differs
@@ -185,6 +193,24 @@ def predict(
         model = model.with_inference_options(**options)
     info = info if info is not None else loaded_info
     source, normalization = _open_for_prediction(model, info, image, budget, normalization)
+    if getattr(model, "task", None) == "detection":
+        unsupported = [
+            name
+            for name, asked in (
+                ("probabilities", probabilities),
+                ("vector", vector is not None),
+                ("format ome-zarr", "ome-zarr" in formats),
+                ("fast", fast is not None),
+                ("on_band", on_band is not None),
+            )
+            if asked
+        ]
+        if unsupported:
+            raise ConfigError(
+                f"{model.method_name} is a detection method: it writes boxes (COCO results json, GeoJSON, "
+                f"overlay), so {', '.join(unsupported)} do not apply"
+            )
+        return _predict_detections(model, info, source, normalization, out, budget, device, precision, overlay)
     out = None if out is None else output_path(out, source)
     if vector is not None and out is not None:  # bad polygon settings fail before anything is predicted
         from .io.vector import check_polygon_options
@@ -225,6 +251,43 @@ def predict(
             )
             result.vector_path = polygons.path
         return result
+
+
+def _predict_detections(model, info: dict, source, normalization, out, budget, device: str, precision: str, overlay):
+    """:func:`predict` of a detector: its boxes as ``<name>.json`` (COCO results) and ``<name>.geojson``.
+
+    ``out`` is a folder (the image's name is added), a ``.json`` path or a mask path (``.tif``:
+    the collection paths); None writes nothing. Returns a ``gigaseg.inference.detections.DetectionResult``.
+    """
+    from .inference.detections import detection_outputs, predict_detections
+    from .methods.registry import build_predictor
+
+    stem = None
+    if out is not None:
+        out = Path(out)
+        if out.suffix.lower() in (".json", ".tif", ".tiff"):
+            stem = out
+        else:
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"{out}: is a file, not a folder for the detections (give a folder or a .json path)")
+            stem = out / source.name
+        if source.path is not None:
+            for path in detection_outputs(stem):
+                if same_file(path, source.path):
+                    raise ConfigError(f"{path}: is the input image itself; write the detections somewhere else (--out)")
+    model = model.to(device)
+    predictor = build_predictor(model, normalization, device=device, max_memory=budget, precision=precision)
+    palette = np.asarray(info["palette"], dtype=np.uint8) if info.get("palette") else None
+    classes = info.get("classes") or [str(i) for i in range(model.num_classes)]
+    return predict_detections(
+        predictor,
+        source,
+        stem,
+        classes=classes,
+        category_ids=info.get("category_ids"),
+        palette=palette,
+        overlay=overlay,
+    )
 
 
 def _open_for_prediction(model, info: dict, image, budget: int | None, normalization: Normalization | None):
@@ -525,6 +588,8 @@ def _predict_many(model_or_checkpoint, image, out, *, client, formats, vector, v
         return outcome
     checkpoint = _checkpoint_file(model_or_checkpoint)
     model, _ = load_model(checkpoint)  # a bad checkpoint or option fails here, before any worker starts
+    if getattr(model, "task", None) == "detection":
+        raise ConfigError(f"{model.method_name} is a detection method: detect in one process (no cluster)")
     options = settings["options"] or {}
     model.with_inference_options(**options)
     del model
@@ -753,7 +818,10 @@ def evaluate(
         None, infinity as "inf"). Image
         classifiers (classification datasets) are scored per image: ``task``, ``accuracy``,
         ``balanced_accuracy``, per-class F1, the confusion matrix and ``predictions``
-        (image name -> class index), with ``binary`` too for two classes.
+        (image name -> class index), with ``binary`` too for two classes. Detectors (detection
+        datasets) are scored by COCO's evaluator: ``task``, ``AP`` (AP@[.50:.95]), ``AP50``,
+        ``AP75``, ``AP_small`` / ``AP_medium`` / ``AP_large``, ``AR100`` and the other recalls, the
+        counts, and ``per_class`` (AP and objects); None where COCO has nothing to score.
 
     Raises:
         GigasegError: the split has no images.
@@ -780,6 +848,8 @@ def evaluate(
     _check_task(model, dataset, data)
     if model.task == "classification":
         return _evaluate_classification(model, dataset, normalization, split, device, budget, progress)
+    if model.task == "detection":
+        return _evaluate_detection(model, dataset, normalization, split, device, budget, progress)
     matrix = ConfusionMatrix(model.num_classes, ignore_index=dataset.ignore_index)
     details = DetailMetrics(model.num_classes, ignore_index=dataset.ignore_index) if detail else None
     with progress_bar(f"evaluate {split}", len(dataset), enabled=progress) as advance:
@@ -855,6 +925,46 @@ def _check_task(model, dataset, data) -> None:
                 f"{where}: its images have {image_layout(channels, dtype)} ({name}) but the model expects "
                 f"{model.in_channels} channel{'' if model.in_channels == 1 else 's'}"
             )
+
+
+def _evaluate_detection(model, dataset, normalization, split, device, budget, progress) -> dict[str, Any]:
+    """Score a detector with COCO's evaluator: every image of the split detected whole, as ``predict`` does.
+
+    Detections per image are scored up to COCO's 100, or up to the most objects an image of the
+    split holds when that is more (``max_detections``). NaN scores (nothing of a size range) are None.
+    """
+    from .detection_metrics import DetectionEvaluator
+    from .methods.registry import build_predictor
+    from .progress import progress_bar
+
+    cap = max([100] + [len(sample.labels) for sample in dataset.samples])
+    evaluator = DetectionEvaluator(list(dataset.classes), max_detections=cap)
+    with progress_bar(f"evaluate {split}", len(dataset), enabled=progress) as advance:
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            with sample.open() as opened:
+                image = _match_channels(opened, model.in_channels, notify=index == 0)
+                norm = _normalization_for(normalization or Normalization.for_source(image), image)
+                detector = build_predictor(model, norm, device=device, max_memory=budget)
+                found = detector.predict(image)
+            evaluator.add(sample.name, sample.width, sample.height, sample.boxes, sample.labels, found, sample.iscrowd)
+            advance(1)
+    scores = evaluator.compute()
+
+    def plain(value):
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    counts = np.bincount(
+        np.concatenate([sample.labels for sample in dataset.samples] + [np.zeros(0, np.int64)]),
+        minlength=len(dataset.classes),
+    )
+    summary = {"task": "detection", "split": split}
+    summary.update({key: plain(value) for key, value in scores.items() if key != "AP_per_class"})
+    summary["per_class"] = {
+        name: {"AP": plain(scores["AP_per_class"][name]), "objects": int(counts[i])}
+        for i, name in enumerate(dataset.classes)
+    }
+    return summary
 
 
 def _evaluate_classification(model, dataset, normalization, split, device, budget, progress) -> dict[str, Any]:

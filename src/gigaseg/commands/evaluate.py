@@ -19,7 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "evaluate",
         help="score a model on a dataset split",
-        description="Per-class IoU, mIoU, F1, accuracy and peak memory on a split.",
+        description="Per-class IoU, mIoU, F1, accuracy and peak memory on a split; for a detector, COCO's AP, "
+        "AP50, AP75, AP small/medium/large and AR (pycocotools).",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     parser.add_argument("--data", required=True, help="dataset folder")
@@ -81,6 +82,8 @@ def format_summary(summary: dict) -> str:
     def number(value) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
+    if summary.get("task") == "detection":
+        return _format_detection(summary, number)
     excluded = f" (excluding {', '.join(summary['excluded'])})" if summary.get("excluded") else ""
     classification = summary.get("task") == "classification"
     if classification:
@@ -125,3 +128,26 @@ def format_summary(summary: dict) -> str:
     with console.capture() as capture:
         console.print(table)
     return capture.get()
+
+
+def _format_detection(summary: dict, number) -> str:
+    """A detector's COCO scores: the headline APs (each labelled) and a per-class table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    headline = (
+        f"AP {number(summary['AP'])} (COCO AP@[.50:.95]), AP75 {number(summary['AP75'])} (AP at IoU .75, the "
+        f"paper's metric), AP50 {number(summary['AP50'])}\nAP small {number(summary['AP_small'])}, "
+        f"AP medium {number(summary['AP_medium'])}, AP large {number(summary['AP_large'])} (COCO areas < 32², "
+        f"< 96², larger); AR@{summary['max_detections']} {number(summary['AR100'])}; {summary['images']} images, "
+        f"{summary['objects']} objects, {summary['detections']} detections"
+    )
+    table = Table(title="AP per class (COCO AP@[.50:.95])")
+    for column in ("class", "AP", "objects"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in summary["per_class"].items():
+        table.add_row(name, number(row["AP"]), str(row["objects"]))
+    console = Console(width=120, record=True)
+    with console.capture() as capture:
+        console.print(table)
+    return headline + "\n" + capture.get()

@@ -1,5 +1,8 @@
 """``gigaseg predict``: segment whole images of any size into tiled mask TIFFs (or OME-Zarr stores).
 
+A detector's boxes go to ``OUT/<name>.json`` (COCO results) and ``OUT/<name>.geojson`` instead
+(``--overlay``: ``OUT/<name>_overlay.png`` with the boxes drawn).
+
 In this process, or on a Dask cluster (``--cluster local:N``, ``--scheduler ADDRESS``:
 ``gigaseg.inference.distributed``). Every input is attempted: a bad image fails alone with its
 one-line error, and a summary names the failed ones (exit code 2).
@@ -29,7 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="segment images with a trained model",
         description="Segment images of any size window by window; writes OUT/<name>.tif (tiled, colour map, "
         "georeferencing kept) and/or OUT/<name>.ome.zarr (OME-NGFF labels). A killed run restarted with the same "
-        "command resumes. Every image is attempted: one that fails is named, and the exit code is 2.",
+        "command resumes. Every image is attempted: one that fails is named, and the exit code is 2. "
+        "A detector writes OUT/<name>.json (COCO results) and OUT/<name>.geojson (boxes, georeferenced when the "
+        "image is) instead.",
     )
     parser.add_argument(
         "images",
@@ -136,6 +141,10 @@ def run(args) -> int:
     model, info = load_model(args.checkpoint)  # once, and a bad checkpoint fails before any output
     options = parse_options(args.set)
     model = model.with_inference_options(**options)  # bad options fail before any output too
+    if getattr(model, "task", None) == "detection" and (args.view or args.cluster or args.scheduler):
+        raise ConfigError(
+            f"{model.method_name} is a detection method: --view, --cluster and --scheduler are for segmentation"
+        )
     settings = dict(
         max_memory=args.max_memory,
         device=args.device,
@@ -231,6 +240,15 @@ def _peak_rss() -> int:
 
 
 def _print_result(image: str, result, memory: str) -> None:
+    if hasattr(result, "json_path"):  # a detector's boxes
+        print(
+            f"{image}: {result.height}x{result.width} -> {len(result.detections)} detections in {result.json_path} "
+            f"({result.megapixels_per_second:.2f} Mpx/s, {memory})"
+        )
+        print(f"  geojson: {result.geojson_path}")
+        if result.overlay_path:
+            print(f"  overlay: {result.overlay_path}")
+        return
     mask = result.mask_path or result.ome_zarr_path
     print(f"{image}: {result.height}x{result.width} -> {mask} ({result.megapixels_per_second:.2f} Mpx/s, {memory})")
     if result.mask_path and result.ome_zarr_path:
