@@ -22,6 +22,9 @@ from ..memory import format_size
 from . import machine
 from .memory import measure_call
 
+#: a detector's scores in its rows (``gigaseg.evaluate``'s keys), in table order
+DETECTION_KEYS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR100")
+
 
 @dataclass
 class MethodSpec:
@@ -223,11 +226,25 @@ def score(
         timeout: seconds the child may run (None: no limit).
 
     Returns:
-        The row: scores, per-class and per-group IoU, peak RSS and speed of the prediction.
+        The row: scores, per-class and per-group IoU, peak RSS and speed of the prediction; for a
+        detector, COCO's ``DETECTION_KEYS`` and ``per_class_ap`` instead of the IoU scores.
     """
     options = spec.variants[variant] if variant else None
     scored = measure_call(evaluate_job, (str(run_dir), str(data), split, max_memory, options), timeout=timeout)
     summary = scored.value["summary"]
+    if summary.get("task") == "detection":  # COCO's scores instead of IoU
+        return {
+            "name": f"{spec.name} ({variant})" if variant else spec.name,
+            "spec": asdict(spec),
+            **({"variant_of": spec.name, "inference_options": options} if variant else {}),
+            "task": "detection",
+            **{key: summary.get(key) for key in DETECTION_KEYS},
+            "per_class_ap": {name: row["AP"] for name, row in summary["per_class"].items()},
+            "predict_peak_rss": scored.peak_rss,
+            "predict_cuda_peak": scored.cuda_peak,
+            "megapixels_per_second": scored.value["megapixels_per_second"],
+            "runtime_baseline_rss": scored.baseline_rss,
+        }
     per_class = {name: row["iou"] for name, row in summary["per_class"].items()}
     detail = summary.get("detail") or {}
     return {
@@ -322,6 +339,8 @@ def markdown(results: dict) -> str:
         f"seed {results['seed']}.",
         "",
     ]
+    if results["methods"] and all(m.get("task") == "detection" for m in results["methods"]):
+        return _detection_markdown(results, lines)
     detail = any(m.get("boundary_f1") is not None for m in results["methods"])
     columns = [
         "method",
@@ -386,6 +405,30 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _detection_markdown(results: dict, lines: list[str]) -> str:
+    """The report of detectors: COCO's AP (AP75 is the paper's metric), memory, speed; AP per class."""
+    columns = ["method", "AP", "AP50", "AP75 (paper)", "AP small", "AP medium", "AP large", "AR"]
+    columns += ["train peak RSS", "predict peak RSS", "Mpx/s", "train s", "epochs per stage"]
+    lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for m in results["methods"]:
+        epochs = m["spec"].get("epochs")
+        cells = [m["name"], *(_fmt(m[key]) for key in DETECTION_KEYS)]
+        cells += [format_size(m["train_peak_rss"]), format_size(m["predict_peak_rss"])]
+        cells += [_fmt(m["megapixels_per_second"], 2), f"{m['train_seconds']:.0f}"]
+        cells.append("stage defaults" if epochs is None else str(epochs))
+        lines.append("| " + " | ".join(cells) + " |")
+    classes = list(results["methods"][0]["per_class_ap"])
+    lines += ["", "AP per class (COCO AP@[.50:.95]):", "", "| method | " + " | ".join(classes) + " |"]
+    lines.append("|---" * (1 + len(classes)) + "|")
+    for m in results["methods"]:
+        lines.append(f"| {m['name']} | " + " | ".join(_fmt(m["per_class_ap"][c]) for c in classes) + " |")
+    lines += ["", "AP is COCO's AP@[.50:.95]; AP75 (AP at IoU .75) is the one number the paper's code reports."]
+    lines += ["", "Options:", ""] + [_options_line(m) for m in results["methods"]]
+    for note in results.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
 def _options_line(m: dict) -> str:
     if m.get("variant_of"):
         return f"- {m['name']}: the weights of {m['variant_of']}, predicted with `{json.dumps(m['inference_options'])}`"
@@ -396,7 +439,7 @@ def _options_line(m: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """A bar chart of per-class IoU, one bar per method, written atomically as PNG.
+    """A bar chart of per-class IoU (AP for detectors), one bar per method, written atomically as PNG.
 
     Args:
         results: what :func:`compare` returned (at least one method).
@@ -408,14 +451,17 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = results["methods"]
-    classes = list(methods[0]["per_class_iou"])
+    detection = all(m.get("task") == "detection" for m in methods)
+    key, score, axis = ("per_class_ap", "AP", "AP") if detection else ("per_class_iou", "miou", "IoU")
+    classes = list(methods[0][key])
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(classes)), 4))
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
-        values = [m["per_class_iou"][c] or 0.0 for c in classes]
-        ax.bar(np.arange(len(classes)) + i * width, values, width, label=f"{m['name']} (mIoU {_fmt(m['miou'])})")
+        values = [m[key][c] or 0.0 for c in classes]
+        label = f"{m['name']} ({'AP' if detection else 'mIoU'} {_fmt(m[score])})"
+        ax.bar(np.arange(len(classes)) + i * width, values, width, label=label)
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=30, ha="right")
-    ax.set_ylabel("IoU")
+    ax.set_ylabel(axis)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     fig.tight_layout()
