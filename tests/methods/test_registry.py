@@ -160,6 +160,7 @@ def test_every_method_registers_a_recipe_and_a_predictor_of_its_task():
         "downsampled_classifier": {"input_size": 48, "latent_dim": 16},
         "patchgd_segmenter": {"patch_size": 32},
         "fcos": {"input_size": 64, "crop_size": 64, "fpn_channels": 32, "head_convs": 1},
+        "patchgd_detector": {"patch_size": 64, "canvas_size": 128, "latent_dim": 16, "head_convs": 1, "max_level": 6},
     }
     assert sorted(tiny) == available_methods()
     contracts = {

@@ -15,7 +15,7 @@ import torch
 
 from ...budget import inference_estimate, runtime_bytes
 from ...geometry import Window, upsample_window
-from ...inference.contract import ClassificationPredictor, SegmentationPredictor
+from ...inference.contract import ClassificationPredictor, DetectionPredictor, SegmentationPredictor
 from ...inference.planner import InferencePlan, plan_inference
 from ...io.normalize import Normalization
 from .model import (
@@ -29,11 +29,13 @@ from .model import (
 
 __all__ = [
     "DownsampledImageClassifier",
+    "PatchGDDetectionPredictor",
     "PatchGDImageClassifier",
     "PatchGDSegmentationPredictor",
     "downsampled_classifier_predictor",
     "inference_plan",
     "patchgd_classifier_predictor",
+    "patchgd_detector_predictor",
     "patchgd_segmenter_predictor",
     "segmentation_block_bytes",
 ]
@@ -349,3 +351,129 @@ def patchgd_segmenter_predictor(
         BudgetError: not even one patch fits ``max_memory``.
     """
     return PatchGDSegmentationPredictor(model, normalization, device=device, max_memory=max_memory, precision=precision)
+
+
+# ------------------------------------------------------------------------------- detection
+
+
+class PatchGDDetectionPredictor(DetectionPredictor):
+    """The detection framework on any image: whole canvases, or canvas-sized tiles merged.
+
+    ``mode="auto"``: an image whose longer side is at most ``canvas_size`` is resized (longer
+    side) and padded to the canvas (``WholeImageDetectionPredictor``); a larger one is cut
+    into full-resolution canvas-sized tiles sharing ``overlap_ratio`` of their side, read band
+    by band, whose detections are merged (``SlicedDetectionPredictor``). ``"whole"`` and
+    ``"sliced"`` use one of the two for every image.
+
+    Args:
+        model: a ``patchgd_detector`` network.
+        normalization: how the images' pixels are normalised.
+        whole: the whole-canvas predictor.
+        sliced: the canvas-tile predictor.
+        device: where the network runs.
+        precision: "32", "bf16-mixed" or "16-mixed".
+    """
+
+    def __init__(self, model, normalization: Normalization, *, whole, sliced, device="cpu", precision: str = "32"):
+        super().__init__(model, normalization, device=device, sub_batch=1, precision=precision)
+        self.whole = whole
+        self.sliced = sliced
+
+    def predict(self, source):
+        """The objects of ``source`` in its full-resolution pixels.
+
+        Args:
+            source: the image.
+
+        Returns:
+            Its ``Detections``, best first.
+        """
+        mode = self.model.options["mode"]
+        canvas = self.model.options["canvas_size"]
+        if mode == "sliced" or (mode == "auto" and max(source.height, source.width) > canvas):
+            return self.sliced.predict(source)
+        return self.whole.predict(source)
+
+
+def detection_fill_bytes(model, canvas: int) -> int:
+    """Working memory of one canvas's prediction besides theta1's patches: ``Z``, fused maps, heads.
+
+    Args:
+        model: a ``patchgd_detector`` network.
+        canvas: the canvas side in pixels.
+
+    Returns:
+        Bytes (float32 ``Z`` once, the fused maps and three tower maps live per fused point).
+    """
+    return model.map_bytes(1, canvas, canvas) // 3
+
+
+def patchgd_detector_predictor(
+    model,
+    normalization: Normalization,
+    *,
+    device="cpu",
+    max_memory: int | None = None,
+    precision: str = "32",
+    default_sub_batch: int = DEFAULT_FILL_BATCH,
+) -> DetectionPredictor:
+    """The ``patchgd_detector``'s predictor, ``fill_batch`` patches per theta1 pass planned from ``max_memory``.
+
+    One canvas per pass; the budget holds theta1's no-grad patches, a band of canvas-sized
+    tiles (decoded and normalised), ``Z``, the fused maps and the heads.
+
+    Args:
+        model: a ``patchgd_detector`` network.
+        normalization: how the images' pixels are normalised.
+        device: where the network runs.
+        max_memory: the budget in bytes (None: ``default_sub_batch`` patches per pass).
+        precision: "32", "bf16-mixed" or "16-mixed".
+        default_sub_batch: patches per theta1 pass without a budget.
+
+    Returns:
+        A :class:`PatchGDDetectionPredictor`.
+
+    Raises:
+        BudgetError: not even one patch fits ``max_memory``.
+    """
+    from ...inference.merge import MergeSettings
+    from ...inference.sliced import SlicedDetectionPredictor, WholeImageDetectionPredictor
+
+    o = model.options
+    canvas = o["canvas_size"]
+    p = model.patch_size
+    sample = (torch.zeros(1, model.in_channels, p, p),)
+
+    def estimate(block: int):
+        # a band of canvas-tall tiles, decoded and as float32, next to Z, the fused maps and the heads
+        band = model.in_channels * canvas * max(block, canvas) * (1 + 4)
+        extra = band + detection_fill_bytes(model, canvas)
+        return inference_estimate(model.theta1, sample, runtime=runtime_bytes(device), extra=extra)
+
+    plan = plan_inference(
+        max_memory,
+        estimate,
+        f"patchgd_detector prediction with {p}-px patches on {canvas}-px canvases",
+        default=default_sub_batch,
+        maximum=MAX_FILL_BATCH,
+    )
+    model.fill_batch = max(1, plan.sub_batch)
+    common = {
+        "score_threshold": o["score_threshold"],
+        "max_detections": o["image_max_detections"],
+        "device": device,
+        "precision": precision,
+    }
+    whole = WholeImageDetectionPredictor(model, normalization, size=canvas, **common)
+    merge = MergeSettings(
+        method=o["merge"], metric=o["merge_metric"], threshold=o["merge_threshold"], class_agnostic=o["class_agnostic"]
+    )
+    overlap = int(o["overlap_ratio"] * canvas + 0.5)
+    sliced = SlicedDetectionPredictor(
+        model, normalization, tile_size=canvas, overlap=overlap, merge=merge, sub_batch=1, **common
+    )
+    if plan.block_size is not None:
+        sliced.block_size = plan.block_size
+    return PatchGDDetectionPredictor(
+        model, normalization, whole=whole, sliced=sliced, device=device, precision=precision
+    )

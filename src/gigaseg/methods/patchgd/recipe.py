@@ -39,6 +39,7 @@ from ...errors import BudgetError, DatasetError
 from ...io.array import ArraySource
 from ...memory import format_size
 from ...nn.losses import dice_loss
+from ...training.detection_views import WholeImageDetections
 from ...training.recipe import Stage, StepContext
 from ...training.views import SeededViews, augment_pair, rng_for
 from .model import DEFAULT_FILL_BATCH, MAX_FILL_BATCH
@@ -48,6 +49,8 @@ __all__ = [
     "WholeImageViews",
     "classifier_stages",
     "classifier_step",
+    "detector_stages",
+    "detector_step",
     "downsampled_stages",
     "plan_patches",
     "segmentation_loss",
@@ -228,6 +231,8 @@ def plan_patches(
         # labels (int64, twice) + Z0, its copy and that copy's gradient, the upsampled global
         # features and their gradient, the fused map, logits, probabilities and loss terms
         data += pixels * (16 + 4 * (3 * latent + 2 * latent + 2 * latent + 8 * max(classes, 2)))
+    elif getattr(model, "task", "") == "detection":
+        data += model.map_bytes(batch, height, width)  # the pyramids' Z, theta2 and FCOS's heads
     extra = 1 if model.options["global_patch"] else 0
     # a share of the budget is left to the allocator: a CPU process's resident size grows over
     # training as freed blocks stay cached
@@ -385,6 +390,31 @@ def segmenter_step(ctx: StepContext, batch: dict, cache: dict | None = None) -> 
     return _inner_iterations(ctx, batch, cache, iterate)
 
 
+def detector_step(ctx: StepContext, batch: dict, cache: dict | None = None) -> dict:
+    """The detection framework's inner iterations: Z filled once, k patches re-encoded into a copy each time.
+
+    Every iteration starts from the filled ``Z`` (as for segmentation); the loss is the sum of
+    FCOS's three losses on the canvas's targets.
+
+    Args:
+        ctx: the step's context (model, backward, settings).
+        batch: ``image`` ``(B, C, S, S)`` and ``targets`` (B dicts with ``boxes`` and
+            ``labels``), as ``gigaseg.training.detection_views.collate_detections`` makes them.
+        cache: keeps the memory plan per image size across steps; None plans anew.
+
+    Returns:
+        ``{"loss": the mean summed FCOS loss over the inner iterations, "k": k}``.
+    """
+    device = batch["image"].device
+    targets = [{key: value.to(device) for key, value in t.items()} for t in batch["targets"]]
+
+    def iterate(x, global_view, z, indices):
+        losses = ctx.wrapped(x, targets, global_view=global_view, latents=z, indices=indices)
+        return sum(losses.values()), z  # every iteration starts from the filled Z
+
+    return _inner_iterations(ctx, batch, cache, iterate)
+
+
 def downsampled_step(ctx: StepContext, batch: dict) -> dict:
     """One training step of the downsampled baseline: cross-entropy on the resized images.
 
@@ -454,6 +484,36 @@ def segmenter_stages(model) -> list[Stage]:
                 data, norm, global_size=p if model.options["global_patch"] else None, augment=True, seed=settings.seed
             ),
             step=lambda ctx, batch: segmenter_step(ctx, batch, cache),
+            sub_batch=DEFAULT_FILL_BATCH,
+        )
+    ]
+
+
+def detector_stages(model) -> list[Stage]:
+    """The detection framework: AdamW 1e-4 (weight decay 1e-4, as fcos), 24 epochs, batch 2, flips.
+
+    Images are resized (longer side) and padded to ``canvas_size`` x ``canvas_size`` with their
+    boxes (``gigaseg.training.detection_views.WholeImageDetections``); the global patch is made
+    from the canvas by area averaging in the step.
+
+    Args:
+        model: the ``patchgd_detector`` network.
+
+    Returns:
+        One stage running :func:`detector_step`.
+    """
+    cache: dict = {}
+    canvas = model.options["canvas_size"]
+    return [
+        Stage(
+            name="patchgd",
+            epochs=24,
+            lr=1e-4,
+            batch_size=2,
+            optimizer="adamw",
+            weight_decay=1e-4,
+            make_data=lambda data, norm, settings: WholeImageDetections(data, norm, canvas, seed=settings.seed),
+            step=lambda ctx, batch: detector_step(ctx, batch, cache),
             sub_batch=DEFAULT_FILL_BATCH,
         )
     ]
