@@ -242,3 +242,23 @@ def test_a_missing_yolo_image_and_bad_names_are_named(tmp_path):
     (root / "data.yaml").write_text(yaml.safe_dump({"train": "train.txt", "names": ["a", "b"]}))
     with pytest.raises(DatasetError, match=r"train.txt: line 1: image 'images/train/gone.jpg' does not exist"):
         load_dataset(root, "train")
+
+
+def test_coco_as_downloaded_needs_no_dataset_yaml(tmp_path):
+    root = tmp_path / "coco"
+    val = coco_json([(7, "000007.jpg", 24, 16)], [(7, 3, (1, 2, 3, 4), 0)])
+    write_image(root / "val2017" / "000007.jpg", 16, 24)
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(val))
+    assert dataset_task(root) == "detection"
+    data = load_dataset(root, "val")
+    assert data.format == "coco" and data.category_ids == [3, 7] and data.annotations.name == "instances_val2017.json"
+    np.testing.assert_array_equal(data[0].boxes, [[1, 2, 4, 6]])
+    with pytest.raises(SplitNotFound, match=r"split 'train' matches none of the instances files \(val2017\)"):
+        load_dataset(root, "train")
+    (root / "annotations" / "instances_val2014.json").write_text(json.dumps(val))
+    with pytest.raises(SplitNotFound, match="matches several"):
+        load_dataset(root, "val")
+    assert len(load_dataset(root, "val2017")) == 1
+    with pytest.raises(DatasetError, match=r"instances_val2014.json has no images folder: neither val2014/"):
+        load_dataset(root, "val2014")

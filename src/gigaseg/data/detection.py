@@ -16,9 +16,12 @@ the contiguous 0-based index of the class in ``dataset.classes``).
     palette: [[255, 0, 0], ...]   # optional: one RGB colour per class
 
 (``images:`` + ``annotations:`` at the top level instead of ``splits`` make a single ``train``
-split.) The json is COCO's instances format: ``images`` (``id``, ``file_name`` relative to the
-images folder, ``width``, ``height``), ``annotations`` (``image_id``, ``category_id``, ``bbox``
-``[x, y, w, h]``, optional ``area`` and ``iscrowd``) and ``categories`` (``id``, ``name``).
+split.) COCO as downloaded is read without a dataset.yaml: ``annotations/instances_<split>.json``
+with the images in ``<split>/`` or ``images/<split>/`` (``--data /data/coco`` with split ``val``
+reads ``instances_val2017.json`` and ``val2017/``). The json is COCO's instances format:
+``images`` (``id``, ``file_name`` relative to the images folder, ``width``, ``height``),
+``annotations`` (``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]``, optional ``area`` and
+``iscrowd``) and ``categories`` (``id``, ``name``).
 Classes are the categories in increasing id order; ``category_ids[i]`` is class ``i``'s COCO id.
 Boxes become ``(x, y, x + w, y + h)``; a box reaching outside its image by at most
 ``BORDER_TOLERANCE`` pixels is clipped to it (rounding in exported files), and a box with zero
@@ -78,7 +81,9 @@ __all__ = [
     "YOLO_YAML_NAMES",
     "coco_ground_truth",
     "detection_yaml",
+    "coco_instances",
     "find_detection_yaml",
+    "is_coco_download",
     "yolo_label_path",
 ]
 
@@ -206,6 +211,32 @@ def detection_yaml(
     return content
 
 
+def coco_instances(path: str | os.PathLike) -> list[Path]:
+    """The ``annotations/instances_*.json`` files of a COCO download, sorted.
+
+    Args:
+        path: a folder.
+
+    Returns:
+        The instances files (empty when ``path`` has none).
+    """
+    folder = Path(path) / "annotations"
+    return sorted(folder.glob("instances_*.json")) if folder.is_dir() else []
+
+
+def is_coco_download(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder laid out as COCO is downloaded (and has no dataset.yaml).
+
+    Args:
+        path: a folder.
+
+    Returns:
+        True for a folder with ``annotations/instances_<split>.json`` files and no ``dataset.yaml``.
+    """
+    path = Path(path)
+    return path.is_dir() and not (path / YAML_NAME).is_file() and bool(coco_instances(path))
+
+
 def find_detection_yaml(path: str | os.PathLike) -> Path | None:
     """The yaml that makes ``path`` a detection dataset, if any.
 
@@ -247,7 +278,7 @@ class DetectionDataset(Dataset):
     repeated) and dtype.
 
     Args:
-        root: the dataset folder, its dataset.yaml, or an Ultralytics data.yaml.
+        root: the dataset folder, its dataset.yaml, an Ultralytics data.yaml, or a COCO download's folder.
         split: the split to open (``"train"``, ``"val"``, ...).
         max_memory: bytes (or a size like ``"2GB"``) a reader may decode at once, passed to ``open_image``.
         check: run ``validate()`` at construction.
@@ -278,31 +309,46 @@ class DetectionDataset(Dataset):
     ):
         root = Path(root)
         found = find_detection_yaml(root)
-        if found is None:
+        if found is None and not is_coco_download(root):
             where = root if root.is_file() else root / YAML_NAME
             raise DatasetError(
-                where, f"not a detection dataset: needs a {YAML_NAME} with 'task: detection' or a YOLO data.yaml"
+                where,
+                f"not a detection dataset: needs a {YAML_NAME} with 'task: detection', a YOLO data.yaml, or "
+                "COCO's own layout (annotations/instances_<split>.json and the <split> images folder)",
             )
-        self.yaml_path = found
-        self.root = found.parent
         self.split = split
         self.max_memory = max_memory
         self.degenerate = 0
-        data = load_yaml_mapping(found, "task:, splits:")
-        self.name = str(data.get("name", self.root.name))
+        if found is None:  # COCO as downloaded: the splits are the instances files
+            self.yaml_path = None
+            self.root = root
+            data = {}
+            self.format = "coco"
+            records, self.classes, self.category_ids = self._read_coco_download()
+            found = self.annotations
+        else:
+            self.yaml_path = found
+            self.root = found.parent
+            data = load_yaml_mapping(found, "task:, splits:")
+            records, self.classes, self.category_ids = self._read_yaml_layout(data)
+        self._init_rest(found, data, records, check)
+
+    def _read_yaml_layout(self, data: dict) -> tuple[list[_Record], list[str], list[int]]:
+        found = self.yaml_path
         if found.name != YAML_NAME:
             self.format = "yolo"
-            records, self.classes, self.category_ids = self._read_ultralytics(data)
-        else:
-            self.format = str(data.get("format", "coco"))
-            if self.format == "coco":
-                records, self.classes, self.category_ids = self._read_coco_split(data)
-            elif self.format == "yolo":
-                records, self.classes, self.category_ids = self._read_gigaseg_yolo(data)
-            else:
-                raise DatasetError(found, f"format is {self.format!r}; a detection dataset is 'coco' or 'yolo'")
+            return self._read_ultralytics(data)
+        self.format = str(data.get("format", "coco"))
+        if self.format == "coco":
+            return self._read_coco_split(data)
+        if self.format == "yolo":
+            return self._read_gigaseg_yolo(data)
+        raise DatasetError(found, f"format is {self.format!r}; a detection dataset is 'coco' or 'yolo'")
+
+    def _init_rest(self, found: Path, data: dict, records: list[_Record], check: bool) -> None:
+        self.name = str(data.get("name", self.root.name))
         if not records:
-            raise SplitNotFound(found, f"no images for split {split!r}")
+            raise SplitNotFound(found, f"no images for split {self.split!r}")
         self._records = records
         palette = data.get("palette")
         try:
@@ -446,6 +492,26 @@ class DetectionDataset(Dataset):
         images = require_folder(self.root / entry["images"], f"images folder '{entry['images']}'")
         self.annotations = self.root / entry["annotations"]
         return read_coco(self.annotations, images, yaml_names=data.get("classes"), owner=self)
+
+    def _read_coco_download(self) -> tuple[list[_Record], list[str], list[int]]:
+        annotations = self.root / "annotations"
+        files = coco_instances(self.root)
+        matches = [f for f in files if f.stem.removeprefix("instances_").startswith(self.split)]
+        exact = [f for f in matches if f.stem == f"instances_{self.split}"]
+        if exact:
+            matches = exact
+        if len(matches) != 1:
+            listed = ", ".join(f.stem.removeprefix("instances_") for f in files)
+            problem = "matches several" if matches else "matches none"
+            raise SplitNotFound(annotations, f"split {self.split!r} {problem} of the instances files ({listed})")
+        self.annotations = matches[0]
+        name = matches[0].stem.removeprefix("instances_")
+        for images in (self.root / name, self.root / "images" / name):
+            if images.is_dir():
+                return read_coco(self.annotations, images, owner=self)
+        raise DatasetError(
+            self.root, f"{self.annotations.name} has no images folder: neither {name}/ nor images/{name}/ exists"
+        )
 
     # --- YOLO -----------------------------------------------------------------------------
     def _read_gigaseg_yolo(self, data: dict) -> tuple[list[_Record], list[str], list[int]]:

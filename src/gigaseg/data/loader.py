@@ -20,7 +20,7 @@ from .classification import TASK as CLASSIFICATION
 from .classification import ClassificationDataset
 from .deepglobe import DeepGlobe, looks_like_deepglobe
 from .detection import TASK as DETECTION
-from .detection import DetectionDataset, find_detection_yaml
+from .detection import DetectionDataset, find_detection_yaml, is_coco_download
 from .folder import FolderPairs, GigasegDataset
 from .inria import Inria
 
@@ -38,11 +38,11 @@ def dataset_task(path: str | os.PathLike) -> str:
 
     Returns:
         The yaml's ``task`` (``"classification"``, ``"detection"``, ...); "detection" for a folder
-        (or yaml) of an Ultralytics YOLO dataset; "segmentation" when there is no dataset.yaml or
-        it does not say.
+        (or yaml) of an Ultralytics YOLO dataset or of COCO as downloaded (``annotations/instances_*.json``);
+        "segmentation" when there is no dataset.yaml or it does not say.
     """
     path = Path(path)
-    if find_detection_yaml(path) is not None:
+    if find_detection_yaml(path) is not None or is_coco_download(path):
         return DETECTION
     yaml_path = path if path.is_file() else path / YAML_NAME
     if not yaml_path.is_file():
