@@ -84,3 +84,45 @@ def test_output_is_best_first_and_empty_stays_empty():
 def test_bad_settings_are_config_errors(options):
     with pytest.raises(ConfigError):
         MergeSettings(**options)
+
+
+def _all_pairs(found: Detections, settings: MergeSettings) -> Detections:
+    """The greedy walk comparing each kept box with every box left (the reference for the windowed walk)."""
+    order = np.argsort(-found.scores, kind="stable")
+    boxes = found.boxes[order].astype(np.float64)
+    left = np.ones(len(order), dtype=bool)
+    kept = []
+    for i in range(len(order)):
+        if not left[i]:
+            continue
+        left[i] = False
+        same = left & ((found.labels[order] == found.labels[order[i]]) | settings.class_agnostic)
+        rest = np.flatnonzero(same)
+        matched = rest[match_scores(boxes[i], boxes[rest], settings.metric) > settings.threshold]
+        left[matched] = False
+        group = boxes[np.concatenate([[i], matched])] if settings.method == "nmm" else boxes[[i]]
+        kept.append((*group[:, :2].min(0), *group[:, 2:].max(0), found.scores[order[i]], found.labels[order[i]]))
+    kept.sort(key=lambda row: -row[4])
+    return Detections(
+        np.array([row[:4] for row in kept], np.float32),
+        np.array([row[4] for row in kept], np.float32),
+        np.array([row[5] for row in kept], np.int64),
+    )
+
+
+@pytest.mark.parametrize("method,metric,agnostic", [("nmm", "ios", False), ("nmm", "iou", True), ("nms", "ios", True)])
+def test_the_windowed_walk_equals_comparing_every_pair(method, metric, agnostic):
+    # clusters of boxes of very different widths (a wide one among small ones), as tiles and a whole-image pass give
+    rng = np.random.default_rng(3)
+    centres = rng.uniform(0, 2000, (60, 2)).repeat(5, axis=0) + rng.normal(0, 6, (300, 2))
+    sizes = rng.uniform(4, 60, (300, 2))
+    sizes[::37] *= 8
+    found = dets(
+        np.concatenate([centres, centres + sizes], 1), rng.permutation(300) / 300, list(rng.integers(0, 3, 300))
+    )
+    settings = MergeSettings(method, metric, 0.3, agnostic)
+    merged, reference = merge_detections(found, settings), _all_pairs(found, settings)
+    assert 60 <= len(merged) < 300  # groups were merged
+    np.testing.assert_array_equal(merged.boxes, reference.boxes)
+    np.testing.assert_array_equal(merged.scores, reference.scores)
+    np.testing.assert_array_equal(merged.labels, reference.labels)

@@ -14,7 +14,9 @@ for a cut box inside its whole twin: the match a tile border calls for). ``class
 merges boxes of different classes too (the kept box's class wins).
 
 NMS by IoU runs torchvision's ``batched_nms``; the other combinations walk the boxes in score
-order, comparing each kept box with the boxes left (linear memory in the number of boxes).
+order, comparing each kept box with the boxes left that can overlap it (those whose left edge is
+within the widest box's width of it, found by bisection), so a large image's many boxes cost
+time in proportion to their number and their neighbours, in linear memory.
 """
 
 from __future__ import annotations
@@ -131,17 +133,28 @@ def merge_detections(detections: Detections, settings: MergeSettings | None = No
 
 
 def _greedy(detections: Detections, members: np.ndarray, settings: MergeSettings):
-    """Suppress (nms) or absorb (nmm) the boxes matching each best remaining box, within ``members``."""
+    """Suppress (nms) or absorb (nmm) the boxes matching each best remaining box, within ``members``.
+
+    Only boxes that can overlap the current one are compared: those whose left edge lies between
+    its left edge less the widest box's width and its right edge (found by bisection in the boxes
+    sorted by left edge), so the cost follows the boxes near each box, not all of the image's.
+    """
     order = members[np.argsort(-detections.scores[members], kind="stable")]
     boxes = detections.boxes[order].astype(np.float64)
+    by_left = np.argsort(boxes[:, 0], kind="stable")
+    lefts = boxes[by_left, 0]
+    widest = float((boxes[:, 2] - boxes[:, 0]).max()) if len(boxes) else 0.0
     left = np.ones(len(order), dtype=bool)
     kept_boxes, kept_scores, kept_labels = [], [], []
     for i in range(len(order)):
         if not left[i]:
             continue
         left[i] = False
-        rest = np.flatnonzero(left)
-        matched = rest[match_scores(boxes[i], boxes[rest], settings.metric) > settings.threshold]
+        near = by_left[
+            np.searchsorted(lefts, boxes[i, 0] - widest, side="left") : np.searchsorted(lefts, boxes[i, 2], side="left")
+        ]
+        near = near[left[near]]
+        matched = near[match_scores(boxes[i], boxes[near], settings.metric) > settings.threshold]
         left[matched] = False
         box = boxes[i]
         if settings.method == "nmm" and len(matched):
