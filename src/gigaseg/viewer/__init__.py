@@ -14,7 +14,8 @@ given.
 The page's files are in ``static/``: ``index.html``, ``viewer.js`` and ``viewer.css`` are
 gigaseg's; ``openseadragon.min.js`` and ``images/`` are OpenSeadragon 6.1.1 (BSD-3-Clause, see
 ``LICENSE-openseadragon.txt``), copied from its npm package with the source-map comment removed.
-Object-detection boxes are not drawn: gigaseg has no detection output yet.
+A detector's boxes (``gigaseg predict``'s OUT/<name>.json and .geojson) are not drawn on the page;
+``gigaseg predict --overlay`` draws them on the overview PNG.
 """
 
 from .server import ViewerServer, open_in_browser, serve, stop_all, view
