@@ -173,6 +173,30 @@ def check_patchgd_frozen_probe(folder: Path) -> None:
     check_markdown(folder / "results" / "patchgd_frozen_probe.md", "# What a frozen theta1 carries")
 
 
+def check_peer_sliding_window(folder: Path) -> None:
+    data = read_json(folder / "results" / "peer_sliding_window.json")
+    small = data["summary"]["384"]
+    assert set(small) == set(data["variants"])  # every variant ran at the smallest size
+    for row in small.values():
+        assert row["mpx_per_s"] > 0 and row["peak_rss"] > 0 and 0.99 <= row["agreement_with_monai"] <= 1.0
+    assert set(data["summary"]["512"]) == {"monai", "gigaseg_fast"}  # the largest size: MONAI and the fast path
+    check_markdown(folder / "results" / "peer_sliding_window.md", "# gigaseg against MONAI")
+    check_png(folder / "results" / "peer_sliding_window.png")
+
+
+def check_gpu_suite(folder: Path) -> None:
+    data = read_json(folder / "results" / "gpu_suite.json")
+    assert data["dry_run"] is True and data["device"].startswith("CPU")
+    for name in ("icnet", "glnet", "magnet", "patch_vs_monai"):
+        assert "error" not in data[name], data[name].get("traceback")
+    assert set(data["icnet"]["precisions"]) == {"fp32", "bf16"} and data["icnet"]["folded_batchnorms"] > 0
+    assert data["glnet"]["seconds"] > 0 and data["magnet"]["max_memory_allocated"] is None  # no CUDA here
+    variants = data["patch_vs_monai"]["variants"]
+    assert set(variants) == {"monai", "gigaseg", "gigaseg_fast", "gigaseg_fast_bf16"}
+    assert variants["gigaseg_fast"]["agreement_with_monai"] >= 0.99
+    check_markdown(folder / "results" / "gpu_suite.md", "# GPU suite (dry run")
+
+
 def check_predict_memory(folder: Path) -> None:
     data = read_json(folder / "results" / "predict_memory.json")
     assert [r["side"] for r in data["runs"]] == [1024] and data["runs"][0]["peak_rss"] > 0
@@ -240,10 +264,12 @@ SMOKES = {
     "compare_methods": Smoke(lambda f: ["--data", str(f / "data"), *work_and_results(f)], check_compare_methods, 25),
     "glnet_global_view": Smoke(work_and_results, check_glnet_global_view, 50),
     "glnet_memory": Smoke(work_and_results, check_glnet_memory, 30),
+    "gpu_suite": Smoke(lambda f: ["--results", str(f / "results")], check_gpu_suite, 10),
     "icnet_speed": Smoke(lambda f: ["--out", str(f / "results"), "--threads", "1"], check_icnet_speed, 20),
     "magnet_inference": Smoke(work_and_results, check_magnet_inference, 35),
     "patchgd": Smoke(work_and_results, check_patchgd, 75),
     "patchgd_frozen_probe": Smoke(work_and_results, check_patchgd_frozen_probe, 7),
+    "peer_sliding_window": Smoke(work_and_results, check_peer_sliding_window, 50),
     "pillow_decode": Smoke(lambda f: ["--out", str(f / "results")], check_pillow_decode, 8),
     "predict_memory": Smoke(work_and_results, check_predict_memory, 25),
     "pretrain_digits": Smoke(lambda f: [str(f / "results" / "digits.pth")], check_pretrain_digits, 8),
