@@ -337,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     variants = [v for v in args.variants.split(",") if v]
     if args.from_log:
         results = from_log(Path(args.from_log), work, sizes, variants, args)
+        previous = results_dir / "peer_sliding_window.json"
+        if previous.exists() and "networks" in json.loads(previous.read_text()):
+            results["networks"] = json.loads(previous.read_text())["networks"]  # a --networks run's, kept
         write(results, results_dir)
         print(f"wrote {results_dir / 'peer_sliding_window.md'} from {args.from_log}", flush=True)
         return
@@ -566,10 +569,11 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {side}² | {LABELS[variant]} | failed: {row['failed']} | | | | | | |")
                 continue
             agree = row.get("agreement_with_monai")
+            ratio = f"{row['speed_vs_monai']:.2f}" if "speed_vs_monai" in row else "n/a (no MONAI run)"
             plain = row.get("agreement_with_gigaseg_plain")
             lines.append(
                 f"| {side}² | {LABELS[variant]} | {row['mpx_per_s']:.3f} | "
-                f"{row.get('speed_vs_monai', float('nan')):.2f} | {row['peak_rss'] / 1e9:.2f} GB | "
+                f"{ratio} | {row['peak_rss'] / 1e9:.2f} GB | "
                 f"{'' if agree is None else f'{agree:.5%}'} | {'' if plain is None else f'{plain:.5%}'} | "
                 f"{', '.join(f'{s:.1f}' for s in row['all_seconds'])} | "
                 f"{', '.join(f'{x:.2f}' for x in row['load_before'])} |"
