@@ -111,6 +111,21 @@ def check_compare_methods(folder: Path) -> None:
     check_comparison(folder / "results", "compare_methods", ["magnet", "magnet (fast)"])
 
 
+def check_detection(folder: Path) -> None:
+    data = read_json(folder / "results" / "detection.json")
+    names = ["patchgd_detector (grid)", "patchgd_detector (paper)", "fcos (downsampled)", "fcos (sliced)"]
+    assert [m["name"] for m in data["methods"]] == names
+    for row in data["methods"]:
+        assert row["task"] == "detection" and 0.0 <= row["AP"] <= 1.0 and 0.0 <= row["AP75"] <= 1.0, row
+        assert row["train_peak_rss"] > 0 and row["predict_peak_rss"] > 0
+    large = data["large_prediction"]
+    assert large["returncode"] == 0 and large["side"] == 512 and large["peak_rss"] > 0, large
+    assert large["detections"] is not None
+    text = (folder / "results" / "detection.md").read_text()
+    assert text.startswith("# Methods compared") and "Prediction of a 512x512 scene" in text
+    check_png(folder / "results" / "detection.png")
+
+
 def check_glnet_global_view(folder: Path) -> None:
     data = read_json(folder / "results" / "glnet_global_view.json")
     assert set(data["scores"]) == {"glnet", "glnet, tile policy", "patch"}
@@ -260,6 +275,7 @@ def check_vectorize(folder: Path) -> None:
 
 SMOKES = {
     "compare_fine_structure": Smoke(work_and_results, check_compare_fine_structure, 20),
+    "detection": Smoke(work_and_results, check_detection, 120),
     "distributed": Smoke(work_and_results, check_distributed, 100),
     "compare_methods": Smoke(lambda f: ["--data", str(f / "data"), *work_and_results(f)], check_compare_methods, 25),
     "glnet_global_view": Smoke(work_and_results, check_glnet_global_view, 50),

@@ -20,7 +20,7 @@ Sizes and memory estimates that benchmarks report next to measured peaks:
     block side under a budget, :mod:`gigaseg.inference.planner`).
 Synthetic data (:mod:`gigaseg.data.synth`, :mod:`gigaseg.io.writers`):
     ``write_landcover_dataset``, ``write_vessels_dataset``, ``check_mask``, ``write_ultramnist_dataset``,
-    ``UltraMnistConfig``, ``render_digit``, ``write_tiled_tiff``.
+    ``UltraMnistConfig``, ``render_digit``, ``write_tiled_tiff``, ``write_objects_dataset``, ``ObjectsConfig``.
 Method internals that benchmarks measure:
     ``MAGNET_PRESETS`` (MagNet's published configurations by preset name,
     :mod:`gigaseg.methods.magnet`); ``plan_patches`` (the trainer's patch plan and per-patch
@@ -64,9 +64,11 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "training_estimate": ("gigaseg.budget", "training_estimate"),
     # synthetic data
     "UltraMnistConfig": ("gigaseg.data.synth.ultramnist", "UltraMnistConfig"),
+    "ObjectsConfig": ("gigaseg.data.synth.objects", "ObjectsConfig"),
     "check_mask": ("gigaseg.data.synth.landcover", "check_mask"),
     "render_digit": ("gigaseg.data.synth.ultramnist", "render_digit"),
     "write_landcover_dataset": ("gigaseg.data.synth.landcover", "write_landcover_dataset"),
+    "write_objects_dataset": ("gigaseg.data.synth.objects", "write_objects_dataset"),
     "write_vessels_dataset": ("gigaseg.data.synth.vessels", "write_vessels_dataset"),
     "write_tiled_tiff": ("gigaseg.io.writers", "write_tiled_tiff"),
     "write_ultramnist_dataset": ("gigaseg.data.synth.ultramnist", "write_ultramnist_dataset"),
