@@ -1,6 +1,7 @@
 """FCOS heads on any feature pyramid: shapes, points, torchvision's FCOS as reference, decoding, over-fitting."""
 
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ from torchvision.models.detection.fcos import FCOS
 from torchvision.ops import box_iou
 
 from gigaseg.geometry import Detections
+from gigaseg.nn import fcos as fcos_module
 from gigaseg.nn.base import DetectionModel
-from gigaseg.nn.fcos import FCOSHeads
+from gigaseg.nn.fcos import FCOSHeads, match_points
 
 STRIDES = (8, 16, 32)
 
@@ -194,3 +196,26 @@ def test_forward_without_targets_gives_the_raw_outputs():
         "bbox_regression": (2, points, 4),
         "bbox_ctrness": (2, points, 1),
     }
+
+
+@pytest.mark.parametrize("chunk_values", [1 << 22, 100])
+def test_chunked_assignment_equals_torchvision(monkeypatch, chunk_values):
+    """match_points gives torchvision's matches, in one piece or in chunks of a few points."""
+    monkeypatch.setattr(fcos_module, "MATCH_CHUNK_VALUES", chunk_values)
+    torch.manual_seed(0)
+    heads = FCOSHeads(16, 3, num_convs=1, strides=(8, 16, 32))
+    features = [torch.zeros(1, 16, s, s) for s in (32, 16, 8)]
+    anchors = torch.cat(heads.anchors(features))
+    per_level = [32 * 32, 16 * 16, 8 * 8]
+    xy = torch.rand(40, 2) * 220
+    boxes = torch.cat([xy, xy + 4 + torch.rand(40, 2) * 120], 1)
+    boxes[5] = boxes[6]  # a tie: the smaller (here the same) box, torchvision's order
+    expected = []
+    owner = SimpleNamespace(
+        center_sampling_radius=1.5, head=SimpleNamespace(compute_loss=lambda t, o, a, matched: expected.extend(matched))
+    )
+    FCOS.compute_loss(owner, [{"boxes": boxes}], None, [anchors], per_level)
+    got = match_points(anchors, boxes, per_level, 1.5)
+    assert (got >= 0).sum() > 50  # the case matches many points
+    assert torch.equal(got, expected[0])
+    assert torch.equal(match_points(anchors, boxes[:0], per_level, 1.5), torch.full((len(anchors),), -1))

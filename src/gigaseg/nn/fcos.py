@@ -18,7 +18,8 @@ same heads. Everything that defines FCOS is torchvision's, reused rather than co
   ``(4 * stride, 8 * stride)``, the first level from 0 and the last without upper bound, the
   smallest box winning ties) and the losses (sigmoid focal loss, GIoU loss and centerness
   BCE, each summed and divided by the number of positive points):
-  :meth:`torchvision.models.detection.fcos.FCOS.compute_loss` and ``FCOSHead.compute_loss``;
+  :meth:`torchvision.models.detection.fcos.FCOS.compute_loss` (its assignment re-done by chunks of
+  points in :func:`match_points`, the same matches in bounded memory) and ``FCOSHead.compute_loss``;
 - the post-processing (score ``sqrt(sigmoid(class) * sigmoid(centerness))``, a threshold, the
   ``topk_candidates`` best per level, boxes clipped to the image, class-wise NMS by
   :func:`torchvision.ops.batched_nms`, the best ``max_detections`` kept):
@@ -40,7 +41,10 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 
-__all__ = ["FCOS_STRIDES", "FCOSHeads", "GroupNormFCOSHead", "check_targets"]
+__all__ = ["FCOS_STRIDES", "FCOSHeads", "GroupNormFCOSHead", "check_targets", "match_points"]
+
+#: points assigned per step by :func:`match_points` (its pairwise tensors hold points x boxes values)
+MATCH_CHUNK_VALUES = 1 << 22
 
 #: FCOS's pyramid P3-P7: input pixels per map pixel
 FCOS_STRIDES: tuple[int, ...] = (8, 16, 32, 64, 128)
@@ -186,11 +190,13 @@ class FCOSHeads(nn.Module):
         targets = [
             {"boxes": t["boxes"].to(anchors), "labels": t["labels"].to(anchors.device, torch.int64)} for t in targets
         ]
-        owner = SimpleNamespace(center_sampling_radius=self.center_sampling_radius, head=self.head)
-        # torchvision's target assignment and losses (FCOS.compute_loss -> FCOSHead.compute_loss)
+        # FCOS's target assignment (torchvision's FCOS.compute_loss, by chunks of points) and
+        # torchvision's losses (FCOSHead.compute_loss)
         with torch.autocast(anchors.device.type, enabled=False):
             outputs = {k: v.float() for k, v in outputs.items()}
-            return FCOS.compute_loss(owner, targets, outputs, [anchors.float()] * batch, per_level)
+            anchors = anchors.float()
+            matched = [match_points(anchors, t["boxes"], per_level, self.center_sampling_radius) for t in targets]
+            return self.head.compute_loss(targets, outputs, [anchors] * batch, matched)
 
     def detections(
         self,
@@ -257,3 +263,53 @@ def check_targets(targets: Sequence[dict[str, Tensor]], num_classes: int) -> Non
             raise ValueError(f"target {i}: every box needs x1 > x0 and y1 > y0 (finite)")
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"target {i}: labels must lie in [0, {num_classes}), got {labels.tolist()[:8]}")
+
+
+def match_points(anchors: Tensor, boxes: Tensor, per_level: Sequence[int], center_sampling_radius: float) -> Tensor:
+    """FCOS's target assignment, exactly as torchvision's ``FCOS.compute_loss``, by chunks of points.
+
+    A point is positive for a box when it lies inside the box, within ``center_sampling_radius``
+    anchor sizes of its centre, and the box's largest side distance from it lies in its level's
+    range ``(4 * size, 8 * size)`` (the first level from 0, the last without upper bound); the
+    smallest such box wins. torchvision builds ``points x boxes x 4`` tensors at once (gigabytes
+    for a 4096-px canvas's 350k points and hundreds of objects); each point's match depends only
+    on itself, so chunks of about ``MATCH_CHUNK_VALUES / boxes`` points give the same answer in
+    bounded memory.
+
+    Args:
+        anchors: float ``(P, 4)`` square anchors of all levels, finest first.
+        boxes: float ``(N, 4)`` ``(x0, y0, x1, y1)``.
+        per_level: points per level.
+        center_sampling_radius: FCOS's centre-sampling radius in anchor sizes.
+
+    Returns:
+        int64 ``(P,)``: the matched box's index, or -1.
+    """
+    count = anchors.shape[0]
+    matched = torch.full((count,), -1, dtype=torch.int64, device=anchors.device)
+    if boxes.numel() == 0:
+        return matched
+    boxes = boxes.to(anchors)
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    sizes = anchors[:, 2] - anchors[:, 0]
+    lower, upper = sizes * 4, sizes * 8
+    lower[: per_level[0]] = 0
+    upper[count - per_level[-1] :] = float("inf")
+    x0, y0, x1, y1 = boxes.unsqueeze(0).unbind(dim=2)  # (1, N)
+    step = max(1, MATCH_CHUNK_VALUES // len(boxes))
+    for start in range(0, count, step):
+        part = slice(start, start + step)
+        points = (anchors[part, :2] + anchors[part, 2:]) / 2
+        match = (points[:, None, :] - centers[None]).abs_().max(dim=2).values < (
+            center_sampling_radius * sizes[part, None]
+        )
+        x, y = points.unsqueeze(dim=2).unbind(dim=1)  # (n, 1)
+        distances = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=2)
+        match &= distances.min(dim=2).values > 0
+        farthest = distances.max(dim=2).values
+        match &= (farthest > lower[part, None]) & (farthest < upper[part, None])
+        best, index = (match.to(torch.float32) * (1e8 - areas[None, :])).max(dim=1)
+        index[best < 1e-5] = -1
+        matched[part] = index
+    return matched
