@@ -13,10 +13,12 @@ from gigaseg.training.checkpoint import load_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints_v0"
 REFERENCE = json.loads((FIXTURES / "reference_outputs.json").read_text())
+ADDED_AFTER_THE_RELAYOUT = {"fcos", "patchgd_detector"}  # the detectors: no checkpoint of theirs predates it
 
 
 def test_every_method_has_an_old_checkpoint():
-    assert sorted(REFERENCE) == gigaseg.available_methods()
+    assert sorted(REFERENCE) == sorted(set(gigaseg.available_methods()) - ADDED_AFTER_THE_RELAYOUT)
+    assert ADDED_AFTER_THE_RELAYOUT <= set(gigaseg.available_methods())
 
 
 @pytest.mark.parametrize("method", sorted(REFERENCE))
