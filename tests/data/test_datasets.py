@@ -232,6 +232,14 @@ def test_gigaseg_dataset_reads_yaml_splits_and_labels(tmp_path):
     train.validate(full=True)
 
 
+def test_yes_and_no_are_class_names_not_booleans(tmp_path):
+    root = write_gigaseg(tmp_path / "ds", palette=None)
+    text = (root / "dataset.yaml").read_text().replace("- background\n- road\n- water\n", "- no\n- yes\n- on\n")
+    assert "- yes" in text  # unquoted, as a person writes it: YAML 1.1 would read True
+    (root / "dataset.yaml").write_text(text)
+    assert GigasegDataset(root, "train").classes == ["no", "yes", "on"]
+
+
 def test_dataset_pickles_for_dataloader_workers(tmp_path):
     dataset = GigasegDataset(write_gigaseg(tmp_path / "ds"), "train")
     again = pickle.loads(pickle.dumps(dataset))

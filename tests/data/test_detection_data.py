@@ -198,6 +198,12 @@ def test_yolo_names_as_a_mapping_and_a_list_file(tmp_path):
         load_dataset(root, "val")
 
 
+def test_yolo_names_yes_and_no_stay_names(tmp_path):
+    root = write_yolo(tmp_path / "y", data_yaml=False)
+    (root / "data.yaml").write_text("train: images/train\nval: images/val\nnames:\n  0: yes\n  1: no\n")
+    assert load_dataset(root, "train").classes == ["yes", "no"]
+
+
 def test_yolo_in_a_gigaseg_dataset_yaml(tmp_path):
     root = write_yolo(tmp_path / "y", data_yaml=False)
     (root / "dataset.yaml").write_text(yaml.safe_dump({"task": "detection", "format": "yolo", "classes": ["a", "b"]}))

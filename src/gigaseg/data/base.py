@@ -19,6 +19,7 @@ this module; it imports none of them. ``gigaseg.data.loader.load_dataset`` recog
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -562,6 +563,39 @@ def yaml_dataset_folder(root: str | os.PathLike, why: str) -> Path:
     return root
 
 
+class DatasetYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only ``true`` / ``false`` are booleans.
+
+    YAML 1.1 (PyYAML's default) also reads ``yes``, ``no``, ``on``, ``off``, ``y`` and ``n`` as
+    booleans, so ``classes: [yes, no]`` would name two classes ``True`` and ``False``; dataset
+    files are read with this loader, where those words stay strings.
+    """
+
+
+DatasetYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+DatasetYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_dataset_yaml(text: str):
+    """Parse a dataset file's YAML text with :class:`DatasetYamlLoader` (``yes`` / ``no`` stay strings).
+
+    Args:
+        text: the file's text.
+
+    Returns:
+        The parsed document.
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    return yaml.load(text, Loader=DatasetYamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml_mapping(path: Path, keys: str) -> dict:
     """The mapping in the yaml file ``path``.
 
@@ -576,7 +610,7 @@ def load_yaml_mapping(path: Path, keys: str) -> dict:
         DatasetError: the file cannot be read, is not valid YAML, or is not a mapping.
     """
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_dataset_yaml(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise DatasetError(path, f"cannot read: {error.strerror or error}") from None
     except yaml.YAMLError as error:

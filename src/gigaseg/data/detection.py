@@ -68,6 +68,7 @@ from .base import (
     YAML_NAME,
     image_layout,
     listing,
+    load_dataset_yaml,
     load_yaml_mapping,
     require_folder,
     yaml_classes,
@@ -257,7 +258,7 @@ def find_detection_yaml(path: str | os.PathLike) -> Path | None:
         if not candidate.is_file():
             continue
         try:
-            data = yaml.safe_load(candidate.read_text(encoding="utf-8"))
+            data = load_dataset_yaml(candidate.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue  # not ours to report: the other loaders do
         if not isinstance(data, dict):

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import DatasetError
-from .base import YAML_NAME, SegmentationDataset, require_folder
+from .base import YAML_NAME, SegmentationDataset, load_dataset_yaml, require_folder
 from .cityscapes import Cityscapes
 from .classification import TASK as CLASSIFICATION
 from .classification import ClassificationDataset
@@ -48,7 +48,7 @@ def dataset_task(path: str | os.PathLike) -> str:
     if not yaml_path.is_file():
         return "segmentation"
     try:
-        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        data = load_dataset_yaml(yaml_path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return "segmentation"  # the segmentation loader reports the problem in detail
     return str(data.get("task", "segmentation")) if isinstance(data, dict) else "segmentation"
