@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gigaseg.detection_metrics import DetectionEvaluator, coco_boxes
+from gigaseg.detection_metrics import DetectionEvaluator, coco_boxes, max_detections_for
 from gigaseg.geometry import Detections
 
 # two 40x40 objects (COCO "medium": 32² <= area < 96²) of class 0 and one 10x10 ("small") of class 1
@@ -96,6 +96,11 @@ def test_max_detections_caps_what_is_scored():
         evaluator = DetectionEvaluator(["car"], max_detections=cap)
         evaluator.add("a", 300, 300, boxes, [0] * 5, found(boxes, np.linspace(0.9, 0.5, 5), [0] * 5))
         assert evaluator.compute()["AR100"] == pytest.approx(recall)
+
+
+def test_the_cap_follows_the_most_crowded_image():
+    assert max_detections_for([3, 0]) == 100 and max_detections_for([]) == 100
+    assert max_detections_for([3, 655, 12]) == 655  # a 4096-px synthetic scene holds about 655 objects
 
 
 def test_no_ground_truth_is_nan_and_bad_input_is_refused():

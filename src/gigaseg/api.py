@@ -933,11 +933,11 @@ def _evaluate_detection(model, dataset, normalization, split, device, budget, pr
     Detections per image are scored up to COCO's 100, or up to the most objects an image of the
     split holds when that is more (``max_detections``). NaN scores (nothing of a size range) are None.
     """
-    from .detection_metrics import DetectionEvaluator
+    from .detection_metrics import DetectionEvaluator, max_detections_for
     from .methods.registry import build_predictor
     from .progress import progress_bar
 
-    cap = max([100] + [len(sample.labels) for sample in dataset.samples])
+    cap = max_detections_for([len(sample.labels) for sample in dataset.samples])
     evaluator = DetectionEvaluator(list(dataset.classes), max_detections=cap)
     with progress_bar(f"evaluate {split}", len(dataset), enabled=progress) as advance:
         for index in range(len(dataset)):

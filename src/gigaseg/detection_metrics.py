@@ -51,6 +51,21 @@ def coco_boxes(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
 
 
+def max_detections_for(object_counts: Sequence[int]) -> int:
+    """The detections per image to score: COCO's 100, or the most objects one image holds when that is more.
+
+    COCO's images hold a few objects; a mosaic or an aerial scene holds hundreds, and a cap of
+    100 would cap recall (and AP) far below what the detector found.
+
+    Args:
+        object_counts: the objects of each image scored.
+
+    Returns:
+        The cap, at least 100.
+    """
+    return max([100, *(int(count) for count in object_counts)])
+
+
 class DetectionEvaluator:
     """Collects ground truth and detections image by image; ``compute`` runs COCOeval on them.
 

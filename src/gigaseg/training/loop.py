@@ -487,19 +487,21 @@ class Trainer:
         """Detectors: every validation image's detections scored by COCO's evaluator (pycocotools).
 
         Rank 0 detects and scores all images (COCO's matching needs them in one evaluator) and
-        shares the scores with the other ranks.
+        shares the scores with the other ranks. As in ``gigaseg evaluate``, up to 100 detections
+        per image are scored, or up to the most objects one validation image holds when that is more.
         """
-        from ..detection_metrics import DetectionEvaluator
+        from ..detection_metrics import DetectionEvaluator, max_detections_for
 
         fabric = self.fabric
         scores: dict = {}
         if fabric.global_rank == 0:
-            evaluator = DetectionEvaluator(list(self.val_data.classes))
             count = (
                 len(self.val_data)
                 if self.settings.max_val_images is None
                 else min(len(self.val_data), self.settings.max_val_images)
             )
+            cap = max_detections_for([len(sample.labels) for sample in self.val_data.samples[:count]])
+            evaluator = DetectionEvaluator(list(self.val_data.classes), max_detections=cap)
             self.model.eval()
             for index in range(count):
                 sample = self.val_data[index]

@@ -57,6 +57,7 @@ def test_gigaseg_train_teaches_a_tiny_fcos_to_find_squares_validates_ap_and_resu
         rows = list(csv.DictReader(handle))
     assert len(rows) == 15
     assert {"val_AP", "val_AP50", "val_AP75", "val_AP_small", "train_loss_bbox_ctrness"} <= set(rows[0])
+    assert float(rows[0]["val_max_detections"]) == 100  # COCO's cap: no val image holds more objects
     first, last = rows[0], rows[-1]
     assert float(last["train_loss"]) < 0.6 * float(first["train_loss"])
     assert float(first["val_AP50"]) < 0.3  # measured: 0.12 after 4 steps
