@@ -210,7 +210,7 @@ def predict(
                 f"{model.method_name} is a detection method: it writes boxes (COCO results json, GeoJSON, "
                 f"overlay), so {', '.join(unsupported)} do not apply"
             )
-        return _predict_detections(model, info, source, normalization, out, budget, device, precision, overlay)
+        return _predict_detections(model, info, source, normalization, out, budget, device, precision, overlay, resume)
     out = None if out is None else output_path(out, source)
     if vector is not None and out is not None:  # bad polygon settings fail before anything is predicted
         from .io.vector import check_polygon_options
@@ -253,13 +253,21 @@ def predict(
         return result
 
 
-def _predict_detections(model, info: dict, source, normalization, out, budget, device: str, precision: str, overlay):
+def _predict_detections(
+    model, info: dict, source, normalization, out, budget, device: str, precision: str, overlay, resume: bool
+):
     """:func:`predict` of a detector: its boxes as ``<name>.json`` (COCO results) and ``<name>.geojson``.
 
     ``out`` is a folder (the image's name is added), a ``.json`` path or a mask path (``.tif``:
-    the collection paths); None writes nothing. Returns a ``gigaseg.inference.detections.DetectionResult``.
+    the collection paths); None writes nothing. While it runs, the output is locked against a
+    second process and the finished bands of a sliced prediction are kept beside it
+    (``gigaseg.inference.partial_detections``), so a rerun with ``resume`` continues from them.
+    Returns a ``gigaseg.inference.detections.DetectionResult``.
     """
     from .inference.detections import detection_outputs, predict_detections
+    from .inference.fingerprint import prediction_fingerprint, source_identity
+    from .inference.partial_detections import PartialDetections
+    from .io.lock import output_lock
     from .methods.registry import build_predictor
 
     stem = None
@@ -279,15 +287,35 @@ def _predict_detections(model, info: dict, source, normalization, out, budget, d
     predictor = build_predictor(model, normalization, device=device, max_memory=budget, precision=precision)
     palette = np.asarray(info["palette"], dtype=np.uint8) if info.get("palette") else None
     classes = info.get("classes") or [str(i) for i in range(model.num_classes)]
-    return predict_detections(
-        predictor,
-        source,
-        stem,
-        classes=classes,
-        category_ids=info.get("category_ids"),
-        palette=palette,
-        overlay=overlay,
-    )
+
+    def run(partial=None):
+        return predict_detections(
+            predictor,
+            source,
+            stem,
+            classes=classes,
+            category_ids=info.get("category_ids"),
+            palette=palette,
+            overlay=overlay,
+            partial=partial,
+        )
+
+    if stem is None:
+        return run()
+    json_path = detection_outputs(stem)[0]
+    with output_lock(json_path):
+        producer = prediction_fingerprint(
+            model,
+            normalization=normalization.to_dict(),
+            precision=precision,
+            views_per_pass=[predictor.sub_batch, getattr(getattr(predictor, "sliced", None), "sub_batch", None)],
+            fill_batch=getattr(model, "fill_batch", None),
+            input=source_identity(source),
+        )
+        partial = PartialDetections(
+            json_path, producer=producer, height=source.height, width=source.width, resume=resume
+        )
+        return run(partial.open())
 
 
 def _open_for_prediction(model, info: dict, image, budget: int | None, normalization: Normalization | None):

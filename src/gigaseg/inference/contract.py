@@ -217,11 +217,14 @@ class DetectionPredictor(Predictor, ABC):
     """Finds the objects of a whole (possibly huge) image."""
 
     @abstractmethod
-    def predict(self, source: ImageSource) -> Detections:
+    def predict(self, source: ImageSource, *, partial=None) -> Detections:
         """The objects of ``source``.
 
         Args:
             source: the image.
+            partial: a ``gigaseg.inference.partial_detections.PartialDetections`` store (opened)
+                that a predictor working band by band takes finished bands from and saves them
+                to, so an interrupted prediction resumes; None: no store.
 
         Returns:
             Its ``Detections``.

@@ -19,6 +19,7 @@ from ..geometry import Detections
 from ..io.base import ImageSource
 from ..io.detections import write_coco_results, write_detection_overlay_png, write_detections_geojson
 from .contract import DetectionPredictor
+from .partial_detections import PartialDetections
 
 __all__ = ["DetectionResult", "detection_outputs", "predict_detections"]
 
@@ -80,6 +81,7 @@ def predict_detections(
     palette=None,
     image_id: int = 1,
     overlay: bool = False,
+    partial: PartialDetections | None = None,
 ) -> DetectionResult:
     """Detect the objects of ``source`` and write them next to ``out``.
 
@@ -92,13 +94,15 @@ def predict_detections(
         palette: one RGB colour per class (GeoJSON colours, overlay outlines).
         image_id: the image's id in the COCO results.
         overlay: also write the overview PNG with the boxes.
+        partial: a store of finished bands (opened) the predictor resumes from and saves to;
+            it is removed once the outputs are written.
 
     Returns:
         The :class:`DetectionResult`.
     """
     start = time.perf_counter()
     ids = list(range(1, len(classes) + 1)) if category_ids is None else [int(c) for c in category_ids]
-    detections = predictor.predict(source)
+    detections = predictor.predict(source) if partial is None else predictor.predict(source, partial=partial)
     result = DetectionResult(detections, source.height, source.width, 0.0)
     if out is not None:
         from ..io.detections import coco_results
@@ -110,5 +114,7 @@ def predict_detections(
         )
         if overlay:
             result.overlay_path = write_detection_overlay_png(overlay_path, source, detections, palette)
+    if partial is not None:
+        partial.discard()
     result.seconds = time.perf_counter() - start
     return result

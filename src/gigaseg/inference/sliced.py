@@ -29,6 +29,7 @@ from ..io.base import ImageSource, read_resized, thumbnail_size
 from ..io.normalize import Normalization
 from .contract import DetectionPredictor
 from .merge import MergeSettings, merge_detections
+from .partial_detections import PartialDetections
 
 __all__ = ["SlicedDetectionPredictor", "WholeImageDetectionPredictor", "tile_starts"]
 
@@ -154,11 +155,12 @@ class WholeImageDetectionPredictor(_Detecting):
             raise ValueError(f"size must be at least 1, got {size}")
         self.size = int(size)
 
-    def predict(self, source: ImageSource) -> Detections:
+    def predict(self, source: ImageSource, *, partial: PartialDetections | None = None) -> Detections:
         """The objects of ``source``, found on its downsampled view.
 
         Args:
             source: the image.
+            partial: unused (one pass, nothing to resume); accepted as the sliced predictor's.
 
         Returns:
             Its ``Detections`` in full-resolution pixels, best first.
@@ -242,40 +244,62 @@ class SlicedDetectionPredictor(_Detecting):
             for left in tile_starts(source.width, tile, self.overlap)
         ]
 
-    def _chunks(self, source: ImageSource) -> Iterator[tuple[Window, list[Window]]]:
-        """Each row band's column chunks (at most ``block_size`` wide, at least a tile) with the tiles inside."""
+    def _chunks(self, source: ImageSource) -> Iterator[tuple[int, Window, list[Window]]]:
+        """Each row band's index, its column chunks (``block_size`` wide, at least a tile) and their tiles."""
         tile = self.tile_size
         lefts = tile_starts(source.width, tile, self.overlap)
         width = min(tile, source.width)
-        for top in tile_starts(source.height, tile, self.overlap):
+        for band, top in enumerate(tile_starts(source.height, tile, self.overlap)):
             height = min(tile, source.height)
             group: list[int] = []
             for left in lefts:
                 if group and left + width - group[0] > max(self.block_size, tile):
-                    yield _chunk(top, height, width, group)
+                    yield (band, *_chunk(top, height, width, group))
                     group = []
                 group.append(left)
-            yield _chunk(top, height, width, group)
+            yield (band, *_chunk(top, height, width, group))
 
-    def predict(self, source: ImageSource) -> Detections:
+    def predict(self, source: ImageSource, *, partial: PartialDetections | None = None) -> Detections:
         """The objects of ``source``: every tile's, the downsampled pass's if set, merged.
+
+        Tiles go through the network ``sub_batch`` at a time; a band's last sub-batch may be
+        smaller, so that each band's detections are complete when the next band starts.
 
         Args:
             source: the image.
+            partial: a store of finished bands (opened): the bands it holds are taken from it
+                (their pixels are not read) and each band finished here is saved to it.
 
         Returns:
             Its ``Detections`` in full-resolution pixels, best first, at most ``max_detections``.
         """
-        parts: list[Detections] = []
+        finished = {} if partial is None else dict(partial.finished)
+        parts: list[Detections] = list(finished.values())
+        band_parts: list[Detections] = []
         pending: list[tuple[torch.Tensor, Window]] = []
 
         def flush() -> None:
             found = self.detect([tensor for tensor, _ in pending])
             for result, (_, tile) in zip(found, pending, strict=True):
-                parts.append(_scaled(result, 1.0, 1.0, tile.left, tile.top, source.width, source.height))
+                band_parts.append(_scaled(result, 1.0, 1.0, tile.left, tile.top, source.width, source.height))
             pending.clear()
 
-        for chunk, tiles in self._chunks(source):
+        def finish(band: int) -> None:
+            if pending:
+                flush()
+            found = _concatenate(band_parts)
+            band_parts.clear()
+            parts.append(found)
+            if partial is not None:
+                partial.save(band, found)
+
+        current = None
+        for band, chunk, tiles in self._chunks(source):
+            if band in finished:
+                continue
+            if current is not None and band != current:
+                finish(current)
+            current = band
             pixels = source.read(chunk)
             for tile in tiles:
                 top, left = tile.top - chunk.top, tile.left - chunk.left
@@ -284,8 +308,8 @@ class SlicedDetectionPredictor(_Detecting):
                 if len(pending) == self.sub_batch:
                     flush()
             del pixels
-        if pending:
-            flush()
+        if current is not None:
+            finish(current)
         if self.full_image_size:
             parts.append(whole_image_pass(self, source, self.full_image_size))
         return _best(merge_detections(_concatenate(parts), self.merge), self.max_detections)

@@ -379,11 +379,12 @@ class PatchGDDetectionPredictor(DetectionPredictor):
         self.whole = whole
         self.sliced = sliced
 
-    def predict(self, source):
+    def predict(self, source, *, partial=None):
         """The objects of ``source`` in its full-resolution pixels.
 
         Args:
             source: the image.
+            partial: a store of finished bands for the canvas tiles (see ``SlicedDetectionPredictor.predict``).
 
         Returns:
             Its ``Detections``, best first.
@@ -391,8 +392,8 @@ class PatchGDDetectionPredictor(DetectionPredictor):
         mode = self.model.options["mode"]
         canvas = self.model.options["canvas_size"]
         if mode == "sliced" or (mode == "auto" and max(source.height, source.width) > canvas):
-            return self.sliced.predict(source)
-        return self.whole.predict(source)
+            return self.sliced.predict(source, partial=partial)
+        return self.whole.predict(source, partial=partial)
 
 
 def detection_fill_bytes(model, canvas: int) -> int:
