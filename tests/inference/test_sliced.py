@@ -170,6 +170,12 @@ def test_max_detections_and_score_threshold():
     few = SlicedDetectionPredictor(SquareFinder(), NORM, tile_size=128, overlap=32, max_detections=3)
     found = few.predict(open_image(image))
     assert len(found) == 3 and found.scores.tolist() == sorted(found.scores.tolist(), reverse=True)
+    every = SlicedDetectionPredictor(  # max_detections defaults to 0: no cap
+        SquareFinder(), NORM, tile_size=128, overlap=32, merge=MergeSettings("nms", "ios", 0.5)
+    )
+    assert every.max_detections == 0 and len(every.predict(open_image(image))) == 8
+    with pytest.raises(ValueError, match="no cap"):
+        SlicedDetectionPredictor(SquareFinder(), NORM, tile_size=128, overlap=32, max_detections=-1)
     strict = SlicedDetectionPredictor(SquareFinder(), NORM, tile_size=128, overlap=32, score_threshold=0.34)
     assert sorted(strict.predict(open_image(image)).boxes[:, 2] - 10) == [9, 10, 11, 12]  # areas above 80 px
     with pytest.raises(ValueError):

@@ -73,8 +73,10 @@ def _concatenate(parts: list[Detections]) -> Detections:
 
 
 def _best(found: Detections, limit: int) -> Detections:
-    """The ``limit`` best-scoring detections, best first."""
-    order = np.argsort(-found.scores, kind="stable")[:limit]
+    """The ``limit`` best-scoring detections (all of them when ``limit`` is 0), best first."""
+    order = np.argsort(-found.scores, kind="stable")
+    if limit:
+        order = order[:limit]
     return Detections(found.boxes[order], found.scores[order], found.labels[order])
 
 
@@ -87,7 +89,7 @@ class _Detecting(DetectionPredictor):
         normalization: Normalization,
         *,
         score_threshold: float = 0.05,
-        max_detections: int = 1000,
+        max_detections: int = 0,
         device="cpu",
         sub_batch: int = 4,
         precision: str = "32",
@@ -95,8 +97,8 @@ class _Detecting(DetectionPredictor):
         super().__init__(model, normalization, device=device, sub_batch=sub_batch, precision=precision)
         if not 0.0 <= float(score_threshold) < 1.0:
             raise ValueError(f"score_threshold must be in [0, 1), got {score_threshold}")
-        if int(max_detections) < 1:
-            raise ValueError(f"max_detections must be at least 1, got {max_detections}")
+        if int(max_detections) < 0:
+            raise ValueError(f"max_detections must be >= 0 (0: no cap), got {max_detections}")
         self.score_threshold = float(score_threshold)
         self.max_detections = int(max_detections)
 
@@ -143,7 +145,7 @@ class WholeImageDetectionPredictor(_Detecting):
         normalization: how the image's pixels are normalised.
         size: the network's input side.
         score_threshold: detections scoring at most this are dropped.
-        max_detections: the most objects returned.
+        max_detections: the most objects returned (0: every detection above ``score_threshold``).
         device: where the network runs.
         sub_batch: unused (one image per pass); kept for the predictor factories' common arguments.
         precision: "32", "bf16-mixed" or "16-mixed".
@@ -196,7 +198,7 @@ class SlicedDetectionPredictor(_Detecting):
         merge: how the boxes of overlapping tiles are merged.
         full_image_size: with a value, a downsampled whole-image pass at that longer side is merged in.
         score_threshold: detections scoring at most this are dropped.
-        max_detections: the most objects returned per image (after merging).
+        max_detections: the most objects returned per image, after merging (0: no cap).
         device: where the network runs.
         sub_batch: tiles per forward pass.
         precision: "32", "bf16-mixed" or "16-mixed".
@@ -271,7 +273,7 @@ class SlicedDetectionPredictor(_Detecting):
                 (their pixels are not read) and each band finished here is saved to it.
 
         Returns:
-            Its ``Detections`` in full-resolution pixels, best first, at most ``max_detections``.
+            Its ``Detections`` in full-resolution pixels, best first, at most ``max_detections`` (when not 0).
         """
         finished = {} if partial is None else dict(partial.finished)
         parts: list[Detections] = list(finished.values())

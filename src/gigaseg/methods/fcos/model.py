@@ -27,7 +27,8 @@ How it is trained and run (``mode``):
 
 ``score_threshold``, ``nms_threshold`` and ``max_detections`` set the network's
 post-processing (per view: the resized image or a tile); ``image_max_detections`` caps an
-image's merged detections; they, ``mode`` and the tiling and merging options are
+image's merged detections (0, the default: no cap, as an image of any size holds any number of
+objects); they, ``mode`` and the tiling and merging options are
 inference options (``gigaseg predict --set``).
 """
 
@@ -85,7 +86,7 @@ class FCOSDetector(DetectionModel):
         "score_threshold": 0.05,
         "nms_threshold": 0.6,
         "max_detections": 100,
-        "image_max_detections": 1000,
+        "image_max_detections": 0,
     }
     option_choices = {
         "mode": MODES,
@@ -151,10 +152,8 @@ class FCOSDetector(DetectionModel):
     def check_options(self) -> None:
         """Positive sizes and counts, thresholds and the overlap ratio in range."""
         o = self.options
-        self._require_positive(
-            "input_size", "crop_size", "crops_per_image", "fpn_channels", "max_detections", "image_max_detections"
-        )
-        for name in ("head_convs", "tile_size", "full_image_size"):
+        self._require_positive("input_size", "crop_size", "crops_per_image", "fpn_channels", "max_detections")
+        for name in ("head_convs", "tile_size", "full_image_size", "image_max_detections"):
             if o[name] < 0:
                 raise ConfigError(f"fcos: option {name} must be >= 0, got {o[name]}")
         for name in ("min_visible", "score_threshold", "nms_threshold"):

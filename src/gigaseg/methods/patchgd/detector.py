@@ -58,7 +58,8 @@ the heads' width), ``min_level`` (3), ``max_level`` (7), ``head_convs`` (4),
 canvas-sized tiles sharing ``overlap_ratio`` whose detections are merged by ``merge``,
 ``merge_metric``, ``merge_threshold`` and ``class_agnostic``; other images are resized to the
 canvas; ``"whole"``, ``"sliced"`` force one), ``score_threshold``, ``nms_threshold``,
-``max_detections`` (per canvas) and ``image_max_detections`` (per merged image).
+``max_detections`` (per canvas) and ``image_max_detections`` (per merged image; 0, the default:
+no cap).
 
 Forward modes (normalised images ``x`` ``(B, C, H, W)``):
 
@@ -200,7 +201,7 @@ class PatchGDDetector(_FrameworkMixin, DetectionModel):
         "score_threshold": 0.05,
         "nms_threshold": 0.6,
         "max_detections": 100,
-        "image_max_detections": 1000,
+        "image_max_detections": 0,
     }
     option_choices = {
         "fusion": DETECTOR_FUSIONS,
@@ -265,7 +266,12 @@ class PatchGDDetector(_FrameworkMixin, DetectionModel):
         """The framework's options, positive sizes, divisible patch and canvas sizes, thresholds in range."""
         self._check_framework_options()
         o = self.options
-        self._require_positive("canvas_size", "latent_dim", "max_detections", "image_max_detections")
+        self._require_positive("canvas_size", "latent_dim", "max_detections")
+        if o["image_max_detections"] < 0:
+            raise ConfigError(
+                "patchgd_detector: option image_max_detections must be >= 0 (0: no cap), "
+                f"got {o['image_max_detections']}"
+            )
         if o["head_convs"] < 0:
             raise ConfigError(f"patchgd_detector: option head_convs must be >= 0, got {o['head_convs']}")
         step = 2 ** o["max_level"]
