@@ -142,6 +142,36 @@ def predict_large(run: Path, work: Path, side: int, budget: str, timeout: float 
     }
 
 
+def detection_markdown(results: dict) -> str:
+    """The comparison table (with the notes), the budget every row trained under and the large prediction.
+
+    Args:
+        results: what :func:`main` collects (``compare_methods``' results plus ``budget``,
+            ``large_prediction`` and ``notes``).
+
+    Returns:
+        The markdown of ``benchmarks/results/detection.md``.
+    """
+    text = comparison_markdown(results)
+    budget = results.get("budget")
+    if budget:
+        epochs = sorted({row["spec"]["epochs"] for row in results["methods"]})
+        text += (
+            f"\nBudget of every row: {budget['scenes']} scenes of {budget['size']}x{budget['size']} px (a quarter "
+            f"in val), encoder `{budget['encoder']}` from random weights, "
+            f"{'/'.join(str(e) for e in epochs)} epochs, `--max-memory {budget['max_memory']}` for training and "
+            "evaluation (train peak RSS is the training child's whole process).\n"
+        )
+    big = results.get("large_prediction")
+    if big:
+        text += (
+            f"\nPrediction of a {big['side']}x{big['side']} scene by patchgd_detector (grid), canvas-sized tiles "
+            f"merged, `--max-memory {big['max_memory']}`: peak RSS {format_size(big['peak_rss'])}, "
+            f"{big['seconds']:.0f} s, {big['detections']} detections (exit code {big['returncode']}).\n"
+        )
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", help="dataset and runs (default: /tmp/gigaseg-detection)")
@@ -204,15 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     if earlier.exists():  # notes are written by hand after a run
         results["notes"] = json.loads(earlier.read_text()).get("notes", [])
     write_results(results, work)
-    text = (work / "results.md").read_text()
-    big = results.get("large_prediction")
-    if big:
-        text += (
-            f"\nPrediction of a {big['side']}x{big['side']} scene by patchgd_detector (grid), canvas-sized tiles "
-            f"merged, `--max-memory {big['max_memory']}`: peak RSS {format_size(big['peak_rss'])}, "
-            f"{big['seconds']:.0f} s, {big['detections']} detections (exit code {big['returncode']}).\n"
-        )
-        (work / "results.md").write_text(text)
+    (work / "results.md").write_text(detection_markdown(results))
     for suffix in ("json", "md", "png"):
         shutil.copy(work / f"results.{suffix}", results_dir / f"{NAME}.{suffix}")
     print(comparison_markdown(results))
