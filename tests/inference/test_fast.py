@@ -424,6 +424,7 @@ def test_block_argmax_equals_numpys_with_ties():
     probs = np.random.default_rng(0).random((5, 40, 30)).astype(np.float32)
     probs[1, :8] = probs[3, :8] = 2.0  # a tie: the first class wins, as numpy's argmax
     probs[4, 8:10] = probs[0, 8:10] = 3.0
-    for view in (probs, probs[:, ::3, 1:], probs[:, :, ::-1]):
-        assert np.array_equal(_argmax(view), view.argmax(axis=0))
+    for view in (probs, probs[:, ::3, 1:], probs[:, :, ::-1], probs[:1], probs.astype(np.float16)):
+        got = _argmax(view)
+        assert got.dtype == np.uint8 and np.array_equal(got, view.argmax(axis=0))
     assert (_argmax(probs)[:8] == 1).all() and (_argmax(probs)[8:10] == 0).all()

@@ -9,9 +9,10 @@ import pytest
 from gigaseg.inference import heap
 
 # In a fresh process (a long test session's heap holds free resident pages that new buffers
-# reuse, which hides what the allocator does): free a 20 MB buffer, which raises glibc's
-# dynamic mmap threshold, then allocate 64 buffers of 2 MB, each followed by a small one
-# that stays (as a prediction's long-lived tensors do), and free the large ones.
+# reuse, which hides what the allocator does): fix the threshold as a prediction does, allocate
+# 64 buffers of 2 MB (heap-served below the 32 MiB threshold, as a network's activations are),
+# each followed by a small one that stays (as a prediction's long-lived tensors do), free the
+# large ones and, in "trimmed" mode, trim the heap as a prediction does after each block.
 PROBE = """
 import sys
 import numpy as np
@@ -21,10 +22,7 @@ def rss():
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * 4096
 
-if sys.argv[1] == "bounded":
-    assert heap.bound_heap_growth()
-large = np.ones(20 * 2**20, np.uint8)
-del large
+assert heap.bound_heap_growth()
 before = rss()
 buffers, keepers = [], []
 for _ in range(64):
@@ -32,6 +30,8 @@ for _ in range(64):
     keepers.append(np.ones(64 * 2**10, np.uint8))
 held = rss()
 del buffers
+if sys.argv[1] == "trimmed":
+    heap.release_free_memory()
 after = rss()
 print(held - before, after - before)
 """
@@ -44,11 +44,12 @@ def probe(mode: str) -> tuple[int, int]:
 
 
 @pytest.mark.skipif(heap._glibc() is None, reason="needs glibc")
-def test_freed_buffers_leave_the_process_once_the_threshold_is_fixed():
-    held, kept = probe("default")
-    assert held > 100 * 2**20 and kept > 100 * 2**20  # glibc's default: holes between the keepers stay resident
-    held, kept = probe("bounded")
-    assert held > 100 * 2**20 and kept < 12 * 2**20  # mmap-served, unmapped when freed (the keepers: 4 MB)
+def test_freed_buffers_leave_the_process_once_the_heap_is_trimmed():
+    assert heap.MMAP_THRESHOLD == 32 * 2**20  # activations of a few MB are reused from the heap
+    held, kept = probe("untrimmed")
+    assert held > 100 * 2**20 and kept > 100 * 2**20  # heap-served: the holes between the keepers stay resident
+    held, kept = probe("trimmed")
+    assert held > 100 * 2**20 and kept < 12 * 2**20  # malloc_trim hands the free pages back (the keepers: 4 MB)
 
 
 def test_release_is_harmless_without_glibc(monkeypatch):

@@ -1,18 +1,14 @@
 """Keep a long prediction's resident memory near what it really holds (glibc's allocator).
 
 glibc serves allocations under its mmap threshold from the heap, and raises that threshold
-(up to 32 MB) each time a larger mmap-served block is freed. A streamed prediction frees
-and reallocates block-sized buffers (tens of MB) and patch tensors (a few MB) thousands of
-times, so after the first blocks most of them come from a heap that fragments and keeps
-freed pages resident, and the process's peak RSS creeps up with the image size under a fixed
-budget. Fixing the threshold at 1 MiB (large buffers always mmap-served and unmapped when
-freed) and trimming the heap after each block keeps it near what the process holds;
-``benchmarks/predict_memory.py`` measures a prediction's peak RSS as the image grows.
-The price is a fresh mapping, and its page faults, for every activation above 1 MiB of every
-forward pass; the fast path (``gigaseg.inference.fast``) fixes the threshold at glibc's largest,
-``FAST_MMAP_THRESHOLD`` (32 MiB) instead: a network's activations are then reused from the heap,
-block-sized buffers are still mapped and unmapped, and the heap is still trimmed after each
-block (``benchmarks/peer_sliding_window.py`` measures its peak RSS as the image grows).
+(up to 32 MiB) each time a larger mmap-served block is freed. A streamed prediction frees
+and reallocates block-sized buffers (tens to hundreds of MB) and patch activations (a few MB)
+thousands of times. Every prediction fixes the threshold at glibc's largest,
+``MMAP_THRESHOLD`` (32 MiB): a network's activations are reused from the heap (at 1 MiB, every
+activation above it was a fresh mapping with its page faults, which made the whole prediction
+about twice as slow on 2 CPU cores), block-sized buffers are still mapped and unmapped, and the
+heap is trimmed after each block (``malloc_trim``), so peak RSS stays flat as the image grows
+(``benchmarks/peer_sliding_window.py`` and ``benchmarks/predict_memory.py`` measure it).
 Elsewhere (macOS, musl, Windows) these are no-ops.
 """
 
@@ -22,12 +18,11 @@ import ctypes
 import ctypes.util
 import functools
 
-__all__ = ["FAST_MMAP_THRESHOLD", "MMAP_THRESHOLD", "bound_heap_growth", "release_free_memory"]
+__all__ = ["MMAP_THRESHOLD", "bound_heap_growth", "release_free_memory"]
 
-#: allocations at least this large are served by mmap and returned to the system when freed
-MMAP_THRESHOLD = 1 << 20
-#: the fast path's threshold: glibc's largest (``4 * 1024 * 1024 * sizeof(long)``)
-FAST_MMAP_THRESHOLD = 32 << 20
+#: allocations at least this large are served by mmap and returned to the system when freed:
+#: glibc's largest threshold (``4 * 1024 * 1024 * sizeof(long)``)
+MMAP_THRESHOLD = 32 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
@@ -45,7 +40,7 @@ def bound_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold for this process (each prediction sets its own).
 
     Args:
-        threshold: bytes; ``MMAP_THRESHOLD``, or ``FAST_MMAP_THRESHOLD`` for the fast path.
+        threshold: bytes (default ``MMAP_THRESHOLD``).
 
     Returns:
         True if the threshold was set (glibc), False elsewhere.
