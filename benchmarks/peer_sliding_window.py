@@ -76,7 +76,8 @@ def run_gigaseg(checkpoint: str, image: str, mask: str, threads: int, settings: 
     import torch
 
     import gigaseg
-    import gigaseg.methods  # noqa: F401 - imported before the clock starts, as in MONAI's child
+
+    gigaseg.available_methods()  # imports the methods (timm, torchvision) before the clock starts, as MONAI's child
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -92,7 +93,8 @@ def run_monai(checkpoint: str, image: str, mask: str, threads: int, fast: bool =
     from monai.inferers import sliding_window_inference
 
     import gigaseg
-    import gigaseg.methods  # noqa: F401 - imported before the clock starts, as in gigaseg's child
+
+    gigaseg.available_methods()  # imports the methods (timm, torchvision) before the clock starts, as gigaseg's child
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
