@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         "'(stride N, default loss)'), to separate the head from the rare-class training",
     )
     parser.add_argument(
+        "--tag",
+        help="added to the rows' labels, e.g. '24 epochs' for rows at another budget than the committed ones",
+    )
+    parser.add_argument(
         "--append",
         action="store_true",
         help="keep the other methods of the committed results (same data, machine and settings)",
@@ -162,9 +166,14 @@ def main(argv: list[str] | None = None) -> None:
     specs = [
         MethodSpec(
             method=m,
-            label=(f"{m} (stride {args.output_stride}" + (", default loss)" if args.stride_only else ")"))
+            label=(
+                f"{m} (stride {args.output_stride}"
+                + (", default loss" if args.stride_only else "")
+                + (f", {args.tag}" if args.tag else "")
+                + ")"
+            )
             if fine
-            else None,
+            else (f"{m} ({args.tag})" if args.tag else None),
             options={
                 **options.get(m, {}),
                 **({} if args.stride_only else FULL_RESOLUTION[m]),
