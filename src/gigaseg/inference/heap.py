@@ -4,11 +4,11 @@ glibc serves allocations under its mmap threshold from the heap, and raises that
 (up to 32 MiB) each time a larger mmap-served block is freed. A streamed prediction frees
 and reallocates block-sized buffers (tens to hundreds of MB) and patch activations (a few MB)
 thousands of times. Every prediction fixes the threshold at glibc's largest,
-``MMAP_THRESHOLD`` (32 MiB): a network's activations are reused from the heap (at 1 MiB, every
-activation above it was a fresh mapping with its page faults, which made the whole prediction
-about twice as slow on 2 CPU cores), block-sized buffers are still mapped and unmapped, and the
-heap is trimmed after each block (``malloc_trim``), so peak RSS stays flat as the image grows
-(``benchmarks/peer_sliding_window.py`` and ``benchmarks/predict_memory.py`` measure it).
+``MMAP_THRESHOLD`` (32 MiB): a network's activations are reused from the heap instead of being
+fresh mappings (with their page faults) on every forward pass, block-sized buffers are still
+mapped and unmapped, and the heap is trimmed after each block (``malloc_trim``), so peak RSS
+stays flat as the image grows (``benchmarks/peer_sliding_window.py`` and
+``benchmarks/predict_memory.py`` measure it).
 Elsewhere (macOS, musl, Windows) these are no-ops.
 """
 

@@ -416,8 +416,8 @@ def _argmax(probs: np.ndarray) -> np.ndarray:
     """``probs.argmax(axis=0)`` as uint8 (the first class of a tie, as numpy) for finite class scores.
 
     A running maximum over the class planes in torch (one comparison, one maximum and one masked
-    fill per class, on torch's threads): several times faster than an argmax reducing over the
-    outer axis of a ``(C, H, W)`` array, which walks the planes with a stride of ``H * W``.
+    fill per class, each over contiguous memory on torch's threads), instead of an argmax reducing
+    over the outer axis of a ``(C, H, W)`` array, which walks the planes with a stride of ``H * W``.
     Falls back to numpy's argmax for more than 256 classes or arrays torch cannot view.
     """
     import torch

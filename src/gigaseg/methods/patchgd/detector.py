@@ -267,13 +267,9 @@ class PatchGDDetector(_FrameworkMixin, DetectionModel):
         self._check_framework_options()
         o = self.options
         self._require_positive("canvas_size", "latent_dim", "max_detections")
-        if o["image_max_detections"] < 0:
-            raise ConfigError(
-                "patchgd_detector: option image_max_detections must be >= 0 (0: no cap), "
-                f"got {o['image_max_detections']}"
-            )
-        if o["head_convs"] < 0:
-            raise ConfigError(f"patchgd_detector: option head_convs must be >= 0, got {o['head_convs']}")
+        for name in ("head_convs", "image_max_detections"):
+            if o[name] < 0:
+                raise ConfigError(f"patchgd_detector: option {name} must be >= 0, got {o[name]}")
         step = 2 ** o["max_level"]
         if o["patch_size"] % step:
             raise ConfigError(
