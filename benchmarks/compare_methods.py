@@ -128,6 +128,14 @@ def main(argv: list[str] | None = None) -> None:
         help="added to the rows' labels, e.g. '24 epochs' for rows at another budget than the committed ones",
     )
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another option for every method of this run (VALUE read as JSON, else as a string), "
+        "e.g. coarse_ensemble=true; name it in --tag",
+    )
+    parser.add_argument(
         "--append",
         action="store_true",
         help="keep the other methods of the committed results (same data, machine and settings)",
@@ -160,6 +168,15 @@ def main(argv: list[str] | None = None) -> None:
         scenes, size, encoder, epochs, batch_size = args.scenes, args.size, args.encoder, args.epochs, args.batch_size
     if not (data / "dataset.yaml").exists():
         write_landcover_dataset(data, count=scenes, height=size, width=size, seed=0, val_fraction=0.25)
+    extra = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--set takes NAME=VALUE, got {item!r}")
+        try:
+            extra[name] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[name] = value
     fine = args.output_stride != 4
     if args.stride_only and not fine:
         parser.error("--stride-only needs --output-stride 1 or 2")
@@ -178,9 +195,10 @@ def main(argv: list[str] | None = None) -> None:
                 **options.get(m, {}),
                 **({} if args.stride_only else FULL_RESOLUTION[m]),
                 "output_stride": args.output_stride,
+                **extra,
             }
             if fine
-            else options.get(m, {}),
+            else {**options.get(m, {}), **extra},
             epochs=epochs,
             lr=args.lr,
             batch_size=batch_size,

@@ -19,9 +19,11 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def head_parameters(C, K, k, k2=None, output_stride=1, w=32, f=16, s=16):
+def head_parameters(C, K, k, k2=None, output_stride=1, w=32, f=16, s=16, q=0):
     """The module docstring's formula (k2=None: the stride-2 stem stands in for the encoder's level)."""
     total = C * w + 2 * w  # reduce: 1x1 conv without bias + BN
+    if q:
+        total += q * q * C * K + K  # the coarse classifier
     if k2 is None:
         total += 9 * k * s + 2 * s  # stem2
         k2 = s
@@ -84,6 +86,36 @@ def test_head_parameter_count_follows_the_formula(output_stride, k2):
         stem_channels=8,
     )
     assert count_parameters(wide) == head_parameters(20, 5, 4, k2, output_stride, w=24, f=12, s=8)
+
+
+@pytest.mark.parametrize("output_stride", [1, 2])
+def test_coarse_logits_are_added_upsampled_to_the_heads(output_stride):
+    """coarse_kernel=q: a q x q classifier on the 1/4 features, its logits upsampled and added."""
+    head = FullResolutionHead(20, 5, image_channels=3, skip_channels=8, output_stride=output_stride, coarse_kernel=3)
+    assert count_parameters(head) == head_parameters(20, 5, 3, 8, output_stride, q=3)
+    assert tuple(head.coarse.weight.shape) == (5, 20, 3, 3)
+    head.eval()
+    features, image, skip = inputs()
+    with torch.no_grad():
+        out = head(features, image, skip)
+        coarse = head.coarse(features)
+        head.coarse = None  # the same head without its coarse classifier
+        alone = head(features, image, skip)
+    upsampled = torch.nn.functional.interpolate(coarse, size=out.shape[-2:], mode="bilinear", align_corners=False)
+    expected = alone + upsampled
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, alone, atol=1e-3)
+
+
+def test_coarse_classifier_gets_gradients_and_checks_its_kernel():
+    head = FullResolutionHead(20, 3, image_channels=3, skip_channels=8, coarse_kernel=1).train()
+    features, image, skip = inputs()
+    head(features, image, skip).square().mean().backward()
+    assert head.coarse.weight.grad.abs().sum() > 0 and head.coarse.bias.grad.abs().sum() > 0
+    assert FullResolutionHead(20, 3, image_channels=3, skip_channels=8).coarse is None
+    for bad in (2, -1, True, 1.0):
+        with pytest.raises(ConfigError, match="coarse_kernel must be 0 or a positive odd integer"):
+            FullResolutionHead(20, 3, image_channels=3, skip_channels=8, coarse_kernel=bad)
 
 
 def test_head_on_a_resnet50_fpn_is_light():

@@ -18,6 +18,12 @@ low-level branch do, from features that still have it:
    ``output_stride=1``: upsample to the input's exact size, concatenate ``stem1`` (a shallow
    full-resolution stem on the pixels: 3x3 conv-BN-ReLU to ``stem_channels``), ``fuse1``: 3x3
    conv-BN-ReLU to ``fine_channels``, then the 1x1 classifier: logits at the input's size.
+4. ``coarse_kernel > 0`` (optional): ``coarse``, a ``coarse_kernel`` x ``coarse_kernel`` conv
+   classifier on the 1/4-resolution features themselves (a paper's own head, e.g. GLNet's 3x3
+   ensemble conv), whose logits are upsampled (bilinear) and added to the classifier's. The
+   features then reach the logits directly, as they do with the paper's head, and the
+   full-resolution stages learn what to add to them (the detail) instead of carrying the
+   features' whole meaning through ``reduce``'s ``channels``.
 
 Every size is taken from the tensors themselves, so inputs whose sides are not multiples of
 4 (or of 2) work: each upsampling goes to the next map's exact size
@@ -33,6 +39,7 @@ two parameters per channel:
 - fuse2: ``9*(w + k2)*w + 2*w``
 - output_stride 2: classifier ``w*K + K``
 - output_stride 1: stem1 ``9*k*s + 2*s``, fuse1 ``9*(w + s)*f + 2*f``, classifier ``f*K + K``
+- coarse (only with ``coarse_kernel = q > 0``): ``q*q*C*K + K``
 
 With the defaults (``w = 32``, ``f = s = 16``) on a ResNet-50 + GLNet FPN (``C = 512``,
 ``k2 = 64``, ``k = 3``) that is about 52 thousand parameters, against the FPN's 4.5 million.
@@ -46,7 +53,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..geometry import resize
 
-__all__ = ["HEAD_OUTPUT_STRIDES", "ConvBNReLU", "FullResolutionHead"]
+__all__ = ["HEAD_OUTPUT_STRIDES", "ConvBNReLU", "FullResolutionHead", "add_coarse_logits"]
 
 #: the resolutions :class:`FullResolutionHead` predicts at (input pixels per logit pixel)
 HEAD_OUTPUT_STRIDES = (1, 2)
@@ -84,9 +91,12 @@ class FullResolutionHead(nn.Module):
         channels: width of ``reduce`` and ``fuse2`` (``w``).
         fine_channels: width of ``fuse1``, the full-resolution stage (``f``).
         stem_channels: width of the pixel stems (``s``).
+        coarse_kernel: side of the ``coarse`` classifier on the 1/4-resolution features whose
+            upsampled logits are added to the head's (odd); 0 (the default): none.
 
     Raises:
-        ConfigError: an output stride other than 1 or 2, or a width that is not a positive integer.
+        ConfigError: an output stride other than 1 or 2, a width that is not a positive integer,
+            or a ``coarse_kernel`` that is not 0 or a positive odd integer.
     """
 
     def __init__(
@@ -100,6 +110,7 @@ class FullResolutionHead(nn.Module):
         channels: int = 32,
         fine_channels: int = 16,
         stem_channels: int = 16,
+        coarse_kernel: int = 0,
     ):
         super().__init__()
         if output_stride not in HEAD_OUTPUT_STRIDES:
@@ -117,7 +128,22 @@ class FullResolutionHead(nn.Module):
         for name, value in widths.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"the full-resolution head's {name} must be a positive integer, got {value!r}")
+        if (
+            isinstance(coarse_kernel, bool)
+            or not isinstance(coarse_kernel, int)
+            or coarse_kernel < 0
+            or (coarse_kernel > 0 and coarse_kernel % 2 == 0)
+        ):
+            raise ConfigError(
+                f"the full-resolution head's coarse_kernel must be 0 or a positive odd integer, got {coarse_kernel!r}"
+            )
         self.output_stride = output_stride
+        #: the classifier on the 1/4-resolution features whose logits are added (None: none)
+        self.coarse: nn.Conv2d | None = None
+        if coarse_kernel:
+            self.coarse = nn.Conv2d(in_channels, num_classes, coarse_kernel, padding=coarse_kernel // 2)
+            nn.init.normal_(self.coarse.weight, 0.0, 0.01)  # as the papers' FPN classifiers
+            nn.init.zeros_(self.coarse.bias)
         self.reduce = ConvBNReLU(in_channels, channels, 1)
         #: the stride-2 stem on the pixels, built only when the encoder has no stride-2 map
         self.stem2 = ConvBNReLU(image_channels, stem_channels, 3, stride=2) if skip_channels is None else None
@@ -160,9 +186,27 @@ class FullResolutionHead(nn.Module):
             if skip is not None:
                 raise ValueError("this head was built without skip_channels (it makes its own stride-2 stem)")
             skip = self.stem2(image)
+        coarse = None if self.coarse is None else self.coarse(features)
         x = self.reduce(features)
         x = self.fuse2(torch.cat([resize(x, skip.shape[-2:]), skip], dim=1))
         del skip
         if self.fuse1 is not None:
             x = self.fuse1(torch.cat([resize(x, image.shape[-2:]), self.stem1(image)], dim=1))
-        return self.classifier(x)
+        logits = self.classifier(x)
+        return logits if coarse is None else add_coarse_logits(logits, coarse)
+
+
+def add_coarse_logits(logits: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """``logits + coarse`` upsampled (bilinear) to ``logits``' size; in place without autograd.
+
+    Args:
+        logits: the full-resolution head's logits ``(B, K, H, W)``.
+        coarse: the coarse classifier's logits ``(B, K, h, w)``.
+
+    Returns:
+        The sum ``(B, K, H, W)``.
+    """
+    up = resize(coarse, logits.shape[-2:])
+    if torch.is_grad_enabled():
+        return logits + up
+    return logits.add_(up)

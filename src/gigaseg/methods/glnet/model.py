@@ -94,7 +94,7 @@ from torch import nn
 from ...errors import ConfigError
 from ...geometry import PasteAverager, PatchGrid, Window, box_on_grid, crop_resize, resize
 from ...nn.base import SegmentationModel
-from ...nn.decoders import FullResolutionHead
+from ...nn.decoders import FullResolutionHead, add_coarse_logits
 from ...nn.encoders import Encoder, PretrainedSpec
 from ...nn.fpn import (
     ALL_MAPS,
@@ -218,12 +218,14 @@ def head_logits(
         if head.uses_encoder_skip:
             raise ValueError("this head was built with skip_channels: pass the encoder's stride-2 map as skip")
         skip = head.stem2(image)
+    coarse = None if head.coarse is None else conv_cat(head.coarse, list(features))
     x = _conv_bn_relu(head.reduce, features)
     x = _conv_bn_relu(head.fuse2, [x, skip], skip.shape[-2:])
     del skip
     if head.fuse1 is not None:
         x = _conv_bn_relu(head.fuse1, [x, functools.partial(head.stem1, image)], image.shape[-2:])
-    return head.classifier(x)
+    logits = head.classifier(x)
+    return logits if coarse is None else add_coarse_logits(logits, coarse)
 
 
 def _conv_bn_relu(block: nn.Sequential, parts: list, size=None) -> torch.Tensor:
@@ -351,6 +353,13 @@ class GLNet(SegmentationModel):
         output_stride: input pixels per logit pixel of every head: 4 (the paper's heads, the
             default), 2 or 1 (full-resolution heads, see the module docstring). It shapes the
             network, so it cannot change after training.
+        coarse_ensemble: with output stride 1 or 2, the full-resolution ensemble head also keeps
+            the paper's ensemble classifier (3x3 conv on ``concat(ps3_local, crop of
+            ps3_global)`` at 1/4) and adds its upsampled logits to its own
+            (:class:`~gigaseg.nn.decoders.FullResolutionHead`'s ``coarse_kernel``), so the
+            global context reaches the logits as directly as with the paper's head. False (the
+            default, and what checkpoints written before the option load as): the head alone.
+            No effect at output stride 4, whose ensemble is that classifier.
 
     Raises:
         ConfigError: an unknown option, or an option of the wrong type or out of range.
@@ -367,8 +376,13 @@ class GLNet(SegmentationModel):
         "fpn_channels": 256,
         "context_tile": 0,
         "output_stride": 4,
+        "coarse_ensemble": False,
     }
-    option_choices = {"global_context": ("image", "tile"), "output_stride": OUTPUT_STRIDES, "loss": LOSSES}
+    option_choices = {
+        "global_context": ("image", "tile"),
+        "output_stride": OUTPUT_STRIDES,
+        "loss": LOSSES,
+    }
     inference_options = ("min_overlap", "global_context", "context_tile")
 
     def __init__(
@@ -403,6 +417,7 @@ class GLNet(SegmentationModel):
                 image_channels=in_channels,
                 skip_channels=self.local_branch.encoder.stride2_channels,
                 output_stride=stride,
+                coarse_kernel=3 if self.options["coarse_ensemble"] else 0,
             )
         with torch.device("meta"):  # its tensors are the global branch's until stage 3 starts
             self.global_fixed = FPNBranch(encoder, pretrained=False, **kw)
