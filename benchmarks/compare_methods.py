@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="another option for every method of this run (VALUE read as JSON, else as a string), "
-        "e.g. coarse_ensemble=true; name it in --tag",
+        "e.g. coarse_logits=true; name it in --tag",
     )
     parser.add_argument(
         "--append",

@@ -165,26 +165,26 @@ def test_the_ensemble_head_reads_the_crop_the_patch_stride2_map_and_pixels():
                 assert not torch.allclose(other, out.ensemble)
 
 
-def test_coarse_ensemble_adds_the_papers_ensemble_classifier():
-    """coarse_ensemble: the paper's 3x3 ensemble conv on concat(ps3_local, crop) at 1/4, added upsampled."""
-    plain, coarse = tiny(stage=2), tiny(stage=2, coarse_ensemble=True)
+def test_coarse_logits_adds_the_papers_ensemble_classifier():
+    """coarse_logits: the paper's 3x3 ensemble conv on concat(ps3_local, crop) at 1/4, added upsampled."""
+    plain, coarse = tiny(stage=2), tiny(stage=2, coarse_logits=True)
     assert plain.ensemble.coarse is None
     merged = plain.local_branch.fpn.merged_channels
     assert tuple(coarse.ensemble.coarse.weight.shape) == (3, 2 * merged, 3, 3)
     extra = sum(p.numel() for p in coarse.parameters()) - sum(p.numel() for p in plain.parameters())
     assert extra == 9 * 2 * merged * 3 + 3
-    assert isinstance(tiny(output_stride=4, coarse_ensemble=True).ensemble, nn.Conv2d)  # the paper's conv already
-    with pytest.raises(ConfigError, match="coarse_ensemble"):
-        tiny(coarse_ensemble=1)
+    assert isinstance(tiny(output_stride=4, coarse_logits=True).ensemble, nn.Conv2d)  # the paper's conv already
+    with pytest.raises(ConfigError, match="coarse_logits"):
+        tiny(coarse_logits=1)
     config = dict(coarse.config)
-    del config["options"]["coarse_ensemble"]  # a checkpoint from before the option: the head alone
-    assert plain.canonical_config(config)["options"]["coarse_ensemble"] is False
+    del config["options"]["coarse_logits"]  # a checkpoint from before the option: the head alone
+    assert plain.canonical_config(config)["options"]["coarse_logits"] is False
 
 
-@pytest.mark.parametrize("coarse_ensemble", [False, True])
+@pytest.mark.parametrize("coarse_logits", [False, True])
 @pytest.mark.parametrize("parts", [1, 2])
-def test_the_head_without_autograd_builds_no_concatenation(parts, coarse_ensemble):
-    model = tiny(coarse_ensemble=coarse_ensemble)
+def test_the_head_without_autograd_builds_no_concatenation(parts, coarse_logits):
+    model = tiny(coarse_logits=coarse_logits)
     head = model.ensemble if parts == 2 else model.local_branch.head
     head.eval()
     features = [torch.randn(2, head.reduce[0].in_channels // parts, 16, 16) for _ in range(parts)]
@@ -215,9 +215,9 @@ def test_the_head_without_autograd_builds_no_concatenation(parts, coarse_ensembl
 # --------------------------------------------------------------------------- streaming prediction
 
 
-@pytest.mark.parametrize(("stage", "coarse_ensemble"), [(1, False), (2, False), (3, False), (2, True), (3, True)])
-def test_blocks_equal_the_whole_image_and_the_in_memory_model(stage, coarse_ensemble):
-    model = tiny(stage, size_g=48, coarse_ensemble=coarse_ensemble).eval()
+@pytest.mark.parametrize(("stage", "coarse_logits"), [(1, False), (2, False), (3, False), (2, True), (3, True)])
+def test_blocks_equal_the_whole_image_and_the_in_memory_model(stage, coarse_logits):
+    model = tiny(stage, size_g=48, coarse_logits=coarse_logits).eval()
     image = scene(96, 96)  # 2x the global view: area resampling is exact, as in model.segment
     source = open_image(image)
     predictor = GLNetPredictor(model, FLOAT, sub_batch=5)

@@ -167,6 +167,30 @@ def test_the_quarter_classifier_runs_only_in_training_with_the_head():
     assert calls == []
 
 
+@pytest.mark.parametrize("output_stride", [1, 2])
+def test_coarse_logits_add_the_papers_quarter_logits_to_the_heads(output_stride):
+    """coarse_logits: the head's logits plus the 1/4 classifier's, upsampled; no new parameters."""
+    model = randomise_bn(tiny(output_stride=output_stride, coarse_logits=True)).eval()
+    plain = randomise_bn(tiny(output_stride=output_stride)).eval()
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(model.state_dict())
+    seen = {}
+    model.cff_sub12.register_forward_hook(lambda m, i, o: seen.__setitem__("fused8", o[0]))
+    x = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        out, alone = model.decode(x), plain.decode(x)
+        logits4 = model.classifier(upsample_to(seen["fused8"], (16, 32)))
+    expected = alone + F.interpolate(logits4, size=alone.shape[-2:], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # training: the head's loss reaches the 1/4 classifier only through the coarse logits
+    for net, reached in ((model, True), (plain, False)):
+        net.train()(x).head.square().mean().backward()
+        assert (net.classifier.weight.grad is not None) == reached
+    old = model.config
+    del old["options"]["coarse_logits"]  # a checkpoint from before the option: the head alone
+    assert model.canonical_config(old)["options"]["coarse_logits"] is False
+
+
 def convbn(cin, cout, k):
     return conv_parameters(cin, cout, k, bias=False) + 2 * cout
 

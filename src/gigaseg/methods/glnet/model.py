@@ -353,7 +353,7 @@ class GLNet(SegmentationModel):
         output_stride: input pixels per logit pixel of every head: 4 (the paper's heads, the
             default), 2 or 1 (full-resolution heads, see the module docstring). It shapes the
             network, so it cannot change after training.
-        coarse_ensemble: with output stride 1 or 2, the full-resolution ensemble head also keeps
+        coarse_logits: with output stride 1 or 2, the full-resolution ensemble head also keeps
             the paper's ensemble classifier (3x3 conv on ``concat(ps3_local, crop of
             ps3_global)`` at 1/4) and adds its upsampled logits to its own
             (:class:`~gigaseg.nn.decoders.FullResolutionHead`'s ``coarse_kernel``), so the
@@ -376,7 +376,7 @@ class GLNet(SegmentationModel):
         "fpn_channels": 256,
         "context_tile": 0,
         "output_stride": 4,
-        "coarse_ensemble": False,
+        "coarse_logits": False,
     }
     option_choices = {
         "global_context": ("image", "tile"),
@@ -417,7 +417,7 @@ class GLNet(SegmentationModel):
                 image_channels=in_channels,
                 skip_channels=self.local_branch.encoder.stride2_channels,
                 output_stride=stride,
-                coarse_kernel=3 if self.options["coarse_ensemble"] else 0,
+                coarse_kernel=3 if self.options["coarse_logits"] else 0,
             )
         with torch.device("meta"):  # its tensors are the global branch's until stage 3 starts
             self.global_fixed = FPNBranch(encoder, pretrained=False, **kw)

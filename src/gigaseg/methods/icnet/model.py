@@ -93,7 +93,7 @@ from torch import nn
 from ...data.statistics import CROP_SAMPLINGS
 from ...errors import ConfigError
 from ...nn.base import SegmentationModel
-from ...nn.decoders import FullResolutionHead
+from ...nn.decoders import FullResolutionHead, add_coarse_logits
 from ...nn.encoders import PretrainedSpec
 from ...nn.losses import LOSSES
 from ...nn.segmenters import OUTPUT_STRIDES
@@ -335,8 +335,11 @@ class ICNet(SegmentationModel):
             1/4, and optionally the head's at output stride 1 or 2), ``loss`` (every term's,
             ``gigaseg.nn.losses.LOSSES``), the training views' ``crop_size``, ``scale_min``,
             ``scale_max``, ``crops_per_image``, ``crop_sampling`` (``"uniform"`` or
-            ``"balanced"``), ``sampling_temperature`` (0 to 1), and the predictor's
-            ``tile_size``, ``tile_overlap``, ``blend``.
+            ``"balanced"``), ``sampling_temperature`` (0 to 1), the predictor's
+            ``tile_size``, ``tile_overlap``, ``blend``, and ``coarse_logits`` (with output stride
+            1 or 2, the head's logits plus the paper's 1/4 classifier's, upsampled: the
+            cascade's semantics reach the output directly and the head adds the detail; False,
+            the default and what checkpoints written before the option load as: the head alone).
 
     Raises:
         ConfigError: an unknown option or one out of range, an unusable encoder, or an
@@ -358,6 +361,7 @@ class ICNet(SegmentationModel):
         "tile_size": [1024, 2048],
         "tile_overlap": 128,
         "blend": "gaussian",
+        "coarse_logits": False,
     }
     option_choices = {
         "blend": ("gaussian", "uniform"),
@@ -464,9 +468,13 @@ class ICNet(SegmentationModel):
         h, w = fused8.shape[-2:]
         features4 = upsample_to(fused8, (2 * h, 2 * w))
         del fused8
-        # with the head the 1/4 classifier only feeds the cascade loss (training)
-        logits4 = self.classifier(features4) if self.head is None or self.training else None
+        # with the head the 1/4 classifier feeds the cascade loss (training), and the head's logits
+        # with coarse_logits
+        coarse = self.head is not None and self.options["coarse_logits"]
+        logits4 = self.classifier(features4) if self.head is None or self.training or coarse else None
         head = self.head(features4, x, skip) if self.head is not None else None
+        if coarse:
+            head = add_coarse_logits(head, logits4)
         return _Cascade(logits4, aux8, aux16, head)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
