@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -140,6 +142,36 @@ def test_measure_command():
         measure_command([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
     killed = measure_command([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     assert killed.returncode == -9
+
+
+def test_a_terminated_caller_takes_the_measured_command_with_it(tmp_path):
+    """SIGTERM to a process waiting in measure_command ends the command too, not only the caller."""
+    pid_file = tmp_path / "pid"
+    command = [
+        sys.executable,
+        "-c",
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)",
+    ]
+    caller = subprocess.Popen(
+        [sys.executable, "-c", f"from gigaseg.bench.memory import measure_command; measure_command({command!r})"]
+    )
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    measured = int(pid_file.read_text())
+    os.kill(measured, 0)  # running
+    caller.terminate()
+    assert caller.wait(timeout=20) == 143  # 128 + SIGTERM, as an unhandled SIGTERM would say
+    for _ in range(100):
+        try:
+            os.kill(measured, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(measured, signal.SIGKILL)
+        raise AssertionError("the measured command outlived its terminated caller")
 
 
 def test_report_str_without_baseline():

@@ -172,8 +172,9 @@ def _run_child(
 ) -> tuple[int, int, float]:
     """Run ``argv`` to completion through the wrapper; (exit code, its peak RSS in bytes, wall seconds).
 
-    The wrapper gets its own process group, so a timeout or an interrupt of the caller
-    ends the measured process together with anything it started.
+    The wrapper gets its own process group, so a timeout, an interrupt of the caller or (in
+    the main thread) a SIGTERM to the caller ends the measured process together with anything
+    it started; the caller then exits as SIGTERM would have made it.
     """
     with tempfile.TemporaryDirectory(prefix="gigaseg-rss-") as tmp:
         result = Path(tmp, "rusage")
@@ -197,6 +198,11 @@ def _run_child(
         if timer is not None:
             timer.daemon = True
             timer.start()
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            # a terminated caller (kill, a batch system) must not leave the command running on
+            # its own: turn SIGTERM into an exception that the cleanup below sees
+            previous = signal.signal(signal.SIGTERM, _terminated)
         try:
             proc.wait()
         except BaseException:  # e.g. KeyboardInterrupt: do not leave the command running
@@ -206,6 +212,8 @@ def _run_child(
         finally:
             if timer is not None:
                 timer.cancel()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         if timed_out:
             raise subprocess.TimeoutExpired(list(argv), timeout)
         text = result.read_text() if result.exists() else ""
@@ -215,6 +223,10 @@ def _run_child(
     if len(fields) != 3:
         raise ChildError(f"the measuring wrapper of {argv[0]!r} {_exit_text(proc.returncode)} without a result")
     return int(fields[0]), int(fields[1]) * RSS_UNIT, float(fields[2])
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _exit_text(returncode: int) -> str:
