@@ -12,10 +12,11 @@ from gigaseg.commands.demo import demo_options
 
 
 def test_the_patch_demo_trains_for_fine_structures():
-    options, lr = demo_options("patch")
+    options, lr, batch_size = demo_options("patch")
     assert options["output_stride"] == 1 and options["crop_sampling"] == "balanced"
-    assert options["loss"] == "weighted_ce" and options["sampling_temperature"] == 0.0 and lr == 2e-3
-    assert demo_options("magnet") == ({}, 1e-3)
+    assert options["loss"] == "weighted_ce" and options["sampling_temperature"] == 0.0
+    assert (lr, batch_size) == (2e-3, 2)
+    assert demo_options("magnet") == ({}, 1e-3, 8)
 
 
 def test_demo_runs_end_to_end_and_reports_the_scene(tmp_path):
