@@ -302,6 +302,10 @@ def test_memory_estimate_counts_the_full_resolution_maps():
     full = inference_estimate(tiny(output_stride=1), sample).per_sample
     # at least the head's full-resolution stem output and its concatenation (48 channels)
     assert full > paper + (16 + 48) * 128 * 256 * 4
+    # coarse_logits: the 1/4 logits are kept while the head runs (their upsampled copy comes
+    # after the head's large maps are freed, so it does not raise the peak)
+    coarse = inference_estimate(tiny(output_stride=1, coarse_logits=True), sample).per_sample
+    assert coarse >= full + 5 * 32 * 64 * 4
 
 
 # ----------------------------------------------------------------------------- end to end
