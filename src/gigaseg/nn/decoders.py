@@ -53,10 +53,27 @@ from torch import nn
 from ..errors import ConfigError
 from ..geometry import resize
 
-__all__ = ["HEAD_OUTPUT_STRIDES", "ConvBNReLU", "FullResolutionHead", "add_coarse_logits"]
+__all__ = ["HEAD_OUTPUT_STRIDES", "ConvBNReLU", "FullResolutionHead", "add_coarse_logits", "init_conv"]
 
 #: the resolutions :class:`FullResolutionHead` predicts at (input pixels per logit pixel)
 HEAD_OUTPUT_STRIDES = (1, 2)
+
+
+def init_conv(cin: int, cout: int, kernel: int) -> nn.Conv2d:
+    """A ``kernel`` x ``kernel`` convolution (same padding) initialised N(0, 0.01) with zero bias, as GLNet's.
+
+    Args:
+        cin: input channels.
+        cout: output channels.
+        kernel: the kernel side (odd, for same padding).
+
+    Returns:
+        The convolution.
+    """
+    conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
+    nn.init.normal_(conv.weight, 0.0, 0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 class ConvBNReLU(nn.Sequential):
@@ -138,12 +155,9 @@ class FullResolutionHead(nn.Module):
                 f"the full-resolution head's coarse_kernel must be 0 or a positive odd integer, got {coarse_kernel!r}"
             )
         self.output_stride = output_stride
-        #: the classifier on the 1/4-resolution features whose logits are added (None: none)
-        self.coarse: nn.Conv2d | None = None
-        if coarse_kernel:
-            self.coarse = nn.Conv2d(in_channels, num_classes, coarse_kernel, padding=coarse_kernel // 2)
-            nn.init.normal_(self.coarse.weight, 0.0, 0.01)  # as the papers' FPN classifiers
-            nn.init.zeros_(self.coarse.bias)
+        #: the classifier on the 1/4-resolution features whose logits are added (None: none), initialised as
+        #: the papers' FPN classifiers
+        self.coarse = init_conv(in_channels, num_classes, coarse_kernel) if coarse_kernel else None
         self.reduce = ConvBNReLU(in_channels, channels, 1)
         #: the stride-2 stem on the pixels, built only when the encoder has no stride-2 map
         self.stem2 = ConvBNReLU(image_channels, stem_channels, 3, stride=2) if skip_channels is None else None

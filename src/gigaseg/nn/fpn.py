@@ -47,7 +47,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..geometry import resize
-from .decoders import FullResolutionHead
+from .decoders import FullResolutionHead, init_conv
 from .encoders import Encoder, PretrainedSpec
 
 __all__ = ["FPN", "FPNBranch", "FPNFeatures", "OUTPUT_STRIDES", "SHARING_POINTS", "Share"]
@@ -80,23 +80,6 @@ class FPNFeatures:
     ps2: list[torch.Tensor]  # after the second smoothing, smooth_channels each
     ps3: torch.Tensor  # merged at p2's size, 4 * smooth_channels
     logits: torch.Tensor  # num_classes at p2's size (FPNBranch with a FullResolutionHead: at the head's)
-
-
-def init_conv(cin: int, cout: int, kernel: int) -> nn.Conv2d:
-    """A ``kernel`` x ``kernel`` convolution (same padding) initialised N(0, 0.01) with zero bias, as GLNet's.
-
-    Args:
-        cin: input channels.
-        cout: output channels.
-        kernel: the kernel side (odd, for same padding).
-
-    Returns:
-        The convolution.
-    """
-    conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
-    nn.init.normal_(conv.weight, 0.0, 0.01)
-    nn.init.zeros_(conv.bias)
-    return conv
 
 
 def conv_cat(conv: nn.Conv2d, parts: list, size: Sequence[int] | None = None) -> torch.Tensor:
