@@ -147,6 +147,15 @@ def main(argv: list[str] | None = None) -> None:
         "them to the committed results",
     )
     args = parser.parse_args(argv)
+    extra = {}  # benchmarks use only gigaseg's public API, so not gigaseg.commands.common.parse_options
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--set takes NAME=VALUE, got {item!r}")
+        try:
+            extra[name] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[name] = value
     if args.smoke:
         scratch = (
             None
@@ -168,15 +177,6 @@ def main(argv: list[str] | None = None) -> None:
         scenes, size, encoder, epochs, batch_size = args.scenes, args.size, args.encoder, args.epochs, args.batch_size
     if not (data / "dataset.yaml").exists():
         write_landcover_dataset(data, count=scenes, height=size, width=size, seed=0, val_fraction=0.25)
-    extra = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--set takes NAME=VALUE, got {item!r}")
-        try:
-            extra[name] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[name] = value
     fine = args.output_stride != 4
     if args.stride_only and not fine:
         parser.error("--stride-only needs --output-stride 1 or 2")
