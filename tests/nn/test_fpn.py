@@ -160,3 +160,33 @@ def test_branch_output_stride_1_gives_input_size_logits_for_odd_sizes():
     branch = FPNBranch("test_resnet", num_classes=4, output_stride=1)
     assert branch.output_stride == 1
     assert tuple(branch(torch.randn(1, 3, 101, 99)).shape) == (1, 4, 101, 99)
+
+
+def test_branch_coarse_logits_add_the_fpn_classifier_upsampled():
+    """coarse_logits=True: the head's logits plus a 3x3 classifier on ps3 (GLNet's), upsampled."""
+    torch.manual_seed(0)
+    plain = FPNBranch("test_resnet", num_classes=4, output_stride=1).eval()
+    torch.manual_seed(0)
+    branch = FPNBranch("test_resnet", num_classes=4, output_stride=1, coarse_logits=True).eval()
+    merged = branch.fpn.merged_channels
+    assert set(branch.state_dict()) - set(plain.state_dict()) == {"head.coarse.weight", "head.coarse.bias"}
+    assert tuple(branch.head.coarse.weight.shape) == (4, merged, 3, 3)
+    assert count_parameters(branch) - count_parameters(plain) == 9 * merged * 4 + 4
+    assert branch.fpn.classifier is None  # the coarse classifier lives in the head
+    branch.load_state_dict({**plain.state_dict(), **branch.head.coarse.state_dict(prefix="head.coarse.")})
+    x = torch.randn(2, 3, 61, 67)
+    with torch.no_grad():
+        features = plain(x, return_features=True)
+        coarse = branch.head.coarse(features.ps3)
+        assert tuple(coarse.shape[-2:]) == tuple(features.ps3.shape[-2:])  # at 1/4
+        torch.testing.assert_close(branch(x), features.logits + up(coarse, features.logits))
+
+
+def test_branch_coarse_logits_have_no_effect_at_output_stride_4():
+    torch.manual_seed(0)
+    paper = FPNBranch("test_resnet", num_classes=4)
+    torch.manual_seed(0)
+    branch = FPNBranch("test_resnet", num_classes=4, coarse_logits=True)
+    assert branch.head is None and list(branch.state_dict()) == list(paper.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(branch(x), paper(x), rtol=0, atol=0)

@@ -31,8 +31,9 @@ Finer logits: ``FPN(..., num_classes=None)`` builds no classifier (ps3 is then t
 output), and ``FPNBranch(..., output_stride=1 or 2)`` puts a
 :class:`~gigaseg.nn.decoders.FullResolutionHead` on ps3 instead, fed with the encoder's
 stride-2 map (``Encoder(..., stride2=True)``) and the pixels: logits at full or half
-resolution. ``output_stride=4`` (the default) is GLNet's head, unchanged (the same modules,
-state dict and outputs).
+resolution; with ``coarse_logits=True`` that head also keeps GLNet's 3x3 classifier on ps3
+and adds its upsampled logits. ``output_stride=4`` (the default) is GLNet's head, unchanged
+(the same modules, state dict and outputs).
 """
 
 from __future__ import annotations
@@ -397,6 +398,10 @@ class FPNBranch(nn.Module):
         lateral_channels: width of the laterals and ps1.
         smooth_channels: width of ps2.
         output_stride: 4 (GLNet's head), 2 or 1 (the full-resolution head).
+        coarse_logits: with output stride 1 or 2, the head also keeps GLNet's classifier (a 3x3
+            conv on ps3 at 1/4) and adds its upsampled logits to its own
+            (:class:`~gigaseg.nn.decoders.FullResolutionHead`'s ``coarse_kernel=3``). No effect
+            at output stride 4, whose logits are that classifier's.
 
     Raises:
         ConfigError: an output stride other than 1, 2 or 4, or a bad encoder.
@@ -413,6 +418,7 @@ class FPNBranch(nn.Module):
         lateral_channels: int = 256,
         smooth_channels: int = 128,
         output_stride: int = 4,
+        coarse_logits: bool = False,
     ):
         super().__init__()
         if isinstance(output_stride, bool) or output_stride not in OUTPUT_STRIDES:
@@ -437,6 +443,7 @@ class FPNBranch(nn.Module):
                 image_channels=in_channels,
                 skip_channels=self.encoder.stride2_channels,
                 output_stride=output_stride,
+                coarse_kernel=3 if coarse_logits else 0,
             )
 
     @property

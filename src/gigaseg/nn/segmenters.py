@@ -8,7 +8,10 @@
   the input, kept for reproducing them), 2 or 1 (a
   :class:`~gigaseg.nn.decoders.FullResolutionHead` on the FPN's ps3 with the encoder's
   stride-2 map and the pixels: logits at 1/2 or full resolution, which thin structures such
-  as 2-px roads need);
+  as 2-px roads need). With those strides ``coarse_logits=True`` keeps the FPN's own 3x3
+  classifier on ps3 beside the head and adds its upsampled logits to the head's, so the
+  classes that the 1/4 features already separate do not depend on the head's narrow fine
+  stages alone (no effect at 4);
 - ``"smp_unet"`` / ``"smp_fpn"``: segmentation_models_pytorch's U-Net / FPN on the same timm
   encoder (``encoder_name="tu-<timm name>"``), logits at full resolution: ``output_stride``
   is 1 for them (the value they take when it is not given; 2 and 4 are refused). smp's FPN
@@ -99,15 +102,20 @@ class FPNSegmenter(SegmentationModel):
         in_channels: input bands.
         pretrained: False, True or a local weights file for the encoder.
         **options: ``decoder``, ``fpn_channels`` (the FPN's lateral width; its smoothing
-            width is half) and ``output_stride`` (1, 2 or 4 with "fpn"; 1 with the smp
-            decoders), and a subclass's own options.
+            width is half), ``output_stride`` (1, 2 or 4 with "fpn"; 1 with the smp
+            decoders) and ``coarse_logits`` ("fpn" only), and a subclass's own options.
 
     Raises:
-        ConfigError: bad options, an output stride the decoder cannot give, or an input side
-            (``size_option``) the decoder cannot take.
+        ConfigError: bad options, an output stride the decoder cannot give, ``coarse_logits``
+            with an smp decoder, or an input side (``size_option``) the decoder cannot take.
     """
 
-    default_options: dict[str, Any] = {"decoder": "fpn", "fpn_channels": 256, "output_stride": 4}
+    default_options: dict[str, Any] = {
+        "decoder": "fpn",
+        "fpn_channels": 256,
+        "output_stride": 4,
+        "coarse_logits": False,
+    }
     option_choices = {"decoder": DECODERS, "output_stride": OUTPUT_STRIDES}
     #: the option holding the network's input side, checked against ``size_multiple``
     size_option: ClassVar[str | None] = None
@@ -129,6 +137,12 @@ class FPNSegmenter(SegmentationModel):
                 f"{self.method_name or type(self).__name__}: decoder {decoder!r} predicts at full resolution, "
                 f"so output_stride must be 1, got {stride}"
             )
+        coarse_logits = self.options.get("coarse_logits", False)
+        if decoder != "fpn" and coarse_logits:
+            raise ConfigError(
+                f"{self.method_name or type(self).__name__}: coarse_logits adds the FPN's classifier to its "
+                f"full-resolution head, so it needs decoder 'fpn', got {decoder!r}"
+            )
         if decoder == "fpn":
             # GLNet's FPN: 256 lateral / 128 smoothing channels; smaller widths make a light CPU decoder
             width = self.options["fpn_channels"]
@@ -140,6 +154,7 @@ class FPNSegmenter(SegmentationModel):
                 lateral_channels=width,
                 smooth_channels=max(1, width // 2),
                 output_stride=stride,
+                coarse_logits=coarse_logits,
             )
             #: input pixels per logit pixel of ``decode``
             self.output_stride: int = self.net.output_stride

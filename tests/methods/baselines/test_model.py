@@ -54,6 +54,13 @@ class TestPatchFullResolutionConvNeXt(ModelTester):
     options = {"patch_size": 64, "overlap": 16, "output_stride": 1}
 
 
+class TestPatchFullResolutionCoarseLogits(ModelTester):
+    """The full-resolution head plus the FPN's 3x3 classifier on ps3, upsampled."""
+
+    method = "patch"
+    options = {"patch_size": 64, "overlap": 16, "output_stride": 1, "coarse_logits": True}
+
+
 class TestPatchHalfResolution(ModelTester):
     method = "patch"
     options = {"patch_size": 64, "overlap": 16, "output_stride": 2}
@@ -110,6 +117,32 @@ def test_a_config_without_output_stride_is_completed_by_the_default(method):
     assert create_model(**old).options["output_stride"] == 4
     smp_old = {**old, "options": {**old["options"], "decoder": "smp_unet"}}
     assert create_model(**smp_old).options["output_stride"] == 1
+
+
+@pytest.mark.parametrize("method", ["global", "patch"])
+def test_coarse_logits_option_builds_the_heads_coarse_classifier(method):
+    size = {"input_size": 64} if method == "global" else {"patch_size": 64, "overlap": 0}
+    model = create_model(method, encoder="test_resnet", num_classes=3, output_stride=1, coarse_logits=True, **size)
+    merged = model.net.fpn.merged_channels
+    assert tuple(model.net.head.coarse.weight.shape) == (3, merged, 3, 3)
+    assert {"net.head.coarse.weight", "net.head.coarse.bias"} <= set(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    assert tuple(model.decode(x).shape) == (1, 3, 64, 64)
+    default = create_model(method, encoder="test_resnet", num_classes=3, output_stride=1, **size)
+    assert default.options["coarse_logits"] is False and default.net.head.coarse is None
+    # a checkpoint written before the option: completed as false
+    old = default.config
+    del old["options"]["coarse_logits"]
+    assert default.canonical_config(old) == default.config
+    assert create_model(**old).net.head.coarse is None
+    with pytest.raises(ConfigError, match="coarse_logits must be true or false"):
+        create_model(method, encoder="test_resnet", num_classes=3, output_stride=1, coarse_logits="yes", **size)
+    with pytest.raises(
+        ConfigError,
+        match=f"^{method}: coarse_logits adds the FPN's classifier to its full-resolution head, so it "
+        "needs decoder 'fpn', got 'smp_unet'$",
+    ):
+        create_model(method, encoder="test_resnet", num_classes=3, decoder="smp_unet", coarse_logits=True, **size)
 
 
 @pytest.mark.parametrize("decoder", ["smp_unet", "smp_fpn"])

@@ -103,11 +103,32 @@ def test_output_stride_4_is_the_papers_backbone_and_old_configs_load_as_it():
             {"decoder": "smp_unet", "output_stride": 4},
             "^magnet: decoder 'smp_unet' predicts at full resolution, so output_stride must be 1, got 4$",
         ),
+        (
+            {"decoder": "smp_unet", "coarse_logits": True},
+            "^magnet: coarse_logits adds the FPN's classifier to its full-resolution head, so it needs decoder "
+            "'fpn', got 'smp_unet'$",
+        ),
+        ({"coarse_logits": 1}, "coarse_logits must be true or false"),
     ],
 )
 def test_output_stride_values_are_checked(options, message):
     with pytest.raises(ConfigError, match=message):
         create_model("magnet", encoder="test_resnet", num_classes=3, **{**TINY, **options})
+
+
+def test_coarse_logits_reach_the_backbone_and_old_configs_load_without_them():
+    model = tiny(output_stride=1, coarse_logits=True)
+    head = model.backbone.net.head
+    assert tuple(head.coarse.weight.shape) == (3, model.backbone.net.fpn.merged_channels, 3, 3)
+    model.train()
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    backbone_step(context(model, sub_batch=2), {"image": images, "label": labels})
+    assert head.coarse.weight.grad is not None and head.coarse.weight.grad.abs().sum() > 0
+    old = tiny(output_stride=1).config
+    del old["options"]["coarse_logits"]
+    assert create_model(**old).backbone.net.head.coarse is None
+    with pytest.raises(ConfigError, match="'coarse_logits' cannot change after training"):
+        model.with_inference_options(coarse_logits=False)
 
 
 def test_output_stride_shapes_the_network_so_prediction_cannot_change_it():

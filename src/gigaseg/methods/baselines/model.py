@@ -12,7 +12,9 @@ Both take ``loss`` ("focal": GLNet's focal loss with gamma 3, or "ce"), ``decode
 ``output_stride`` (see ``gigaseg.nn.segmenters``): with the "fpn" decoder 4 (the default, GLNet's
 head at 1/4 of the input), 2 or 1 (``gigaseg.nn.decoders.FullResolutionHead``: logits at 1/2 or
 full resolution, for thin structures); the smp decoders are at full resolution (1, their only
-value). A checkpoint written before the option existed loads as output stride 4 (1 for smp).
+value). ``coarse_logits`` (with the "fpn" decoder at output stride 1 or 2) adds the FPN's own
+1/4-resolution classifier's upsampled logits to the full-resolution head's. A checkpoint
+written before these options existed loads as output stride 4 (1 for smp) without coarse logits.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ BLEND_MODES = ("gaussian", "uniform")
 class GlobalSegmenter(FPNSegmenter):
     """Global-only baseline: the whole image at ``input_size`` x ``input_size``."""
 
-    default_options = {"input_size": 508, "decoder": "fpn", "fpn_channels": 256, "output_stride": 4, "loss": "focal"}
+    default_options = {
+        "input_size": 508,
+        "decoder": "fpn",
+        "fpn_channels": 256,
+        "output_stride": 4,
+        "coarse_logits": False,
+        "loss": "focal",
+    }
     option_choices = {"decoder": DECODERS, "output_stride": OUTPUT_STRIDES, "loss": LOSSES}
     size_option = "input_size"
 
@@ -49,6 +58,7 @@ class PatchSegmenter(FPNSegmenter):
         "decoder": "fpn",
         "fpn_channels": 256,
         "output_stride": 4,
+        "coarse_logits": False,
         "loss": "focal",
         "crops_per_image": 8,
         "crop_sampling": "uniform",

@@ -17,6 +17,10 @@ The network is a backbone segmenter and a small refinement module:
   full-resolution backbone predictions instead of 1/4 ones upsampled, and a 2-px road can be
   drawn. The backbone stage's loss is at the patch's resolution against its labels read at
   that size (nearest), at every stride; at 4 the logits are upsampled to it first.
+- ``coarse_logits``: with output stride 1 or 2, the backbone's full-resolution head also
+  keeps the FPN's 3x3 classifier on ps3 and adds its upsampled logits to its own
+  (FPNSegmenter's option; false by default, and for checkpoints written before it; no
+  effect at 4; the smp decoders refuse it).
 - ``refinement``: :class:`RefinementModule`, which refines the fine (patch) prediction with
   the coarse prediction cropped to the patch.
 
@@ -534,13 +538,13 @@ class MagNet(SegmentationModel):
         pretrained: the encoder's weights: False/None random, True timm's, or a local weights file.
         **options: the options of the module docstring (``preset``, ``scales``,
             ``input_size``, ``points``, ``median_kernel``, ``fast_patches``, ``decoder``,
-            ``output_stride``, ``crops_per_image``, ``loss``, ``crop_sampling``,
+            ``output_stride``, ``coarse_logits``, ``crops_per_image``, ``loss``, ``crop_sampling``,
             ``sampling_temperature``, ``refine``); ``preset`` fills those not given.
 
     Raises:
         ConfigError: an unknown preset or option, an option out of range, fewer than 2 classes, an
-            output stride other than 1 with an smp decoder, or an ``input_size`` that is not a
-            multiple of the decoder's size multiple.
+            output stride other than 1 or ``coarse_logits`` with an smp decoder, or an
+            ``input_size`` that is not a multiple of the decoder's size multiple.
     """
 
     default_options: dict[str, Any] = {
@@ -548,6 +552,7 @@ class MagNet(SegmentationModel):
         **copy.deepcopy(_DEEPGLOBE),
         "decoder": "fpn",
         "output_stride": 4,
+        "coarse_logits": False,
         "crops_per_image": 1,
         "loss": "ce",
         "crop_sampling": "uniform",
@@ -583,6 +588,7 @@ class MagNet(SegmentationModel):
             pretrained=pretrained,
             decoder=self.options["decoder"],
             output_stride=self.options["output_stride"],
+            coarse_logits=self.options["coarse_logits"],
         )
         multiple = self.backbone.size_multiple
         if any(side % multiple for side in self.input_size):
@@ -615,6 +621,11 @@ class MagNet(SegmentationModel):
             raise ConfigError(
                 f"magnet: decoder {opts['decoder']!r} predicts at full resolution, so output_stride must be 1, "
                 f"got {opts['output_stride']}"
+            )
+        if opts["decoder"] != "fpn" and opts["coarse_logits"]:
+            raise ConfigError(
+                f"magnet: coarse_logits adds the FPN's classifier to its full-resolution head, so it needs "
+                f"decoder 'fpn', got {opts['decoder']!r}"
             )
         scales = opts["scales"]
         if not isinstance(scales, (list, tuple)) or not scales:
