@@ -80,6 +80,9 @@ def test_gigaseg_view_serves_until_interrupted(files):
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # a shell's background job (``pytest &``) ignores SIGINT, and a child inherits that; Ctrl-C acts as in a
+        # terminal's foreground whatever the suite was started from
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = process.stdout.readline()
