@@ -42,7 +42,7 @@ from .base import SegmentationModel
 from .encoders import Encoder, PretrainedSpec, check_encoder_name
 from .fpn import OUTPUT_STRIDES, FPNBranch
 
-__all__ = ["DECODERS", "OUTPUT_STRIDES", "SMP_ARCHITECTURES", "FPNSegmenter", "smp_network"]
+__all__ = ["DECODERS", "OUTPUT_STRIDES", "SMP_ARCHITECTURES", "FPNSegmenter", "check_decoder_options", "smp_network"]
 
 #: the decoders of FPNSegmenter
 DECODERS = ("fpn", "smp_unet", "smp_fpn")
@@ -93,6 +93,29 @@ def smp_network(
     return net
 
 
+def check_decoder_options(name: str, decoder: str, output_stride: int, coarse_logits: bool) -> None:
+    """Check that ``decoder`` can predict at ``output_stride`` and take ``coarse_logits``.
+
+    Args:
+        name: what the error messages start with (the method's name).
+        decoder: one of :data:`DECODERS`.
+        output_stride: the requested output stride.
+        coarse_logits: whether the FPN's classifier is to be added to the full-resolution head.
+
+    Raises:
+        ConfigError: an smp decoder with an output stride other than 1, or with ``coarse_logits``.
+    """
+    if decoder != "fpn" and output_stride != 1:
+        raise ConfigError(
+            f"{name}: decoder {decoder!r} predicts at full resolution, so output_stride must be 1, got {output_stride}"
+        )
+    if decoder != "fpn" and coarse_logits:
+        raise ConfigError(
+            f"{name}: coarse_logits adds the FPN's classifier to its full-resolution head, so it needs "
+            f"decoder 'fpn', got {decoder!r}"
+        )
+
+
 class FPNSegmenter(SegmentationModel):
     """A timm encoder with GLNet's FPN or an smp U-Net / FPN; see the module docstring.
 
@@ -132,17 +155,8 @@ class FPNSegmenter(SegmentationModel):
         super().__init__(encoder=encoder, num_classes=num_classes, in_channels=in_channels, **options)
         decoder = self.options["decoder"]
         stride = self.options.get("output_stride", 4)
-        if decoder != "fpn" and stride != 1:
-            raise ConfigError(
-                f"{self.method_name or type(self).__name__}: decoder {decoder!r} predicts at full resolution, "
-                f"so output_stride must be 1, got {stride}"
-            )
         coarse_logits = self.options.get("coarse_logits", False)
-        if decoder != "fpn" and coarse_logits:
-            raise ConfigError(
-                f"{self.method_name or type(self).__name__}: coarse_logits adds the FPN's classifier to its "
-                f"full-resolution head, so it needs decoder 'fpn', got {decoder!r}"
-            )
+        check_decoder_options(self.method_name or type(self).__name__, decoder, stride, coarse_logits)
         if decoder == "fpn":
             # GLNet's FPN: 256 lateral / 128 smoothing channels; smaller widths make a light CPU decoder
             width = self.options["fpn_channels"]

@@ -102,7 +102,7 @@ from ...geometry import Box, Window, box_on_grid, crop_resize, resize, upsample_
 from ...nn.base import SegmentationModel
 from ...nn.encoders import PretrainedSpec
 from ...nn.losses import LOSSES
-from ...nn.segmenters import DECODERS, OUTPUT_STRIDES, FPNSegmenter
+from ...nn.segmenters import DECODERS, OUTPUT_STRIDES, FPNSegmenter, check_decoder_options
 
 __all__ = [
     "MagNet",
@@ -617,16 +617,7 @@ class MagNet(SegmentationModel):
         Scales and input size become [h, w].
         """
         opts = self.options
-        if opts["decoder"] != "fpn" and opts["output_stride"] != 1:
-            raise ConfigError(
-                f"magnet: decoder {opts['decoder']!r} predicts at full resolution, so output_stride must be 1, "
-                f"got {opts['output_stride']}"
-            )
-        if opts["decoder"] != "fpn" and opts["coarse_logits"]:
-            raise ConfigError(
-                f"magnet: coarse_logits adds the FPN's classifier to its full-resolution head, so it needs "
-                f"decoder 'fpn', got {opts['decoder']!r}"
-            )
+        check_decoder_options("magnet", opts["decoder"], opts["output_stride"], opts["coarse_logits"])
         scales = opts["scales"]
         if not isinstance(scales, (list, tuple)) or not scales:
             raise ConfigError(f"magnet: scales must be a non-empty list of [h, w] sizes, got {scales!r}")
