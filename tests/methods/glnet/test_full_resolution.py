@@ -181,6 +181,38 @@ def test_coarse_logits_adds_the_papers_ensemble_classifier():
     assert plain.canonical_config(config)["options"]["coarse_logits"] is False
 
 
+def test_branch_coarse_logits_add_each_branchs_classifier_on_its_ps3():
+    """branch_coarse_logits: both branches' heads (and the frozen copy) keep a 3x3 conv on ps3, added upsampled."""
+    plain, coarse = tiny(stage=3), tiny(stage=3, branch_coarse_logits=True)
+    merged = plain.global_branch.fpn.merged_channels
+    for name in ("global_branch", "local_branch", "global_fixed"):
+        assert getattr(plain, name).head.coarse is None
+        assert tuple(getattr(coarse, name).head.coarse.weight.shape) == (3, merged, 3, 3)
+    assert coarse.ensemble.coarse is None  # the ensemble's is coarse_logits'
+    trainable = {n: p.numel() for n, p in coarse.named_parameters() if not n.startswith("global_fixed.")}
+    reference = {n: p.numel() for n, p in plain.named_parameters() if not n.startswith("global_fixed.")}
+    assert sum(trainable.values()) - sum(reference.values()) == 2 * (9 * merged * 3 + 3)
+    # the global logits: the plain head's (same weights) + the upsampled 3x3 conv on the global ps3
+    coarse.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = coarse.global_features(x)
+        head = coarse.global_branch.head
+        skip, _ = coarse.global_branch.encoder.forward_with_stride2(x)
+        saved, head.coarse = head.coarse, None
+        without = head(features.ps3, x, skip)
+        head.coarse = saved
+        upsampled = nn.functional.interpolate(saved(features.ps3), size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(features.logits, without + upsampled, rtol=1e-4, atol=1e-5)
+    assert isinstance(tiny(output_stride=4, branch_coarse_logits=True).global_branch.fpn.classifier, nn.Conv2d)
+    assert tiny(output_stride=4, branch_coarse_logits=True).global_branch.head is None
+    with pytest.raises(ConfigError, match="branch_coarse_logits"):
+        tiny(branch_coarse_logits="yes")
+    config = dict(coarse.config)
+    del config["options"]["branch_coarse_logits"]  # a checkpoint from before the option: the heads alone
+    assert plain.canonical_config(config)["options"]["branch_coarse_logits"] is False
+
+
 @pytest.mark.parametrize("coarse_logits", [False, True])
 @pytest.mark.parametrize("parts", [1, 2])
 def test_the_head_without_autograd_builds_no_concatenation(parts, coarse_logits):

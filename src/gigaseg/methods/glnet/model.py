@@ -43,6 +43,9 @@ that resolution with labels at that resolution (at 1: the labels themselves):
 - the ensemble: a head whose input is the ensemble's, ``concat(ps3_local, crop of ps3_global)``
   (twice ps3's channels), with the patch's stride-2 map and pixels: ensemble logits at ``size_p``.
 
+``coarse_logits`` (the ensemble) and ``branch_coarse_logits`` (both branches' heads) keep the
+paper's 3x3 classifier of that head beside it and add its upsampled 1/4 logits to the head's.
+
 The feature sharing, the local -> global merge and the feature-map regulariser stay at the FPN's
 1/4 resolution, as in the paper. Without autograd the heads' concatenations are never built
 (:func:`head_logits`: sums of convolutions over the weight's channel slices, as
@@ -360,6 +363,13 @@ class GLNet(SegmentationModel):
             global context reaches the logits as directly as with the paper's head. False (the
             default, and what checkpoints written before the option load as): the head alone.
             No effect at output stride 4, whose ensemble is that classifier.
+        branch_coarse_logits: with output stride 1 or 2, the global and local branches'
+            full-resolution heads also keep the paper's branch classifier (3x3 conv on the
+            branch's ps3 at 1/4) and add its upsampled logits to their own
+            (``FPNBranch(coarse_logits=True)``); stage 1 and stage 3 classify the global view
+            with that head, so the global FPN's ps3 reaches the logits without the head's fine
+            stages. False (the default, and what checkpoints written before the option load
+            as): the heads alone. No effect at output stride 4.
 
     Raises:
         ConfigError: an unknown option, or an option of the wrong type or out of range.
@@ -377,6 +387,7 @@ class GLNet(SegmentationModel):
         "context_tile": 0,
         "output_stride": 4,
         "coarse_logits": False,
+        "branch_coarse_logits": False,
     }
     option_choices = {
         "global_context": ("image", "tile"),
@@ -398,7 +409,13 @@ class GLNet(SegmentationModel):
         width = self.options["fpn_channels"]
         stride = self.options["output_stride"]
         widths = {"lateral_channels": width, "smooth_channels": max(1, width // 2)}
-        kw = {"num_classes": num_classes, "in_channels": in_channels, "output_stride": stride, **widths}
+        kw = {
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "output_stride": stride,
+            "coarse_logits": self.options["branch_coarse_logits"],
+            **widths,
+        }
         self.global_branch = FPNBranch(encoder, pretrained=pretrained, **kw)
         self.local_branch = FPNBranch(encoder, pretrained=pretrained, shared_inputs=True, **kw)
         channels = self.global_branch.encoder.out_channels
