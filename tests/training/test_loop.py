@@ -2,6 +2,7 @@
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,6 +40,9 @@ def test_run_folder_contents_and_learning(tiny_dataset, tmp_path):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
     assert all(0.0 <= float(r["val_miou"]) <= 1.0 for r in rows)
+    for r in rows:  # the per-class columns: their mean over the scored classes is the mIoU
+        per_class = [float(r[f"val_iou_{name}"]) for name in ("red", "green", "blue")]
+        assert float(r["val_miou"]) == pytest.approx(np.nanmean(per_class))
     assert len(result["history"]) == 3
     ckpt = torch.load(run / "last.ckpt", weights_only=True)
     assert ckpt["train"]["epoch"] == 2 and ckpt["data"]["classes"] == ["red", "green", "blue"]

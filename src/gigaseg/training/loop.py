@@ -440,7 +440,8 @@ class Trainer:
         """Whole-image validation through the streaming predictor; ranks split images and sum matrices.
 
         Returns:
-            ``{"miou", "pixel_accuracy"}`` for segmentation, ``{"accuracy", "balanced_accuracy"}``
+            ``{"miou", "pixel_accuracy", "iou_<class name>" for every class}`` for segmentation
+            (a class neither predicted nor present scores NaN), ``{"accuracy", "balanced_accuracy"}``
             for image classifiers, COCO's ``{"AP", "AP50", "AP75", "AP_small", "AP_medium",
             "AP_large", "AR100"}`` for detectors, or ``{}`` without validation data.
         """
@@ -464,7 +465,10 @@ class Trainer:
             evaluate_sample(predictor, sample, matrix, self.settings.val_block_size)
         matrix.all_reduce(fabric)  # each rank scored its share of the images
         exclude = self.data["exclude_from_miou"]
-        return {"miou": float(matrix.miou(exclude=exclude)), "pixel_accuracy": float(matrix.pixel_accuracy())}
+        scores = {"miou": float(matrix.miou(exclude=exclude)), "pixel_accuracy": float(matrix.pixel_accuracy())}
+        # per class, so a class that one epoch finds and the next loses shows in metrics.csv
+        scores.update({f"iou_{name}": float(v) for name, v in zip(self.data["classes"], matrix.iou(), strict=True)})
+        return scores
 
     def _validate_classification(self, classifier: ClassificationPredictor) -> dict:
         """Image classifiers: one predicted class per validation image; accuracy and balanced accuracy."""
