@@ -97,3 +97,51 @@ def sharpened_checkpoint(tmp_path_factory):
 def tiny_checkpoint(sharpened_checkpoint):
     """A patch model on test_resnet with fixed random weights, sharpened so the classes differ across a scene."""
     return sharpened_checkpoint("patch", "tiny", **TINY_PATCH_OPTIONS)
+
+
+# ------------------------------------------------------------------ a detector (predict and view tests)
+
+
+@pytest.fixture(scope="session")
+def objects(tmp_path_factory):
+    """Two 160 x 192 images of the synthetic objects dataset (train and val)."""
+    from gigaseg.data.synth.objects import ObjectsConfig, write_objects_dataset
+
+    root = tmp_path_factory.mktemp("objects") / "data"
+    config = ObjectsConfig(density=400)  # about 12 objects an image
+    write_objects_dataset(root, count=2, height=160, width=192, seed=5, val_fraction=0.5, config=config)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fcos_checkpoint(tmp_path_factory, objects):
+    """An untrained tiny fcos that reports every box scoring above 0 (so there are boxes to write)."""
+    import torch
+
+    import gigaseg
+    from gigaseg.data.loader import load_dataset
+    from gigaseg.io.normalize import Normalization
+    from gigaseg.training.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = gigaseg.create_model(
+        "fcos",
+        encoder="test_resnet",
+        num_classes=4,
+        fpn_channels=16,
+        head_convs=1,
+        input_size=128,
+        max_level=5,
+        score_threshold=0.0,
+        max_detections=20,
+    )
+    data = load_dataset(objects, "train")
+    info = {
+        "classes": data.classes,
+        "category_ids": [11, 12, 13, 14],
+        "palette": data.palette.tolist(),
+        "ignore_index": 255,
+        "exclude_from_miou": [],
+        "normalization": Normalization.for_image(3, np.uint8).to_dict(),
+    }
+    return save_checkpoint(tmp_path_factory.mktemp("fcos") / "fcos.ckpt", model, info)

@@ -6,13 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import gigaseg
 from gigaseg.cli import main
 from gigaseg.data.loader import load_dataset
-from gigaseg.data.synth.objects import ObjectsConfig, write_objects_dataset
 from gigaseg.geometry import Detections
 from gigaseg.inference.contract import DetectionPredictor
 from gigaseg.io.detections import (
@@ -21,9 +19,7 @@ from gigaseg.io.detections import (
     draw_detections,
     write_detections_geojson,
 )
-from gigaseg.io.normalize import Normalization
 from gigaseg.io.sources import open_image
-from gigaseg.training.checkpoint import save_checkpoint
 
 FOUND = Detections(
     np.array([[1, 2, 4, 8], [10, 0, 12.5, 3]], np.float32), np.array([0.9, 0.25], np.float32), np.array([1, 0])
@@ -102,41 +98,6 @@ def test_boxes_are_drawn_on_their_own_pixels_in_their_class_colours():
 # ------------------------------------------------------------------ predict and evaluate end to end
 
 
-@pytest.fixture(scope="module")
-def objects(tmp_path_factory):
-    root = tmp_path_factory.mktemp("objects") / "data"
-    config = ObjectsConfig(density=400)  # about 12 objects an image
-    write_objects_dataset(root, count=2, height=160, width=192, seed=5, val_fraction=0.5, config=config)
-    return root
-
-
-@pytest.fixture(scope="module")
-def fcos_checkpoint(tmp_path_factory, objects):
-    """An untrained tiny fcos that reports every box scoring above 0 (so there are boxes to write)."""
-    torch.manual_seed(0)
-    model = gigaseg.create_model(
-        "fcos",
-        encoder="test_resnet",
-        num_classes=4,
-        fpn_channels=16,
-        head_convs=1,
-        input_size=128,
-        max_level=5,
-        score_threshold=0.0,
-        max_detections=20,
-    )
-    data = load_dataset(objects, "train")
-    info = {
-        "classes": data.classes,
-        "category_ids": [11, 12, 13, 14],
-        "palette": data.palette.tolist(),
-        "ignore_index": 255,
-        "exclude_from_miou": [],
-        "normalization": Normalization.for_image(3, np.uint8).to_dict(),
-    }
-    return save_checkpoint(tmp_path_factory.mktemp("fcos") / "fcos.ckpt", model, info)
-
-
 def test_predict_writes_the_detectors_boxes_as_json_geojson_and_overlay(tmp_path, objects, fcos_checkpoint, capsys):
     image = objects / "images" / "train" / "objects_000.tif"
     code = main(["predict", str(image), "--checkpoint", str(fcos_checkpoint), "--out", str(tmp_path), "--overlay"])
@@ -162,7 +123,7 @@ def test_predict_writes_the_detectors_boxes_as_json_geojson_and_overlay(tmp_path
     [
         (["--probabilities"], "is a detection method: it writes boxes"),
         (["--format", "ome-zarr"], "format ome-zarr do not apply"),
-        (["--view"], "--view, --cluster and --scheduler are for segmentation"),
+        (["--cluster", "local:2"], "--cluster and --scheduler are for segmentation"),
     ],
 )
 def test_segmentation_options_with_a_detector_end_in_one_line(

@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gigaseg.geometry import Window
+from gigaseg.geometry import Detections, Window
+from gigaseg.io.detections import write_detections_geojson
+from gigaseg.io.writers import write_tiled_tiff
 from gigaseg.viewer import ViewerServer
 
 from .scene import CLASSES, PALETTE, write_scene
@@ -345,3 +347,59 @@ def save_readme_screenshot(page, scene, path: Path) -> None:
     finally:
         page.set_viewport_size(VIEWPORT)
         show(page, "m0", 50)
+
+
+# -- detection boxes ------------------------------------------------------------------------------------
+
+BOX_SIZE = 2048
+GREY = 90
+#: a car (red) and a ship (blue), as ``gigaseg predict`` writes a detector's boxes
+BOXES = Detections(
+    np.array([[400, 300, 800, 700], [1200, 1200, 1500, 1400]], np.float32),
+    np.array([0.9, 0.3], np.float32),
+    np.array([0, 1], np.int64),
+)
+
+
+@pytest.fixture(scope="module")
+def box_page(browser, tmp_path_factory):
+    root = tmp_path_factory.mktemp("viewer_boxes")
+    image = root / "grey.tif"
+    write_tiled_tiff(
+        image, BOX_SIZE, BOX_SIZE, 3, np.uint8, lambda w: np.full((w.height, w.width, 3), GREY, np.uint8), tile=256
+    )
+    boxes = write_detections_geojson(root / "grey.geojson", BOXES, ["car", "ship"], palette=[(255, 0, 0), (0, 0, 255)])
+    with ViewerServer(image, [], detections=[boxes]).start() as server:
+        page = browser.new_page(viewport=VIEWPORT)
+        page.problems = []
+        page.on("pageerror", lambda error: page.problems.append(f"page error: {error}"))
+        page.on("console", lambda m: m.type == "error" and page.problems.append(f"console: {m.text}"))
+        page.goto(server.url)
+        wait_idle(page)
+        yield page
+        page.close()
+
+
+def test_boxes_are_drawn_in_their_class_colours_and_switch_off(box_page):
+    page = box_page
+    assert page.inner_text("#boxes label").strip() == "grey.geojson (2)"
+    assert page.locator(".box-classes td").all_inner_texts() == ["", "car", "1", "", "ship", "1"]
+    zoom_to(page, 600, 500, 2.0)  # two screen pixels per image pixel
+    # the car's left outline covers pixels 400 and 401 (4 screen pixels): its middle, and the box's
+    edge, inside = to_screen(page, 401, 500), to_screen(page, 600, 500)
+    shot = screenshot(page)
+    np.testing.assert_allclose(colour_at(shot, edge, half=1), (255, 0, 0), atol=TOLERANCE)
+    np.testing.assert_allclose(colour_at(shot, inside), (GREY, GREY, GREY), atol=TOLERANCE)
+    page.mouse.move(*to_screen(page, 600.5, 500.5))
+    page.wait_for_function("() => document.querySelectorAll('#cursor-boxes li').length === 1", timeout=30_000)
+    assert page.inner_text("#cursor-boxes li").strip() == "car 0.90"
+    page.uncheck("#boxes-d0")
+    wait_idle(page)
+    np.testing.assert_allclose(colour_at(screenshot(page), edge, half=1), (GREY, GREY, GREY), atol=TOLERANCE)
+    assert page.locator("#cursor-boxes li").count() == 0
+    page.check("#boxes-d0")
+    zoom_to(page, 1350, 1300, 2.0)
+    np.testing.assert_allclose(
+        colour_at(screenshot(page), to_screen(page, 1201, 1300), half=1), (0, 0, 255), atol=TOLERANCE
+    )
+    assert not page.problems

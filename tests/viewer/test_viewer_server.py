@@ -125,7 +125,7 @@ def test_pixel_gives_each_masks_class(server, scene):
         assert answer["inside"] and (answer["x"], answer["y"]) == (x, y)
         assert answer["labels"]["m0"]["id"] == a[y, x] and answer["labels"]["m1"]["id"] == b[y, x]
         assert answer["labels"]["m0"]["name"] == CLASSES[a[y, x]]
-    assert get_json(server, f"/api/pixel?x={W}&y=0") == {"x": W, "y": 0, "inside": False, "labels": {}}
+    assert get_json(server, f"/api/pixel?x={W}&y=0") == {"x": W, "y": 0, "inside": False, "labels": {}, "boxes": {}}
     assert get(server, "/api/pixel?x=abc&y=1")[0] == 400
     assert get(server, "/api/pixel?y=1")[0] == 400
 

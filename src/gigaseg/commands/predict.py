@@ -97,7 +97,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--view",
         action="store_true",
-        help="at the end, show each image with its mask in the browser (see gigaseg view) until Ctrl-C",
+        help="at the end, show each image with its mask (a detector: its boxes) in the browser (see gigaseg "
+        "view) until Ctrl-C",
     )
     add_inference_set(parser)
     add_polygon_options(parser)
@@ -134,17 +135,16 @@ def run(args) -> int:
     formats = parse_formats(args.format)
     if args.vector and "tiff" not in formats:
         raise ConfigError("--vector makes the polygons from the TIFF mask: use --format tiff,ome-zarr")
-    if args.view and "tiff" not in formats:
-        raise ConfigError("--view shows the TIFF mask: use --format tiff,ome-zarr")
     images = image_inputs(args.images)
     outputs = planned_outputs(images, Path(args.out))
     model, info = load_model(args.checkpoint)  # once, and a bad checkpoint fails before any output
     options = parse_options(args.set)
     model = model.with_inference_options(**options)  # bad options fail before any output too
-    if getattr(model, "task", None) == "detection" and (args.view or args.cluster or args.scheduler):
-        raise ConfigError(
-            f"{model.method_name} is a detection method: --view, --cluster and --scheduler are for segmentation"
-        )
+    detector = getattr(model, "task", None) == "detection"
+    if args.view and "tiff" not in formats and not detector:
+        raise ConfigError("--view shows the TIFF mask: use --format tiff,ome-zarr")
+    if detector and (args.cluster or args.scheduler):
+        raise ConfigError(f"{model.method_name} is a detection method: --cluster and --scheduler are for segmentation")
     settings = dict(
         max_memory=args.max_memory,
         device=args.device,
@@ -174,7 +174,7 @@ def run(args) -> int:
             continue
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         _print_result(image, result, f"peak RSS {format_size(peak)}")
-    return view_predictions(args, images, outputs, _summary(failures, len(images)))
+    return view_predictions(args, images, outputs, _summary(failures, len(images)), boxes=detector)
 
 
 def _run_on_cluster(args, images: list[str], options: dict, settings: dict) -> int:

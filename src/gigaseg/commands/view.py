@@ -1,8 +1,9 @@
-"""``gigaseg view``: look at an image and its masks in the browser (a local tile server)."""
+"""``gigaseg view``: look at an image, its masks and its boxes in the browser (a local tile server)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -16,14 +17,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """
     parser = subparsers.add_parser(
         "view",
-        help="look at an image and its masks in the browser",
+        help="look at an image, its masks and its detected boxes in the browser",
         description="Serve the image and its masks as Deep Zoom tiles, read on demand from their pyramids, to a "
         "page in the browser: pan and zoom, mask opacity, a switch between masks, the classes' colours, names and "
-        "areas, the pixel and class under the cursor. Binds to 127.0.0.1 and serves only the files named here; "
+        "areas, the pixel and class under the cursor; with --detections, boxes drawn over them (the class and "
+        "score of those under the cursor). Binds to 127.0.0.1 and serves only the files named here; "
         "runs until Ctrl-C.",
     )
     parser.add_argument("image", help="the image (TIFF/BigTIFF/OME/GeoTIFF, PNG, JPEG)")
     parser.add_argument("masks", nargs="*", metavar="mask", help="label masks of the same size, e.g. two methods'")
+    parser.add_argument(
+        "--detections",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="boxes to draw: gigaseg predict's <name>.geojson or <name>.json (COCO results), any GeoJSON "
+        "(georeferenced like the image, or in pixels), or a COCO dataset json (the entry with the image's file "
+        "name); repeat to compare",
+    )
+    parser.add_argument(
+        "--min-score", type=float, default=0.0, help="boxes scoring below this are not drawn (default 0: all)"
+    )
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: a free one)")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0: all)"
@@ -55,21 +69,25 @@ def run(args) -> int:
         port=args.port,
         cache_size=args.cache_size,
         image_format=args.image_format,
+        detections=args.detections,
+        min_score=args.min_score,
     )
     return serve_until_interrupted([server], open_browser=not args.no_browser)
 
 
-def view_predictions(args, images: list[str], masks: list, code: int) -> int:
-    """``gigaseg predict --view``: after the predictions, serve each image with its mask until Ctrl-C.
+def view_predictions(args, images: list[str], masks: list, code: int, *, boxes: bool = False) -> int:
+    """``gigaseg predict --view``: after the predictions, serve each image with its mask (or boxes) until Ctrl-C.
 
-    Images whose mask was not written (the failed ones) are left out; nothing is served when
-    ``--view`` was not given or no mask exists.
+    Images whose mask (or boxes) were not written (the failed ones) are left out; nothing is
+    served when ``--view`` was not given or no output exists.
 
     Args:
         args: the parsed ``gigaseg predict`` arguments (``args.view``).
         images: the input images, in order.
-        masks: the mask each was to get (``planned_outputs``), in the same order.
+        masks: the mask each was to get (``planned_outputs``), in the same order; for a detector
+            the output stem its ``<name>.geojson`` sits beside.
         code: the exit code of the predictions.
+        boxes: the outputs are a detector's: show each image's ``<name>.geojson`` as boxes.
 
     Returns:
         ``code``.
@@ -78,13 +96,17 @@ def view_predictions(args, images: list[str], masks: list, code: int) -> int:
 
     from ..viewer import ViewerServer
 
+    if boxes:
+        from ..inference.detections import detection_outputs
+
+        masks = [detection_outputs(Path(mask))[1] for mask in masks]
     pairs = [(image, mask) for image, mask in zip(images, masks, strict=True) if os.path.isfile(mask)]
     if not getattr(args, "view", False) or not pairs:
         return code
     servers = []
     try:
         for image, mask in pairs:
-            servers.append(ViewerServer(image, [mask]))
+            servers.append(ViewerServer(image, [], detections=[mask]) if boxes else ViewerServer(image, [mask]))
     except BaseException:
         for server in servers:
             server.close()
@@ -110,8 +132,8 @@ def serve_until_interrupted(servers: list, *, open_browser: bool = True) -> int:
             server.start()
         for server in servers:
             where = server.image.source.path or "image"
-            masks = ", ".join(server.mask_names) or "no mask"
-            print(f"gigaseg view: {where} with {masks}: {server.url}", flush=True)
+            shown = [*server.mask_names, *(f"{len(b)} boxes of {b.name}" for b in server.boxes)]
+            print(f"gigaseg view: {where} with {', '.join(shown) or 'no mask'}: {server.url}", flush=True)
         if not _is_local(servers[0].host):
             print(f"gigaseg view: note: serving to the network on {servers[0].host}", flush=True)
         print("gigaseg view: press Ctrl-C to stop", flush=True)

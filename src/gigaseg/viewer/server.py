@@ -1,21 +1,22 @@
-"""The ``gigaseg view`` web server: an image and its masks as Deep Zoom tiles for OpenSeadragon.
+"""The ``gigaseg view`` web server: an image, its masks and its boxes as Deep Zoom tiles for OpenSeadragon.
 
 A :class:`ViewerServer` is a standard-library ``ThreadingHTTPServer`` bound to 127.0.0.1 by
 default. It serves exactly these paths, and answers 404 to every other one (405 to methods
 other than GET and HEAD); nothing taken from a URL ever reaches the filesystem: the files it
-was given are opened when it starts and named in URLs only by opaque ids (``image``, ``m0``,
-``m1``, ... under a random session token), and the page's own files are read from the package
-into memory when it starts:
+was given are opened when it starts and named in URLs only by opaque ids (``image``, masks
+``m0``, ``m1``, ..., detection files ``d0``, ..., under a random session token), and the
+page's own files are read from the package into memory when it starts:
 
 - ``/``: the page (``static/index.html``); ``/static/<name>``: its scripts, styles and
   OpenSeadragon's button images, shipped inside the package (no network at run time);
-- ``/api/info``: the image's size and the masks' names and classes; ``/api/areas``: the
-  exact pixel count per class of each mask (:class:`gigaseg.viewer.tiles.ClassCounter`,
-  counted in background threads when the server starts; ``done`` false until finished);
-  ``/api/pixel?x=X&y=Y``: each mask's class at a full-resolution pixel;
+- ``/api/info``: the image's size, the masks' names and classes, the detection files' names,
+  classes and box counts; ``/api/areas``: the exact pixel count per class of each mask
+  (:class:`gigaseg.viewer.tiles.ClassCounter`, counted in background threads when the server
+  starts; ``done`` false until finished); ``/api/pixel?x=X&y=Y``: each mask's class and each
+  detection file's boxes at a full-resolution pixel;
 - ``/dzi/<session>/<id>.dzi`` and ``/dzi/<session>/<id>_files/<level>/<col>_<row>.<format>``:
-  the Deep Zoom descriptor and tiles (:mod:`gigaseg.viewer.tiles`), kept in an LRU cache of
-  ``cache_size`` bytes.
+  the Deep Zoom descriptor and tiles of the image, a mask (``m<i>``) or a detection file's
+  boxes (``d<i>``, :mod:`gigaseg.viewer.boxes`), kept in an LRU cache of ``cache_size`` bytes.
 
 While bound to a loopback address it also refuses (403) requests whose ``Host`` header names
 another host, so a web page cannot reach it through DNS rebinding.
@@ -43,6 +44,7 @@ from ..geometry import Window
 from ..io.base import ImageSource
 from ..io.sources import open_image
 from ..memory import parse_size
+from .boxes import BoxLayer, read_boxes
 from .tiles import ClassCounter, ImageLayer, MaskLayer, TileCache, open_mask
 
 #: MIME types of the page's files, by extension
@@ -53,8 +55,8 @@ _CONTENT_TYPES = {
     ".png": "image/png",
     ".txt": "text/plain; charset=utf-8",
 }
-_TILE_PATH = re.compile(r"/dzi/([0-9a-f]{16})/(image|m\d{1,3})_files/(\d{1,2})/(\d{1,7})_(\d{1,7})\.(jpeg|png)")
-_DZI_PATH = re.compile(r"/dzi/([0-9a-f]{16})/(image|m\d{1,3})\.dzi")
+_TILE_PATH = re.compile(r"/dzi/([0-9a-f]{16})/(image|[md]\d{1,3})_files/(\d{1,2})/(\d{1,7})_(\d{1,7})\.(jpeg|png)")
+_DZI_PATH = re.compile(r"/dzi/([0-9a-f]{16})/(image|[md]\d{1,3})\.dzi")
 _SECURITY_HEADERS = {
     # the page loads nothing from elsewhere; OpenSeadragon sets inline styles
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'",
@@ -133,10 +135,15 @@ class ViewerServer:
         image_format: the image's tiles, ``"jpeg"`` (small) or ``"png"`` (exact pixels).
         cache_size: bytes (or a size like ``"64MB"``) of encoded tiles kept.
         mask_names: the names shown for the masks; None for their file names.
+        detections: files of the image's boxes (``gigaseg predict``'s GeoJSON or COCO results
+            json, or a COCO dataset: :func:`gigaseg.viewer.boxes.read_boxes`), drawn over the
+            image and mask, each switched on and off on the page.
+        min_score: boxes scoring below this are not shown.
 
     Raises:
         ImageReadError: the image or a mask is missing or unreadable, a mask is not a
             one-channel uint8 mask, or its size differs from the image's.
+        GigasegError: a detections file is missing or in none of the formats read.
         ConfigError: a bad option, or the port is taken.
     """
 
@@ -151,13 +158,18 @@ class ViewerServer:
         image_format: str = "jpeg",
         cache_size: int | str = "64MB",
         mask_names: list[str] | None = None,
+        detections=(),
+        min_score: float = 0.0,
     ):
         if not 16 <= int(tile_size) <= 4096:
             raise ConfigError(f"tile size must lie in 16..4096, got {tile_size}")
         if image_format not in ("jpeg", "png"):
             raise ConfigError(f"image tiles are jpeg or png, got {image_format!r}")
+        if not 0.0 <= float(min_score) <= 1.0:
+            raise ConfigError(f"the minimum score lies in 0..1, got {min_score}")
         source = open_image(image)
         self.masks: list[MaskLayer] = []
+        self.boxes: list[BoxLayer] = []
         try:
             _check_readable(source)
             self.image = ImageLayer(source, tile_size=tile_size, tile_format=image_format)
@@ -174,13 +186,29 @@ class ViewerServer:
                     )
                 _check_readable(layer.source)
             self.mask_names = _mask_labels(self.masks, mask_names)
+            for path in detections:
+                found = read_boxes(path, source)
+                self.boxes.append(
+                    BoxLayer(
+                        found,
+                        height=source.height,
+                        width=source.width,
+                        tile_size=tile_size,
+                        min_score=min_score,
+                        name=os.path.basename(os.fspath(path)),
+                    )
+                )
         except BaseException:
             for opened in [source, *(m.source for m in self.masks)]:
                 opened.close()
             raise
         self.cache = TileCache(parse_size(cache_size))
         self.session = secrets.token_hex(8)
-        self.layers = {"image": self.image, **{f"m{i}": m for i, m in enumerate(self.masks)}}
+        self.layers: dict = {
+            "image": self.image,
+            **{f"m{i}": m for i, m in enumerate(self.masks)},
+            **{f"d{i}": b for i, b in enumerate(self.boxes)},
+        }
         #: tiles served, by (layer id, level): what the page asked for
         self.tile_requests: Counter[tuple[str, int]] = Counter()
         self._stats_lock = threading.Lock()
@@ -192,7 +220,7 @@ class ViewerServer:
             self._httpd = _HTTPServer((host, int(port)), self)
         except OSError as error:
             for layer in self.layers.values():
-                layer.source.close()
+                layer.close()
             if error.errno == errno.EADDRINUSE:
                 raise ConfigError(
                     f"port {port} on {host} is in use; choose another with --port (0 picks a free one)"
@@ -263,7 +291,7 @@ class ViewerServer:
         for counter in self.counters.values():
             counter.wait(5)
         for layer in self.layers.values():
-            layer.source.close()
+            layer.close()
 
     def __enter__(self) -> ViewerServer:
         return self
@@ -277,9 +305,10 @@ class ViewerServer:
         """What the page needs to know: the image, the masks and their classes.
 
         Returns:
-            ``{"image": {...}, "masks": [{"id", "name", "dzi", "classes"}, ...]}``; the classes
-            listed here are those the mask names (colours and names; areas come from
-            ``/api/areas``).
+            ``{"image": {...}, "masks": [{"id", "name", "dzi", "classes"}, ...], "detections":
+            [{"id", "name", "dzi", "count", "classes"}, ...]}``; a mask's classes are those it
+            names (colours and names; areas come from ``/api/areas``), a detection file's carry
+            their box counts.
         """
         source = self.image.source
         name = os.path.basename(source.path) if source.path else "image"
@@ -290,6 +319,21 @@ class ViewerServer:
                 for i in range(len(layer.class_names or []))
             ]
             masks.append({"id": f"m{index}", "name": label, "dzi": self._dzi_url(f"m{index}"), "classes": classes})
+        detections = []
+        for index, layer in enumerate(self.boxes):
+            classes = [
+                {"id": i, "name": name, "color": colour, "count": count}
+                for i, (name, colour, count) in enumerate(zip(layer.classes, layer.colors, layer.class_counts()))
+            ]
+            detections.append(
+                {
+                    "id": f"d{index}",
+                    "name": layer.name,
+                    "dzi": self._dzi_url(f"d{index}"),
+                    "count": len(layer),
+                    "classes": classes,
+                }
+            )
         return {
             "image": {
                 "name": name,
@@ -300,6 +344,7 @@ class ViewerServer:
                 "dzi": self._dzi_url("image"),
             },
             "masks": masks,
+            "detections": detections,
         }
 
     def _dzi_url(self, layer_id: str) -> str:
@@ -314,14 +359,15 @@ class ViewerServer:
         return {layer_id: counter.status() for layer_id, counter in self.counters.items()}
 
     def pixel(self, x: int, y: int) -> dict:
-        """Each mask's class at a full-resolution pixel.
+        """Each mask's class and each detection file's boxes at a full-resolution pixel.
 
         Args:
             x: the pixel's column.
             y: the pixel's row.
 
         Returns:
-            ``{"x", "y", "inside": bool, "labels": {mask id: {"id", "name", "color"}}}``.
+            ``{"x", "y", "inside": bool, "labels": {mask id: {"id", "name", "color"}}, "boxes":
+            {detections id: [{"class", "name", "color", "score", "box"}, ...]}}`` (boxes best first).
         """
         source = self.image.source
         inside = 0 <= x < source.width and 0 <= y < source.height
@@ -330,7 +376,8 @@ class ViewerServer:
             for index, layer in enumerate(self.masks):
                 label = layer.label_at(x, y)
                 labels[f"m{index}"] = {"id": label, "name": layer.class_name(label), "color": layer.color(label)}
-        return {"x": x, "y": y, "inside": inside, "labels": labels}
+        boxes = {f"d{index}": layer.boxes_at(x, y) for index, layer in enumerate(self.boxes)} if inside else {}
+        return {"x": x, "y": y, "inside": inside, "labels": labels, "boxes": boxes}
 
     def report(self, error: Exception) -> None:
         """Print a failed request's error on stderr as one line, once per distinct message.
@@ -347,7 +394,7 @@ class ViewerServer:
         """An encoded tile, from the cache or read and encoded now.
 
         Args:
-            layer_id: ``"image"`` or a mask's id (``"m0"``, ...).
+            layer_id: ``"image"``, a mask's id (``"m0"``, ...) or a detection file's (``"d0"``, ...).
             level: the Deep Zoom level.
             col: the tile's column.
             row: the tile's row.
@@ -521,7 +568,7 @@ def serve(image, masks=(), **options) -> ViewerServer:
         image: the image (a path or an ``ImageSource``).
         masks: its label masks (paths or ``ImageSource`` objects).
         **options: :class:`ViewerServer`'s keyword arguments (``host``, ``port``, ``tile_size``,
-            ``image_format``, ``cache_size``, ``mask_names``).
+            ``image_format``, ``cache_size``, ``mask_names``, ``detections``, ``min_score``).
 
     Returns:
         The running server; ``server.url`` is the page, ``server.close()`` stops it.

@@ -234,6 +234,10 @@ class Layer:
         """The tiles' MIME type."""
         return f"image/{self.tile_format}"
 
+    def close(self) -> None:
+        """Close the raster's file."""
+        self.source.close()
+
     def overview(self) -> ArraySource:
         """The whole raster at level :attr:`overview_level` (read on first use, then kept).
 

@@ -9,6 +9,8 @@
     info: null,        // /api/info
     viewer: null,      // the OpenSeadragon viewer
     items: {},         // mask id -> its TiledImage
+    boxItems: {},      // detection file id -> its TiledImage
+    boxesShown: {},    // detection file id -> whether its boxes are drawn
     current: null,     // id of the mask shown, or null for the image alone
     opacity: 0.5,      // of the mask shown
     areas: {},         // /api/areas
@@ -74,6 +76,50 @@
   }
   state.selectMask = selectMask;
 
+  // -- boxes: one switch per detection file, its classes and counts ----------------------------
+
+  function buildBoxChoices(info) {
+    if (!info.detections.length) { return; }
+    $("boxes-section").hidden = false;
+    var box = $("boxes");
+    info.detections.forEach(function (file) {
+      state.boxesShown[file.id] = true;
+      var label = document.createElement("label");
+      var input = document.createElement("input");
+      input.type = "checkbox";
+      input.checked = true;
+      input.id = "boxes-" + file.id;
+      input.addEventListener("change", function () { showBoxes(file.id, input.checked); });
+      label.appendChild(input);
+      label.appendChild(document.createTextNode(" " + file.name + " (" + file.count.toLocaleString("en-US") + ")"));
+      box.appendChild(label);
+      var list = document.createElement("table");
+      list.className = "box-classes";
+      file.classes.forEach(function (cls) {
+        var row = list.insertRow();
+        row.dataset.classId = cls.id;
+        var swatch = document.createElement("span");
+        swatch.className = "swatch";
+        swatch.style.background = cls.color;
+        row.insertCell().appendChild(swatch);
+        row.insertCell().textContent = cls.name;
+        var count = row.insertCell();
+        count.className = "num";
+        count.textContent = cls.count.toLocaleString("en-US");
+      });
+      box.appendChild(list);
+    });
+  }
+
+  function showBoxes(id, shown) {
+    state.boxesShown[id] = shown;
+    var checkbox = $("boxes-" + id);
+    if (checkbox) { checkbox.checked = shown; }
+    if (state.boxItems[id]) { state.boxItems[id].setOpacity(shown ? 1 : 0); }
+    showCursorBoxes();
+  }
+  state.showBoxes = showBoxes;
+
   // -- the legend: colours, names and exact areas -----------------------------------------
 
   function renderLegend() {
@@ -122,7 +168,7 @@
 
   // -- the cursor: pixel coordinates and the class under it ------------------------------
 
-  var cursor = { x: null, y: null, labels: null, asked: null, busy: false };
+  var cursor = { x: null, y: null, labels: null, boxes: null, asked: null, busy: false };
 
   function onPointerMove(event) {
     var image = state.viewer && state.viewer.world.getItemAt(0);
@@ -139,27 +185,32 @@
     cursor.x = x;
     cursor.y = y;
     cursor.labels = null;
+    cursor.boxes = null;
     $("cursor-xy").textContent = "x " + x + ", y " + y;
     showCursorClass();
+    showCursorBoxes();
     askPixel();
   }
 
   function onPointerLeave() {
-    cursor.x = cursor.y = cursor.labels = null;
+    cursor.x = cursor.y = cursor.labels = cursor.boxes = null;
     $("cursor-xy").textContent = "—";
     $("cursor-class").textContent = "";
+    $("cursor-boxes").textContent = "";
   }
 
   function askPixel() {
     // one request at a time, always for the latest position
-    if (cursor.busy || cursor.x === null || !state.info.masks.length) { return; }
+    if (cursor.busy || cursor.x === null || !(state.info.masks.length || state.info.detections.length)) { return; }
     var x = cursor.x, y = cursor.y;
     cursor.busy = true;
     fetchJSON("/api/pixel?x=" + x + "&y=" + y).then(function (answer) {
       cursor.busy = false;
       if (answer.x === cursor.x && answer.y === cursor.y) {
         cursor.labels = answer.labels;
+        cursor.boxes = answer.boxes;
         showCursorClass();
+        showCursorBoxes();
       } else {
         askPixel();
       }
@@ -184,6 +235,26 @@
     out.dataset.classId = label.id;
   }
 
+  /* The boxes under the cursor, of the detection files shown: class, score. */
+  function showCursorBoxes() {
+    var out = $("cursor-boxes");
+    out.textContent = "";
+    if (cursor.x === null || !cursor.boxes) { return; }
+    Object.keys(cursor.boxes).forEach(function (id) {
+      if (!state.boxesShown[id]) { return; }
+      cursor.boxes[id].forEach(function (found) {
+        var item = document.createElement("li");
+        item.dataset.classId = found["class"];
+        var swatch = document.createElement("span");
+        swatch.className = "swatch";
+        swatch.style.background = found.color;
+        item.appendChild(swatch);
+        item.appendChild(document.createTextNode(" " + found.name + " " + found.score.toFixed(2)));
+        out.appendChild(item);
+      });
+    });
+  }
+
   // -- start ------------------------------------------------------------------------------
 
   /* True when every shown layer has the tiles of the current view and is drawn (for tests). */
@@ -192,6 +263,9 @@
     if (!state.ready || !viewer) { return false; }
     var shown = [viewer.world.getItemAt(0)];
     if (state.current) { shown.push(state.items[state.current]); }
+    Object.keys(state.boxItems).forEach(function (id) {
+      if (state.boxesShown[id]) { shown.push(state.boxItems[id]); }
+    });
     var loaded = shown.every(function (item) { return item.getFullyLoaded() && !item.needsDraw(); });
     var vp = viewer.viewport;
     var still = vp.getZoom(true) === vp.getZoom(false) && vp.getCenter(true).equals(vp.getCenter(false));
@@ -205,6 +279,7 @@
     $("size").textContent = info.image.width + " × " + info.image.height + " px, " +
       info.image.channels + " × " + info.image.dtype;
     buildMaskChoices(info);
+    buildBoxChoices(info);
     var viewer = OpenSeadragon({
       id: "osd",
       prefixUrl: "/static/images/",
@@ -222,12 +297,16 @@
     state.viewer = viewer;
     viewer.addOnceHandler("open-failed", function (event) { showError(new Error(event.message)); });
     viewer.addOnceHandler("open", function () {
-      var pending = info.masks.length;
+      var pending = info.masks.length + info.detections.length;
       var done = function () {
         state.ready = true;
         selectMask(info.masks.length ? info.masks[0].id : null);
       };
       if (!pending) { done(); }
+      var finished = function () {
+        pending -= 1;
+        if (pending === 0) { done(); }
+      };
       info.masks.forEach(function (mask, i) {
         viewer.addTiledImage({
           tileSource: mask.dzi,
@@ -236,10 +315,23 @@
           preload: false,
           success: function (event) {
             state.items[mask.id] = event.item;
-            pending -= 1;
-            if (pending === 0) { done(); }
+            finished();
           },
           error: function (event) { showError(new Error(mask.name + ": " + event.message)); },
+        });
+      });
+      info.detections.forEach(function (file, i) {
+        viewer.addTiledImage({  // above every mask
+          tileSource: file.dzi,
+          index: info.masks.length + i + 1,
+          opacity: 1,
+          preload: false,
+          success: function (event) {
+            state.boxItems[file.id] = event.item;
+            event.item.setOpacity(state.boxesShown[file.id] ? 1 : 0);
+            finished();
+          },
+          error: function (event) { showError(new Error(file.name + ": " + event.message)); },
         });
       });
     });
