@@ -130,6 +130,10 @@ def test_coco_results_and_a_coco_dataset(tmp_path, image):
         (json.dumps([{"image_id": 1, "bbox": [0, 0, 1, 1], "score": "high"}]), "result 0: the score 'high'"),
         (json.dumps({"type": "FeatureCollection", "features": [{"geometry": None}]}), "feature 0 has no readable"),
         (
+            json.dumps([{"image_id": 1, "category_id": i, "bbox": [0, 0, 1, 1]} for i in range(4097)]),
+            "names 4097 classes; the viewer shows at most 4096",
+        ),
+        (
             json.dumps({"type": "FeatureCollection", "features": [{"properties": {"pixel_box": [0, 0, 1, "nan"]}}]}),
             "feature 0: the box",
         ),
@@ -267,3 +271,19 @@ def test_predict_view_of_a_detector_shows_its_boxes(capsys, tmp_path, monkeypatc
     assert info["detections"][0]["count"] == len(written["features"]) > 0
     out = capsys.readouterr().out
     assert "boxes of objects_000.geojson: http://127.0.0.1:" in out and out.rstrip().endswith("gigaseg view: stopped")
+
+
+def test_far_out_boxes_on_the_same_pixels_are_drawn_once_in_the_best_ones_colour():
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 8, (5000, 2))  # 5000 small boxes near the origin: one dot at 1/64
+    boxes = np.concatenate([corners, corners + 4], axis=1)
+    scores = rng.uniform(0, 0.5, 5000)
+    scores[1234] = 0.99  # the best one is a car, every other one a ship
+    labels = np.ones(5000, np.int64)
+    labels[1234] = 0
+    shown = BoxLayer(BoxSet(boxes, scores, labels, CLASSES, ["#ff0000", "#0000ff"]), height=H, width=W, tile_size=256)
+    tile = decode(shown.tile(shown.geometry.max_level - 6, 0, 0))
+    assert tuple(tile[0, 0]) == (255, 0, 0, 255) and tuple(tile[1, 1]) == (255, 0, 0, 255)
+    assert int((tile[..., 3] > 0).sum()) == 4
+    full = decode(shown.tile(shown.geometry.max_level, 0, 0))  # at full resolution the ships show around the car
+    assert {tuple(c) for c in full[:14, :14].reshape(-1, 4) if c[3]} == {(255, 0, 0, 255), (0, 0, 255, 255)}

@@ -19,7 +19,7 @@ but for the outlines), so OpenSeadragon lays them over the image and masks like 
 layer. A tile draws only the boxes that touch it (a vectorised test over all boxes; a million
 boxes cost a few milliseconds per tile), the highest scores last, each outline in its class's
 colour; a box smaller than its outline at that zoom is drawn as a filled square, so far-out
-views still show where the objects are.
+views still show where the objects are, and boxes that fall on the same level pixels are drawn once.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ __all__ = ["BoxLayer", "BoxSet", "read_boxes"]
 OUTLINE = 2
 #: boxes listed at one pixel by :meth:`BoxLayer.boxes_at`
 MAX_AT_PIXEL = 10
+#: classes one file may name (a tile's drawing packs a class id in 12 bits)
+MAX_CLASSES = 4096
 
 
 class BoxFileError(GigasegError):
@@ -120,7 +122,8 @@ def read_boxes(path: str | os.PathLike, image: ImageSource) -> BoxSet:
 
     Raises:
         BoxFileError: the file is missing, not json, in none of the formats, has a box without
-            four finite numbers, or holds boxes of several images without one for ``image``.
+            four finite numbers, holds boxes of several images without one for ``image``, or
+            names more than ``MAX_CLASSES`` classes.
     """
     path = Path(path)
     try:
@@ -133,11 +136,17 @@ def read_boxes(path: str | os.PathLike, image: ImageSource) -> BoxSet:
     except (ValueError, UnicodeDecodeError) as error:
         raise BoxFileError(path, f"is not json ({error})") from None
     if isinstance(content, dict) and content.get("type") == "FeatureCollection":
-        return _from_geojson(path, content, image)
-    if isinstance(content, list) and all(isinstance(item, dict) and "bbox" in item for item in content):
-        return _from_coco_results(path, content)
-    if isinstance(content, dict) and isinstance(content.get("annotations"), list):
-        return _from_coco_dataset(path, content, image)
+        found = _from_geojson(path, content, image)
+    elif isinstance(content, list) and all(isinstance(item, dict) and "bbox" in item for item in content):
+        found = _from_coco_results(path, content)
+    elif isinstance(content, dict) and isinstance(content.get("annotations"), list):
+        found = _from_coco_dataset(path, content, image)
+    else:
+        found = None
+    if found is not None:
+        if len(found.classes) > MAX_CLASSES:
+            raise BoxFileError(path, f"names {len(found.classes)} classes; the viewer shows at most {MAX_CLASSES}")
+        return found
     raise BoxFileError(
         path,
         "is neither a GeoJSON FeatureCollection, COCO results (a list of objects with a bbox) nor a COCO "
@@ -278,6 +287,9 @@ class BoxLayer:
         tile_size: side of a Deep Zoom tile (the image's).
         min_score: boxes scoring below this are left out (drawn nowhere, counted nowhere).
         name: what the page calls this layer (the file's name).
+
+    Raises:
+        ValueError: more than ``MAX_CLASSES`` classes.
     """
 
     tile_format = "png"
@@ -286,6 +298,8 @@ class BoxLayer:
     def __init__(
         self, boxes: BoxSet, *, height: int, width: int, tile_size: int = 512, min_score: float = 0.0, name: str = ""
     ):
+        if len(boxes.classes) > MAX_CLASSES:
+            raise ValueError(f"at most {MAX_CLASSES} classes, got {len(boxes.classes)}")
         keep = boxes.scores >= float(min_score)
         order = np.argsort(boxes.scores[keep], kind="stable")  # the highest scores drawn last (on top)
         self.boxes = boxes.boxes[keep][order]
@@ -351,16 +365,27 @@ class BoxLayer:
         )
         picture = Image.new("RGBA", (window.width, window.height), (0, 0, 0, 0))
         draw = ImageDraw.Draw(picture)
-        for i in found:
-            x0, y0, x1, y1 = self.boxes[i] / scale - [window.left, window.top, window.left, window.top]
-            # the outline covers the box's own pixels: edges x0..x1 are the pixels x0..x1 - 1
-            left, top = math.floor(x0), math.floor(y0)
-            right, bottom = max(math.ceil(x1) - 1, left), max(math.ceil(y1) - 1, top)
-            colour = (*self._rgb[int(self.labels[i])], 255)
-            if right - left < 2 * OUTLINE or bottom - top < 2 * OUTLINE:
-                draw.rectangle((left, top, max(right, left + 1), max(bottom, top + 1)), fill=colour)
+        # the outline covers the box's own pixels: edges x0..x1 are the level pixels x0..x1 - 1
+        edges = self.boxes[found] / scale - [window.left, window.top, window.left, window.top]
+        left, top = np.floor(edges[:, 0]).astype(np.int64), np.floor(edges[:, 1]).astype(np.int64)
+        right = np.maximum(np.ceil(edges[:, 2]).astype(np.int64) - 1, left)
+        bottom = np.maximum(np.ceil(edges[:, 3]).astype(np.int64) - 1, top)
+        # beyond the tile by more than the outline, a side is drawn nowhere: clip it there
+        reach = self.geometry.tile_size + 2 * OUTLINE
+        rects = np.stack([left, top, right, bottom], axis=1).clip(-2 * OUTLINE, reach)
+        rects = np.concatenate([rects, self.labels[found, None]], axis=1)
+        # far out many boxes share their level pixels: draw each rectangle once, in the colour of the
+        # best-scoring box drawn there (found is lowest score first: keep the last occurrence)
+        key = np.zeros(len(rects), np.uint64)
+        for column, bits in zip(rects.T, (13, 13, 13, 13, 12)):
+            key = (key << np.uint64(bits)) | (column + 2 * OUTLINE).astype(np.uint64)
+        _, last = np.unique(key[::-1], return_index=True)
+        for x0, y0, x1, y1, label in rects[::-1][np.sort(last)[::-1]].tolist():
+            colour = (*self._rgb[label], 255)
+            if x1 - x0 < 2 * OUTLINE or y1 - y0 < 2 * OUTLINE:
+                draw.rectangle((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)), fill=colour)
             else:
-                draw.rectangle((left, top, right, bottom), outline=colour, width=OUTLINE)
+                draw.rectangle((x0, y0, x1, y1), outline=colour, width=OUTLINE)
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG", compress_level=1)
         return buffer.getvalue()
