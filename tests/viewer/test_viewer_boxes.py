@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import urllib.request
 
 import numpy as np
@@ -243,26 +242,10 @@ def test_gigaseg_view_refuses_a_bad_detections_file_in_one_line(capsys, tmp_path
     assert "the minimum score lies in 0..1" in capsys.readouterr().err
 
 
-def test_predict_view_of_a_detector_shows_its_boxes(capsys, tmp_path, monkeypatch, objects, fcos_checkpoint):
+def test_predict_view_of_a_detector_shows_its_boxes(capsys, tmp_path, served_info, objects, fcos_checkpoint):
+    seen = served_info
     checkpoint = fcos_checkpoint
     image = objects / "images" / "train" / "objects_000.tif"
-    monkeypatch.delenv("DISPLAY", raising=False)
-    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    seen = []
-    serve_forever = ViewerServer.serve_forever
-
-    def serve_once(self):  # serve while the page's data is asked for once, then "press Ctrl-C"
-        thread = threading.Thread(target=serve_forever, args=(self,), daemon=True)
-        thread.start()
-        try:
-            with urllib.request.urlopen(self.url + "api/info", timeout=30) as response:
-                seen.append(json.load(response))
-        finally:
-            self._httpd.shutdown()
-            thread.join()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ViewerServer, "serve_forever", serve_once)
     argv = ["predict", str(image), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "pred"), "--view"]
     assert main(argv) == 0, capsys.readouterr().err
     written = json.loads((tmp_path / "pred" / "objects_000.geojson").read_text())

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -101,25 +100,9 @@ def test_gigaseg_view_serves_until_interrupted(files):
     assert out == "gigaseg view: stopped\n" and err == ""
 
 
-def test_predict_view_serves_each_image_with_its_mask(capsys, files, tiny_checkpoint, monkeypatch):
+def test_predict_view_serves_each_image_with_its_mask(capsys, files, tiny_checkpoint, served_info):
     image, _, tmp = files
-    monkeypatch.delenv("DISPLAY", raising=False)
-    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    seen = []
-    serve_forever = ViewerServer.serve_forever
-
-    def serve_once(self):  # serve while the page's data is asked for once, then "press Ctrl-C"
-        thread = threading.Thread(target=serve_forever, args=(self,), daemon=True)
-        thread.start()
-        try:
-            with urllib.request.urlopen(self.url + "api/info", timeout=30) as response:
-                seen.append(json.load(response))
-        finally:
-            self._httpd.shutdown()
-            thread.join()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ViewerServer, "serve_forever", serve_once)
+    seen = served_info
     code, out, err = run_cli(capsys, "predict", image, "--checkpoint", tiny_checkpoint, "--out", tmp / "pred", "--view")
     assert code == 0, err
     assert (tmp / "pred" / "scene.tif").exists()
