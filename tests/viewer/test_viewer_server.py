@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
+import struct
 import time
 import urllib.request
 
@@ -279,6 +281,19 @@ def test_a_file_that_breaks_while_served_answers_500_with_one_line(scene, tmp_pa
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"gigaseg view: error: {image}: cannot ") and "truncated" in err
     assert "Traceback" not in err
+
+
+def test_a_connection_the_browser_resets_prints_nothing(scene, capfd):
+    with serve(scene["image"]) as running:
+        for _ in range(3):  # a kept-alive connection closed with a reset while the server waits for a request
+            client = socket.create_connection((running.host, running.port), timeout=30)
+            client.sendall(b"GET /api/info HTTP/1.1\r\nHost: " + f"127.0.0.1:{running.port}".encode() + b"\r\n\r\n")
+            client.recv(65536)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+        time.sleep(0.5)
+        assert get(running, "/api/info")[0] == 200
+    assert capfd.readouterr().err == ""
 
 
 def test_every_file_of_the_page_ships_in_the_wheel():

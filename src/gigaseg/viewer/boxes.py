@@ -50,7 +50,12 @@ MAX_CLASSES = 4096
 
 
 class BoxFileError(GigasegError):
-    """A detections file is missing, unreadable or not one of the formats :func:`read_boxes` reads."""
+    """A detections file is missing, unreadable or not one of the formats :func:`read_boxes` reads.
+
+    Args:
+        path: the file (kept as ``self.path``, a str).
+        problem: what is wrong (kept as ``self.problem``); the message is ``"<path>: <problem>"``.
+    """
 
     def __init__(self, path: str | os.PathLike, problem: str):
         self.path, self.problem = os.fspath(path), problem
@@ -315,7 +320,11 @@ class BoxLayer:
         return len(self.scores)
 
     def class_counts(self) -> list[int]:
-        """Boxes per class (after ``min_score``), in the order of :attr:`classes`."""
+        """Boxes per class (after ``min_score``).
+
+        Returns:
+            One count per class, in the order of :attr:`classes`.
+        """
         return np.bincount(self.labels, minlength=len(self.classes)).tolist()
 
     def close(self) -> None:

@@ -432,6 +432,17 @@ class _HTTPServer(ThreadingHTTPServer):
         self.viewer = viewer
         super().__init__(address, _Handler)
 
+    def handle_error(self, request, client_address) -> None:
+        """An error outside the request handlers' own: nothing for a dropped connection, else one line.
+
+        The standard library prints a traceback here, e.g. when a browser resets a kept-alive
+        connection while the server waits for its next request.
+        """
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return
+        self.viewer.report(RuntimeError(f"{type(error).__name__}: {error}"))
+
 
 class _Handler(BaseHTTPRequestHandler):
     """Routes the requests of one connection (see the module docstring for the paths)."""
