@@ -195,6 +195,7 @@ def compare(
             "train_peak_rss": trained.peak_rss,
             "train_cuda_peak": trained.cuda_peak,
             "epochs_run": len(trained.value["history"]),
+            "epoch_spread": epoch_spread(trained.value["history"], groups),
         }
         entry = score(spec, None, run_dir, data, split, max_memory, groups, timeout)
         results["methods"].append({**entry, **training})
@@ -312,6 +313,45 @@ def score_variants(
         write_results(results, out)
 
 
+def epoch_spread(history: list[dict], groups: dict[str, list[str]]) -> dict | None:
+    """How each class group's validation IoU varied over the epochs of the last training stage.
+
+    A row's scores are those of one checkpoint, the epoch with the best validation mIoU; when a
+    group's IoU swings from epoch to epoch, that one epoch can sit far from its typical value.
+
+    Args:
+        history: the trainer's per-epoch rows (``stage`` and ``val_iou_<class>`` columns, as in
+            ``metrics.csv``; values may be strings).
+        groups: the class groups (:func:`class_groups`); with none, the mIoU's spread alone.
+
+    Returns:
+        ``{"stage", "epochs", "miou": stats, <group>: stats}`` where ``stats`` is ``{"mean",
+        "sd", "min", "max"}`` of the per-epoch values (a group's per-epoch value: the mean of
+        its classes' IoU), or None without validation rows or without per-class columns for a
+        group (histories written before they were logged).
+    """
+    rows = [r for r in history if r.get("val_miou") not in (None, "")]
+    if not rows:
+        return None
+    stage = rows[-1].get("stage")
+    rows = [r for r in rows if r.get("stage") == stage]
+    series = {"miou": [float(r["val_miou"]) for r in rows]}
+    for group, members in groups.items():
+        if any(r.get(f"val_iou_{c}") in (None, "") for r in rows for c in members):
+            return None
+        series[group] = [float(np.nanmean([float(r[f"val_iou_{c}"]) for c in members])) for r in rows]
+    spread = {"stage": stage, "epochs": len(rows)}
+    for name, values in series.items():
+        array = np.asarray(values, np.float64)
+        spread[name] = {
+            "mean": float(array.mean()),
+            "sd": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+            "min": float(array.min()),
+            "max": float(array.max()),
+        }
+    return spread
+
+
 def _mean(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
@@ -384,6 +424,25 @@ def markdown(results: dict) -> str:
             lines.append("|---" * (1 + len(classes)) + "|")
             for m in results["methods"]:
                 lines.append(f"| {m['name']} | " + " | ".join(_fmt(m["per_class_f1"][c]) for c in classes) + " |")
+    spread = [m for m in results["methods"] if m.get("epoch_spread") and not m.get("variant_of")]
+    if spread:
+        names = ["miou", *groups]
+        lines += [
+            "",
+            "Validation over the last stage's epochs (a row's scores are one checkpoint's: the epoch with "
+            "the best validation mIoU), mean ± sd (min-max):",
+            "",
+            "| method | stage | epochs | " + " | ".join("mIoU" if n == "miou" else f"{n} IoU" for n in names) + " |",
+            "|---" * (3 + len(names)) + "|",
+        ]
+        for m in spread:
+            cells = [m["name"], str(m["epoch_spread"]["stage"]), str(m["epoch_spread"]["epochs"])]
+            for n in names:
+                st = m["epoch_spread"].get(n)
+                cells.append(
+                    "n/a" if st is None else f"{st['mean']:.3f} ± {st['sd']:.3f} ({st['min']:.3f}-{st['max']:.3f})"
+                )
+            lines.append("| " + " | ".join(cells) + " |")
     if results["methods"]:
         lines += ["", "Options:", ""] + [_options_line(m) for m in results["methods"]]
     measured = [m for m in results["methods"] if m.get("measured")]
