@@ -30,10 +30,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from gigaseg import GigasegError
 from gigaseg.bench import (
     MethodSpec,
     compare_methods,
     comparison_markdown,
+    parse_options,
     score_variants,
     write_landcover_dataset,
     write_results,
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="another option for every method of this run (VALUE read as JSON, else as a string), "
+        help="another option for every method of this run (VALUE read as YAML, as gigaseg train's --set), "
         "e.g. coarse_logits=true; name it in --tag",
     )
     parser.add_argument(
@@ -147,15 +149,10 @@ def main(argv: list[str] | None = None) -> None:
         "them to the committed results",
     )
     args = parser.parse_args(argv)
-    extra = {}  # benchmarks use only gigaseg's public API, so not gigaseg.commands.common.parse_options
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--set takes NAME=VALUE, got {item!r}")
-        try:
-            extra[name] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[name] = value
+    try:
+        extra = parse_options(args.set)  # as gigaseg train's --set reads them
+    except GigasegError as error:
+        parser.error(str(error))
     if args.smoke:
         scratch = (
             None

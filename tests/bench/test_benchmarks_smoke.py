@@ -109,6 +109,9 @@ def check_thin_structures(folder: Path) -> None:
 
 def check_compare_methods(folder: Path) -> None:
     check_comparison(folder / "results", "compare_methods", ["magnet", "magnet (fast)"])
+    trained = read_json(folder / "results" / "compare_methods.json")["methods"][0]
+    assert trained["spec"]["options"]["points"] == 0.5  # --set points=0.5, read as a number
+    assert trained["epoch_spread"]["epochs"] == 1 and set(trained["epoch_spread"]) >= {"miou", "fine", "context"}
 
 
 def check_detection(folder: Path) -> None:
@@ -278,7 +281,9 @@ SMOKES = {
     "compare_fine_structure": Smoke(work_and_results, check_compare_fine_structure, 20),
     "detection": Smoke(work_and_results, check_detection, 120),
     "distributed": Smoke(work_and_results, check_distributed, 100),
-    "compare_methods": Smoke(lambda f: ["--data", str(f / "data"), *work_and_results(f)], check_compare_methods, 25),
+    "compare_methods": Smoke(
+        lambda f: ["--data", str(f / "data"), "--set", "points=0.5", *work_and_results(f)], check_compare_methods, 25
+    ),
     "glnet_global_view": Smoke(work_and_results, check_glnet_global_view, 50),
     "glnet_memory": Smoke(work_and_results, check_glnet_memory, 30),
     "gpu_suite": Smoke(lambda f: ["--results", str(f / "results")], check_gpu_suite, 10),

@@ -13,7 +13,8 @@ Provenance of a figure (:mod:`gigaseg.bench.machine`):
 Methods side by side (:mod:`gigaseg.bench.compare`, also ``gigaseg bench``):
     ``MethodSpec``, ``compare_methods`` (``compare.compare``), ``score_variants``,
     ``write_results``, ``comparison_markdown`` (``compare.markdown``), ``epoch_spread`` (a
-    run's per-epoch validation spread), and the child jobs ``train_job`` / ``evaluate_job``.
+    run's per-epoch validation spread), the child jobs ``train_job`` / ``evaluate_job``, and
+    ``parse_options`` (``KEY=VALUE`` options read as the CLI's ``--set`` reads them).
 Sizes and memory estimates that benchmarks report next to measured peaks:
     ``parse_size``, ``format_size``, ``MemoryEstimate``, ``training_estimate``,
     ``CPU_RUNTIME_BYTES`` (:mod:`gigaseg.budget`), ``block_size_for`` (the streaming driver's
@@ -51,6 +52,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "MethodSpec": ("gigaseg.bench.compare", "MethodSpec"),
     "compare_methods": ("gigaseg.bench.compare", "compare"),
     "comparison_markdown": ("gigaseg.bench.compare", "markdown"),
+    "parse_options": ("gigaseg.commands.common", "parse_options"),
     "epoch_spread": ("gigaseg.bench.compare", "epoch_spread"),
     "evaluate_job": ("gigaseg.bench.compare", "evaluate_job"),
     "score_variants": ("gigaseg.bench.compare", "score_variants"),
