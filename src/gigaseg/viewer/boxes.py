@@ -16,10 +16,10 @@
 
 A :class:`BoxLayer` serves them as PNG tiles of the image's Deep Zoom grid (RGBA, transparent
 but for the outlines), so OpenSeadragon lays them over the image and masks like any other
-layer. A tile draws only the boxes that touch it (a vectorised test over all boxes; a million
-boxes cost a few milliseconds per tile), the highest scores last, each outline in its class's
-colour; a box smaller than its outline at that zoom is drawn as a filled square, so far-out
-views still show where the objects are, and boxes that fall on the same level pixels are drawn once.
+layer. A tile draws only the boxes that touch it (a vectorised test over all boxes), the highest
+scores last, each outline in its class's colour; a box smaller than its outline at that zoom is
+drawn as a filled square, so far-out views still show where the objects are, and boxes that fall
+on the same level pixels are drawn once.
 """
 
 from __future__ import annotations
