@@ -90,6 +90,13 @@ def server(scene):
 
 @pytest.fixture(scope="module")
 def page(browser, server):
+    page = open_page(browser, server)
+    yield page
+    page.close()
+
+
+def open_page(browser, server):
+    """The server's page, loaded and idle; ``page.requested`` and ``page.problems`` collect its URLs and errors."""
     page = browser.new_page(viewport=VIEWPORT)
     page.requested = []
     page.problems = []
@@ -98,8 +105,7 @@ def page(browser, server):
     page.on("console", lambda m: m.type == "error" and page.problems.append(f"console: {m.text}"))
     page.goto(server.url)
     wait_idle(page)
-    yield page
-    page.close()
+    return page
 
 
 # -- driving the page -----------------------------------------------------------------------------
@@ -370,12 +376,7 @@ def box_page(browser, tmp_path_factory):
     )
     boxes = write_detections_geojson(root / "grey.geojson", BOXES, ["car", "ship"], palette=[(255, 0, 0), (0, 0, 255)])
     with ViewerServer(image, [], detections=[boxes]).start() as server:
-        page = browser.new_page(viewport=VIEWPORT)
-        page.problems = []
-        page.on("pageerror", lambda error: page.problems.append(f"page error: {error}"))
-        page.on("console", lambda m: m.type == "error" and page.problems.append(f"console: {m.text}"))
-        page.goto(server.url)
-        wait_idle(page)
+        page = open_page(browser, server)
         yield page
         page.close()
 

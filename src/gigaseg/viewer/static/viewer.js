@@ -32,6 +32,14 @@
     if (window.console) { console.error(error); }
   }
 
+  /* A square of a class's colour, as the legends and the cursor show it. */
+  function swatch(color) {
+    var square = document.createElement("span");
+    square.className = "swatch";
+    square.style.background = color;
+    return square;
+  }
+
   function maskInfo(id) {
     return state.info.masks.filter(function (m) { return m.id === id; })[0] || null;
   }
@@ -98,10 +106,7 @@
       file.classes.forEach(function (cls) {
         var row = list.insertRow();
         row.dataset.classId = cls.id;
-        var swatch = document.createElement("span");
-        swatch.className = "swatch";
-        swatch.style.background = cls.color;
-        row.insertCell().appendChild(swatch);
+        row.insertCell().appendChild(swatch(cls.color));
         row.insertCell().textContent = cls.name;
         var count = row.insertCell();
         count.className = "num";
@@ -143,10 +148,7 @@
     classes.forEach(function (cls) {
       var row = body.insertRow();
       row.dataset.classId = cls.id;
-      var swatch = document.createElement("span");
-      swatch.className = "swatch";
-      swatch.style.background = cls.color;
-      row.insertCell().appendChild(swatch);
+      row.insertCell().appendChild(swatch(cls.color));
       row.insertCell().textContent = cls.name;
       var pixels = row.insertCell();
       var share = row.insertCell();
@@ -224,13 +226,10 @@
     if (cursor.x === null || !state.current) { return; }
     var label = cursor.labels && cursor.labels[state.current];
     if (!label) { out.textContent = "…"; return; }
-    var swatch = document.createElement("span");
-    swatch.className = "swatch";
-    swatch.style.background = label.color;
     var name = document.createElement("span");
     name.className = "name";
     name.textContent = label.name;
-    out.appendChild(swatch);
+    out.appendChild(swatch(label.color));
     out.appendChild(name);
     out.dataset.classId = label.id;
   }
@@ -245,10 +244,7 @@
       cursor.boxes[id].forEach(function (found) {
         var item = document.createElement("li");
         item.dataset.classId = found["class"];
-        var swatch = document.createElement("span");
-        swatch.className = "swatch";
-        swatch.style.background = found.color;
-        item.appendChild(swatch);
+        item.appendChild(swatch(found.color));
         item.appendChild(document.createTextNode(" " + found.name + " " + found.score.toFixed(2)));
         out.appendChild(item);
       });
