@@ -22,7 +22,6 @@ full-resolution pixels, pixel edges) and are written atomically
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from .palette import as_palette, default_palette
 
 __all__ = [
     "Georeference",
+    "box_pixels",
     "coco_results",
     "detections_geojson",
     "draw_detections",
@@ -239,6 +239,23 @@ def write_detections_geojson(
     return Path(path)
 
 
+def box_pixels(boxes: np.ndarray) -> np.ndarray:
+    """The pixels a box covers: edges ``x0..x1`` are the pixels ``floor(x0) .. ceil(x1) - 1``.
+
+    Args:
+        boxes: ``(N, 4)`` ``(x0, y0, x1, y1)`` pixel edges (already scaled to the picture).
+
+    Returns:
+        ``(N, 4)`` int64 ``(left, top, right, bottom)``, inclusive; a box thinner than a pixel
+        covers the one it starts in.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    left, top = np.floor(boxes[:, 0]).astype(np.int64), np.floor(boxes[:, 1]).astype(np.int64)
+    right = np.maximum(np.ceil(boxes[:, 2]).astype(np.int64) - 1, left)
+    bottom = np.maximum(np.ceil(boxes[:, 3]).astype(np.int64) - 1, top)
+    return np.stack([left, top, right, bottom], axis=1)
+
+
 def draw_detections(image, detections: Detections, palette=None, scale: float = 1.0, width: int | None = None):
     """Draw box outlines on an image in their class colours.
 
@@ -261,11 +278,11 @@ def draw_detections(image, detections: Detections, palette=None, scale: float = 
     picture = Image.fromarray(rgb)
     draw = ImageDraw.Draw(picture)
     h, w = rgb.shape[:2]
+    rects = box_pixels(np.asarray(detections.boxes, dtype=np.float64) * scale)
+    rects[:, 0::2] = rects[:, 0::2].clip(0, w - 1)
+    rects[:, 1::2] = rects[:, 1::2].clip(0, h - 1)
     for i in np.argsort(np.asarray(detections.scores), kind="stable"):
-        x0, y0, x1, y1 = (float(v) * scale for v in detections.boxes[i])
-        # the outline covers the box's own pixels: edges x0..x1 are the pixels x0..x1 - 1
-        left, top = min(max(math.floor(x0), 0), w - 1), min(max(math.floor(y0), 0), h - 1)
-        right, bottom = min(max(math.ceil(x1) - 1, left), w - 1), min(max(math.ceil(y1) - 1, top), h - 1)
+        left, top, right, bottom = rects[i].tolist()
         label = int(labels[i])
         colour = tuple(int(c) for c in palette[label]) if label < len(palette) else (255, 255, 255)
         draw.rectangle((left, top, right, bottom), outline=colour, width=width)

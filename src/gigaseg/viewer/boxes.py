@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import GigasegError
 from ..io.base import ImageSource
-from ..io.detections import Georeference, georeference
+from ..io.detections import Georeference, box_pixels, georeference
 from ..io.palette import default_palette
 from .tiles import DeepZoomGeometry
 
@@ -374,14 +374,10 @@ class BoxLayer:
         )
         picture = Image.new("RGBA", (window.width, window.height), (0, 0, 0, 0))
         draw = ImageDraw.Draw(picture)
-        # the outline covers the box's own pixels: edges x0..x1 are the level pixels x0..x1 - 1
-        edges = self.boxes[found] / scale - [window.left, window.top, window.left, window.top]
-        left, top = np.floor(edges[:, 0]).astype(np.int64), np.floor(edges[:, 1]).astype(np.int64)
-        right = np.maximum(np.ceil(edges[:, 2]).astype(np.int64) - 1, left)
-        bottom = np.maximum(np.ceil(edges[:, 3]).astype(np.int64) - 1, top)
+        # the outline covers the box's own level pixels
+        rects = box_pixels(self.boxes[found] / scale - [window.left, window.top, window.left, window.top])
         # beyond the tile by more than the outline, a side is drawn nowhere: clip it there
-        reach = self.geometry.tile_size + 2 * OUTLINE
-        rects = np.stack([left, top, right, bottom], axis=1).clip(-2 * OUTLINE, reach)
+        rects = rects.clip(-2 * OUTLINE, self.geometry.tile_size + 2 * OUTLINE)
         rects = np.concatenate([rects, self.labels[found, None]], axis=1)
         # far out many boxes share their level pixels: draw each rectangle once, in the colour of the
         # best-scoring box drawn there (found is lowest score first: keep the last occurrence)
